@@ -14,7 +14,12 @@ def _load() -> dict[str, list[str]]:
     """Read the shipped `presets/classes.json` once."""
     # The JSON lives in the data folder `piaa_index/presets/`, a sibling of this module, so it is
     # addressed from the package root rather than as a subpackage of its own.
-    text = resources.files("piaa_index").joinpath("presets").joinpath("classes.json").read_text("utf-8")
+    text = (
+        resources.files("piaa_index")
+        .joinpath("presets")
+        .joinpath("classes.json")
+        .read_text("utf-8")
+    )
     return json.loads(text)
 
 
