@@ -19,7 +19,7 @@ def _as_binary(targets: np.ndarray, name: str = "targets") -> np.ndarray:
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Non-interpolated AP of one class, as sklearn's average_precision_score; NaN if no positives."""
+    """Non-interpolated AP of one class (sklearn-style, ties grouped); NaN if no positives."""
     s = np.asarray(scores, dtype=np.float64)
     t = _as_binary(targets)
     if s.ndim != 1 or t.shape != s.shape:
@@ -42,7 +42,7 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """Return (mAP, per-class AP), both in percent; classes without positives are NaN and skipped."""
+    """Return (mAP, per-class AP) in percent; classes without positives are NaN and skipped."""
     s = np.asarray(scores, dtype=np.float64)
     t = _as_binary(targets)
     if s.ndim != 2 or t.shape != s.shape:
