@@ -1,0 +1,58 @@
+"""Where data lives and which model to use: one place decides, from arguments then environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "default"  # resolved per model: `openai` for ViT-B-16, the shipped file for shapesworld
+DEFAULT_FRONT_END = "sclip"
+
+
+def default_home() -> Path:
+    """`PIAA_HOME`, else the platform's per-user data folder."""
+    env = os.environ.get("PIAA_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "piaa-index"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "piaa-index"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "piaa-index"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved locations and model choice for one library."""
+
+    home: Path
+    db_url: str
+    model: str | None  # None: use what the index was made with (or the default for a new index)
+    pretrained: str | None
+    front_end: str | None
+    device: str
+
+    @classmethod
+    def resolve(
+        cls,
+        home: str | Path | None = None,
+        db: str | None = None,
+        model: str | None = None,
+        pretrained: str | None = None,
+        front_end: str | None = None,
+        device: str | None = None,
+    ) -> Settings:
+        """Arguments win over environment variables, which win over defaults."""
+        home_path = Path(home).expanduser() if home else default_home()
+        db_url = db or os.environ.get("PIAA_DB") or f"sqlite:///{home_path / 'piaa.sqlite3'}"
+        return cls(
+            home=home_path,
+            db_url=db_url,
+            model=model or os.environ.get("PIAA_MODEL") or None,
+            pretrained=pretrained or os.environ.get("PIAA_PRETRAINED") or None,
+            front_end=front_end or os.environ.get("PIAA_FRONT_END") or None,
+            device=device or os.environ.get("PIAA_DEVICE") or "auto",
+        )

@@ -1,0 +1,99 @@
+"""SQL tables. Alembic (`migrations/`) owns how they are created and upgraded; this module
+only describes them for queries, and must match the newest migration."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Image status values.
+INDEXED = "indexed"
+FAILED = "failed"
+MISSING_VECTORS = "missing_vectors"  # SQL row survived but its vector shard did not: re-encode
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime: Mapped[float] = mapped_column(Float)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    shard: Mapped[int | None] = mapped_column(Integer, index=True)
+    shard_row: Mapped[int | None] = mapped_column(Integer)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Vocabulary(Base):
+    """Every vocabulary change makes a new version; classifiers point at the one they were fit on."""
+
+    __tablename__ = "vocabularies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    templates: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_vocab_name", "vocabulary_id", "name", unique=True),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vocabulary_id: Mapped[int] = mapped_column(ForeignKey("vocabularies.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(Text)
+    templates: Mapped[list | None] = mapped_column(JSON)  # None: the vocabulary's templates
+
+
+class Classifier(Base):
+    __tablename__ = "classifiers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vocabulary_id: Mapped[int] = mapped_column(ForeignKey("vocabularies.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    n_images: Mapped[int] = mapped_column(Integer)
+    n_patches: Mapped[int] = mapped_column(Integer)
+    fit_seconds: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict] = mapped_column(JSON)  # bank sizes, kept sizes, weak labels, params
+    thresholds: Mapped[list | None] = mapped_column(JSON)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    __table_args__ = (Index("ix_tags_label_score", "label_id", "score"),)
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    label_id: Mapped[int] = mapped_column(
+        ForeignKey("labels.id", ondelete="CASCADE"), primary_key=True
+    )
+    classifier_id: Mapped[int] = mapped_column(ForeignKey("classifiers.id", ondelete="CASCADE"))
+    score: Mapped[float] = mapped_column(Float)
+    patch_score: Mapped[float] = mapped_column(Float)
+    cls_score: Mapped[float] = mapped_column(Float)
+    present: Mapped[bool] = mapped_column(Boolean)

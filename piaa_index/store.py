@@ -1,0 +1,372 @@
+"""SQL metadata through SQLAlchemy: the source of truth for which images are committed.
+
+The schema is owned by Alembic (`migrations/`); opening a store upgrades it, and a database
+stamped by a newer piaa-index is refused rather than silently misread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from piaa_index import schema
+from piaa_index.schema import FAILED, INDEXED, Classifier, Image, Label, Setting, Tag, Vocabulary
+
+
+class StoreError(Exception):
+    """A database that cannot be opened or used, with a message for the user."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _migrations_dir() -> Path:
+    import piaa_index_migrations
+
+    return Path(piaa_index_migrations.__file__).parent
+
+
+def _alembic_config(connection):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_migrations_dir()))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    id: int
+    name: str
+    position: int
+    templates: list[str]
+
+
+@dataclass(frozen=True)
+class VocabularyInfo:
+    id: int
+    templates: list[str]
+    labels: list[LabelInfo]
+
+    @property
+    def names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+class Store:
+    """One SQL database (SQLite file or any SQLAlchemy URL, Postgres included)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, upgrade: bool = True) -> Store:
+        """Connect, upgrade the schema to this code's head, refuse a newer database."""
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        try:
+            engine = create_engine(url, future=True)
+        except (ArgumentError, ValueError) as exc:
+            raise StoreError(f"invalid database URL {url!r}: {exc}") from None
+        except ModuleNotFoundError as exc:
+            raise StoreError(
+                f"the driver for {url.split(':', 1)[0]} is not installed ({exc.name}); "
+                "for Postgres: pip install 'piaa-index[postgres]'"
+            ) from None
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        store = cls(engine)
+        try:
+            store._check_and_upgrade(upgrade)
+        except OperationalError as exc:
+            raise StoreError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+        return store
+
+    def _check_and_upgrade(self, upgrade: bool) -> None:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        with self.engine.begin() as conn:
+            cfg = _alembic_config(conn)
+            script = ScriptDirectory.from_config(cfg)
+            current = MigrationContext.configure(conn).get_current_revision()
+            known = {rev.revision for rev in script.walk_revisions()}
+            if current is not None and current not in known:
+                raise StoreError(
+                    f"database {self.engine.url!r} has schema revision {current}, newer than "
+                    "this piaa-index understands; upgrade piaa-index"
+                )
+            if upgrade and current != script.get_current_head():
+                from alembic import command
+
+                command.upgrade(cfg, "head")
+        if self.get_setting("store_id") is None:
+            self.set_setting("store_id", {"uuid": uuid.uuid4().hex})
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    @property
+    def store_id(self) -> str:
+        value = self.get_setting("store_id")
+        assert value is not None
+        return str(value["uuid"])
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> dict | None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            return None if row is None else dict(row.value)
+
+    def set_setting(self, key: str, value: dict) -> None:
+        with self.session() as s:
+            s.merge(Setting(key=key, value=value))
+
+    # -- images --------------------------------------------------------------------------------
+
+    def image_by_path(self, path: str) -> Image | None:
+        with self.session() as s:
+            return s.scalars(select(Image).where(Image.path == path)).first()
+
+    def images_under(self, roots: Sequence[str]) -> dict[str, Image]:
+        """Every known image whose path lies under one of `roots`, by path."""
+        with self.session() as s:
+            rows = s.scalars(select(Image)).all()
+        prefixes = tuple(r.rstrip("/\\") for r in roots)
+        return {
+            row.path: row
+            for row in rows
+            if any(row.path == p or row.path.startswith(p + "/") for p in prefixes)
+        }
+
+    def indexed_by_hash(self, hashes: Iterable[str]) -> dict[str, Image]:
+        """An indexed image for each content hash that has one."""
+        wanted = list(set(hashes))
+        found: dict[str, Image] = {}
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = s.scalars(
+                    select(Image).where(Image.content_hash.in_(chunk), Image.status == INDEXED)
+                )
+                for row in rows:
+                    found.setdefault(row.content_hash or "", row)
+        return found
+
+    def image_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Image.path, Image.id).where(Image.path.in_(paths))).all()
+        return {p: i for p, i in rows}
+
+    def live_locations(self) -> list[tuple[int, int, int]]:
+        """(image id, shard, row) for every indexed image, ordered for streaming shard by shard."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.id, Image.shard, Image.shard_row)
+                .where(Image.status == INDEXED)
+                .order_by(Image.shard, Image.shard_row)
+            ).all()
+        return [(int(i), int(sh), int(r)) for i, sh, r in rows]
+
+    def referenced_shards(self) -> set[int]:
+        with self.session() as s:
+            rows = s.scalars(select(Image.shard).where(Image.shard.is_not(None)).distinct())
+            return {int(r) for r in rows}
+
+    def mark_shards_missing(self, shards: Iterable[int]) -> int:
+        """Images whose vectors were lost go back to the to-do list of the next index run."""
+        lost = list(shards)
+        if not lost:
+            return 0
+        with self.session() as s:
+            result = s.execute(
+                update(Image)
+                .where(Image.shard.in_(lost))
+                .values(status=schema.MISSING_VECTORS, shard=None, shard_row=None)
+            )
+            return int(result.rowcount or 0)
+
+    def paths(self, ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                out.update(s.execute(select(Image.id, Image.path).where(Image.id.in_(chunk))).all())
+        return out
+
+    def remove_images(self, ids: Sequence[int]) -> None:
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
+                s.execute(delete(Image).where(Image.id.in_(chunk)))
+
+    def image_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+        return {status: int(n) for status, n in rows}
+
+    def failed_images(self) -> list[tuple[str, str]]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.path, Image.error).where(Image.status == FAILED).order_by(Image.path)
+            ).all()
+        return [(p, e or "") for p, e in rows]
+
+    # -- vocabulary ----------------------------------------------------------------------------
+
+    def vocabulary(self) -> VocabularyInfo | None:
+        """The current (newest) vocabulary, or None when none was ever set."""
+        with self.session() as s:
+            vocab = s.scalars(select(Vocabulary).order_by(Vocabulary.id.desc())).first()
+            if vocab is None:
+                return None
+            labels = s.scalars(
+                select(Label).where(Label.vocabulary_id == vocab.id).order_by(Label.position)
+            ).all()
+            return VocabularyInfo(
+                id=vocab.id,
+                templates=list(vocab.templates),
+                labels=[
+                    LabelInfo(
+                        lb.id, lb.name, lb.position, list(lb.templates or vocab.templates)
+                    )
+                    for lb in labels
+                ],
+            )
+
+    def new_vocabulary(
+        self,
+        names: Sequence[str],
+        templates: Sequence[str],
+        label_templates: dict[str, list[str]] | None = None,
+    ) -> VocabularyInfo:
+        """Record a new vocabulary version (the old one stays for the classifiers made on it)."""
+        label_templates = label_templates or {}
+        with self.session() as s:
+            vocab = Vocabulary(templates=list(templates), created_at=utcnow())
+            s.add(vocab)
+            s.flush()
+            for position, name in enumerate(names):
+                s.add(
+                    Label(
+                        vocabulary_id=vocab.id,
+                        position=position,
+                        name=name,
+                        templates=label_templates.get(name),
+                    )
+                )
+        info = self.vocabulary()
+        assert info is not None
+        return info
+
+    # -- classifiers and tags ------------------------------------------------------------------
+
+    def latest_classifier(self) -> Classifier | None:
+        with self.session() as s:
+            return s.scalars(select(Classifier).order_by(Classifier.id.desc())).first()
+
+    def add_classifier(self, classifier: Classifier) -> int:
+        with self.session() as s:
+            s.add(classifier)
+            s.flush()
+            return int(classifier.id)
+
+    def replace_tags(self, classifier_id: int, rows: list[dict]) -> None:
+        """Replace all tags with those of one classifier, in one transaction."""
+        with self.session() as s:
+            s.execute(delete(Tag))
+            for start in range(0, len(rows), 5000):
+                s.execute(Tag.__table__.insert(), rows[start : start + 5000])
+            s.execute(delete(Classifier).where(Classifier.id != classifier_id))
+
+    def add_tags(self, rows: list[dict]) -> None:
+        with self.session() as s:
+            image_ids = list({r["image_id"] for r in rows})
+            for start in range(0, len(image_ids), 500):
+                s.execute(delete(Tag).where(Tag.image_id.in_(image_ids[start : start + 500])))
+            for start in range(0, len(rows), 5000):
+                s.execute(Tag.__table__.insert(), rows[start : start + 5000])
+
+    def untagged_image_ids(self, classifier_id: int) -> list[int]:
+        with self.session() as s:
+            tagged = select(Tag.image_id).where(Tag.classifier_id == classifier_id)
+            rows = s.scalars(
+                select(Image.id).where(Image.status == INDEXED, Image.id.not_in(tagged))
+            ).all()
+        return [int(r) for r in rows]
+
+    def tags_of(self, image_id: int) -> list[tuple[str, float, float, float, bool]]:
+        """(label, fused score, patch score, cls score, present), best first."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Label.name, Tag.score, Tag.patch_score, Tag.cls_score, Tag.present)
+                .join(Label, Label.id == Tag.label_id)
+                .where(Tag.image_id == image_id)
+                .order_by(Tag.score.desc())
+            ).all()
+        return [(n, float(a), float(b), float(c), bool(p)) for n, a, b, c, p in rows]
+
+    def tag_table(
+        self, label_ids: Sequence[int]
+    ) -> dict[int, dict[int, tuple[float, bool]]]:
+        """image id → label id → (score, present), for the given labels."""
+        out: dict[int, dict[int, tuple[float, bool]]] = {}
+        with self.session() as s:
+            rows = s.execute(
+                select(Tag.image_id, Tag.label_id, Tag.score, Tag.present).where(
+                    Tag.label_id.in_(list(label_ids))
+                )
+            )
+            for image_id, label_id, score, present in rows:
+                out.setdefault(int(image_id), {})[int(label_id)] = (float(score), bool(present))
+        return out
+
+    def tag_counts(self) -> dict[str, int]:
+        """Images tagged present, per label name."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Label.name, func.count())
+                .join(Tag, Tag.label_id == Label.id)
+                .where(Tag.present.is_(True))
+                .group_by(Label.name)
+            ).all()
+        return {n: int(c) for n, c in rows}
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    # WAL keeps readers working while an index run writes; foreign keys make CASCADE real.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,264 @@
+"""All FAISS use: `[CLS]` and patch vectors in append-only shards.
+
+Each index run writes its vectors in shards, one per commit group: `NNNNNN.cls.faiss` (an
+IndexIDMap2 over a flat inner-product index, ids = image ids) and `NNNNNN.patch.faiss` (a
+scalar-quantised index holding M rows per image, in the same order as the cls shard). A shard
+is written to a temporary name, fsynced and renamed *before* SQL commits the rows that point
+at it, so after a crash a shard can be orphaned (deleted on reconcile) but an SQL row never
+points at vectors that were not written (and if a shard was lost anyway, its images are sent
+back to the next index run).
+
+`manifest.json` records the model the vectors were made with; opening with another model fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+# Patch codecs → FAISS scalar-quantiser type (fp32 is stored flat, unquantised).
+CODECS = {"fp32": None, "fp16": "QT_fp16", "sq8": "QT_8bit"}
+DEFAULT_CODEC = "fp16"
+
+
+class VectorStoreError(Exception):
+    """Vector files that cannot be used with the requested model or are damaged."""
+
+
+@dataclass(frozen=True)
+class ShardVectors:
+    """The live part of one shard: image ids, their [CLS] vectors and patches."""
+
+    shard: int
+    image_ids: np.ndarray  # [n] int64
+    cls: np.ndarray  # [n, d] float32
+    patches: np.ndarray  # [n, M, d] float32
+
+
+def _faiss():  # type: ignore[no-untyped-def]
+    import faiss
+
+    return faiss
+
+
+def _write_atomic(index, path: Path) -> None:  # type: ignore[no-untyped-def]
+    faiss = _faiss()
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class VectorStore:
+    """A folder of FAISS shards for one library."""
+
+    def __init__(self, root: Path, identity: dict, codec: str = DEFAULT_CODEC):
+        self.root = Path(root)
+        self.identity = dict(identity)
+        self.codec = codec
+        self.dim = int(identity["dim"])
+        grid = identity["grid"]
+        self.n_patches = int(grid[0]) * int(grid[1])
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @staticmethod
+    def read_manifest(root: Path) -> dict | None:
+        path = Path(root) / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise VectorStoreError(f"damaged vector manifest {path}: {exc}") from None
+
+    @classmethod
+    def open(cls, root: Path, identity: dict, codec: str | None = None) -> VectorStore:
+        """Open (or create) the folder; refuse vectors made with another model."""
+        root = Path(root)
+        manifest = cls.read_manifest(root)
+        if manifest is None:
+            root.mkdir(parents=True, exist_ok=True)
+            manifest = {"identity": identity, "codec": codec or DEFAULT_CODEC, "version": 1}
+            tmp = root / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, root / MANIFEST)
+        elif manifest["identity"] != identity:
+            raise VectorStoreError(
+                "this index was made with "
+                f"{describe_identity(manifest['identity'])}, not {describe_identity(identity)}; "
+                "use the same --model/--pretrained/--front-end, or another PIAA_HOME / --db"
+            )
+        return cls(root, manifest["identity"], manifest["codec"])
+
+    # -- shards --------------------------------------------------------------------------------
+
+    def _path(self, shard: int, kind: str) -> Path:
+        return self.root / f"{shard:06d}.{kind}.faiss"
+
+    def shard_ids(self) -> set[int]:
+        ids = set()
+        for path in self.root.glob("*.cls.faiss"):
+            try:
+                ids.add(int(path.name.split(".", 1)[0]))
+            except ValueError:
+                continue
+        return ids
+
+    def next_shard_id(self) -> int:
+        return max(self.shard_ids() | {0}) + 1
+
+    def write_shard(
+        self, shard: int, image_ids: Sequence[int], cls: np.ndarray, patches: np.ndarray
+    ) -> None:
+        """Write one shard (both files) durably; the caller commits SQL afterwards."""
+        faiss = _faiss()
+        n = len(image_ids)
+        if cls.shape != (n, self.dim) or patches.shape != (n, self.n_patches, self.dim):
+            raise ValueError(
+                f"shard shapes {cls.shape} / {patches.shape} do not match "
+                f"({n}, {self.dim}) / ({n}, {self.n_patches}, {self.dim})"
+            )
+        cls_index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        cls_index.add_with_ids(
+            np.ascontiguousarray(cls, dtype=np.float32), np.asarray(image_ids, dtype=np.int64)
+        )
+        patch_index = self._new_patch_index()
+        flat = np.ascontiguousarray(patches.reshape(-1, self.dim), dtype=np.float32)
+        if not patch_index.is_trained:
+            patch_index.train(_sq8_training_sample(self.dim))
+        patch_index.add(flat)
+        # Patches first: a cls file is what marks a shard as present.
+        _write_atomic(patch_index, self._path(shard, "patch"))
+        _write_atomic(cls_index, self._path(shard, "cls"))
+        _fsync_dir(self.root)
+
+    def _new_patch_index(self):  # type: ignore[no-untyped-def]
+        faiss = _faiss()
+        qname = CODECS[self.codec]
+        if qname is None:
+            return faiss.IndexFlatIP(self.dim)
+        qtype = getattr(faiss.ScalarQuantizer, qname)
+        return faiss.IndexScalarQuantizer(self.dim, qtype, faiss.METRIC_INNER_PRODUCT)
+
+    def delete_shard(self, shard: int) -> None:
+        for kind in ("cls", "patch"):
+            self._path(shard, kind).unlink(missing_ok=True)
+
+    def read_shard(self, shard: int, rows: Sequence[int] | None = None) -> ShardVectors:
+        """The vectors of one shard, restricted to `rows` (positions) when given."""
+        faiss = _faiss()
+        cls_path, patch_path = self._path(shard, "cls"), self._path(shard, "patch")
+        if not cls_path.exists() or not patch_path.exists():
+            raise VectorStoreError(f"vector shard {shard} is missing from {self.root}")
+        cls_index = faiss.read_index(str(cls_path))
+        ids = faiss.vector_to_array(cls_index.id_map).astype(np.int64)
+        cls = cls_index.index.reconstruct_n(0, cls_index.ntotal)
+        patch_index = faiss.read_index(str(patch_path), faiss.IO_FLAG_MMAP)
+        m = self.n_patches
+        if rows is None:
+            rows = list(range(len(ids)))
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        patches = np.empty((len(rows_arr), m, self.dim), dtype=np.float32)
+        # Contiguous runs decode in one call; most reads are whole shards or long runs.
+        for out_start, (start, stop) in _runs(rows_arr):
+            block = patch_index.reconstruct_n(int(start) * m, int(stop - start) * m)
+            patches[out_start : out_start + stop - start] = block.reshape(-1, m, self.dim)
+        return ShardVectors(shard, ids[rows_arr], cls[rows_arr], patches)
+
+    def iter_live(
+        self, locations: Sequence[tuple[int, int, int]], max_images: int = 2048
+    ) -> Iterator[ShardVectors]:
+        """Stream the live images' vectors shard by shard, in chunks of at most `max_images`.
+
+        `locations` are (image id, shard, row) triples from SQL, the source of truth; rows of
+        removed or re-indexed images are simply never read.
+        """
+        by_shard: dict[int, list[int]] = {}
+        for _image_id, shard, row in locations:
+            by_shard.setdefault(shard, []).append(row)
+        for shard in sorted(by_shard):
+            rows = sorted(by_shard[shard])
+            for start in range(0, len(rows), max_images):
+                yield self.read_shard(shard, rows[start : start + max_images])
+
+    def vectors_for(self, image_id: int, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's [CLS] vector and patches (used to reuse vectors of identical files)."""
+        got = self.read_shard(shard, [row])
+        if int(got.image_ids[0]) != image_id:
+            raise VectorStoreError(
+                f"vector shard {shard} row {row} holds image {int(got.image_ids[0])}, "
+                f"expected {image_id}"
+            )
+        return got.cls[0], got.patches[0]
+
+    def reconcile(self, referenced: set[int]) -> tuple[list[int], list[int]]:
+        """Delete orphan shards (written, never committed) and temp files; report missing ones.
+
+        Returns (orphans deleted, shards referenced by SQL but absent on disk).
+        """
+        for tmp in self.root.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        present = self.shard_ids()
+        # A patch file without its cls file is a shard whose write was cut short.
+        for path in self.root.glob("*.patch.faiss"):
+            shard = int(path.name.split(".", 1)[0])
+            if shard not in present and shard not in referenced:
+                path.unlink(missing_ok=True)
+        orphans = sorted(present - referenced)
+        for shard in orphans:
+            self.delete_shard(shard)
+        missing = sorted(referenced - present)
+        return orphans, missing
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("*.faiss"))
+
+
+def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:
+    """(output offset, (start, stop)) for each run of consecutive row numbers."""
+    if len(rows) == 0:
+        return
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    for a, b in zip(starts, stops):
+        yield int(a), (int(rows[a]), int(rows[b - 1]) + 1)
+
+
+def _sq8_training_sample(dim: int) -> np.ndarray:
+    # Normalised embeddings live in [-1, 1] per coordinate; training the 8-bit quantiser on
+    # that fixed range (not on each shard's data) keeps every shard's codes comparable.
+    sample = np.zeros((2, dim), dtype=np.float32)
+    sample[0] = -1.0
+    sample[1] = 1.0
+    return sample
+
+
+def describe_identity(identity: dict) -> str:
+    grid = identity.get("grid", ["?", "?"])
+    return (
+        f"model {identity.get('model')} ({identity.get('pretrained')}), front-end "
+        f"{identity.get('front_end')}, dim {identity.get('dim')}, grid {grid[0]}x{grid[1]}"
+    )
