@@ -62,6 +62,7 @@ def reference_evaluate(node: Node, present: Mapping[str, bool]) -> bool:
         return present.get(node.name, False)
     if isinstance(node, Not):
         return not reference_evaluate(node.child, present)
+    assert isinstance(node, And | Or)
     results = [reference_evaluate(c, present) for c in node.children]
     return all(results) if isinstance(node, And) else any(results)
 
@@ -72,6 +73,7 @@ def reference_score(node: Node, scores: Mapping[str, float]) -> float:
         return scores.get(node.name, 0.0)
     if isinstance(node, Not):
         return 1.0 - reference_score(node.child, scores)
+    assert isinstance(node, And | Or)
     results = [reference_score(c, scores) for c in node.children]
     return min(results) if isinstance(node, And) else max(results)
 
@@ -144,7 +146,7 @@ def test_labels_lists_every_leaf(ast: Node) -> None:
             leaves.add(node.name)
         elif isinstance(node, Not):
             stack.append(node.child)
-        else:
+        elif isinstance(node, And | Or):
             stack.extend(node.children)
     assert ast.labels() == frozenset(leaves)
 
