@@ -1,0 +1,165 @@
+"""Shared CLI plumbing: the lazily opened library, output formats, error → exit code."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from piaa_index.library import Library
+
+# Exit codes scripts can rely on.
+EXIT_OK = 0
+EXIT_ERROR = 1  # the tool could not do its job (model, database, files)
+EXIT_USAGE = 2  # the user asked for something malformed or unknown
+
+
+@dataclass
+class AppContext:
+    home: str | None = None
+    db: str | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    front_end: str | None = None
+    device: str = "auto"
+    quiet: bool = False
+    _library: Library | None = field(default=None, repr=False)
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and sys.stderr.isatty()
+
+    def library(self) -> Library:
+        if self._library is None:
+            from piaa_index.library import Library
+
+            self._library = Library.open(
+                home=self.home,
+                db=self.db,
+                model=self.model,
+                pretrained=self.pretrained,
+                front_end=self.front_end,
+                device=self.device,
+            )
+        return self._library
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+def run_guarded(command: click.Command, args: list[str]) -> None:
+    """Run the CLI; expected failures print one line to stderr and exit 1 or 2, no traceback."""
+    try:
+        command.main(args=args, prog_name="piaa", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: what was committed is kept; run the command again to resume.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - mapped to messages below, re-raised otherwise
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(code)
+    sys.exit(EXIT_OK)
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of an expected error, None for a bug (which keeps its traceback)."""
+    from piaa_index.library import LibraryError, UserInputError
+
+    if isinstance(exc, UserInputError):
+        return EXIT_USAGE
+    if isinstance(exc, LibraryError):
+        return EXIT_ERROR
+    expected = ("StoreError", "VectorStoreError", "ModelLoadError", "DatasetError", "PluginError")
+    if type(exc).__name__ in expected:
+        return EXIT_USAGE if type(exc).__name__ == "DatasetError" else EXIT_ERROR
+    return None
+
+
+def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--json / --csv / --paths-only, shared by every query command."""
+
+    @click.option("--json", "as_json", is_flag=True, help="One JSON list of result objects.")
+    @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")
+    @click.option("--paths-only", is_flag=True, help="Only the paths, one per line (for piping).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def emit_rows(
+    rows: list[dict[str, Any]], as_json: bool, as_csv: bool, paths_only: bool
+) -> None:
+    """Print query results to stdout in the chosen format (table by default)."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if paths_only:
+        seen = set()
+        for row in rows:
+            if row.get("path") and row["path"] not in seen:
+                seen.add(row["path"])
+                click.echo(row["path"])
+        return
+    flat = [_flatten(row) for row in rows]
+    columns: list[str] = []
+    for row in flat:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    if as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(flat)
+        return
+    if not flat:
+        click.echo("(no results)", err=True)
+        return
+    click.echo(format_table(flat, columns))
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+    return "\n".join(lines)
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))

@@ -1,0 +1,48 @@
+"""`piaa db …`: schema and storage maintenance."""
+
+from __future__ import annotations
+
+import click
+
+from piaa_index.cli.common import AppContext, echo_json, pass_app
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema and storage."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: AppContext) -> None:
+    """Upgrade the schema to this version's (also done automatically on open)."""
+    from piaa_index.config import Settings
+    from piaa_index.store import Store
+
+    settings = Settings.resolve(app.home, app.db)
+    store = Store.open(settings.db_url)
+    click.echo(f"schema at revision {store.schema_revision()}")
+
+
+@db_group.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def db_info(app: AppContext, as_json: bool) -> None:
+    """Where the database and vectors are, the schema revision, failed files."""
+    library = app.library()
+    info = {
+        "database": library.store.engine.url.render_as_string(hide_password=True),
+        "schema_revision": library.store.schema_revision(),
+        "vectors_dir": str(library.vectors_dir),
+        "failed": [{"path": p, "error": e} for p, e in library.store.failed_images()],
+    }
+    if as_json:
+        echo_json(info)
+        return
+    for key in ("database", "schema_revision", "vectors_dir"):
+        click.echo(f"{key}: {info[key]}")
+    for failure in info["failed"]:
+        click.echo(f"failed: {failure['path']}: {failure['error']}")
+
+
+COMMANDS = [db_group]

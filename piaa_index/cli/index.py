@@ -1,0 +1,77 @@
+"""`piaa index` and `piaa status`."""
+
+from __future__ import annotations
+
+import click
+
+from piaa_index.cli.common import AppContext, echo_json, pass_app
+
+
+@click.command("index")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--prune", is_flag=True, help="Forget images under PATHS whose files are gone.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@pass_app
+def index_command(app: AppContext, paths: tuple[str, ...], prune: bool, batch_size: int, as_json: bool) -> None:
+    """Index image files and folders (recursive, incremental, resumable).
+
+    Unchanged files (same size and mtime) are skipped; a file with the same content as an
+    indexed one reuses its vectors. Files that cannot be decoded are recorded and skipped;
+    the exit code is 0 when the run completes.
+    """
+    library = app.library()
+    report = library.index(list(paths), prune=prune, progress=app.progress, batch_size=batch_size)
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    d = report.as_dict()
+    click.echo(
+        f"indexed {d['indexed']}, reused {d['reused']}, unchanged {d['unchanged']}, "
+        f"removed {d['removed']}, failed {len(d['failed'])}"
+        + (f" (+{d['still_failing']} still failing)" if d["still_failing"] else "")
+        + f" in {d['seconds']:.1f}s"
+        + (f" ({d['images_per_second']:.1f} images/s)" if d["indexed"] else "")
+    )
+    for failure in d["failed"]:
+        click.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_app
+def status_command(app: AppContext, as_json: bool) -> None:
+    """Counts, model, vocabulary, classifier version and whether tags are stale."""
+    status = app.library().status()
+    if as_json:
+        echo_json(status)
+        return
+    images = status["images"]
+    model = status["model"] or {}
+    click.echo(f"database:    {status['database']} (schema {status['schema_revision']})")
+    click.echo(
+        f"model:       {model.get('model', '-')} ({model.get('pretrained', '-')}), "
+        f"front-end {model.get('front_end', '-')}"
+    )
+    click.echo(
+        f"images:      {images['indexed']} indexed, {images['failed']} failed, "
+        f"{images['pending']} pending; vectors {status['vectors_bytes'] / 1e6:.1f} MB"
+    )
+    vocab = status["vocabulary"]
+    click.echo(f"vocabulary:  v{vocab['version']}: {', '.join(vocab['labels']) or '(empty)'}")
+    clf = status["classifier"]
+    if clf is None:
+        click.echo("classifier:  none (run `piaa fit`)")
+    else:
+        click.echo(
+            f"classifier:  v{clf['version']} fitted {clf['fitted_at']} on {clf['n_images']} images"
+            f" (vocabulary v{clf['vocabulary_version']})"
+        )
+        if clf["images_added_since"]:
+            click.echo(f"             {clf['images_added_since']} images added since the fit")
+        if clf["weak_labels"]:
+            click.echo(f"             too little evidence for: {', '.join(map(str, clf['weak_labels']))}")
+    click.echo(f"stale:       {'yes (the next query refits)' if status['stale'] else 'no'}")
+
+
+COMMANDS = [index_command, status_command]

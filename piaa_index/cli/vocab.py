@@ -1,0 +1,112 @@
+"""`piaa vocab …` and `piaa fit`."""
+
+from __future__ import annotations
+
+import click
+
+from piaa_index.cli.common import AppContext, echo_json, pass_app
+
+
+@click.group("vocab")
+def vocab_group() -> None:
+    """The labels to tag with. Changing them makes the tags stale (the next query refits)."""
+
+
+def _show(app: AppContext, as_json: bool) -> None:
+    vocab = app.library().vocabulary()
+    if as_json:
+        echo_json(
+            {
+                "version": vocab.id if vocab else None,
+                "labels": vocab.names if vocab else [],
+                "templates": vocab.templates if vocab else [],
+            }
+        )
+    elif vocab is None or not vocab.labels:
+        click.echo("(empty vocabulary)", err=True)
+    else:
+        for name in vocab.names:
+            click.echo(name)
+
+
+@vocab_group.command("set")
+@click.argument("labels", nargs=-1, required=True)
+@click.option(
+    "--template",
+    "templates",
+    multiple=True,
+    help='Prompt template with {} for the label, e.g. "a photo of a {}." (repeatable).',
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_set(app: AppContext, labels: tuple[str, ...], templates: tuple[str, ...], as_json: bool) -> None:
+    """Replace the vocabulary with LABELS (quote multi-word labels)."""
+    app.library().set_vocabulary(list(labels), list(templates) or None)
+    _show(app, as_json)
+
+
+@vocab_group.command("add")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_add(app: AppContext, labels: tuple[str, ...], as_json: bool) -> None:
+    """Add LABELS to the vocabulary."""
+    app.library().add_labels(list(labels))
+    _show(app, as_json)
+
+
+@vocab_group.command("remove")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_remove(app: AppContext, labels: tuple[str, ...], as_json: bool) -> None:
+    """Remove LABELS from the vocabulary."""
+    app.library().remove_labels(list(labels))
+    _show(app, as_json)
+
+
+@vocab_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_list(app: AppContext, as_json: bool) -> None:
+    """Show the current vocabulary."""
+    _show(app, as_json)
+
+
+@vocab_group.command("preset")
+@click.argument("name", type=click.Choice(["voc", "coco", "nus"]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
+    """Use a benchmark's class list: VOC-20, COCO-80 or NUS-81."""
+    app.library().set_preset(name)
+    _show(app, as_json)
+
+
+@click.command("fit")
+@click.option("--bank-size", type=int, default=None, help="Patches per class bank (K). [default: 512]")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def fit_command(app: AppContext, bank_size: int | None, as_json: bool) -> None:
+    """Fit the patch classifier (PVCL) on the collection and re-tag every image."""
+    report = app.library().fit(progress=app.progress, bank_size=bank_size)
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    click.echo(
+        f"fitted classifier v{report.classifier_id} on {report.n_images} images "
+        f"({report.n_patches} patches) in {report.seconds:.1f}s"
+    )
+    for name in report.bank_sizes:
+        click.echo(
+            f"  {name}: bank {report.bank_sizes[name]}, kept {report.kept_sizes[name]}, "
+            f"threshold {report.thresholds[name]:.4f}, tagged {report.tagged_present.get(name, 0)}"
+        )
+    if report.weak_labels:
+        click.echo(
+            "too little evidence (fell back to the text prototype): " + ", ".join(report.weak_labels),
+            err=True,
+        )
+
+
+COMMANDS = [vocab_group, fit_command]

@@ -1,0 +1,347 @@
+"""Indexing: scan → decode → encode → write, incremental and resumable.
+
+The stages are separate functions (like clip-retrieval's reader / mapper / writer) so that the
+same pipeline could be driven by a cluster engine; here one process runs them in order.
+A commit group of images is written as one vector shard, then committed to SQL: an
+interrupted run loses at most the group in flight, and the next run picks up from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from piaa_index.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
+from piaa_index.schema import FAILED, INDEXED, Image
+from piaa_index.store import Store, utcnow
+from piaa_index.vectors import VectorStore
+
+if TYPE_CHECKING:
+    from piaa_index.encoder import Encoder
+
+
+@dataclass
+class IndexReport:
+    """What one index run did (the CLI prints it; `--json` prints `as_dict()`)."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    reused: int = 0
+    removed: int = 0
+    failed: list[dict] = field(default_factory=list)
+    still_failing: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "indexed": self.indexed,
+            "unchanged": self.unchanged,
+            "reused": self.reused,
+            "removed": self.removed,
+            "failed": self.failed,
+            "still_failing": self.still_failing,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.indexed / self.seconds, 2) if self.seconds else 0.0,
+        }
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: float
+
+
+class PathError(Exception):
+    """A path given to `index` that does not exist."""
+
+
+def scan(paths: Sequence[str | Path]) -> tuple[list[FileInfo], list[str]]:
+    """Image files under `paths` (recursive, sorted) and the resolved roots that were scanned."""
+    files: dict[str, FileInfo] = {}
+    roots: list[str] = []
+    for given in paths:
+        root = Path(given).expanduser()
+        if not root.exists():
+            raise PathError(f"no such file or folder: {given}")
+        root = root.resolve()
+        roots.append(str(root))
+        candidates: Iterable[Path]
+        if root.is_file():
+            candidates = [root]
+        else:
+            candidates = (
+                Path(dirpath) / name
+                for dirpath, dirnames, names in os.walk(root)
+                for name in names
+                if not name.startswith(".")
+            )
+        for path in candidates:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files[str(path)] = FileInfo(str(path), st.st_size, st.st_mtime)
+    return [files[p] for p in sorted(files)], roots
+
+
+@dataclass
+class _Encoded:
+    info: FileInfo
+    content_hash: str
+    width: int
+    height: int
+    cls: np.ndarray
+    patches: np.ndarray
+    reused: bool
+
+
+class Indexer:
+    """Brings the store and vectors up to date with files on disk."""
+
+    def __init__(
+        self,
+        store: Store,
+        vectors: VectorStore,
+        encoder_factory: Callable[[], Encoder],
+        batch_size: int = 32,
+        commit_every: int = 256,
+        workers: int = 4,
+    ):
+        self.store = store
+        self.vectors = vectors
+        self._encoder_factory = encoder_factory
+        self._encoder: Encoder | None = None
+        self.batch_size = batch_size
+        self.commit_every = commit_every
+        self.workers = workers
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = self._encoder_factory()
+        return self._encoder
+
+    def run(
+        self, paths: Sequence[str | Path], prune: bool = False, progress: bool = True
+    ) -> IndexReport:
+        started = time.perf_counter()
+        report = IndexReport()
+        files, roots = scan(paths)
+        known = self.store.images_under(roots)
+        todo: list[FileInfo] = []
+        for info in files:
+            row = known.get(info.path)
+            if row is not None and row.size == info.size and row.mtime == info.mtime:
+                if row.status == INDEXED:
+                    report.unchanged += 1
+                    continue
+                if row.status == FAILED:
+                    report.still_failing += 1
+                    continue
+            todo.append(info)
+        if prune:
+            on_disk = {f.path for f in files}
+            gone = [row.id for path, row in known.items() if path not in on_disk]
+            self.store.remove_images(gone)
+            report.removed = len(gone)
+        if todo:
+            self._index_files(todo, known, report, progress)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _index_files(
+        self,
+        todo: list[FileInfo],
+        known: dict[str, Image],
+        report: IndexReport,
+        progress: bool,
+    ) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(todo),
+            unit="img",
+            desc="indexing",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        group: list[_Encoded] = []
+        failures: list[tuple[FileInfo, str]] = []
+        try:
+            for chunk_start in range(0, len(todo), self.batch_size):
+                chunk = todo[chunk_start : chunk_start + self.batch_size]
+                encoded, failed = self._encode_chunk(chunk, known)
+                group.extend(encoded)
+                failures.extend(failed)
+                for item in encoded:
+                    if item.reused:
+                        report.reused += 1
+                    else:
+                        report.indexed += 1
+                for info, error in failed:
+                    report.failed.append({"path": info.path, "error": error})
+                bar.update(len(chunk))
+                if len(group) + len(failures) >= self.commit_every:
+                    self._commit(group, failures, known)
+                    group, failures = [], []
+            self._commit(group, failures, known)
+        finally:
+            bar.close()
+
+    def _encode_chunk(
+        self, chunk: list[FileInfo], known: dict[str, Image]
+    ) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
+        """Hash, reuse what can be reused, decode + encode the rest."""
+        failed: list[tuple[FileInfo, str]] = []
+        hashes: dict[str, str] = {}
+        for info in chunk:
+            try:
+                hashes[info.path] = file_hash(info.path)
+            except OSError as exc:
+                failed.append((info, f"cannot read file: {exc.strerror or exc}"))
+        same = self.store.indexed_by_hash(hashes.values())
+        out: list[_Encoded] = []
+        to_encode: list[FileInfo] = []
+        for info in chunk:
+            digest = hashes.get(info.path)
+            if digest is None:
+                continue
+            source = same.get(digest)
+            if source is not None and source.shard is not None and source.shard_row is not None:
+                cls, patches = self.vectors.vectors_for(source.id, source.shard, source.shard_row)
+                out.append(
+                    _Encoded(
+                        info, digest, source.width or 0, source.height or 0, cls, patches, True
+                    )
+                )
+            else:
+                to_encode.append(info)
+        if to_encode:
+            decoded = self._decode(to_encode)
+            good = [(info, img) for info, img in decoded if not isinstance(img, str)]
+            failed.extend((info, img) for info, img in decoded if isinstance(img, str))
+            if good:
+                import torch
+
+                batch = torch.stack([self.encoder.preprocess(img) for _, img in good])
+                cls, patches = self.encoder.encode_images(batch)
+                for j, (info, img) in enumerate(good):
+                    out.append(
+                        _Encoded(
+                            info,
+                            hashes[info.path],
+                            img.width,
+                            img.height,
+                            cls[j],
+                            patches[j],
+                            False,
+                        )
+                    )
+        return out, failed
+
+    def _decode(self, infos: list[FileInfo]) -> list[tuple[FileInfo, Any]]:
+        """Decode in threads (Pillow releases the GIL while decoding); errors become strings."""
+
+        def one(info: FileInfo) -> tuple[FileInfo, Any]:
+            try:
+                return info, load_image(info.path)
+            except ImageDecodeError as exc:
+                return info, str(exc)
+
+        if self.workers <= 1 or len(infos) == 1:
+            return [one(info) for info in infos]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(one, infos))
+
+    def _commit(
+        self,
+        group: list[_Encoded],
+        failures: list[tuple[FileInfo, str]],
+        known: dict[str, Image],
+    ) -> None:
+        """Vectors first (one durable shard), then the SQL rows in one transaction."""
+        if not group and not failures:
+            return
+        shard = None
+        if group:
+            shard = self.vectors.next_shard_id()
+            # Ids must exist before the shard is written: reserve them for new paths.
+            ids = self._reserve_ids([item.info for item in group], known)
+            self.vectors.write_shard(
+                shard,
+                ids,
+                np.stack([item.cls for item in group]),
+                np.stack([item.patches for item in group]),
+            )
+        now = utcnow()
+        with self.store.session() as s:
+            if group:
+                for row_no, item in enumerate(group):
+                    image = s.get(Image, known[item.info.path].id)
+                    assert image is not None
+                    image.content_hash = item.content_hash
+                    image.size, image.mtime = item.info.size, item.info.mtime
+                    image.width, image.height = item.width, item.height
+                    image.status, image.error = INDEXED, None
+                    image.shard, image.shard_row = shard, row_no
+                    image.indexed_at = now
+            for info, error in failures:
+                row = known.get(info.path)
+                image = s.get(Image, row.id) if row is not None else None
+                if image is None:
+                    image = Image(path=info.path)
+                    s.add(image)
+                image.size, image.mtime = info.size, info.mtime
+                image.status, image.error = FAILED, error
+                image.shard = image.shard_row = None
+                image.content_hash = None
+                image.indexed_at = now
+        # Tags of re-encoded images are stale; the library re-tags untagged images.
+        from sqlalchemy import delete
+
+        from piaa_index.schema import Tag
+
+        with self.store.session() as s:
+            ids = [known[item.info.path].id for item in group]
+            if ids:
+                s.execute(delete(Tag).where(Tag.image_id.in_(ids)))
+
+    def _reserve_ids(self, infos: list[FileInfo], known: dict[str, Image]) -> list[int]:
+        """Image ids for these paths, creating placeholder rows for new ones.
+
+        A placeholder has status `pending` until its shard commits, so a crash in between
+        leaves a row that the next run retries (its size and mtime are 0, never a file's).
+        """
+        new = [info for info in infos if info.path not in known]
+        if new:
+            now = utcnow()
+            with self.store.session() as s:
+                for info in new:
+                    s.add(
+                        Image(
+                            path=info.path,
+                            size=0,
+                            mtime=0.0,
+                            status="pending",
+                            error="indexing did not finish",
+                            indexed_at=now,
+                        )
+                    )
+            for path, image_id in self.store.image_ids_by_path([i.path for i in new]).items():
+                known[path] = Image(id=image_id, path=path)
+        return [known[info.path].id for info in infos]
+

@@ -1,0 +1,80 @@
+"""The built-in queries: tags, search (boolean or open-vocabulary text), similar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from piaa_index.hookspecs import hookimpl
+from piaa_index.plugins import Param, Query
+
+LIMIT = Param("limit", "Maximum number of results.", type=int, default=20)
+
+
+def _tags(library: Any, image: str, progress: bool = False, limit: int | None = None,
+          present_only: bool = False) -> list[dict[str, Any]]:
+    rows = library.tags(image, progress=progress)
+    if present_only:
+        rows = [r for r in rows if r["present"]]
+    path = str(library.store.paths([library.image_id(image)])[library.image_id(image)])
+    rows = [{"path": path, **r} for r in rows]
+    return rows[:limit] if limit else rows
+
+
+def _search(library: Any, expression: str | None = None, text: str | None = None,
+            limit: int | None = 20, all_images: bool = False,
+            progress: bool = False) -> list[dict[str, Any]]:
+    from piaa_index.library import UserInputError
+
+    if text and expression:
+        raise UserInputError("give either a label EXPRESSION or --text PHRASE, not both")
+    if text:
+        return library.text_search(text, limit=limit)
+    if not expression:
+        raise UserInputError('give a label EXPRESSION (e.g. "dog AND bicycle") or --text PHRASE')
+    if progress:
+        library.ensure_tags(progress=True)
+    return library.search(expression, limit=limit, include_absent=all_images)
+
+
+def _similar(library: Any, image: str, limit: int | None = 20,
+             progress: bool = False) -> list[dict[str, Any]]:
+    return library.similar(image, limit=limit)
+
+
+@hookimpl
+def register_queries(register: Callable[[Query], None]) -> None:
+    register(
+        Query(
+            "tags",
+            "Labels of IMAGE with fused, patch and [CLS] scores and the present/absent decision.",
+            _tags,
+            (
+                Param("image", positional=True, required=True),
+                Param("present_only", "Only labels decided present.", is_flag=True),
+                Param("limit", "Maximum number of labels.", type=int),
+            ),
+        )
+    )
+    register(
+        Query(
+            "search",
+            'Images matching a label EXPRESSION, e.g. "dog AND bicycle AND NOT person", '
+            'ranked by the weakest required label; or --text "red umbrella" for any phrase.',
+            _search,
+            (
+                Param("expression", positional=True, required=False),
+                Param("text", "Open-vocabulary phrase (no refit needed)."),
+                Param("all_images", "Also rank images that do not match.", is_flag=True),
+                LIMIT,
+            ),
+        )
+    )
+    register(
+        Query(
+            "similar",
+            "Images most similar to IMAGE (indexed or not), by [CLS] embedding.",
+            _similar,
+            (Param("image", positional=True, required=True), LIMIT),
+        )
+    )
