@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_models import TINY_MODEL_CONFIG, write_model_config
-from conftest_models import tiny_model_config as _tiny_model_config  # noqa: F401  (fixture)
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -24,6 +22,7 @@ from piaa_index.encoder import (
     _sclip_block,
     resolve_spec,
 )
+from tests.conftest_models import TINY_MODEL_CONFIG, write_model_config
 
 ATOL = 1e-5
 
