@@ -1,0 +1,37 @@
+# One task runner for humans and CI. `make demo` and `make test` are the README's quick start.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-all lint typecheck bench clean
+
+$(BIN)/piaa: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(BIN)/piaa
+
+install: $(BIN)/piaa
+
+demo: install          ## the main job, offline: generate, index, fit, tag, search, ablation
+	$(BIN)/piaa demo
+
+test: install          ## the fast suite (Postgres tests run when PIAA_TEST_PG is set)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install      ## everything, slow tests included
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check piaa_index plugins migrations tests benchmarks
+	$(BIN)/ruff format --check piaa_index plugins migrations tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy piaa_index
+
+bench: install
+	$(BIN)/python benchmarks/bench_pvcl_synthetic.py
+	$(BIN)/python benchmarks/bench_index_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
