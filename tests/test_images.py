@@ -44,6 +44,23 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     assert _is_red(img.getpixel((18, 1)))
     assert not _is_red(img.getpixel((1, 1)))
     assert img.info["exif_orientation"] == 6
+    assert img.info["original_size"] == (20, 40)
+
+
+def test_draft_decodes_jpeg_smaller_and_keeps_original_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _marked(800, 400).resize((800, 400)).save(path, quality=95, exif=exif.tobytes())
+
+    img = load_image(path, draft_size=64)
+
+    assert img.size == (100, 200)  # 1/4 scale keeps both sides >= 64; then rotated
+    assert img.info["original_size"] == (400, 800)
+    assert load_image(path).size == (400, 800)
+    png = tmp_path / "big.png"
+    _marked(800, 400).save(png)
+    assert load_image(png, draft_size=64).size == (800, 400)  # draft is JPEG-only
 
 
 def test_plain_jpeg_keeps_size_and_orientation_1(tmp_path: Path) -> None:
