@@ -1,0 +1,173 @@
+"""The SQL store: Alembic migrations on open, refusal of newer databases, vocabulary versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from piaa_index.store import Store, StoreError
+
+TABLES = {"settings", "images", "vocabularies", "labels", "classifiers", "tags", "alembic_version"}
+
+
+def _sqlite(tmp_path: Path, name: str = "piaa.sqlite3") -> str:
+    return f"sqlite:///{tmp_path / name}"
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    from piaa_index.store import _alembic_config
+
+    return str(ScriptDirectory.from_config(_alembic_config(None)).get_current_head())
+
+
+def test_open_creates_every_table_at_head(tmp_path: Path) -> None:
+    """A new database gets the whole schema, stamped with this version's revision."""
+    url = f"sqlite:///{tmp_path / 'deep' / 'er' / 'piaa.sqlite3'}"
+    store = Store.open(url)
+    try:
+        assert set(inspect(store.engine).get_table_names()) == TABLES
+        assert store.schema_revision() == _head()
+        assert len(store.store_id) == 32
+    finally:
+        store.close()
+    assert (tmp_path / "deep" / "er" / "piaa.sqlite3").is_file()
+
+
+def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
+    """schema.py (what queries use) and the newest migration describe the same tables."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from piaa_index.schema import Base
+
+    store = Store.open(_sqlite(tmp_path))
+    try:
+        with store.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == []
+    finally:
+        store.close()
+
+
+def test_reopening_is_a_no_op(tmp_path: Path) -> None:
+    """Opening an up-to-date database again keeps its data, id and revision."""
+    url = _sqlite(tmp_path)
+    first = Store.open(url)
+    first.set_setting("marker", {"value": 42})
+    vocab = first.new_vocabulary(["dog", "cat"], ["a photo of a {}."])
+    store_id, revision = first.store_id, first.schema_revision()
+    first.close()
+
+    again = Store.open(url)
+    try:
+        assert again.store_id == store_id
+        assert again.schema_revision() == revision
+        assert again.get_setting("marker") == {"value": 42}
+        assert again.vocabulary() == vocab
+        with again.engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        assert [r[0] for r in rows] == [revision]
+    finally:
+        again.close()
+
+
+def test_newer_database_is_refused(tmp_path: Path) -> None:
+    """A database written by a newer piaa-index is refused, not misread or downgraded."""
+    url = _sqlite(tmp_path)
+    Store.open(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+
+    with pytest.raises(StoreError, match="9999.*upgrade piaa-index"):
+        Store.open(url)
+    # Refusing did not touch the stamp.
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999"
+    engine.dispose()
+
+
+def test_invalid_url_is_a_store_error() -> None:
+    """A typo in --db gives a one-line error, not a SQLAlchemy traceback."""
+    with pytest.raises(StoreError, match="invalid database URL"):
+        Store.open("not a url")
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    """A Postgres server that is not there gives StoreError (exit 1 in the CLI)."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StoreError, match="cannot open database"):
+        Store.open("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_vocabulary_versions(tmp_path: Path) -> None:
+    """Each vocabulary change is a new version; older versions keep their labels."""
+    store = Store.open(_sqlite(tmp_path))
+    try:
+        assert store.vocabulary() is None
+        v1 = store.new_vocabulary(["red circle", "blue circle"], ["a photo of a {}."])
+        v2 = store.new_vocabulary(
+            ["red circle", "green circle", "blue circle"],
+            ["a photo of a {}.", "a {}."],
+            label_templates={"green circle": ["a drawing of a {}."]},
+        )
+        assert v2.id > v1.id
+        current = store.vocabulary()
+        assert current == v2
+        assert current.names == ["red circle", "green circle", "blue circle"]
+        assert [lb.position for lb in current.labels] == [0, 1, 2]
+        by_name = {lb.name: lb for lb in current.labels}
+        assert by_name["green circle"].templates == ["a drawing of a {}."]
+        assert by_name["red circle"].templates == ["a photo of a {}.", "a {}."]
+        # v1's labels are distinct rows that still exist (classifiers fitted on v1 point at them).
+        assert {lb.id for lb in v1.labels}.isdisjoint({lb.id for lb in v2.labels})
+        with store.engine.connect() as conn:
+            n = conn.execute(
+                text("SELECT count(*) FROM labels WHERE vocabulary_id = :v"), {"v": v1.id}
+            ).scalar()
+        assert n == 2
+    finally:
+        store.close()
+
+
+def test_settings_round_trip_json(tmp_path: Path) -> None:
+    """Settings (model identity, store id) survive as JSON, and can be overwritten."""
+    store = Store.open(_sqlite(tmp_path))
+    try:
+        assert store.get_setting("model") is None
+        value = {"model": "ViT-B-16", "grid": [14, 14], "pretrained": "openai"}
+        store.set_setting("model", value)
+        assert store.get_setting("model") == value
+        store.set_setting("model", {"model": "other"})
+        assert store.get_setting("model") == {"model": "other"}
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_url_without_driver_suffix(postgres_url: str) -> None:
+    """`--db postgresql://host/db` (no +driver) works with the psycopg the extra installs."""
+    url = make_url(postgres_url).set(drivername="postgresql")
+    plain = url.render_as_string(hide_password=False)
+    assert plain.startswith("postgresql://")
+    store = Store.open(plain)
+    try:
+        assert TABLES <= set(inspect(store.engine).get_table_names())
+        assert store.schema_revision() == _head()
+        store.new_vocabulary(["dog"], ["a photo of a {}."])
+        assert store.vocabulary().names == ["dog"]
+    finally:
+        # The database is shared by the session's Postgres tests: leave it empty again.
+        from piaa_index.schema import Base
+
+        Base.metadata.drop_all(store.engine)
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        store.close()

@@ -1,0 +1,187 @@
+"""FAISS vector shards on disk: codecs, partial reads, streaming, identity and crash recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from piaa_index.vectors import MANIFEST, VectorStore, VectorStoreError
+
+DIM, GRID = 32, (4, 4)
+M = GRID[0] * GRID[1]
+IDENTITY = {
+    "model": "piaa-tiny-vit",
+    "pretrained": "none",
+    "front_end": "sclip",
+    "dim": DIM,
+    "grid": list(GRID),
+}
+# Worst-case absolute error per coordinate of unit-norm vectors after each patch codec.
+TOLERANCE = {"fp32": 0.0, "fp16": 5e-4, "sq8": 1 / 255 + 1e-6}
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return _unit(rng, n, DIM), _unit(rng, n, M, DIM)
+
+
+def _store(tmp_path: Path, codec: str = "fp16") -> VectorStore:
+    return VectorStore.open(tmp_path / "vectors", IDENTITY, codec=codec)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "sq8"])
+def test_round_trip_within_codec_error(tmp_path: Path, codec: str) -> None:
+    """Vectors read back are the ones written, within the precision the codec promises."""
+    vs = _store(tmp_path, codec)
+    cls, patches = _data(12)
+    ids = list(range(100, 112))
+    vs.write_shard(1, ids, cls, patches)
+
+    got = vs.read_shard(1)
+
+    assert got.image_ids.tolist() == ids
+    np.testing.assert_array_equal(got.cls, cls)  # [CLS] vectors are stored unquantised
+    assert got.patches.shape == (12, M, DIM) and got.patches.dtype == np.float32
+    err = float(np.abs(got.patches - patches).max())
+    assert err <= TOLERANCE[codec]
+    if codec == "fp32":
+        np.testing.assert_array_equal(got.patches, patches)
+    # Ranking by patch similarity survives quantisation (what tagging relies on).
+    q = patches[3, 5]
+    assert int(np.argmax(got.patches[3] @ q)) == 5
+
+
+def test_codec_is_recorded_in_the_manifest(tmp_path: Path) -> None:
+    """Reopening a folder keeps the codec it was created with."""
+    _store(tmp_path, "sq8")
+    reopened = VectorStore.open(tmp_path / "vectors", IDENTITY)
+    assert reopened.codec == "sq8"
+    assert (tmp_path / "vectors" / MANIFEST).is_file()
+
+
+def test_read_subset_of_rows(tmp_path: Path) -> None:
+    """Reading some rows (non-contiguous, out of runs) returns exactly those images."""
+    vs = _store(tmp_path, "fp32")
+    cls, patches = _data(10)
+    vs.write_shard(1, list(range(10)), cls, patches)
+    rows = [0, 2, 3, 4, 8]
+
+    got = vs.read_shard(1, rows)
+
+    assert got.image_ids.tolist() == rows
+    np.testing.assert_array_equal(got.cls, cls[rows])
+    np.testing.assert_array_equal(got.patches, patches[rows])
+
+
+def test_vectors_for_one_image_checks_the_id(tmp_path: Path) -> None:
+    """Reuse of an identical file's vectors fetches the right row, and refuses a wrong id."""
+    vs = _store(tmp_path, "fp32")
+    cls, patches = _data(4)
+    vs.write_shard(1, [7, 8, 9, 10], cls, patches)
+    c, p = vs.vectors_for(9, 1, 2)
+    np.testing.assert_array_equal(c, cls[2])
+    np.testing.assert_array_equal(p, patches[2])
+    with pytest.raises(VectorStoreError, match="expected 8"):
+        vs.vectors_for(8, 1, 2)
+
+
+def test_iter_live_chunks_equal_full_read(tmp_path: Path) -> None:
+    """Streaming only live rows in small chunks gives the same vectors as reading them whole."""
+    vs = _store(tmp_path, "fp16")
+    locations = []
+    next_id = 1
+    for shard, n in ((1, 7), (2, 5), (3, 9)):
+        cls, patches = _data(n, seed=shard)
+        ids = list(range(next_id, next_id + n))
+        vs.write_shard(shard, ids, cls, patches)
+        # Every third row is dead (removed or re-indexed): SQL does not point at it.
+        locations += [(ids[r], shard, r) for r in range(n) if r % 3 != 1]
+        next_id += n
+
+    chunks = list(vs.iter_live(locations, max_images=3))
+
+    assert all(len(c.image_ids) <= 3 for c in chunks)
+    streamed_ids = np.concatenate([c.image_ids for c in chunks])
+    assert sorted(streamed_ids.tolist()) == sorted(i for i, _, _ in locations)
+    streamed = {int(i): (c.cls[k], c.patches[k]) for c in chunks for k, i in enumerate(c.image_ids)}
+    for shard in (1, 2, 3):
+        rows = [r for _, s, r in locations if s == shard]
+        whole = vs.read_shard(shard, rows)
+        for k, image_id in enumerate(whole.image_ids):
+            np.testing.assert_array_equal(streamed[int(image_id)][0], whole.cls[k])
+            np.testing.assert_array_equal(streamed[int(image_id)][1], whole.patches[k])
+
+
+def test_write_rejects_wrong_shapes(tmp_path: Path) -> None:
+    """A shard whose vectors do not match the model's dim/grid is never written."""
+    vs = _store(tmp_path)
+    cls, patches = _data(3)
+    with pytest.raises(ValueError, match="do not match"):
+        vs.write_shard(1, [1, 2, 3], cls[:, :16], patches)
+    with pytest.raises(ValueError, match="do not match"):
+        vs.write_shard(1, [1, 2], cls, patches)
+    assert vs.shard_ids() == set()
+
+
+def test_identity_mismatch_is_refused(tmp_path: Path) -> None:
+    """Vectors made by one model are never mixed with another model's."""
+    _store(tmp_path)
+    other = dict(IDENTITY, model="ViT-B-32", dim=512, grid=[7, 7])
+    with pytest.raises(VectorStoreError) as err:
+        VectorStore.open(tmp_path / "vectors", other)
+    message = str(err.value)
+    assert "piaa-tiny-vit" in message and "ViT-B-32" in message
+
+
+def test_damaged_manifest_is_reported(tmp_path: Path) -> None:
+    """A corrupt manifest gives a clear error rather than a JSON traceback."""
+    _store(tmp_path)
+    (tmp_path / "vectors" / MANIFEST).write_text("{not json")
+    with pytest.raises(VectorStoreError, match="damaged vector manifest"):
+        VectorStore.open(tmp_path / "vectors", IDENTITY)
+
+
+def test_reconcile_deletes_orphans_and_temp_files_and_reports_missing(tmp_path: Path) -> None:
+    """After a crash: uncommitted shards and temp files go, lost shards are reported."""
+    vs = _store(tmp_path)
+    for shard in (1, 2, 3):
+        vs.write_shard(shard, [shard * 10], *_data(1, seed=shard))
+    root = tmp_path / "vectors"
+    (root / "000004.cls.faiss.tmp").write_bytes(b"half written")
+    # A write cut between the patch file and the cls file leaves a lone patch file.
+    (root / "000005.patch.faiss").write_bytes(b"half a shard")
+
+    orphans, missing = vs.reconcile(referenced={1, 3, 7})
+
+    assert orphans == [2]
+    assert missing == [7]
+    names = sorted(p.name for p in root.iterdir())
+    assert names == [
+        "000001.cls.faiss",
+        "000001.patch.faiss",
+        "000003.cls.faiss",
+        "000003.patch.faiss",
+        MANIFEST,
+    ]
+    assert vs.read_shard(3).image_ids.tolist() == [30]
+    with pytest.raises(VectorStoreError, match="missing"):
+        vs.read_shard(2)
+
+
+def test_next_shard_id_and_no_temp_files_left(tmp_path: Path) -> None:
+    """Shard ids grow, and a finished write leaves no temporary files behind."""
+    vs = _store(tmp_path)
+    assert vs.next_shard_id() == 1
+    vs.write_shard(vs.next_shard_id(), [1], *_data(1))
+    vs.write_shard(vs.next_shard_id(), [2], *_data(1))
+    assert vs.shard_ids() == {1, 2}
+    assert vs.next_shard_id() == 3
+    assert not list((tmp_path / "vectors").glob("*.tmp"))
+    assert vs.disk_bytes() > 0
