@@ -344,10 +344,8 @@ class Library:
         """(fused, patch evidence, cls scores) for one chunk of images."""
         from piaa_index import fusion
 
-        params = fusion.PaaParams()
-        cls_s = fusion.cls_scores(chunk.cls, T, params)
-        evidence = fusion.patch_evidence(chunk.patches, classifier, params)
-        return fusion.fuse(cls_s, evidence, params), evidence, cls_s
+        scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier)
+        return scores.fused, scores.patch, scores.cls
 
     def _tag_all(
         self,
@@ -370,8 +368,8 @@ class Library:
             cls_s.append(c)
         all_ids = np.concatenate(ids)
         S, E, Cs = np.concatenate(fused), np.concatenate(evidence), np.concatenate(cls_s)
-        thresholds = fusion.decision_thresholds(S, E)
-        present = fusion.decide(S, E, thresholds)
+        thresholds = fusion.decision_thresholds(S)
+        present = fusion.decide(S, thresholds)
         row = ClassifierRow(
             vocabulary_id=vocab.id,
             created_at=utcnow(),
@@ -427,7 +425,7 @@ class Library:
         rows: list[dict] = []
         for chunk in self._stream(locations, progress, "tagging new images"):
             S, E, Cs = self._scores(chunk, fitted.classifier, fitted.text_protos)
-            present = fusion.decide(S, E, fitted.thresholds)
+            present = fusion.decide(S, fitted.thresholds)
             rows.extend(_tag_rows(chunk.image_ids, vocab, fitted.id, S, E, Cs, present))
         self.store.add_tags(rows)
         return vocab
@@ -524,8 +522,6 @@ class Library:
         Max over patches and the [CLS] branch are fused as in PAA, with the phrase contrasted
         against the vocabulary's labels when there is one (plain cosine otherwise).
         """
-        from piaa_index import fusion
-
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
@@ -540,7 +536,7 @@ class Library:
             others = others[keep] if keep else None
         ids, scores = [], []
         for chunk in self.vectors.iter_live(locations):
-            scores.append(fusion.open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
+            scores.append(_open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
             ids.append(chunk.image_ids)
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
 
@@ -655,6 +651,27 @@ def _clean_labels(labels: Sequence[str]) -> list[str]:
             seen.add(name.lower())
             out.append(name)
     return out
+
+
+def _open_vocabulary_scores(
+    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, others: np.ndarray | None
+) -> np.ndarray:
+    """[N] scores of a phrase: PAA's fusion of max patch evidence and [CLS] evidence.
+
+    With other labels to contrast against, both branches are the phrase's softmax probability
+    among them (as in the patch-text ablation); alone, plain cosines.
+    """
+    from piaa_index import fusion
+
+    prm = fusion.PaaParams()
+    if others is None:
+        m = (patches @ phrase[0]).max(axis=1)
+        c = cls @ phrase[0]
+    else:
+        T = np.vstack([phrase, others]).astype(np.float32)
+        m = fusion.patch_text_evidence(patches, T, prm.text_scale, prm.batch_images)[:, 0]
+        c = fusion.cls_scores(cls, T, prm.tau_cls)[:, 0]
+    return prm.alpha * m + (1 - prm.alpha) * c
 
 
 def _unit(scores: dict[str, float], _by_name: dict) -> dict[str, float]:

@@ -40,12 +40,13 @@ def score_methods(
     ids, parts = [], {m: [] for m in METHODS}  # type: dict[str, list[np.ndarray]]
     for chunk in library.vectors.iter_live(locations):
         ids.append(chunk.image_ids)
-        cls_s = fusion.cls_scores(chunk.cls, T, params)
-        evidence = fusion.patch_evidence(chunk.patches, classifier, params)
-        parts["cls"].append(cls_s)
-        parts["patch-text"].append(fusion.patch_text_evidence(chunk.patches, T, params))
-        parts["pvcl"].append(evidence)
-        parts["piaa"].append(fusion.fuse(cls_s, evidence, params))
+        scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier, params)
+        parts["cls"].append(scores.cls)
+        parts["patch-text"].append(
+            fusion.patch_text_evidence(chunk.patches, T, params.text_scale, params.batch_images)
+        )
+        parts["pvcl"].append(scores.patch)
+        parts["piaa"].append(scores.fused)
     return np.concatenate(ids), {m: np.concatenate(v) for m, v in parts.items()}
 
 
