@@ -587,6 +587,8 @@ class Library:
 
     def status(self) -> dict[str, Any]:
         """Counts, model, vocabulary, classifier version and staleness."""
+        # Opening the vectors first reconciles them with SQL, so the counts are current.
+        vectors_bytes = self.vectors.disk_bytes() if self.store.get_setting("model") else 0
         counts = self.store.image_counts()
         vocab = self.store.vocabulary()
         latest = self.store.latest_classifier()
@@ -602,7 +604,7 @@ class Library:
                 "failed": counts.get("failed", 0),
                 "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
             },
-            "vectors_bytes": self.vectors.disk_bytes() if model else 0,
+            "vectors_bytes": vectors_bytes,
             "vocabulary": {
                 "version": vocab.id if vocab else None,
                 "labels": vocab.names if vocab else [],

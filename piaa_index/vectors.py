@@ -229,7 +229,9 @@ class VectorStore:
         orphans = sorted(present - referenced)
         for shard in orphans:
             self.delete_shard(shard)
-        missing = sorted(referenced - present)
+        # A referenced shard is usable only with both files (a lost patch file counts as lost).
+        complete = {s for s in present if self._path(s, "patch").exists()}
+        missing = sorted(referenced - complete)
         return orphans, missing
 
     def disk_bytes(self) -> int:

@@ -126,3 +126,23 @@ def rewrite_with_new_pixels(path: Path, seed: int) -> None:
     else:
         img.save(path, quality=90)
     os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 5_000_000_000))
+
+
+def copy_photo_folder(folder: PhotoFolder, dest: str | os.PathLike[str]) -> PhotoFolder:
+    """A copy of a folder made by `make_photo_folder` (mtimes kept), with paths remapped."""
+    import shutil
+
+    target = Path(dest).resolve()
+    shutil.copytree(folder.root, target, copy_function=shutil.copy2)
+
+    def move(p: Path) -> Path:
+        return target / p.relative_to(folder.root)
+
+    return PhotoFolder(
+        root=target,
+        good=[move(p) for p in folder.good],
+        broken={move(p): why for p, why in folder.broken.items()},
+        rotated={move(p): size for p, size in folder.rotated.items()},
+        heic=move(folder.heic) if folder.heic else None,
+        unicode=move(folder.unicode) if folder.unicode else None,
+    )

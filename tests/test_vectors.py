@@ -185,3 +185,15 @@ def test_next_shard_id_and_no_temp_files_left(tmp_path: Path) -> None:
     assert vs.next_shard_id() == 3
     assert not list((tmp_path / "vectors").glob("*.tmp"))
     assert vs.disk_bytes() > 0
+
+
+def test_reconcile_reports_a_shard_whose_patch_file_is_lost(tmp_path: Path) -> None:
+    """A shard with only its [CLS] file cannot be tagged from: its images must be re-indexed."""
+    vs = _store(tmp_path)
+    vs.write_shard(1, [1, 2], *_data(2))
+    vs.write_shard(2, [3], *_data(1, seed=2))
+    (tmp_path / "vectors" / "000001.patch.faiss").unlink()
+
+    orphans, missing = vs.reconcile(referenced={1, 2})
+
+    assert (orphans, missing) == ([], [1])

@@ -1,0 +1,464 @@
+"""The `Library` API end to end on real files: indexing (incremental, prune, crash recovery,
+model identity) and the vocabulary → fit → tags/search/similar flow, with the tiny random model."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from piaa_index.library import Library, LibraryError, UserInputError
+from piaa_index.schema import INDEXED
+from tests.image_files import (
+    PhotoFolder,
+    copy_photo_folder,
+    make_photo_folder,
+    rewrite_with_new_pixels,
+    shapes_image,
+)
+
+LABELS = ["red circle", "blue circle", "green circle"]
+
+
+def open_library(home: Path, model_config: Path, **kw: str) -> Library:
+    """The library in `home` (its own SQLite file), on the tiny random model, on CPU."""
+    kw.setdefault("model", str(model_config))
+    kw.setdefault("pretrained", "none")
+    return Library.open(home=home, db=f"sqlite:///{home / 'piaa.sqlite3'}", device="cpu", **kw)
+
+
+def vectors_by_path(lib: Library) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """path → ([CLS], patches) of every indexed image, as stored."""
+    locations = lib.store.live_locations()
+    paths = lib.store.paths([loc[0] for loc in locations])
+    out = {}
+    for chunk in lib.vectors.iter_live(locations):
+        for k, image_id in enumerate(chunk.image_ids):
+            out[paths[int(image_id)]] = (chunk.cls[k], chunk.patches[k])
+    return out
+
+
+@pytest.fixture(scope="module")
+def photo_template(tmp_path_factory: pytest.TempPathFactory) -> PhotoFolder:
+    return make_photo_folder(tmp_path_factory.mktemp("photo-template") / "photos", n=60)
+
+
+@pytest.fixture
+def photos(photo_template: PhotoFolder, tmp_path: Path) -> PhotoFolder:
+    """A fresh copy of the 60-photo folder for a test that changes files."""
+    return copy_photo_folder(photo_template, tmp_path / "photos")
+
+
+@pytest.fixture
+def library(piaa_home: Path, tiny_model_config: Path) -> Iterator[Library]:
+    lib = open_library(piaa_home, tiny_model_config)
+    yield lib
+    lib.close()
+
+
+@pytest.fixture(scope="module")
+def fitted(
+    photo_template: PhotoFolder, tiny_model_config: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Library, PhotoFolder]]:
+    """An indexed, vocabulary-set and fitted library shared by the read-only query tests."""
+    base = tmp_path_factory.mktemp("fitted")
+    folder = copy_photo_folder(photo_template, base / "photos")
+    lib = open_library(base / "home", tiny_model_config)
+    lib.index([folder.root])
+    lib.set_vocabulary(LABELS)
+    lib.fit()
+    yield lib, folder
+    lib.close()
+
+
+# -- indexing ----------------------------------------------------------------------------------
+
+
+def test_first_index_reports_good_and_broken_files(library: Library, photos: PhotoFolder) -> None:
+    """Every decodable image is indexed; broken files are listed with a reason, not fatal."""
+    report = library.index([photos.root])
+
+    assert report.indexed == photos.n_good == 60
+    assert (report.unchanged, report.reused, report.removed) == (0, 0, 0)
+    failed = {f["path"]: f["error"] for f in report.failed}
+    assert set(failed) == {str(p) for p in photos.broken}
+    for path, reason in photos.broken.items():
+        assert reason in failed[str(path)]
+    summary = report.as_dict()
+    assert summary["indexed"] == 60 and len(summary["failed"]) == 2
+    status = library.status()
+    assert status["images"] == {"indexed": 60, "failed": 2, "pending": 0}
+    assert status["model"]["model"] == library.spec.model
+    # Every good file, including the non-ASCII name, can be looked up by its path.
+    for path in photos.good:
+        library.image_id(path)
+    with pytest.raises(UserInputError, match="could not be indexed"):
+        library.image_id(next(iter(photos.broken)))
+    with pytest.raises(UserInputError, match="not in the index"):
+        library.image_id(photos.root / "scans" / "README.txt")
+
+
+def test_second_run_indexes_nothing(library: Library, photos: PhotoFolder) -> None:
+    """Re-running on an unchanged folder re-encodes nothing and re-reports no failure."""
+    library.index([photos.root])
+    again = library.index([photos.root])
+    assert again.indexed == 0 and again.reused == 0
+    assert again.unchanged == 60
+    assert again.still_failing == 2
+    assert again.failed == []
+
+
+def test_changed_and_copied_files(library: Library, photos: PhotoFolder) -> None:
+    """Changed files are re-encoded; a copy of an indexed file reuses its vectors."""
+    library.index([photos.root])
+    before = vectors_by_path(library)
+    changed = [photos.good[5], photos.heic, photos.good[40]]
+    for k, path in enumerate(changed):
+        rewrite_with_new_pixels(path, seed=k)
+    original = photos.good[12]
+    copy = original.with_name("copy of " + original.name)
+    shutil.copyfile(original, copy)
+
+    report = library.index([photos.root])
+
+    assert (report.indexed, report.reused, report.unchanged) == (3, 1, 57)
+    after = vectors_by_path(library)
+    assert len(after) == 61
+    for path in changed:
+        assert not np.allclose(after[str(path)][0], before[str(path)][0])
+    np.testing.assert_array_equal(after[str(copy)][0], after[str(original)][0])
+    np.testing.assert_array_equal(after[str(copy)][1], after[str(original)][1])
+    # The copy's nearest neighbour is its original, at similarity 1.
+    top = library.similar(copy, limit=1)[0]
+    assert top["path"] == str(original)
+    assert top["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prune_forgets_deleted_files(library: Library, photos: PhotoFolder) -> None:
+    """`prune` removes deleted files from the index; they stop appearing in results."""
+    library.index([photos.root])
+    gone = [photos.good[3], photos.unicode]
+    for path in gone:
+        path.unlink()
+
+    plain = library.index([photos.root])
+    assert plain.removed == 0  # without prune, nothing is forgotten
+    report = library.index([photos.root], prune=True)
+
+    assert report.removed == 2
+    assert library.status()["images"]["indexed"] == 58
+    neighbours = {row["path"] for row in library.similar(photos.good[0], limit=None)}
+    assert len(neighbours) == 57
+    assert not neighbours & {str(p) for p in gone}
+    for path in gone:
+        with pytest.raises(UserInputError):
+            library.image_id(path)
+
+
+def test_prune_is_limited_to_the_given_paths(library: Library, photos: PhotoFolder) -> None:
+    """Pruning one sub-folder never forgets images indexed from elsewhere."""
+    library.index([photos.root])
+    report = library.index([photos.root / "2023"], prune=True)
+    assert report.removed == 0
+    assert library.status()["images"]["indexed"] == 60
+
+
+def test_heic_and_exif_rotated_images(library: Library, photos: PhotoFolder) -> None:
+    """HEIC files are indexed; EXIF-rotated JPEGs are stored with their upright size."""
+    library.index([photos.root])
+    heic = library.store.image_by_path(str(photos.heic))
+    assert heic is not None and heic.status == INDEXED
+    assert heic.width and heic.height
+    for path, (w, h) in photos.rotated.items():
+        row = library.store.image_by_path(str(path))
+        assert row is not None and row.status == INDEXED
+        assert (row.width, row.height) == (h, w)
+
+
+def test_single_file_and_missing_path(library: Library, photos: PhotoFolder) -> None:
+    """A file can be indexed on its own; a path that does not exist is a user error."""
+    report = library.index([photos.heic])
+    assert report.indexed == 1
+    with pytest.raises(UserInputError, match="no such file or folder"):
+        library.index([photos.root / "does-not-exist"])
+
+
+def test_another_model_on_the_same_index_is_refused(
+    library: Library, photos: PhotoFolder, piaa_home: Path, tiny_model_config: Path
+) -> None:
+    """An index made with one model cannot be opened with another (vectors would not mix)."""
+    library.index([photos.root / "scans"])
+    library.close()
+
+    with pytest.raises(LibraryError) as err:
+        open_library(piaa_home, tiny_model_config, model="ViT-B-32")
+    message = str(err.value)
+    assert "ViT-B-32" in message and str(tiny_model_config) in message
+
+    # Without --model, the index's own model is used.
+    reopened = Library.open(home=piaa_home, db=f"sqlite:///{piaa_home / 'piaa.sqlite3'}")
+    try:
+        assert reopened.spec.model == str(tiny_model_config)
+        assert reopened.spec.pretrained == "none"
+    finally:
+        reopened.close()
+
+
+def test_random_tiny_model_is_deterministic(
+    photos: PhotoFolder, tiny_model_config: Path, tmp_path: Path
+) -> None:
+    """pretrained='none' must build the same weights every time, or a later process would
+    score stored image vectors against text from a different random model."""
+    subset = photos.root / "2024"
+    libs = [open_library(tmp_path / f"home{i}", tiny_model_config) for i in range(2)]
+    try:
+        for lib in libs:
+            lib.index([subset])
+        a, b = (vectors_by_path(lib) for lib in libs)
+        assert set(a) == set(b) and a
+        for path in a:
+            np.testing.assert_allclose(a[path][0], b[path][0], atol=1e-6)
+            np.testing.assert_allclose(a[path][1], b[path][1], atol=1e-3)
+        ta, tb = (lib.encoder.text_prototypes(["red circle"]) for lib in libs)
+        np.testing.assert_allclose(ta, tb, atol=1e-6)
+    finally:
+        for lib in libs:
+            lib.close()
+
+
+# -- crash recovery ----------------------------------------------------------------------------
+
+
+def test_orphan_shard_is_deleted_on_open(
+    library: Library, photos: PhotoFolder, piaa_home: Path, tiny_model_config: Path
+) -> None:
+    """A shard written by a run that died before its SQL commit is cleaned up on next open."""
+    library.index([photos.root])
+    vs = library.vectors
+    orphan = vs.next_shard_id()
+    rng = np.random.default_rng(0)
+    cls = rng.standard_normal((2, vs.dim)).astype(np.float32)
+    patches = rng.standard_normal((2, vs.n_patches, vs.dim)).astype(np.float32)
+    vs.write_shard(orphan, [10_001, 10_002], cls, patches)
+    (vs.root / "000099.patch.faiss.tmp").write_bytes(b"cut short")
+    library.close()
+
+    lib = open_library(piaa_home, tiny_model_config)
+    try:
+        assert orphan not in lib.vectors.shard_ids()
+        assert not list(lib.vectors_dir.glob(f"{orphan:06d}.*"))
+        assert not list(lib.vectors_dir.glob("*.tmp"))
+        report = lib.index([photos.root])
+        assert (report.indexed, report.unchanged) == (0, 60)
+        assert len(lib.similar(photos.good[0], limit=None)) == 59
+    finally:
+        lib.close()
+
+
+@pytest.mark.parametrize("lost", ["cls", "patch", "both"])
+def test_lost_shard_is_reindexed(
+    library: Library, photos: PhotoFolder, piaa_home: Path, tiny_model_config: Path, lost: str
+) -> None:
+    """Images whose vector shard vanished are sent back to, and fixed by, the next run."""
+    n_lost = library.index([photos.root / "2023"]).indexed  # shard 1
+    n_kept = library.index([photos.root / "2024"]).indexed  # shard 2
+    n = n_lost + n_kept
+    assert n_lost > 0 and n_kept > 0
+    kinds = ["cls", "patch"] if lost == "both" else [lost]
+    for kind in kinds:
+        (library.vectors_dir / f"000001.{kind}.faiss").unlink()
+    library.close()
+
+    lib = open_library(piaa_home, tiny_model_config)
+    try:
+        status = lib.status()  # the first use after a crash already shows the truth
+        assert status["images"]["indexed"] == n_kept
+        assert status["images"]["pending"] == n_lost
+        assert len(lib.similar(photos.heic, limit=None)) == n_kept - 1
+        report = lib.index([photos.root / "2023", photos.root / "2024"])
+        assert (report.indexed, report.unchanged) == (n_lost, n_kept)
+        assert lib.status()["images"]["indexed"] == n
+        assert len(lib.similar(photos.heic, limit=None)) == n - 1
+        lib.set_vocabulary(LABELS)
+        assert len(lib.search("red circle", limit=None, include_absent=True)) == n
+    finally:
+        lib.close()
+
+
+# -- vocabulary, fit, tags, search -------------------------------------------------------------
+
+
+def test_vocabulary_change_makes_tags_stale_and_search_fits(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """Setting labels marks tags stale; the first search fits and tags, then they are fresh."""
+    library.index([photos.root])
+    assert not library.is_stale()
+    library.set_vocabulary(LABELS)
+    assert library.is_stale()
+    assert library.status()["stale"] is True
+    assert library.status()["classifier"] is None
+
+    rows = library.search("red circle AND blue circle", limit=None, include_absent=True)
+
+    assert not library.is_stale()
+    status = library.status()
+    assert status["classifier"]["n_images"] == 60
+    assert len(rows) == 60
+    good = {str(p) for p in photos.good}
+    for row in rows:
+        assert row["path"] in good
+        assert 0.0 <= row["score"] <= 1.0
+        assert set(row["labels"]) == {"red circle", "blue circle"}
+        both = row["labels"]["red circle"]["present"] and row["labels"]["blue circle"]["present"]
+        assert row["match"] == both
+    # Matches first, then by score.
+    keys = [(not r["match"], -r["score"]) for r in rows]
+    assert keys == sorted(keys)
+    matching = library.search("red circle AND blue circle", limit=None)
+    assert [r["path"] for r in matching] == [r["path"] for r in rows if r["match"]]
+    # Same vocabulary again: no new version, still fresh.
+    library.set_vocabulary(LABELS)
+    assert not library.is_stale()
+
+
+def test_search_needs_a_vocabulary(library: Library, photos: PhotoFolder) -> None:
+    """Searching before any labels are set says how to set them."""
+    library.index([photos.root / "scans"])
+    with pytest.raises(UserInputError, match="vocab set"):
+        library.search("dog")
+
+
+def test_unknown_label_and_bad_syntax_are_user_errors(
+    fitted: tuple[Library, PhotoFolder],
+) -> None:
+    """A label outside the vocabulary is named in the error; malformed queries are refused."""
+    lib, _ = fitted
+    version = lib.status()["classifier"]["version"]
+    with pytest.raises(UserInputError, match="zebra"):
+        lib.search("red circle AND zebra")
+    with pytest.raises(UserInputError):
+        lib.search("red circle AND (")
+    with pytest.raises(UserInputError):
+        lib.search("")
+    assert lib.status()["classifier"]["version"] == version
+
+
+def test_tags_of_one_image(fitted: tuple[Library, PhotoFolder]) -> None:
+    """tags(path) gives every label with its score, threshold and present decision."""
+    lib, folder = fitted
+    rows = lib.tags(folder.unicode)
+    assert sorted(r["label"] for r in rows) == sorted(LABELS)
+    for row in rows:
+        assert {"score", "patch_score", "cls_score", "present", "threshold"} <= set(row)
+        assert 0.0 <= row["score"] <= 1.0
+        assert row["present"] == (row["score"] >= row["threshold"] - 1e-9)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    # The decision stored in tags is the one search uses.
+    present = {r["label"] for r in rows if r["present"]}
+    hits = {r["path"] for r in lib.search("red circle", limit=None)}
+    assert (str(folder.unicode) in hits) == ("red circle" in present)
+
+
+def test_text_search_does_not_refit(fitted: tuple[Library, PhotoFolder]) -> None:
+    """A free-text phrase is scored on the fly; the classifier and tags are untouched."""
+    lib, folder = fitted
+    version = lib.status()["classifier"]["version"]
+
+    rows = lib.text_search("red circle", limit=5)
+
+    assert len(rows) == 5
+    assert all(set(r) >= {"path", "score"} for r in rows)
+    assert all(r["path"] in {str(p) for p in folder.good} for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert len(lib.text_search("a yellow umbrella", limit=None)) == 60
+    assert lib.status()["classifier"]["version"] == version
+    assert not lib.is_stale()
+    with pytest.raises(UserInputError):
+        lib.text_search("   ")
+
+
+def test_similar_excludes_the_query_image(fitted: tuple[Library, PhotoFolder]) -> None:
+    """similar(path) returns `limit` other images, most similar first."""
+    lib, folder = fitted
+    query = folder.good[7]
+    rows = lib.similar(query, limit=5)
+    assert len(rows) == 5
+    assert str(query) not in {r["path"] for r in rows}
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert len(lib.similar(query, limit=None)) == 59
+
+
+def test_similar_to_a_file_outside_the_index(
+    fitted: tuple[Library, PhotoFolder], tmp_path: Path
+) -> None:
+    """A photo that was never indexed can be used as the query (it is encoded on the fly)."""
+    lib, folder = fitted
+    outside = tmp_path / "new.png"
+    shapes_image(np.random.default_rng(99), (80, 80)).save(outside)
+    rows = lib.similar(outside, limit=3)
+    assert len(rows) == 3
+    # A byte-identical copy of an indexed image finds that image first.
+    twin = tmp_path / ("twin" + folder.good[20].suffix)
+    shutil.copyfile(folder.good[20], twin)
+    assert lib.similar(twin, limit=1)[0]["path"] == str(folder.good[20])
+    with pytest.raises(UserInputError):
+        lib.similar(tmp_path / "nothing-here.jpg")
+
+
+def test_new_images_are_tagged_without_refit(library: Library, photos: PhotoFolder) -> None:
+    """Images indexed after a fit get tags at the next query from the same classifier."""
+    library.index([photos.root / "2023"])
+    library.set_vocabulary(LABELS)
+    fit = library.fit()
+    assert fit.n_images < 60
+    assert set(fit.thresholds) == set(LABELS)
+    library.index([photos.root])
+    assert library.status()["classifier"]["images_added_since"] == 60 - fit.n_images
+
+    rows = library.search("green circle", limit=None, include_absent=True)
+
+    assert len(rows) == 60
+    assert library.status()["classifier"]["version"] == fit.classifier_id
+    assert {r["label"] for r in library.tags(photos.heic)} == set(LABELS)
+
+
+def test_vocabulary_change_refits(library: Library, photos: PhotoFolder) -> None:
+    """Adding or removing labels makes a new classifier on the next query."""
+    library.index([photos.root])
+    library.set_vocabulary(LABELS[:2])
+    first = library.fit().classifier_id
+    library.add_labels(["green circle"])
+    assert library.is_stale()
+    library.search("green circle")
+    second = library.status()["classifier"]["version"]
+    assert second != first
+    assert {r["label"] for r in library.tags(photos.good[0])} == set(LABELS)
+    library.remove_labels(["red circle"])
+    with pytest.raises(UserInputError, match="red circle"):
+        library.search("red circle")
+    with pytest.raises(UserInputError, match="not in the vocabulary"):
+        library.remove_labels(["zebra"])
+
+
+def test_pruned_images_leave_search_results(library: Library, photos: PhotoFolder) -> None:
+    """After prune, deleted files are gone from label search results and tags."""
+    library.index([photos.root])
+    library.set_vocabulary(LABELS)
+    library.fit()
+    gone = [photos.good[0], photos.good[1]]
+    for path in gone:
+        path.unlink()
+    assert library.index([photos.root], prune=True).removed == 2
+
+    rows = library.search("red circle OR NOT red circle", limit=None, include_absent=True)
+
+    paths = {r["path"] for r in rows}
+    assert len(paths) == 58
+    assert not paths & {str(p) for p in gone}
