@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,6 +281,19 @@ def _front_end_block(
     return _to_nld(out, batch_first)
 
 
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Silence open_clip's root-logger warning about random init (we chose `none` on purpose)."""
+    root = logging.getLogger()
+    level = root.level
+    if level < logging.ERROR:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class Encoder:
     """An open_clip ViT that gives [CLS] and patch embeddings from one pass of the trunk."""
 
@@ -289,14 +304,18 @@ class Encoder:
         self._resolved = resolve_spec(spec)
         r = self._resolved
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                r.name,
-                pretrained=r.pretrained,
-                precision=self.precision,
-                device=self.device,
-                force_quick_gelu=r.quick_gelu,  # open_clip only warns on a mismatch
-                **r.preprocess,
-            )
+            # Random weights (`none`, tests) must be the same in every process that opens the
+            # index, or text prototypes would not match the stored vectors: seed them.
+            with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+                torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    r.name,
+                    pretrained=r.pretrained,
+                    precision=self.precision,
+                    device=self.device,
+                    force_quick_gelu=r.quick_gelu,  # open_clip only warns on a mismatch
+                    **r.preprocess,
+                )
         except ModelLoadError:
             raise
         except Exception as exc:

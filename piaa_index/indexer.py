@@ -240,12 +240,13 @@ class Indexer:
                 batch = torch.stack([self.encoder.preprocess(img) for _, img in good])
                 cls, patches = self.encoder.encode_images(batch)
                 for j, (info, img) in enumerate(good):
+                    width, height = img.info.get("original_size", img.size)
                     out.append(
                         _Encoded(
                             info,
                             hashes[info.path],
-                            img.width,
-                            img.height,
+                            width,
+                            height,
                             cls[j],
                             patches[j],
                             False,
@@ -255,10 +256,12 @@ class Indexer:
 
     def _decode(self, infos: list[FileInfo]) -> list[tuple[FileInfo, Any]]:
         """Decode in threads (Pillow releases the GIL while decoding); errors become strings."""
+        draft = max(self.encoder.image_size)
 
         def one(info: FileInfo) -> tuple[FileInfo, Any]:
             try:
-                return info, load_image(info.path)
+                # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
+                return info, load_image(info.path, draft_size=draft)
             except ImageDecodeError as exc:
                 return info, str(exc)
 

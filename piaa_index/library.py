@@ -274,8 +274,15 @@ class Library:
 
     def text_prototypes(self, vocab: VocabularyInfo) -> np.ndarray:
         """[C, d] text prototypes of the vocabulary's labels (per-label templates honoured)."""
-        rows = [self.encoder.text_prototypes([lb.name], lb.templates)[0] for lb in vocab.labels]
-        return np.stack(rows).astype(np.float32)
+        # One batched text pass per distinct template list (usually one for the whole vocabulary).
+        protos = np.zeros((len(vocab.labels), self.encoder.dim), dtype=np.float32)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, lb in enumerate(vocab.labels):
+            groups.setdefault(tuple(lb.templates), []).append(i)
+        for templates, rows in groups.items():
+            names = [vocab.labels[i].name for i in rows]
+            protos[rows] = self.encoder.text_prototypes(names, list(templates))
+        return protos
 
     def is_stale(self) -> bool:
         """True when the vocabulary changed since the last fit (or nothing was fitted)."""
