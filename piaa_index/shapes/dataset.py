@@ -1,0 +1,50 @@
+"""Write a ShapesWorld dataset folder in the project's own layout (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from piaa_index.shapes.world import CLASSES, render_scene
+
+
+def generate_dataset(outdir: Path, n_images: int, seed: int, size: int = 224, fmt: str = "jpg",
+                     progress: bool = True) -> Path:
+    """Render n_images scenes into outdir/images/, plus classes.json and labels.txt; return outdir."""
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in ("jpg", "jpeg", "png"):
+        raise ValueError(f"fmt must be 'jpg' or 'png', not {fmt!r}")
+    ext = "jpg" if fmt == "jpeg" else fmt
+    outdir = Path(outdir)
+    (outdir / "images").mkdir(parents=True, exist_ok=True)
+    (outdir / "classes.json").write_text(json.dumps(CLASSES, indent=1) + "\n")
+    lines = []
+    for i in range(n_images):
+        # One generator per image: image i is the same whatever n_images is.
+        rng = np.random.default_rng([seed, i])
+        scene = render_scene(rng, size)
+        rel = f"images/{i:05d}.{ext}"
+        if ext == "jpg":
+            scene.image.save(outdir / rel, quality=92)
+        else:
+            scene.image.save(outdir / rel)
+        lines.append(" ".join([rel, *map(str, scene.labels)]))
+        if progress and (i + 1) % 500 == 0:
+            print(f"{i + 1}/{n_images} images", file=sys.stderr, flush=True)
+    (outdir / "labels.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    return outdir
+
+
+def read_labels(folder: Path) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """Read back (classes, [(relative path, label ids)]) from a dataset folder."""
+    folder = Path(folder)
+    classes = json.loads((folder / "classes.json").read_text())
+    rows = []
+    for line in (folder / "labels.txt").read_text().splitlines():
+        if line.strip():
+            path, *ids = line.split()
+            rows.append((path, [int(t) for t in ids]))
+    return classes, rows
