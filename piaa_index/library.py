@@ -12,6 +12,7 @@ classifier at the next query, without refitting (`status()` says how many were a
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -182,7 +183,12 @@ class Library:
                 )
             else:
                 identity = manifest["identity"]
-            self._vectors = VectorStore.open(self.vectors_dir, identity)
+            # The patch codec applies to a new index only; an existing one keeps its own.
+            codec = os.environ.get("PIAA_VECTOR_CODEC") or None
+            try:
+                self._vectors = VectorStore.open(self.vectors_dir, identity, codec)
+            except ValueError as exc:
+                raise UserInputError(str(exc)) from None
             self._reconcile()
         return self._vectors
 

@@ -99,6 +99,8 @@ class VectorStore:
         root = Path(root)
         manifest = cls.read_manifest(root)
         if manifest is None:
+            if codec is not None and codec not in CODECS:
+                raise ValueError(f"unknown vector codec {codec!r}; choose one of {', '.join(CODECS)}")
             root.mkdir(parents=True, exist_ok=True)
             manifest = {"identity": identity, "codec": codec or DEFAULT_CODEC, "version": 1}
             tmp = root / (MANIFEST + ".tmp")
