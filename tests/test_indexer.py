@@ -462,3 +462,30 @@ def test_pruned_images_leave_search_results(library: Library, photos: PhotoFolde
     paths = {r["path"] for r in rows}
     assert len(paths) == 58
     assert not paths & {str(p) for p in gone}
+
+
+def test_other_home_on_the_same_database_does_not_lose_the_index(
+    library: Library, photos: PhotoFolder, piaa_home: Path, tiny_model_config: Path, tmp_path: Path
+) -> None:
+    """Pointing at an indexed database from a home without its vector files (forgotten --home,
+    a second machine on the same Postgres) must fail clearly, not mark every image lost."""
+    library.index([photos.root / "2024"])
+    n = library.status()["images"]["indexed"]
+    library.close()
+    db = f"sqlite:///{piaa_home / 'piaa.sqlite3'}"
+
+    elsewhere = Library.open(home=tmp_path / "other-home", db=db)
+    refused = None
+    try:
+        elsewhere.status()
+    except LibraryError as exc:
+        refused = exc
+    finally:
+        elsewhere.close()
+    back = open_library(piaa_home, tiny_model_config)
+    try:
+        assert back.status()["images"]["indexed"] == n, "images were marked lost"
+        assert back.index([photos.root / "2024"]).indexed == 0
+    finally:
+        back.close()
+    assert refused is not None and "home" in str(refused)
