@@ -320,6 +320,7 @@ class Indexer:
 
         with self.store.session() as s:
             ids = [known[item.info.path].id for item in group]
+            ids += [known[info.path].id for info, _ in failures if info.path in known]  # now broken
             if ids:
                 s.execute(delete(Tag).where(Tag.image_id.in_(ids)))
 

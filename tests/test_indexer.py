@@ -489,3 +489,23 @@ def test_other_home_on_the_same_database_does_not_lose_the_index(
     finally:
         back.close()
     assert refused is not None and "home" in str(refused)
+
+
+def test_file_that_became_unreadable_leaves_search_results(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """A photo overwritten by a broken file is reported failed and no longer found by search."""
+    library.index([photos.root / "2024"])
+    library.set_vocabulary(LABELS)
+    library.fit()
+    victim = photos.heic
+    victim.write_bytes(b"\x00" * 100)
+
+    report = library.index([photos.root / "2024"])
+
+    assert [f["path"] for f in report.failed] == [str(victim)]
+    with pytest.raises(UserInputError, match="could not be indexed"):
+        library.tags(victim)
+    rows = library.search("red circle OR NOT red circle", limit=None, include_absent=True)
+    assert str(victim) not in {r["path"] for r in rows}
+    assert str(victim) not in {r["path"] for r in library.similar(photos.unicode, limit=None)}
