@@ -1,0 +1,221 @@
+"""PAA (paper §3.4) on the calibrated PVCL scale, and per-label present/absent decisions (numpy).
+
+Scores: S_cls = softmax(τ_cls · z Tᵀ); patch evidence m_c = max_i softmax(τ_e · ỹ_i)_c over an
+image's patches, on the calibrated PVCL logits ỹ; S = α softmax(τ_patch · m) + (1 − α) S_cls.
+
+Decisions: S ranks images per label but sums to one over labels, so it cannot say present or
+absent. ``decision_thresholds`` splits each label's patch evidence m across the collection into
+two modes (Kittler–Illingworth minimum-error cut on the log-odds), with a collection-wide
+fallback for labels whose split is not credible. See docs/method.md for the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from piaa_index.pvcl import Classifier, softmax
+
+__all__ = [
+    "PaaParams",
+    "PaaScores",
+    "cls_scores",
+    "decide",
+    "decision_thresholds",
+    "fuse",
+    "patch_evidence",
+    "patch_text_evidence",
+    "score_images",
+    "split_scores",
+]
+
+
+@dataclass(frozen=True)
+class PaaParams:
+    """Every constant of PAA scoring and of the decision rule, with its default."""
+
+    tau_cls: float = 80.0  # [CLS] softmax scale on cosine similarities (authors: 80; NUS 10)
+    tau_evidence: float = 1.0  # patch softmax scale on the calibrated PVCL logits (authors: 1/500
+    # on raw logits; calibration makes 1 right for any K, C)
+    tau_patch: float = 2.0  # softmax scale over labels of m (authors: 200/400 on their softer m)
+    alpha: float = 0.9  # weight of the patch branch (authors: 0.9)
+    text_scale: float = 60.0  # patch-text ablation: softmax scale of patch–text cosines
+    batch_images: int = 256  # images per block when scoring patches (bounds memory)
+    # Decision rule (see decision_thresholds).
+    split_method: str = "met"  # "met" (Kittler–Illingworth) or "otsu"
+    min_separation: float = 2.0  # Ashman's D the two modes need for a per-label split
+    min_count: int = 3  # images each side of a per-label split needs
+    max_pooled: int = 200_000  # values sampled for the collection-wide reference split
+    eps: float = 1e-12  # clip of scores before the log-odds transform
+
+
+@dataclass
+class PaaScores:
+    """Per-image scores [N, C] of each branch and of the fusion."""
+
+    cls: np.ndarray  # S_cls
+    patch: np.ndarray  # m: max-pooled patch probabilities (presence evidence)
+    fused: np.ndarray  # S
+
+
+def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
+    """[CLS] zero-shot scores softmax(τ_cls · z Tᵀ), shape [N, C]."""
+    z = np.asarray(cls, dtype=np.float32)
+    return softmax(tau_cls * (z @ np.asarray(T, dtype=np.float32).T).astype(np.float64))
+
+
+def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    """Yield [b, M, d] float32 blocks of a [N, M, d] array (or memmap)."""
+    for i in range(0, patches.shape[0], max(1, batch)):
+        yield np.asarray(patches[i : i + batch], dtype=np.float32)
+
+
+def patch_evidence(
+    patches: np.ndarray, clf: Classifier, tau: float = 1.0, batch_images: int = 256
+) -> np.ndarray:
+    """m_c = max over an image's patches of softmax(τ · calibrated PVCL logits), [N, C] float64."""
+    if patches.ndim != 3:
+        raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
+    out = np.empty((patches.shape[0], clf.n_classes), np.float64)
+    for i, blk in enumerate(_blocks(patches, batch_images)):
+        # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
+        p = softmax(tau * clf.logits(blk).astype(np.float64))
+        out[i * batch_images : i * batch_images + blk.shape[0]] = p.max(axis=1)
+    return out
+
+
+def patch_text_evidence(
+    patches: np.ndarray, T: np.ndarray, text_scale: float = 60.0, batch_images: int = 256
+) -> np.ndarray:
+    """Patch-text ablation: max over patches of softmax(text_scale · x Tᵀ), shape [N, C]."""
+    if patches.ndim != 3:
+        raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
+    T32 = np.asarray(T, dtype=np.float32)
+    out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
+    for i, blk in enumerate(_blocks(patches, batch_images)):
+        p = softmax(text_scale * (blk @ T32.T).astype(np.float64))
+        out[i * batch_images : i * batch_images + blk.shape[0]] = p.max(axis=1)
+    return out
+
+
+def fuse(
+    cls_s: np.ndarray, m: np.ndarray, alpha: float = 0.9, tau_patch: float = 2.0
+) -> np.ndarray:
+    """S = α softmax(τ_patch · m) + (1 − α) S_cls, shape [N, C]; rows sum to one."""
+    return alpha * softmax(tau_patch * np.asarray(m, np.float64)) + (1 - alpha) * np.asarray(
+        cls_s, np.float64
+    )
+
+
+def score_images(
+    cls: np.ndarray,
+    patches: np.ndarray,
+    T: np.ndarray,
+    clf: Classifier,
+    params: PaaParams | None = None,
+) -> PaaScores:
+    """All PAA scores for a block of images: [CLS] [N, d] and patches [N, M, d]."""
+    prm = params or PaaParams()
+    s_cls = cls_scores(cls, T, prm.tau_cls)
+    m = patch_evidence(patches, clf, prm.tau_evidence, prm.batch_images)
+    return PaaScores(cls=s_cls, patch=m, fused=fuse(s_cls, m, prm.alpha, prm.tau_patch))
+
+
+# ----------------------------------------------------------------------------------- decisions
+
+
+def _logit(s: np.ndarray, eps: float) -> np.ndarray:
+    """log(s / (1 − s)) with s clipped to [eps, 1 − eps]."""
+    s = np.clip(np.asarray(s, dtype=np.float64), eps, 1 - eps)
+    return np.log(s) - np.log1p(-s)
+
+
+Split = tuple[float, float, float, float, float]  # threshold, Ashman's D, upper weight, means
+
+
+def split_scores(x: np.ndarray, method: str = "met", min_count: int = 3) -> Split | None:
+    """Best two-mode split of 1-D values: (threshold, Ashman's D, upper weight, μ_lo, μ_hi).
+
+    ``met``: Kittler–Illingworth minimum-error cut, the cut minimising
+    P0 log σ0 + P1 log σ1 − P0 log P0 − P1 log P1 (a hard two-Gaussian fit that allows unequal
+    mode sizes and widths). ``otsu``: the cut maximising the between-mode variance (assumes
+    similar sizes; kept for comparison). Only cuts leaving ≥ min_count values on each side count.
+    None if there is no such cut.
+    """
+    x = np.sort(np.asarray(x, dtype=np.float64)[np.isfinite(x)])
+    n = x.size
+    if n < 2 * max(1, min_count) or x[0] == x[-1]:
+        return None
+    c1, c2 = np.cumsum(x), np.cumsum(x * x)
+    k = np.arange(1, n)
+    m0, m1 = c1[:-1] / k, (c1[-1] - c1[:-1]) / (n - k)
+    floor = max(1e-8, 1e-3 * x.var())  # a tiny mode must not win by shrinking to zero width
+    v0 = np.maximum(c2[:-1] / k - m0**2, floor)
+    v1 = np.maximum((c2[-1] - c2[:-1]) / (n - k) - m1**2, floor)
+    p0 = k / n
+    p1 = 1.0 - p0
+    if method == "met":
+        crit = 0.5 * (p0 * np.log(v0) + p1 * np.log(v1)) - (p0 * np.log(p0) + p1 * np.log(p1))
+    elif method == "otsu":
+        crit = -p0 * p1 * (m1 - m0) ** 2
+    else:
+        raise ValueError(f"unknown split method {method!r}")
+    ok = (k >= min_count) & (n - k >= min_count) & (x[1:] > x[:-1])
+    if not ok.any():
+        return None
+    i = int(np.argmin(np.where(ok, crit, np.inf)))
+    d_sep = float((m1[i] - m0[i]) / np.sqrt(0.5 * (v0[i] + v1[i])))
+    return float(0.5 * (x[i] + x[i + 1])), d_sep, float(p1[i]), float(m0[i]), float(m1[i])
+
+
+def decision_thresholds(
+    scores: np.ndarray, params: PaaParams | None = None, return_info: bool = False
+) -> np.ndarray | tuple[np.ndarray, list[dict]]:
+    """Per-label thresholds [C] on `scores` in (0, 1), adapted to the collection without labels.
+
+    Meant for the patch evidence m (see docs/method.md for why not the fused S). Each label's
+    scores, as log-odds, are split in two (`split_scores`). The split is credible when the
+    modes are well separated (Ashman's D ≥ min_separation), each side has ≥ min_count images,
+    and it straddles the split of all labels' scores pooled. A label without a credible split
+    (rare, absent everywhere, present everywhere) takes the median threshold of the credible
+    labels (the calibrated scale makes log-odds comparable across labels), else the pooled
+    threshold, else p = 0.5. With ``return_info`` also returns per-label dicts.
+    """
+    prm = params or PaaParams()
+    S = np.asarray(scores, dtype=np.float64)
+    if S.ndim != 2:
+        raise ValueError(f"scores must be [N, C], got {S.shape}")
+    N, C = S.shape
+    X = _logit(S, prm.eps)
+    flat = X.ravel()
+    if flat.size > prm.max_pooled:  # deterministic subsample keeps the reference split cheap
+        flat = flat[np.linspace(0, flat.size - 1, prm.max_pooled).astype(np.int64)]
+    pooled = split_scores(flat, prm.split_method, prm.min_count)
+    pooled_ok = pooled is not None and pooled[1] >= prm.min_separation
+    g = pooled[0] if pooled is not None and pooled_ok else 0.0
+    thr = np.full(C, np.nan)
+    info: list[dict] = []
+    for c in range(C):
+        res = split_scores(X[:, c], prm.split_method, prm.min_count)
+        credible = (
+            res is not None
+            and res[1] >= prm.min_separation
+            and (not pooled_ok or res[3] <= g <= res[4])
+        )
+        if credible and res is not None:
+            thr[c] = res[0]
+        info.append({"source": "label" if credible else "fallback", "split": res})
+    have = ~np.isnan(thr)
+    fallback = float(np.median(thr[have])) if have.any() else g
+    thr[~have] = fallback
+    for d in info:
+        d["fallback"] = fallback
+    out = 1.0 / (1.0 + np.exp(-thr))  # back to score space
+    return (out, info) if return_info else out
+
+
+def decide(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Present/absent [N, C]: score ≥ the label's threshold."""
+    return np.asarray(scores) >= np.asarray(thresholds)[None, :]
