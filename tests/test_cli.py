@@ -399,3 +399,33 @@ def test_index_plain_output_and_rerun(tiny_model_config: Path, tmp_path: Path) -
     second = invoke(home, "index", str(home.photos.root), "--json")
     report = json.loads(second.stdout)
     assert (report["indexed"], report["unchanged"], report["still_failing"]) == (0, 8, 2)
+
+
+def test_status_of_a_new_home(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`piaa status` works before anything is indexed and creates no vector folder."""
+    home = tmp_path / "fresh"
+    code, out, err = run_main(["--home", str(home), "status", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["images"] == {"indexed": 0, "failed": 0, "pending": 0}
+    assert status["model"] is None and status["classifier"] is None
+    assert not (home / "vectors").exists()
+
+
+def test_search_needs_an_expression_or_text(fitted_home: Home, monkeypatch, capsys) -> None:
+    """`piaa search` with nothing to search for is a usage error with a hint."""
+    code, _, err = run_main([*fitted_home.prefix(), "search"], monkeypatch, capsys)
+    assert code == 2
+    assert "--text" in err
+
+
+def test_vocab_add_remove_round_trip(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`vocab set/add/remove` edit the label list in order; removing an unknown label is 2."""
+    base = ["--home", str(tmp_path / "v")]
+    assert run_main([*base, "vocab", "set", "dog", "Fire  Hydrant"], monkeypatch, capsys)[0] == 0
+    code, out, _ = run_main([*base, "vocab", "add", "cat", "dog", "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["labels"] == ["dog", "Fire Hydrant", "cat"]
+    code, out, _ = run_main([*base, "vocab", "remove", "dog"], monkeypatch, capsys)
+    assert code == 0 and out.splitlines() == ["Fire Hydrant", "cat"]
+    code, _, err = run_main([*base, "vocab", "remove", "zebra"], monkeypatch, capsys)
+    assert code == 2 and "zebra" in err
