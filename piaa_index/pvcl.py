@@ -51,7 +51,7 @@ class PvclParams:
     tau: float = 1.0  # ONE temperature on the calibrated scale (Stage II and inference)
     calibration: str = "margin"  # how the logit scale is measured: "margin", "spread" or "none"
     keep_std: float = 1.0  # Stage II keeps q >= mean + keep_std * std (paper: 1)
-    keep_domain: str = "logodds"  # Stage II statistic on "prob" (paper) or its "logodds"
+    keep_domain: str = "prob"  # Stage II statistic: "prob" (q, the paper) or "logodds" of q
     min_bank: int = 3  # a class with fewer bank patches falls back to its text prototype
 
 
@@ -374,6 +374,7 @@ def fit_from_banks(
         "n_classes": C,
         "dim": d,
         "stage1_weak": weak0,
+        "stage2_assigned": np.bincount(a, minlength=C).tolist() if a.size else [0] * C,
         "stage3_used_stage1_mean": [c for c in thin if c not in weak_set],
         "stage1_scale": s0,
         "fit_seconds": time.perf_counter() - t0,
