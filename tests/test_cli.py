@@ -119,6 +119,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
     assert "Usage: piaa" in proc.stdout and "search" in proc.stdout
 
 
+@pytest.mark.slow
 def test_index_json_in_a_real_process(tiny_model_config: Path, tmp_path: Path) -> None:
     """`piaa index DIR --json` exits 0 although two files are broken, and lists them."""
     photos = make_photo_folder(tmp_path / "photos", n=20)
@@ -136,6 +137,21 @@ def test_index_json_in_a_real_process(tiny_model_config: Path, tmp_path: Path) -
     assert all(failed.values())
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "home" / "piaa.sqlite3").is_file()
+
+
+def test_index_json_exits_0_with_failures(
+    tiny_model_config: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`piaa index DIR --json` (through main) exits 0 and lists the broken files."""
+    photos = make_photo_folder(tmp_path / "photos", n=6)
+    args = ["--home", str(tmp_path / "home"), "--model", str(tiny_model_config)]
+    code, out, err = run_main(
+        [*args, "--pretrained", "none", "index", str(photos.root), "--json"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["indexed"] == 6
+    assert {f["path"] for f in report["failed"]} == {str(p) for p in photos.broken}
 
 
 def test_unknown_label_exits_2_in_a_real_process(fitted_home: Home, tmp_path: Path) -> None:
