@@ -1,0 +1,192 @@
+"""PAA scores and the per-label decision rule on a synthetic multi-label image world."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from piaa_index.eval.metrics import f1_scores, mean_average_precision
+from piaa_index.fusion import (
+    PaaParams,
+    cls_scores,
+    decide,
+    decision_thresholds,
+    fuse,
+    patch_evidence,
+    patch_text_evidence,
+    score_images,
+    split_scores,
+)
+from piaa_index.pvcl import fit_pvcl, softmax
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def image_world(N: int = 700, C: int = 10, d: int = 64, M: int = 36, seed: int = 3):
+    """Images of 0–4 objects (Zipf-like label frequencies, areas 1..M/2 patches, a third of
+    object patches blended with the background) on one of 6 backgrounds; [CLS] is an
+    area-weighted blend, so small objects barely show in it. Text prototypes carry a modality
+    gap. Returns patches [N, M, d], cls [N, d], targets [N, C], text prototypes [C, d].
+    """
+    rng = np.random.default_rng(seed)
+    means = unit(0.3 * unit(rng.normal(size=d)) + unit(rng.normal(size=(C, d))))
+    T = unit(means + unit(rng.normal(size=d)) + 1.5 * unit(rng.normal(size=(C, d))))
+    bgs = unit(rng.normal(size=(6, d)))
+    freq = 1.0 / np.arange(1, C + 1)
+    freq = freq[rng.permutation(C)] / freq.sum()
+    Y = np.zeros((N, C), bool)
+    P = np.empty((N, M, d), np.float32)
+    Z = np.empty((N, d), np.float32)
+    for n in range(N):
+        k = min(rng.poisson(1.8), 4)
+        cs = rng.choice(C, size=k, replace=False, p=freq)
+        Y[n, cs] = True
+        bg = bgs[rng.integers(6)]
+        lab = np.full(M, -1)
+        slots = rng.permutation(M)
+        areas, pos = [], 0
+        for c in cs:
+            a = min(
+                int(np.clip(np.round(np.exp(rng.uniform(0, np.log(M / 2)))), 1, M // 2)), M - pos
+            )
+            lab[slots[pos : pos + a]] = c
+            pos += a
+            areas.append(a)
+        centres = np.where(lab[:, None] >= 0, means[np.maximum(lab, 0)], bg)
+        mixed = (lab >= 0) & (rng.random(M) < 0.33)
+        centres[mixed] = 0.5 * centres[mixed] + 0.5 * bg
+        P[n] = unit(centres + 1.5 * rng.normal(size=(M, d)) / np.sqrt(d))
+        w = np.array(areas, float) ** 1.5
+        glob = w @ means[cs] / w.sum() if k else np.zeros(d)
+        Z[n] = unit(glob + 0.25 * bg + 0.2 * rng.normal(size=d) / np.sqrt(d))
+    return P, Z, Y, T.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """World, its fitted PVCL classifier and all scores, shared by this module."""
+    P, Z, Y, T = image_world()
+    clf = fit_pvcl((P[i : i + 100] for i in range(0, len(P), 100)), T, bank_size=256)
+    return P, Z, Y, T, clf, score_images(Z, P, T, clf)
+
+
+def test_shapes_ranges_and_sums(world):
+    P, Z, Y, T, clf, sc = world
+    N, C = Y.shape
+    for s in (sc.cls, sc.patch, sc.fused):
+        assert s.shape == (N, C) and np.isfinite(s).all()
+        assert (s >= 0).all() and (s <= 1).all()
+    np.testing.assert_allclose(sc.cls.sum(1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(sc.fused.sum(1), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(fuse(sc.cls, sc.patch, alpha=1.0), softmax(2.0 * sc.patch))
+    np.testing.assert_allclose(fuse(sc.cls, sc.patch, alpha=0.0), sc.cls)
+
+
+def test_patch_evidence_is_the_max_over_patches(world):
+    P, _, _, T, clf, sc = world
+    brute = np.stack([softmax(clf.logits(P[i]).astype(np.float64)).max(0) for i in range(20)])
+    np.testing.assert_allclose(sc.patch[:20], brute, rtol=1e-6)
+    # Blocking is an implementation detail: any block size gives the same evidence.
+    np.testing.assert_allclose(patch_evidence(P[:50], clf, batch_images=7), sc.patch[:50])
+    pt = patch_text_evidence(P[:20], T)
+    brute_t = np.stack([softmax(60.0 * (P[i] @ T.T).astype(np.float64)).max(0) for i in range(20)])
+    np.testing.assert_allclose(pt, brute_t, rtol=1e-6)
+    with pytest.raises(ValueError):
+        patch_evidence(P[0], clf)
+
+
+def test_pvcl_evidence_ranks_better_than_text_and_cls(world):
+    P, Z, Y, T, clf, sc = world
+    map_text = mean_average_precision(patch_text_evidence(P, T), Y)[0]
+    map_cls = mean_average_precision(sc.cls, Y)[0]
+    map_pvcl = mean_average_precision(sc.patch, Y)[0]
+    map_fused = mean_average_precision(sc.fused, Y)[0]
+    assert map_pvcl > map_text + 10, (map_text, map_pvcl)
+    assert map_pvcl > map_cls + 5, (map_cls, map_pvcl)
+    assert map_fused > map_cls + 5, (map_cls, map_fused)
+
+
+def test_decisions_separate_present_from_absent(world):
+    _, _, Y, _, _, sc = world
+    thr, info = decision_thresholds(sc.patch, return_info=True)
+    assert thr.shape == (Y.shape[1],) and ((thr > 0) & (thr < 1)).all()
+    pred = decide(sc.patch, thr)
+    assert pred.dtype == bool and pred.shape == Y.shape
+    f = f1_scores(pred, Y)
+    trivial = f1_scores(np.ones_like(Y), Y)
+    assert f["CF1"] > trivial["CF1"] + 35, (f, trivial)
+    assert f["OF1"] > trivial["OF1"] + 35, (f, trivial)
+    assert sum(i["source"] == "label" for i in info) >= Y.shape[1] // 2
+
+
+def test_patch_evidence_decides_better_than_fused_scores(world):
+    """The documented choice: threshold m, not S (S sums to one over labels)."""
+    _, _, Y, _, _, sc = world
+    f_m = f1_scores(decide(sc.patch, decision_thresholds(sc.patch)), Y)
+    f_s = f1_scores(decide(sc.fused, decision_thresholds(sc.fused)), Y)
+    assert f_m["CF1"] > f_s["CF1"]
+
+
+def _bimodal(rng: np.random.Generator, n: int, frac: float) -> np.ndarray:
+    """Scores in (0, 1): a 'present' mode of fraction `frac` well above an absent bulk."""
+    pos = rng.random(n) < frac
+    x = np.where(pos, rng.normal(2.0, 0.7, n), rng.normal(-3.0, 0.8, n))
+    return 1 / (1 + np.exp(-x)), pos
+
+
+def test_split_finds_a_rare_mode_and_rejects_a_unimodal_one():
+    rng = np.random.default_rng(1)
+    s, pos = _bimodal(rng, 3000, 0.02)
+    x = np.log(s / (1 - s))
+    t, d_sep, w_hi, lo, hi, gain = split_scores(x)
+    assert d_sep > 3 and lo < t < hi and gain > 0
+    assert abs(w_hi - pos.mean()) < 0.01
+    assert ((x >= t) == pos).mean() > 0.99
+    assert split_scores(np.ones(10)) is None
+    # A minimum-error cut through one Gaussian splits off its last few values, which look far
+    # apart by Ashman's D; the rule must not call that a present/absent split.
+    uni = 1 / (1 + np.exp(-rng.normal(-1.0, 1.0, 3000)))
+    _, info = decision_thresholds(np.stack([s, uni], axis=1), return_info=True)
+    assert info[0]["source"] == "label" and info[1]["source"] == "fallback"
+    assert info[1]["split"].separation > 2.0  # D alone would have accepted it
+
+
+def test_rare_absent_and_ubiquitous_labels_fall_back_sensibly():
+    rng = np.random.default_rng(2)
+    cols, truth = [], []
+    for frac in (0.3, 0.2, 0.1, 0.05, 0.02):
+        s, pos = _bimodal(rng, 2000, frac)
+        cols.append(s)
+        truth.append(pos)
+    absent, _ = _bimodal(rng, 2000, 0.0)  # label absent from the whole collection
+    everywhere = 1 / (1 + np.exp(-rng.normal(2.0, 0.7, 2000)))  # present in every image
+    S = np.stack([*cols, absent, everywhere], axis=1)
+    thr, info = decision_thresholds(S, PaaParams(), return_info=True)
+    pred = decide(S, thr)
+    for c, pos in enumerate(truth):
+        assert info[c]["source"] == "label"
+        assert (pred[:, c] == pos).mean() > 0.98
+    assert info[5]["source"] == info[6]["source"] == "fallback"
+    assert pred[:, 5].mean() < 0.01
+    assert pred[:, 6].mean() > 0.99
+
+
+def test_decision_rule_rejects_bad_input():
+    with pytest.raises(ValueError):
+        decision_thresholds(np.zeros(5))
+    with pytest.raises(ValueError):
+        split_scores(np.arange(10.0), method="bogus")
+    # Tiny collections still get thresholds (the fallback), never NaN.
+    thr = decision_thresholds(np.full((2, 3), 0.5))
+    assert np.isfinite(thr).all()
+
+
+def test_cls_scores_temperature():
+    T = np.eye(3, dtype=np.float32)
+    z = np.array([[0.9, 0.1, 0.0]], np.float32)
+    z /= np.linalg.norm(z)
+    sharp, soft = cls_scores(z, T, 80.0), cls_scores(z, T, 1.0)
+    assert sharp[0, 0] > soft[0, 0] > 1 / 3
