@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "default"  # resolved per model: `openai` for ViT-B-16, the shipped file for shapesworld
 DEFAULT_FRONT_END = "sclip"
+FRONT_ENDS: tuple[str, ...] = ("clip", "sclip")
 
 
 def default_home() -> Path:
@@ -22,6 +23,21 @@ def default_home() -> Path:
     if sys.platform == "win32":
         return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "piaa-index"
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "piaa-index"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, which weights, which patch front-end (cheap: no torch import)."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    front_end: str = DEFAULT_FRONT_END
+
+    def __post_init__(self) -> None:
+        if self.front_end not in FRONT_ENDS:
+            raise ValueError(
+                f"unknown front-end {self.front_end!r}; choose one of: {', '.join(FRONT_ENDS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 
+from piaa_index.config import FRONT_ENDS, ModelSpec
 from piaa_index.images import file_hash
 
-FRONT_ENDS: tuple[str, ...] = ("clip", "sclip")
+__all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "ModelSpec"]
+
 SHAPESWORLD = "shapesworld"
 SHAPESWORLD_DIR = Path(__file__).resolve().parent / "assets" / "shapesworld"
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors")
@@ -42,21 +44,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 
 class ModelLoadError(Exception):
     """The model or its weights could not be resolved or loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model, which weights, which patch front-end."""
-
-    model: str = "ViT-B-16"
-    pretrained: str = "default"
-    front_end: str = "sclip"
-
-    def __post_init__(self) -> None:
-        if self.front_end not in FRONT_ENDS:
-            raise ValueError(
-                f"unknown front-end {self.front_end!r}; choose one of: {', '.join(FRONT_ENDS)}"
-            )
 
 
 @dataclass(frozen=True)

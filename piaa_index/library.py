@@ -21,12 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from piaa_index.config import DEFAULT_FRONT_END, DEFAULT_MODEL, DEFAULT_PRETRAINED, Settings
+from piaa_index.config import (
+    DEFAULT_FRONT_END,
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    ModelSpec,
+    Settings,
+)
 from piaa_index.store import Store, VocabularyInfo, utcnow
 from piaa_index.vectors import VectorStore
 
 if TYPE_CHECKING:
-    from piaa_index.encoder import Encoder, ModelSpec
+    from piaa_index.encoder import Encoder
     from piaa_index.indexer import IndexReport
     from piaa_index.plugins import Plugins
     from piaa_index.pvcl import Classifier
@@ -105,8 +111,6 @@ class Library:
         encoder_factory: Callable[[ModelSpec], Encoder] | None = None,
     ) -> Library:
         """Open (creating if needed) the library; refuse a model other than the index's."""
-        from piaa_index.encoder import ModelSpec
-
         settings = Settings.resolve(home, db, model, pretrained, front_end, device)
         store = Store.open(settings.db_url)
         stored = store.get_setting("model")
@@ -170,6 +174,13 @@ class Library:
         """The vector folder; the first index run records the model's identity in it."""
         if self._vectors is None:
             manifest = VectorStore.read_manifest(self.vectors_dir)
+            if manifest is None and self.store.referenced_shards():
+                # The database has images but this home has none of their vectors: a wrong
+                # --home (or another machine). Refuse rather than re-encode the collection.
+                raise LibraryError(
+                    f"this database's vectors are not in {self.vectors_dir}; use the --home "
+                    "(PIAA_HOME) the index was made with, or copy its vectors/ folder there"
+                )
             if manifest is None:
                 identity = self.encoder.identity()
                 self.store.set_setting(
@@ -417,7 +428,7 @@ class Library:
             row.vocabulary_id,
             classifier,
             T,
-            np.asarray(row.thresholds, dtype=np.float32),
+            np.asarray(row.thresholds, dtype=np.float64),
             row.n_images,
         )
 

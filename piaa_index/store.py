@@ -80,6 +80,7 @@ class Store:
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(
                 parents=True, exist_ok=True
             )
+        url = _with_available_driver(url)
         try:
             engine = create_engine(url, future=True)
         except (ArgumentError, ValueError) as exc:
@@ -361,6 +362,17 @@ class Store:
                 .group_by(Label.name)
             ).all()
         return {n: int(c) for n, c in rows}
+
+
+def _with_available_driver(url: str) -> str:
+    """`postgresql://` means psycopg2 to SQLAlchemy 2.0; use psycopg 3 when only it is there."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
