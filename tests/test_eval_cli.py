@@ -1,0 +1,88 @@
+"""`piaa eval` end to end: real folders in our layout and PASCAL VOC's, a real (tiny) model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from piaa_index.cli import cli
+from piaa_index.eval.ablation import METHODS
+from piaa_index.shapes.dataset import generate_dataset
+
+
+def run(args: list[str]):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.fixture
+def model_args(tiny_model_config: Path) -> list[str]:
+    return ["-q", "--model", str(tiny_model_config), "--pretrained", "none"]
+
+
+def test_eval_reports_the_ablation_and_never_touches_the_user_library(tmp_path, model_args):
+    """The JSON has mAP/CF1/OF1 for cls, patch-text, pvcl, piaa; the fit split's labels are
+    never needed (we delete them), and the user's own library keeps its vocabulary."""
+    test_dir = generate_dataset(tmp_path / "test", 24, seed=1, size=64, progress=False)
+    fit_dir = generate_dataset(tmp_path / "fit", 24, seed=2, size=64, progress=False)
+    (fit_dir / "labels.txt").write_text(
+        "\n".join(f"images/{p.name}" for p in sorted((fit_dir / "images").iterdir())) + "\n"
+    )
+    assert run([*model_args, "vocab", "set", "dog"]).exit_code == 0
+
+    result = run([*model_args, "eval", str(test_dir), "--fit", str(fit_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["results"]) == set(METHODS)
+    for method in METHODS:
+        r = report["results"][method]
+        assert 0.0 <= r["mAP"] <= 100.0 and 0.0 <= r["CF1"] <= 100.0 and 0.0 <= r["OF1"] <= 100.0
+    classes = json.loads((test_dir / "classes.json").read_text())
+    assert set(report["per_class_AP"]["piaa"]) == set(classes)
+    assert report["dataset"]["fit"]["images"] == 24 and report["dataset"]["test"]["images"] == 24
+
+    assert json.loads(run([*model_args, "vocab", "list", "--json"]).output)["labels"] == ["dog"]
+
+    # A second run reuses the evaluation's index: nothing is encoded again.
+    again = json.loads(
+        run([*model_args, "eval", str(test_dir), "--fit", str(fit_dir), "--json"]).output
+    )
+    assert again["index"]["test"]["indexed"] == 0 and again["index"]["test"]["unchanged"] == 24
+    assert again["results"] == report["results"]
+
+
+def test_eval_reads_a_voc_folder(tmp_path, model_args):
+    """A VOCdevkit/VOC2007 tree with ImageSets/Main is evaluated on its 20 classes."""
+    year = tmp_path / "VOCdevkit" / "VOC2007"
+    names = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+             "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+             "train", "tvmonitor"]  # fmt: skip
+    ids = [f"{i:06d}" for i in range(1, 9)]
+    (year / "JPEGImages").mkdir(parents=True)
+    for k, image_id in enumerate(ids):
+        Image.new("RGB", (80, 60), (30 * k, 100, 200 - 20 * k)).save(
+            year / "JPEGImages" / f"{image_id}.jpg"
+        )
+    main = year / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    for c, name in enumerate(names):
+        lines = [f"{image_id} {1 if (k + c) % 4 == 0 else -1}" for k, image_id in enumerate(ids)]
+        (main / f"{name}_test.txt").write_text("\n".join(lines) + "\n")
+    result = run([*model_args, "eval", str(tmp_path / "VOCdevkit"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["dataset"]["test"]["layout"] == "voc"
+    assert report["dataset"]["classes"][10] == "dining table"
+    assert report["dataset"]["test"]["images"] == 8
+
+
+def test_eval_on_a_folder_that_is_no_dataset_exits_2(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    from piaa_index.cli.common import run_guarded
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(cli, ["eval", str(tmp_path)])
+    assert exit_info.value.code == 2
