@@ -38,20 +38,25 @@ def main() -> None:
         generate_dataset(fit_dir, args.fit_images, seed=args.seed + 1, progress=False)
     test, fit = load_dataset(test_dir), load_dataset(fit_dir)
 
-    print(f"{'codec':<6} {'bytes/img':>10} {'index s':>8} " + " ".join(
-        f"{m + ' mAP':>14}" for m in ("cls", "patch-text", "pvcl", "piaa")))
+    print(
+        f"{'codec':<6} {'bytes/img':>10} {'index s':>8} "
+        + " ".join(f"{m + ' mAP':>14}" for m in ("cls", "patch-text", "pvcl", "piaa"))
+    )
     for codec in args.codecs.split(","):
         os.environ["PIAA_VECTOR_CODEC"] = codec
         home = work / f"home-{codec}"
         started = time.perf_counter()
-        with Library.open(home=home, db=f"sqlite:///{home / 'piaa.sqlite3'}",
-                          model=args.model) as lib:
+        with Library.open(
+            home=home, db=f"sqlite:///{home / 'piaa.sqlite3'}", model=args.model
+        ) as lib:
             report = run_ablation(lib, test, fit)
             per_image = lib.vectors.disk_bytes() / max(1, len(test.items) + len(fit.items))
         seconds = time.perf_counter() - started
         r = report["results"]
-        print(f"{codec:<6} {per_image:>10.0f} {seconds:>8.1f} " + " ".join(
-            f"{r[m]['mAP']:>14.2f}" for m in ("cls", "patch-text", "pvcl", "piaa")))
+        print(
+            f"{codec:<6} {per_image:>10.0f} {seconds:>8.1f} "
+            + " ".join(f"{r[m]['mAP']:>14.2f}" for m in ("cls", "patch-text", "pvcl", "piaa"))
+        )
 
 
 if __name__ == "__main__":

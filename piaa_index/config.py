@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "default"  # resolved per model: `openai` for ViT-B-16, the shipped file for shapesworld
+DEFAULT_PRETRAINED = (
+    "default"  # resolved per model: `openai` for ViT-B-16, the shipped file for shapesworld
+)
 DEFAULT_FRONT_END = "sclip"
 FRONT_ENDS: tuple[str, ...] = ("clip", "sclip")
 

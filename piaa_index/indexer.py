@@ -348,4 +348,3 @@ class Indexer:
             for path, image_id in self.store.image_ids_by_path([i.path for i in new]).items():
                 known[path] = Image(id=image_id, path=path)
         return [known[info.path].id for info in infos]
-

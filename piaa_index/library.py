@@ -222,9 +222,7 @@ class Library:
         """Index files and folders (recursive, incremental); see `IndexReport`."""
         from piaa_index.indexer import Indexer, PathError
 
-        indexer = Indexer(
-            self.store, self.vectors, lambda: self.encoder, batch_size=batch_size
-        )
+        indexer = Indexer(self.store, self.vectors, lambda: self.encoder, batch_size=batch_size)
         try:
             return indexer.run(paths, prune=prune, progress=progress)
         except PathError as exc:
@@ -343,10 +341,10 @@ class Library:
             n_images=len(locations),
             n_patches=n_patches,
             seconds=round(time.perf_counter() - started, 3),
-            bank_sizes=dict(zip(names, classifier.bank_sizes)),
-            kept_sizes=dict(zip(names, classifier.kept_sizes)),
+            bank_sizes=dict(zip(names, classifier.bank_sizes, strict=True)),
+            kept_sizes=dict(zip(names, classifier.kept_sizes, strict=True)),
             weak_labels=[names[c] for c in classifier.weak_labels],
-            thresholds={n: float(t) for n, t in zip(names, fitted.thresholds)},
+            thresholds={n: float(t) for n, t in zip(names, fitted.thresholds, strict=True)},
             tagged_present=present,
         )
 
@@ -484,7 +482,7 @@ class Library:
         fitted = self._current()
         assert fitted is not None
         vocab = self._require_vocabulary()
-        thresholds = dict(zip(vocab.names, fitted.thresholds))
+        thresholds = dict(zip(vocab.names, fitted.thresholds, strict=True))
         return [
             {
                 "label": name,
@@ -603,9 +601,7 @@ class Library:
         if limit is not None:
             order = order[:limit]
         paths = self.store.paths([int(ids[i]) for i in order])
-        return [
-            {"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order
-        ]
+        return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
 
     # -- status --------------------------------------------------------------------------------
 

@@ -258,9 +258,7 @@ class Store:
                 id=vocab.id,
                 templates=list(vocab.templates),
                 labels=[
-                    LabelInfo(
-                        lb.id, lb.name, lb.position, list(lb.templates or vocab.templates)
-                    )
+                    LabelInfo(lb.id, lb.name, lb.position, list(lb.templates or vocab.templates))
                     for lb in labels
                 ],
             )
@@ -337,9 +335,7 @@ class Store:
             ).all()
         return [(n, float(a), float(b), float(c), bool(p)) for n, a, b, c, p in rows]
 
-    def tag_table(
-        self, label_ids: Sequence[int]
-    ) -> dict[int, dict[int, tuple[float, bool]]]:
+    def tag_table(self, label_ids: Sequence[int]) -> dict[int, dict[int, tuple[float, bool]]]:
         """image id → label id → (score, present), for the given labels."""
         out: dict[int, dict[int, tuple[float, bool]]] = {}
         with self.session() as s:

@@ -100,7 +100,9 @@ class VectorStore:
         manifest = cls.read_manifest(root)
         if manifest is None:
             if codec is not None and codec not in CODECS:
-                raise ValueError(f"unknown vector codec {codec!r}; choose one of {', '.join(CODECS)}")
+                raise ValueError(
+                    f"unknown vector codec {codec!r}; choose one of {', '.join(CODECS)}"
+                )
             root.mkdir(parents=True, exist_ok=True)
             manifest = {"identity": identity, "codec": codec or DEFAULT_CODEC, "version": 1}
             tmp = root / (MANIFEST + ".tmp")
@@ -247,7 +249,7 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:
     breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
-    for a, b in zip(starts, stops):
+    for a, b in zip(starts, stops, strict=True):
         yield int(a), (int(rows[a]), int(rows[b - 1]) + 1)
 
 

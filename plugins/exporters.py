@@ -61,7 +61,9 @@ def _xmp(library: Any, prefix: str = "piaa", overwrite: bool = False) -> dict[st
             skipped.append(str(sidecar))
             continue
         items = "\n".join(f"     <rdf:li>{escape(name)}</rdf:li>" for name, _ in labels)
-        hier = "\n".join(f"     <rdf:li>{escape(prefix)}|{escape(name)}</rdf:li>" for name, _ in labels)
+        hier = "\n".join(
+            f"     <rdf:li>{escape(prefix)}|{escape(name)}</rdf:li>" for name, _ in labels
+        )
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         tmp.write_text(XMP_TEMPLATE.format(items=items, hier=hier), encoding="utf-8")
         os.replace(tmp, sidecar)
@@ -103,10 +105,18 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
         )
     )
     register(
-        Exporter("csv", "Write path,label,score rows of present labels.", _csv,
-                 (Param("output", "Output file.", default="tags.csv"),))
+        Exporter(
+            "csv",
+            "Write path,label,score rows of present labels.",
+            _csv,
+            (Param("output", "Output file.", default="tags.csv"),),
+        )
     )
     register(
-        Exporter("json", "Write present labels per image as JSON.", _json,
-                 (Param("output", "Output file.", default="tags.json"),))
+        Exporter(
+            "json",
+            "Write present labels per image as JSON.",
+            _json,
+            (Param("output", "Output file.", default="tags.json"),),
+        )
     )

@@ -11,8 +11,13 @@ from piaa_index.plugins import Param, Query
 LIMIT = Param("limit", "Maximum number of results.", type=int, default=20)
 
 
-def _tags(library: Any, image: str, progress: bool = False, limit: int | None = None,
-          present_only: bool = False) -> list[dict[str, Any]]:
+def _tags(
+    library: Any,
+    image: str,
+    progress: bool = False,
+    limit: int | None = None,
+    present_only: bool = False,
+) -> list[dict[str, Any]]:
     rows = library.tags(image, progress=progress)
     if present_only:
         rows = [r for r in rows if r["present"]]
@@ -21,9 +26,14 @@ def _tags(library: Any, image: str, progress: bool = False, limit: int | None = 
     return rows[:limit] if limit else rows
 
 
-def _search(library: Any, expression: str | None = None, text: str | None = None,
-            limit: int | None = 20, all_images: bool = False,
-            progress: bool = False) -> list[dict[str, Any]]:
+def _search(
+    library: Any,
+    expression: str | None = None,
+    text: str | None = None,
+    limit: int | None = 20,
+    all_images: bool = False,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     from piaa_index.library import UserInputError
 
     if text and expression:
@@ -37,8 +47,9 @@ def _search(library: Any, expression: str | None = None, text: str | None = None
     return library.search(expression, limit=limit, include_absent=all_images)
 
 
-def _similar(library: Any, image: str, limit: int | None = 20,
-             progress: bool = False) -> list[dict[str, Any]]:
+def _similar(
+    library: Any, image: str, limit: int | None = 20, progress: bool = False
+) -> list[dict[str, Any]]:
     return library.similar(image, limit=limit)
 
 

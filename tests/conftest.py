@@ -26,7 +26,9 @@ def postgres_url() -> Iterator[str]:
     """A fresh Postgres database for this test run (PIAA_TEST_PG = server URL), dropped after."""
     base = os.environ.get("PIAA_TEST_PG")
     if not base:
-        pytest.skip("PIAA_TEST_PG is not set (e.g. postgresql+psycopg://postgres@127.0.0.1/postgres)")
+        pytest.skip(
+            "PIAA_TEST_PG is not set (e.g. postgresql+psycopg://postgres@127.0.0.1/postgres)"
+        )
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
@@ -41,9 +43,10 @@ def postgres_url() -> Iterator[str]:
         from sqlalchemy.pool import NullPool
 
         with admin.connect() as conn:
-            conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
+            )
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
         _ = NullPool

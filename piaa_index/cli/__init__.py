@@ -47,7 +47,9 @@ class PiaaGroup(click.Group):
     type=click.Path(file_okay=False),
     help="Data folder (SQLite database, vectors). Env: PIAA_HOME.",
 )
-@click.option("--db", envvar="PIAA_DB", help="SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB.")
+@click.option(
+    "--db", envvar="PIAA_DB", help="SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB."
+)
 @click.option(
     "--model",
     envvar="PIAA_MODEL",

@@ -65,7 +65,9 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted: what was committed is kept; run the command again to resume.", err=True)
+        click.echo(
+            "Interrupted: what was committed is kept; run the command again to resume.", err=True
+        )
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - mapped to messages below, re-raised otherwise
         code = exit_code_for(exc)
@@ -103,9 +105,7 @@ def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def emit_rows(
-    rows: list[dict[str, Any]], as_json: bool, as_csv: bool, paths_only: bool
-) -> None:
+def emit_rows(rows: list[dict[str, Any]], as_json: bool, as_csv: bool, paths_only: bool) -> None:
     """Print query results to stdout in the chosen format (table by default)."""
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -155,9 +155,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+    lines.extend(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
     return "\n".join(lines)
 
 

@@ -15,13 +15,19 @@ def _step(message: str) -> None:
 
 
 @click.command("demo")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False),
-              help="Where to put the sample library and its index. [default: HOME/demo]")
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(file_okay=False),
+    help="Where to put the sample library and its index. [default: HOME/demo]",
+)
 @click.option("--images", "n_images", default=1000, show_default=True, help="Test scenes.")
 @click.option("--fit-images", default=1000, show_default=True, help="Unlabelled scenes to fit on.")
 @click.option("--seed", default=2026, show_default=True)
 @pass_app
-def demo_command(app: AppContext, workdir: str | None, n_images: int, fit_images: int, seed: int) -> None:
+def demo_command(
+    app: AppContext, workdir: str | None, n_images: int, fit_images: int, seed: int
+) -> None:
     """Generate ShapesWorld scenes, index them with the shipped model, tag, search, evaluate."""
     from piaa_index.config import Settings
     from piaa_index.eval.ablation import format_table as ablation_table
@@ -40,20 +46,29 @@ def demo_command(app: AppContext, workdir: str | None, n_images: int, fit_images
     if not (fit_dir / "labels.txt").exists():
         generate_dataset(fit_dir, fit_images, seed=seed + 1, progress=progress)
 
-    library = Library.open(home=root / "index", db=f"sqlite:///{root / 'index' / 'piaa.sqlite3'}",
-                           model="shapesworld", pretrained="default", front_end=app.front_end,
-                           device=app.device)
+    library = Library.open(
+        home=root / "index",
+        db=f"sqlite:///{root / 'index' / 'piaa.sqlite3'}",
+        model="shapesworld",
+        pretrained="default",
+        front_end=app.front_end,
+        device=app.device,
+    )
     with library:
         _step("indexing the library with the shipped shapesworld model")
         report = library.index([test_dir / "images"], progress=progress)
-        click.echo(f"indexed {report.indexed} images ({report.unchanged} unchanged) "
-                   f"in {report.seconds:.1f}s")
+        click.echo(
+            f"indexed {report.indexed} images ({report.unchanged} unchanged) "
+            f"in {report.seconds:.1f}s"
+        )
         test = load_dataset(test_dir)
         _step(f"vocabulary: {len(test.classes)} ShapesWorld classes; fitting PVCL")
         library.set_vocabulary(test.classes)
         fit = library.fit(progress=progress)
-        click.echo(f"fitted on {fit.n_images} images / {fit.n_patches} patches in {fit.seconds:.1f}s"
-                   + (f"; too little evidence: {', '.join(fit.weak_labels)}" if fit.weak_labels else ""))
+        click.echo(
+            f"fitted on {fit.n_images} images / {fit.n_patches} patches in {fit.seconds:.1f}s"
+            + (f"; too little evidence: {', '.join(fit.weak_labels)}" if fit.weak_labels else "")
+        )
 
         _step("tags of three images (truth in brackets)")
         for item in test.items[:3]:
@@ -71,14 +86,19 @@ def demo_command(app: AppContext, workdir: str | None, n_images: int, fit_images
         ia, ib = test.classes.index(a), test.classes.index(b)
         for row in rows:
             ok = ia in truth.get(row["path"], ()) and ib in truth.get(row["path"], ())
-            click.echo(f"    {Path(row['path']).name}  score {row['score']:.3f}  "
-                       f"{'(both really there)' if ok else '(not both in truth)'}")
+            click.echo(
+                f"    {Path(row['path']).name}  score {row['score']:.3f}  "
+                f"{'(both really there)' if ok else '(not both in truth)'}"
+            )
 
         _step("ablation on the library, PVCL fitted on the other (unlabelled) scenes")
         ablation = run_ablation(library, test, load_dataset(fit_dir), progress=progress)
         click.echo(ablation_table(ablation))
-    click.echo(f"\ndemo finished in {time.perf_counter() - started:.0f}s; "
-               f"try: piaa --home {root / 'index'} search --text \"{a}\"", err=True)
+    click.echo(
+        f"\ndemo finished in {time.perf_counter() - started:.0f}s; "
+        f'try: piaa --home {root / "index"} search --text "{a}"',
+        err=True,
+    )
 
 
 def _frequent_pair(dataset) -> tuple[str, str]:  # type: ignore[no-untyped-def]

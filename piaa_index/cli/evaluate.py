@@ -11,18 +11,34 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 @click.command("eval")
 @click.argument("test_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--fit", "fit_dir", type=click.Path(exists=True, file_okay=False),
-              help="Unlabelled folder to fit PVCL on. [default: TEST_DIR]")
-@click.option("--split", help="Dataset split (VOC: test/val/trainval, COCO: val/train, NUS: label file).")
+@click.option(
+    "--fit",
+    "fit_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Unlabelled folder to fit PVCL on. [default: TEST_DIR]",
+)
+@click.option(
+    "--split", help="Dataset split (VOC: test/val/trainval, COCO: val/train, NUS: label file)."
+)
 @click.option("--fit-split", help="Split of the fit folder.")
-@click.option("--eval-home", type=click.Path(file_okay=False),
-              help="Where the evaluation's own index lives. [default: HOME/eval]")
+@click.option(
+    "--eval-home",
+    type=click.Path(file_okay=False),
+    help="Where the evaluation's own index lives. [default: HOME/eval]",
+)
 @click.option("--bank-size", type=int, help="Patches per class bank (K). [default: 512]")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @pass_app
-def eval_command(app: AppContext, test_dir: str, fit_dir: str | None, split: str | None,
-                 fit_split: str | None, eval_home: str | None, bank_size: int | None,
-                 as_json: bool) -> None:
+def eval_command(
+    app: AppContext,
+    test_dir: str,
+    fit_dir: str | None,
+    split: str | None,
+    fit_split: str | None,
+    eval_home: str | None,
+    bank_size: int | None,
+    as_json: bool,
+) -> None:
     """Measure cls, patch-text, pvcl and piaa on TEST_DIR (ours, VOC, COCO or NUS layout).
 
     The evaluation keeps its own index (so your library's vocabulary is untouched) and reuses
@@ -36,16 +52,24 @@ def eval_command(app: AppContext, test_dir: str, fit_dir: str | None, split: str
     test = load_dataset(Path(test_dir), split)
     fit = load_dataset(Path(fit_dir), fit_split) if fit_dir else None
     home = Path(eval_home) if eval_home else Settings.resolve(app.home).home / "eval"
-    library = Library.open(home=home, db=f"sqlite:///{home / 'eval.sqlite3'}", model=app.model,
-                           pretrained=app.pretrained, front_end=app.front_end, device=app.device)
+    library = Library.open(
+        home=home,
+        db=f"sqlite:///{home / 'eval.sqlite3'}",
+        model=app.model,
+        pretrained=app.pretrained,
+        front_end=app.front_end,
+        device=app.device,
+    )
     with library:
         report = run_ablation(library, test, fit, progress=app.progress, bank_size=bank_size)
     if as_json:
         echo_json(report)
         return
     d = report["dataset"]
-    click.echo(f"test: {d['test']['root']} ({d['test']['layout']}, {d['test']['images']} images); "
-               f"fit: {d['fit']['root']} ({d['fit']['images']} images, labels unused)")
+    click.echo(
+        f"test: {d['test']['root']} ({d['test']['layout']}, {d['test']['images']} images); "
+        f"fit: {d['fit']['root']} ({d['fit']['images']} images, labels unused)"
+    )
     click.echo(format_table(report))
     if report["fit"]["weak_labels"]:
         click.echo("too little evidence: " + ", ".join(report["fit"]["weak_labels"]), err=True)

@@ -34,7 +34,9 @@ class ExportGroup(click.Group):
             echo_json(exporter.run(app.library(), **params))
 
         return click.Command(
-            name, callback=callback, params=[_click_param(p) for p in exporter.params],
+            name,
+            callback=callback,
+            params=[_click_param(p) for p in exporter.params],
             help=exporter.help,
         )
 

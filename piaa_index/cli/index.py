@@ -13,7 +13,9 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_app
-def index_command(app: AppContext, paths: tuple[str, ...], prune: bool, batch_size: int, as_json: bool) -> None:
+def index_command(
+    app: AppContext, paths: tuple[str, ...], prune: bool, batch_size: int, as_json: bool
+) -> None:
     """Index image files and folders (recursive, incremental, resumable).
 
     Unchanged files (same size and mtime) are skipped; a file with the same content as an
@@ -70,7 +72,9 @@ def status_command(app: AppContext, as_json: bool) -> None:
         if clf["images_added_since"]:
             click.echo(f"             {clf['images_added_since']} images added since the fit")
         if clf["weak_labels"]:
-            click.echo(f"             too little evidence for: {', '.join(map(str, clf['weak_labels']))}")
+            click.echo(
+                f"             too little evidence for: {', '.join(map(str, clf['weak_labels']))}"
+            )
     click.echo(f"stale:       {'yes (the next query refits)' if status['stale'] else 'no'}")
 
 

@@ -21,7 +21,9 @@ def shapes_group() -> None:
 @click.option("--size", default=224, show_default=True, help="Image side in pixels.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def shapes_generate(app: AppContext, outdir: str, n_images: int, seed: int, size: int, as_json: bool) -> None:
+def shapes_generate(
+    app: AppContext, outdir: str, n_images: int, seed: int, size: int, as_json: bool
+) -> None:
     """Write N scenes to OUTDIR/images plus classes.json and labels.txt (the eval layout)."""
     from piaa_index.shapes.dataset import generate_dataset
 

@@ -39,7 +39,9 @@ def _show(app: AppContext, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def vocab_set(app: AppContext, labels: tuple[str, ...], templates: tuple[str, ...], as_json: bool) -> None:
+def vocab_set(
+    app: AppContext, labels: tuple[str, ...], templates: tuple[str, ...], as_json: bool
+) -> None:
     """Replace the vocabulary with LABELS (quote multi-word labels)."""
     app.library().set_vocabulary(list(labels), list(templates) or None)
     _show(app, as_json)
@@ -84,7 +86,9 @@ def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
 
 
 @click.command("fit")
-@click.option("--bank-size", type=int, default=None, help="Patches per class bank (K). [default: 512]")
+@click.option(
+    "--bank-size", type=int, default=None, help="Patches per class bank (K). [default: 512]"
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def fit_command(app: AppContext, bank_size: int | None, as_json: bool) -> None:
@@ -104,7 +108,8 @@ def fit_command(app: AppContext, bank_size: int | None, as_json: bool) -> None:
         )
     if report.weak_labels:
         click.echo(
-            "too little evidence (fell back to the text prototype): " + ", ".join(report.weak_labels),
+            "too little evidence (fell back to the text prototype): "
+            + ", ".join(report.weak_labels),
             err=True,
         )
 

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 METHODS = ("cls", "patch-text", "pvcl", "piaa")
 
 
-def _locations_for(library: Library, dataset: Dataset) -> tuple[list[tuple[int, int, int]], list[int]]:
+def _locations_for(
+    library: Library, dataset: Dataset
+) -> tuple[list[tuple[int, int, int]], list[int]]:
     """Live (id, shard, row) for the dataset's images, and each item's image id (-1: failed)."""
     paths = [str(item.path) for item in dataset.items]
     ids = library.store.image_ids_by_path(paths)
@@ -93,23 +95,31 @@ def run_ablation(
         f1 = f1_scores(fusion.decide(full, thresholds), targets)
         results[method] = {"mAP": round(float(mAP), 2), **{k: round(v, 2) for k, v in f1.items()}}
         per_class[method] = {
-            name: (None if np.isnan(a) else round(float(a), 2)) for name, a in zip(test.classes, ap)
+            name: (None if np.isnan(a) else round(float(a), 2))
+            for name, a in zip(test.classes, ap, strict=True)
         }
     return {
         "results": results,
         "per_class_AP": per_class,
         "dataset": {
-            "test": {"root": str(test.root), "layout": test.layout, "images": len(test.items),
-                     "missing_files": len(missing_files(test))},
-            "fit": {"root": str(fit_set.root), "layout": fit_set.layout,
-                    "images": len(fit_set.items)},
+            "test": {
+                "root": str(test.root),
+                "layout": test.layout,
+                "images": len(test.items),
+                "missing_files": len(missing_files(test)),
+            },
+            "fit": {
+                "root": str(fit_set.root),
+                "layout": fit_set.layout,
+                "images": len(fit_set.items),
+            },
             "classes": test.classes,
         },
         "fit": {
             "n_patches": n_patches,
             "seconds": round(fit_seconds, 2),
-            "bank_sizes": dict(zip(test.classes, classifier.bank_sizes)),
-            "kept_sizes": dict(zip(test.classes, classifier.kept_sizes)),
+            "bank_sizes": dict(zip(test.classes, classifier.bank_sizes, strict=True)),
+            "kept_sizes": dict(zip(test.classes, classifier.kept_sizes, strict=True)),
             "weak_labels": [test.classes[c] for c in classifier.weak_labels],
         },
         "model": library.store.get_setting("model"),
