@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -390,7 +390,8 @@ class Library:
             cls_s.append(c)
         all_ids = np.concatenate(ids)
         S, E, Cs = np.concatenate(fused), np.concatenate(evidence), np.concatenate(cls_s)
-        thresholds = fusion.decision_thresholds(S)
+        # Without return_info, decision_thresholds returns the [C] array alone.
+        thresholds = cast(np.ndarray, fusion.decision_thresholds(S))
         present = fusion.decide(S, thresholds)
         row = ClassifierRow(
             vocabulary_id=vocab.id,
@@ -552,10 +553,10 @@ class Library:
             return []
         vocab = self.store.vocabulary()
         phrase = self.encoder.text_prototypes([text], self.encoder_templates(vocab))
-        others = self.text_prototypes(vocab) if vocab and vocab.labels else None
-        if others is not None:
+        others: np.ndarray | None = None
+        if vocab is not None and vocab.labels:
             keep = [i for i, name in enumerate(vocab.names) if name.lower() != text.lower()]
-            others = others[keep] if keep else None
+            others = self.text_prototypes(vocab)[keep] if keep else None
         ids, scores = [], []
         for chunk in self.vectors.iter_live(locations):
             scores.append(_open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))

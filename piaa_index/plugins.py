@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -55,6 +55,9 @@ class Exporter:
     params: tuple[Param, ...] = field(default_factory=tuple)
 
 
+_Item = TypeVar("_Item", Query, Exporter)
+
+
 class PluginError(Exception):
     """A plugin that failed to load or registered something invalid."""
 
@@ -98,8 +101,8 @@ class Plugins:
             self._exporters = self._collect(self.pm.hook.register_exporters, Exporter)
         return self._exporters
 
-    def _collect(self, hook: Any, kind: type) -> dict[str, Any]:
-        found: dict[str, Any] = {}
+    def _collect(self, hook: Any, kind: type[_Item]) -> dict[str, _Item]:
+        found: dict[str, _Item] = {}
 
         def register(item: Any) -> None:
             if not isinstance(item, kind):

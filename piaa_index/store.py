@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import create_engine, delete, event, func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import Table, create_engine, delete, event, func, select, update
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,6 +25,10 @@ from piaa_index.schema import FAILED, INDEXED, Classifier, Image, Label, Setting
 
 class StoreError(Exception):
     """A database that cannot be opened or used, with a message for the user."""
+
+
+# Declarative typing gives `__table__` as a FromClause; for a mapped class it is the Table.
+_TAG_TABLE = cast(Table, Tag.__table__)
 
 
 def utcnow() -> datetime:
@@ -196,12 +201,17 @@ class Store:
                 .where(Image.status == INDEXED)
                 .order_by(Image.shard, Image.shard_row)
             ).all()
-        return [(int(i), int(sh), int(r)) for i, sh, r in rows]
+        out: list[tuple[int, int, int]] = []
+        for i, sh, r in rows:
+            if sh is None or r is None:  # an indexed image always has its vectors' location
+                raise StoreError(f"indexed image {i} has no vector location")
+            out.append((int(i), int(sh), int(r)))
+        return out
 
     def referenced_shards(self) -> set[int]:
         with self.session() as s:
             rows = s.scalars(select(Image.shard).where(Image.shard.is_not(None)).distinct())
-            return {int(r) for r in rows}
+            return {int(r) for r in rows if r is not None}
 
     def mark_shards_missing(self, shards: Iterable[int]) -> int:
         """Images whose vectors were lost go back to the to-do list of the next index run."""
@@ -209,10 +219,13 @@ class Store:
         if not lost:
             return 0
         with self.session() as s:
-            result = s.execute(
-                update(Image)
-                .where(Image.shard.in_(lost))
-                .values(status=schema.MISSING_VECTORS, shard=None, shard_row=None)
+            result = cast(
+                CursorResult[Any],  # an UPDATE's result is a CursorResult, which has rowcount
+                s.execute(
+                    update(Image)
+                    .where(Image.shard.in_(lost))
+                    .values(status=schema.MISSING_VECTORS, shard=None, shard_row=None)
+                ),
             )
             return int(result.rowcount or 0)
 
@@ -305,7 +318,7 @@ class Store:
         with self.session() as s:
             s.execute(delete(Tag))
             for start in range(0, len(rows), 5000):
-                s.execute(Tag.__table__.insert(), rows[start : start + 5000])
+                s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
             s.execute(delete(Classifier).where(Classifier.id != classifier_id))
 
     def add_tags(self, rows: list[dict]) -> None:
@@ -314,7 +327,7 @@ class Store:
             for start in range(0, len(image_ids), 500):
                 s.execute(delete(Tag).where(Tag.image_id.in_(image_ids[start : start + 500])))
             for start in range(0, len(rows), 5000):
-                s.execute(Tag.__table__.insert(), rows[start : start + 5000])
+                s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
 
     def untagged_image_ids(self, classifier_id: int) -> list[int]:
         with self.session() as s:

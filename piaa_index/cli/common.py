@@ -54,6 +54,14 @@ class AppContext:
 pass_app = click.make_pass_decorator(AppContext)
 
 
+def app_context(ctx: click.Context) -> AppContext:
+    """The AppContext the `piaa` group put on the context (a usage error without one)."""
+    app = ctx.find_object(AppContext)
+    if app is None:
+        raise click.UsageError("this command must run under the piaa command group", ctx=ctx)
+    return app
+
+
 def run_guarded(command: click.Command, args: list[str]) -> None:
     """Run the CLI; expected failures print one line to stderr and exit 1 or 2, no traceback."""
     try:

@@ -30,18 +30,19 @@ def db_upgrade(app: AppContext) -> None:
 def db_info(app: AppContext, as_json: bool) -> None:
     """Where the database and vectors are, the schema revision, failed files."""
     library = app.library()
-    info = {
+    failed = [{"path": p, "error": e} for p, e in library.store.failed_images()]
+    info: dict[str, object] = {
         "database": library.store.engine.url.render_as_string(hide_password=True),
         "schema_revision": library.store.schema_revision(),
         "vectors_dir": str(library.vectors_dir),
-        "failed": [{"path": p, "error": e} for p, e in library.store.failed_images()],
+        "failed": failed,
     }
     if as_json:
         echo_json(info)
         return
     for key in ("database", "schema_revision", "vectors_dir"):
         click.echo(f"{key}: {info[key]}")
-    for failure in info["failed"]:
+    for failure in failed:
         click.echo(f"failed: {failure['path']}: {failure['error']}")
 
 

@@ -82,10 +82,10 @@ def demo_command(
         query = f'"{a}" AND "{b}"'
         _step(f"search: {query}")
         rows = library.search(query, limit=5)
-        truth = {str(it.path): it.labels for it in test.items}
+        labels_of = {str(it.path): it.labels for it in test.items}
         ia, ib = test.classes.index(a), test.classes.index(b)
         for row in rows:
-            ok = ia in truth.get(row["path"], ()) and ib in truth.get(row["path"], ())
+            ok = ia in labels_of.get(row["path"], ()) and ib in labels_of.get(row["path"], ())
             click.echo(
                 f"    {Path(row['path']).name}  score {row['score']:.3f}  "
                 f"{'(both really there)' if ok else '(not both in truth)'}"

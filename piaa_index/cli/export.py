@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from piaa_index.cli.common import AppContext, echo_json
+from piaa_index.cli.common import app_context, echo_json
 
 
 class ExportGroup(click.Group):
@@ -29,7 +29,7 @@ class ExportGroup(click.Group):
 
         @click.pass_context
         def callback(ctx: click.Context, **params: Any) -> None:
-            app = ctx.find_object(AppContext)
+            app = app_context(ctx)
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
             echo_json(exporter.run(app.library(), **params))
 

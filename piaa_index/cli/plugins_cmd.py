@@ -14,21 +14,19 @@ def plugins_command(as_json: bool) -> None:
     from piaa_index.plugins import Plugins
 
     plugins = Plugins()
-    listing = {
-        "plugins": plugins.describe(),
-        "queries": sorted(plugins.queries),
-        "exporters": sorted(plugins.exporters),
-    }
+    described = plugins.describe()
+    queries = sorted(plugins.queries)
+    exporters = sorted(plugins.exporters)
     if as_json:
-        echo_json(listing)
+        echo_json({"plugins": described, "queries": queries, "exporters": exporters})
         return
-    for plugin in listing["plugins"]:
+    for plugin in described:
         if plugin.get("error"):
             click.echo(f"{plugin['name']}: FAILED TO LOAD: {plugin['error']}")
         else:
             click.echo(f"{plugin['name']} ({plugin['module']}): {', '.join(plugin['hooks'])}")
-    click.echo(f"queries: {', '.join(listing['queries'])}")
-    click.echo(f"exporters: {', '.join(listing['exporters'])}")
+    click.echo(f"queries: {', '.join(queries)}")
+    click.echo(f"exporters: {', '.join(exporters)}")
 
 
 COMMANDS = [plugins_command]

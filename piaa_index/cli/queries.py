@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from piaa_index.cli.common import AppContext, emit_rows, output_options
+from piaa_index.cli.common import app_context, emit_rows, output_options
 from piaa_index.plugins import Param, Plugins, Query
 
 
@@ -31,8 +31,10 @@ def _click_param(p: Param) -> click.Parameter:
 
 def make_query_command(query: Query) -> click.Command:
     @click.pass_context
-    def callback(ctx: click.Context, as_json: bool, as_csv: bool, paths_only: bool, **params: Any):
-        app: AppContext = ctx.find_object(AppContext)
+    def callback(
+        ctx: click.Context, as_json: bool, as_csv: bool, paths_only: bool, **params: Any
+    ) -> None:
+        app = app_context(ctx)
         library = app.library()
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
         rows = query.run(library, progress=app.progress, **params)

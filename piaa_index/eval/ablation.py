@@ -8,7 +8,7 @@ collection's score distribution, as they would in a user's library.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -39,7 +39,8 @@ def score_methods(
     from piaa_index import fusion
 
     params = fusion.PaaParams()
-    ids, parts = [], {m: [] for m in METHODS}  # type: dict[str, list[np.ndarray]]
+    ids: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     for chunk in library.vectors.iter_live(locations):
         ids.append(chunk.image_ids)
         scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier, params)
@@ -84,14 +85,15 @@ def run_ablation(
     row_of = {int(i): r for r, i in enumerate(ids)}
     targets = test.targets()
     results: dict[str, Any] = {}
-    per_class: dict[str, dict[str, float]] = {}
+    per_class: dict[str, dict[str, float | None]] = {}
     for method, S in scores.items():
         full = np.zeros((len(order), len(test.classes)), dtype=np.float32)
         for k, image_id in enumerate(order):
             if image_id != -1:
                 full[k] = S[row_of[image_id]]
         mAP, ap = mean_average_precision(full, targets)
-        thresholds = fusion.decision_thresholds(full)
+        # Without return_info, decision_thresholds returns the [C] array alone.
+        thresholds = cast(np.ndarray, fusion.decision_thresholds(full))
         f1 = f1_scores(fusion.decide(full, thresholds), targets)
         results[method] = {"mAP": round(float(mAP), 2), **{k: round(v, 2) for k, v in f1.items()}}
         per_class[method] = {
