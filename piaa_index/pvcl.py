@@ -53,6 +53,7 @@ class PvclParams:
     keep_std: float = 1.0  # Stage II keeps q >= mean + keep_std * std (paper: 1)
     keep_domain: str = "prob"  # Stage II statistic: "prob" (q, the paper) or "logodds" of q
     min_bank: int = 3  # a class with fewer bank patches falls back to its text prototype
+    purified_fallback: str = "stage1"  # class emptied by Stage II: "stage1" mean, or "text" (paper)
 
 
 @dataclass
@@ -361,8 +362,8 @@ def fit_from_banks(
     Xk, ak = X[keep], a[keep]
     # A class that purification emptied keeps its Stage I visual mean; only classes that never
     # had a visual bank fall back to the text prototype (as the paper does for empty banks).
-    fallback = mu0.copy()
-    weak_set = set(weak0)
+    fallback = mu0.copy() if prm.purified_fallback == "stage1" else T.copy()
+    weak_set = set(weak0) if prm.purified_fallback == "stage1" else set(range(C))
     Wk = q[keep, ak] if keep.any() else np.empty(0)
     W, b, mu, thin = gda(Xk, ak, Wk, fallback, prm.min_bank)
     weak = [c for c in thin if c in weak_set]
@@ -394,17 +395,19 @@ def fit_from_banks(
 def fit_pvcl(
     chunks: Iterable[Chunk],
     text_protos: np.ndarray,
-    bank_size: int = 512,
+    bank_size: int | None = None,
     params: PvclParams | None = None,
     **overrides: Any,
 ) -> Classifier:
     """One streaming pass over the patch pool (Stage I), then Stages I–III; returns the classifier.
 
-    `chunks` yields patch arrays [n, d] (or [N, M, d]) or (patches, ids) pairs.
-    Keyword `overrides` replace fields of `params` (e.g. ``tau=2.0``).
+    `chunks` yields patch arrays [n, d] (or [N, M, d]) or (patches, ids) pairs. `bank_size`
+    (K, default 512) and keyword `overrides` (e.g. ``tau=2.0``) replace fields of `params`.
     """
     base = params or PvclParams()
-    prm = PvclParams(**{**base.__dict__, "bank_size": bank_size, **overrides})
+    if bank_size is not None:
+        overrides["bank_size"] = bank_size
+    prm = PvclParams(**{**base.__dict__, **overrides})
     t0 = time.perf_counter()
     builder = BankBuilder(text_protos, prm.bank_size, prm.text_scale)
     for chunk in chunks:

@@ -224,3 +224,13 @@ def test_rejects_bad_shapes():
     bb = BankBuilder(np.eye(3, dtype=np.float32), bank_size=2)
     with pytest.raises(ValueError):
         bb.update(np.eye(3, dtype=np.float32), ids=np.arange(2))
+
+
+def test_an_empty_pool_gives_a_text_only_classifier():
+    T = np.eye(4, 8, dtype=np.float32)
+    clf = fit_pvcl([], T)
+    assert clf.weak_labels == [0, 1, 2, 3] and clf.bank_sizes == [0, 0, 0, 0]
+    assert np.isfinite(clf.W).all() and np.isfinite(clf.b).all()
+    # With text prototypes as means, the classifier still ranks like the text classifier.
+    X = np.eye(8, dtype=np.float32)[:4]
+    assert (clf.logits(X).argmax(1) == np.arange(4)).all()
