@@ -318,7 +318,10 @@ class Library:
         if not locations:
             raise UserInputError("no indexed images: run `piaa index PATH` first")
         T = self.text_prototypes(vocab)
-        params = PvclParams() if bank_size is None else PvclParams(bank_size=bank_size)
+        if bank_size is None:
+            pool = len(locations) * self.vectors.n_patches
+            bank_size = default_bank_size(pool, len(vocab.labels))
+        params = PvclParams(bank_size=bank_size)
         builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
         n_patches = 0
         for chunk in self._stream(locations, progress, "fitting"):
@@ -648,6 +651,19 @@ class Library:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+# The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches
+# over 20 classes). Small libraries keep that proportion: with K = 512 on a 400-image pool the
+# banks held half of all patches, background included, and the class means blurred.
+PAPER_BANK_SIZE = 512
+BANK_FRACTION = 1 / 50  # of the pool per class, at most
+MIN_BANK_SIZE = 16
+
+
+def default_bank_size(pool_patches: int, n_classes: int) -> int:
+    """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
+    per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
+    return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))
 
 
 def _default_templates() -> list[str]:

@@ -86,3 +86,12 @@ def test_eval_on_a_folder_that_is_no_dataset_exits_2(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         run_guarded(cli, ["eval", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_default_bank_size_keeps_the_papers_proportion():
+    """Benchmark-sized pools get the paper's K = 512; small libraries a bank ≤ 1/50 of the pool."""
+    from piaa_index.library import default_bank_size
+
+    assert default_bank_size(5000 * 196, 20) == 512  # VOC07 train with ViT-B/16
+    assert default_bank_size(400 * 64, 24) == 21  # a 400-image ShapesWorld library
+    assert default_bank_size(10, 80) == 16  # never below the floor

@@ -26,7 +26,11 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     type=click.Path(file_okay=False),
     help="Where the evaluation's own index lives. [default: HOME/eval]",
 )
-@click.option("--bank-size", type=int, help="Patches per class bank (K). [default: 512]")
+@click.option(
+    "--bank-size",
+    type=int,
+    help="Patches per class bank (K). [default: 512, or 1/50 of the pool per class when smaller]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @pass_app
 def eval_command(

@@ -87,7 +87,10 @@ def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
 
 @click.command("fit")
 @click.option(
-    "--bank-size", type=int, default=None, help="Patches per class bank (K). [default: 512]"
+    "--bank-size",
+    type=int,
+    default=None,
+    help="Patches per class bank (K). [default: 512, or 1/50 of the pool per class when smaller]",
 )
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
