@@ -84,10 +84,11 @@ def patch_evidence(
     if patches.ndim != 3:
         raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
     out = np.empty((patches.shape[0], clf.n_classes), np.float64)
-    for i, blk in enumerate(_blocks(patches, batch_images)):
+    b = max(1, batch_images)
+    for i, blk in enumerate(_blocks(patches, b)):
         # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
         p = softmax(tau * clf.logits(blk).astype(np.float64))
-        out[i * batch_images : i * batch_images + blk.shape[0]] = p.max(axis=1)
+        out[i * b : i * b + blk.shape[0]] = p.max(axis=1)
     return out
 
 
@@ -99,9 +100,10 @@ def patch_text_evidence(
         raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
     T32 = np.asarray(T, dtype=np.float32)
     out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
-    for i, blk in enumerate(_blocks(patches, batch_images)):
+    b = max(1, batch_images)
+    for i, blk in enumerate(_blocks(patches, b)):
         p = softmax(text_scale * (blk @ T32.T).astype(np.float64))
-        out[i * batch_images : i * batch_images + blk.shape[0]] = p.max(axis=1)
+        out[i * b : i * b + blk.shape[0]] = p.max(axis=1)
     return out
 
 

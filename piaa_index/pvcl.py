@@ -130,7 +130,7 @@ class BankBuilder:
                 Hc = H[idx]
             if self._H[c].size == self.K and Hc.min() > self._H[c][-1]:
                 continue
-            self._merge(c, X[idx], p[idx].astype(np.float32), Hc, ids[idx])
+            self._merge(int(c), X[idx], p[idx].astype(np.float32), Hc, ids[idx])
 
     def _merge(self, c: int, X: np.ndarray, P: np.ndarray, H: np.ndarray, ids: np.ndarray) -> None:
         """Merge candidates into class c's bank, keeping the K smallest (entropy, id)."""
@@ -193,11 +193,11 @@ class Classifier:
             "params": self.params,
             "scale": float(self.scale),
         }
-        arrays = {"W": self.W, "b": self.b}
-        if self.means is not None:
-            arrays["means"] = self.means
         meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        np.savez(buf, meta=meta_bytes, **arrays)
+        if self.means is None:
+            np.savez(buf, meta=meta_bytes, W=self.W, b=self.b)
+        else:
+            np.savez(buf, meta=meta_bytes, W=self.W, b=self.b, means=self.means)
         return buf.getvalue()
 
     @classmethod
