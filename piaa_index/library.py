@@ -393,9 +393,11 @@ class Library:
             cls_s.append(c)
         all_ids = np.concatenate(ids)
         S, E, Cs = np.concatenate(fused), np.concatenate(evidence), np.concatenate(cls_s)
+        # Present/absent is decided on the patch evidence m, not the fused S: S sums to one over
+        # labels, so it shrinks as an image holds more objects (docs/method.md, "Decisions").
         # Without return_info, decision_thresholds returns the [C] array alone.
-        thresholds = cast(np.ndarray, fusion.decision_thresholds(S))
-        present = fusion.decide(S, thresholds)
+        thresholds = cast(np.ndarray, fusion.decision_thresholds(E))
+        present = fusion.decide(E, thresholds)
         row = ClassifierRow(
             vocabulary_id=vocab.id,
             created_at=utcnow(),
@@ -451,7 +453,7 @@ class Library:
         rows: list[dict] = []
         for chunk in self._stream(locations, progress, "tagging new images"):
             S, E, Cs = self._scores(chunk, fitted.classifier, fitted.text_protos)
-            present = fusion.decide(S, fitted.thresholds)
+            present = fusion.decide(E, fitted.thresholds)
             rows.extend(_tag_rows(chunk.image_ids, vocab, fitted.id, S, E, Cs, present))
         self.store.add_tags(rows)
         return vocab

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from piaa_index.library import Library
 
 METHODS = ("cls", "patch-text", "pvcl", "piaa")
+DECIDED_ON = {"piaa": "pvcl"}  # present/absent for the fused ranking comes from patch evidence
 
 
 def _locations_for(
@@ -86,15 +87,21 @@ def run_ablation(
     targets = test.targets()
     results: dict[str, Any] = {}
     per_class: dict[str, dict[str, float | None]] = {}
+    in_dataset_order = {}
     for method, S in scores.items():
         full = np.zeros((len(order), len(test.classes)), dtype=np.float32)
         for k, image_id in enumerate(order):
             if image_id != -1:
                 full[k] = S[row_of[image_id]]
+        in_dataset_order[method] = full
+    for method, full in in_dataset_order.items():
         mAP, ap = mean_average_precision(full, targets)
+        # Each method decides on its own scores, except piaa, which decides as the product's
+        # tags do: on the PVCL patch evidence (so its CF1/OF1 equal pvcl's).
+        decision_scores = in_dataset_order[DECIDED_ON.get(method, method)]
         # Without return_info, decision_thresholds returns the [C] array alone.
-        thresholds = cast(np.ndarray, fusion.decision_thresholds(full))
-        f1 = f1_scores(fusion.decide(full, thresholds), targets)
+        thresholds = cast(np.ndarray, fusion.decision_thresholds(decision_scores))
+        f1 = f1_scores(fusion.decide(decision_scores, thresholds), targets)
         results[method] = {"mAP": round(float(mAP), 2), **{k: round(v, 2) for k, v in f1.items()}}
         per_class[method] = {
             name: (None if np.isnan(a) else round(float(a), 2))
