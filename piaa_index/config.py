@@ -13,6 +13,14 @@ DEFAULT_PRETRAINED = (
 )
 DEFAULT_FRONT_END = "sclip"
 FRONT_ENDS: tuple[str, ...] = ("clip", "sclip")
+# SCLIP repairs the last block of web-trained CLIP for dense use; the shipped shapesworld model
+# was trained with a token-level loss on its plain last-block patches, so it uses those.
+MODEL_FRONT_END = {"shapesworld": "clip"}
+
+
+def default_front_end(model: str) -> str:
+    """The patch front-end a model uses unless the user picks one."""
+    return MODEL_FRONT_END.get(model, DEFAULT_FRONT_END)
 
 
 def default_home() -> Path:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from piaa_index.config import (
-    DEFAULT_FRONT_END,
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     ModelSpec,
     Settings,
+    default_front_end,
 )
 from piaa_index.store import Store, VocabularyInfo, utcnow
 from piaa_index.vectors import VectorStore
@@ -115,10 +115,11 @@ class Library:
         store = Store.open(settings.db_url)
         stored = store.get_setting("model")
         if stored is None:
+            model_name = settings.model or DEFAULT_MODEL
             spec = ModelSpec(
-                model=settings.model or DEFAULT_MODEL,
+                model=model_name,
                 pretrained=settings.pretrained or DEFAULT_PRETRAINED,
-                front_end=settings.front_end or DEFAULT_FRONT_END,
+                front_end=settings.front_end or default_front_end(model_name),
             )
         else:
             spec = ModelSpec(stored["model"], stored["pretrained"], stored["front_end"])

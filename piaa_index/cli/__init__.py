@@ -66,7 +66,7 @@ class PiaaGroup(click.Group):
     "--front-end",
     envvar="PIAA_FRONT_END",
     type=click.Choice(["clip", "sclip"]),
-    help="Patch front-end. [default: sclip]",
+    help="Patch front-end. [default: sclip; clip for shapesworld]",
 )
 @click.option(
     "--device",
