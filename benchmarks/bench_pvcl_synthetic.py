@@ -1,6 +1,6 @@
 """PVCL and PAA on synthetic Gaussian worlds with a modality gap: recovery, accuracy, scale, tags.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_pvcl_synthetic.py [--quick] [--only fit|scale|tags]``.
+Run: ``python benchmarks/bench_pvcl_synthetic.py [--quick] [--only fit|scale|tags]``.
 Prints markdown tables (the numbers quoted in docs/method.md):
 
 1. fit: recovery of the class means (cosine), patch accuracy of the text classifier vs PVCL,
@@ -17,15 +17,12 @@ import argparse
 import resource
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from piaa_index.eval.metrics import f1_scores, mean_average_precision  # noqa: E402
-from piaa_index.fusion import (  # noqa: E402
+from piaa_index.eval.metrics import f1_scores, mean_average_precision
+from piaa_index.eval.synthetic import PatchWorld, image_world, unit
+from piaa_index.fusion import (
     PaaParams,
     decide,
     decision_thresholds,
@@ -33,49 +30,12 @@ from piaa_index.fusion import (  # noqa: E402
     patch_text_evidence,
     score_images,
 )
-from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks, fit_pvcl  # noqa: E402
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm."""
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks, fit_pvcl
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (Linux reports KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PatchWorld:
-    """C visual class means, background clusters, and text prototypes across a modality gap."""
-
-    def __init__(
-        self, C: int, d: int = 64, noise: float = 1.5, text_noise: float = 1.5, seed: int = 0
-    ) -> None:
-        rng = np.random.default_rng(seed)
-        self.C, self.d, self.noise, self.seed = C, d, noise, seed
-        self.means = unit(0.3 * unit(rng.normal(size=d)) + unit(rng.normal(size=(C, d))))
-        gap = unit(rng.normal(size=d))
-        self.T = unit(self.means + gap + text_noise * unit(rng.normal(size=(C, d)))).astype(
-            np.float32
-        )
-        self.bg = unit(rng.normal(size=(5, d)))
-
-    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """n patches: 2/3 objects of uniformly drawn classes, 1/3 background (label −1)."""
-        y = rng.integers(self.C, size=n)
-        y[rng.random(n) < 1 / 3] = -1
-        centres = np.where(
-            y[:, None] >= 0, self.means[np.maximum(y, 0)], self.bg[rng.integers(5, size=n)]
-        )
-        X = unit(centres + self.noise * rng.normal(size=(n, self.d)) / np.sqrt(self.d))
-        return X.astype(np.float32), y
-
-    def stream(self, n: int, chunk: int) -> Iterator[np.ndarray]:
-        """n patches generated chunk by chunk (deterministic), never all in memory."""
-        rng = np.random.default_rng(self.seed + 1)
-        for start in range(0, n, chunk):
-            yield self.sample(min(chunk, n - start), rng)[0]
 
 
 def bench_fit(quick: bool) -> None:
@@ -159,46 +119,6 @@ def bench_scale(quick: bool) -> None:
         )
 
 
-def image_world(N: int, C: int, d: int = 64, M: int = 49, seed: int = 3, absent: int = 1):
-    """Images with 0–4 objects (Zipf frequencies, areas 1..M/2, a third of object patches blended
-    with background); [CLS] is an area^1.5-weighted blend. `absent` extra labels never occur.
-    Returns patches [N, M, d], cls [N, d], targets [N, C + absent], prototypes [C + absent, d].
-    """
-    rng = np.random.default_rng(seed)
-    means = unit(0.3 * unit(rng.normal(size=d)) + unit(rng.normal(size=(C, d))))
-    gap = unit(rng.normal(size=d))
-    T = unit(means + gap + 1.5 * unit(rng.normal(size=(C, d))))
-    T = np.concatenate([T, unit(rng.normal(size=(absent, d)))])
-    bgs = unit(rng.normal(size=(6, d)))
-    freq = 1.0 / np.arange(1, C + 1)
-    freq = freq[rng.permutation(C)] / freq.sum()
-    Y = np.zeros((N, C + absent), bool)
-    P = np.empty((N, M, d), np.float32)
-    Z = np.empty((N, d), np.float32)
-    for n in range(N):
-        k = min(rng.poisson(1.8), 4)
-        cs = rng.choice(C, size=k, replace=False, p=freq)
-        Y[n, cs] = True
-        bg = bgs[rng.integers(6)]
-        lab = np.full(M, -1)
-        slots = rng.permutation(M)
-        areas, pos = [], 0
-        for c in cs:
-            a = int(np.clip(np.round(np.exp(rng.uniform(0, np.log(M / 2)))), 1, M // 2))
-            a = min(a, M - pos)
-            lab[slots[pos : pos + a]] = c
-            pos += a
-            areas.append(a)
-        centres = np.where(lab[:, None] >= 0, means[np.maximum(lab, 0)], bg)
-        mixed = (lab >= 0) & (rng.random(M) < 0.33)
-        centres[mixed] = 0.5 * centres[mixed] + 0.5 * bg
-        P[n] = unit(centres + 1.5 * rng.normal(size=(M, d)) / np.sqrt(d))
-        wts = np.array(areas, float) ** 1.5
-        glob = wts @ means[cs] / wts.sum() if k else np.zeros(d)
-        Z[n] = unit(glob + 0.25 * bg + 0.2 * rng.normal(size=d) / np.sqrt(d))
-    return P, Z, Y, T.astype(np.float32)
-
-
 def oracle_f1(scores: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     """F1 scores with each label's best threshold chosen on the ground truth (upper bound)."""
     pred = np.zeros_like(Y)
@@ -223,7 +143,7 @@ def bench_tags(quick: bool) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for C, N in worlds:
-        P, Z, Y, T = image_world(N, C)
+        P, Z, Y, T = image_world(N, C, M=49, absent=1)
         t0 = time.perf_counter()
         clf = fit_pvcl((P[i : i + 500] for i in range(0, N, 500)), T, bank_size=512)
         sc = score_images(Z, P, T, clf)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
+from piaa_index.eval.synthetic import image_world
 from piaa_index.fusion import (
     PaaParams,
     cls_scores,
@@ -20,55 +21,10 @@ from piaa_index.fusion import (
 from piaa_index.pvcl import fit_pvcl, softmax
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm."""
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def image_world(N: int = 700, C: int = 10, d: int = 64, M: int = 36, seed: int = 3):
-    """Images of 0–4 objects (Zipf-like label frequencies, areas 1..M/2 patches, a third of
-    object patches blended with the background) on one of 6 backgrounds; [CLS] is an
-    area-weighted blend, so small objects barely show in it. Text prototypes carry a modality
-    gap. Returns patches [N, M, d], cls [N, d], targets [N, C], text prototypes [C, d].
-    """
-    rng = np.random.default_rng(seed)
-    means = unit(0.3 * unit(rng.normal(size=d)) + unit(rng.normal(size=(C, d))))
-    T = unit(means + unit(rng.normal(size=d)) + 1.5 * unit(rng.normal(size=(C, d))))
-    bgs = unit(rng.normal(size=(6, d)))
-    freq = 1.0 / np.arange(1, C + 1)
-    freq = freq[rng.permutation(C)] / freq.sum()
-    Y = np.zeros((N, C), bool)
-    P = np.empty((N, M, d), np.float32)
-    Z = np.empty((N, d), np.float32)
-    for n in range(N):
-        k = min(rng.poisson(1.8), 4)
-        cs = rng.choice(C, size=k, replace=False, p=freq)
-        Y[n, cs] = True
-        bg = bgs[rng.integers(6)]
-        lab = np.full(M, -1)
-        slots = rng.permutation(M)
-        areas, pos = [], 0
-        for c in cs:
-            a = min(
-                int(np.clip(np.round(np.exp(rng.uniform(0, np.log(M / 2)))), 1, M // 2)), M - pos
-            )
-            lab[slots[pos : pos + a]] = c
-            pos += a
-            areas.append(a)
-        centres = np.where(lab[:, None] >= 0, means[np.maximum(lab, 0)], bg)
-        mixed = (lab >= 0) & (rng.random(M) < 0.33)
-        centres[mixed] = 0.5 * centres[mixed] + 0.5 * bg
-        P[n] = unit(centres + 1.5 * rng.normal(size=(M, d)) / np.sqrt(d))
-        w = np.array(areas, float) ** 1.5
-        glob = w @ means[cs] / w.sum() if k else np.zeros(d)
-        Z[n] = unit(glob + 0.25 * bg + 0.2 * rng.normal(size=d) / np.sqrt(d))
-    return P, Z, Y, T.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def world():
     """World, its fitted PVCL classifier and all scores, shared by this module."""
-    P, Z, Y, T = image_world()
+    P, Z, Y, T = image_world(N=700, C=10, M=36)
     clf = fit_pvcl((P[i : i + 100] for i in range(0, len(P), 100)), T, bank_size=256)
     return P, Z, Y, T, clf, score_images(Z, P, T, clf)
 

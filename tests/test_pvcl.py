@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from piaa_index.eval.synthetic import patch_world, unit
 from piaa_index.pvcl import (
     BankBuilder,
     Classifier,
@@ -19,41 +20,10 @@ from piaa_index.pvcl import (
 )
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm."""
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def patch_world(
-    C: int = 10,
-    d: int = 64,
-    n_per_class: int = 1500,
-    noise: float = 1.5,
-    text_noise: float = 2.0,
-    seed: int = 2,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Patches (objects of C classes + background clusters), labels (−1 = background),
-    true visual means, and text prototypes shifted by a common gap vector plus per-class noise.
-    """
-    rng = np.random.default_rng(seed)
-    base = unit(rng.normal(size=d))
-    means = unit(0.3 * base + unit(rng.normal(size=(C, d))))
-    gap = unit(rng.normal(size=d))
-    T = unit(means + gap + text_noise * unit(rng.normal(size=(C, d))))
-    bg = unit(rng.normal(size=(5, d)))
-    y = np.repeat(np.arange(C), n_per_class)
-    n_bg = C * n_per_class // 2
-    centres = np.concatenate([means[y], bg[rng.integers(5, size=n_bg)]])
-    X = unit(centres + noise * rng.normal(size=centres.shape) / np.sqrt(d)).astype(np.float32)
-    labels = np.concatenate([y, -np.ones(n_bg, int)])
-    perm = rng.permutation(labels.size)
-    return X[perm], labels[perm], means, T.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def world() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The default world, shared by the tests of this module."""
-    return patch_world()
+    return patch_world(C=10, n_per_class=1500, text_noise=2.0, seed=2)
 
 
 @pytest.fixture(scope="module")
