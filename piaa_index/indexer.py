@@ -156,7 +156,8 @@ class Indexer:
             self.store.remove_images(gone)
             report.removed = len(gone)
         if todo:
-            self._index_files(todo, known, report, progress)
+            with self.vectors.writer_lock():
+                self._index_files(todo, known, report, progress)
         report.seconds = time.perf_counter() - started
         return report
 

@@ -206,8 +206,16 @@ class Library:
 
     def _reconcile(self) -> None:
         """Make SQL and the vector files agree after a crash (SQL is the source of truth)."""
+        from piaa_index.vectors import LockedError
+
         assert self._vectors is not None
-        _orphans, missing = self._vectors.reconcile(self.store.referenced_shards())
+        try:
+            # Under the writer lock: an index run in progress owns shards it has written but
+            # not yet committed, and they must not be mistaken for a crash's orphans.
+            with self._vectors.writer_lock():
+                _orphans, missing = self._vectors.reconcile(self.store.referenced_shards())
+        except LockedError:
+            return
         if missing:
             self.store.mark_shards_missing(missing)
 

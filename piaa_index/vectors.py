@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ DEFAULT_CODEC = "fp16"
 
 class VectorStoreError(Exception):
     """Vector files that cannot be used with the requested model or are damaged."""
+
+
+class LockedError(VectorStoreError):
+    """Another process is writing to this library."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,28 @@ class VectorStore:
             return faiss.IndexFlatIP(self.dim)
         qtype = getattr(faiss.ScalarQuantizer, qname)
         return faiss.IndexScalarQuantizer(self.dim, qtype, faiss.METRIC_INNER_PRODUCT)
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Exclusive right to add shards: a second index run on the same library fails fast."""
+        path = self.root / "writer.lock"
+        with open(path, "a+") as fh:
+            try:
+                import fcntl
+            except ImportError:  # Windows: no advisory locks; single-writer is on the user
+                yield
+                return
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise LockedError(
+                    f"another piaa process is indexing this library ({self.root}); "
+                    "wait for it to finish"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def delete_shard(self, shard: int) -> None:
         for kind in ("cls", "patch"):

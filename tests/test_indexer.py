@@ -542,3 +542,34 @@ def test_file_that_became_unreadable_leaves_search_results(
     rows = library.search("red circle OR NOT red circle", limit=None, include_absent=True)
     assert str(victim) not in {r["path"] for r in rows}
     assert str(victim) not in {r["path"] for r in library.similar(photos.unicode, limit=None)}
+
+
+def test_a_reader_during_an_index_run_leaves_its_uncommitted_shard_alone(
+    tmp_path, tiny_model_config
+):
+    """`piaa status` while another process indexes must not delete the shard in flight."""
+    import numpy as np
+
+    from piaa_index.library import Library
+
+    photos = tmp_path / "p"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(photos / "a.png")
+    opts = dict(home=tmp_path / "h", model=str(tiny_model_config), pretrained="none")
+    with Library.open(**opts) as writer:
+        writer.index([photos])
+        vectors = writer.vectors
+        in_flight = vectors.next_shard_id()
+        d, m = vectors.dim, vectors.n_patches
+        with vectors.writer_lock():  # the "other process" has written but not committed
+            vectors.write_shard(
+                in_flight, [999], np.ones((1, d), np.float32), np.ones((1, m, d), np.float32)
+            )
+            with Library.open(**opts) as reader:
+                reader.status()
+            assert in_flight in vectors.shard_ids()
+    with Library.open(**opts) as later:  # no writer any more: now it is a crash's orphan
+        later.status()
+        assert in_flight not in later.vectors.shard_ids()

@@ -197,3 +197,18 @@ def test_reconcile_reports_a_shard_whose_patch_file_is_lost(tmp_path: Path) -> N
     orphans, missing = vs.reconcile(referenced={1, 2})
 
     assert (orphans, missing) == ([], [1])
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    """Two index runs on one library would race for shard ids: the second fails fast."""
+    from piaa_index.vectors import LockedError
+
+    identity = {"model": "m", "pretrained": "none", "front_end": "clip", "dim": 4, "grid": [1, 1]}
+    first = VectorStore.open(tmp_path, identity)
+    second = VectorStore.open(tmp_path, identity)
+    with first.writer_lock():
+        with pytest.raises(LockedError, match="another piaa process"):
+            with second.writer_lock():
+                pass
+    with second.writer_lock():  # released: the next run proceeds
+        pass

@@ -94,7 +94,14 @@ def exit_code_for(exc: BaseException) -> int | None:
         return EXIT_USAGE
     if isinstance(exc, LibraryError):
         return EXIT_ERROR
-    expected = ("StoreError", "VectorStoreError", "ModelLoadError", "DatasetError", "PluginError")
+    expected = (
+        "StoreError",
+        "VectorStoreError",
+        "LockedError",
+        "ModelLoadError",
+        "DatasetError",
+        "PluginError",
+    )
     if type(exc).__name__ in expected:
         return EXIT_USAGE if type(exc).__name__ == "DatasetError" else EXIT_ERROR
     return None
