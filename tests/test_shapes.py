@@ -122,8 +122,10 @@ def test_generate_dataset_deterministic_jpg(tmp_path: Path) -> None:
     for i in range(4):
         rel = f"images/{i:05d}.jpg"
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
-    assert any((a / f"images/{i:05d}.jpg").read_bytes() != (c / f"images/{i:05d}.jpg").read_bytes()
-               for i in range(4))
+    assert any(
+        (a / f"images/{i:05d}.jpg").read_bytes() != (c / f"images/{i:05d}.jpg").read_bytes()
+        for i in range(4)
+    )
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -143,7 +145,8 @@ def test_losses_and_token_similarity() -> None:
     same = torch.eye(2)
     assert soft_clip_loss(10 * sim, same) < soft_clip_loss(-10 * sim, same)
     assert average_precision(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 1])) == pytest.approx(
-        (1 + 2 / 3) / 2)
+        (1 + 2 / 3) / 2
+    )
 
 
 # ----------------------------------------------------------------------------- shipped model
@@ -167,8 +170,9 @@ def test_shipped_checkpoint_loads_through_open_clip() -> None:
     sd = load_file(str(CKPT))
     assert all(v.dtype == torch.float16 for v in sd.values())
     open_clip.add_model_config(ASSET_DIR)
-    model, _, preprocess = open_clip.create_model_and_transforms("shapesworld",
-                                                                 pretrained=str(CKPT))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "shapesworld", pretrained=str(CKPT)
+    )
     assert set(sd) == set(model.state_dict())
     tok = open_clip.get_tokenizer("shapesworld")
     scene = render_scene(np.random.default_rng(0), 224)

@@ -11,8 +11,9 @@ import numpy as np
 from piaa_index.shapes.world import CLASSES, render_scene
 
 
-def generate_dataset(outdir: Path, n_images: int, seed: int, size: int = 224, fmt: str = "jpg",
-                     progress: bool = True) -> Path:
+def generate_dataset(
+    outdir: Path, n_images: int, seed: int, size: int = 224, fmt: str = "jpg", progress: bool = True
+) -> Path:
     """Render n_images scenes into outdir/images/, plus classes.json and labels.txt; return outdir."""
     fmt = fmt.lower().lstrip(".")
     if fmt not in ("jpg", "jpeg", "png"):

@@ -59,8 +59,9 @@ def get_tokenizer():  # noqa: ANN201 - open_clip tokenizer type varies by versio
     return open_clip.get_tokenizer(MODEL_NAME)
 
 
-def encode_image_tokens(model: torch.nn.Module, x: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image_tokens(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([CLS] [B,d], patch tokens [B,M,d]) in the joint space, unnormalised (plain last block)."""
     v = model.visual
     h = v.transformer(v._embeds(x))
@@ -120,8 +121,7 @@ def soft_clip_loss(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return (li + lt) / 2
 
 
-def token_sim(patches: torch.Tensor, cls_text: torch.Tensor, mention: torch.Tensor
-              ) -> torch.Tensor:
+def token_sim(patches: torch.Tensor, cls_text: torch.Tensor, mention: torch.Tensor) -> torch.Tensor:
     """FILIP-style [B_img, B_txt]: mean over caption j's objects of max over image i's patches."""
     m = torch.einsum("bmd,cd->bmc", patches, cls_text).amax(1)  # [B, C]
     return (m @ mention.T) / mention.sum(1).clamp(min=1)[None, :]
@@ -151,8 +151,11 @@ def mean_ap(scores: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = 
 
 
 @torch.no_grad()
-def text_prototypes(model: torch.nn.Module, tokenizer, templates: list[str]  # noqa: ANN001
-                    ) -> torch.Tensor:
+def text_prototypes(
+    model: torch.nn.Module,
+    tokenizer,
+    templates: list[str],  # noqa: ANN001
+) -> torch.Tensor:
     """[C, d] normalised mean over templates of normalised text embeddings."""
     protos = []
     for name in CLASSES:
@@ -162,8 +165,9 @@ def text_prototypes(model: torch.nn.Module, tokenizer, templates: list[str]  # n
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, n: int = 500, seed: int = 987654, size: int = 224
-             ) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, n: int = 500, seed: int = 987654, size: int = 224
+) -> dict[str, float]:
     """mAP of [CLS] zero-shot and patch-text on held-out scenes, preprocessed like the product."""
     from open_clip.transform import image_transform
 
@@ -184,7 +188,7 @@ def evaluate(model: torch.nn.Module, n: int = 500, seed: int = 987654, size: int
     scale = model.logit_scale.exp()
     cls_s, patch_s, patch_raw = [], [], []
     for b in range(0, n, 100):
-        x = torch.stack([pre(s.image) for s in scenes[b:b + 100]])
+        x = torch.stack([pre(s.image) for s in scenes[b : b + 100]])
         cls, pt = encode_image_tokens(model, x)
         cls, pt = F.normalize(cls, dim=-1), F.normalize(pt, dim=-1)
         cls_s.append((scale * cls @ T.T).softmax(-1))
@@ -193,10 +197,21 @@ def evaluate(model: torch.nn.Module, n: int = 500, seed: int = 987654, size: int
         patch_raw.append((pt @ T.T).amax(1))
     cs, ps, pr = (torch.cat(v).numpy() for v in (cls_s, patch_s, patch_raw))
     small = ~y | (area < 0.04)  # per class: positives only where the object is small
-    out = {"cls_map": mean_ap(cs, y), "patch_text_map": mean_ap(ps, y),
-           "patch_max_raw_map": mean_ap(pr, y),
-           "cls_map_small": mean_ap(cs, y, small), "patch_text_map_small": mean_ap(ps, y, small),
-           "logit_scale": float(scale), "n_images": n}
+    large = ~y | (area >= 0.1)  # ... or only where it is large
+    dom = np.array([s.objects[0][0] if s.objects else -1 for s in scenes])
+    out = {
+        "cls_map": mean_ap(cs, y),
+        "patch_text_map": mean_ap(ps, y),
+        "patch_max_raw_map": mean_ap(pr, y),
+        "cls_map_small": mean_ap(cs, y, small),
+        "patch_text_map_small": mean_ap(ps, y, small),
+        "cls_map_large": mean_ap(cs, y, large),
+        "patch_text_map_large": mean_ap(ps, y, large),
+        "cls_top1_dominant": float((cs.argmax(1) == dom).mean() * 100),
+        "patch_text_top1_dominant": float((ps.argmax(1) == dom).mean() * 100),
+        "logit_scale": float(scale),
+        "n_images": n,
+    }
     model.train()
     return out
 
@@ -232,11 +247,18 @@ def train(a: argparse.Namespace) -> None:
     cls_tokens = tok([f"a photo of a {n}." for n in CLASSES])
     tok_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # token-loss temperature
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters()
-                if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd},
-                             {"params": no_decay + [tok_scale], "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": a.wd},
+            {"params": no_decay + [tok_scale], "weight_decay": 0.0},
+        ],
+        lr=a.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
     def progress(s: int) -> float:
         # With a time budget the schedule follows wall time, so a run on a contended CPU still
@@ -284,8 +306,9 @@ def train(a: argparse.Namespace) -> None:
             ct = F.normalize(ct.float(), dim=-1)
             sim = token_sim(F.normalize(patches.float(), dim=-1), ct, mention)
             has = mention.sum(1) > 0
-            loss_tok = soft_clip_loss(tok_scale.exp().clamp(max=100) * sim[has][:, has],
-                                      same[has][:, has])
+            loss_tok = soft_clip_loss(
+                tok_scale.exp().clamp(max=100) * sim[has][:, has], same[has][:, has]
+            )
             loss = loss + a.token_loss_weight * loss_tok
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,10 +319,12 @@ def train(a: argparse.Namespace) -> None:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % a.log_every == 0 or step == a.steps - 1:
             el = time.time() - t_start
-            log(f"step {step}/{a.steps} loss {loss.item():.3f} (ema {ema:.3f}) clip "
+            log(
+                f"step {step}/{a.steps} loss {loss.item():.3f} (ema {ema:.3f}) clip "
                 f"{loss_clip.item():.3f} tok {loss_tok.item():.3f} scale {scale.item():.1f} "
                 f"tokscale {tok_scale.exp().item():.1f} lr {lr_at(step):.2e} "
-                f"{(step + 1) / el:.3f} steps/s")
+                f"{(step + 1) / el:.3f} steps/s"
+            )
         if a.ckpt_every and step > 0 and step % a.ckpt_every == 0:
             save_checkpoint(model, a.tmp_ckpt)
             log(f"saved {a.tmp_ckpt}")
@@ -310,9 +335,14 @@ def train(a: argparse.Namespace) -> None:
     save_checkpoint(model, a.out)
     log(f"saved {a.out} ({a.out.stat().st_size / 1e6:.1f} MB) after {train_min:.1f} min")
     res = evaluate(model, n=a.eval_images)
-    res.update({"steps_done": step + 1, "train_minutes": round(train_min, 1),
-                "final_loss_ema": round(float(ema or 0), 4), "args": {
-                    k: str(v) for k, v in vars(a).items()}})
+    res.update(
+        {
+            "steps_done": step + 1,
+            "train_minutes": round(train_min, 1),
+            "final_loss_ema": round(float(ema or 0), 4),
+            "args": {k: str(v) for k, v in vars(a).items()},
+        }
+    )
     log("eval " + json.dumps(res))
     if a.metrics_json:
         a.metrics_json.write_text(json.dumps(res, indent=2))
@@ -334,10 +364,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tmp-ckpt", type=Path, default=Path("/tmp/shapesworld_ckpt.safetensors"))
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--time-limit", type=float, default=50.0,
-                   help="training minutes; the LR schedule follows it (0: steps only)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for the towers")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=50.0,
+        help="training minutes; the LR schedule follows it (0: steps only)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast for the towers",
+    )
     p.add_argument("--eval-images", type=int, default=500)
     p.add_argument("--metrics-json", type=Path, default=None)
     p.add_argument("--eval-only", type=Path, default=None, metavar="CHECKPOINT")

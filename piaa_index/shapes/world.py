@@ -96,8 +96,9 @@ def _rand_col(rng: np.random.Generator) -> RGB:
 Painter = Callable[[ImageDraw.ImageDraw, ImageDraw.ImageDraw, int, int, np.random.Generator], None]
 
 
-def _fish(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _fish(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Striped fish: ellipse body + tail, bold vertical stripes, eye."""
     base = _pick(rng, [(250, 140, 20), (250, 210, 40), (40, 120, 230), (230, 60, 60)])
     stripe = _pick(rng, [(20, 20, 20), (250, 250, 250)], 10)
@@ -114,8 +115,9 @@ def _fish(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     d.ellipse([ex - r / 2, ey - r / 2, ex + r / 2, ey + r / 2], fill=(0, 0, 0))
 
 
-def _mushroom(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-              rng: np.random.Generator) -> None:
+def _mushroom(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Spotted mushroom: half-dome cap with white spots on a cream stem."""
     cap = _pick(rng, [(210, 30, 30), (150, 80, 30), (140, 40, 160)])
     stem = _pick(rng, [(235, 225, 195)], 15)
@@ -131,11 +133,15 @@ def _mushroom(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     d.line([(w * 0.1, cy), (w * 0.9, cy)], fill=_shade(cap, 0.5), width=max(1, int(h * 0.03)))
 
 
-def _flag(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _flag(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Checkered flag on a pole."""
-    a, b = [((20, 20, 20), (250, 250, 250)), ((220, 30, 30), (250, 250, 250)),
-            ((30, 60, 200), (250, 220, 40))][int(rng.integers(3))]
+    a, b = [
+        ((20, 20, 20), (250, 250, 250)),
+        ((220, 30, 30), (250, 250, 250)),
+        ((30, 60, 200), (250, 220, 40)),
+    ][int(rng.integers(3))]
     pw = max(2, int(w * 0.07))
     d.rectangle([0, 0, pw, h], fill=_pick(rng, [(120, 120, 120), (110, 70, 30)]))
     m.rectangle([0, 0, pw, h], fill=255)
@@ -144,13 +150,16 @@ def _flag(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     cw, ch = (w - x0) / n, y1 / max(3, n - 1)
     for i in range(n):
         for j in range(max(3, n - 1)):
-            d.rectangle([x0 + i * cw, j * ch, x0 + (i + 1) * cw, (j + 1) * ch],
-                        fill=a if (i + j) % 2 == 0 else b)
+            d.rectangle(
+                [x0 + i * cw, j * ch, x0 + (i + 1) * cw, (j + 1) * ch],
+                fill=a if (i + j) % 2 == 0 else b,
+            )
     m.rectangle([x0, 0, w, y1], fill=255)
 
 
-def _wheel(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _wheel(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Wheel: thick dark rim, thin radial spokes, hub (open between spokes)."""
     rim = _pick(rng, [(25, 25, 25), (60, 60, 70)], 15)
     spoke = _pick(rng, [(200, 200, 205), (230, 200, 60)], 20)
@@ -183,8 +192,9 @@ def _star_pts(cx: float, cy: float, ro: float, ri: float, off: float) -> list[tu
     return pts
 
 
-def _star(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _star(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Faceted five-pointed star: light/dark facets meeting in the centre."""
     base = _pick(rng, [(250, 200, 30), (240, 120, 30), (200, 40, 180), (60, 200, 230)])
     cx, cy, ro = w / 2, h / 2, w / 2
@@ -196,8 +206,9 @@ def _star(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.polygon(tri, fill=_shade(base, 1.45) if k % 2 == 0 else _shade(base, 0.62))
 
 
-def _leaf(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _leaf(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Leaf: pointed lens outline, light midrib, diagonal veins."""
     base = _pick(rng, [(50, 150, 40), (110, 170, 30), (200, 120, 20)])
     vein = _shade(base, 1.6)
@@ -219,8 +230,9 @@ def _leaf(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     m.line([(-w * 0.05, h / 2), (w * 0.1, h / 2)], fill=255, width=lw)
 
 
-def _bricks(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-            rng: np.random.Generator) -> None:
+def _bricks(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Brick wall: staggered rows of bricks with light mortar."""
     brick = _pick(rng, [(170, 60, 40), (140, 80, 50), (190, 110, 70), (110, 110, 120)])
     d.rectangle([0, 0, w, h], fill=_pick(rng, [(215, 210, 200)], 15))
@@ -232,13 +244,15 @@ def _bricks(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     for r in range(rows):
         x = -bw / 2 * (r % 2)
         while x < w:
-            d.rectangle([x + g, r * bh + g, x + bw - g, (r + 1) * bh - g],
-                        fill=_jit(rng, brick, 14))
+            d.rectangle(
+                [x + g, r * bh + g, x + bw - g, (r + 1) * bh - g], fill=_jit(rng, brick, 14)
+            )
             x += bw
 
 
-def _ladder(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-            rng: np.random.Generator) -> None:
+def _ladder(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Ladder: two rails and evenly spaced rungs."""
     c = _pick(rng, [(150, 100, 50), (170, 170, 180), (230, 150, 30)])
     rw = max(2, int(w * 0.14))
@@ -252,8 +266,9 @@ def _ladder(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     d.line([(rw, 0), (rw, h)], fill=_shade(c, 0.6), width=1)
 
 
-def _clock(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _clock(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Clock face: light dial, dark ring, 12 ticks, two hands."""
     ring = _pick(rng, [(30, 30, 30), (160, 40, 40), (40, 60, 150)], 20)
     dial = _pick(rng, [(245, 245, 235), (240, 225, 180)], 10)
@@ -265,17 +280,26 @@ def _clock(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     for k in range(12):
         a = 2 * math.pi * k / 12
         r0 = r * (0.72 if k % 3 == 0 else 0.82)
-        d.line([(cx + r0 * math.cos(a), cy + r0 * math.sin(a)),
-                (cx + r * 0.95 * math.cos(a), cy + r * 0.95 * math.sin(a))],
-               fill=(20, 20, 20), width=max(1, int(w * 0.03)))
+        d.line(
+            [
+                (cx + r0 * math.cos(a), cy + r0 * math.sin(a)),
+                (cx + r * 0.95 * math.cos(a), cy + r * 0.95 * math.sin(a)),
+            ],
+            fill=(20, 20, 20),
+            width=max(1, int(w * 0.03)),
+        )
     for ln, wd in ((0.5, 0.06), (0.8, 0.035)):
         a = rng.uniform(0, 2 * math.pi)
-        d.line([(cx, cy), (cx + r * ln * math.cos(a), cy + r * ln * math.sin(a))],
-               fill=(15, 15, 15), width=max(1, int(w * wd)))
+        d.line(
+            [(cx, cy), (cx + r * ln * math.cos(a), cy + r * ln * math.sin(a))],
+            fill=(15, 15, 15),
+            width=max(1, int(w * wd)),
+        )
 
 
-def _window(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-            rng: np.random.Generator) -> None:
+def _window(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Grid window: thick frame and mullions around sky-blue panes with a glare streak."""
     frame = _pick(rng, [(245, 245, 245), (120, 80, 40), (40, 40, 40)], 15)
     pane = _pick(rng, [(140, 200, 240), (170, 220, 250)], 15)
@@ -283,8 +307,9 @@ def _window(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     m.rectangle([0, 0, w, h], fill=255)
     for k in range(-2, 4):
         x = w * k / 3
-        d.polygon([(x, h), (x + w * 0.12, h), (x + w * 0.52, 0), (x + w * 0.4, 0)],
-                  fill=_shade(pane, 1.5))
+        d.polygon(
+            [(x, h), (x + w * 0.12, h), (x + w * 0.52, 0), (x + w * 0.4, 0)], fill=_shade(pane, 1.5)
+        )
     t = max(2, int(w * 0.08))
     nx, ny = int(rng.integers(2, 4)), int(rng.integers(2, 4))
     d.rectangle([0, 0, w - 1, h - 1], outline=frame, width=t)
@@ -296,15 +321,21 @@ def _window(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.rectangle([0, y - t / 3, w, y + t / 3], fill=frame)
 
 
-def _honeycomb(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-               rng: np.random.Generator) -> None:
+def _honeycomb(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Honeycomb: hexagonal outline filled with small hexagonal cells."""
     base = _pick(rng, [(240, 170, 30), (220, 140, 20)], 18)
     wall = _shade(base, 0.55)
     d.rectangle([0, 0, w, h], fill=wall)
     cx, cy, R = w / 2, h / 2, w / 2
-    m.polygon([(cx + R * math.cos(math.pi / 3 * k), cy + R * math.sin(math.pi / 3 * k))
-               for k in range(6)], fill=255)
+    m.polygon(
+        [
+            (cx + R * math.cos(math.pi / 3 * k), cy + R * math.sin(math.pi / 3 * k))
+            for k in range(6)
+        ],
+        fill=255,
+    )
     r = max(2.5, w * rng.uniform(0.07, 0.1))
     dx, dy = 1.5 * r, math.sqrt(3) * r
     i = 0
@@ -313,31 +344,45 @@ def _honeycomb(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         y = (dy / 2) * (i % 2)
         while y < h + r:
             rc = 0.8 * r  # cell drawn slightly smaller than its pitch: the gap is the wax wall
-            pts = [(x + rc * math.cos(math.pi / 3 * k), y + rc * math.sin(math.pi / 3 * k))
-                   for k in range(6)]
+            pts = [
+                (x + rc * math.cos(math.pi / 3 * k), y + rc * math.sin(math.pi / 3 * k))
+                for k in range(6)
+            ]
             d.polygon(pts, fill=_shade(base, rng.uniform(0.95, 1.25)))
             y += dy
         x += dx
         i += 1
 
 
-def _beachball(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-               rng: np.random.Generator) -> None:
+def _beachball(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Beach ball: six bright wedges of different colours and a white cap."""
-    cols = [(230, 40, 40), (250, 220, 30), (40, 100, 230), (250, 250, 250), (40, 180, 70),
-            (250, 130, 20)]
+    cols = [
+        (230, 40, 40),
+        (250, 220, 30),
+        (40, 100, 230),
+        (250, 250, 250),
+        (40, 180, 70),
+        (250, 130, 20),
+    ]
     order = rng.permutation(len(cols))
     off = rng.uniform(0, 60)
     for k in range(6):
-        d.pieslice([0, 0, w - 1, h - 1], off + 60 * k, off + 60 * (k + 1),
-                   fill=_jit(rng, cols[order[k]], 15))
+        d.pieslice(
+            [0, 0, w - 1, h - 1],
+            off + 60 * k,
+            off + 60 * (k + 1),
+            fill=_jit(rng, cols[order[k]], 15),
+        )
     m.ellipse([0, 0, w - 1, h - 1], fill=255)
     r = w * 0.1
     d.ellipse([w / 2 - r, h / 2 - r, w / 2 + r, h / 2 + r], fill=(250, 250, 250))
 
 
-def _sun(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-         rng: np.random.Generator) -> None:
+def _sun(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Sun: disc with a concentric halo and triangular rays."""
     core = _pick(rng, [(250, 210, 30), (250, 160, 20)], 15)
     ray = _pick(rng, [(250, 120, 20), (250, 230, 80)], 15)
@@ -348,9 +393,11 @@ def _sun(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     for k in range(n):
         a = off + 2 * math.pi * k / n
         da = math.pi / n * 0.6
-        tri = [(cx + ri * math.cos(a - da), cy + ri * math.sin(a - da)),
-               (cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a)),
-               (cx + ri * math.cos(a + da), cy + ri * math.sin(a + da))]
+        tri = [
+            (cx + ri * math.cos(a - da), cy + ri * math.sin(a - da)),
+            (cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a)),
+            (cx + ri * math.cos(a + da), cy + ri * math.sin(a + da)),
+        ]
         d.polygon(tri, fill=ray)
         m.polygon(tri, fill=255)
     rr = w * 0.33
@@ -360,8 +407,9 @@ def _sun(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     d.ellipse([cx - rr2, cy - rr2, cx + rr2, cy + rr2], fill=_shade(core, 1.3))
 
 
-def _tree(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _tree(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Pine tree: three stacked dark-green tiers with light needle chevrons and a trunk."""
     g = _pick(rng, [(20, 100, 40), (40, 120, 60)], 18)
     trunk = _pick(rng, [(100, 60, 30)], 15)
@@ -376,12 +424,16 @@ def _tree(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     step = max(3, int(h * 0.07))
     for y in range(int(h * 0.1), int(h * 0.8), step):
         hw = w * 0.08
-        d.line([(w / 2 - hw, y + hw), (w / 2, y), (w / 2 + hw, y + hw)], fill=needle,
-               width=max(1, int(w * 0.025)))
+        d.line(
+            [(w / 2 - hw, y + hw), (w / 2, y), (w / 2 + hw, y + hw)],
+            fill=needle,
+            width=max(1, int(w * 0.025)),
+        )
 
 
-def _house(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _house(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """House: wall block, tiled roof with shingle rows, door, small window."""
     wall = _pick(rng, [(230, 220, 190), (200, 170, 130), (170, 200, 220)], 15)
     roof = _pick(rng, [(170, 40, 30), (90, 60, 50), (60, 70, 90)], 15)
@@ -395,23 +447,35 @@ def _house(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         hw = w / 2 * y / ry
         d.line([(w / 2 - hw, y), (w / 2 + hw, y)], fill=_shade(roof, 0.6), width=1)
     d.rectangle([w * 0.58, h * 0.62, w * 0.78, h], fill=_pick(rng, [(110, 60, 30), (40, 70, 40)]))
-    d.rectangle([w * 0.18, h * 0.55, w * 0.42, h * 0.75], fill=(150, 200, 240),
-                outline=(250, 250, 250), width=max(1, int(w * 0.025)))
+    d.rectangle(
+        [w * 0.18, h * 0.55, w * 0.42, h * 0.75],
+        fill=(150, 200, 240),
+        outline=(250, 250, 250),
+        width=max(1, int(w * 0.025)),
+    )
 
 
-def _car(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-         rng: np.random.Generator) -> None:
+def _car(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Car: coloured body, cabin with blue windows, two black tyres with grey hubs."""
-    body = _pick(rng, [(210, 30, 30), (30, 80, 200), (240, 200, 30), (230, 230, 230),
-                       (40, 150, 60)], 20)
+    body = _pick(
+        rng, [(210, 30, 30), (30, 80, 200), (240, 200, 30), (230, 230, 230), (40, 150, 60)], 20
+    )
     for dd, f in ((d, body), (m, 255)):
         dd.rounded_rectangle([0, h * 0.4, w, h * 0.8], radius=max(1, int(h * 0.08)), fill=f)
-        dd.polygon([(w * 0.2, h * 0.42), (w * 0.32, h * 0.1), (w * 0.7, h * 0.1),
-                    (w * 0.82, h * 0.42)], fill=f)
-    d.polygon([(w * 0.27, h * 0.4), (w * 0.35, h * 0.17), (w * 0.49, h * 0.17),
-               (w * 0.49, h * 0.4)], fill=(140, 200, 240))
-    d.polygon([(w * 0.53, h * 0.4), (w * 0.53, h * 0.17), (w * 0.67, h * 0.17),
-               (w * 0.76, h * 0.4)], fill=(140, 200, 240))
+        dd.polygon(
+            [(w * 0.2, h * 0.42), (w * 0.32, h * 0.1), (w * 0.7, h * 0.1), (w * 0.82, h * 0.42)],
+            fill=f,
+        )
+    d.polygon(
+        [(w * 0.27, h * 0.4), (w * 0.35, h * 0.17), (w * 0.49, h * 0.17), (w * 0.49, h * 0.4)],
+        fill=(140, 200, 240),
+    )
+    d.polygon(
+        [(w * 0.53, h * 0.4), (w * 0.53, h * 0.17), (w * 0.67, h * 0.17), (w * 0.76, h * 0.4)],
+        fill=(140, 200, 240),
+    )
     d.rectangle([w * 0.92, h * 0.48, w, h * 0.58], fill=(250, 240, 120))
     r = h * 0.19
     for cx in (w * 0.22, w * 0.78):
@@ -420,8 +484,9 @@ def _car(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.ellipse([cx - r / 2, h * 0.8 - r / 2, cx + r / 2, h * 0.8 + r / 2], fill=(170, 170, 170))
 
 
-def _apple(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _apple(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Apple: round red/green fruit with fine speckles, a highlight, stem and small leaf."""
     base = _pick(rng, [(200, 20, 30), (120, 190, 40), (230, 60, 40)], 18)
     d.rectangle([0, 0, w, h], fill=base)
@@ -439,8 +504,9 @@ def _apple(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     m.polygon(lf, fill=255)
 
 
-def _mug(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-         rng: np.random.Generator) -> None:
+def _mug(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Mug: cylinder body with two horizontal bands, side handle, coffee at the rim."""
     body = _pick(rng, [(240, 240, 235), (60, 110, 200), (220, 80, 60), (250, 210, 60)], 15)
     band = _pick(rng, [(30, 30, 30), (220, 30, 30), (40, 150, 200)], 20)
@@ -455,8 +521,9 @@ def _mug(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.rectangle([0, h * yb, bx, h * (yb + 0.09)], fill=band)
 
 
-def _pizza(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _pizza(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Pizza slice: cheese triangle, brown crust band, pepperoni discs."""
     cheese = _pick(rng, [(250, 200, 60), (245, 180, 40)], 12)
     d.rectangle([0, 0, w, h], fill=cheese)
@@ -472,8 +539,9 @@ def _pizza(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.ellipse([x - r / 3, y - r / 3, x, y], fill=(120, 15, 15))
 
 
-def _traffic(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-             rng: np.random.Generator) -> None:
+def _traffic(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Traffic light: dark housing with red, amber and green lamps stacked vertically."""
     house = _pick(rng, [(30, 30, 30), (60, 60, 60), (200, 170, 30)], 12)
     for dd, f in ((d, house), (m, 255)):
@@ -483,13 +551,16 @@ def _traffic(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         cy = h * (k + 0.5) / 3
         lit = rng.random() < 0.6
         col = c if lit else _shade(c, 0.45)
-        d.ellipse([w / 2 - r * 1.15, cy - r * 1.15, w / 2 + r * 1.15, cy + r * 1.15],
-                  fill=_shade(house, 0.5))
+        d.ellipse(
+            [w / 2 - r * 1.15, cy - r * 1.15, w / 2 + r * 1.15, cy + r * 1.15],
+            fill=_shade(house, 0.5),
+        )
         d.ellipse([w / 2 - r, cy - r, w / 2 + r, cy + r], fill=col)
 
 
-def _snail(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-           rng: np.random.Generator) -> None:
+def _snail(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Snail: spiral-lined round shell on a grey-green foot with eye stalks."""
     shell = _pick(rng, [(210, 160, 100), (230, 180, 190), (180, 120, 60)], 18)
     foot = _pick(rng, [(150, 160, 120), (170, 150, 130)], 15)
@@ -510,13 +581,17 @@ def _snail(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
     d.line(pts[::-1], fill=_shade(shell, 0.45), width=max(1, int(w * 0.04)))
 
 
-def _cactus(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-            rng: np.random.Generator) -> None:
+def _cactus(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Cactus: ribbed green column with two arms, white spines, terracotta pot."""
     g = _pick(rng, [(60, 150, 70), (90, 160, 60)], 15)
     pot = _pick(rng, [(190, 90, 50)], 15)
-    parts = [[w * 0.35, 0, w * 0.65, h * 0.8], [w * 0.05, h * 0.25, w * 0.25, h * 0.55],
-             [w * 0.75, h * 0.15, w * 0.95, h * 0.45]]
+    parts = [
+        [w * 0.35, 0, w * 0.65, h * 0.8],
+        [w * 0.05, h * 0.25, w * 0.25, h * 0.55],
+        [w * 0.75, h * 0.15, w * 0.95, h * 0.45],
+    ]
     for dd, f in ((d, g), (m, 255)):
         for p in parts:
             dd.rounded_rectangle(p, radius=max(1, int(w * 0.08)), fill=f)
@@ -531,17 +606,21 @@ def _cactus(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         d.line([(x - s, y - s), (x + s, y + s)], fill=(245, 245, 220), width=1)
         d.line([(x - s, y + s), (x + s, y - s)], fill=(245, 245, 220), width=1)
     for dd, f in ((d, pot), (m, 255)):
-        dd.polygon([(w * 0.22, h * 0.78), (w * 0.78, h * 0.78), (w * 0.7, h), (w * 0.3, h)],
-                   fill=f)
+        dd.polygon([(w * 0.22, h * 0.78), (w * 0.78, h * 0.78), (w * 0.7, h), (w * 0.3, h)], fill=f)
 
 
-def _butterfly(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-               rng: np.random.Generator) -> None:
+def _butterfly(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Butterfly: four symmetric wings with eye spots, dark body, antennae."""
     wing = _pick(rng, [(240, 130, 20), (60, 120, 230), (230, 60, 160), (250, 220, 40)], 18)
     spot = _pick(rng, [(20, 20, 20), (250, 250, 250)], 10)
-    wings = [[0, 0, w * 0.5, h * 0.6], [w * 0.5, 0, w, h * 0.6],
-             [w * 0.08, h * 0.45, w * 0.5, h], [w * 0.5, h * 0.45, w * 0.92, h]]
+    wings = [
+        [0, 0, w * 0.5, h * 0.6],
+        [w * 0.5, 0, w, h * 0.6],
+        [w * 0.08, h * 0.45, w * 0.5, h],
+        [w * 0.5, h * 0.45, w * 0.92, h],
+    ]
     for p in wings:
         d.ellipse(p, fill=wing, outline=_shade(wing, 0.35), width=max(1, int(w * 0.03)))
         m.ellipse(p, fill=255)
@@ -549,12 +628,14 @@ def _butterfly(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
         for rr, col in ((r, spot), (r * 0.5, _shade(wing, 1.5))):
             d.ellipse([w * (cx - rr), h * cy - w * rr, w * (cx + rr), h * cy + w * rr], fill=col)
     for dd, f in ((d, (30, 20, 20)), (m, 255)):
-        dd.rounded_rectangle([w * 0.46, h * 0.1, w * 0.54, h * 0.95], radius=max(1, int(w * 0.04)),
-                             fill=f)
+        dd.rounded_rectangle(
+            [w * 0.46, h * 0.1, w * 0.54, h * 0.95], radius=max(1, int(w * 0.04)), fill=f
+        )
 
 
-def _book(d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int,
-          rng: np.random.Generator) -> None:
+def _book(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
     """Book: coloured cover with spine band and title bars, cream page block with fine lines."""
     cover = _pick(rng, [(40, 60, 150), (150, 30, 40), (30, 120, 80), (90, 50, 110)], 18)
     d.rectangle([0, 0, w, h], fill=cover)
@@ -602,8 +683,9 @@ assert set(_PAINTERS) == set(CLASSES)
 _FILL: dict[int, float] = {}
 
 
-def render_object(class_id: int, rng: np.random.Generator, w: int, h: int
-                  ) -> tuple[Image.Image, Image.Image]:
+def render_object(
+    class_id: int, rng: np.random.Generator, w: int, h: int
+) -> tuple[Image.Image, Image.Image]:
     """Paint one object of the class into a (w, h) RGB tile and its 'L' silhouette mask."""
     painter, _, rot = _PAINTERS[CLASSES[class_id]]
     rgb = Image.new("RGB", (w, h), (0, 0, 0))
@@ -652,8 +734,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
         k = int(rng.integers(3, 7))
         low = rng.normal(0, rng.uniform(10, 35), size=(k, k, 3)).astype(np.float32)
         low_img = Image.fromarray(np.clip(low + 128, 0, 255).astype(np.uint8))
-        low = np.asarray(low_img.resize((size, size), Image.Resampling.BILINEAR),
-                         np.float32) - 128
+        low = np.asarray(low_img.resize((size, size), Image.Resampling.BILINEAR), np.float32) - 128
         img = img + low
     img = img + rng.normal(0, rng.uniform(2, 14), size=(size, size, 1)).astype(np.float32)
     im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -669,22 +750,29 @@ def _distractors(d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n:
         x, y = rng.uniform(0, size, size=2)
         s = size * rng.uniform(0.05, 0.35)
         if kind == 0:
-            d.ellipse([x - s, y - s * rng.uniform(0.3, 1), x + s, y + s * rng.uniform(0.3, 1)],
-                      fill=col)
+            d.ellipse(
+                [x - s, y - s * rng.uniform(0.3, 1), x + s, y + s * rng.uniform(0.3, 1)], fill=col
+            )
         elif kind == 1:
             k = int(rng.integers(3, 7))
             angs = np.sort(rng.uniform(0, 2 * math.pi, size=k))
             rr = s * rng.uniform(0.4, 1.0, size=k)
-            pts = [(x + r * math.cos(a), y + r * math.sin(a))
-                   for a, r in zip(angs, rr, strict=True)]
+            pts = [
+                (x + r * math.cos(a), y + r * math.sin(a)) for a, r in zip(angs, rr, strict=True)
+            ]
             d.polygon(pts, fill=col)
         elif kind == 2:
             x2, y2 = rng.uniform(0, size, size=2)
             d.line([(x, y), (x2, y2)], fill=col, width=int(rng.integers(1, max(2, size // 40))))
         else:
             a0 = float(rng.uniform(0, 360))
-            d.arc([x - s, y - s, x + s, y + s], a0, a0 + float(rng.uniform(60, 240)), fill=col,
-                  width=int(rng.integers(1, max(2, size // 50))))
+            d.arc(
+                [x - s, y - s, x + s, y + s],
+                a0,
+                a0 + float(rng.uniform(60, 240)),
+                fill=col,
+                width=int(rng.integers(1, max(2, size // 50))),
+            )
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -753,8 +841,7 @@ def render_scene(rng: np.random.Generator, size: int = 224) -> Scene:
     return Scene(image=im, labels=sorted({c for c, _ in objects}), objects=objects)
 
 
-def _crop(a: np.ndarray, x: int, y: int, w: int, h: int
-          ) -> tuple[np.ndarray, tuple[slice, slice]]:
+def _crop(a: np.ndarray, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, tuple[slice, slice]]:
     """View of a[y:y+h, x:x+w] clipped to the array, and the matching slices into the tile."""
     H, W = a.shape
     x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
@@ -776,8 +863,16 @@ def _join(names: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-_TEMPLATES = ["a photo of {}.", "{}", "{} on a messy background", "a picture of {}.",
-              "an image with {}.", "{}, close up", "my photo of {}", "look at {}!"]
+_TEMPLATES = [
+    "a photo of {}.",
+    "{}",
+    "{} on a messy background",
+    "a picture of {}.",
+    "an image with {}.",
+    "{}, close up",
+    "my photo of {}",
+    "look at {}!",
+]
 
 
 def caption_with_ids(scene: Scene, rng: np.random.Generator) -> tuple[str, list[int]]:
