@@ -518,7 +518,7 @@ class Library:
         Matching uses the tag decisions; ranking uses the fused scores (AND = weakest label).
         With `include_absent`, non-matching images are ranked too (below the matches).
         """
-        from piaa_index.query_language import QueryError, parse
+        from piaa_index.query_language import QueryError, normalize_label, parse
 
         vocab = self._require_vocabulary()
         try:
@@ -526,9 +526,10 @@ class Library:
         except QueryError as exc:
             raise UserInputError(str(exc)) from None
         self.ensure_tags()
-        by_name = {lb.name.lower(): lb for lb in vocab.labels}
-        wanted = sorted(node.labels())
-        label_ids = {name: by_name[name.lower()].id for name in wanted}
+        # The parser normalises names; rows show them as the vocabulary spells them.
+        by_key = {normalize_label(lb.name): lb for lb in vocab.labels}
+        wanted = sorted(by_key[key].name for key in node.labels())
+        label_ids = {by_key[normalize_label(n)].name: by_key[normalize_label(n)].id for n in wanted}
         table = self.store.tag_table(list(label_ids.values()))
         hits = []
         for image_id, per_label in table.items():
@@ -536,7 +537,8 @@ class Library:
             present = {n: per_label.get(i, (0.0, False))[1] for n, i in label_ids.items()}
             match = node.evaluate(present)
             if match or include_absent:
-                hits.append((match, node.score(_unit(scores, by_name)), image_id, scores, present))
+                unit = {n: min(1.0, max(0.0, v)) for n, v in scores.items()}
+                hits.append((match, node.score(unit), image_id, scores, present))
         hits.sort(key=lambda h: (not h[0], -h[1], h[2]))
         if limit is not None:
             hits = hits[:limit]
@@ -722,10 +724,6 @@ def _open_vocabulary_scores(
         m = fusion.patch_text_evidence(patches, T, prm.text_scale, prm.batch_images)[:, 0]
         c = fusion.cls_scores(cls, T, prm.tau_cls)[:, 0]
     return prm.alpha * m + (1 - prm.alpha) * c
-
-
-def _unit(scores: dict[str, float], _by_name: dict) -> dict[str, float]:
-    return {k: float(min(1.0, max(0.0, v))) for k, v in scores.items()}
 
 
 def _tag_rows(

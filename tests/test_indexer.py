@@ -573,3 +573,15 @@ def test_a_reader_during_an_index_run_leaves_its_uncommitted_shard_alone(
     with Library.open(**opts) as later:  # no writer any more: now it is a crash's orphan
         later.status()
         assert in_flight not in later.vectors.shard_ids()
+
+
+def test_search_matches_labels_case_insensitively_and_shows_the_vocabulary_spelling(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """`straße AND "RED circle"` finds the labels "Straße" and "Red Circle" (casefolded, so ß
+    matches "ss" too) and the rows name them as the vocabulary spells them."""
+    library.index([photos.root])
+    library.set_vocabulary(["Straße", "Red Circle", "blue circle"])
+    for query in ('straße AND "RED circle"', "STRASSE AND red   circle"):
+        rows = library.search(query, limit=3, include_absent=True)
+        assert rows and set(rows[0]["labels"]) == {"Straße", "Red Circle"}
