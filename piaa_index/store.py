@@ -330,10 +330,17 @@ class Store:
                 s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
 
     def untagged_image_ids(self, classifier_id: int) -> list[int]:
+        """Indexed images with no tag from this classifier (new since the fit, or re-encoded).
+
+        NOT EXISTS probes the tags primary key (image_id first) once per image, where a
+        NOT IN over the whole tags table would scan it on every query.
+        """
         with self.session() as s:
-            tagged = select(Tag.image_id).where(Tag.classifier_id == classifier_id)
+            tagged = select(Tag.image_id).where(
+                Tag.image_id == Image.id, Tag.classifier_id == classifier_id
+            )
             rows = s.scalars(
-                select(Image.id).where(Image.status == INDEXED, Image.id.not_in(tagged))
+                select(Image.id).where(Image.status == INDEXED, ~tagged.exists())
             ).all()
         return [int(r) for r in rows]
 
