@@ -393,25 +393,29 @@ class Library:
         from piaa_index import fusion
         from piaa_index.schema import Classifier as ClassifierRow
 
-        ids, fused, evidence, cls_s = [], [], [], []
-        for chunk in self._stream(locations, progress, "tagging"):
-            f, e, c = self._scores(chunk, classifier, T)
-            ids.append(chunk.image_ids)
-            fused.append(f)
-            evidence.append(e)
-            cls_s.append(c)
-        all_ids = np.concatenate(ids)
-        S, E, Cs = np.concatenate(fused), np.concatenate(evidence), np.concatenate(cls_s)
-        # Present/absent is decided on the patch evidence m, not the fused S: S sums to one over
-        # labels, so it shrinks as an image holds more objects (docs/method.md, "Decisions").
-        # Without return_info, decision_thresholds returns the [C] array alone.
-        thresholds = cast(np.ndarray, fusion.decision_thresholds(E))
-        present = fusion.decide(E, thresholds)
+        evidence: list[np.ndarray] = []  # [N, C] float32: all the thresholds need in memory
+        names = vocab.names
+        label_ids = [lb.id for lb in vocab.labels]
+
+        def batches() -> Iterator[list[dict]]:
+            for chunk in self._stream(locations, progress, "tagging"):
+                S, E, Cs = self._scores(chunk, classifier, T)
+                evidence.append(E.astype(np.float32))
+                yield _tag_rows(chunk.image_ids, vocab, 0, S, E, Cs, np.zeros(E.shape, bool))
+
+        def thresholds_after() -> dict[int, float]:
+            # Present/absent is decided on the patch evidence m, not the fused S: S sums to one
+            # over labels, so it shrinks as an image holds more objects (docs/method.md).
+            E = np.concatenate(evidence) if evidence else np.zeros((0, len(names)), np.float32)
+            # Without return_info, decision_thresholds returns the [C] array alone.
+            found = cast(np.ndarray, fusion.decision_thresholds(E))
+            return {lid: float(t) for lid, t in zip(label_ids, found, strict=True)}
+
         row = ClassifierRow(
             vocabulary_id=vocab.id,
             created_at=utcnow(),
-            n_images=len(all_ids),
-            n_patches=len(all_ids) * self.vectors.n_patches,
+            n_images=len(locations),
+            n_patches=len(locations) * self.vectors.n_patches,
             fit_seconds=fit_seconds,
             report={
                 "bank_sizes": classifier.bank_sizes,
@@ -419,16 +423,14 @@ class Library:
                 "weak_labels": classifier.weak_labels,
                 "params": classifier.params,
             },
-            thresholds=[float(t) for t in thresholds],
+            thresholds=None,
             weights=_pack(classifier, T),
         )
-        classifier_id = self.store.add_classifier(row)
-        self.store.replace_tags(
-            classifier_id, _tag_rows(all_ids, vocab, classifier_id, S, E, Cs, present)
-        )
-        names = vocab.names
-        counts = {names[c]: int(present[:, c].sum()) for c in range(len(names))}
-        fitted = _Fitted(classifier_id, vocab.id, classifier, T, thresholds, len(all_ids))
+        classifier_id = self.store.replace_classifier_and_tags(row, batches(), thresholds_after)
+        thresholds = np.asarray(row.thresholds, dtype=np.float64)
+        tagged = self.store.tag_counts()
+        counts = {name: tagged.get(name, 0) for name in names}
+        fitted = _Fitted(classifier_id, vocab.id, classifier, T, thresholds, len(locations))
         return fitted, counts
 
     def _current(self) -> _Fitted | None:

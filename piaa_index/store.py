@@ -7,7 +7,7 @@ stamped by a newer piaa-index is refused rather than silently misread.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -307,19 +307,38 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Classifier).order_by(Classifier.id.desc())).first()
 
-    def add_classifier(self, classifier: Classifier) -> int:
+    def replace_classifier_and_tags(
+        self,
+        classifier: Classifier,
+        batches: Iterable[list[dict]],
+        thresholds_after: Callable[[], dict[int, float]],
+    ) -> int:
+        """Install a new classifier and all its tags in one transaction, streaming.
+
+        Tag rows arrive in batches (any `present` value); once all are in, `thresholds_after()`
+        gives each label's threshold on the patch score and `present` is set per label in SQL,
+        so the collection's rows never have to be in memory together. Readers see the old
+        tags until the commit.
+        """
         with self.session() as s:
             s.add(classifier)
             s.flush()
-            return int(classifier.id)
-
-    def replace_tags(self, classifier_id: int, rows: list[dict]) -> None:
-        """Replace all tags with those of one classifier, in one transaction."""
-        with self.session() as s:
             s.execute(delete(Tag))
-            for start in range(0, len(rows), 5000):
-                s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
-            s.execute(delete(Classifier).where(Classifier.id != classifier_id))
+            for rows in batches:
+                for row in rows:
+                    row["classifier_id"] = classifier.id
+                for start in range(0, len(rows), 5000):
+                    s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
+            thresholds = thresholds_after()
+            for label_id, threshold in thresholds.items():
+                s.execute(
+                    update(Tag)
+                    .where(Tag.label_id == label_id)
+                    .values(present=Tag.patch_score >= threshold)
+                )
+            classifier.thresholds = list(thresholds.values())
+            s.execute(delete(Classifier).where(Classifier.id != classifier.id))
+            return int(classifier.id)
 
     def add_tags(self, rows: list[dict]) -> None:
         with self.session() as s:
