@@ -606,7 +606,7 @@ class Library:
                 raise UserInputError(f"{path}: {exc}") from None
             q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
         ids, sims = [], []
-        for chunk in self.vectors.iter_live(locations):
+        for chunk in self.vectors.iter_live(locations, with_patches=False):
             ids.append(chunk.image_ids)
             sims.append(chunk.cls @ q)
         all_ids, all_sims = np.concatenate(ids), np.concatenate(sims)

@@ -197,8 +197,14 @@ class VectorStore:
         for kind in ("cls", "patch"):
             self._path(shard, kind).unlink(missing_ok=True)
 
-    def read_shard(self, shard: int, rows: Sequence[int] | None = None) -> ShardVectors:
-        """The vectors of one shard, restricted to `rows` (positions) when given."""
+    def read_shard(
+        self, shard: int, rows: Sequence[int] | None = None, with_patches: bool = True
+    ) -> ShardVectors:
+        """The vectors of one shard, restricted to `rows` (positions) when given.
+
+        Without patches (`[CLS]`-only queries) the patch file, 50–200× larger, is not touched;
+        `patches` is then an empty [n, 0, d] array.
+        """
         faiss = _faiss()
         cls_path, patch_path = self._path(shard, "cls"), self._path(shard, "patch")
         if not cls_path.exists() or not patch_path.exists():
@@ -206,11 +212,14 @@ class VectorStore:
         cls_index = faiss.read_index(str(cls_path))
         ids = faiss.vector_to_array(cls_index.id_map).astype(np.int64)
         cls = cls_index.index.reconstruct_n(0, cls_index.ntotal)
-        patch_index = faiss.read_index(str(patch_path), faiss.IO_FLAG_MMAP)
-        m = self.n_patches
         if rows is None:
             rows = list(range(len(ids)))
         rows_arr = np.asarray(rows, dtype=np.int64)
+        if not with_patches:
+            empty = np.empty((len(rows_arr), 0, self.dim), dtype=np.float32)
+            return ShardVectors(shard, ids[rows_arr], cls[rows_arr], empty)
+        patch_index = faiss.read_index(str(patch_path), faiss.IO_FLAG_MMAP)
+        m = self.n_patches
         patches = np.empty((len(rows_arr), m, self.dim), dtype=np.float32)
         # Contiguous runs decode in one call; most reads are whole shards or long runs.
         for out_start, (start, stop) in _runs(rows_arr):
@@ -219,7 +228,10 @@ class VectorStore:
         return ShardVectors(shard, ids[rows_arr], cls[rows_arr], patches)
 
     def iter_live(
-        self, locations: Sequence[tuple[int, int, int]], max_images: int = 2048
+        self,
+        locations: Sequence[tuple[int, int, int]],
+        max_images: int = 2048,
+        with_patches: bool = True,
     ) -> Iterator[ShardVectors]:
         """Stream the live images' vectors shard by shard, in chunks of at most `max_images`.
 
@@ -232,7 +244,7 @@ class VectorStore:
         for shard in sorted(by_shard):
             rows = sorted(by_shard[shard])
             for start in range(0, len(rows), max_images):
-                yield self.read_shard(shard, rows[start : start + max_images])
+                yield self.read_shard(shard, rows[start : start + max_images], with_patches)
 
     def vectors_for(self, image_id: int, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
         """One image's [CLS] vector and patches (used to reuse vectors of identical files)."""

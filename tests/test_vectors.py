@@ -212,3 +212,16 @@ def test_a_second_writer_is_refused(tmp_path):
                 pass
     with second.writer_lock():  # released: the next run proceeds
         pass
+
+
+def test_cls_only_reads_skip_the_patches(tmp_path):
+    """`similar` reads [CLS] vectors only: same ids and vectors, no patch decoding."""
+    identity = {"model": "m", "pretrained": "none", "front_end": "clip", "dim": 4, "grid": [2, 2]}
+    store = VectorStore.open(tmp_path, identity)
+    rng = np.random.default_rng(0)
+    cls = rng.normal(size=(3, 4)).astype(np.float32)
+    store.write_shard(1, [7, 8, 9], cls, rng.normal(size=(3, 4, 4)).astype(np.float32))
+    (tmp_path / "000001.patch.faiss").write_bytes(b"damaged")  # would fail if it were read
+    got = store.read_shard(1, [0, 2], with_patches=False)
+    assert got.image_ids.tolist() == [7, 9] and got.patches.shape == (2, 0, 4)
+    assert np.array_equal(got.cls, cls[[0, 2]])
