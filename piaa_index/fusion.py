@@ -226,7 +226,8 @@ def decision_thresholds(
     scores, as log-odds, are split in two (`split_scores`). The split is credible when two
     modes fit better than one (gain > min_gain), they are well separated (Ashman's D ≥
     min_separation), the upper one is not just the lower one's tail (`_excess`), and it
-    straddles the split of all labels' scores pooled. A label without a credible split
+    straddles the split of all labels' scores pooled (when most credible labels do; otherwise
+    the pooled split is not a reference). A label without a credible split
     (rare, absent everywhere, present everywhere) takes the median threshold of the credible
     labels (the calibrated scale makes log-odds comparable across labels), else the pooled
     threshold, else p = 0.5. With ``return_info`` also returns per-label dicts.
@@ -243,15 +244,24 @@ def decision_thresholds(
     pooled = split_scores(flat, prm.split_method, prm.min_count)
     pooled_ok = pooled is not None and _credible(flat, pooled, prm)
     g = pooled.threshold if pooled is not None and pooled_ok else 0.0
+    splits = [split_scores(X[:, c], prm.split_method, prm.min_count) for c in range(C)]
+    candidates = [
+        c for c, res in enumerate(splits) if res is not None and _credible(X[:, c], res, prm)
+    ]
+    straddling = {
+        c
+        for c in candidates
+        if splits[c].mean_lo <= g <= splits[c].mean_hi  # type: ignore[union-attr]
+    }
+    # The pooled split guards against a label split inside its absent mode. It is only a
+    # reference when most credible labels agree with it; when none do (seen with SCLIP patches
+    # on ShapesWorld: every label rejected, nothing tagged), the pooled split is the outlier.
+    use_pooled = pooled_ok and 2 * len(straddling) >= len(candidates)
     thr = np.full(C, np.nan)
     info: list[dict] = []
     for c in range(C):
-        res = split_scores(X[:, c], prm.split_method, prm.min_count)
-        credible = (
-            res is not None
-            and _credible(X[:, c], res, prm)
-            and (not pooled_ok or res.mean_lo <= g <= res.mean_hi)
-        )
+        res = splits[c]
+        credible = c in candidates and (not use_pooled or c in straddling)
         if credible and res is not None:
             thr[c] = res.threshold
         info.append({"source": "label" if credible else "fallback", "split": res})

@@ -146,3 +146,25 @@ def test_cls_scores_temperature():
     z /= np.linalg.norm(z)
     sharp, soft = cls_scores(z, T, 80.0), cls_scores(z, T, 1.0)
     assert sharp[0, 0] > soft[0, 0] > 1 / 3
+
+
+def test_labels_keep_their_own_split_when_the_pooled_split_is_unrepresentative():
+    """Compressed evidence (SCLIP patches on ShapesWorld): every label is clearly bimodal, but a
+    few very confident labels pull the pooled split above all the others' upper modes. Before,
+    every label was rejected and almost nothing was tagged; now each keeps its own split."""
+    rng = np.random.default_rng(0)
+    N, C_weak, C_strong = 1000, 10, 3
+    Y = rng.random((N, C_weak + C_strong)) < 0.15
+    Y[:, C_weak:] = rng.random((N, C_strong)) < 0.5  # frequent and very confident
+    logodds = np.where(Y, rng.normal(-1.5, 0.35, Y.shape), rng.normal(-3.0, 0.3, Y.shape))
+    logodds[:, C_weak:] = np.where(
+        Y[:, C_weak:], rng.normal(4.0, 0.3, (N, C_strong)), rng.normal(-3.0, 0.3, (N, C_strong))
+    )
+    scores = 1.0 / (1.0 + np.exp(-logodds))
+    thresholds, info = decision_thresholds(scores, return_info=True)
+    assert all(d["source"] == "label" for d in info[:C_weak])
+    pred = decide(scores, thresholds)
+    for c in range(C_weak):
+        tp = (pred[:, c] & Y[:, c]).sum()
+        f1 = 2 * tp / (pred[:, c].sum() + Y[:, c].sum())
+        assert f1 > 0.8, (c, f1)
