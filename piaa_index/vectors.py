@@ -156,7 +156,8 @@ class VectorStore:
         patch_index = self._new_patch_index()
         flat = np.ascontiguousarray(patches.reshape(-1, self.dim), dtype=np.float32)
         if not patch_index.is_trained:
-            patch_index.train(_sq8_training_sample(self.dim))
+            # Each shard decodes with its own quantiser, so SQ8 fits this shard's value ranges.
+            patch_index.train(flat)
         patch_index.add(flat)
         # Patches first: a cls file is what marks a shard as present.
         _write_atomic(patch_index, self._path(shard, "patch"))
@@ -290,15 +291,6 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:
     stops = np.concatenate([breaks, [len(rows)]])
     for a, b in zip(starts, stops, strict=True):
         yield int(a), (int(rows[a]), int(rows[b - 1]) + 1)
-
-
-def _sq8_training_sample(dim: int) -> np.ndarray:
-    # Normalised embeddings live in [-1, 1] per coordinate; training the 8-bit quantiser on
-    # that fixed range (not on each shard's data) keeps every shard's codes comparable.
-    sample = np.zeros((2, dim), dtype=np.float32)
-    sample[0] = -1.0
-    sample[1] = 1.0
-    return sample
 
 
 def describe_identity(identity: dict) -> str:
