@@ -622,6 +622,72 @@ class Library:
         paths = self.store.paths([int(ids[i]) for i in order])
         return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
 
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def vacuum(self, min_live: float = 0.5, small: int = 64, group: int = 256) -> dict[str, int]:
+        """Rewrite shards that are mostly dead rows (pruned or re-encoded images) or small.
+
+        Crash-safe like indexing: new shards are written first, SQL then points at them in
+        one transaction, and only then are the old files deleted (a crash in between leaves
+        orphans that the next open removes).
+        """
+        from sqlalchemy import update
+
+        from piaa_index.schema import Image
+
+        vectors = self.vectors
+        before = vectors.disk_bytes()
+        with vectors.writer_lock():
+            live: dict[int, list[tuple[int, int]]] = {}
+            for image_id, shard, row in self.store.live_locations():
+                live.setdefault(shard, []).append((image_id, row))
+            dead = [s for s in vectors.shard_ids() if s not in live]
+            garbage = {
+                s for s, rows in live.items() if len(rows) < min_live * vectors.shard_rows(s)
+            }
+            smalls = {s for s, rows in live.items() if len(rows) < small} - garbage
+            # Small shards are merged with each other; a lone one has nothing to merge with.
+            rewrite = sorted(garbage | (smalls if len(smalls) > 1 else set()))
+            moved = 0
+            batch: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+            def flush() -> None:
+                nonlocal batch, moved
+                if not batch:
+                    return
+                new = vectors.next_shard_id()
+                ids = [b[0] for b in batch]
+                vectors.write_shard(
+                    new, ids, np.stack([b[1] for b in batch]), np.stack([b[2] for b in batch])
+                )
+                with self.store.session() as s:
+                    for row_no, image_id in enumerate(ids):
+                        s.execute(
+                            update(Image)
+                            .where(Image.id == image_id)
+                            .values(shard=new, shard_row=row_no)
+                        )
+                moved += len(ids)
+                batch = []
+
+            for shard in rewrite:
+                rows = sorted(live[shard], key=lambda t: t[1])
+                got = vectors.read_shard(shard, [r for _, r in rows])
+                for k, image_id in enumerate(got.image_ids):
+                    batch.append((int(image_id), got.cls[k], got.patches[k]))
+                    if len(batch) >= group:
+                        flush()
+            flush()
+            for shard in rewrite + dead:
+                vectors.delete_shard(shard)
+        return {
+            "shards_rewritten": len(rewrite),
+            "shards_deleted": len(rewrite) + len(dead),
+            "images_moved": moved,
+            "bytes_before": before,
+            "bytes_after": vectors.disk_bytes(),
+        }
+
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:

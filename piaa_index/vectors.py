@@ -281,6 +281,11 @@ class VectorStore:
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.faiss"))
 
+    def shard_rows(self, shard: int) -> int:
+        """How many images a shard holds, live or not."""
+        faiss = _faiss()
+        return int(faiss.read_index(str(self._path(shard, "cls"))).ntotal)
+
 
 def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:
     """(output offset, (start, stop)) for each run of consecutive row numbers."""

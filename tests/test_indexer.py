@@ -585,3 +585,34 @@ def test_search_matches_labels_case_insensitively_and_shows_the_vocabulary_spell
     for query in ('straße AND "RED circle"', "STRASSE AND red   circle"):
         rows = library.search(query, limit=3, include_absent=True)
         assert rows and set(rows[0]["labels"]) == {"Straße", "Red Circle"}
+
+
+def test_vacuum_reclaims_dead_rows_and_merges_small_shards(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """After re-encoding and pruning, `vacuum` rewrites shards: every image keeps exactly its
+    vectors, the dead rows' space is reclaimed, queries still work, and a second run is a no-op."""
+    folders = sorted({p.parent for p in photos.good})
+    for folder in folders:  # one small shard per run
+        library.index([folder])
+    changed = photos.good[:8]
+    for k, path in enumerate(changed):
+        rewrite_with_new_pixels(path, seed=100 + k)
+    library.index([photos.root])
+    gone = photos.good[-5:]
+    for path in gone:
+        path.unlink()
+    library.index([photos.root], prune=True)
+    shards_before = len(library.vectors.shard_ids())
+    vectors_before = vectors_by_path(library)
+
+    report = library.vacuum()
+
+    assert report["shards_rewritten"] >= 2 and report["bytes_after"] < report["bytes_before"]
+    assert len(library.vectors.shard_ids()) < shards_before
+    after = vectors_by_path(library)
+    assert after.keys() == vectors_before.keys()
+    for path, (cls, patches) in vectors_before.items():
+        assert np.array_equal(after[path][0], cls) and np.array_equal(after[path][1], patches)
+    assert library.similar(photos.good[10], limit=3)
+    assert library.vacuum()["shards_rewritten"] == 0

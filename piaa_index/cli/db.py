@@ -46,4 +46,19 @@ def db_info(app: AppContext, as_json: bool) -> None:
         click.echo(f"failed: {failure['path']}: {failure['error']}")
 
 
+@db_group.command("vacuum")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def db_vacuum(app: AppContext, as_json: bool) -> None:
+    """Reclaim vector space left by pruned or re-indexed images; merge small shards."""
+    report = app.library().vacuum()
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(
+        f"rewrote {report['shards_rewritten']} shards ({report['images_moved']} images), "
+        f"vectors {report['bytes_before'] / 1e6:.1f} MB -> {report['bytes_after'] / 1e6:.1f} MB"
+    )
+
+
 COMMANDS = [db_group]
