@@ -133,7 +133,7 @@ def test_generate_dataset_deterministic_jpg(tmp_path: Path) -> None:
 
 def test_losses_and_token_similarity() -> None:
     torch = pytest.importorskip("torch")
-    from piaa_index.shapes.train import average_precision, soft_clip_loss, token_sim
+    from piaa_index.shapes.train import mean_ap, soft_clip_loss, token_sim
 
     patches = torch.zeros(2, 3, 2)
     patches[0, 0] = torch.tensor([1.0, 0.0])  # image 0 has a class-0 patch
@@ -144,9 +144,10 @@ def test_losses_and_token_similarity() -> None:
     assert torch.allclose(sim, torch.eye(2))
     same = torch.eye(2)
     assert soft_clip_loss(10 * sim, same) < soft_clip_loss(-10 * sim, same)
-    assert average_precision(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 1])) == pytest.approx(
-        (1 + 2 / 3) / 2
-    )
+    scores, targets = np.array([[0.9], [0.8], [0.1]]), np.array([[1], [0], [1]])
+    assert mean_ap(scores, targets) == pytest.approx(100 * (1 + 2 / 3) / 2)
+    # The small/large-object evaluations mask images out per class.
+    assert mean_ap(scores, targets, valid=np.array([[True], [False], [True]])) == 100.0
 
 
 # ----------------------------------------------------------------------------- shipped model

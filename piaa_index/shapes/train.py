@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 # On a shared CPU, spinning OpenMP workers wait on descheduled peers: passive waiting made a
 # training step ~3x faster here. Must be set before torch initialises OpenMP.
@@ -30,6 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from piaa_index.shapes.world import CLASSES, Scene, caption_with_ids, render_scene  # noqa: E402
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
+    from open_clip.transformer import VisionTransformer
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
 MODEL_NAME = "shapesworld"
@@ -43,12 +48,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def create_model(pretrained: str | None = None) -> torch.nn.Module:
+def create_model(pretrained: str | None = None) -> CLIP:
     """The shapesworld open_clip model (through the same factory path as real weights)."""
     import open_clip
 
     open_clip.add_model_config(ASSET_DIR)
-    return open_clip.create_model(MODEL_NAME, pretrained=pretrained)
+    return cast("CLIP", open_clip.create_model(MODEL_NAME, pretrained=pretrained))
 
 
 def get_tokenizer():  # noqa: ANN201 - open_clip tokenizer type varies by version
@@ -59,11 +64,9 @@ def get_tokenizer():  # noqa: ANN201 - open_clip tokenizer type varies by versio
     return open_clip.get_tokenizer(MODEL_NAME)
 
 
-def encode_image_tokens(
-    model: torch.nn.Module, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image_tokens(model: CLIP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([CLS] [B,d], patch tokens [B,M,d]) in the joint space, unnormalised (plain last block)."""
-    v = model.visual
+    v = cast("VisionTransformer", model.visual)
     h = v.transformer(v._embeds(x))
     h = v.ln_post(h)
     return h[:, 0] @ v.proj, h[:, 1:] @ v.proj
@@ -130,19 +133,10 @@ def token_sim(patches: torch.Tensor, cls_text: torch.Tensor, mention: torch.Tens
 # ----------------------------------------------------------------------------- evaluation
 
 
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP of one class (nan without positives)."""
-    if targets.sum() == 0:
-        return math.nan
-    order = np.argsort(-scores, kind="stable")
-    t = targets[order].astype(np.float64)
-    tp = np.cumsum(t)
-    prec = tp / np.arange(1, len(t) + 1)
-    return float((prec * t).sum() / t.sum())
-
-
 def mean_ap(scores: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = None) -> float:
     """mAP over classes; `valid` masks images out per class."""
+    from piaa_index.eval.metrics import average_precision
+
     aps = []
     for c in range(scores.shape[1]):
         keep = np.ones(len(scores), bool) if valid is None else valid[:, c]
@@ -152,7 +146,7 @@ def mean_ap(scores: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = 
 
 @torch.no_grad()
 def text_prototypes(
-    model: torch.nn.Module,
+    model: CLIP,
     tokenizer,
     templates: list[str],  # noqa: ANN001
 ) -> torch.Tensor:
@@ -165,9 +159,7 @@ def text_prototypes(
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, n: int = 500, seed: int = 987654, size: int = 224
-) -> dict[str, float]:
+def evaluate(model: CLIP, n: int = 500, seed: int = 987654, size: int = 224) -> dict[str, float]:
     """mAP of [CLS] zero-shot and patch-text on held-out scenes, preprocessed like the product."""
     from open_clip.transform import image_transform
 
@@ -219,7 +211,7 @@ def evaluate(
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
+def save_checkpoint(model: CLIP, path: Path) -> None:
     """Save the open_clip state_dict as fp16 safetensors (atomic rename)."""
     from safetensors.torch import save_file
 
@@ -334,7 +326,7 @@ def train(a: argparse.Namespace) -> None:
     train_min = (time.time() - t_start) / 60
     save_checkpoint(model, a.out)
     log(f"saved {a.out} ({a.out.stat().st_size / 1e6:.1f} MB) after {train_min:.1f} min")
-    res = evaluate(model, n=a.eval_images)
+    res: dict[str, object] = dict(evaluate(model, n=a.eval_images))
     res.update(
         {
             "steps_done": step + 1,
