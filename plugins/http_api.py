@@ -22,8 +22,9 @@ Routes (all answers are JSON):
     POST /index                  body {"paths": [...], "prune": false} -> the index report
 
 Errors: {"error": message} with 400 (bad input), 404 (unknown route or query), 405 (wrong
-method), 413 (body too large) or 500 (the library could not do its job; unexpected errors are
-logged on the server, never sent as a traceback).
+method), 409 (another process is indexing this library: retry later), 413 (body too large) or
+500 (the library could not do its job; unexpected errors are logged on the server, never sent
+as a traceback).
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _error_status(self, exc: Exception) -> tuple[HTTPStatus, str]:
         from piaa_index.cli.common import EXIT_USAGE, exit_code_for
+        from piaa_index.vectors import LockedError
 
         code = exit_code_for(exc)
         if code is None:
@@ -252,6 +254,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             )
         if code == EXIT_USAGE:
             return HTTPStatus.BAD_REQUEST, str(exc)
+        if isinstance(exc, LockedError):  # another process is indexing: retry later
+            return HTTPStatus.CONFLICT, str(exc)
         return HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)
 
     def _send(self, status: HTTPStatus, body: Any, headers: dict[str, str] | None = None) -> None:

@@ -22,6 +22,7 @@ from piaa_index_plugins.http_api import make_server
 from piaa_index import __version__
 from piaa_index.cli import cli
 from piaa_index.library import Library, LibraryError
+from piaa_index.vectors import LockedError
 from tests.image_files import shapes_image
 
 LABELS = ["a", "b", "c"]
@@ -244,6 +245,7 @@ class VectorStoreError(Exception):
         (LibraryError("the model is gone"), 500, "the model is gone"),
         (VectorStoreError("shard 3 is unreadable"), 500, "shard 3 is unreadable"),
         (RuntimeError("secret internals"), 500, "internal error (RuntimeError)"),
+        (LockedError("another piaa process is indexing"), 409, "another piaa process"),
     ],
 )
 def test_error_mapping(exc: Exception, code: int, message: str) -> None:
