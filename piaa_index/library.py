@@ -493,15 +493,18 @@ class Library:
         return row.id
 
     def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
-        """Every label's fused, patch and [CLS] score for one image, with the decision."""
+        """Every label's fused, patch and [CLS] score for one image, with the decision (each row
+        also carries the image's stored path, so rows stand on their own in `--json` output)."""
         image_id = self.image_id(path)
         self.ensure_tags(progress=progress)
         fitted = self._current()
         assert fitted is not None
         vocab = self._require_vocabulary()
         thresholds = dict(zip(vocab.names, fitted.thresholds, strict=True))
+        stored_path = self.store.paths([image_id])[image_id]
         return [
             {
+                "path": stored_path,
                 "label": name,
                 "score": score,
                 "patch_score": patch,

@@ -21,8 +21,6 @@ def _tags(
     rows = library.tags(image, progress=progress)
     if present_only:
         rows = [r for r in rows if r["present"]]
-    path = str(library.store.paths([library.image_id(image)])[library.image_id(image)])
-    rows = [{"path": path, **r} for r in rows]
     return rows[:limit] if limit else rows
 
 
