@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import delete
 
 from piaa_index.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
-from piaa_index.schema import FAILED, INDEXED, Image
+from piaa_index.schema import FAILED, INDEXED, Image, Tag
 from piaa_index.store import Store, utcnow
 from piaa_index.vectors import VectorStore
 
@@ -314,16 +315,12 @@ class Indexer:
                 image.shard = image.shard_row = None
                 image.content_hash = None
                 image.indexed_at = now
-        # Tags of re-encoded images are stale; the library re-tags untagged images.
-        from sqlalchemy import delete
-
-        from piaa_index.schema import Tag
-
-        with self.store.session() as s:
-            ids = [known[item.info.path].id for item in group]
-            ids += [known[info.path].id for info, _ in failures if info.path in known]  # now broken
-            if ids:
-                s.execute(delete(Tag).where(Tag.image_id.in_(ids)))
+            # In the same transaction: tags of re-encoded or now-broken images are stale, and a
+            # crash must not leave new vectors with old tags (untagged images get re-tagged).
+            stale = [known[item.info.path].id for item in group]
+            stale += [known[info.path].id for info, _ in failures if info.path in known]
+            for start in range(0, len(stale), 500):
+                s.execute(delete(Tag).where(Tag.image_id.in_(stale[start : start + 500])))
 
     def _reserve_ids(self, infos: list[FileInfo], known: dict[str, Image]) -> list[int]:
         """Image ids for these paths, creating placeholder rows for new ones.
