@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index.shapes.dataset import generate_dataset, read_labels
+from piaa_index.eval.datasets import load_dataset
+from piaa_index.shapes.dataset import generate_dataset
 from piaa_index.shapes.world import (
     CLASSES,
     GROUPS,
@@ -99,16 +100,19 @@ def test_caption_names_objects_verbatim() -> None:
 
 def test_generate_dataset_round_trip(tmp_path: Path) -> None:
     out = generate_dataset(tmp_path / "ds", 6, seed=9, size=64, fmt="png", progress=False)
-    classes, rows = read_labels(out)
-    assert classes == CLASSES
+    # Read back exactly as `piaa eval` reads it.
+    dataset = load_dataset(out)
+    assert dataset.layout == "ours" and dataset.classes == CLASSES
     assert json.loads((out / "classes.json").read_text()) == CLASSES
-    assert [p for p, _ in rows] == [f"images/{i:05d}.png" for i in range(6)]
-    for i, (rel, ids) in enumerate(rows):
+    assert [item.path for item in dataset.items] == [
+        out.resolve() / f"images/{i:05d}.png" for i in range(6)
+    ]
+    for i, item in enumerate(dataset.items):
         scene = render_scene(np.random.default_rng([9, i]), 64)
-        assert ids == scene.labels
+        assert sorted(item.labels) == scene.labels
         from PIL import Image
 
-        with Image.open(out / rel) as im:
+        with Image.open(item.path) as im:
             assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(scene.image))
     line = (out / "labels.txt").read_text().splitlines()[0]
     assert line.split()[0] == "images/00000.png" and all(t.isdigit() for t in line.split()[1:])

@@ -37,15 +37,3 @@ def generate_dataset(
             print(f"{i + 1}/{n_images} images", file=sys.stderr, flush=True)
     (outdir / "labels.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
     return outdir
-
-
-def read_labels(folder: Path) -> tuple[list[str], list[tuple[str, list[int]]]]:
-    """Read back (classes, [(relative path, label ids)]) from a dataset folder."""
-    folder = Path(folder)
-    classes = json.loads((folder / "classes.json").read_text())
-    rows = []
-    for line in (folder / "labels.txt").read_text().splitlines():
-        if line.strip():
-            path, *ids = line.split()
-            rows.append((path, [int(t) for t in ids]))
-    return classes, rows
