@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from piaa_index.plugins import Plugins
     from piaa_index.pvcl import Classifier
 
-DEFAULT_TEMPLATES_KEY = "default"
-
 
 class LibraryError(Exception):
     """A user-facing problem: bad query, unknown label, no vocabulary, model mismatch…"""
@@ -69,11 +67,9 @@ class _Fitted:
     """A classifier with what is needed to tag: text prototypes and thresholds."""
 
     id: int
-    vocabulary_id: int
     classifier: Classifier
     text_protos: np.ndarray
     thresholds: np.ndarray
-    n_images: int
 
 
 class Library:
@@ -430,7 +426,7 @@ class Library:
         thresholds = np.asarray(row.thresholds, dtype=np.float64)
         tagged = self.store.tag_counts()
         counts = {name: tagged.get(name, 0) for name in names}
-        fitted = _Fitted(classifier_id, vocab.id, classifier, T, thresholds, len(locations))
+        fitted = _Fitted(classifier_id, classifier, T, thresholds)
         return fitted, counts
 
     def _current(self) -> _Fitted | None:
@@ -438,26 +434,22 @@ class Library:
         if row is None:
             return None
         classifier, T = _unpack(row.weights)
-        return _Fitted(
-            row.id,
-            row.vocabulary_id,
-            classifier,
-            T,
-            np.asarray(row.thresholds, dtype=np.float64),
-            row.n_images,
-        )
+        return _Fitted(row.id, classifier, T, np.asarray(row.thresholds, dtype=np.float64))
 
     def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
+        return self._ensure_fitted(progress)[0]
+
+    def _ensure_fitted(self, progress: bool = False) -> tuple[VocabularyInfo, _Fitted]:
+        """`ensure_tags`, also handing back the classifier it checked (loaded once)."""
         vocab = self._require_vocabulary()
         if self.is_stale():
             self.fit(progress=progress)
-            return vocab
         fitted = self._current()
         assert fitted is not None
         todo = set(self.store.untagged_image_ids(fitted.id))
         if not todo:
-            return vocab
+            return vocab, fitted
         from piaa_index import fusion
 
         locations = [loc for loc in self.store.live_locations() if loc[0] in todo]
@@ -467,7 +459,7 @@ class Library:
             present = fusion.decide(E, fitted.thresholds)
             rows.extend(_tag_rows(chunk.image_ids, vocab, fitted.id, S, E, Cs, present))
         self.store.add_tags(rows)
-        return vocab
+        return vocab, fitted
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -496,10 +488,7 @@ class Library:
         """Every label's fused, patch and [CLS] score for one image, with the decision (each row
         also carries the image's stored path, so rows stand on their own in `--json` output)."""
         image_id = self.image_id(path)
-        self.ensure_tags(progress=progress)
-        fitted = self._current()
-        assert fitted is not None
-        vocab = self._require_vocabulary()
+        vocab, fitted = self._ensure_fitted(progress)
         thresholds = dict(zip(vocab.names, fitted.thresholds, strict=True))
         stored_path = self.store.paths([image_id])[image_id]
         return [
@@ -573,7 +562,9 @@ class Library:
         if not locations:
             return []
         vocab = self.store.vocabulary()
-        phrase = self.encoder.text_prototypes([text], self.encoder_templates(vocab))
+        phrase = self.encoder.text_prototypes(
+            [text], vocab.templates if vocab else _default_templates()
+        )
         others: np.ndarray | None = None
         if vocab is not None and vocab.labels:
             keep = [i for i, name in enumerate(vocab.names) if name.lower() != text.lower()]
@@ -583,9 +574,6 @@ class Library:
             scores.append(_open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
             ids.append(chunk.image_ids)
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
-
-    def encoder_templates(self, vocab: VocabularyInfo | None) -> list[str]:
-        return vocab.templates if vocab else _default_templates()
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
