@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, create_engine, delete, event, func, select, update
+from sqlalchemy import Table, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -165,9 +165,17 @@ class Store:
 
     def images_under(self, roots: Sequence[str]) -> dict[str, Image]:
         """Every known image whose path lies under one of `roots`, by path."""
-        with self.session() as s:
-            rows = s.scalars(select(Image)).all()
         prefixes = tuple(r.rstrip("/\\") for r in roots)
+        # SQL narrows to the roots (an index run on one folder must not load the whole library);
+        # LIKE is case-insensitive on SQLite, so the exact test below still decides.
+        under = or_(
+            *(
+                or_(Image.path == p, Image.path.startswith(p + "/", autoescape=True))
+                for p in prefixes
+            )
+        )
+        with self.session() as s:
+            rows = s.scalars(select(Image).where(under)).all() if prefixes else []
         return {
             row.path: row
             for row in rows

@@ -171,3 +171,19 @@ def test_postgres_url_without_driver_suffix(postgres_url: str) -> None:
         with store.engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
         store.close()
+
+
+def test_images_under_matches_folders_exactly(tmp_path):
+    """An index run on one folder sees exactly that folder's images: not a sibling sharing the
+    prefix, not another case (SQLite's LIKE ignores case), and `%`/`_` in names are literal."""
+    from piaa_index.schema import Image
+    from piaa_index.store import utcnow
+
+    store = Store.open(f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    paths = ["/a/b/1.jpg", "/a/b_c/2.jpg", "/a/B/3.jpg", "/a/b%/4.jpg", "/a/bc/5.jpg", "/a/b"]
+    with store.session() as s:
+        for p in paths:
+            s.add(Image(path=p, size=1, mtime=0.0, status="indexed", indexed_at=utcnow()))
+    assert sorted(store.images_under(["/a/b"])) == ["/a/b", "/a/b/1.jpg"]
+    assert sorted(store.images_under(["/a/b%/"])) == ["/a/b%/4.jpg"]
+    assert sorted(store.images_under(["/"])) == sorted(paths)
