@@ -22,6 +22,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 
 from piaa_index.config import FRONT_ENDS, ModelSpec
+from piaa_index.errors import PiaaError
 from piaa_index.images import file_hash
 
 __all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "ModelSpec"]
@@ -42,7 +43,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(PiaaError):
     """The model or its weights could not be resolved or loaded; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ from piaa_index.config import (
     Settings,
     default_front_end,
 )
+from piaa_index.errors import PiaaError, UsageError
 from piaa_index.store import Store, VocabularyInfo, utcnow
 from piaa_index.vectors import VectorStore
 
@@ -38,11 +39,11 @@ if TYPE_CHECKING:
     from piaa_index.pvcl import Classifier
 
 
-class LibraryError(Exception):
+class LibraryError(PiaaError):
     """A user-facing problem: bad query, unknown label, no vocabulary, model mismatch…"""
 
 
-class UserInputError(LibraryError):
+class UserInputError(UsageError, LibraryError):
     """The user asked for something malformed or unknown (CLI exit code 2)."""
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pluggy
 
 from piaa_index import hookspecs
+from piaa_index.errors import PiaaError
 
 if TYPE_CHECKING:
     from piaa_index.library import Library
@@ -58,7 +59,7 @@ class Exporter:
 _Item = TypeVar("_Item", Query, Exporter)
 
 
-class PluginError(Exception):
+class PluginError(PiaaError):
     """A plugin that failed to load or registered something invalid."""
 
 

@@ -20,10 +20,11 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from piaa_index import schema
+from piaa_index.errors import PiaaError
 from piaa_index.schema import FAILED, INDEXED, Classifier, Image, Label, Setting, Tag, Vocabulary
 
 
-class StoreError(Exception):
+class StoreError(PiaaError):
     """A database that cannot be opened or used, with a message for the user."""
 
 

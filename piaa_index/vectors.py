@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from piaa_index.errors import PiaaError
+
 MANIFEST = "manifest.json"
 
 # Patch codecs → FAISS scalar-quantiser type (fp32 is stored flat, unquantised).
@@ -29,7 +31,7 @@ CODECS = {"fp32": None, "fp16": "QT_fp16", "sq8": "QT_8bit"}
 DEFAULT_CODEC = "fp16"
 
 
-class VectorStoreError(Exception):
+class VectorStoreError(PiaaError):
     """Vector files that cannot be used with the requested model or are damaged."""
 
 

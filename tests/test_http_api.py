@@ -22,7 +22,7 @@ from piaa_index_plugins.http_api import make_server
 from piaa_index import __version__
 from piaa_index.cli import cli
 from piaa_index.library import Library, LibraryError
-from piaa_index.vectors import LockedError
+from piaa_index.vectors import LockedError, VectorStoreError
 from tests.image_files import shapes_image
 
 LABELS = ["a", "b", "c"]
@@ -233,10 +233,6 @@ class FailingLibrary:
 
     def status(self) -> dict:
         raise self.exc
-
-
-class VectorStoreError(Exception):
-    """Named like a known tool error (exit_code_for matches by class name)."""
 
 
 @pytest.mark.parametrize(

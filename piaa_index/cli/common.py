@@ -88,23 +88,9 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The exit code of an expected error, None for a bug (which keeps its traceback)."""
-    from piaa_index.library import LibraryError, UserInputError
+    from piaa_index.errors import PiaaError
 
-    if isinstance(exc, UserInputError):
-        return EXIT_USAGE
-    if isinstance(exc, LibraryError):
-        return EXIT_ERROR
-    expected = (
-        "StoreError",
-        "VectorStoreError",
-        "LockedError",
-        "ModelLoadError",
-        "DatasetError",
-        "PluginError",
-    )
-    if type(exc).__name__ in expected:
-        return EXIT_USAGE if type(exc).__name__ == "DatasetError" else EXIT_ERROR
-    return None
+    return exc.exit_code if isinstance(exc, PiaaError) else None
 
 
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piaa_index.errors import UsageError
 from piaa_index.presets import preset_classes
 
 __all__ = [
@@ -35,7 +36,7 @@ _LOOKED_FOR = (
 _INT = re.compile(r"[+-]?\d+")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """A dataset folder that cannot be read: unknown layout, missing or malformed label files."""
 
 
