@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import delete
+from sqlalchemy import delete, insert, update
 
 from piaa_index.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
 from piaa_index.schema import FAILED, INDEXED, Image, Tag
-from piaa_index.store import Store, utcnow
+from piaa_index.store import KnownImage, Store, utcnow
 from piaa_index.vectors import VectorStore
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class Indexer:
     def _index_files(
         self,
         todo: list[FileInfo],
-        known: dict[str, Image],
+        known: dict[str, KnownImage],
         report: IndexReport,
         progress: bool,
     ) -> None:
@@ -205,7 +205,7 @@ class Indexer:
             bar.close()
 
     def _encode_chunk(
-        self, chunk: list[FileInfo], known: dict[str, Image]
+        self, chunk: list[FileInfo], known: dict[str, KnownImage]
     ) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
         """Hash, reuse what can be reused, decode + encode the rest."""
         failed: list[tuple[FileInfo, str]] = []
@@ -276,7 +276,7 @@ class Indexer:
         self,
         group: list[_Encoded],
         failures: list[tuple[FileInfo, str]],
-        known: dict[str, Image],
+        known: dict[str, KnownImage],
     ) -> None:
         """Vectors first (one durable shard), then the SQL rows in one transaction."""
         if not group and not failures:
@@ -293,36 +293,53 @@ class Indexer:
                 np.stack([item.patches for item in group]),
             )
         now = utcnow()
+        # Bulk statements: a commit group costs a fixed number of them, not two per image.
+        updates = [
+            {
+                "id": known[item.info.path].id,
+                "content_hash": item.content_hash,
+                "size": item.info.size,
+                "mtime": item.info.mtime,
+                "width": item.width,
+                "height": item.height,
+                "status": INDEXED,
+                "error": None,
+                "shard": shard,
+                "shard_row": row_no,
+                "indexed_at": now,
+            }
+            for row_no, item in enumerate(group)
+        ]
+        broken = [
+            {
+                "path": info.path,
+                "content_hash": None,
+                "size": info.size,
+                "mtime": info.mtime,
+                "width": None,
+                "height": None,
+                "status": FAILED,
+                "error": error,
+                "shard": None,
+                "shard_row": None,
+                "indexed_at": now,
+            }
+            for info, error in failures
+        ]
+        updates += [dict(row, id=known[row["path"]].id) for row in broken if row["path"] in known]
+        new_broken = [row for row in broken if row["path"] not in known]
+        # In the same transaction: tags of re-encoded or now-broken images are stale, and a
+        # crash must not leave new vectors with old tags (untagged images get re-tagged).
+        stale = [row["id"] for row in updates]
         with self.store.session() as s:
-            if group:
-                for row_no, item in enumerate(group):
-                    image = s.get(Image, known[item.info.path].id)
-                    assert image is not None
-                    image.content_hash = item.content_hash
-                    image.size, image.mtime = item.info.size, item.info.mtime
-                    image.width, image.height = item.width, item.height
-                    image.status, image.error = INDEXED, None
-                    image.shard, image.shard_row = shard, row_no
-                    image.indexed_at = now
-            for info, error in failures:
-                row = known.get(info.path)
-                image = s.get(Image, row.id) if row is not None else None
-                if image is None:
-                    image = Image(path=info.path)
-                    s.add(image)
-                image.size, image.mtime = info.size, info.mtime
-                image.status, image.error = FAILED, error
-                image.shard = image.shard_row = None
-                image.content_hash = None
-                image.indexed_at = now
-            # In the same transaction: tags of re-encoded or now-broken images are stale, and a
-            # crash must not leave new vectors with old tags (untagged images get re-tagged).
-            stale = [known[item.info.path].id for item in group]
-            stale += [known[info.path].id for info, _ in failures if info.path in known]
+            if updates:
+                s.execute(update(Image), updates)
+            if new_broken:
+                s.execute(insert(Image), new_broken)
             for start in range(0, len(stale), 500):
                 s.execute(delete(Tag).where(Tag.image_id.in_(stale[start : start + 500])))
 
-    def _reserve_ids(self, infos: list[FileInfo], known: dict[str, Image]) -> list[int]:
+    def _reserve_ids(self, infos: list[FileInfo], known: dict[str, KnownImage]) -> list[int]:
         """Image ids for these paths, creating placeholder rows for new ones.
 
         A placeholder has status `pending` until its shard commits, so a crash in between
@@ -344,5 +361,5 @@ class Indexer:
                         )
                     )
             for path, image_id in self.store.image_ids_by_path([i.path for i in new]).items():
-                known[path] = Image(id=image_id, path=path)
+                known[path] = KnownImage(image_id, path, 0, 0.0, "pending")
         return [known[info.path].id for info in infos]

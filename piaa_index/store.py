@@ -6,15 +6,28 @@ stamped by a newer piaa-index is refused rather than silently misread.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, create_engine, delete, event, func, or_, select, update
+from sqlalchemy import (
+    Column,
+    MetaData,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +43,17 @@ class StoreError(PiaaError):
 
 # Declarative typing gives `__table__` as a FromClause; for a mapped class it is the Table.
 _TAG_TABLE = cast(Table, Tag.__table__)
+
+# The roots of one index run, joined against `images` (see `Store.images_under`). Temporary:
+# private to the connection, gone with it; never part of the Alembic-owned schema.
+_SCAN_SCOPE = Table(
+    "piaa_scan_scope",
+    MetaData(),
+    Column("root", Text),
+    Column("lo", Text),
+    Column("hi", Text),
+    prefixes=["TEMPORARY"],
+)
 
 
 def utcnow() -> datetime:
@@ -49,6 +73,16 @@ def _alembic_config(connection):  # type: ignore[no-untyped-def]
     cfg.set_main_option("script_location", str(_migrations_dir()))
     cfg.attributes["connection"] = connection
     return cfg
+
+
+class KnownImage(NamedTuple):
+    """What an index run needs of an image it may skip, re-encode or prune."""
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    status: str
 
 
 @dataclass(frozen=True)
@@ -164,24 +198,45 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Image).where(Image.path == path)).first()
 
-    def images_under(self, roots: Sequence[str]) -> dict[str, Image]:
-        """Every known image whose path lies under one of `roots`, by path."""
-        prefixes = tuple(r.rstrip("/\\") for r in roots)
-        # SQL narrows to the roots (an index run on one folder must not load the whole library);
-        # LIKE is case-insensitive on SQLite, so the exact test below still decides.
-        under = or_(
-            *(
-                or_(Image.path == p, Image.path.startswith(p + "/", autoescape=True))
-                for p in prefixes
-            )
-        )
+    def images_under(self, roots: Sequence[str]) -> dict[str, KnownImage]:
+        """Every known image that is one of `roots` or lies under one of them, by path.
+
+        Any number of roots costs a fixed number of statements: the roots go into a temporary
+        table (one executemany) and one join reads each root's index range of `images.path`
+        (paths under "r" sort in ["r", "r" + chr(ord(sep) + 1)) byte-wise). The range also holds
+        siblings such as "r.jpg"; the exact test per row, against the root it came with, drops
+        them in O(1). So a run over 10,000 files is O(files), never O(files x roots).
+        """
+        sep = os.sep
+        bounds: dict[str, tuple[str, str]] = {}
+        for root in _outermost(roots, sep):
+            base = root.rstrip(sep) if root.strip(sep) else ""  # "/" -> "": every absolute path
+            bounds[root] = (base, base + chr(ord(sep) + 1))
+        if not bounds:
+            return {}
+        out: dict[str, KnownImage] = {}
         with self.session() as s:
-            rows = s.scalars(select(Image).where(under)).all() if prefixes else []
-        return {
-            row.path: row
-            for row in rows
-            if any(row.path == p or row.path.startswith(p + "/") for p in prefixes)
-        }
+            conn = s.connection()
+            _SCAN_SCOPE.create(conn, checkfirst=True)  # temporary: this connection only
+            conn.execute(_SCAN_SCOPE.delete())
+            conn.execute(
+                _SCAN_SCOPE.insert(),
+                [{"root": lo, "lo": lo, "hi": hi} for lo, hi in bounds.values()],
+            )
+            path = Image.path
+            if conn.dialect.name == "postgresql":
+                # Byte order, whatever the database's locale; migration 0002 indexes it.
+                path = path.collate("C")  # type: ignore[assignment]
+            rows = s.execute(
+                select(
+                    Image.id, Image.path, Image.size, Image.mtime, Image.status, _SCAN_SCOPE.c.root
+                ).join(_SCAN_SCOPE, and_(path >= _SCAN_SCOPE.c.lo, path < _SCAN_SCOPE.c.hi))
+            ).all()
+            _SCAN_SCOPE.drop(conn)
+        for image_id, p, size, mtime, status, root in rows:
+            if p == root or p.startswith(root + sep) or (not root and p.startswith(sep)):
+                out[p] = KnownImage(image_id, p, size, mtime, status)
+        return out
 
     def indexed_by_hash(self, hashes: Iterable[str]) -> dict[str, Image]:
         """An indexed image for each content hash that has one."""
@@ -406,6 +461,23 @@ class Store:
                 .group_by(Label.name)
             ).all()
         return {n: int(c) for n, c in rows}
+
+
+def _outermost(roots: Iterable[str], sep: str) -> list[str]:
+    """The roots that lie under no other root (those add nothing to the scope)."""
+    unique = {r.rstrip(sep) if r.strip(sep) else sep for r in roots}
+    if sep in unique:
+        return [sep]
+    # A root with an ancestor among the roots is covered by that ancestor (or by its own).
+    return sorted(
+        root
+        for root in unique
+        if not any(
+            sep.join(parts[:k]) in unique
+            for parts in [root.split(sep)]
+            for k in range(2, len(parts))
+        )
+    )
 
 
 def _with_available_driver(url: str) -> str:
