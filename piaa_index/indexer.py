@@ -69,10 +69,12 @@ def scan(paths: Sequence[str | Path]) -> tuple[list[FileInfo], list[str]]:
     """Image files under `paths` (recursive, sorted) and the resolved roots that were scanned."""
     files: dict[str, FileInfo] = {}
     roots: list[str] = []
+    missing: list[str] = []
     for given in paths:
         root = Path(given).expanduser()
         if not root.exists():
-            raise PathError(f"no such file or folder: {given}")
+            missing.append(str(given))
+            continue
         root = root.resolve()
         roots.append(str(root))
         candidates: Iterable[Path]
@@ -93,6 +95,12 @@ def scan(paths: Sequence[str | Path]) -> tuple[list[FileInfo], list[str]]:
             except OSError:
                 continue
             files[str(path)] = FileInfo(str(path), st.st_size, st.st_mtime)
+    if missing:
+        # All of them at once: a list of 10,000 paths should not fail one name per run.
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise PathError(f"no such file or folder: {shown}")
     return [files[p] for p in sorted(files)], roots
 
 

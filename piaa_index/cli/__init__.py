@@ -7,15 +7,113 @@ and faiss only inside command bodies, so `piaa --help` stays instant.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from piaa_index import __version__
 from piaa_index.cli.common import AppContext, run_guarded
 
+# Global options: (declarations, settings). The group takes them with their environment
+# variables and defaults; every sub-command also accepts them (`piaa index DIR --model X`),
+# where a given value overrides the group's.
+GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("--home",),
+        {
+            "envvar": "PIAA_HOME",
+            "type": click.Path(file_okay=False),
+            "help": "Data folder (SQLite database, vectors). Env: PIAA_HOME.",
+        },
+    ),
+    (
+        ("--db",),
+        {"envvar": "PIAA_DB", "help": "SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB."},
+    ),
+    (
+        ("--model",),
+        {
+            "envvar": "PIAA_MODEL",
+            "help": "open_clip model name, `shapesworld`, or a model-config JSON. "
+            "Env: PIAA_MODEL. [default: ViT-B-16]",
+        },
+    ),
+    (
+        ("--pretrained",),
+        {
+            "envvar": "PIAA_PRETRAINED",
+            "help": "Weights: an open_clip tag (downloaded on first use), a checkpoint file, or "
+            "`none`. Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
+            "shapesworld]",
+        },
+    ),
+    (
+        ("--front-end",),
+        {
+            "envvar": "PIAA_FRONT_END",
+            "type": click.Choice(["clip", "sclip"]),
+            "help": "Patch front-end. [default: sclip; clip for shapesworld]",
+        },
+    ),
+    (
+        ("--device",),
+        {
+            "envvar": "PIAA_DEVICE",
+            "type": click.Choice(["auto", "cpu", "cuda"]),
+            "default": "auto",
+            "show_default": True,
+            "help": "Where the model runs. Env: PIAA_DEVICE.",
+        },
+    ),
+    (("-q", "--quiet"), {"is_flag": True, "default": False, "help": "No progress bars."}),
+]
+
+
+def _global_option_decorators(func: Callable[..., Any]) -> Callable[..., Any]:
+    for decls, settings in reversed(GLOBAL_OPTIONS):
+        func = click.option(*decls, **settings)(func)
+    return func
+
+
+def _override_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the sub-command: it wins over the group's value."""
+    if value is None or value is False:
+        return
+    app = ctx.find_object(AppContext)
+    if app is not None and param.name is not None:
+        setattr(app, param.name, value)
+
+
+def with_global_options(command: click.Command | None) -> click.Command | None:
+    """Let `command` (and, for a group, every sub-command it resolves) take the global options."""
+    if command is None or getattr(command, "_piaa_globals", False):
+        return command
+    taken = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    for decls, settings in GLOBAL_OPTIONS:
+        if taken.intersection(decls):
+            continue  # the command's own option of that name wins
+        local = {
+            k: v for k, v in settings.items() if k not in ("envvar", "default", "show_default")
+        }
+        local["help"] = str(settings["help"]).split(" Env:")[0] + " (global option)"
+        command.params.append(
+            click.Option(decls, expose_value=False, callback=_override_global, **local)
+        )
+    command._piaa_globals = True  # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        resolve = command.get_command
+
+        def get_command(ctx: click.Context, name: str) -> click.Command | None:
+            return with_global_options(resolve(ctx, name))
+
+        command.get_command = get_command  # type: ignore[method-assign]
+    return command
+
 
 class PiaaGroup(click.Group):
-    """Adds the commands that plugins register (queries and arbitrary commands) on first use."""
+    """Adds the commands that plugins register (queries and arbitrary commands) on first use,
+    and lets every sub-command take the global options."""
 
     _plugins_loaded = False
 
@@ -36,47 +134,12 @@ class PiaaGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         self._load_plugin_commands()
-        return super().get_command(ctx, cmd_name)
+        return with_global_options(super().get_command(ctx, cmd_name))
 
 
 @click.group(cls=PiaaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="piaa")
-@click.option(
-    "--home",
-    envvar="PIAA_HOME",
-    type=click.Path(file_okay=False),
-    help="Data folder (SQLite database, vectors). Env: PIAA_HOME.",
-)
-@click.option(
-    "--db", envvar="PIAA_DB", help="SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB."
-)
-@click.option(
-    "--model",
-    envvar="PIAA_MODEL",
-    help="open_clip model name, `shapesworld`, or a model-config JSON. Env: PIAA_MODEL. "
-    "[default: ViT-B-16]",
-)
-@click.option(
-    "--pretrained",
-    envvar="PIAA_PRETRAINED",
-    help="Weights: an open_clip tag (downloaded on first use), a checkpoint file, or `none`. "
-    "Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for shapesworld]",
-)
-@click.option(
-    "--front-end",
-    envvar="PIAA_FRONT_END",
-    type=click.Choice(["clip", "sclip"]),
-    help="Patch front-end. [default: sclip; clip for shapesworld]",
-)
-@click.option(
-    "--device",
-    envvar="PIAA_DEVICE",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Env: PIAA_DEVICE.",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_global_option_decorators
 @click.pass_context
 def cli(ctx: click.Context, **options: object) -> None:
     """Tag and search photo collections by what is in them.
@@ -86,6 +149,8 @@ def cli(ctx: click.Context, **options: object) -> None:
       piaa index ~/Pictures
       piaa vocab set dog bicycle person
       piaa search "dog AND bicycle AND NOT person"
+
+    Global options may also follow the sub-command: piaa index DIR --model shapesworld.
     """
     ctx.obj = AppContext(**options)  # type: ignore[arg-type]
 

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import click
 
 from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 
 @click.command("index")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option(
+    "--from",
+    "from_file",
+    type=click.File("rb"),
+    help="Also index the paths listed in this file, one per line (or NUL-separated, as "
+    "`find -print0` writes); `-` reads standard input.",
+)
 @click.option("--prune", is_flag=True, help="Forget images under PATHS whose files are gone.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_app
 def index_command(
-    app: AppContext, paths: tuple[str, ...], prune: bool, batch_size: int, as_json: bool
+    app: AppContext,
+    paths: tuple[str, ...],
+    from_file: BinaryIO | None,
+    prune: bool,
+    batch_size: int,
+    as_json: bool,
 ) -> None:
     """Index image files and folders (recursive, incremental, resumable).
 
@@ -22,8 +36,11 @@ def index_command(
     indexed one reuses its vectors. Files that cannot be decoded are recorded and skipped;
     the exit code is 0 when the run completes.
     """
+    todo = list(paths) + (read_path_list(from_file.read()) if from_file is not None else [])
+    if not todo:
+        raise click.UsageError("give files or folders to index, or --from FILE")
     library = app.library()
-    report = library.index(list(paths), prune=prune, progress=app.progress, batch_size=batch_size)
+    report = library.index(todo, prune=prune, progress=app.progress, batch_size=batch_size)
     if as_json:
         echo_json(report.as_dict())
         return
@@ -37,6 +54,18 @@ def index_command(
     )
     for failure in d["failed"]:
         click.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+
+
+def read_path_list(data: bytes) -> list[str]:
+    """Paths from a list file: NUL-separated when it holds a NUL, else one per line.
+
+    Names are decoded as the file system does (os.fsdecode), so bytes that are not UTF-8
+    survive; blank lines are skipped.
+    """
+    import os
+
+    entries = data.split(b"\0") if b"\0" in data else data.splitlines()
+    return [os.fsdecode(entry) for entry in entries if entry.strip()]
 
 
 @click.command("status")
