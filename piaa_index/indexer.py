@@ -334,8 +334,12 @@ class Indexer:
             }
             for info, error in failures
         ]
-        updates += [dict(row, id=known[row["path"]].id) for row in broken if row["path"] in known]
-        new_broken = [row for row in broken if row["path"] not in known]
+        new_broken = []
+        for (info, _error), row in zip(failures, broken, strict=True):
+            if info.path in known:
+                updates.append(dict(row, id=known[info.path].id))
+            else:
+                new_broken.append(row)
         # In the same transaction: tags of re-encoded or now-broken images are stale, and a
         # crash must not leave new vectors with old tags (untagged images get re-tagged).
         stale = [row["id"] for row in updates]

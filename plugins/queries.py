@@ -8,7 +8,16 @@ from typing import Any
 from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Param, Query
 
-LIMIT = Param("limit", "Maximum number of results.", type=int, default=20)
+LIMIT = Param("limit", "Maximum number of results (0: all of them).", type=int, default=20)
+
+
+def _limit(limit: int | None) -> int | None:
+    """None or 0: no limit (every match, for piping); a negative number is a usage error."""
+    from piaa_index.library import UserInputError
+
+    if limit is not None and limit < 0:
+        raise UserInputError(f"--limit must be 0 (all) or a positive number, not {limit}")
+    return limit or None
 
 
 def _tags(
@@ -18,6 +27,7 @@ def _tags(
     limit: int | None = None,
     present_only: bool = False,
 ) -> list[dict[str, Any]]:
+    limit = _limit(limit)
     rows = library.tags(image, progress=progress)
     if present_only:
         rows = [r for r in rows if r["present"]]
@@ -34,6 +44,7 @@ def _search(
 ) -> list[dict[str, Any]]:
     from piaa_index.library import UserInputError
 
+    limit = _limit(limit)
     if text and expression:
         raise UserInputError("give either a label EXPRESSION or --text PHRASE, not both")
     if text:
@@ -48,7 +59,7 @@ def _search(
 def _similar(
     library: Any, image: str, limit: int | None = 20, progress: bool = False
 ) -> list[dict[str, Any]]:
-    return library.similar(image, limit=limit)
+    return library.similar(image, limit=_limit(limit))
 
 
 @hookimpl
@@ -61,7 +72,7 @@ def register_queries(register: Callable[[Query], None]) -> None:
             (
                 Param("image", positional=True, required=True),
                 Param("present_only", "Only labels decided present.", is_flag=True),
-                Param("limit", "Maximum number of labels.", type=int),
+                Param("limit", "Maximum number of labels (0: all).", type=int),
             ),
         )
     )

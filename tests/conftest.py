@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,8 +22,8 @@ def piaa_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh Postgres database for this test run (PIAA_TEST_PG = server URL), dropped after."""
+def postgres_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh Postgres databases (PIAA_TEST_PG = server URL), all dropped after."""
     base = os.environ.get("PIAA_TEST_PG")
     if not base:
         pytest.skip(
@@ -32,21 +32,32 @@ def postgres_url() -> Iterator[str]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    name = f"piaa_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        from sqlalchemy.pool import NullPool
+    made: list[str] = []
 
+    def create() -> str:
+        name = f"piaa_test_{uuid.uuid4().hex[:10]}"
         with admin.connect() as conn:
-            conn.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return make_url(base).set(database=name).render_as_string(hide_password=False)
+
+    try:
+        yield create
+    finally:
+        with admin.connect() as conn:
+            for name in made:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": name},
+                )
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
-        _ = NullPool
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_database: Callable[[], str]) -> str:
+    """A fresh Postgres database shared by this test run's Postgres tests."""
+    return postgres_database()
