@@ -96,9 +96,11 @@ def with_global_options(command: click.Command | None) -> click.Command | None:
         local = {
             k: v for k, v in settings.items() if k not in ("envvar", "default", "show_default")
         }
-        local["help"] = str(settings["help"]).split(" Env:")[0] + " (global option)"
+        # Hidden: the group's help documents them once and says they may follow a command.
         command.params.append(
-            click.Option(decls, expose_value=False, callback=_override_global, **local)
+            click.Option(
+                decls, expose_value=False, callback=_override_global, hidden=True, **local
+            )
         )
     command._piaa_globals = True  # type: ignore[attr-defined]
     if isinstance(command, click.Group):
