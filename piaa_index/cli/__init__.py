@@ -98,9 +98,7 @@ def with_global_options(command: click.Command | None) -> click.Command | None:
         }
         # Hidden: the group's help documents them once and says they may follow a command.
         command.params.append(
-            click.Option(
-                decls, expose_value=False, callback=_override_global, hidden=True, **local
-            )
+            click.Option(decls, expose_value=False, callback=_override_global, hidden=True, **local)
         )
     command._piaa_globals = True  # type: ignore[attr-defined]
     if isinstance(command, click.Group):
