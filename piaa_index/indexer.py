@@ -8,10 +8,10 @@ interrupted run loses at most the group in flight, and the next run picks up fro
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import delete, insert, update
 
-from piaa_index.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
+from piaa_index.images import ImageDecodeError, file_hash, load_image
+from piaa_index.scan import FileInfo, scan
 from piaa_index.schema import FAILED, INDEXED, Image, Tag
 from piaa_index.store import KnownImage, Store, utcnow
 from piaa_index.vectors import VectorStore
@@ -39,6 +40,8 @@ class IndexReport:
     removed: int = 0
     failed: list[dict] = field(default_factory=list)
     still_failing: int = 0
+    skipped: dict[str, Any] = field(default_factory=dict)  # what the scan did not read, why
+    kept: dict[str, int] = field(default_factory=dict)  # --prune: missing but not provably gone
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -49,59 +52,11 @@ class IndexReport:
             "removed": self.removed,
             "failed": self.failed,
             "still_failing": self.still_failing,
+            "skipped": self.skipped,
+            "kept": self.kept,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.indexed / self.seconds, 2) if self.seconds else 0.0,
         }
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    path: str
-    size: int
-    mtime: float
-
-
-class PathError(Exception):
-    """A path given to `index` that does not exist."""
-
-
-def scan(paths: Sequence[str | Path]) -> tuple[list[FileInfo], list[str]]:
-    """Image files under `paths` (recursive, sorted) and the resolved roots that were scanned."""
-    files: dict[str, FileInfo] = {}
-    roots: list[str] = []
-    missing: list[str] = []
-    for given in paths:
-        root = Path(given).expanduser()
-        if not root.exists():
-            missing.append(str(given))
-            continue
-        root = root.resolve()
-        roots.append(str(root))
-        candidates: Iterable[Path]
-        if root.is_file():
-            candidates = [root]
-        else:
-            candidates = (
-                Path(dirpath) / name
-                for dirpath, dirnames, names in os.walk(root)
-                for name in names
-                if not name.startswith(".")
-            )
-        for path in candidates:
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            files[str(path)] = FileInfo(str(path), st.st_size, st.st_mtime)
-    if missing:
-        # All of them at once: a list of 10,000 paths should not fail one name per run.
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise PathError(f"no such file or folder: {shown}")
-    return [files[p] for p in sorted(files)], roots
 
 
 @dataclass
@@ -142,14 +97,21 @@ class Indexer:
         return self._encoder
 
     def run(
-        self, paths: Sequence[str | Path], prune: bool = False, progress: bool = True
+        self,
+        paths: Sequence[str | Path],
+        prune: bool = False,
+        progress: bool = True,
+        exclude: Sequence[str] = (),
+        default_excludes: bool = True,
+        follow_symlinks: bool = False,
     ) -> IndexReport:
         started = time.perf_counter()
         report = IndexReport()
-        files, roots = scan(paths)
-        known = self.store.images_under(roots)
+        found = scan(paths, exclude, default_excludes, follow_symlinks)
+        report.skipped = found.skipped()
+        known = self.store.images_under(found.roots)
         todo: list[FileInfo] = []
-        for info in files:
+        for info in found.files:
             row = known.get(info.path)
             if row is not None and row.size == info.size and row.mtime == info.mtime:
                 if row.status == INDEXED:
@@ -160,10 +122,22 @@ class Indexer:
                     continue
             todo.append(info)
         if prune:
-            on_disk = {f.path for f in files}
-            gone = [row.id for path, row in known.items() if path not in on_disk]
+            # Only what is provably gone: an unreadable folder or an unmounted share must not
+            # cost the user their tags.
+            on_disk = {f.path for f in found.files}
+            gone = []
+            kept: Counter[str] = Counter()
+            for path, row in known.items():
+                if path in on_disk:
+                    continue
+                reason = found.why_kept(path)
+                if reason is None:
+                    gone.append(row.id)
+                else:
+                    kept[reason] += 1
             self.store.remove_images(gone)
             report.removed = len(gone)
+            report.kept = dict(kept)
         if todo:
             with self.vectors.writer_lock():
                 self._index_files(todo, known, report, progress)

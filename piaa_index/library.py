@@ -224,13 +224,31 @@ class Library:
         prune: bool = False,
         progress: bool = False,
         batch_size: int = 32,
+        exclude: Sequence[str] = (),
+        default_excludes: bool = True,
+        follow_symlinks: bool = False,
     ) -> IndexReport:
-        """Index files and folders (recursive, incremental); see `IndexReport`."""
-        from piaa_index.indexer import Indexer, PathError
+        """Index files and folders (recursive, incremental); see `IndexReport`.
 
+        Folders are walked with the default excludes (NAS thumbnails, trash, hidden folders…;
+        `piaa_index.scan.DEFAULT_EXCLUDES`), the gitignore-style `exclude` patterns and any
+        `.piaaignore` file; only regular image files are read, the rest is counted.
+        """
+        from piaa_index.indexer import Indexer
+        from piaa_index.scan import PathError
+
+        if batch_size < 1:
+            raise UserInputError(f"batch size must be at least 1, not {batch_size}")
         indexer = Indexer(self.store, self.vectors, lambda: self.encoder, batch_size=batch_size)
         try:
-            return indexer.run(paths, prune=prune, progress=progress)
+            return indexer.run(
+                paths,
+                prune=prune,
+                progress=progress,
+                exclude=exclude,
+                default_excludes=default_excludes,
+                follow_symlinks=follow_symlinks,
+            )
         except PathError as exc:
             raise UserInputError(str(exc)) from None
 

@@ -18,7 +18,27 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     help="Also index the paths listed in this file, one per line (or NUL-separated, as "
     "`find -print0` writes); `-` reads standard input.",
 )
-@click.option("--prune", is_flag=True, help="Forget images under PATHS whose files are gone.")
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Forget images under PATHS whose files are provably gone (their folder was read and "
+    "is not empty); the summary says what was kept and why.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Skip files and folders matching this gitignore-style pattern (repeatable); "
+    "a .piaaignore file in any folder works the same.",
+)
+@click.option(
+    "--no-default-excludes",
+    is_flag=True,
+    help="Also walk NAS thumbnail folders (@eaDir), trash, .git, hidden files and folders.",
+)
+@click.option(
+    "--follow-symlinks", is_flag=True, help="Walk into symlinked folders (each folder once)."
+)
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_app
@@ -27,6 +47,9 @@ def index_command(
     paths: tuple[str, ...],
     from_file: BinaryIO | None,
     prune: bool,
+    exclude: tuple[str, ...],
+    no_default_excludes: bool,
+    follow_symlinks: bool,
     batch_size: int,
     as_json: bool,
 ) -> None:
@@ -40,7 +63,15 @@ def index_command(
     if not todo:
         raise click.UsageError("give files or folders to index, or --from FILE")
     library = app.library()
-    report = library.index(todo, prune=prune, progress=app.progress, batch_size=batch_size)
+    report = library.index(
+        todo,
+        prune=prune,
+        progress=app.progress,
+        batch_size=batch_size,
+        exclude=exclude,
+        default_excludes=not no_default_excludes,
+        follow_symlinks=follow_symlinks,
+    )
     if as_json:
         echo_json(report.as_dict())
         return
@@ -54,6 +85,31 @@ def index_command(
     )
     for failure in d["failed"]:
         click.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+    for line in skipped_lines(d["skipped"], d["kept"]):
+        click.echo(f"  {line}", err=True)
+
+
+def skipped_lines(skipped: dict, kept: dict[str, int]) -> list[str]:
+    """One line per kind of file the run did not read, and per reason --prune kept images."""
+    lines = []
+    if skipped.get("unsupported"):
+        by_ext = ", ".join(f"{n} {ext}" for ext, n in skipped["unsupported"].items())
+        lines.append(f"not images (skipped): {by_ext}")
+    if skipped.get("excluded"):
+        lines.append(f"excluded by patterns: {skipped['excluded']} files or folders")
+    for key, what in (
+        ("special_files", "not regular files (FIFO, device, socket)"),
+        ("dangling_links", "broken links"),
+        ("unreadable", "could not read"),
+        ("linked_folders_not_followed", "symlinked folders not followed (--follow-symlinks)"),
+    ):
+        paths = skipped.get(key) or []
+        if paths:
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            lines.append(f"{what}: {', '.join(paths[:3])}{more}")
+    for reason, n in kept.items():
+        lines.append(f"kept {n} missing images: {reason}")
+    return lines
 
 
 def read_path_list(data: bytes) -> list[str]:
