@@ -18,12 +18,44 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # Image status values.
 INDEXED = "indexed"
 FAILED = "failed"
 MISSING_VECTORS = "missing_vectors"  # SQL row survived but its vector shard did not: re-encode
+
+
+# POSIX file names are bytes. Python decodes the bytes that are not UTF-8 to lone surrogates
+# (U+DC80-U+DCFF, "surrogateescape"), which neither SQLite's driver nor Postgres accepts.
+# Stored, each becomes the code point 0x100000 higher (U+10DC80-U+10DCFF, private use
+# plane 16), so every name round-trips and a folder's paths still share its prefix.
+_SURROGATE_SHIFT = 0x100000
+_TO_DB = {c: c + _SURROGATE_SHIFT for c in range(0xDC80, 0xDD00)}
+_FROM_DB = {c + _SURROGATE_SHIFT: c for c in range(0xDC80, 0xDD00)}
+
+
+def to_db_text(value: str) -> str:
+    return value if value.isascii() else value.translate(_TO_DB)
+
+
+def from_db_text(value: str) -> str:
+    return value if value.isascii() else value.translate(_FROM_DB)
+
+
+class FsText(TypeDecorator[str]):
+    """Text that holds any file name (see `to_db_text`) or message quoting one."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else to_db_text(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else from_db_text(value)
 
 
 class Base(DeclarativeBase):
@@ -39,14 +71,14 @@ class Setting(Base):
 class Image(Base):
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(FsText, unique=True)
     content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)  # files over 2 GiB exist (TIFF scans)
     mtime: Mapped[float] = mapped_column(Float)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(FsText)
     shard: Mapped[int | None] = mapped_column(Integer, index=True)
     shard_row: Mapped[int | None] = mapped_column(Integer)
     indexed_at: Mapped[datetime] = mapped_column(DateTime)

@@ -19,7 +19,6 @@ from sqlalchemy import (
     Column,
     MetaData,
     Table,
-    Text,
     and_,
     create_engine,
     delete,
@@ -34,7 +33,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from piaa_index import schema
 from piaa_index.errors import PiaaError
-from piaa_index.schema import FAILED, INDEXED, Classifier, Image, Label, Setting, Tag, Vocabulary
+from piaa_index.schema import (
+    FAILED,
+    INDEXED,
+    Classifier,
+    FsText,
+    Image,
+    Label,
+    Setting,
+    Tag,
+    Vocabulary,
+)
 
 
 class StoreError(PiaaError):
@@ -49,9 +58,9 @@ _TAG_TABLE = cast(Table, Tag.__table__)
 _SCAN_SCOPE = Table(
     "piaa_scan_scope",
     MetaData(),
-    Column("root", Text),
-    Column("lo", Text),
-    Column("hi", Text),
+    Column("root", FsText),
+    Column("lo", FsText),
+    Column("hi", FsText),
     prefixes=["TEMPORARY"],
 )
 

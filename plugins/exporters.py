@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ from xml.sax.saxutils import escape
 
 from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Exporter, Param
+from piaa_index.textio import json_text
 
 XMP_TEMPLATE = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="piaa-index">
@@ -73,7 +73,8 @@ def _xmp(library: Any, prefix: str = "piaa", overwrite: bool = False) -> dict[st
 
 def _csv(library: Any, output: str = "tags.csv") -> dict[str, Any]:
     tags = _present_tags(library)
-    with open(output, "w", newline="", encoding="utf-8") as fh:
+    # A non-UTF-8 file name is written as its own bytes, as the file system holds it.
+    with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "score"])
         for path in sorted(tags):
@@ -87,7 +88,7 @@ def _json(library: Any, output: str = "tags.json") -> dict[str, Any]:
     data = [
         {"path": p, "labels": [{"label": n, "score": s} for n, s in tags[p]]} for p in sorted(tags)
     ]
-    Path(output).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    Path(output).write_text(json_text(data), encoding="utf-8")
     return {"output": output, "images": len(tags)}
 
 

@@ -43,6 +43,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import click
 
 from piaa_index.hookspecs import hookimpl
+from piaa_index.textio import json_text
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -105,7 +106,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _encode(value: Any) -> bytes:
-    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return json_text(_jsonable(value), indent=None).encode("utf-8")
 
 
 # -- parameters --------------------------------------------------------------------------------

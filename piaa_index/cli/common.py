@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from piaa_index.textio import json_text
 
 if TYPE_CHECKING:
     from piaa_index.library import Library
@@ -64,6 +65,7 @@ def app_context(ctx: click.Context) -> AppContext:
 
 def run_guarded(command: click.Command, args: list[str]) -> None:
     """Run the CLI; expected failures print one line to stderr and exit 1 or 2, no traceback."""
+    raw_file_names_on_output()
     try:
         command.main(args=args, prog_name="piaa", standalone_mode=False)
     except click.exceptions.Abort:
@@ -109,7 +111,7 @@ def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def emit_rows(rows: list[dict[str, Any]], as_json: bool, as_csv: bool, paths_only: bool) -> None:
     """Print query results to stdout in the chosen format (table by default)."""
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json_text(rows))
         return
     if paths_only:
         seen = set()
@@ -165,4 +167,13 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    click.echo(json_text(value))
+
+
+def raw_file_names_on_output() -> None:
+    """Tables and --paths-only write a non-UTF-8 file name as its own bytes, as `ls` does, so
+    that `piaa search X --paths-only | xargs …` reaches the file (strict UTF-8 would crash)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
