@@ -6,9 +6,11 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"}
@@ -55,7 +57,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # Pillow's own I->L conversion clips at 255, which turns 16-bit images white.
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
         top = float(arr.max()) if arr.size else 0.0
         if top > 255.0:
             arr = arr * (255.0 / 65535.0) if top <= 65535.0 else arr * (255.0 / top)
@@ -96,16 +98,74 @@ def _reason_for(exc: BaseException) -> str:
     return f"cannot decode image: {text or type(exc).__name__}"
 
 
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """Bytes a full decode of `im` takes, from its header (before any pixel is read)."""
+    per_band = 2 if im.mode in _SIXTEEN_BIT else 4 if im.mode in ("I", "F") else 1
+    return im.size[0] * im.size[1] * len(im.getbands()) * per_band
+
+
+class MemoryBudget:
+    """Bytes of decoded pixels in flight across decode threads. An image needing more than the
+    whole budget waits until it can decode alone, so a few huge scans never run together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self.limit)
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= nbytes
+                self._cv.notify_all()
+
+
+def _shrink(im: Image.Image, shorter_side: int) -> Image.Image:
+    """Box-reduce a decoded image to about `shorter_side` (never below), in its own mode, so
+    that no full-size converted copy (16-bit as float, palette as RGB) is ever made."""
+    factor = min(im.size) // shorter_side
+    if factor < 2:
+        return im
+    if im.mode in _SIXTEEN_BIT:  # `reduce` has no 16-bit path; a box resize does the same
+        return im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
+    if im.mode in ("P", "PA", "1"):
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+    return im.reduce(factor)
+
+
 def load_image(
     path: str | os.PathLike[str],
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_size: int | None = None,
+    budget: MemoryBudget | None = None,
 ) -> Image.Image:
     """Decode a file to an upright RGB image, or raise ImageDecodeError.
 
-    `draft_size` lets JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay >= it (much
-    faster for a 224 px model); `info["original_size"]` always holds the full upright size.
+    With `draft_size` (the model's input size), a large image is decoded at reduced size:
+    JPEGs at 1/2..1/8 scale in the decoder, others box-reduced right after decoding, keeping the
+    shorter side at least twice `draft_size`. `budget` bounds the decoded bytes in flight
+    across threads. `info["original_size"]` always holds the full upright size.
     """
     _register_heif()
     p = Path(path)
@@ -126,15 +186,17 @@ def load_image(
                     )
                 if draft_size is not None and im.format == "JPEG":
                     im.draft("RGB", (draft_size, draft_size))
-                im.load()  # decode fully here so that truncated files fail here, not later
                 orientation = im.getexif().get(0x0112, 1)
                 if not isinstance(orientation, int) or not 1 <= orientation <= 8:
                     orientation = 1
-                try:
-                    upright = ImageOps.exif_transpose(im)
-                except Exception:  # a broken EXIF block should not make a photo unindexable
-                    upright = im.copy()
-                rgb = _to_rgb(upright)  # exif_transpose copied, so rgb outlives the file
+                with budget.hold(decoded_bytes(im)) if budget else nullcontext():
+                    im.load()  # decode fully here so that truncated files fail here, not later
+                    small = _shrink(im, 2 * draft_size) if draft_size else im
+                    if orientation in _UPRIGHT:
+                        small = small.transpose(_UPRIGHT[orientation])
+                    rgb = _to_rgb(small)
+                    if rgb is im:
+                        rgb = im.copy()  # outlive the file
     except ImageDecodeError:
         raise
     except Exception as exc:  # Pillow plugins raise many types (struct.error, IndexError, ...)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import delete, insert, update
 
-from piaa_index.images import ImageDecodeError, file_hash, load_image
+from piaa_index.images import ImageDecodeError, MemoryBudget, file_hash, load_image
 from piaa_index.scan import FileInfo, scan
 from piaa_index.schema import FAILED, INDEXED, Image, Tag
 from piaa_index.store import KnownImage, Store, utcnow
@@ -28,6 +28,11 @@ from piaa_index.vectors import VectorStore
 
 if TYPE_CHECKING:
     from piaa_index.encoder import Encoder
+
+
+# Decoded pixels in flight across the decode threads: a 13,000 x 13,000 16-bit scan is 338 MB
+# before it is reduced, so a few of them together must wait for each other.
+DECODE_MEMORY = 512 << 20
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Indexer:
         batch_size: int = 32,
         commit_every: int = 256,
         workers: int = 4,
+        decode_memory: int = DECODE_MEMORY,
     ):
         self.store = store
         self.vectors = vectors
@@ -89,6 +95,7 @@ class Indexer:
         self.batch_size = batch_size
         self.commit_every = commit_every
         self.workers = workers
+        self.decode_budget = MemoryBudget(decode_memory)
 
     @property
     def encoder(self) -> Encoder:
@@ -245,7 +252,7 @@ class Indexer:
         def one(info: FileInfo) -> tuple[FileInfo, Any]:
             try:
                 # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
-                return info, load_image(info.path, draft_size=draft)
+                return info, load_image(info.path, draft_size=draft, budget=self.decode_budget)
             except ImageDecodeError as exc:
                 return info, str(exc)
 

@@ -60,7 +60,59 @@ def test_draft_decodes_jpeg_smaller_and_keeps_original_size(tmp_path: Path) -> N
     assert load_image(path).size == (400, 800)
     png = tmp_path / "big.png"
     _marked(800, 400).save(png)
-    assert load_image(png, draft_size=64).size == (800, 400)  # draft is JPEG-only
+    # Other formats are box-reduced after decoding, the shorter side kept >= 2 x draft_size.
+    small = load_image(png, draft_size=64)
+    assert small.size == (267, 134) and small.info["original_size"] == (800, 400)
+    assert load_image(png).size == (800, 400)
+
+
+def test_huge_images_decode_within_memory(tmp_path: Path) -> None:
+    """A 16-bit and a palette image of 40 Mpx decode straight to model-sized RGB, upright and
+    with their tones (a 16-bit image must not turn white), without full-size float copies."""
+    import numpy as np
+
+    grey = np.full((5000, 8000), 30000, np.uint16)
+    grey[:, :4000] = 60000  # left half brighter
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the bright half ends up on top
+    Image.fromarray(grey).save(tmp_path / "g16.png", exif=exif.tobytes())
+    img = load_image(tmp_path / "g16.png", draft_size=224)
+    assert img.mode == "RGB" and img.info["original_size"] == (5000, 8000)
+    assert 448 <= min(img.size) < 3 * 448 and img.width < img.height
+    top, bottom = img.getpixel((img.width // 2, 5)), img.getpixel((img.width // 2, img.height - 5))
+    assert isinstance(top, tuple) and isinstance(bottom, tuple)
+    assert abs(top[0] - 233) <= 2 and abs(bottom[0] - 117) <= 2  # 60000/65535, 30000/65535
+
+    Image.new("P", (8000, 5000), 3).save(tmp_path / "p.png")
+    assert min(load_image(tmp_path / "p.png", draft_size=224).size) >= 448
+
+
+def test_memory_budget_serialises_what_does_not_fit() -> None:
+    import threading
+
+    from piaa_index.images import MemoryBudget
+
+    budget = MemoryBudget(100)
+    peak, inside, lock = [0], [0], threading.Lock()
+
+    def work(n: int) -> None:
+        alone = n >= budget.limit
+        with budget.hold(n):
+            with lock:
+                inside[0] += budget.limit + 1 if alone else n
+                peak[0] = max(peak[0], inside[0])
+            threading.Event().wait(0.01)
+            with lock:
+                inside[0] -= budget.limit + 1 if alone else n
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (60, 60, 500, 30, 30) * 20]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Never above the limit together; an oversized image (counted as limit + 1) runs alone.
+    assert peak[0] <= budget.limit + 1
+    assert budget.used == 0
 
 
 def test_plain_jpeg_keeps_size_and_orientation_1(tmp_path: Path) -> None:
