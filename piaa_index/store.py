@@ -25,6 +25,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -266,6 +267,38 @@ class Store:
         with self.session() as s:
             rows = s.execute(select(Image.path, Image.id).where(Image.path.in_(paths))).all()
         return {p: i for p, i in rows}
+
+    def reserve_images(self, paths: Sequence[str]) -> list[int]:
+        """Placeholder rows (status `pending`) for new paths, as an index run makes before
+        writing their shard; their ids, in order."""
+        now = utcnow()
+        rows = [
+            {"path": p, "size": 0, "mtime": 0.0, "status": "pending", "indexed_at": now}
+            for p in paths
+        ]
+        with self.session() as s:
+            s.execute(insert(Image), rows)
+        ids = self.image_ids_by_path(list(paths))
+        return [ids[p] for p in paths]
+
+    def commit_indexed(self, ids: Sequence[int], shard: int, sizes: Sequence[int]) -> None:
+        """Mark images indexed at rows 0..n-1 of a durable shard (one bulk statement)."""
+        now = utcnow()
+        rows = [
+            {
+                "id": int(i),
+                "size": int(size),
+                "mtime": float(now.timestamp()),
+                "status": INDEXED,
+                "error": None,
+                "shard": shard,
+                "shard_row": row_no,
+                "indexed_at": now,
+            }
+            for row_no, (i, size) in enumerate(zip(ids, sizes, strict=True))
+        ]
+        with self.session() as s:
+            s.execute(update(Image), rows)
 
     def live_locations(self) -> list[tuple[int, int, int]]:
         """(image id, shard, row) for every indexed image, ordered for streaming shard by shard."""
