@@ -80,7 +80,7 @@ def test_uncommitted_scores_are_removed_on_open(
 
     again = open_synthetic(lib.settings.home, world)
     try:
-        again.vectors  # opening reconciles the vector and score folders with SQL
+        assert again.vectors is not None  # opening reconciles vectors and scores with SQL
         assert not (again.scores_dir / ("deadbeef" * 4)).exists()
         assert sorted({p.name.split(".")[0] for p in folder.iterdir()}) == segments
         assert again.search("l000 AND l001", limit=50) == before
@@ -208,7 +208,7 @@ def test_compiled_query_equals_the_per_image_evaluator(node: Node, seed: int, k:
     assert score.tolist() == ref_score
     rows = np.nonzero(match)[0]
     got = [int(ids[rows][i]) for i in top_k(ids[rows], score[rows], k)]
-    ref = sorted(((-ref_score[r], int(ids[r])) for r in rows))
+    ref = sorted((-ref_score[r], int(ids[r])) for r in rows)
     assert got == [i for _, i in ref][: (len(ref) if k is None else k)]
 
 
