@@ -765,7 +765,8 @@ class Library:
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
-        """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
+        """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
+        index kept beside the shards (`piaa_index/similar.py`)."""
         p = Path(path).expanduser()
         query_id: int | None = None
         try:
@@ -773,10 +774,12 @@ class Library:
         except UserInputError:
             if not p.is_file():
                 raise
-        locations = self.store.live_locations()
+        index = self._similar_index()
         if query_id is not None:
-            loc = next(loc for loc in locations if loc[0] == query_id)
-            q, _ = self.vectors.vectors_for(*loc)
+            loc = self.store.location(query_id)
+            if loc is None:
+                raise UserInputError(f"not in the index: {path}")
+            q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
         else:
             from piaa_index.images import ImageDecodeError, load_image
 
@@ -785,15 +788,72 @@ class Library:
             except ImageDecodeError as exc:
                 raise UserInputError(f"{path}: {exc}") from None
             q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
-        ids, sims = [], []
+        # A few extra so that the query image and ties at the cut do not shorten the list.
+        want = len(index.ids) if limit is None else limit + 1 + 8
+        ids, sims = index.search(q, want)
+        if query_id is not None:
+            keep = ids != query_id
+            ids, sims = ids[keep], sims[keep]
+        return self._top(ids, sims, limit)
+
+    def _similar_index(self) -> Any:
+        """The [CLS] FAISS index, built on first use and synced with the catalog after."""
+        from piaa_index.similar import ClsIndex
+
+        folder = self.vectors_dir / "similar"
+        version = self.store.data_version()
+        index = self._similar
+        if index is None:
+            index = ClsIndex.load(folder)
+        if index is not None and index.version == version:
+            self._similar = index
+            return index
+        if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
+            # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+            live = self.store.live_locations()
+            index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
+        else:
+            new = self.store.locations_after(index.max_shard)
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            index.remove(np.isin(index.ids, new_ids))
+            if len(index.ids) + len(new) != self.store.indexed_count():
+                live = self.store.live_locations()
+                arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+                base = int(max(index.max_shard, int(arr[:, 1].max(initial=0)))) + 1
+                live_keys = arr[:, 0] * base + arr[:, 1]
+                held_keys = index.ids * base + index.shards
+                index.remove(~np.isin(held_keys, live_keys))
+                held = np.isin(live_keys, index.ids * base + index.shards)
+                new = [live[i] for i in np.nonzero(~held)[0]]
+            index.add(*self._cls_of(new))
+        index.version = version
+        index.save(folder)
+        self._similar = index
+        return index
+
+    def _cls_of(
+        self, locations: list[tuple[int, int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, shards, [CLS] vectors) of these images, read without their patches."""
+        ids, shards, vecs = [], [], []
         for chunk in self.vectors.iter_live(locations, with_patches=False):
             ids.append(chunk.image_ids)
-            sims.append(chunk.cls @ q)
-        all_ids, all_sims = np.concatenate(ids), np.concatenate(sims)
-        if query_id is not None:
-            keep = all_ids != query_id
-            all_ids, all_sims = all_ids[keep], all_sims[keep]
-        return self._top(all_ids, all_sims, limit)
+            shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
+            vecs.append(chunk.cls)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.vectors.dim))
+        return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+
+    def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""
+        query_id = self.image_id(path)
+        live = self.store.live_locations()
+        loc = self.store.location(query_id)
+        assert loc is not None
+        q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        ids, _, vecs = self._cls_of(live)
+        keep = ids != query_id
+        return self._top(ids[keep], (vecs @ q)[keep], limit)
 
     def _top(self, ids: np.ndarray, scores: np.ndarray, limit: int | None) -> list[dict]:
         order = np.lexsort((ids, -scores))
