@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import delete, insert, update
 
 from piaa_index.images import ImageDecodeError, MemoryBudget, file_hash, load_image
 from piaa_index.scan import FileInfo, scan
-from piaa_index.schema import FAILED, INDEXED, Image, Tag
+from piaa_index.schema import FAILED, INDEXED
 from piaa_index.store import KnownImage, Store, utcnow
 from piaa_index.vectors import VectorStore
 
@@ -282,7 +281,7 @@ class Indexer:
                 np.stack([item.patches for item in group]),
             )
         now = utcnow()
-        # Bulk statements: a commit group costs a fixed number of them, not two per image.
+        # Bulk rows: a commit group costs a fixed number of statements, not two per image.
         updates = [
             {
                 "id": known[item.info.path].id,
@@ -321,38 +320,12 @@ class Indexer:
                 updates.append(dict(row, id=known[info.path].id))
             else:
                 new_broken.append(row)
-        # In the same transaction: tags of re-encoded or now-broken images are stale, and a
-        # crash must not leave new vectors with old tags (untagged images get re-tagged).
-        stale = [row["id"] for row in updates]
-        with self.store.session() as s:
-            if updates:
-                s.execute(update(Image), updates)
-            if new_broken:
-                s.execute(insert(Image), new_broken)
-            for start in range(0, len(stale), 500):
-                s.execute(delete(Tag).where(Tag.image_id.in_(stale[start : start + 500])))
+        self.store.commit_images(updates, new_broken)
 
     def _reserve_ids(self, infos: list[FileInfo], known: dict[str, KnownImage]) -> list[int]:
-        """Image ids for these paths, creating placeholder rows for new ones.
-
-        A placeholder has status `pending` until its shard commits, so a crash in between
-        leaves a row that the next run retries (its size and mtime are 0, never a file's).
-        """
-        new = [info for info in infos if info.path not in known]
+        """Image ids for these paths, with placeholder rows for new ones (Store.reserve_images)."""
+        new = [info.path for info in infos if info.path not in known]
         if new:
-            now = utcnow()
-            with self.store.session() as s:
-                for info in new:
-                    s.add(
-                        Image(
-                            path=info.path,
-                            size=0,
-                            mtime=0.0,
-                            status="pending",
-                            error="indexing did not finish",
-                            indexed_at=now,
-                        )
-                    )
-            for path, image_id in self.store.image_ids_by_path([i.path for i in new]).items():
+            for path, image_id in zip(new, self.store.reserve_images(new), strict=True):
                 known[path] = KnownImage(image_id, path, 0, 0.0, "pending")
         return [known[info.path].id for info in infos]

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from piaa_index.indexer import IndexReport
     from piaa_index.plugins import Plugins
     from piaa_index.pvcl import Classifier
+    from piaa_index.scores import ScoreView, Segment
 
 
 class LibraryError(PiaaError):
@@ -58,6 +59,8 @@ class FitReport:
     weak_labels: list[str]
     thresholds: dict[str, float]
     tagged_present: dict[str, int] = field(default_factory=dict)
+    fit_seconds: float = 0.0  # the streaming PVCL pass
+    tag_seconds: float = 0.0  # the re-tag pass writing the score matrix and sparse tags
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -71,6 +74,22 @@ class _Fitted:
     classifier: Classifier
     text_protos: np.ndarray
     thresholds: np.ndarray
+
+
+@dataclass
+class _State:
+    """What queries need, valid while the catalog version is `version`."""
+
+    version: int
+    vocab: VocabularyInfo
+    fitted: _Fitted
+    view: ScoreView
+    image_counts: dict[str, int]
+    pending: int  # indexed images not scored yet (only when loaded without scoring)
+
+
+class _NotReady(Exception):
+    """The scores need a fit or new rows scored, which the caller does not want to do."""
 
 
 class Library:
@@ -92,6 +111,10 @@ class Library:
         self._vectors: VectorStore | None = None
         self._plugins = plugins
         self.vectors_dir = settings.home / "vectors" / store.store_id
+        # Query caches, checked against SQL's catalog version (see `_state`).
+        self._cache: _State | None = None
+        self._fitted_cache: _Fitted | None = None
+        self._similar: Any = None
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -199,6 +222,7 @@ class Library:
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
             self._reconcile()
+            self._reconcile_scores()
         return self._vectors
 
     def _reconcile(self) -> None:
@@ -215,6 +239,17 @@ class Library:
             return
         if missing:
             self.store.mark_shards_missing(missing)
+
+    def _reconcile_scores(self) -> None:
+        """Delete score folders and segments SQL does not point at (a fit or a scoring pass cut
+        short before its commit, or a replaced classifier's files)."""
+        from piaa_index.scores import cleanup, writer_lock
+
+        if not self.scores_dir.is_dir():
+            return
+        with writer_lock(self.scores_dir, blocking=False) as locked:
+            if locked:  # a writer at work owns its uncommitted files
+                cleanup(self.scores_dir, self.store.score_folders())
 
     # -- indexing ------------------------------------------------------------------------------
 
@@ -355,7 +390,8 @@ class Library:
         return fit_from_banks(builder.banks(), T, params), T, n_patches
 
     def fit(self, progress: bool = False, bank_size: int | None = None) -> FitReport:
-        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything."""
+        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
+        (a second pass writing the score matrix)."""
         vocab = self._require_vocabulary()
         locations = self.store.live_locations()
         started = time.perf_counter()
@@ -373,6 +409,8 @@ class Library:
             weak_labels=[names[c] for c in classifier.weak_labels],
             thresholds={n: float(t) for n, t in zip(names, fitted.thresholds, strict=True)},
             tagged_present=present,
+            fit_seconds=round(fit_seconds, 3),
+            tag_seconds=round(time.perf_counter() - started - fit_seconds, 3),
         )
 
     def _stream(self, locations: list[tuple[int, int, int]], progress: bool, desc: str) -> Iterator:
@@ -396,6 +434,45 @@ class Library:
         scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier)
         return scores.fused, scores.patch, scores.cls
 
+    @property
+    def scores_dir(self) -> Path:
+        from piaa_index.scores import scores_root
+
+        return scores_root(self.vectors_dir)
+
+    def _write_segment(
+        self,
+        key: str,
+        segment: str,
+        n_labels: int,
+        fitted: tuple[Classifier, np.ndarray],
+        locations: list[tuple[int, int, int]],
+        thresholds: np.ndarray | None,
+        progress: bool,
+        desc: str,
+    ) -> np.ndarray:
+        """Score `locations` in one streaming pass into a durable segment; returns the
+        thresholds (computed from this segment's evidence when not given)."""
+        from piaa_index import fusion
+        from piaa_index.scores import SegmentWriter
+
+        classifier, T = fitted
+        writer = SegmentWriter(self.scores_dir / key, segment, len(locations), n_labels)
+        try:
+            for chunk in self._stream(locations, progress, desc):
+                S, E, Cs = self._scores(chunk, classifier, T)
+                shards = np.full(len(chunk.image_ids), chunk.shard, dtype=np.int32)
+                writer.write(chunk.image_ids, shards, S, E, Cs)
+            if thresholds is None:
+                # Present/absent is decided on the patch evidence m, not the fused S: S sums to
+                # one over labels, so it shrinks as an image holds more objects (docs/method.md).
+                thresholds = cast(np.ndarray, fusion.decision_thresholds(writer.evidence))
+            writer.finish(thresholds)
+        except BaseException:
+            writer.abort()
+            raise
+        return np.asarray(thresholds, dtype=np.float64)
+
     def _tag_all(
         self,
         vocab: VocabularyInfo,
@@ -405,80 +482,165 @@ class Library:
         progress: bool,
         fit_seconds: float,
     ) -> tuple[_Fitted, dict[str, int]]:
-        from piaa_index import fusion
         from piaa_index.schema import Classifier as ClassifierRow
+        from piaa_index.scores import Segment, cleanup, new_key, writer_lock
 
-        evidence: list[np.ndarray] = []  # [N, C] float32: all the thresholds need in memory
         names = vocab.names
         label_ids = [lb.id for lb in vocab.labels]
-
-        def batches() -> Iterator[list[dict]]:
-            for chunk in self._stream(locations, progress, "tagging"):
-                S, E, Cs = self._scores(chunk, classifier, T)
-                evidence.append(E.astype(np.float32))
-                yield _tag_rows(chunk.image_ids, vocab, 0, S, E, Cs, np.zeros(E.shape, bool))
-
-        def thresholds_after() -> dict[int, float]:
-            # Present/absent is decided on the patch evidence m, not the fused S: S sums to one
-            # over labels, so it shrinks as an image holds more objects (docs/method.md).
-            E = np.concatenate(evidence) if evidence else np.zeros((0, len(names)), np.float32)
-            # Without return_info, decision_thresholds returns the [C] array alone.
-            found = cast(np.ndarray, fusion.decision_thresholds(E))
-            return {lid: float(t) for lid, t in zip(label_ids, found, strict=True)}
-
-        row = ClassifierRow(
-            vocabulary_id=vocab.id,
-            created_at=utcnow(),
-            n_images=len(locations),
-            n_patches=len(locations) * self.vectors.n_patches,
-            fit_seconds=fit_seconds,
-            report={
-                "bank_sizes": classifier.bank_sizes,
-                "kept_sizes": classifier.kept_sizes,
-                "weak_labels": classifier.weak_labels,
-                "params": classifier.params,
-            },
-            thresholds=None,
-            weights=_pack(classifier, T),
-        )
-        classifier_id = self.store.replace_classifier_and_tags(row, batches(), thresholds_after)
-        thresholds = np.asarray(row.thresholds, dtype=np.float64)
-        tagged = self.store.tag_counts()
-        counts = {name: tagged.get(name, 0) for name in names}
+        key, segment = new_key(), "seg000001"
+        with writer_lock(self.scores_dir):
+            # Files durable first; the SQL commit below is what makes them the current scores.
+            thresholds = self._write_segment(
+                key, segment, len(names), (classifier, T), locations, None, progress, "tagging"
+            )
+            seg = Segment.open(self.scores_dir / key, segment)
+            row = ClassifierRow(
+                vocabulary_id=vocab.id,
+                created_at=utcnow(),
+                n_images=len(locations),
+                n_patches=len(locations) * self.vectors.n_patches,
+                fit_seconds=fit_seconds,
+                report={
+                    "bank_sizes": classifier.bank_sizes,
+                    "kept_sizes": classifier.kept_sizes,
+                    "weak_labels": classifier.weak_labels,
+                    "params": classifier.params,
+                },
+                thresholds=[float(t) for t in thresholds],
+                weights=_pack(classifier, T),
+            )
+            classifier_id = self.store.install_classifier(
+                row, key, [segment], _present_triples(seg, label_ids)
+            )
+            cleanup(self.scores_dir, self.store.score_folders())
+        self._cache = None
         fitted = _Fitted(classifier_id, classifier, T, thresholds)
-        return fitted, counts
+        self._fitted_cache = fitted
+        counts = [int(np.count_nonzero(seg.mats["present"][c])) for c in range(len(names))]
+        return fitted, dict(zip(names, counts, strict=True))
 
-    def _current(self) -> _Fitted | None:
-        row = self.store.latest_classifier()
-        if row is None:
-            return None
+    def _fitted_for(self, row: Any) -> _Fitted:
+        """The classifier of an SQL row, unpacked once per classifier version."""
+        cached = self._fitted_cache
+        if cached is not None and cached.id == row.id:
+            return cached
         classifier, T = _unpack(row.weights)
-        return _Fitted(row.id, classifier, T, np.asarray(row.thresholds, dtype=np.float64))
+        fitted = _Fitted(row.id, classifier, T, np.asarray(row.thresholds, dtype=np.float64))
+        self._fitted_cache = fitted
+        return fitted
+
+    def _open_view(self, row: Any) -> ScoreView | None:
+        from piaa_index.scores import ScoreView
+
+        if not row.scores_key or not row.score_segments:
+            return None
+        try:
+            return ScoreView.open(
+                self.scores_dir / row.scores_key, row.scores_key, row.score_segments
+            )
+        except (OSError, ValueError):
+            return None  # lost or damaged: re-scored with the stored classifier
+
+    def _sync_view(self, view: ScoreView) -> list[tuple[int, int, int]]:
+        """Mask rows SQL no longer vouches for; return the images still to score.
+
+        Cheap path: images in shards newer than any scored row (each index commit writes a new
+        shard) supersede their old rows, and if the counts then agree with SQL nothing was
+        removed. Otherwise (prune, lost shard, failed re-encode) compare (id, shard) pairs with
+        every indexed image once.
+        """
+        new = self.store.locations_after(view.max_shard)
+        if new:
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            view.invalidate(view.valid & np.isin(view.ids, new_ids))
+        if view.n_valid + len(new) == self.store.indexed_count():
+            return new
+        live = self.store.live_locations()
+        live_arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+        base = int(max(view.max_shard, int(live_arr[:, 1].max(initial=0)))) + 1
+        live_keys = live_arr[:, 0] * base + live_arr[:, 1]
+        view_keys = view.ids * base + view.shards
+        view.invalidate(view.valid & ~np.isin(view_keys, live_keys))
+        held = np.isin(live_keys, view_keys[view.valid])
+        return [live[i] for i in np.nonzero(~held)[0]]
+
+    def _state(self, progress: bool = False, score_new: bool = True) -> _State:
+        """The current classifier and score matrix, cached until the catalog version moves.
+
+        Refits when the vocabulary changed; scores images indexed (or re-encoded) since, as a
+        new segment. One indexed SELECT per call when nothing changed.
+        """
+        from piaa_index.scores import new_key, segment_name, writer_lock
+
+        while True:
+            version = self.store.data_version()
+            cached = self._cache
+            if cached is not None and cached.version == version:
+                if cached.pending == 0 or not score_new:
+                    return cached
+            vocab = self._require_vocabulary()
+            if self.is_stale():
+                if not score_new:
+                    raise _NotReady
+                self.fit(progress=progress)
+                continue
+            row = self.store.latest_classifier()
+            assert row is not None
+            fitted = self._fitted_for(row)
+            view = self._open_view(row)
+            todo = self._sync_view(view) if view is not None else self.store.live_locations()
+            if view is not None and (not todo or not score_new):
+                counts = self.store.image_counts()
+                self._cache = _State(version, vocab, fitted, view, counts, len(todo))
+                return self._cache
+            if not score_new:
+                raise _NotReady
+            with writer_lock(self.scores_dir):
+                # Another writer may have moved on meanwhile: only write on top of what is
+                # still the latest commit, else look again.
+                again = self.store.latest_classifier()
+                if (
+                    again is None
+                    or again.id != row.id
+                    or again.score_segments != row.score_segments
+                ):
+                    continue
+                label_ids = [lb.id for lb in vocab.labels]
+                pair = (fitted.classifier, fitted.text_protos)
+                if view is None or not row.scores_key:
+                    key, segments = new_key(), []
+                else:
+                    key, segments = row.scores_key, list(row.score_segments or [])
+                name = segment_name(segments)
+                self._write_segment(
+                    key,
+                    name,
+                    len(label_ids),
+                    pair,
+                    todo,
+                    fitted.thresholds,
+                    progress,
+                    "tagging new images",
+                )
+                from piaa_index.scores import Segment
+
+                seg = Segment.open(self.scores_dir / key, name)
+                self.store.commit_segment(
+                    row.id,
+                    segments + [name],
+                    [loc[0] for loc in todo],
+                    _present_triples(seg, label_ids),
+                    key=key if view is None else None,
+                )
 
     def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
-        return self._ensure_fitted(progress)[0]
+        return self._state(progress).vocab
 
     def _ensure_fitted(self, progress: bool = False) -> tuple[VocabularyInfo, _Fitted]:
         """`ensure_tags`, also handing back the classifier it checked (loaded once)."""
-        vocab = self._require_vocabulary()
-        if self.is_stale():
-            self.fit(progress=progress)
-        fitted = self._current()
-        assert fitted is not None
-        todo = set(self.store.untagged_image_ids(fitted.id))
-        if not todo:
-            return vocab, fitted
-        from piaa_index import fusion
-
-        locations = [loc for loc in self.store.live_locations() if loc[0] in todo]
-        rows: list[dict] = []
-        for chunk in self._stream(locations, progress, "tagging new images"):
-            S, E, Cs = self._scores(chunk, fitted.classifier, fitted.text_protos)
-            present = fusion.decide(E, fitted.thresholds)
-            rows.extend(_tag_rows(chunk.image_ids, vocab, fitted.id, S, E, Cs, present))
-        self.store.add_tags(rows)
-        return vocab, fitted
+        state = self._state(progress)
+        return state.vocab, state.fitted
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -507,20 +669,29 @@ class Library:
         """Every label's fused, patch and [CLS] score for one image, with the decision (each row
         also carries the image's stored path, so rows stand on their own in `--json` output)."""
         image_id = self.image_id(path)
-        vocab, fitted = self._ensure_fitted(progress)
-        thresholds = dict(zip(vocab.names, fitted.thresholds, strict=True))
+        state = self._state(progress)
+        found = state.view.row_of(image_id)
+        if found is None:
+            raise UserInputError(f"{path} has no scores yet; run `piaa fit`")
+        seg, r = found
+        S = np.asarray(seg.mats["S"][:, r], dtype=np.float64)
+        E = np.asarray(seg.mats["E"][:, r], dtype=np.float64)
+        Cs = np.asarray(seg.mats["C"][:, r], dtype=np.float64)
+        present = np.asarray(seg.mats["present"][:, r], dtype=bool)
         stored_path = self.store.paths([image_id])[image_id]
+        thresholds = state.fitted.thresholds
+        order = np.lexsort((np.arange(len(S)), -S))  # best first, vocabulary order on ties
         return [
             {
                 "path": stored_path,
-                "label": name,
-                "score": score,
-                "patch_score": patch,
-                "cls_score": cls_score,
-                "present": present,
-                "threshold": float(thresholds.get(name, float("nan"))),
+                "label": state.vocab.labels[c].name,
+                "score": float(S[c]),
+                "patch_score": float(E[c]),
+                "cls_score": float(Cs[c]),
+                "present": bool(present[c]),
+                "threshold": float(thresholds[c]),
             }
-            for name, score, patch, cls_score, present in self.store.tags_of(image_id)
+            for c in order
         ]
 
     def search(
@@ -530,7 +701,10 @@ class Library:
 
         Matching uses the tag decisions; ranking uses the fused scores (AND = weakest label).
         With `include_absent`, non-matching images are ranked too (below the matches).
+        The expression is compiled once to numpy over the score matrix; paths are fetched for
+        the returned rows only.
         """
+        from piaa_index.query_engine import compile_query, top_k
         from piaa_index.query_language import QueryError, normalize_label, parse
 
         vocab = self._require_vocabulary()
@@ -538,35 +712,49 @@ class Library:
             node = parse(expression, known_labels=vocab.names)
         except QueryError as exc:
             raise UserInputError(str(exc)) from None
-        self.ensure_tags()
+        state = self._state()
+        view = state.view
+        plan = compile_query(node)
         # The parser normalises names; rows show them as the vocabulary spells them.
-        by_key = {normalize_label(lb.name): lb for lb in vocab.labels}
-        wanted = sorted(by_key[key].name for key in node.labels())
-        label_ids = {by_key[normalize_label(n)].name: by_key[normalize_label(n)].id for n in wanted}
-        table = self.store.tag_table(list(label_ids.values()))
-        hits = []
-        for image_id, per_label in table.items():
-            scores = {n: per_label.get(i, (0.0, False))[0] for n, i in label_ids.items()}
-            present = {n: per_label.get(i, (0.0, False))[1] for n, i in label_ids.items()}
-            match = node.evaluate(present)
-            if match or include_absent:
-                unit = {n: min(1.0, max(0.0, v)) for n, v in scores.items()}
-                hits.append((match, node.score(unit), image_id, scores, present))
-        hits.sort(key=lambda h: (not h[0], -h[1], h[2]))
-        if limit is not None:
-            hits = hits[:limit]
-        paths = self.store.paths([h[2] for h in hits])
+        column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
+        present = {key: view.column("present", column[key]) for key in plan.labels}
+        fused = {key: view.column("S", column[key]) for key in plan.labels}
+        match, score = plan.run(present, fused)
+        match = match & view.valid
+        hit_rows = np.nonzero(match)[0]
+        rows = hit_rows[top_k(view.ids[hit_rows], score[hit_rows], limit)]
+        if include_absent and (limit is None or len(rows) < limit):
+            rest = np.nonzero(view.valid & ~match)[0]
+            more = None if limit is None else limit - len(rows)
+            rows = np.concatenate([rows, rest[top_k(view.ids[rest], score[rest], more)]])
+        ids = [int(i) for i in view.ids[rows]]
+        paths = self.store.paths(ids)
+        wanted = sorted((state.vocab.labels[column[key]].name, key) for key in plan.labels)
         return [
             {
                 "path": paths[image_id],
-                "score": round(score, 6),
-                "match": match,
+                "score": round(float(score[r]), 6),
+                "match": bool(match[r]),
                 "labels": {
-                    n: {"score": round(scores[n], 6), "present": present[n]} for n in wanted
+                    name: {
+                        "score": round(float(fused[key][r]), 6),
+                        "present": bool(present[key][r]),
+                    }
+                    for name, key in wanted
                 },
             }
-            for match, score, image_id, scores, present in hits
+            for r, image_id in zip(rows, ids, strict=True)
         ]
+
+    def present_tags(self) -> dict[str, list[tuple[str, float]]]:
+        """path -> [(label, fused score)] of the labels decided present, best first, for every
+        indexed image (from SQL's sparse tags: one join, no score matrix needed)."""
+        self.ensure_tags()
+        out: dict[str, list[tuple[str, float]]] = {p: [] for p in self.store.indexed_paths()}
+        for path, name, score in self.store.present_tags():
+            if path in out:
+                out[path].append((name, score))
+        return out
 
     def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
         """Open-vocabulary search: a phrase scored on the fly, no refit.
@@ -595,7 +783,8 @@ class Library:
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
-        """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
+        """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
+        index kept beside the shards (`piaa_index/similar.py`)."""
         p = Path(path).expanduser()
         query_id: int | None = None
         try:
@@ -603,10 +792,12 @@ class Library:
         except UserInputError:
             if not p.is_file():
                 raise
-        locations = self.store.live_locations()
+        index = self._similar_index()
         if query_id is not None:
-            loc = next(loc for loc in locations if loc[0] == query_id)
-            q, _ = self.vectors.vectors_for(*loc)
+            loc = self.store.location(query_id)
+            if loc is None:
+                raise UserInputError(f"not in the index: {path}")
+            q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
         else:
             from piaa_index.images import ImageDecodeError, load_image
 
@@ -615,15 +806,72 @@ class Library:
             except ImageDecodeError as exc:
                 raise UserInputError(f"{path}: {exc}") from None
             q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
-        ids, sims = [], []
+        # A few extra so that the query image and ties at the cut do not shorten the list.
+        want = len(index.ids) if limit is None else limit + 1 + 8
+        ids, sims = index.search(q, want)
+        if query_id is not None:
+            keep = ids != query_id
+            ids, sims = ids[keep], sims[keep]
+        return self._top(ids, sims, limit)
+
+    def _similar_index(self) -> Any:
+        """The [CLS] FAISS index, built on first use and synced with the catalog after."""
+        from piaa_index.similar import ClsIndex
+
+        folder = self.vectors_dir / "similar"
+        version = self.store.data_version()
+        index = self._similar
+        if index is None:
+            index = ClsIndex.load(folder)
+        if index is not None and index.version == version:
+            self._similar = index
+            return index
+        if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
+            # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+            live = self.store.live_locations()
+            index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
+        else:
+            new = self.store.locations_after(index.max_shard)
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            index.remove(np.isin(index.ids, new_ids))
+            if len(index.ids) + len(new) != self.store.indexed_count():
+                live = self.store.live_locations()
+                arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+                base = int(max(index.max_shard, int(arr[:, 1].max(initial=0)))) + 1
+                live_keys = arr[:, 0] * base + arr[:, 1]
+                held_keys = index.ids * base + index.shards
+                index.remove(~np.isin(held_keys, live_keys))
+                held = np.isin(live_keys, index.ids * base + index.shards)
+                new = [live[i] for i in np.nonzero(~held)[0]]
+            index.add(*self._cls_of(new))
+        index.version = version
+        index.save(folder)
+        self._similar = index
+        return index
+
+    def _cls_of(
+        self, locations: list[tuple[int, int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, shards, [CLS] vectors) of these images, read without their patches."""
+        ids, shards, vecs = [], [], []
         for chunk in self.vectors.iter_live(locations, with_patches=False):
             ids.append(chunk.image_ids)
-            sims.append(chunk.cls @ q)
-        all_ids, all_sims = np.concatenate(ids), np.concatenate(sims)
-        if query_id is not None:
-            keep = all_ids != query_id
-            all_ids, all_sims = all_ids[keep], all_sims[keep]
-        return self._top(all_ids, all_sims, limit)
+            shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
+            vecs.append(chunk.cls)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.vectors.dim))
+        return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+
+    def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""
+        query_id = self.image_id(path)
+        live = self.store.live_locations()
+        loc = self.store.location(query_id)
+        assert loc is not None
+        q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        ids, _, vecs = self._cls_of(live)
+        keep = ids != query_id
+        return self._top(ids[keep], (vecs @ q)[keep], limit)
 
     def _top(self, ids: np.ndarray, scores: np.ndarray, limit: int | None) -> list[dict]:
         order = np.lexsort((ids, -scores))
@@ -641,10 +889,6 @@ class Library:
         one transaction, and only then are the old files deleted (a crash in between leaves
         orphans that the next open removes).
         """
-        from sqlalchemy import update
-
-        from piaa_index.schema import Image
-
         vectors = self.vectors
         before = vectors.disk_bytes()
         with vectors.writer_lock():
@@ -670,13 +914,7 @@ class Library:
                 vectors.write_shard(
                     new, ids, np.stack([b[1] for b in batch]), np.stack([b[2] for b in batch])
                 )
-                with self.store.session() as s:
-                    for row_no, image_id in enumerate(ids):
-                        s.execute(
-                            update(Image)
-                            .where(Image.id == image_id)
-                            .values(shard=new, shard_row=row_no)
-                        )
+                self.store.move_images(ids, new)
                 moved += len(ids)
                 batch = []
 
@@ -704,7 +942,13 @@ class Library:
         """Counts, model, vocabulary, classifier version and staleness."""
         # Opening the vectors first reconciles them with SQL, so the counts are current.
         vectors_bytes = self.vectors.disk_bytes() if self.store.get_setting("model") else 0
-        counts = self.store.image_counts()
+        state: _State | None = None
+        if self.store.latest_classifier() is not None:
+            try:  # the cached matrix when current; never fits or scores from here
+                state = self._state(score_new=False)
+            except (_NotReady, UserInputError):
+                state = None
+        counts = state.image_counts if state is not None else self.store.image_counts()
         vocab = self.store.vocabulary()
         latest = self.store.latest_classifier()
         model = self.store.get_setting("model")
@@ -736,9 +980,17 @@ class Library:
                 "n_images": latest.n_images,
                 "images_added_since": max(0, indexed - latest.n_images),
                 "weak_labels": latest.report.get("weak_labels", []),
-                "tagged": self.store.tag_counts(),
+                "tagged": self._tagged_counts(state),
             }
         return out
+
+    def _tagged_counts(self, state: _State | None) -> dict[str, int]:
+        """Images decided present per label: the matrix's present bits when it is current,
+        else the sparse SQL tags (the previous fit's, while the vocabulary is stale)."""
+        if state is None:
+            return self.store.tag_counts()
+        counts = state.view.present_counts(len(state.vocab.labels))
+        return {lb.name: int(n) for lb, n in zip(state.vocab.labels, counts, strict=True) if n}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -804,31 +1056,18 @@ def _open_vocabulary_scores(
     return prm.alpha * m + (1 - prm.alpha) * c
 
 
-def _tag_rows(
-    image_ids: np.ndarray,
-    vocab: VocabularyInfo,
-    classifier_id: int,
-    S: np.ndarray,
-    E: np.ndarray,
-    Cs: np.ndarray,
-    present: np.ndarray,
-) -> list[dict]:
-    label_ids = [lb.id for lb in vocab.labels]
-    rows = []
-    for r, image_id in enumerate(image_ids):
-        for c, label_id in enumerate(label_ids):
-            rows.append(
-                {
-                    "image_id": int(image_id),
-                    "label_id": label_id,
-                    "classifier_id": classifier_id,
-                    "score": float(S[r, c]),
-                    "patch_score": float(E[r, c]),
-                    "cls_score": float(Cs[r, c]),
-                    "present": bool(present[r, c]),
-                }
-            )
-    return rows
+def _present_triples(
+    seg: Segment, label_ids: Sequence[int], batch: int = 50_000
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image ids, label ids, fused scores) of a segment's present cells, in batches of images:
+    the rows of SQL's sparse tags table."""
+    labels = np.asarray(label_ids, dtype=np.int64)
+    for start in range(0, len(seg.ids), batch):
+        stop = start + batch
+        c_idx, r_idx = np.nonzero(np.asarray(seg.mats["present"][:, start:stop]))
+        if len(c_idx):
+            S = np.asarray(seg.mats["S"][:, start:stop])
+            yield seg.ids[start:stop][r_idx], labels[c_idx], S[c_idx, r_idx].astype(np.float64)
 
 
 def _pack(classifier: Classifier, T: np.ndarray) -> bytes:

@@ -8,7 +8,6 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -114,9 +113,14 @@ class Classifier(Base):
     report: Mapped[dict] = mapped_column(JSON)  # bank sizes, kept sizes, weak labels, params
     thresholds: Mapped[list | None] = mapped_column(JSON)
     weights: Mapped[bytes] = mapped_column(LargeBinary)
+    # The folder of its score matrix (piaa_index/scores.py) and the segments committed there.
+    scores_key: Mapped[str | None] = mapped_column(String(40))
+    score_segments: Mapped[list | None] = mapped_column(JSON)
 
 
 class Tag(Base):
+    """Present labels only (sparse), for joins and exports; every score is in the matrix."""
+
     __tablename__ = "tags"
     __table_args__ = (Index("ix_tags_label_score", "label_id", "score"),)
     image_id: Mapped[int] = mapped_column(
@@ -127,6 +131,11 @@ class Tag(Base):
     )
     classifier_id: Mapped[int] = mapped_column(ForeignKey("classifiers.id", ondelete="CASCADE"))
     score: Mapped[float] = mapped_column(Float)
-    patch_score: Mapped[float] = mapped_column(Float)
-    cls_score: Mapped[float] = mapped_column(Float)
-    present: Mapped[bool] = mapped_column(Boolean)
+
+
+class DataVersion(Base):
+    """Counters bumped by triggers (migration 0003) on any change to the watched tables."""
+
+    __tablename__ = "data_versions"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)

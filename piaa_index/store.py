@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +24,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -37,6 +38,7 @@ from piaa_index.schema import (
     FAILED,
     INDEXED,
     Classifier,
+    DataVersion,
     FsText,
     Image,
     Label,
@@ -266,6 +268,72 @@ class Store:
             rows = s.execute(select(Image.path, Image.id).where(Image.path.in_(paths))).all()
         return {p: i for p, i in rows}
 
+    def reserve_images(self, paths: Sequence[str]) -> list[int]:
+        """Placeholder rows for new paths, made before their shard is written; their ids.
+
+        A placeholder has status `pending` until its shard commits, so a crash in between
+        leaves a row that the next run retries (its size and mtime are 0, never a file's).
+        """
+        now = utcnow()
+        rows = [
+            {
+                "path": p,
+                "size": 0,
+                "mtime": 0.0,
+                "status": "pending",
+                "error": "indexing did not finish",
+                "indexed_at": now,
+            }
+            for p in paths
+        ]
+        with self.session() as s:
+            s.execute(insert(Image), rows)
+        ids = self.image_ids_by_path(list(paths))
+        return [ids[p] for p in paths]
+
+    def commit_images(self, updates: Sequence[dict], new_rows: Sequence[dict] = ()) -> None:
+        """One index commit group, in one transaction and a fixed number of bulk statements:
+        `updates` (each with the image `id`) point images at their durable shard rows or
+        record them failed; `new_rows` are failed files seen for the first time.
+
+        The tags of every updated image go in the same transaction: they are stale, and a
+        crash must not leave new vectors with old tags (untagged images get re-tagged).
+        """
+        stale = [row["id"] for row in updates]
+        with self.session() as s:
+            if updates:
+                s.execute(update(Image), list(updates))
+            if new_rows:
+                s.execute(insert(Image), list(new_rows))
+            for start in range(0, len(stale), 500):
+                s.execute(delete(Tag).where(Tag.image_id.in_(stale[start : start + 500])))
+
+    def commit_indexed(self, ids: Sequence[int], shard: int, sizes: Sequence[int]) -> None:
+        """Mark images indexed at rows 0..n-1 of a durable shard (synthetic libraries: no file
+        behind them, so the commit time stands in for the mtime)."""
+        now = utcnow()
+        self.commit_images(
+            [
+                {
+                    "id": int(i),
+                    "size": int(size),
+                    "mtime": float(now.timestamp()),
+                    "status": INDEXED,
+                    "error": None,
+                    "shard": shard,
+                    "shard_row": row_no,
+                    "indexed_at": now,
+                }
+                for row_no, (i, size) in enumerate(zip(ids, sizes, strict=True))
+            ]
+        )
+
+    def move_images(self, ids: Sequence[int], shard: int) -> None:
+        """Point images at rows 0..n-1 of a rewritten shard (vacuum), in one bulk statement."""
+        rows = [{"id": int(i), "shard": shard, "shard_row": k} for k, i in enumerate(ids)]
+        with self.session() as s:
+            s.execute(update(Image), rows)
+
     def live_locations(self) -> list[tuple[int, int, int]]:
         """(image id, shard, row) for every indexed image, ordered for streaming shard by shard."""
         with self.session() as s:
@@ -380,93 +448,128 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Classifier).order_by(Classifier.id.desc())).first()
 
-    def replace_classifier_and_tags(
+    def install_classifier(
         self,
         classifier: Classifier,
-        batches: Iterable[list[dict]],
-        thresholds_after: Callable[[], dict[int, float]],
+        scores_key: str,
+        segments: list[str],
+        tags: Iterable[tuple[Any, Any, Any]],
     ) -> int:
-        """Install a new classifier and all its tags in one transaction, streaming.
+        """Install a new classifier, pointing at its (already durable) score segments, with its
+        sparse tags, in one transaction; older classifiers and their tags go.
 
-        Tag rows arrive in batches (any `present` value); once all are in, `thresholds_after()`
-        gives each label's threshold on the patch score and `present` is set per label in SQL,
-        so the collection's rows never have to be in memory together. Readers see the old
-        tags until the commit.
+        `tags` yields (image ids, label ids, fused scores) arrays of the present labels.
+        Readers see the old classifier until the commit.
         """
         with self.session() as s:
+            classifier.scores_key = scores_key
+            classifier.score_segments = list(segments)
             s.add(classifier)
             s.flush()
             s.execute(delete(Tag))
-            for rows in batches:
-                for row in rows:
-                    row["classifier_id"] = classifier.id
-                for start in range(0, len(rows), 5000):
-                    s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
-            thresholds = thresholds_after()
-            for label_id, threshold in thresholds.items():
-                s.execute(
-                    update(Tag)
-                    .where(Tag.label_id == label_id)
-                    .values(present=Tag.patch_score >= threshold)
-                )
-            classifier.thresholds = list(thresholds.values())
+            self._insert_tags(s, int(classifier.id), tags)
             s.execute(delete(Classifier).where(Classifier.id != classifier.id))
             return int(classifier.id)
 
-    def add_tags(self, rows: list[dict]) -> None:
+    def commit_segment(
+        self,
+        classifier_id: int,
+        segments: list[str],
+        rescored: Sequence[int],
+        tags: Iterable[tuple[Any, Any, Any]],
+        key: str | None = None,
+    ) -> bool:
+        """Point a classifier at one more (durable) segment and replace the sparse tags of the
+        images it scored, in one transaction. With `key`, the classifier moves to a rebuilt
+        score folder (its files were lost or predate score matrices) and all tags are replaced.
+        False if the classifier is gone meanwhile."""
         with self.session() as s:
-            image_ids = list({r["image_id"] for r in rows})
-            for start in range(0, len(image_ids), 500):
-                s.execute(delete(Tag).where(Tag.image_id.in_(image_ids[start : start + 500])))
-            for start in range(0, len(rows), 5000):
-                s.execute(_TAG_TABLE.insert(), rows[start : start + 5000])
+            row = s.get(Classifier, classifier_id)
+            if row is None:
+                return False
+            row.score_segments = list(segments)
+            if key is not None:
+                row.scores_key = key
+                s.execute(delete(Tag))
+            else:
+                for start in range(0, len(rescored), 500):
+                    chunk = [int(i) for i in rescored[start : start + 500]]
+                    s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
+            self._insert_tags(s, classifier_id, tags)
+            return True
 
-    def untagged_image_ids(self, classifier_id: int) -> list[int]:
-        """Indexed images with no tag from this classifier (new since the fit, or re-encoded).
-
-        NOT EXISTS probes the tags primary key (image_id first) once per image, where a
-        NOT IN over the whole tags table would scan it on every query.
-        """
-        with self.session() as s:
-            tagged = select(Tag.image_id).where(
-                Tag.image_id == Image.id, Tag.classifier_id == classifier_id
-            )
-            rows = s.scalars(
-                select(Image.id).where(Image.status == INDEXED, ~tagged.exists())
-            ).all()
-        return [int(r) for r in rows]
-
-    def tags_of(self, image_id: int) -> list[tuple[str, float, float, float, bool]]:
-        """(label, fused score, patch score, cls score, present), best first."""
-        with self.session() as s:
-            rows = s.execute(
-                select(Label.name, Tag.score, Tag.patch_score, Tag.cls_score, Tag.present)
-                .join(Label, Label.id == Tag.label_id)
-                .where(Tag.image_id == image_id)
-                .order_by(Tag.score.desc())
-            ).all()
-        return [(n, float(a), float(b), float(c), bool(p)) for n, a, b, c, p in rows]
-
-    def tag_table(self, label_ids: Sequence[int]) -> dict[int, dict[int, tuple[float, bool]]]:
-        """image id → label id → (score, present), for the given labels."""
-        out: dict[int, dict[int, tuple[float, bool]]] = {}
-        with self.session() as s:
-            rows = s.execute(
-                select(Tag.image_id, Tag.label_id, Tag.score, Tag.present).where(
-                    Tag.label_id.in_(list(label_ids))
+    @staticmethod
+    def _insert_tags(s: Session, classifier_id: int, tags: Iterable[tuple[Any, Any, Any]]) -> None:
+        for image_ids, label_ids, scores in tags:
+            rows = [
+                {"image_id": i, "label_id": lb, "classifier_id": classifier_id, "score": sc}
+                for i, lb, sc in zip(
+                    image_ids.tolist(), label_ids.tolist(), scores.tolist(), strict=True
                 )
+            ]
+            for start in range(0, len(rows), 10_000):
+                s.execute(_TAG_TABLE.insert(), rows[start : start + 10_000])
+
+    def score_folders(self) -> dict[str, list[str]]:
+        """Score folder key -> committed segment names, of every classifier."""
+        with self.session() as s:
+            rows = s.execute(select(Classifier.scores_key, Classifier.score_segments)).all()
+        return {k: list(segs or []) for k, segs in rows if k}
+
+    def data_version(self) -> int:
+        """The catalog counter (bumped by triggers on images, classifiers, vocabularies)."""
+        with self.session() as s:
+            value = s.scalar(select(DataVersion.version).where(DataVersion.name == "catalog"))
+        return int(value or 0)
+
+    def indexed_count(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).where(Image.status == INDEXED)) or 0)
+
+    def locations_after(self, shard: int) -> list[tuple[int, int, int]]:
+        """(image id, shard, row) of indexed images in shards newer than `shard` (index range)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.id, Image.shard, Image.shard_row)
+                .where(Image.shard > shard, Image.status == INDEXED)
+                .order_by(Image.shard, Image.shard_row)
+            ).all()
+        return [(int(i), int(sh or 0), int(r or 0)) for i, sh, r in rows]
+
+    def location(self, image_id: int) -> tuple[int, int] | None:
+        """(shard, row) of an indexed image."""
+        with self.session() as s:
+            row = s.execute(
+                select(Image.shard, Image.shard_row).where(
+                    Image.id == image_id, Image.status == INDEXED
+                )
+            ).first()
+        if row is None or row[0] is None or row[1] is None:
+            return None
+        return int(row[0]), int(row[1])
+
+    def indexed_paths(self) -> list[str]:
+        with self.session() as s:
+            return [str(p) for p in s.scalars(select(Image.path).where(Image.status == INDEXED))]
+
+    def present_tags(self) -> Iterator[tuple[str, str, float]]:
+        """(path, label, fused score) of every present tag, by path then best score first."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.path, Label.name, Tag.score)
+                .join(Image, Image.id == Tag.image_id)
+                .join(Label, Label.id == Tag.label_id)
+                .order_by(Image.path, Tag.score.desc())
             )
-            for image_id, label_id, score, present in rows:
-                out.setdefault(int(image_id), {})[int(label_id)] = (float(score), bool(present))
-        return out
+            for path, name, score in rows:
+                yield str(path), str(name), float(score)
 
     def tag_counts(self) -> dict[str, int]:
-        """Images tagged present, per label name."""
+        """Images tagged present, per label name (the sparse table holds present rows only)."""
         with self.session() as s:
             rows = s.execute(
                 select(Label.name, func.count())
                 .join(Tag, Tag.label_id == Label.id)
-                .where(Tag.present.is_(True))
                 .group_by(Label.name)
             ).all()
         return {n: int(c) for n, c in rows}

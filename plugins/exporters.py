@@ -38,19 +38,7 @@ XMP_TEMPLATE = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 
 def _present_tags(library: Any) -> dict[str, list[tuple[str, float]]]:
     """path → [(label, score)] of labels decided present, best first."""
-    library.ensure_tags()
-    vocab = library.vocabulary()
-    out: dict[str, list[tuple[str, float]]] = {}
-    table = library.store.tag_table([lb.id for lb in vocab.labels])
-    names = {lb.id: lb.name for lb in vocab.labels}
-    paths = library.store.paths(list(table))
-    for image_id, per_label in table.items():
-        labels = sorted(
-            ((names[lid], s) for lid, (s, present) in per_label.items() if present),
-            key=lambda t: -t[1],
-        )
-        out[paths[image_id]] = labels
-    return out
+    return dict(library.present_tags())
 
 
 def _xmp(library: Any, prefix: str = "piaa", overwrite: bool = False) -> dict[str, Any]:

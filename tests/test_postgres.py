@@ -88,6 +88,9 @@ def test_cli_on_postgres(
 
     lib, photos, _ = pg_library
     lib.set_vocabulary(LABELS)  # no-op when the flow test already set it
+    # Scores live in a matrix beside the vector shards (piaa_index/scores.py), so the CLI needs
+    # the library's home as well as its database.
+    monkeypatch.setenv("PIAA_HOME", str(lib.settings.home))
 
     def piaa(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["piaa", "--db", postgres_url, "-q", *args])

@@ -10,7 +10,16 @@ from sqlalchemy.engine import make_url
 
 from piaa_index.store import Store, StoreError
 
-TABLES = {"settings", "images", "vocabularies", "labels", "classifiers", "tags", "alembic_version"}
+TABLES = {
+    "settings",
+    "images",
+    "vocabularies",
+    "labels",
+    "classifiers",
+    "tags",
+    "data_versions",
+    "alembic_version",
+}
 
 
 def _sqlite(tmp_path: Path, name: str = "piaa.sqlite3") -> str:

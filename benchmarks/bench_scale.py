@@ -1,0 +1,174 @@
+"""The query engine at scale: a synthetic library built through the index write path, timed
+through the public Python API. Prints one JSON object.
+
+    python benchmarks/bench_scale.py --images 100000 --geometry shapesworld --home /tmp/lib
+
+Vectors are drawn around label clusters (piaa_index/eval/scale.py) instead of being encoded; the
+fit uses a stand-in encoder that returns text prototypes near those clusters. With --keep the
+library stays in --home and the CLI can query it (`piaa --home DIR search "l000 AND l001"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_index.eval import scale
+from piaa_index.library import Library
+
+
+def _timed(fn: Any, runs: int) -> dict[str, float]:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {
+        "p50_ms": round(1000 * statistics.median(times), 3),
+        "p95_ms": round(1000 * times[min(len(times) - 1, int(0.95 * len(times)))], 3),
+        "runs": runs,
+    }
+
+
+def _once(fn: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, round(1000 * (time.perf_counter() - t), 3)
+
+
+def _disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--geometry", choices=sorted(scale.GEOMETRIES), default="shapesworld")
+    ap.add_argument("--labels", type=int, default=80)
+    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--keep", action="store_true", help="leave the library in --home")
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args()
+
+    home = Path(args.home)
+    if home.exists() and any(home.iterdir()):
+        sys.exit(f"{home} is not empty")
+    world = scale.World.make(args.labels, args.geometry)
+    lib = Library.open(
+        home=home,
+        db=args.db,
+        model=scale.MODEL,
+        pretrained=scale.PRETRAINED,
+        front_end="clip",
+        encoder_factory=scale.encoder_factory(world),
+    )
+    out: dict[str, Any] = {
+        "images": args.images,
+        "geometry": args.geometry,
+        "labels": args.labels,
+        "database": lib.store.engine.dialect.name,
+    }
+    t = time.perf_counter()
+    scale.add_images(lib, world, args.images)
+    out["build_s"] = round(time.perf_counter() - t, 2)
+    lib.set_vocabulary(scale.label_names(args.labels))
+    report = lib.fit()
+    out["fit"] = {
+        "stream_pass_s": report.fit_seconds,
+        "retag_s": report.tag_seconds,
+        "total_s": report.seconds,
+    }
+    query = "l000 AND l001"
+    _, out["search_cold_ms"] = _once(lambda: lib.search(query))
+    out["search_warm"] = _timed(lambda: lib.search(query), args.runs)
+    out["search_or_not_warm"] = _timed(lambda: lib.search("(l002 OR l003) AND NOT l000"), 10)
+    probe = lib.search(query, limit=1)[0]["path"]
+    out["tags_warm"] = _timed(lambda: lib.tags(probe), args.runs)
+    out["status_warm"] = _timed(lambda: lib.status(), args.runs)
+    # Reopened: what a fresh CLI process pays (classifier and matrix loaded once).
+    lib2 = Library.open(home=home, db=args.db, encoder_factory=scale.encoder_factory(world))
+    _, out["tags_fresh_process_ms"] = _once(lambda: lib2.tags(probe))
+    lib2.close()
+
+    _, out["similar_build_ms"] = _once(lambda: lib.similar(probe))
+    out["similar_kind"] = lib._similar.kind
+    out["similar_warm"] = _timed(lambda: lib.similar(probe), args.runs)
+    out["similar_recall_at_20"] = _recall(lib, 20)
+    if lib._similar.kind == "flat" and args.images >= 50_000:
+        out["similar_ivf"] = _ivf(lib, probe, args.runs)
+
+    scale.add_images(lib, world, 1000, start=args.images, seed=1)
+    _, out["search_after_adding_1000_ms"] = _once(lambda: lib.search(query))
+    _, out["similar_after_adding_1000_ms"] = _once(lambda: lib.similar(probe))
+    out["search_warm_after_add"] = _timed(lambda: lib.search(query), args.runs)
+
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    n = args.images + 1000
+    vec = _disk(lib.vectors_dir) - _disk(lib.scores_dir) - _disk(lib.vectors_dir / "similar")
+    db_file = home / "piaa.sqlite3"
+    out["bytes_per_image"] = {
+        "vector_shards": round(vec / n),
+        "score_matrix": round(_disk(lib.scores_dir) / n),
+        "similar_index": round(_disk(lib.vectors_dir / "similar") / n),
+        "sqlite": round(sum(_disk_file(p) for p in home.glob("piaa.sqlite3*")) / n)
+        if db_file.exists()
+        else None,
+    }
+    out["sparse_tags_rows"] = sum(lib.store.tag_counts().values())
+    lib.close()
+    if not args.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+
+
+def _disk_file(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else 0
+
+
+def _recall(lib: Library, k: int, probes: int = 20) -> float:
+    """Mean overlap of `similar` with the exact scan, over probe images spread across ids."""
+    rows = lib.search("l000 OR NOT l000", limit=None, include_absent=True)
+    paths = [r["path"] for r in rows]
+    picks = [paths[i] for i in np.linspace(0, len(paths) - 1, probes).astype(int)]
+    got = []
+    for p in picks:
+        a = {r["path"] for r in lib.similar(p, limit=k)}
+        b = {r["path"] for r in lib._similar_exact(p, limit=k)}
+        got.append(len(a & b) / k)
+    return round(float(np.mean(got)), 4)
+
+
+def _ivf(lib: Library, probe: str, runs: int) -> dict[str, Any]:
+    """The same collection with the IVF index forced, for its speed and recall."""
+    from piaa_index import similar
+
+    saved = similar.MAX_FLAT_CELLS
+    similar.MAX_FLAT_CELLS = 0
+    shutil.rmtree(lib.vectors_dir / "similar", ignore_errors=True)
+    lib._similar = None
+    try:
+        _, build = _once(lambda: lib.similar(probe))
+        out = {"build_ms": build, "warm": _timed(lambda: lib.similar(probe), runs)}
+        out["recall_at_20"] = _recall(lib, 20)
+    finally:
+        similar.MAX_FLAT_CELLS = saved
+        shutil.rmtree(lib.vectors_dir / "similar", ignore_errors=True)
+        lib._similar = None
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,80 @@
+"""A parsed label query compiled to vectorised numpy over score-matrix columns.
+
+`compile_query(node)` walks the AST once and returns a `Plan`; running it evaluates every image
+at once with the semantics of `Node.evaluate` / `Node.score` (AND = all / min, OR = any / max,
+NOT = not / 1 - x, scores clipped to [0, 1], float64), so results equal the per-image Python
+evaluation. `top_k` ranks as `Library.search` always has: score descending, then image id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from piaa_index.query_language import And, Label, Node, Not, Or
+
+# (present columns, score columns) by normalised label -> (match [N] bool, score [N] float64)
+_Eval = Callable[
+    [Mapping[str, np.ndarray], Mapping[str, np.ndarray]], tuple[np.ndarray, np.ndarray]
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    labels: frozenset[str]
+    run: _Eval
+
+
+def compile_query(node: Node) -> Plan:
+    return Plan(node.labels(), _compile(node))
+
+
+def _compile(node: Node) -> _Eval:
+    if isinstance(node, Label):
+        name = node.name
+
+        def label(present: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]):  # type: ignore[no-untyped-def]
+            s = np.clip(np.asarray(scores[name], dtype=np.float64), 0.0, 1.0)
+            return np.asarray(present[name], dtype=bool), s
+
+        return label
+    if isinstance(node, Not):
+        child = _compile(node.child)
+
+        def negate(present, scores):  # type: ignore[no-untyped-def]
+            m, s = child(present, scores)
+            return ~m, 1.0 - s
+
+        return negate
+    if isinstance(node, And | Or):
+        children = [_compile(c) for c in node.children]
+        both, pick = (
+            (np.logical_and, np.minimum) if isinstance(node, And) else (np.logical_or, np.maximum)
+        )
+
+        def combine(present, scores):  # type: ignore[no-untyped-def]
+            m, s = children[0](present, scores)
+            for child in children[1:]:
+                cm, cs = child(present, scores)
+                m, s = both(m, cm), pick(s, cs)
+            return m, s
+
+        return combine
+    raise TypeError(f"cannot compile {type(node).__name__}")
+
+
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int | None) -> np.ndarray:
+    """Positions of the k best rows by (score descending, id ascending), in that order."""
+    n = len(ids)
+    if k is None or k >= n:
+        idx = np.arange(n)
+    elif k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    else:
+        # argpartition finds the k-th best score; every row tied with it competes on id.
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        idx = np.nonzero(scores >= kth)[0]
+    order = idx[np.lexsort((ids[idx], -scores[idx]))]
+    return order if k is None else order[:k]

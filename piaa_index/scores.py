@@ -1,0 +1,280 @@
+"""Score matrices: every image's fused score S, patch evidence E and [CLS] score per label.
+
+One folder per classifier, `<vectors_dir>/scores/<key>/`, holding segments. A segment is the
+images scored in one pass (the fit's re-tag, or the images indexed since), as `.npy` files
+memory-mapped on read:
+
+    <seg>.ids.npy      int64 [n]     image ids
+    <seg>.shard.npy    int32 [n]     the vector shard each row was scored from
+    <seg>.S.npy / .E.npy / .C.npy    float32 [C, n]   label-major, so a label is contiguous
+    <seg>.present.npy  bool [C, n]   E >= the label's threshold
+
+float32, not float16: fp16 keeps ~3 significant digits, so at 100k+ images many fused scores
+tie and the ranking (and the shown scores) would differ from the float64 reference; the whole
+matrix is 13 bytes per image and label, noise next to the patch vectors.
+
+Crash ordering is that of the vector shards: a segment is written under temporary names,
+fsynced and renamed, then SQL (`classifiers.scores_key` / `score_segments`) commits it. On open
+(`cleanup`), folders and segments that SQL does not list are deleted. Rows are never rewritten:
+an image scored again (re-encoded, moved by vacuum) appears in a later segment and the latest
+row wins; rows of images no longer indexed are masked by the caller (`ScoreView.valid`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from piaa_index.vectors import _fsync_dir
+
+KINDS = ("S", "E", "C")  # fused score, patch evidence, [CLS] score
+DTYPE = np.float32
+LOCK = "writer.lock"
+
+
+def scores_root(vectors_dir: Path) -> Path:
+    return Path(vectors_dir) / "scores"
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def writer_lock(root: Path, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive right to write score files; yields False if not blocking and it is taken."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: single writer is on the user
+            yield True
+            return
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fh.fileno(), flags)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def cleanup(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
+    """Delete score folders and segments that SQL does not know (crash leftovers, old fits).
+
+    `committed` maps each classifier's key to its committed segment names. The caller holds the
+    writer lock, so no writer's uncommitted files are mistaken for leftovers.
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        if folder.name not in committed:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            continue
+        keep = set(committed[folder.name])
+        for path in folder.iterdir():
+            if path.name.split(".", 1)[0] not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _file(folder: Path, segment: str, kind: str) -> Path:
+    return folder / f"{segment}.{kind}.npy"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+class SegmentWriter:
+    """Streams one segment: rows arrive in chunks, thresholds at the end (`finish`)."""
+
+    def __init__(self, folder: Path, segment: str, n: int, n_labels: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.segment = segment
+        self.n = n
+        self.n_labels = n_labels
+        self._tmp: dict[str, Path] = {}
+        self.ids = self._open("ids", np.int64, (n,))
+        self.shards = self._open("shard", np.int32, (n,))
+        self.mats = {kind: self._open(kind, DTYPE, (n_labels, n)) for kind in KINDS}
+        self.filled = 0
+
+    def _open(self, kind: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+        path = _file(self.folder, self.segment, kind).with_suffix(".npy.tmp")
+        self._tmp[kind] = path
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def write(
+        self, ids: np.ndarray, shards: np.ndarray, S: np.ndarray, E: np.ndarray, Cs: np.ndarray
+    ) -> None:
+        """Append rows ([b] ids and shards, [b, C] scores) in order."""
+        a, b = self.filled, self.filled + len(ids)
+        self.ids[a:b] = ids
+        self.shards[a:b] = shards
+        for kind, values in zip(KINDS, (S, E, Cs), strict=True):
+            self.mats[kind][:, a:b] = values.T
+        self.filled = b
+
+    @property
+    def evidence(self) -> np.ndarray:
+        """[n, C] view of the patch evidence written so far (what the thresholds are fit on)."""
+        return self.mats["E"].T[: self.filled]
+
+    def finish(self, thresholds: np.ndarray) -> None:
+        """Decide present/absent, flush, fsync and rename every file into place."""
+        if self.filled != self.n:
+            raise ValueError(f"segment {self.segment}: {self.filled} of {self.n} rows written")
+        present = self._open("present", np.bool_, (self.n_labels, self.n))
+        thr = np.asarray(thresholds, dtype=np.float64)
+        E = self.mats["E"]
+        for c in range(self.n_labels):
+            present[c] = E[c] >= thr[c]
+        arrays = [self.ids, self.shards, present, *self.mats.values()]
+        for arr in arrays:
+            arr.flush()  # type: ignore[attr-defined]
+        del arrays, present, E
+        self.ids = self.shards = np.empty(0)
+        self.mats = {}
+        for kind, tmp in self._tmp.items():
+            _fsync_file(tmp)
+            os.replace(tmp, _file(self.folder, self.segment, kind))
+        _fsync_dir(self.folder)
+        _fsync_dir(self.folder.parent)
+
+    def abort(self) -> None:
+        self.mats = {}
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Segment:
+    name: str
+    ids: np.ndarray
+    shards: np.ndarray
+    mats: dict[str, np.ndarray]  # S, E, C, present: [C, n] memory maps
+
+    @classmethod
+    def open(cls, folder: Path, name: str) -> Segment:
+        def load(kind: str) -> np.ndarray:
+            return np.load(_file(folder, name, kind), mmap_mode="r")
+
+        mats = {kind: load(kind) for kind in (*KINDS, "present")}
+        return cls(name, np.asarray(load("ids")), np.asarray(load("shard")), mats)
+
+
+@dataclass
+class ScoreView:
+    """The segments of one classifier as one logical [rows] x [labels] table.
+
+    `valid` marks the rows that answer queries: the latest row of each image still indexed.
+    Columns of a multi-segment view are concatenated on first use and kept.
+    """
+
+    key: str
+    segments: list[Segment]
+    ids: np.ndarray
+    shards: np.ndarray
+    valid: np.ndarray
+    _columns: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    _lookup: tuple[np.ndarray, np.ndarray] | None = None
+    _counts: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, folder: Path, key: str, names: Sequence[str]) -> ScoreView:
+        segments = [Segment.open(folder, name) for name in names]
+        ids = _concat([s.ids for s in segments], np.int64)
+        shards = _concat([s.shards for s in segments], np.int32)
+        return cls(key, segments, ids, shards, latest_rows(ids))
+
+    @property
+    def max_shard(self) -> int:
+        return int(self.shards.max()) if len(self.shards) else 0
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def invalidate(self, mask: np.ndarray) -> None:
+        """Mask rows (superseded or no longer indexed)."""
+        self.valid &= ~mask
+        self._lookup = None
+        self._counts = None
+
+    def column(self, kind: str, label: int) -> np.ndarray:
+        """[rows] values of one label (S, E, C or present)."""
+        if len(self.segments) == 1:
+            return self.segments[0].mats[kind][label]
+        got = self._columns.get((kind, label))
+        if got is None:
+            got = np.concatenate([s.mats[kind][label] for s in self.segments])
+            self._columns[(kind, label)] = got
+        return got
+
+    def row_of(self, image_id: int) -> tuple[Segment, int] | None:
+        """(segment, position) of an image's valid row."""
+        if self._lookup is None:
+            rows = np.nonzero(self.valid)[0]
+            order = np.argsort(self.ids[rows], kind="stable")
+            self._lookup = (self.ids[rows][order], rows[order])
+        keys, rows = self._lookup
+        i = int(np.searchsorted(keys, image_id))
+        if i >= len(keys) or keys[i] != image_id:
+            return None
+        row = int(rows[i])
+        for seg in self.segments:
+            if row < len(seg.ids):
+                return seg, row
+            row -= len(seg.ids)
+        return None
+
+    def present_counts(self, n_labels: int) -> np.ndarray:
+        """[C] images decided present per label (valid rows only)."""
+        if self._counts is None:
+            counts = np.zeros(n_labels, np.int64)
+            start = 0
+            for seg in self.segments:
+                v = self.valid[start : start + len(seg.ids)]
+                start += len(seg.ids)
+                pres = seg.mats["present"]
+                for c in range(n_labels):
+                    counts[c] += int(np.count_nonzero(pres[c] & v))
+            self._counts = counts
+        return self._counts
+
+
+def latest_rows(ids: np.ndarray) -> np.ndarray:
+    """Mask of the last row of each id (later segments supersede earlier ones)."""
+    valid = np.zeros(len(ids), dtype=bool)
+    if len(ids):
+        _, first_in_reversed = np.unique(ids[::-1], return_index=True)
+        valid[len(ids) - 1 - first_in_reversed] = True
+    return valid
+
+
+def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.asarray(p, dtype=dtype) for p in parts])
+
+
+def segment_name(existing: Sequence[str]) -> str:
+    return f"seg{len(existing) + 1:06d}"

@@ -1,0 +1,138 @@
+"""A FAISS index over the [CLS] vectors for `similar`, kept beside the shards as a cache.
+
+Exact inner product (IndexFlatIP) while the collection is small enough for a scan to be cheap
+(`MAX_FLAT_CELLS` = images x dims); an inverted-file index (IVF, `nprobe` lists probed) beyond.
+Built lazily from the shards, persisted under `<vectors_dir>/similar/` with the (image id,
+shard) pairs it covers, and brought up to date with the catalog incrementally: new shards are
+added, superseded and removed images deleted by id. It is a cache: SQL never points at it, and a
+damaged or missing one is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_index.vectors import _fsync_dir
+
+# 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
+MAX_FLAT_CELLS = 25_600_000
+NPROBE = 32
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+class ClsIndex:
+    def __init__(self, index: Any, ids: np.ndarray, shards: np.ndarray, kind: str):
+        self.index = index
+        self.ids = ids  # int64 [n] images held
+        self.shards = shards  # int32 [n] the shard each was read from
+        self.kind = kind
+        self.version = -1  # catalog version it was last synced with
+        self.trained_on = len(ids)
+
+    @classmethod
+    def build(cls, dim: int, ids: np.ndarray, shards: np.ndarray, vectors: np.ndarray) -> ClsIndex:
+        faiss = _faiss()
+        n = len(ids)
+        if n * dim <= MAX_FLAT_CELLS:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+            kind = "flat"
+        else:
+            nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
+            index.train(np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32))
+            index.nprobe = NPROBE
+            kind = "ivf"
+        out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), kind)
+        out.add(ids, shards, vectors)
+        out.trained_on = n
+        return out
+
+    def add(self, ids: np.ndarray, shards: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+            )
+            self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
+            self.shards = np.concatenate([self.shards, np.asarray(shards, np.int32)])
+
+    def remove(self, mask: np.ndarray) -> None:
+        """Drop the held images selected by `mask`."""
+        if mask.any():
+            faiss = _faiss()
+            gone = np.ascontiguousarray(self.ids[mask], dtype=np.int64)
+            self.index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+            self.ids, self.shards = self.ids[~mask], self.shards[~mask]
+
+    @property
+    def max_shard(self) -> int:
+        return int(self.shards.max()) if len(self.shards) else 0
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of up to k nearest by inner product, best first (ties by id)."""
+        k = min(k, int(self.index.ntotal))
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.kind == "ivf" and k >= self.index.ntotal:
+            self.index.nprobe = self.index.nlist  # everything asked for: probe every list
+        try:
+            scores, ids = self.index.search(np.asarray(q, np.float32)[None], k)
+        finally:
+            if self.kind == "ivf":
+                self.index.nprobe = NPROBE
+        keep = ids[0] >= 0
+        ids_out, scores_out = ids[0][keep], scores[0][keep]
+        order = np.lexsort((ids_out, -scores_out))
+        return ids_out[order], scores_out[order]
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        faiss = _faiss()
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / "cls.faiss.tmp"))
+        np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards)
+        meta = {"kind": self.kind, "version": self.version, "trained_on": self.trained_on}
+        (folder / "meta.json.tmp").write_text(json.dumps(meta))
+        for name in ("cls.faiss", "held.npz", "meta.json"):
+            tmp = folder / f"{name}.tmp"
+            if name == "held.npz":
+                tmp = folder / "held.npz.tmp.npz"  # np.savez appends .npz
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        # meta.json last: it is what says the other two belong together.
+        (folder / "meta.json").unlink(missing_ok=True)
+        os.replace(folder / "cls.faiss.tmp", folder / "cls.faiss")
+        os.replace(folder / "held.npz.tmp.npz", folder / "held.npz")
+        os.replace(folder / "meta.json.tmp", folder / "meta.json")
+        _fsync_dir(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> ClsIndex | None:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            index = _faiss().read_index(str(folder / "cls.faiss"))
+            with np.load(folder / "held.npz") as held:
+                ids, shards = held["ids"], held["shards"]
+        except (OSError, ValueError, RuntimeError, KeyError):
+            return None
+        if int(index.ntotal) != len(ids):
+            return None
+        out = cls(index, ids, shards, meta["kind"])
+        if out.kind == "ivf":
+            index.nprobe = NPROBE
+        out.version = int(meta["version"])
+        out.trained_on = int(meta.get("trained_on", len(ids)))
+        return out
