@@ -103,10 +103,10 @@ def main() -> None:
     lib2.close()
 
     _, out["similar_build_ms"] = _once(lambda: lib.similar(probe))
-    out["similar_kind"] = lib._similar.kind
+    out["similar_kind"] = lib.searcher._similar.kind
     out["similar_warm"] = _timed(lambda: lib.similar(probe), args.runs)
     out["similar_recall_at_20"] = _recall(lib, 20)
-    if lib._similar.kind == "flat" and args.images >= 50_000:
+    if lib.searcher._similar.kind == "flat" and args.images >= 50_000:
         out["similar_ivf"] = _ivf(lib, probe, args.runs)
 
     scale.add_images(lib, world, 1000, start=args.images, seed=1)
@@ -116,11 +116,11 @@ def main() -> None:
 
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     n = args.images + 1000
-    vec = _disk(lib.vectors_dir) - _disk(lib.scores_dir) - _disk(lib.vectors_dir / "similar")
+    vec = _disk(lib.vectors_dir) - _disk(lib.tagger.scores_dir) - _disk(lib.vectors_dir / "similar")
     db_file = home / "piaa.sqlite3"
     out["bytes_per_image"] = {
         "vector_shards": round(vec / n),
-        "score_matrix": round(_disk(lib.scores_dir) / n),
+        "score_matrix": round(_disk(lib.tagger.scores_dir) / n),
         "similar_index": round(_disk(lib.vectors_dir / "similar") / n),
         "sqlite": round(sum(_disk_file(p) for p in home.glob("piaa.sqlite3*")) / n)
         if db_file.exists()
@@ -145,7 +145,7 @@ def _recall(lib: Library, k: int, probes: int = 20) -> float:
     got = []
     for p in picks:
         a = {r["path"] for r in lib.similar(p, limit=k)}
-        b = {r["path"] for r in lib._similar_exact(p, limit=k)}
+        b = {r["path"] for r in lib.searcher._similar_exact(p, limit=k)}
         got.append(len(a & b) / k)
     return round(float(np.mean(got)), 4)
 
@@ -157,7 +157,7 @@ def _ivf(lib: Library, probe: str, runs: int) -> dict[str, Any]:
     saved = similar.MAX_FLAT_CELLS
     similar.MAX_FLAT_CELLS = 0
     shutil.rmtree(lib.vectors_dir / "similar", ignore_errors=True)
-    lib._similar = None
+    lib.searcher._similar = None
     try:
         _, build = _once(lambda: lib.similar(probe))
         out = {"build_ms": build, "warm": _timed(lambda: lib.similar(probe), runs)}
@@ -165,7 +165,7 @@ def _ivf(lib: Library, probe: str, runs: int) -> dict[str, Any]:
     finally:
         similar.MAX_FLAT_CELLS = saved
         shutil.rmtree(lib.vectors_dir / "similar", ignore_errors=True)
-        lib._similar = None
+        lib.searcher._similar = None
     return out
 
 

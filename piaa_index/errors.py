@@ -16,3 +16,11 @@ class UsageError(PiaaError):
     """The user asked for something malformed or unknown: exit code 2, HTTP 400."""
 
     exit_code = 2
+
+
+class LibraryError(PiaaError):
+    """A user-facing problem: bad query, unknown label, no vocabulary, model mismatch…"""
+
+
+class UserInputError(UsageError, LibraryError):
+    """The user asked for something malformed or unknown (CLI exit code 2)."""

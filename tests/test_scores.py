@@ -50,7 +50,7 @@ def lib(tmp_path: Path, world: scale.World) -> Iterator[Library]:
 def _segments(lib: Library) -> tuple[Path, list[str]]:
     row = lib.store.latest_classifier()
     assert row is not None and row.scores_key
-    return lib.scores_dir / row.scores_key, list(row.score_segments or [])
+    return lib.tagger.scores_dir / row.scores_key, list(row.score_segments or [])
 
 
 def _sparse_count(lib: Library) -> int:
@@ -68,20 +68,22 @@ def test_uncommitted_scores_are_removed_on_open(
     folder, segments = _segments(lib)
     before = lib.search("l000 AND l001", limit=50)
     # A fit that wrote its (durable) files and died before the SQL commit:
-    fitted = lib._fitted_for(lib.store.latest_classifier())
+    fitted = lib.tagger.fitted_for(lib.store.latest_classifier())
     locations = lib.store.live_locations()[:500]
     pair = (fitted.classifier, fitted.text_protos)
-    lib._write_segment("deadbeef" * 4, "seg000001", N_LABELS, pair, locations, None, False, "x")
+    lib.tagger._write_segment(
+        "deadbeef" * 4, "seg000001", N_LABELS, pair, locations, None, False, "x"
+    )
     # ... and an append that died the same way, plus a torn temporary file.
-    lib._write_segment(folder.name, "seg000002", N_LABELS, pair, locations, None, False, "x")
+    lib.tagger._write_segment(folder.name, "seg000002", N_LABELS, pair, locations, None, False, "x")
     (folder / "seg000003.S.npy.tmp").write_bytes(b"torn")
-    assert (lib.scores_dir / ("deadbeef" * 4)).is_dir()
+    assert (lib.tagger.scores_dir / ("deadbeef" * 4)).is_dir()
     lib.close()
 
     again = open_synthetic(lib.settings.home, world)
     try:
         assert again.vectors is not None  # opening reconciles vectors and scores with SQL
-        assert not (again.scores_dir / ("deadbeef" * 4)).exists()
+        assert not (again.tagger.scores_dir / ("deadbeef" * 4)).exists()
         assert sorted({p.name.split(".")[0] for p in folder.iterdir()}) == segments
         assert again.search("l000 AND l001", limit=50) == before
     finally:
@@ -134,7 +136,7 @@ def test_reencoded_image_shows_its_new_scores_only(lib: Library, world: scale.Wo
 
     rows = lib.tags(path)
 
-    fitted = lib._fitted_for(lib.store.latest_classifier())
+    fitted = lib.tagger.fitted_for(lib.store.latest_classifier())
     stored_cls, stored_patches = lib.vectors.vectors_for(image_id, shard, 0)  # as quantised
     want = fusion.score_images(
         stored_cls[None], stored_patches[None], fitted.text_protos, fitted.classifier
@@ -163,7 +165,7 @@ def test_lost_score_files_are_rebuilt_without_refit(lib: Library) -> None:
     before = lib.search("l002 AND NOT l003", limit=30)
     version = lib.status()["classifier"]["version"]
     shutil.rmtree(folder)
-    lib._cache = None
+    lib.tagger._cache = None
     assert lib.search("l002 AND NOT l003", limit=30) == before
     assert lib.status()["classifier"]["version"] == version
 
@@ -247,22 +249,27 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     """The FAISS flat index gives the exact scan's neighbours, and follows new, re-encoded and
     removed images without a rebuild."""
     probe = "/synthetic/0000/00000011.jpg"
-    _same_neighbours(lib.similar(probe, limit=20), lib._similar_exact(probe, limit=20))
-    assert lib._similar is not None and lib._similar.kind == "flat"
-    built = lib._similar.index
+    _same_neighbours(lib.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20))
+    assert lib.searcher._similar is not None and lib.searcher._similar.kind == "flat"
+    built = lib.searcher._similar.index
 
     scale.add_images(lib, world, 700, start=N_IMAGES)
     gone = lib.image_id("/synthetic/0000/00000012.jpg")
     lib.store.remove_images([gone])
     got = lib.similar(probe, limit=None)
-    _same_neighbours(got, lib._similar_exact(probe, limit=None))
-    assert len(got) == N_IMAGES + 700 - 2 and lib._similar.index is built
+    _same_neighbours(got, lib.searcher._similar_exact(probe, limit=None))
+    assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.index is built
 
     # A fresh Library loads the persisted index instead of reading every [CLS] vector again.
     again = open_synthetic(lib.settings.home, world)
     try:
-        _same_neighbours(again.similar(probe, limit=20), lib._similar_exact(probe, limit=20))
-        assert again._similar is not None and len(again._similar.ids) == N_IMAGES + 700 - 1
+        _same_neighbours(
+            again.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20)
+        )
+        assert (
+            again.searcher._similar is not None
+            and len(again.searcher._similar.ids) == N_IMAGES + 700 - 1
+        )
     finally:
         again.close()
 
@@ -277,8 +284,10 @@ def test_similar_ivf_index_recall(lib: Library, monkeypatch: pytest.MonkeyPatch)
     recall = []
     for probe in probes:
         got = {r["path"] for r in lib.similar(probe, limit=20)}
-        want = {r["path"] for r in lib._similar_exact(probe, limit=20)}
+        want = {r["path"] for r in lib.searcher._similar_exact(probe, limit=20)}
         recall.append(len(got & want) / 20)
-    assert lib._similar is not None and lib._similar.kind == "ivf"
+    assert lib.searcher._similar is not None and lib.searcher._similar.kind == "ivf"
     assert np.mean(recall) >= 0.9
-    _same_neighbours(lib.similar(probes[0], limit=None), lib._similar_exact(probes[0], None))
+    _same_neighbours(
+        lib.similar(probes[0], limit=None), lib.searcher._similar_exact(probes[0], None)
+    )

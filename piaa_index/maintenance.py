@@ -1,0 +1,123 @@
+"""Housekeeping: reclaiming vector space (`vacuum`) and the library's status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from piaa_index.errors import UserInputError
+from piaa_index.part import Part
+from piaa_index.tagging import NotReady, State
+
+
+class Maintenance(Part):
+    """Vacuum and status."""
+
+    def vacuum(self, min_live: float = 0.5, small: int = 64, group: int = 256) -> dict[str, int]:
+        """Rewrite shards that are mostly dead rows (pruned or re-encoded images) or small.
+
+        Crash-safe like indexing: new shards are written first, SQL then points at them in
+        one transaction, and only then are the old files deleted (a crash in between leaves
+        orphans that the next open removes).
+        """
+        vectors = self.vectors
+        before = vectors.disk_bytes()
+        with vectors.writer_lock():
+            live: dict[int, list[tuple[int, int]]] = {}
+            for image_id, shard, row in self.store.live_locations():
+                live.setdefault(shard, []).append((image_id, row))
+            dead = [s for s in vectors.shard_ids() if s not in live]
+            garbage = {
+                s for s, rows in live.items() if len(rows) < min_live * vectors.shard_rows(s)
+            }
+            smalls = {s for s, rows in live.items() if len(rows) < small} - garbage
+            # Small shards are merged with each other; a lone one has nothing to merge with.
+            rewrite = sorted(garbage | (smalls if len(smalls) > 1 else set()))
+            moved = 0
+            batch: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+            def flush() -> None:
+                nonlocal batch, moved
+                if not batch:
+                    return
+                new = vectors.next_shard_id()
+                ids = [b[0] for b in batch]
+                vectors.write_shard(
+                    new, ids, np.stack([b[1] for b in batch]), np.stack([b[2] for b in batch])
+                )
+                self.store.move_images(ids, new)
+                moved += len(ids)
+                batch = []
+
+            for shard in rewrite:
+                rows = sorted(live[shard], key=lambda t: t[1])
+                got = vectors.read_shard(shard, [r for _, r in rows])
+                for k, image_id in enumerate(got.image_ids):
+                    batch.append((int(image_id), got.cls[k], got.patches[k]))
+                    if len(batch) >= group:
+                        flush()
+            flush()
+            for shard in rewrite + dead:
+                vectors.delete_shard(shard)
+        return {
+            "shards_rewritten": len(rewrite),
+            "shards_deleted": len(rewrite) + len(dead),
+            "images_moved": moved,
+            "bytes_before": before,
+            "bytes_after": vectors.disk_bytes(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Counts, model, vocabulary, classifier version and staleness."""
+        # Opening the vectors first reconciles them with SQL, so the counts are current.
+        vectors_bytes = self.vectors.disk_bytes() if self.store.get_setting("model") else 0
+        state: State | None = None
+        if self.store.latest_classifier() is not None:
+            try:  # the cached matrix when current; never fits or scores from here
+                state = self.library.tagger.state(score_new=False)
+            except (NotReady, UserInputError):
+                state = None
+        counts = state.image_counts if state is not None else self.store.image_counts()
+        vocab = self.store.vocabulary()
+        latest = self.store.latest_classifier()
+        model = self.store.get_setting("model")
+        indexed = counts.get("indexed", 0)
+        out: dict[str, Any] = {
+            "home": str(self.library.settings.home),
+            "database": self.store.engine.url.render_as_string(hide_password=True),
+            "schema_revision": self.store.schema_revision(),
+            "model": model,
+            "images": {
+                "indexed": indexed,
+                "failed": counts.get("failed", 0),
+                "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
+            },
+            "vectors_bytes": vectors_bytes,
+            "vocabulary": {
+                "version": vocab.id if vocab else None,
+                "labels": vocab.names if vocab else [],
+                "templates": vocab.templates if vocab else [],
+            },
+            "classifier": None,
+            "stale": self.library.tagger.is_stale(),
+        }
+        if latest is not None:
+            out["classifier"] = {
+                "version": latest.id,
+                "vocabulary_version": latest.vocabulary_id,
+                "fitted_at": latest.created_at.isoformat(timespec="seconds"),
+                "n_images": latest.n_images,
+                "images_added_since": max(0, indexed - latest.n_images),
+                "weak_labels": latest.report.get("weak_labels", []),
+                "tagged": self._tagged_counts(state),
+            }
+        return out
+
+    def _tagged_counts(self, state: State | None) -> dict[str, int]:
+        """Images decided present per label: the matrix's present bits when it is current,
+        else the sparse SQL tags (the previous fit's, while the vocabulary is stale)."""
+        if state is None:
+            return self.store.tag_counts()
+        counts = state.view.present_counts(len(state.vocab.labels))
+        return {lb.name: int(n) for lb, n in zip(state.vocab.labels, counts, strict=True) if n}

@@ -1,0 +1,31 @@
+"""The base of `Library`'s parts (vocabulary, tagging, searching, maintenance)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from piaa_index.encoder import Encoder
+    from piaa_index.library import Library
+    from piaa_index.store import Store
+    from piaa_index.vectors import VectorStore
+
+
+class Part:
+    """One job of a library. Collaborators come through the façade, so the model and the
+    vector store still load lazily and once, whichever part needs them first."""
+
+    def __init__(self, library: Library):
+        self.library = library
+
+    @property
+    def store(self) -> Store:
+        return self.library.store
+
+    @property
+    def vectors(self) -> VectorStore:
+        return self.library.vectors
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.library.encoder

@@ -1,0 +1,272 @@
+"""Queries: the tags of an image, boolean label search over the score matrix, open-vocabulary
+text search and similar images (a FAISS index over [CLS], `piaa_index/similar.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from piaa_index.errors import UserInputError
+from piaa_index.part import Part
+from piaa_index.vocabulary import default_templates
+
+if TYPE_CHECKING:
+    from piaa_index.library import Library
+
+
+class Searcher(Part):
+    """Answers queries; keeps the [CLS] similarity index once loaded."""
+
+    def __init__(self, library: Library):
+        super().__init__(library)
+        self._similar: Any = None
+
+    def image_id(self, path: str | Path) -> int:
+        """The id of an indexed image, by path (as given, or resolved)."""
+        from piaa_index.schema import INDEXED
+
+        resolved = str(Path(path).expanduser().resolve())
+        row = self.store.image_by_path(resolved) or self.store.image_by_path(str(path))
+        if row is None:
+            raise UserInputError(f"not in the index: {path} (run `piaa index` on its folder)")
+        if row.status != INDEXED:
+            raise UserInputError(f"{path} could not be indexed: {row.error}")
+        return row.id
+
+    def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
+        """Every label's fused, patch and [CLS] score for one image, with the decision (each row
+        also carries the image's stored path, so rows stand on their own in `--json` output)."""
+        image_id = self.image_id(path)
+        state = self.library.tagger.state(progress)
+        found = state.view.row_of(image_id)
+        if found is None:
+            raise UserInputError(f"{path} has no scores yet; run `piaa fit`")
+        seg, r = found
+        S = np.asarray(seg.mats["S"][:, r], dtype=np.float64)
+        E = np.asarray(seg.mats["E"][:, r], dtype=np.float64)
+        Cs = np.asarray(seg.mats["C"][:, r], dtype=np.float64)
+        present = np.asarray(seg.mats["present"][:, r], dtype=bool)
+        stored_path = self.store.paths([image_id])[image_id]
+        thresholds = state.fitted.thresholds
+        order = np.lexsort((np.arange(len(S)), -S))  # best first, vocabulary order on ties
+        return [
+            {
+                "path": stored_path,
+                "label": state.vocab.labels[c].name,
+                "score": float(S[c]),
+                "patch_score": float(E[c]),
+                "cls_score": float(Cs[c]),
+                "present": bool(present[c]),
+                "threshold": float(thresholds[c]),
+            }
+            for c in order
+        ]
+
+    def search(
+        self, expression: str, limit: int | None = 20, include_absent: bool = False
+    ) -> list[dict[str, Any]]:
+        """Images matching a boolean label expression, ranked; each row has every label's score.
+
+        Matching uses the tag decisions; ranking uses the fused scores (AND = weakest label).
+        With `include_absent`, non-matching images are ranked too (below the matches).
+        The expression is compiled once to numpy over the score matrix; paths are fetched for
+        the returned rows only.
+        """
+        from piaa_index.query_engine import compile_query, top_k
+        from piaa_index.query_language import QueryError, normalize_label, parse
+
+        vocab = self.library.vocab.require_vocabulary()
+        try:
+            node = parse(expression, known_labels=vocab.names)
+        except QueryError as exc:
+            raise UserInputError(str(exc)) from None
+        state = self.library.tagger.state()
+        view = state.view
+        plan = compile_query(node)
+        # The parser normalises names; rows show them as the vocabulary spells them.
+        column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
+        present = {key: view.column("present", column[key]) for key in plan.labels}
+        fused = {key: view.column("S", column[key]) for key in plan.labels}
+        match, score = plan.run(present, fused)
+        match = match & view.valid
+        hit_rows = np.nonzero(match)[0]
+        rows = hit_rows[top_k(view.ids[hit_rows], score[hit_rows], limit)]
+        if include_absent and (limit is None or len(rows) < limit):
+            rest = np.nonzero(view.valid & ~match)[0]
+            more = None if limit is None else limit - len(rows)
+            rows = np.concatenate([rows, rest[top_k(view.ids[rest], score[rest], more)]])
+        ids = [int(i) for i in view.ids[rows]]
+        paths = self.store.paths(ids)
+        wanted = sorted((state.vocab.labels[column[key]].name, key) for key in plan.labels)
+        return [
+            {
+                "path": paths[image_id],
+                "score": round(float(score[r]), 6),
+                "match": bool(match[r]),
+                "labels": {
+                    name: {
+                        "score": round(float(fused[key][r]), 6),
+                        "present": bool(present[key][r]),
+                    }
+                    for name, key in wanted
+                },
+            }
+            for r, image_id in zip(rows, ids, strict=True)
+        ]
+
+    def present_tags(self) -> dict[str, list[tuple[str, float]]]:
+        """path -> [(label, fused score)] of the labels decided present, best first, for every
+        indexed image (from SQL's sparse tags: one join, no score matrix needed)."""
+        self.library.tagger.ensure_tags()
+        out: dict[str, list[tuple[str, float]]] = {p: [] for p in self.store.indexed_paths()}
+        for path, name, score in self.store.present_tags():
+            if path in out:
+                out[path].append((name, score))
+        return out
+
+    def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Open-vocabulary search: a phrase scored on the fly, no refit.
+
+        Max over patches and the [CLS] branch are fused as in PAA, with the phrase contrasted
+        against the vocabulary's labels when there is one (plain cosine otherwise).
+        """
+        text = " ".join(text.split())
+        if not text:
+            raise UserInputError("empty search text")
+        locations = self.store.live_locations()
+        if not locations:
+            return []
+        vocab = self.store.vocabulary()
+        phrase = self.encoder.text_prototypes(
+            [text], vocab.templates if vocab else default_templates()
+        )
+        others: np.ndarray | None = None
+        if vocab is not None and vocab.labels:
+            keep = [i for i, name in enumerate(vocab.names) if name.lower() != text.lower()]
+            others = self.library.vocab.text_prototypes(vocab)[keep] if keep else None
+        ids, scores = [], []
+        for chunk in self.vectors.iter_live(locations):
+            scores.append(open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
+            ids.append(chunk.image_ids)
+        return self._top(np.concatenate(ids), np.concatenate(scores), limit)
+
+    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
+        index kept beside the shards (`piaa_index/similar.py`)."""
+        p = Path(path).expanduser()
+        query_id: int | None = None
+        try:
+            query_id = self.image_id(p)
+        except UserInputError:
+            if not p.is_file():
+                raise
+        index = self._similar_index()
+        if query_id is not None:
+            loc = self.store.location(query_id)
+            if loc is None:
+                raise UserInputError(f"not in the index: {path}")
+            q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        else:
+            from piaa_index.images import ImageDecodeError, load_image
+
+            try:
+                img = load_image(p)
+            except ImageDecodeError as exc:
+                raise UserInputError(f"{path}: {exc}") from None
+            q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
+        # A few extra so that the query image and ties at the cut do not shorten the list.
+        want = len(index.ids) if limit is None else limit + 1 + 8
+        ids, sims = index.search(q, want)
+        if query_id is not None:
+            keep = ids != query_id
+            ids, sims = ids[keep], sims[keep]
+        return self._top(ids, sims, limit)
+
+    def _similar_index(self) -> Any:
+        """The [CLS] FAISS index, built on first use and synced with the catalog after."""
+        from piaa_index.similar import ClsIndex
+
+        folder = self.library.vectors_dir / "similar"
+        version = self.store.data_version()
+        index = self._similar
+        if index is None:
+            index = ClsIndex.load(folder)
+        if index is not None and index.version == version:
+            self._similar = index
+            return index
+        if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
+            # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+            live = self.store.live_locations()
+            index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
+        else:
+            new = self.store.locations_after(index.max_shard)
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            index.remove(np.isin(index.ids, new_ids))
+            if len(index.ids) + len(new) != self.store.indexed_count():
+                live = self.store.live_locations()
+                arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+                base = int(max(index.max_shard, int(arr[:, 1].max(initial=0)))) + 1
+                live_keys = arr[:, 0] * base + arr[:, 1]
+                held_keys = index.ids * base + index.shards
+                index.remove(~np.isin(held_keys, live_keys))
+                held = np.isin(live_keys, index.ids * base + index.shards)
+                new = [live[i] for i in np.nonzero(~held)[0]]
+            index.add(*self._cls_of(new))
+        index.version = version
+        index.save(folder)
+        self._similar = index
+        return index
+
+    def _cls_of(
+        self, locations: list[tuple[int, int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, shards, [CLS] vectors) of these images, read without their patches."""
+        ids, shards, vecs = [], [], []
+        for chunk in self.vectors.iter_live(locations, with_patches=False):
+            ids.append(chunk.image_ids)
+            shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
+            vecs.append(chunk.cls)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.vectors.dim))
+        return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+
+    def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""
+        query_id = self.image_id(path)
+        live = self.store.live_locations()
+        loc = self.store.location(query_id)
+        assert loc is not None
+        q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        ids, _, vecs = self._cls_of(live)
+        keep = ids != query_id
+        return self._top(ids[keep], (vecs @ q)[keep], limit)
+
+    def _top(self, ids: np.ndarray, scores: np.ndarray, limit: int | None) -> list[dict]:
+        order = np.lexsort((ids, -scores))
+        if limit is not None:
+            order = order[:limit]
+        paths = self.store.paths([int(ids[i]) for i in order])
+        return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
+
+
+def open_vocabulary_scores(
+    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, others: np.ndarray | None
+) -> np.ndarray:
+    """[N] scores of a phrase: PAA's fusion of max patch evidence and [CLS] evidence.
+
+    With other labels to contrast against, both branches are the phrase's softmax probability
+    among them (as in the patch-text ablation); alone, plain cosines.
+    """
+    from piaa_index import fusion
+
+    prm = fusion.PaaParams()
+    if others is None:
+        m = (patches @ phrase[0]).max(axis=1)
+        c = cls @ phrase[0]
+    else:
+        T = np.vstack([phrase, others]).astype(np.float32)
+        m = fusion.patch_text_evidence(patches, T, prm.text_scale, prm.batch_images)[:, 0]
+        c = fusion.cls_scores(cls, T, prm.tau_cls)[:, 0]
+    return prm.alpha * m + (1 - prm.alpha) * c

@@ -1,0 +1,409 @@
+"""Fit and tag: PVCL fitted from the collection's patch pool, and every image's scores.
+
+A vocabulary change makes the tags stale; the next query (or `fit()`) refits PVCL on the whole
+collection and writes the score matrix (`piaa_index/scores.py`) in one streaming pass, with the
+present tags in SQL. Images indexed after a fit are scored with the current classifier at the
+next query, as a new segment, without refitting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from piaa_index.errors import UserInputError
+from piaa_index.part import Part
+from piaa_index.store import VocabularyInfo, utcnow
+
+if TYPE_CHECKING:
+    from piaa_index.library import Library
+    from piaa_index.pvcl import Classifier
+    from piaa_index.scores import ScoreView, Segment
+
+
+@dataclass
+class FitReport:
+    classifier_id: int
+    n_images: int
+    n_patches: int
+    seconds: float
+    bank_sizes: dict[str, int]
+    kept_sizes: dict[str, int]
+    weak_labels: list[str]
+    thresholds: dict[str, float]
+    tagged_present: dict[str, int] = field(default_factory=dict)
+    fit_seconds: float = 0.0  # the streaming PVCL pass
+    tag_seconds: float = 0.0  # the re-tag pass writing the score matrix and sparse tags
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Fitted:
+    """A classifier with what is needed to tag: text prototypes and thresholds."""
+
+    id: int
+    classifier: Classifier
+    text_protos: np.ndarray
+    thresholds: np.ndarray
+
+
+@dataclass
+class State:
+    """What queries need, valid while the catalog version is `version`."""
+
+    version: int
+    vocab: VocabularyInfo
+    fitted: Fitted
+    view: ScoreView
+    image_counts: dict[str, int]
+    pending: int  # indexed images not scored yet (only when loaded without scoring)
+
+
+class NotReady(Exception):
+    """The scores need a fit or new rows scored, which the caller does not want to do."""
+
+
+class Tagger(Part):
+    """Owns the classifier and the score matrix, cached against SQL's catalog version."""
+
+    def __init__(self, library: Library):
+        super().__init__(library)
+        # Query caches, checked against SQL's catalog version (see `state`).
+        self._cache: State | None = None
+        self._fitted_cache: Fitted | None = None
+
+    def is_stale(self) -> bool:
+        """True when the vocabulary changed since the last fit (or nothing was fitted)."""
+        vocab = self.store.vocabulary()
+        latest = self.store.latest_classifier()
+        return vocab is not None and (latest is None or latest.vocabulary_id != vocab.id)
+
+    def fit_classifier(
+        self,
+        vocab: VocabularyInfo,
+        locations: list[tuple[int, int, int]],
+        progress: bool = False,
+        bank_size: int | None = None,
+    ) -> tuple[Classifier, np.ndarray, int]:
+        """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
+        from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks
+
+        if not locations:
+            raise UserInputError("no indexed images: run `piaa index PATH` first")
+        T = self.library.vocab.text_prototypes(vocab)
+        if bank_size is None:
+            pool = len(locations) * self.vectors.n_patches
+            bank_size = default_bank_size(pool, len(vocab.labels))
+        params = PvclParams(bank_size=bank_size)
+        builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
+        n_patches = 0
+        for chunk in self.stream(locations, progress, "fitting"):
+            flat = chunk.patches.reshape(-1, chunk.patches.shape[-1])
+            builder.update(flat)
+            n_patches += len(flat)
+        return fit_from_banks(builder.banks(), T, params), T, n_patches
+
+    def fit(self, progress: bool = False, bank_size: int | None = None) -> FitReport:
+        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
+        (a second pass writing the score matrix)."""
+        vocab = self.library.vocab.require_vocabulary()
+        locations = self.store.live_locations()
+        started = time.perf_counter()
+        classifier, T, n_patches = self.fit_classifier(vocab, locations, progress, bank_size)
+        fit_seconds = time.perf_counter() - started
+        fitted, present = self._tag_all(vocab, classifier, T, locations, progress, fit_seconds)
+        names = vocab.names
+        return FitReport(
+            classifier_id=fitted.id,
+            n_images=len(locations),
+            n_patches=n_patches,
+            seconds=round(time.perf_counter() - started, 3),
+            bank_sizes=dict(zip(names, classifier.bank_sizes, strict=True)),
+            kept_sizes=dict(zip(names, classifier.kept_sizes, strict=True)),
+            weak_labels=[names[c] for c in classifier.weak_labels],
+            thresholds={n: float(t) for n, t in zip(names, fitted.thresholds, strict=True)},
+            tagged_present=present,
+            fit_seconds=round(fit_seconds, 3),
+            tag_seconds=round(time.perf_counter() - started - fit_seconds, 3),
+        )
+
+    def stream(self, locations: list[tuple[int, int, int]], progress: bool, desc: str) -> Iterator:
+        import sys
+
+        from tqdm import tqdm
+
+        with tqdm(
+            total=len(locations), unit="img", desc=desc, file=sys.stderr, disable=not progress
+        ) as bar:
+            for chunk in self.vectors.iter_live(locations):
+                yield chunk
+                bar.update(len(chunk.image_ids))
+
+    def _scores(
+        self, chunk: Any, classifier: Classifier, T: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fused, patch evidence, cls scores) for one chunk of images."""
+        from piaa_index import fusion
+
+        scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier)
+        return scores.fused, scores.patch, scores.cls
+
+    @property
+    def scores_dir(self) -> Path:
+        from piaa_index.scores import scores_root
+
+        return scores_root(self.library.vectors_dir)
+
+    def _write_segment(
+        self,
+        key: str,
+        segment: str,
+        n_labels: int,
+        fitted: tuple[Classifier, np.ndarray],
+        locations: list[tuple[int, int, int]],
+        thresholds: np.ndarray | None,
+        progress: bool,
+        desc: str,
+    ) -> np.ndarray:
+        """Score `locations` in one streaming pass into a durable segment; returns the
+        thresholds (computed from this segment's evidence when not given)."""
+        from piaa_index import fusion
+        from piaa_index.scores import SegmentWriter
+
+        classifier, T = fitted
+        writer = SegmentWriter(self.scores_dir / key, segment, len(locations), n_labels)
+        try:
+            for chunk in self.stream(locations, progress, desc):
+                S, E, Cs = self._scores(chunk, classifier, T)
+                shards = np.full(len(chunk.image_ids), chunk.shard, dtype=np.int32)
+                writer.write(chunk.image_ids, shards, S, E, Cs)
+            if thresholds is None:
+                # Present/absent is decided on the patch evidence m, not the fused S: S sums to
+                # one over labels, so it shrinks as an image holds more objects (docs/method.md).
+                thresholds = cast(np.ndarray, fusion.decision_thresholds(writer.evidence))
+            writer.finish(thresholds)
+        except BaseException:
+            writer.abort()
+            raise
+        return np.asarray(thresholds, dtype=np.float64)
+
+    def _tag_all(
+        self,
+        vocab: VocabularyInfo,
+        classifier: Classifier,
+        T: np.ndarray,
+        locations: list[tuple[int, int, int]],
+        progress: bool,
+        fit_seconds: float,
+    ) -> tuple[Fitted, dict[str, int]]:
+        from piaa_index.schema import Classifier as ClassifierRow
+        from piaa_index.scores import Segment, cleanup, new_key, writer_lock
+
+        names = vocab.names
+        label_ids = [lb.id for lb in vocab.labels]
+        key, segment = new_key(), "seg000001"
+        with writer_lock(self.scores_dir):
+            # Files durable first; the SQL commit below is what makes them the current scores.
+            thresholds = self._write_segment(
+                key, segment, len(names), (classifier, T), locations, None, progress, "tagging"
+            )
+            seg = Segment.open(self.scores_dir / key, segment)
+            row = ClassifierRow(
+                vocabulary_id=vocab.id,
+                created_at=utcnow(),
+                n_images=len(locations),
+                n_patches=len(locations) * self.vectors.n_patches,
+                fit_seconds=fit_seconds,
+                report={
+                    "bank_sizes": classifier.bank_sizes,
+                    "kept_sizes": classifier.kept_sizes,
+                    "weak_labels": classifier.weak_labels,
+                    "params": classifier.params,
+                },
+                thresholds=[float(t) for t in thresholds],
+                weights=pack(classifier, T),
+            )
+            classifier_id = self.store.install_classifier(
+                row, key, [segment], present_triples(seg, label_ids)
+            )
+            cleanup(self.scores_dir, self.store.score_folders())
+        self._cache = None
+        fitted = Fitted(classifier_id, classifier, T, thresholds)
+        self._fitted_cache = fitted
+        counts = [int(np.count_nonzero(seg.mats["present"][c])) for c in range(len(names))]
+        return fitted, dict(zip(names, counts, strict=True))
+
+    def fitted_for(self, row: Any) -> Fitted:
+        """The classifier of an SQL row, unpacked once per classifier version."""
+        cached = self._fitted_cache
+        if cached is not None and cached.id == row.id:
+            return cached
+        classifier, T = unpack(row.weights)
+        fitted = Fitted(row.id, classifier, T, np.asarray(row.thresholds, dtype=np.float64))
+        self._fitted_cache = fitted
+        return fitted
+
+    def _open_view(self, row: Any) -> ScoreView | None:
+        from piaa_index.scores import ScoreView
+
+        if not row.scores_key or not row.score_segments:
+            return None
+        try:
+            return ScoreView.open(
+                self.scores_dir / row.scores_key, row.scores_key, row.score_segments
+            )
+        except (OSError, ValueError):
+            return None  # lost or damaged: re-scored with the stored classifier
+
+    def _sync_view(self, view: ScoreView) -> list[tuple[int, int, int]]:
+        """Mask rows SQL no longer vouches for; return the images still to score.
+
+        Cheap path: images in shards newer than any scored row (each index commit writes a new
+        shard) supersede their old rows, and if the counts then agree with SQL nothing was
+        removed. Otherwise (prune, lost shard, failed re-encode) compare (id, shard) pairs with
+        every indexed image once.
+        """
+        new = self.store.locations_after(view.max_shard)
+        if new:
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            view.invalidate(view.valid & np.isin(view.ids, new_ids))
+        if view.n_valid + len(new) == self.store.indexed_count():
+            return new
+        live = self.store.live_locations()
+        live_arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+        base = int(max(view.max_shard, int(live_arr[:, 1].max(initial=0)))) + 1
+        live_keys = live_arr[:, 0] * base + live_arr[:, 1]
+        view_keys = view.ids * base + view.shards
+        view.invalidate(view.valid & ~np.isin(view_keys, live_keys))
+        held = np.isin(live_keys, view_keys[view.valid])
+        return [live[i] for i in np.nonzero(~held)[0]]
+
+    def state(self, progress: bool = False, score_new: bool = True) -> State:
+        """The current classifier and score matrix, cached until the catalog version moves.
+
+        Refits when the vocabulary changed; scores images indexed (or re-encoded) since, as a
+        new segment. One indexed SELECT per call when nothing changed.
+        """
+        from piaa_index.scores import new_key, segment_name, writer_lock
+
+        while True:
+            version = self.store.data_version()
+            cached = self._cache
+            if cached is not None and cached.version == version:
+                if cached.pending == 0 or not score_new:
+                    return cached
+            vocab = self.library.vocab.require_vocabulary()
+            if self.is_stale():
+                if not score_new:
+                    raise NotReady
+                self.fit(progress=progress)
+                continue
+            row = self.store.latest_classifier()
+            assert row is not None
+            fitted = self.fitted_for(row)
+            view = self._open_view(row)
+            todo = self._sync_view(view) if view is not None else self.store.live_locations()
+            if view is not None and (not todo or not score_new):
+                counts = self.store.image_counts()
+                self._cache = State(version, vocab, fitted, view, counts, len(todo))
+                return self._cache
+            if not score_new:
+                raise NotReady
+            with writer_lock(self.scores_dir):
+                # Another writer may have moved on meanwhile: only write on top of what is
+                # still the latest commit, else look again.
+                again = self.store.latest_classifier()
+                if (
+                    again is None
+                    or again.id != row.id
+                    or again.score_segments != row.score_segments
+                ):
+                    continue
+                label_ids = [lb.id for lb in vocab.labels]
+                pair = (fitted.classifier, fitted.text_protos)
+                if view is None or not row.scores_key:
+                    key, segments = new_key(), []
+                else:
+                    key, segments = row.scores_key, list(row.score_segments or [])
+                name = segment_name(segments)
+                self._write_segment(
+                    key,
+                    name,
+                    len(label_ids),
+                    pair,
+                    todo,
+                    fitted.thresholds,
+                    progress,
+                    "tagging new images",
+                )
+                from piaa_index.scores import Segment
+
+                seg = Segment.open(self.scores_dir / key, name)
+                self.store.commit_segment(
+                    row.id,
+                    segments + [name],
+                    [loc[0] for loc in todo],
+                    present_triples(seg, label_ids),
+                    key=key if view is None else None,
+                )
+
+    def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
+        """Refit when stale; tag images indexed since the last fit with the current classifier."""
+        return self.state(progress).vocab
+
+    def ensure_fitted(self, progress: bool = False) -> tuple[VocabularyInfo, Fitted]:
+        """`ensure_tags`, also handing back the classifier it checked (loaded once)."""
+        state = self.state(progress)
+        return state.vocab, state.fitted
+
+
+# The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches
+# over 20 classes). Small libraries keep that proportion: with K = 512 on a 400-image pool the
+# banks held half of all patches, background included, and the class means blurred.
+PAPER_BANK_SIZE = 512
+BANK_FRACTION = 1 / 50  # of the pool per class, at most
+MIN_BANK_SIZE = 16
+
+
+def default_bank_size(pool_patches: int, n_classes: int) -> int:
+    """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
+    per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
+    return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))
+
+
+def present_triples(
+    seg: Segment, label_ids: Sequence[int], batch: int = 50_000
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image ids, label ids, fused scores) of a segment's present cells, in batches of images:
+    the rows of SQL's sparse tags table."""
+    labels = np.asarray(label_ids, dtype=np.int64)
+    for start in range(0, len(seg.ids), batch):
+        stop = start + batch
+        c_idx, r_idx = np.nonzero(np.asarray(seg.mats["present"][:, start:stop]))
+        if len(c_idx):
+            S = np.asarray(seg.mats["S"][:, start:stop])
+            yield seg.ids[start:stop][r_idx], labels[c_idx], S[c_idx, r_idx].astype(np.float64)
+
+
+def pack(classifier: Classifier, T: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, classifier=np.frombuffer(classifier.to_bytes(), dtype=np.uint8), text_protos=T)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> tuple[Classifier, np.ndarray]:
+    import io
+
+    from piaa_index.pvcl import Classifier
+
+    with np.load(io.BytesIO(data)) as z:
+        return Classifier.from_bytes(z["classifier"].tobytes()), z["text_protos"]

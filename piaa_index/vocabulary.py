@@ -1,0 +1,108 @@
+"""The vocabulary: the labels a user cares about, versioned in SQL, and their text prototypes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from piaa_index.errors import UserInputError
+from piaa_index.part import Part
+from piaa_index.store import VocabularyInfo
+
+
+class VocabularyEditor(Part):
+    """Reads and changes the vocabulary; every change is a new version (tags become stale)."""
+
+    def vocabulary(self) -> VocabularyInfo | None:
+        return self.store.vocabulary()
+
+    def labels(self) -> list[str]:
+        vocab = self.store.vocabulary()
+        return vocab.names if vocab else []
+
+    def set_vocabulary(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> VocabularyInfo:
+        """Replace the vocabulary (a new version; tags become stale)."""
+        names = clean_labels(labels)
+        if templates is None:
+            current = self.store.vocabulary()
+            templates = current.templates if current else default_templates()
+        templates = list(templates)
+        for template in templates:
+            if "{}" not in template:
+                raise UserInputError(f"prompt template {template!r} has no '{{}}' for the label")
+        current = self.store.vocabulary()
+        if current and current.names == names and current.templates == templates:
+            return current
+        return self.store.new_vocabulary(names, templates)
+
+    def add_labels(self, labels: Sequence[str]) -> VocabularyInfo:
+        current = self.labels()
+        new = [x for x in clean_labels(labels) if x not in current]
+        return self.set_vocabulary(current + new)
+
+    def remove_labels(self, labels: Sequence[str]) -> VocabularyInfo:
+        current = self.labels()
+        gone = clean_labels(labels)
+        unknown = [x for x in gone if x not in current]
+        if unknown:
+            raise UserInputError(f"not in the vocabulary: {', '.join(unknown)}")
+        return self.set_vocabulary([x for x in current if x not in gone])
+
+    def set_preset(self, name: str) -> VocabularyInfo:
+        from piaa_index.presets import preset_classes
+
+        try:
+            classes = preset_classes(name)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
+        return self.set_vocabulary(classes)
+
+    def require_vocabulary(self) -> VocabularyInfo:
+        vocab = self.store.vocabulary()
+        if vocab is None or not vocab.labels:
+            raise UserInputError(
+                "the vocabulary is empty: set one with `piaa vocab set LABEL...` "
+                "or `piaa vocab preset voc|coco|nus`"
+            )
+        return vocab
+
+    def text_prototypes(self, vocab: VocabularyInfo) -> np.ndarray:
+        """[C, d] text prototypes of the vocabulary's labels (per-label templates honoured)."""
+        # One batched text pass per distinct template list (usually one for the whole vocabulary).
+        protos = np.zeros((len(vocab.labels), self.encoder.dim), dtype=np.float32)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, lb in enumerate(vocab.labels):
+            groups.setdefault(tuple(lb.templates), []).append(i)
+        for templates, rows in groups.items():
+            names = [vocab.labels[i].name for i in rows]
+            protos[rows] = self.encoder.text_prototypes(names, list(templates))
+        return protos
+
+
+def default_templates() -> list[str]:
+    from piaa_index.encoder import DEFAULT_TEMPLATES
+
+    return list(DEFAULT_TEMPLATES)
+
+
+def clean_labels(labels: Sequence[str]) -> list[str]:
+    """Whitespace-normalised labels, duplicates (case-insensitive) dropped, order kept."""
+    seen: set[str] = set()
+    out = []
+    for raw in labels:
+        name = " ".join(str(raw).split())
+        if not name:
+            raise UserInputError("empty label")
+        if any(ch in name for ch in "()\"'&|!"):
+            raise UserInputError(
+                f"label {name!r} contains a character reserved by the query language"
+            )
+        if name.lower() in {"and", "or", "not"}:
+            raise UserInputError(f"{name!r} is a query operator, not a label")
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            out.append(name)
+    return out
