@@ -468,7 +468,8 @@ class Encoder:
             raise ValueError("every prompt template must contain '{}' for the label")
         if not labels:
             return np.zeros((0, self.dim), dtype=np.float32)
-        emb = self.encode_texts([t.format(label) for label in labels for t in templates])
+        # Replacement, not str.format: a label or template with other braces must not crash.
+        emb = self.encode_texts([t.replace("{}", label) for label in labels for t in templates])
         mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
         mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
         return mean.astype(np.float32)

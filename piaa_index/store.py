@@ -29,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from piaa_index import schema
@@ -128,9 +128,7 @@ class Store:
     def open(cls, url: str, upgrade: bool = True) -> Store:
         """Connect, upgrade the schema to this code's head, refuse a newer database."""
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(
-                parents=True, exist_ok=True
-            )
+            _check_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser())
         url = _with_available_driver(url)
         try:
             engine = create_engine(url, future=True)
@@ -146,8 +144,10 @@ class Store:
         store = cls(engine)
         try:
             store._check_and_upgrade(upgrade)
-        except OperationalError as exc:
-            raise StoreError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+        except DatabaseError as exc:  # not a database, damaged, unreachable, no permission
+            engine.dispose()
+            shown = engine.url.render_as_string(hide_password=True)
+            raise StoreError(f"cannot open database {shown}: {exc.orig}") from None
         return store
 
     def _check_and_upgrade(self, upgrade: bool) -> None:
@@ -573,6 +573,31 @@ class Store:
                 .group_by(Label.name)
             ).all()
         return {n: int(c) for n, c in rows}
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse what would otherwise silently become a new, empty library: a file that is not
+    SQLite, or one truncated to 0 bytes (its vocabulary, tags and vector links would be lost)."""
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder, not a database file")
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreError(f"cannot use database file {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise StoreError(
+            f"database file {path} is empty (0 bytes): it was truncated or damaged. Restore it "
+            "from a backup, or move it away to start a new library"
+        )
+    if head != SQLITE_MAGIC:
+        raise StoreError(f"{path} is not a SQLite database (wrong --db or PIAA_DB?)")
 
 
 def _outermost(roots: Iterable[str], sep: str) -> list[str]:

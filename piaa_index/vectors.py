@@ -110,11 +110,17 @@ class VectorStore:
                 raise ValueError(
                     f"unknown vector codec {codec!r}; choose one of {', '.join(CODECS)}"
                 )
-            root.mkdir(parents=True, exist_ok=True)
             manifest = {"identity": identity, "codec": codec or DEFAULT_CODEC, "version": 1}
-            tmp = root / (MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            os.replace(tmp, root / MANIFEST)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                tmp = root / (MANIFEST + ".tmp")
+                tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                os.replace(tmp, root / MANIFEST)
+            except OSError as exc:
+                raise VectorStoreError(
+                    f"cannot create the vector folder {root}: {exc.strerror or exc} "
+                    "(choose a writable --home / PIAA_HOME)"
+                ) from None
         elif manifest["identity"] != identity:
             raise VectorStoreError(
                 "this index was made with "

@@ -31,8 +31,7 @@ class VocabularyEditor(Part):
             templates = current.templates if current else default_templates()
         templates = list(templates)
         for template in templates:
-            if "{}" not in template:
-                raise UserInputError(f"prompt template {template!r} has no '{{}}' for the label")
+            check_template(template)
         current = self.store.vocabulary()
         if current and current.names == names and current.templates == templates:
             return current
@@ -80,6 +79,17 @@ class VocabularyEditor(Part):
             names = [vocab.labels[i].name for i in rows]
             protos[rows] = self.encoder.text_prototypes(names, list(templates))
         return protos
+
+
+def check_template(template: str) -> None:
+    """A prompt template holds exactly one `{}` (where the label goes) and no other brace: the
+    label is put in by plain replacement, so `{x}` would reach the model as literal text."""
+    rest = template.replace("{}", "", 1)
+    if "{}" not in template or "{" in rest or "}" in rest:
+        raise UserInputError(
+            f"prompt template {template!r} must hold exactly one '{{}}' (where the label goes) "
+            "and no other braces, e.g. 'a photo of a {}.'"
+        )
 
 
 def default_templates() -> list[str]:

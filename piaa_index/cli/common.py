@@ -79,6 +79,12 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
             "Interrupted: what was committed is kept; run the command again to resume.", err=True
         )
         sys.exit(130)
+    except OSError as exc:
+        # The environment failed (a folder that is not there or not writable, a full disk):
+        # exit 1 with what the system said, no traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(EXIT_ERROR)
     except Exception as exc:  # noqa: BLE001 - mapped to messages below, re-raised otherwise
         code = exit_code_for(exc)
         if code is None:
