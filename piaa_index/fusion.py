@@ -32,6 +32,7 @@ __all__ = [
     "score_images",
     "Split",
     "split_scores",
+    "text_support",
 ]
 
 
@@ -63,6 +64,7 @@ class PaaScores:
     cls: np.ndarray  # S_cls
     patch: np.ndarray  # m: max-pooled patch probabilities (presence evidence)
     fused: np.ndarray  # S
+    support: np.ndarray | None = None  # max patch–text cosine: what decisions.py gates on
 
 
 def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
@@ -107,6 +109,22 @@ def patch_text_evidence(
     return out
 
 
+def text_support(patches: np.ndarray, T: np.ndarray, batch_images: int = 256) -> np.ndarray:
+    """Max over an image's patches of the cosine to each text prototype, [N, C] float64.
+
+    Raw cosines, not a softmax over the vocabulary: how well the image's best patch matches a
+    label's text does not depend on which other labels are in the vocabulary.
+    """
+    if patches.ndim != 3:
+        raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
+    T32 = np.asarray(T, dtype=np.float32)
+    out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
+    b = max(1, batch_images)
+    for i, blk in enumerate(_blocks(patches, b)):
+        out[i * b : i * b + blk.shape[0]] = (blk @ T32.T).max(axis=1)
+    return out
+
+
 def fuse(
     cls_s: np.ndarray, m: np.ndarray, alpha: float = 0.9, tau_patch: float = 2.0
 ) -> np.ndarray:
@@ -127,7 +145,12 @@ def score_images(
     prm = params or PaaParams()
     s_cls = cls_scores(cls, T, prm.tau_cls)
     m = patch_evidence(patches, clf, prm.tau_evidence, prm.batch_images)
-    return PaaScores(cls=s_cls, patch=m, fused=fuse(s_cls, m, prm.alpha, prm.tau_patch))
+    return PaaScores(
+        cls=s_cls,
+        patch=m,
+        fused=fuse(s_cls, m, prm.alpha, prm.tau_patch),
+        support=text_support(patches, T, prm.batch_images),
+    )
 
 
 # ----------------------------------------------------------------------------------- decisions
