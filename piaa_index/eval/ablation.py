@@ -143,7 +143,7 @@ def run_ablation(
                 "images": len(fit_set.items),
             },
             "classes": test.classes,
-            "absent_labels": [n for n, h in zip(test.classes, held.tolist(), strict=True) if not h],
+            "absent_labels": [n for c, n in enumerate(test.classes) if not held[c]],
         },
         "decisions": {
             "info": product.info,
