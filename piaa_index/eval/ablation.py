@@ -104,7 +104,7 @@ def run_ablation(
     # have no fit, so they keep the per-label split of their own scores (no absent status).
     product = label_decisions(in_dataset_order["pvcl"], support, classifier.params["support"])
     product_tags = apply_decisions(in_dataset_order["pvcl"], support, product)
-    held: np.ndarray = np.asarray(targets, dtype=bool).any(axis=0)  # labels the test set holds
+    held = np.asarray(np.asarray(targets, dtype=bool).sum(axis=0) > 0)  # labels the test set holds
     for method, full in in_dataset_order.items():
         mAP, ap = mean_average_precision(full, targets)
         if DECIDED_ON.get(method, method) == "pvcl":
