@@ -27,6 +27,7 @@ __all__ = [
     "decide",
     "decision_thresholds",
     "fuse",
+    "open_vocabulary_scores",
     "patch_evidence",
     "patch_text_evidence",
     "score_images",
@@ -123,6 +124,28 @@ def text_support(patches: np.ndarray, T: np.ndarray, batch_images: int = 256) ->
     for i, blk in enumerate(_blocks(patches, b)):
         out[i * b : i * b + blk.shape[0]] = (blk @ T32.T).max(axis=1)
     return out
+
+
+def open_vocabulary_scores(
+    cls: np.ndarray,
+    patches: np.ndarray,
+    phrase: np.ndarray,
+    alpha: float = 0.9,
+    batch_images: int = 256,
+) -> np.ndarray:
+    """[N] scores of a free-text phrase: α · max patch cosine + (1 − α) · [CLS] cosine.
+
+    PAA's weighting of the two branches, on raw cosines to the phrase's prototype [d]. No
+    softmax over the vocabulary: a phrase's score (and so the ranking) does not depend on which
+    labels happen to be set, and cosines do not saturate into ties the way a softmax at scale
+    60–80 does. Both branches are cosines in the same joint space, so the score is on one scale
+    for every phrase; the max patch cosine is the quantity decisions.py compares to the fit's
+    matching level.
+    """
+    t = np.asarray(phrase, dtype=np.float32).reshape(-1)
+    m = text_support(patches, t[None, :], batch_images)[:, 0]
+    c = np.asarray(cls, dtype=np.float32) @ t
+    return alpha * m + (1 - alpha) * c.astype(np.float64)
 
 
 def fuse(

@@ -768,22 +768,12 @@ def _clean_labels(labels: Sequence[str]) -> list[str]:
 def _open_vocabulary_scores(
     cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, others: np.ndarray | None
 ) -> np.ndarray:
-    """[N] scores of a phrase: PAA's fusion of max patch evidence and [CLS] evidence.
-
-    With other labels to contrast against, both branches are the phrase's softmax probability
-    among them (as in the patch-text ablation); alone, plain cosines.
-    """
+    """[N] scores of a phrase (fusion.open_vocabulary_scores); `others` is deliberately unused:
+    the score must not depend on which vocabulary is set (issue 8)."""
     from piaa_index import fusion
 
     prm = fusion.PaaParams()
-    if others is None:
-        m = (patches @ phrase[0]).max(axis=1)
-        c = cls @ phrase[0]
-    else:
-        T = np.vstack([phrase, others]).astype(np.float32)
-        m = fusion.patch_text_evidence(patches, T, prm.text_scale, prm.batch_images)[:, 0]
-        c = fusion.cls_scores(cls, T, prm.tau_cls)[:, 0]
-    return prm.alpha * m + (1 - prm.alpha) * c
+    return fusion.open_vocabulary_scores(cls, patches, phrase[0], prm.alpha, prm.batch_images)
 
 
 def _tag_rows(
