@@ -27,11 +27,13 @@ __all__ = [
     "decide",
     "decision_thresholds",
     "fuse",
+    "open_vocabulary_scores",
     "patch_evidence",
     "patch_text_evidence",
     "score_images",
     "Split",
     "split_scores",
+    "text_support",
 ]
 
 
@@ -63,6 +65,7 @@ class PaaScores:
     cls: np.ndarray  # S_cls
     patch: np.ndarray  # m: max-pooled patch probabilities (presence evidence)
     fused: np.ndarray  # S
+    support: np.ndarray | None = None  # max patch–text cosine: what decisions.py gates on
 
 
 def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
@@ -107,6 +110,44 @@ def patch_text_evidence(
     return out
 
 
+def text_support(patches: np.ndarray, T: np.ndarray, batch_images: int = 256) -> np.ndarray:
+    """Max over an image's patches of the cosine to each text prototype, [N, C] float64.
+
+    Raw cosines, not a softmax over the vocabulary: how well the image's best patch matches a
+    label's text does not depend on which other labels are in the vocabulary.
+    """
+    if patches.ndim != 3:
+        raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
+    T32 = np.asarray(T, dtype=np.float32)
+    out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
+    b = max(1, batch_images)
+    for i, blk in enumerate(_blocks(patches, b)):
+        out[i * b : i * b + blk.shape[0]] = (blk @ T32.T).max(axis=1)
+    return out
+
+
+def open_vocabulary_scores(
+    cls: np.ndarray,
+    patches: np.ndarray,
+    phrase: np.ndarray,
+    alpha: float = 0.9,
+    batch_images: int = 256,
+) -> np.ndarray:
+    """[N] scores of a free-text phrase: α · max patch cosine + (1 − α) · [CLS] cosine.
+
+    PAA's weighting of the two branches, on raw cosines to the phrase's prototype [d]. No
+    softmax over the vocabulary: a phrase's score (and so the ranking) does not depend on which
+    labels happen to be set, and cosines do not saturate into ties the way a softmax at scale
+    60–80 does. Both branches are cosines in the same joint space, so the score is on one scale
+    for every phrase; the max patch cosine is the quantity decisions.py compares to the fit's
+    matching level.
+    """
+    t = np.asarray(phrase, dtype=np.float32).reshape(-1)
+    m = text_support(patches, t[None, :], batch_images)[:, 0]
+    c = np.asarray(cls, dtype=np.float32) @ t
+    return alpha * m + (1 - alpha) * c.astype(np.float64)
+
+
 def fuse(
     cls_s: np.ndarray, m: np.ndarray, alpha: float = 0.9, tau_patch: float = 2.0
 ) -> np.ndarray:
@@ -127,7 +168,12 @@ def score_images(
     prm = params or PaaParams()
     s_cls = cls_scores(cls, T, prm.tau_cls)
     m = patch_evidence(patches, clf, prm.tau_evidence, prm.batch_images)
-    return PaaScores(cls=s_cls, patch=m, fused=fuse(s_cls, m, prm.alpha, prm.tau_patch))
+    return PaaScores(
+        cls=s_cls,
+        patch=m,
+        fused=fuse(s_cls, m, prm.alpha, prm.tau_patch),
+        support=text_support(patches, T, prm.batch_images),
+    )
 
 
 # ----------------------------------------------------------------------------------- decisions

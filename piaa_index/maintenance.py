@@ -103,13 +103,25 @@ class Maintenance(Part):
             "stale": self.library.tagger.is_stale(),
         }
         if latest is not None:
+            from piaa_index.tagging import stored_decisions
+
+            decisions = stored_decisions(latest)
+            fitted_on = self.store.vocabulary_names(latest.vocabulary_id)
+            status = [r.get("status", "present") for r in decisions.status] or ["present"] * len(
+                fitted_on
+            )
             out["classifier"] = {
                 "version": latest.id,
                 "vocabulary_version": latest.vocabulary_id,
                 "fitted_at": latest.created_at.isoformat(timespec="seconds"),
                 "n_images": latest.n_images,
                 "images_added_since": max(0, indexed - latest.n_images),
-                "weak_labels": latest.report.get("weak_labels", []),
+                # By name (the fit's vocabulary), as `piaa fit --json` gives them.
+                "absent_labels": [
+                    n for n, st in zip(fitted_on, status, strict=True) if st == "absent"
+                ],
+                "weak_labels": [n for n, st in zip(fitted_on, status, strict=True) if st == "weak"],
+                "warnings": list(decisions.info.get("warnings", [])),
                 "tagged": self._tagged_counts(state),
             }
         return out

@@ -375,8 +375,13 @@ def fit_from_banks(
     # The final scale is measured on the whole Stage I bank: a broad sample of object patches.
     s = calibrate_scale(X @ W.T + b, prm.calibration) if X.shape[0] else 1.0
 
+    # Collection-level test of the banks (decisions.py): do they match their labels' text?
+    from piaa_index.decisions import bank_support
+
+    support = bank_support([bk.X.astype(np.float64) @ T[c] for c, bk in enumerate(banks)])
     meta = {
         **prm.__dict__,
+        "support": support,
         "n_classes": C,
         "dim": d,
         "stage1_weak": weak0,

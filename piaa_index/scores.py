@@ -34,7 +34,9 @@ import numpy as np
 
 from piaa_index.vectors import _fsync_dir
 
-KINDS = ("S", "E", "C")  # fused score, patch evidence, [CLS] score
+# Fused score, patch evidence m, [CLS] score, text support (max patch-text cosine: the gate of
+# piaa_index/decisions.py, kept so that `tags` can say why a label is or is not present).
+KINDS = ("S", "E", "C", "U")
 DTYPE = np.float32
 LOCK = "writer.lock"
 
@@ -123,13 +125,19 @@ class SegmentWriter:
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
     def write(
-        self, ids: np.ndarray, shards: np.ndarray, S: np.ndarray, E: np.ndarray, Cs: np.ndarray
+        self,
+        ids: np.ndarray,
+        shards: np.ndarray,
+        S: np.ndarray,
+        E: np.ndarray,
+        Cs: np.ndarray,
+        U: np.ndarray,
     ) -> None:
         """Append rows ([b] ids and shards, [b, C] scores) in order."""
         a, b = self.filled, self.filled + len(ids)
         self.ids[a:b] = ids
         self.shards[a:b] = shards
-        for kind, values in zip(KINDS, (S, E, Cs), strict=True):
+        for kind, values in zip(KINDS, (S, E, Cs, U), strict=True):
             self.mats[kind][:, a:b] = values.T
         self.filled = b
 
@@ -138,19 +146,26 @@ class SegmentWriter:
         """[n, C] view of the patch evidence written so far (what the thresholds are fit on)."""
         return self.mats["E"].T[: self.filled]
 
-    def finish(self, thresholds: np.ndarray) -> None:
-        """Decide present/absent, flush, fsync and rename every file into place."""
+    @property
+    def support(self) -> np.ndarray:
+        """[n, C] view of the text support written so far."""
+        return self.mats["U"].T[: self.filled]
+
+    def finish(self, thresholds: np.ndarray, gates: np.ndarray) -> None:
+        """Decide present/absent (evidence at its threshold and support at its gate, as
+        decisions.apply_decisions), flush, fsync and rename every file into place."""
         if self.filled != self.n:
             raise ValueError(f"segment {self.segment}: {self.filled} of {self.n} rows written")
         present = self._open("present", np.bool_, (self.n_labels, self.n))
         thr = np.asarray(thresholds, dtype=np.float64)
-        E = self.mats["E"]
+        gate = np.asarray(gates, dtype=np.float64)
+        E, U = self.mats["E"], self.mats["U"]
         for c in range(self.n_labels):
-            present[c] = E[c] >= thr[c]
+            present[c] = (E[c] >= thr[c]) & (U[c] >= gate[c])
         arrays = [self.ids, self.shards, present, *self.mats.values()]
         for arr in arrays:
             arr.flush()  # type: ignore[attr-defined]
-        del arrays, present, E
+        del arrays, present, E, U
         self.ids = self.shards = np.empty(0)
         self.mats = {}
         for kind, tmp in self._tmp.items():

@@ -47,9 +47,10 @@ class Searcher(Part):
         S = np.asarray(seg.mats["S"][:, r], dtype=np.float64)
         E = np.asarray(seg.mats["E"][:, r], dtype=np.float64)
         Cs = np.asarray(seg.mats["C"][:, r], dtype=np.float64)
+        U = np.asarray(seg.mats["U"][:, r], dtype=np.float64)
         present = np.asarray(seg.mats["present"][:, r], dtype=bool)
         stored_path = self.store.paths([image_id])[image_id]
-        thresholds = state.fitted.thresholds
+        rule = state.fitted.decisions
         order = np.lexsort((np.arange(len(S)), -S))  # best first, vocabulary order on ties
         return [
             {
@@ -59,7 +60,11 @@ class Searcher(Part):
                 "patch_score": float(E[c]),
                 "cls_score": float(Cs[c]),
                 "present": bool(present[c]),
-                "threshold": float(thresholds[c]),
+                "threshold": _bound(rule.thresholds[c]),
+                "text_support": float(U[c]),
+                "support_gate": _bound(rule.support_gate[c]),
+                "label_status": rule.status[c].get("status", "present"),
+                "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c])),
             }
             for c in order
         ]
@@ -129,26 +134,27 @@ class Searcher(Part):
     def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
         """Open-vocabulary search: a phrase scored on the fly, no refit.
 
-        Max over patches and the [CLS] branch are fused as in PAA, with the phrase contrasted
-        against the vocabulary's labels when there is one (plain cosine otherwise).
+        PAA's weighting of max patch cosine and [CLS] cosine (fusion.open_vocabulary_scores),
+        with the default prompt templates: the ranking does not depend on which vocabulary
+        happens to be set, and cosines do not saturate into ties.
         """
+        from piaa_index import fusion
+
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
         locations = self.store.live_locations()
         if not locations:
             return []
-        vocab = self.store.vocabulary()
-        phrase = self.encoder.text_prototypes(
-            [text], vocab.templates if vocab else default_templates()
-        )
-        others: np.ndarray | None = None
-        if vocab is not None and vocab.labels:
-            keep = [i for i, name in enumerate(vocab.names) if name.lower() != text.lower()]
-            others = self.library.vocab.text_prototypes(vocab)[keep] if keep else None
+        phrase = self.encoder.text_prototypes([text], default_templates())[0]
+        prm = fusion.PaaParams()
         ids, scores = [], []
         for chunk in self.vectors.iter_live(locations):
-            scores.append(open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
+            scores.append(
+                fusion.open_vocabulary_scores(
+                    chunk.cls, chunk.patches, phrase, prm.alpha, prm.batch_images
+                )
+            )
             ids.append(chunk.image_ids)
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
 
@@ -251,22 +257,21 @@ class Searcher(Part):
         return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
 
 
-def open_vocabulary_scores(
-    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, others: np.ndarray | None
-) -> np.ndarray:
-    """[N] scores of a phrase: PAA's fusion of max patch evidence and [CLS] evidence.
+def _why(present: bool, rule: Any, c: int, evidence: float, support: float) -> str:
+    """One phrase on why a label is or is not tagged on an image."""
+    status = rule.status[c].get("status", "present")
+    if status == "absent":
+        return "label absent from the collection"
+    if present:
+        return "patch evidence at or above the threshold" + (
+            " (weak label: surest images only)" if status == "weak" else ""
+        )
+    if evidence < rule.thresholds[c]:
+        return "patch evidence below the threshold"
+    return "text support below the gate" + (" (weak label)" if status == "weak" else "")
 
-    With other labels to contrast against, both branches are the phrase's softmax probability
-    among them (as in the patch-text ablation); alone, plain cosines.
-    """
-    from piaa_index import fusion
 
-    prm = fusion.PaaParams()
-    if others is None:
-        m = (patches @ phrase[0]).max(axis=1)
-        c = cls @ phrase[0]
-    else:
-        T = np.vstack([phrase, others]).astype(np.float32)
-        m = fusion.patch_text_evidence(patches, T, prm.text_scale, prm.batch_images)[:, 0]
-        c = fusion.cls_scores(cls, T, prm.tau_cls)[:, 0]
-    return prm.alpha * m + (1 - prm.alpha) * c
+def _bound(value: float) -> float | None:
+    """A threshold or gate for output: None where it is infinite (JSON has no infinity; an
+    absent label's threshold is +inf, "no gate" is -inf, and `label_status` says which)."""
+    return float(value) if np.isfinite(value) else None

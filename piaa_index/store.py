@@ -417,6 +417,17 @@ class Store:
                 ],
             )
 
+    def vocabulary_names(self, vocabulary_id: int) -> list[str]:
+        """The label names of one vocabulary version, in order."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Label.name)
+                    .where(Label.vocabulary_id == vocabulary_id)
+                    .order_by(Label.position)
+                )
+            )
+
     def new_vocabulary(
         self,
         names: Sequence[str],

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from piaa_index.part import Part
 from piaa_index.store import VocabularyInfo, utcnow
 
 if TYPE_CHECKING:
+    from piaa_index.decisions import Decisions
     from piaa_index.library import Library
     from piaa_index.pvcl import Classifier
     from piaa_index.scores import ScoreView, Segment
@@ -34,11 +35,14 @@ class FitReport:
     seconds: float
     bank_sizes: dict[str, int]
     kept_sizes: dict[str, int]
-    weak_labels: list[str]
-    thresholds: dict[str, float]
+    weak_labels: list[str]  # too little evidence: tagged only where the text support is sure
+    thresholds: dict[str, float | None]  # None: an absent label, which no image reaches
     tagged_present: dict[str, int] = field(default_factory=dict)
     fit_seconds: float = 0.0  # the streaming PVCL pass
     tag_seconds: float = 0.0  # the re-tag pass writing the score matrix and sparse tags
+    absent_labels: list[str] = field(default_factory=list)  # look absent: never tagged
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # status and numbers, by name
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -46,12 +50,16 @@ class FitReport:
 
 @dataclass
 class Fitted:
-    """A classifier with what is needed to tag: text prototypes and thresholds."""
+    """A classifier with what is needed to tag: text prototypes and the tag rule."""
 
     id: int
     classifier: Classifier
     text_protos: np.ndarray
-    thresholds: np.ndarray
+    decisions: Decisions
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.decisions.thresholds
 
 
 @dataclass
@@ -120,6 +128,7 @@ class Tagger(Part):
         fit_seconds = time.perf_counter() - started
         fitted, present = self._tag_all(vocab, classifier, T, locations, progress, fit_seconds)
         names = vocab.names
+        status = label_status(names, fitted.decisions)
         return FitReport(
             classifier_id=fitted.id,
             n_images=len(locations),
@@ -127,11 +136,17 @@ class Tagger(Part):
             seconds=round(time.perf_counter() - started, 3),
             bank_sizes=dict(zip(names, classifier.bank_sizes, strict=True)),
             kept_sizes=dict(zip(names, classifier.kept_sizes, strict=True)),
-            weak_labels=[names[c] for c in classifier.weak_labels],
-            thresholds={n: float(t) for n, t in zip(names, fitted.thresholds, strict=True)},
+            weak_labels=[n for n in names if status[n]["status"] == "weak"],
+            thresholds={
+                n: float(t) if np.isfinite(t) else None
+                for n, t in zip(names, fitted.thresholds, strict=True)
+            },
             tagged_present=present,
             fit_seconds=round(fit_seconds, 3),
             tag_seconds=round(time.perf_counter() - started - fit_seconds, 3),
+            absent_labels=[n for n in names if status[n]["status"] == "absent"],
+            labels=status,
+            warnings=list(fitted.decisions.info.get("warnings", [])),
         )
 
     def stream(self, locations: list[tuple[int, int, int]], progress: bool, desc: str) -> Iterator:
@@ -148,12 +163,13 @@ class Tagger(Part):
 
     def _scores(
         self, chunk: Any, classifier: Classifier, T: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(fused, patch evidence, cls scores) for one chunk of images."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(fused, patch evidence, cls scores, text support) for one chunk of images."""
         from piaa_index import fusion
 
         scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier)
-        return scores.fused, scores.patch, scores.cls
+        assert scores.support is not None  # score_images always fills it
+        return scores.fused, scores.patch, scores.cls, scores.support
 
     @property
     def scores_dir(self) -> Path:
@@ -168,31 +184,34 @@ class Tagger(Part):
         n_labels: int,
         fitted: tuple[Classifier, np.ndarray],
         locations: list[tuple[int, int, int]],
-        thresholds: np.ndarray | None,
+        decisions: Decisions | None,
         progress: bool,
         desc: str,
-    ) -> np.ndarray:
-        """Score `locations` in one streaming pass into a durable segment; returns the
-        thresholds (computed from this segment's evidence when not given)."""
-        from piaa_index import fusion
+    ) -> Decisions:
+        """Score `locations` in one streaming pass into a durable segment; returns the tag rule
+        (fitted on this segment's scores when not given: the fit's re-tag)."""
+        from piaa_index.decisions import label_decisions
         from piaa_index.scores import SegmentWriter
 
         classifier, T = fitted
         writer = SegmentWriter(self.scores_dir / key, segment, len(locations), n_labels)
         try:
             for chunk in self.stream(locations, progress, desc):
-                S, E, Cs = self._scores(chunk, classifier, T)
+                S, E, Cs, U = self._scores(chunk, classifier, T)
                 shards = np.full(len(chunk.image_ids), chunk.shard, dtype=np.int32)
-                writer.write(chunk.image_ids, shards, S, E, Cs)
-            if thresholds is None:
-                # Present/absent is decided on the patch evidence m, not the fused S: S sums to
-                # one over labels, so it shrinks as an image holds more objects (docs/method.md).
-                thresholds = cast(np.ndarray, fusion.decision_thresholds(writer.evidence))
-            writer.finish(thresholds)
+                writer.write(chunk.image_ids, shards, S, E, Cs, U)
+            if decisions is None:
+                # The one home of the present/absent rule (docs/method.md): per label, the
+                # patch evidence m against a threshold learnt from the collection, gated on
+                # text support; labels whose banks look absent from the collection never tag.
+                decisions = label_decisions(
+                    writer.evidence, writer.support, classifier.params.get("support") or {}
+                )
+            writer.finish(decisions.thresholds, decisions.support_gate)
         except BaseException:
             writer.abort()
             raise
-        return np.asarray(thresholds, dtype=np.float64)
+        return decisions
 
     def _tag_all(
         self,
@@ -211,7 +230,7 @@ class Tagger(Part):
         key, segment = new_key(), "seg000001"
         with writer_lock(self.scores_dir):
             # Files durable first; the SQL commit below is what makes them the current scores.
-            thresholds = self._write_segment(
+            decisions = self._write_segment(
                 key, segment, len(names), (classifier, T), locations, None, progress, "tagging"
             )
             seg = Segment.open(self.scores_dir / key, segment)
@@ -226,8 +245,9 @@ class Tagger(Part):
                     "kept_sizes": classifier.kept_sizes,
                     "weak_labels": classifier.weak_labels,
                     "params": classifier.params,
+                    "decisions": decisions.to_json(),
                 },
-                thresholds=[float(t) for t in thresholds],
+                thresholds=[float(t) for t in decisions.thresholds],
                 weights=pack(classifier, T),
             )
             classifier_id = self.store.install_classifier(
@@ -235,7 +255,7 @@ class Tagger(Part):
             )
             cleanup(self.scores_dir, self.store.score_folders())
         self._cache = None
-        fitted = Fitted(classifier_id, classifier, T, thresholds)
+        fitted = Fitted(classifier_id, classifier, T, decisions)
         self._fitted_cache = fitted
         counts = [int(np.count_nonzero(seg.mats["present"][c])) for c in range(len(names))]
         return fitted, dict(zip(names, counts, strict=True))
@@ -246,7 +266,7 @@ class Tagger(Part):
         if cached is not None and cached.id == row.id:
             return cached
         classifier, T = unpack(row.weights)
-        fitted = Fitted(row.id, classifier, T, np.asarray(row.thresholds, dtype=np.float64))
+        fitted = Fitted(row.id, classifier, T, stored_decisions(row))
         self._fitted_cache = fitted
         return fitted
 
@@ -339,7 +359,7 @@ class Tagger(Part):
                     len(label_ids),
                     pair,
                     todo,
-                    fitted.thresholds,
+                    fitted.decisions,
                     progress,
                     "tagging new images",
                 )
@@ -376,6 +396,24 @@ def default_bank_size(pool_patches: int, n_classes: int) -> int:
     """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
     per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
     return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))
+
+
+def stored_decisions(row: Any) -> Decisions:
+    """The tag rule a classifier row was installed with (one from before the rule existed:
+    its thresholds, every label present, no gate)."""
+    from piaa_index.decisions import Decisions
+
+    stored = (row.report or {}).get("decisions")
+    if stored:
+        return Decisions.from_json(stored)
+    thresholds = np.asarray(row.thresholds or [], dtype=np.float64)
+    gates = np.full(len(thresholds), -np.inf)
+    return Decisions(thresholds, gates, [{"status": "present"} for _ in thresholds])
+
+
+def label_status(names: Sequence[str], decisions: Decisions) -> dict[str, dict[str, Any]]:
+    """Each label's status (present / weak / absent) and the numbers behind it, by name."""
+    return {name: dict(record) for name, record in zip(names, decisions.status, strict=True)}
 
 
 def present_triples(

@@ -396,6 +396,17 @@ def test_unknown_label_and_bad_syntax_are_user_errors(
     assert lib.status()["classifier"]["version"] == version
 
 
+def assert_tag_rule(row: dict) -> None:
+    """The rule (docs/method.md): patch evidence at its threshold and text support at its gate.
+    None means no gate (-inf) or, for an absent label, a threshold no image reaches (+inf).
+    Scores are stored as float32, so values within 1e-6 of a bound are not judged."""
+    threshold = float("inf") if row["threshold"] is None else row["threshold"]
+    gate = float("-inf") if row["support_gate"] is None else row["support_gate"]
+    if min(abs(row["patch_score"] - threshold), abs(row["text_support"] - gate)) > 1e-6:
+        expected = row["patch_score"] >= threshold and row["text_support"] >= gate
+        assert row["present"] == expected, row
+
+
 def test_tags_of_one_image(fitted: tuple[Library, PhotoFolder]) -> None:
     """tags(path) gives every label with its score, threshold and present decision."""
     lib, folder = fitted
@@ -403,9 +414,10 @@ def test_tags_of_one_image(fitted: tuple[Library, PhotoFolder]) -> None:
     assert sorted(r["label"] for r in rows) == sorted(LABELS)
     for row in rows:
         assert {"score", "patch_score", "cls_score", "present", "threshold"} <= set(row)
+        assert {"text_support", "support_gate", "label_status", "why"} <= set(row)
         assert 0.0 <= row["score"] <= 1.0
-        if abs(row["score"] - row["threshold"]) > 1e-6:  # thresholds are shown as float32
-            assert row["present"] == (row["score"] > row["threshold"])
+        assert_tag_rule(row)
+        assert row["why"]
     scores = [r["score"] for r in rows]
     assert scores == sorted(scores, reverse=True)
     # The decision stored in tags is the one search uses.

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from piaa_index.library import Library
 from piaa_index.schema import FAILED, Image
 from tests.image_files import PhotoFolder, make_photo_folder
+from tests.test_indexer import assert_tag_rule
 
 pytestmark = pytest.mark.postgres
 
@@ -71,8 +72,7 @@ def test_vocab_fit_search_tags_on_postgres(pg_library: tuple[Library, PhotoFolde
     tags = lib.tags(photos.unicode)
     assert sorted(t["label"] for t in tags) == sorted(LABELS)
     for t in tags:
-        if abs(t["score"] - t["threshold"]) > 1e-6:
-            assert t["present"] == (t["score"] > t["threshold"])
+        assert_tag_rule(t)
     status = lib.status()
     assert status["database"].startswith("postgresql")
     assert set(status["classifier"]["tagged"]) <= set(LABELS)

@@ -186,3 +186,27 @@ def test_shipped_checkpoint_loads_through_open_clip() -> None:
         txt = model.encode_text(tok([f"a photo of a {c}." for c in CLASSES]))
     assert img.shape == (1, 128) and txt.shape == (len(CLASSES), 128)
     assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+
+
+def test_class_subset_scenes_hold_only_those_classes_and_full_world_is_unchanged() -> None:
+    from piaa_index.shapes.world import CLASSES, GROUPS, class_subset
+
+    allowed = class_subset(groups=["kitchen", "fun"])
+    assert allowed is not None
+    assert {CLASSES[c] for c in allowed} == set(GROUPS["kitchen"]) | set(GROUPS["fun"])
+    seen: set[int] = set()
+    for i in range(300):
+        scene = render_scene(np.random.default_rng([5, i]), 64, allowed)
+        assert set(scene.labels) <= set(allowed)
+        seen |= set(scene.labels)
+    assert len(seen) >= len(allowed) - 1
+    one = class_subset(classes=["car"])
+    assert all(
+        render_scene(np.random.default_rng(i), 64, one).labels in ([], [15]) for i in range(20)
+    )
+    # Without a subset the draws are exactly the full world's (seeded splits keep their scenes).
+    a = render_scene(np.random.default_rng(42), 64)
+    b = render_scene(np.random.default_rng(42), 64, None)
+    assert a.labels == b.labels and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    with pytest.raises(ValueError):
+        class_subset(groups=["nowhere"])

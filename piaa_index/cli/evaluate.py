@@ -45,6 +45,11 @@ def eval_command(
 ) -> None:
     """Measure cls, patch-text, pvcl and piaa on TEST_DIR (ours, VOC, COCO or NUS layout).
 
+    Tags (CF1/OF1) are scored on the labels TEST_DIR holds; labels of the class list that no
+    test image holds are scored as absent labels: the share of image × absent-label pairs tagged
+    and how many of them tag anything (`piaa shapes generate --groups` makes such a folder).
+    pvcl and piaa decide with the product's own tag rule (piaa_index/decisions.py).
+
     The evaluation keeps its own index (so your library's vocabulary is untouched) and reuses
     it on the next run: only new images are encoded.
     """
@@ -75,6 +80,17 @@ def eval_command(
         f"fit: {d['fit']['root']} ({d['fit']['images']} images, labels unused)"
     )
     click.echo(format_table(report))
+    dec = report["decisions"]
+    by_status: dict[str, list[str]] = {}
+    for name, st in dec["status"].items():
+        by_status.setdefault(st["status"], []).append(name)
+    for st in ("absent", "weak"):
+        if by_status.get(st):
+            click.echo(f"decided {st}: " + ", ".join(by_status[st]))
+    if d.get("absent_labels"):
+        click.echo("absent from the test set (ground truth): " + ", ".join(d["absent_labels"]))
+    for warning in dec["info"]["warnings"]:
+        click.echo("warning: " + warning, err=True)
     if report["fit"]["weak_labels"]:
         click.echo("too little evidence: " + ", ".join(report["fit"]["weak_labels"]), err=True)
 

@@ -156,10 +156,14 @@ def status_command(app: AppContext, as_json: bool) -> None:
         )
         if clf["images_added_since"]:
             click.echo(f"             {clf['images_added_since']} images added since the fit")
-        if clf["weak_labels"]:
+        if clf["absent_labels"]:
             click.echo(
-                f"             too little evidence for: {', '.join(map(str, clf['weak_labels']))}"
+                f"             look absent from the collection: {', '.join(clf['absent_labels'])}"
             )
+        if clf["weak_labels"]:
+            click.echo(f"             too little evidence for: {', '.join(clf['weak_labels'])}")
+        for warning in clf["warnings"]:
+            click.echo(f"             note: {warning}")
     click.echo(f"stale:       {'yes (the next query refits)' if status['stale'] else 'no'}")
 
 

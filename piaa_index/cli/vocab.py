@@ -105,16 +105,25 @@ def fit_command(app: AppContext, bank_size: int | None, as_json: bool) -> None:
         f"({report.n_patches} patches) in {report.seconds:.1f}s"
     )
     for name in report.bank_sizes:
+        status = report.labels.get(name, {}).get("status", "present")
+        threshold = report.thresholds[name]
+        shown = "never" if threshold is None else f"{threshold:.4f}"
         click.echo(
-            f"  {name}: bank {report.bank_sizes[name]}, kept {report.kept_sizes[name]}, "
-            f"threshold {report.thresholds[name]:.4f}, tagged {report.tagged_present.get(name, 0)}"
+            f"  {name}: {status}, bank {report.bank_sizes[name]}, kept {report.kept_sizes[name]}, "
+            f"threshold {shown}, tagged {report.tagged_present.get(name, 0)}"
+        )
+    if report.absent_labels:
+        click.echo(
+            "look absent from the collection (never tagged): " + ", ".join(report.absent_labels),
+            err=True,
         )
     if report.weak_labels:
         click.echo(
-            "too little evidence (fell back to the text prototype): "
-            + ", ".join(report.weak_labels),
+            "too little evidence (tagged only where surest): " + ", ".join(report.weak_labels),
             err=True,
         )
+    for warning in report.warnings:
+        click.echo(f"note: {warning}", err=True)
 
 
 COMMANDS = [vocab_group, fit_command]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from piaa_index.decisions import apply_decisions, label_decisions
 from piaa_index.eval.datasets import Dataset, missing_files
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 METHODS = ("cls", "patch-text", "pvcl", "piaa")
 DECIDED_ON = {"piaa": "pvcl"}  # present/absent for the fused ranking comes from patch evidence
+SUPPORT = "support"  # max patch–text cosine, [N, C]: what the product's tag rule gates on
 
 
 def _locations_for(
@@ -41,10 +43,12 @@ def score_methods(
 
     params = fusion.PaaParams()
     ids: list[np.ndarray] = []
-    parts: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in (*METHODS, SUPPORT)}
     for chunk in library.vectors.iter_live(locations):
         ids.append(chunk.image_ids)
         scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier, params)
+        assert scores.support is not None
+        parts[SUPPORT].append(scores.support)
         parts["cls"].append(scores.cls)
         parts["patch-text"].append(
             fusion.patch_text_evidence(chunk.patches, T, params.text_scale, params.batch_images)
@@ -94,15 +98,31 @@ def run_ablation(
             if image_id != -1:
                 full[k] = S[row_of[image_id]]
         in_dataset_order[method] = full
+    support = in_dataset_order.pop(SUPPORT)
+    # pvcl and piaa decide exactly as the product's tags do (decisions.py): label status from
+    # the fit's banks, thresholds on the PVCL patch evidence, support gates. cls and patch-text
+    # have no fit, so they keep the per-label split of their own scores (no absent status).
+    product = label_decisions(in_dataset_order["pvcl"], support, classifier.params["support"])
+    product_tags = apply_decisions(in_dataset_order["pvcl"], support, product)
+    held = np.asarray(np.asarray(targets, dtype=bool).sum(axis=0) > 0)  # labels the test set holds
     for method, full in in_dataset_order.items():
         mAP, ap = mean_average_precision(full, targets)
-        # Each method decides on its own scores, except piaa, which decides as the product's
-        # tags do: on the PVCL patch evidence (so its CF1/OF1 equal pvcl's).
-        decision_scores = in_dataset_order[DECIDED_ON.get(method, method)]
-        # Without return_info, decision_thresholds returns the [C] array alone.
-        thresholds = cast(np.ndarray, fusion.decision_thresholds(decision_scores))
-        f1 = f1_scores(fusion.decide(decision_scores, thresholds), targets)
-        results[method] = {"mAP": round(float(mAP), 2), **{k: round(v, 2) for k, v in f1.items()}}
+        if DECIDED_ON.get(method, method) == "pvcl":
+            pred = product_tags
+        else:
+            decision_scores = in_dataset_order[method]
+            # Without return_info, decision_thresholds returns the [C] array alone.
+            thresholds = cast(np.ndarray, fusion.decision_thresholds(decision_scores))
+            pred = fusion.decide(decision_scores, thresholds)
+        f1 = f1_scores(pred[:, held], targets[:, held])
+        absent = pred[:, ~held]
+        results[method] = {
+            "mAP": round(float(mAP), 2),
+            **{k: round(v, 2) for k, v in f1.items()},
+            # Share of image × absent-label pairs tagged, and absent labels tagging anything.
+            "absent_false_tag_rate": round(100.0 * float(absent.mean()), 3) if absent.size else 0.0,
+            "absent_labels_tagging": int(absent.any(axis=0).sum()),
+        }
         per_class[method] = {
             name: (None if np.isnan(a) else round(float(a), 2))
             for name, a in zip(test.classes, ap, strict=True)
@@ -123,6 +143,11 @@ def run_ablation(
                 "images": len(fit_set.items),
             },
             "classes": test.classes,
+            "absent_labels": [n for c, n in enumerate(test.classes) if not held[c]],
+        },
+        "decisions": {
+            "info": product.info,
+            "status": dict(zip(test.classes, product.status, strict=True)),
         },
         "fit": {
             "n_patches": n_patches,
@@ -138,9 +163,23 @@ def run_ablation(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The ablation as a Markdown table."""
-    lines = ["| method | mAP | CF1 | OF1 |", "|---|---:|---:|---:|"]
+    """The ablation as a Markdown table (absent-label columns when the test set has any)."""
+    n_absent = len(report["dataset"].get("absent_labels", []))
+    if not n_absent:
+        lines = ["| method | mAP | CF1 | OF1 |", "|---|---:|---:|---:|"]
+        for method in METHODS:
+            r = report["results"][method]
+            lines.append(f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} |")
+        return "\n".join(lines)
+    lines = [
+        "| method | mAP | CF1 | OF1 | OP | OR | false tags on absent labels | absent labels tagging |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for method in METHODS:
         r = report["results"][method]
-        lines.append(f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} |")
+        lines.append(
+            f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} | {r['OP']:.1f} | "
+            f"{r['OR']:.1f} | {r['absent_false_tag_rate']:.2f} % | "
+            f"{r['absent_labels_tagging']} of {n_absent} |"
+        )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ tokens that could not tell classes apart (see docs/shared DESIGN.md, "Pitfalls a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -778,24 +778,58 @@ def _distractors(d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n:
 # ----------------------------------------------------------------------------- scenes
 
 
-def _sample_classes(rng: np.random.Generator, n: int) -> list[int]:
-    """n distinct classes; with p=0.7 most come from one co-occurrence group."""
-    group = _GROUP_IDS[int(rng.integers(len(_GROUP_IDS)))] if rng.random() < 0.7 else None
+def _sample_classes(
+    rng: np.random.Generator, n: int, allowed: Sequence[int] | None = None
+) -> list[int]:
+    """n distinct classes; with p=0.7 most come from one co-occurrence group.
+
+    With `allowed`, only those classes are drawn (the groups cut down to them), so a library can
+    hold a subset of the world; without it the draws are exactly the full world's.
+    """
+    if allowed is None:
+        pool, groups = list(range(len(CLASSES))), _GROUP_IDS
+    else:
+        pool = sorted(set(allowed))
+        groups = [g for g in ([c for c in grp if c in pool] for grp in _GROUP_IDS) if g]
+        n = min(n, len(pool))
+    group = groups[int(rng.integers(len(groups)))] if groups and rng.random() < 0.7 else None
     out: list[int] = []
     while len(out) < n:
         if group is not None and rng.random() < 0.8:
             c = group[int(rng.integers(len(group)))]
         else:
-            c = int(rng.integers(len(CLASSES)))
+            c = pool[int(rng.integers(len(pool)))]
         if c not in out:
             out.append(c)
     return out
 
 
-def render_scene(rng: np.random.Generator, size: int = 224) -> Scene:
-    """Render a scene of 1–5 objects (≈2% to >40% of the image) over a cluttered background."""
+def class_subset(classes: Sequence[str] = (), groups: Sequence[str] = ()) -> list[int] | None:
+    """Class ids named directly or through co-occurrence groups; None when nothing is named."""
+    if not classes and not groups:
+        return None
+    ids: set[int] = set()
+    for g in groups:
+        if g not in GROUPS:
+            raise ValueError(f"unknown group {g!r}; known: {', '.join(GROUPS)}")
+        ids.update(CLASSES.index(n) for n in GROUPS[g])
+    for name in classes:
+        if name not in CLASSES:
+            raise ValueError(f"unknown class {name!r}")
+        ids.add(CLASSES.index(name))
+    return sorted(ids)
+
+
+def render_scene(
+    rng: np.random.Generator, size: int = 224, classes_allowed: Sequence[int] | None = None
+) -> Scene:
+    """Render a scene of 1–5 objects (≈2% to >40% of the image) over a cluttered background.
+
+    `classes_allowed` restricts which classes may appear (labels keep the full world's ids).
+    """
     n = int(rng.choice(5, p=[0.22, 0.3, 0.24, 0.14, 0.10])) + 1
-    classes = _sample_classes(rng, n)
+    classes = _sample_classes(rng, n, classes_allowed)
+    n = len(classes)  # a subset smaller than n caps the count
     # Target silhouette areas as image fractions: one dominant object, the rest smaller.
     areas = [float(np.exp(rng.uniform(np.log(0.06), np.log(0.5))))]
     areas += [float(np.exp(rng.uniform(np.log(0.018), np.log(0.22)))) for _ in range(n - 1)]
