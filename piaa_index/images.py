@@ -12,8 +12,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+# Photo formats Pillow (with pillow-heif) decodes. RAW and video are not among them: the scan
+# counts those as unsupported, by extension, so nothing is skipped silently.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"}
+    {
+        *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib"),
+        *(".tif", ".tiff", ".heic", ".heif", ".avif", ".avifs", ".qoi", ".tga", ".psd"),
+        *(".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx"),  # JPEG 2000
+        *(".pnm", ".pbm", ".pgm", ".ppm", ".pcx"),
+    }
 )
 
 # Pillow raises DecompressionBombError above 2 x MAX_IMAGE_PIXELS (~179 Mpx); same default here.

@@ -240,3 +240,27 @@ def test_file_hash_matches_blake2b_and_streams(tmp_path: Path) -> None:
     other = tmp_path / "other.bin"
     other.write_bytes(data[:-1] + b"x")
     assert file_hash(other) != file_hash(path)
+
+
+def test_every_common_photo_format_is_read(tmp_path: Path) -> None:
+    """JPEG 2000, the PNM family, TIFF, WebP, AVIF, TGA and QOI are indexed, not skipped (rclip's
+    test photos hold .jp2 .pnm .pbm .pgm .ppm); each decodes to upright RGB of its size."""
+    from piaa_index.images import IMAGE_EXTENSIONS
+    from piaa_index.scan import scan
+
+    src = _marked(40, 30)
+    formats = {
+        "a.jp2": {}, "b.j2k": {}, "c.ppm": {}, "d.pgm": {"mode": "L"}, "e.pbm": {"mode": "1"},
+        "f.pnm": {}, "g.tiff": {}, "h.webp": {}, "i.avif": {}, "j.tga": {}, "k.qoi": {},
+    }  # fmt: skip
+    for name, how in formats.items():
+        img = src.convert(how["mode"]) if "mode" in how else src
+        img.save(tmp_path / name)
+        assert Path(name).suffix in IMAGE_EXTENSIONS
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 32)
+    found = scan([tmp_path])
+    assert sorted(Path(f.path).name for f in found.files) == sorted(formats)
+    assert found.unsupported == {".mp4": 1}
+    for f in found.files:
+        img = load_image(f.path)
+        assert img.mode == "RGB" and img.size == (40, 30), f.path
