@@ -12,7 +12,7 @@ fallback for labels whose split is not credible. See docs/method.md for the numb
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -95,19 +95,31 @@ def patch_evidence(
     return out
 
 
-def patch_text_evidence(
-    patches: np.ndarray, T: np.ndarray, text_scale: float = 60.0, batch_images: int = 256
+def _max_over_patches(
+    patches: np.ndarray,
+    T: np.ndarray,
+    batch_images: int,
+    per_patch: Callable[[np.ndarray], np.ndarray],
 ) -> np.ndarray:
-    """Patch-text ablation: max over patches of softmax(text_scale · x Tᵀ), shape [N, C]."""
+    """[N, C] float64: per image, the max over its patches of `per_patch(patch-text cosines)`,
+    computed in blocks of images so that [N, M, C] is never in memory."""
     if patches.ndim != 3:
         raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
     T32 = np.asarray(T, dtype=np.float32)
     out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
     b = max(1, batch_images)
     for i, blk in enumerate(_blocks(patches, b)):
-        p = softmax(text_scale * (blk @ T32.T).astype(np.float64))
-        out[i * b : i * b + blk.shape[0]] = p.max(axis=1)
+        out[i * b : i * b + blk.shape[0]] = per_patch(blk @ T32.T).max(axis=1)
     return out
+
+
+def patch_text_evidence(
+    patches: np.ndarray, T: np.ndarray, text_scale: float = 60.0, batch_images: int = 256
+) -> np.ndarray:
+    """Patch-text ablation: max over patches of softmax(text_scale · x Tᵀ), shape [N, C]."""
+    return _max_over_patches(
+        patches, T, batch_images, lambda z: softmax(text_scale * z.astype(np.float64))
+    )
 
 
 def text_support(patches: np.ndarray, T: np.ndarray, batch_images: int = 256) -> np.ndarray:
@@ -116,14 +128,7 @@ def text_support(patches: np.ndarray, T: np.ndarray, batch_images: int = 256) ->
     Raw cosines, not a softmax over the vocabulary: how well the image's best patch matches a
     label's text does not depend on which other labels are in the vocabulary.
     """
-    if patches.ndim != 3:
-        raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
-    T32 = np.asarray(T, dtype=np.float32)
-    out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
-    b = max(1, batch_images)
-    for i, blk in enumerate(_blocks(patches, b)):
-        out[i * b : i * b + blk.shape[0]] = (blk @ T32.T).max(axis=1)
-    return out
+    return _max_over_patches(patches, T, batch_images, lambda z: z)
 
 
 def open_vocabulary_scores(
