@@ -337,3 +337,8 @@ class Library:
     def status(self) -> dict[str, Any]:
         """Counts, model, vocabulary, classifier version and staleness."""
         return self.maintenance.status()
+
+    def check(self, progress: bool = False) -> dict[str, Any]:
+        """Verify the database and the vector shards; damaged shards' images are re-encoded by
+        the next index run."""
+        return self.maintenance.check(progress)

@@ -68,6 +68,42 @@ class Maintenance(Part):
             "bytes_after": vectors.disk_bytes(),
         }
 
+    def check(self, progress: bool = False) -> dict[str, Any]:
+        """Verify the database (SQLite's integrity check) and every vector shard against its
+        checksum. A damaged shard's images go back to the next index run's to-do list (SQL
+        first, then the files are removed), so `piaa index` re-encodes them from the photos."""
+        import sys
+
+        from tqdm import tqdm
+
+        problems = self.store.integrity_problems()
+        vectors = self.vectors
+        damaged: list[dict[str, Any]] = []
+        unchecked = 0
+        with vectors.writer_lock():
+            shards = sorted(self.store.referenced_shards())
+            for shard in tqdm(shards, desc="checking", file=sys.stderr, disable=not progress):
+                if not vectors.has_checksum(shard):
+                    unchecked += 1  # written before checksums existed
+                    continue
+                problem = vectors.verify_shard(shard)
+                if problem is not None:
+                    damaged.append({"shard": shard, "problem": problem})
+            bad = [d["shard"] for d in damaged]
+            sent_back = self.store.mark_shards_missing(bad)
+            for shard in bad:
+                vectors.delete_shard(shard)
+        return {
+            "ok": not problems and not damaged,
+            "database": {"ok": not problems, "problems": problems[:20]},
+            "vectors": {
+                "shards": len(shards),
+                "without_checksum": unchecked,
+                "damaged": damaged,
+                "images_to_reencode": sent_back,
+            },
+        }
+
     def status(self) -> dict[str, Any]:
         """Counts, model, vocabulary, classifier version and staleness."""
         # Opening the vectors first reconciles them with SQL, so the counts are current.

@@ -171,6 +171,18 @@ class Store:
         if self.get_setting("store_id") is None:
             self.set_setting("store_id", {"uuid": uuid.uuid4().hex})
 
+    def integrity_problems(self) -> list[str]:
+        """What the database's own check reports (SQLite: PRAGMA integrity_check); [] when
+        sound. Postgres keeps its own consistency; there only reachability is checked."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name != "sqlite":
+                conn.execute(text("SELECT 1"))
+                return []
+            rows = [str(r[0]) for r in conn.execute(text("PRAGMA integrity_check"))]
+        return [] if rows == ["ok"] else rows
+
     def schema_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 

@@ -13,6 +13,7 @@ back to the next index run).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -55,13 +56,29 @@ def _faiss():  # type: ignore[no-untyped-def]
     return faiss
 
 
-def _write_atomic(index, path: Path) -> None:  # type: ignore[no-untyped-def]
-    faiss = _faiss()
+def _serialized(index) -> bytes:  # type: ignore[no-untyped-def]
+    return _faiss().serialize_index(index).tobytes()
+
+
+def _write_bytes_atomic(data: bytes, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as fh:
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -134,6 +151,30 @@ class VectorStore:
     def _path(self, shard: int, kind: str) -> Path:
         return self.root / f"{shard:06d}.{kind}.faiss"
 
+    def _sum_path(self, shard: int) -> Path:
+        return self.root / f"{shard:06d}.sum.json"
+
+    def verify_shard(self, shard: int) -> str | None:
+        """None when both files of a shard match the checksums written with them, else what is
+        wrong. Reads the whole shard: for `piaa db check`, not for every query."""
+        try:
+            sums = json.loads(self._sum_path(shard).read_text())
+        except FileNotFoundError:
+            return None if self._path(shard, "cls").exists() else "missing"
+        except (OSError, ValueError) as exc:
+            return f"unreadable checksum file: {exc}"
+        for kind in ("cls", "patch"):
+            path = self._path(shard, kind)
+            try:
+                if _file_digest(path) != sums.get(kind):
+                    return f"{path.name} does not match its checksum (damaged)"
+            except OSError as exc:
+                return f"cannot read {path.name}: {exc.strerror or exc}"
+        return None
+
+    def has_checksum(self, shard: int) -> bool:
+        return self._sum_path(shard).exists()
+
     def shard_ids(self) -> set[int]:
         ids = set()
         for path in self.root.glob("*.cls.faiss"):
@@ -167,9 +208,12 @@ class VectorStore:
             # Each shard decodes with its own quantiser, so SQ8 fits this shard's value ranges.
             patch_index.train(flat)
         patch_index.add(flat)
-        # Patches first: a cls file is what marks a shard as present.
-        _write_atomic(patch_index, self._path(shard, "patch"))
-        _write_atomic(cls_index, self._path(shard, "cls"))
+        patch_bytes, cls_bytes = _serialized(patch_index), _serialized(cls_index)
+        # Patches and checksums first: a cls file is what marks a shard as present.
+        _write_bytes_atomic(patch_bytes, self._path(shard, "patch"))
+        sums = {"patch": _digest(patch_bytes), "cls": _digest(cls_bytes)}
+        _write_bytes_atomic(json.dumps(sums).encode(), self._sum_path(shard))
+        _write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
         _fsync_dir(self.root)
 
     def _new_patch_index(self):  # type: ignore[no-untyped-def]
@@ -203,8 +247,10 @@ class VectorStore:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def delete_shard(self, shard: int) -> None:
+        # The cls file first: without it the shard no longer counts as present.
         for kind in ("cls", "patch"):
             self._path(shard, kind).unlink(missing_ok=True)
+        self._sum_path(shard).unlink(missing_ok=True)
 
     def read_shard(
         self, shard: int, rows: Sequence[int] | None = None, with_patches: bool = True
@@ -214,6 +260,17 @@ class VectorStore:
         Without patches (`[CLS]`-only queries) the patch file, 50–200× larger, is not touched;
         `patches` is then an empty [n, 0, d] array.
         """
+        try:
+            return self._read_shard(shard, rows, with_patches)
+        except RuntimeError as exc:  # faiss on a truncated or garbled file
+            raise VectorStoreError(
+                f"vector shard {shard} in {self.root} is damaged ({str(exc).splitlines()[0]}); "
+                "run `piaa db check` to send its images back to be re-encoded"
+            ) from None
+
+    def _read_shard(
+        self, shard: int, rows: Sequence[int] | None, with_patches: bool
+    ) -> ShardVectors:
         faiss = _faiss()
         cls_path, patch_path = self._path(shard, "cls"), self._path(shard, "patch")
         if not cls_path.exists() or not patch_path.exists():
@@ -273,8 +330,8 @@ class VectorStore:
         for tmp in self.root.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
         present = self.shard_ids()
-        # A patch file without its cls file is a shard whose write was cut short.
-        for path in self.root.glob("*.patch.faiss"):
+        # A patch or checksum file without its cls file is a shard whose write was cut short.
+        for path in [*self.root.glob("*.patch.faiss"), *self.root.glob("*.sum.json")]:
             shard = int(path.name.split(".", 1)[0])
             if shard not in present and shard not in referenced:
                 path.unlink(missing_ok=True)

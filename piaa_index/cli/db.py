@@ -46,6 +46,38 @@ def db_info(app: AppContext, as_json: bool) -> None:
         click.echo(f"failed: {failure['path']}: {failure['error']}")
 
 
+@db_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_app
+def db_check(app: AppContext, as_json: bool) -> None:
+    """Verify the database and every vector shard (checksums); exit 1 when damage is found.
+
+    Images of a damaged shard are sent back to be re-encoded: run `piaa index` on their
+    folders afterwards.
+    """
+    report = app.library().check(progress=app.progress)
+    if as_json:
+        echo_json(report)
+    else:
+        db, vec = report["database"], report["vectors"]
+        click.echo(f"database: {'ok' if db['ok'] else 'DAMAGED'}")
+        for problem in db["problems"]:
+            click.echo(f"  {problem}")
+        click.echo(
+            f"vectors: {vec['shards']} shards, {len(vec['damaged'])} damaged"
+            + (f", {vec['without_checksum']} without checksum" if vec["without_checksum"] else "")
+        )
+        for item in vec["damaged"]:
+            click.echo(f"  shard {item['shard']}: {item['problem']}")
+        if vec["images_to_reencode"]:
+            click.echo(
+                f"{vec['images_to_reencode']} images will be re-encoded by the next "
+                "`piaa index` of their folders"
+            )
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
 @db_group.command("vacuum")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app

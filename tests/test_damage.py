@@ -1,0 +1,104 @@
+"""Damage is noticed and repaired: a flipped byte or a truncated vector file is reported by
+`piaa db check`, its images are re-encoded by the next index run, and reading a damaged file is
+a clear error, never a faiss traceback or silently different results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from piaa_index.cli import cli
+from piaa_index.library import Library
+from piaa_index.vectors import VectorStoreError
+from tests.image_files import PhotoFolder, make_photo_folder
+
+
+@pytest.fixture
+def two_shards(
+    tmp_path: Path, piaa_home: Path, tiny_model_config: Path
+) -> tuple[Library, PhotoFolder, PhotoFolder]:
+    a = make_photo_folder(tmp_path / "a", n=30, seed=1)
+    b = make_photo_folder(tmp_path / "b", n=30, seed=2)
+    lib = Library.open(home=piaa_home, model=str(tiny_model_config), pretrained="none")
+    assert lib.index([a.root]).indexed == 30
+    assert lib.index([b.root]).indexed == 30  # a second run: a second shard
+    return lib, a, b
+
+
+def shard_files(lib: Library, kind: str) -> list[Path]:
+    return sorted(lib.vectors.root.glob(f"*.{kind}.faiss"))
+
+
+def check(lib: Library) -> tuple[int, dict]:
+    result = CliRunner().invoke(
+        cli,
+        ["db", "check", "--json", "--home", str(lib.settings.home), "--db", lib.settings.db_url],
+    )
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_flipped_byte_is_found_and_repaired(
+    two_shards: tuple[Library, PhotoFolder, PhotoFolder],
+) -> None:
+    lib, a, b = two_shards
+    code, report = check(lib)
+    assert code == 0 and report["ok"] and report["vectors"]["shards"] == 2
+
+    patch = shard_files(lib, "patch")[0]
+    data = bytearray(patch.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit, in the middle of the vectors
+    patch.write_bytes(bytes(data))
+
+    code, report = check(lib)
+    assert code == 1 and not report["ok"]
+    assert [d["shard"] for d in report["vectors"]["damaged"]] == [1]
+    assert report["vectors"]["images_to_reencode"] == 30
+    assert lib.status()["images"]["indexed"] == 30
+
+    again = lib.index([a.root, b.root])
+    assert (again.indexed, again.unchanged) == (30, 30)
+    code, report = check(lib)
+    assert code == 0 and report["ok"]
+
+
+def test_a_truncated_file_is_a_clear_error_then_repaired(
+    two_shards: tuple[Library, PhotoFolder, PhotoFolder],
+) -> None:
+    lib, a, b = two_shards
+    cls_file = shard_files(lib, "cls")[1]
+    cls_file.write_bytes(cls_file.read_bytes()[:100])
+    with pytest.raises(VectorStoreError, match="is damaged.*piaa db check"):
+        lib.vectors.read_shard(2)
+    code, report = check(lib)
+    assert code == 1 and [d["shard"] for d in report["vectors"]["damaged"]] == [2]
+    assert lib.index([a.root, b.root]).indexed == 30
+    lib.set_vocabulary(["red circle", "blue circle"])
+    assert lib.fit().n_images == 60
+
+
+def test_a_damaged_sqlite_page_is_reported(tmp_path: Path, tiny_model_config: Path) -> None:
+    home = tmp_path / "home"
+    photos = make_photo_folder(tmp_path / "p", n=20)
+    lib = Library.open(home=home, model=str(tiny_model_config), pretrained="none")
+    lib.index([photos.root])
+    lib.close()
+    db = home / "piaa.sqlite3"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    data[3 * page : 4 * page] = bytes(page)  # zero one page past the header
+    db.write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "piaa_index", "db", "check", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PIAA_")},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
