@@ -157,6 +157,7 @@ def test_reconcile_deletes_orphans_and_temp_files_and_reports_missing(tmp_path: 
     (root / "000004.cls.faiss.tmp").write_bytes(b"half written")
     # A write cut between the patch file and the cls file leaves a lone patch file.
     (root / "000005.patch.faiss").write_bytes(b"half a shard")
+    (root / "000006.sum.json").write_bytes(b"{}")  # cut after the checksums, before cls
 
     orphans, missing = vs.reconcile(referenced={1, 3, 7})
 
@@ -166,8 +167,10 @@ def test_reconcile_deletes_orphans_and_temp_files_and_reports_missing(tmp_path: 
     assert names == [
         "000001.cls.faiss",
         "000001.patch.faiss",
+        "000001.sum.json",
         "000003.cls.faiss",
         "000003.patch.faiss",
+        "000003.sum.json",
         MANIFEST,
     ]
     assert vs.read_shard(3).image_ids.tolist() == [30]
