@@ -55,6 +55,10 @@ class StoreError(PiaaError):
 # Declarative typing gives `__table__` as a FromClause; for a mapped class it is the Table.
 _TAG_TABLE = cast(Table, Tag.__table__)
 
+_SETTING_TABLE = cast(Table, Setting.__table__)
+# pg_advisory_xact_lock key of schema checks and upgrades ("piaa" in ASCII).
+_MIGRATION_LOCK = 0x70696161
+
 # The roots of one index run, joined against `images` (see `Store.images_under`). Temporary:
 # private to the connection, gone with it; never part of the Alembic-owned schema.
 _SCAN_SCOPE = Table(
@@ -151,10 +155,17 @@ class Store:
         return store
 
     def _check_and_upgrade(self, upgrade: bool) -> None:
+        """Check and upgrade the schema and give a new database its id, one process at a time:
+        several processes opening a brand-new library together must not all create the tables,
+        nor each record their own store id (it names the library's vector folder)."""
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
+        from sqlalchemy import text
 
-        with self.engine.begin() as conn:
+        with self._first_open_lock(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Held to the end of this transaction; others wait, then see the tables.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             cfg = _alembic_config(conn)
             script = ScriptDirectory.from_config(cfg)
             current = MigrationContext.configure(conn).get_current_revision()
@@ -168,8 +179,32 @@ class Store:
                 from alembic import command
 
                 command.upgrade(cfg, "head")
-        if self.get_setting("store_id") is None:
-            self.set_setting("store_id", {"uuid": uuid.uuid4().hex})
+            has_id = conn.execute(select(Setting.key).where(Setting.key == "store_id")).first()
+            if has_id is None:
+                conn.execute(
+                    _SETTING_TABLE.insert(),
+                    {"key": "store_id", "value": {"uuid": uuid.uuid4().hex}},
+                )
+
+    @contextmanager
+    def _first_open_lock(self) -> Iterator[None]:
+        """SQLite: an advisory file lock beside the database for the duration of the check
+        (Postgres uses an advisory lock inside the transaction instead)."""
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: first opens are the user's to serialise
+            yield
+            return
+        with open(f"{database}.open.lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def integrity_problems(self) -> list[str]:
         """What the database's own check reports (SQLite: PRAGMA integrity_check); [] when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,53 @@ def test_images_under_matches_folders_exactly(tmp_path):
     assert sorted(store.images_under(["/a/b"])) == ["/a/b", "/a/b/1.jpg"]
     assert sorted(store.images_under(["/a/b%/"])) == ["/a/b%/4.jpg"]
     assert sorted(store.images_under(["/"])) == sorted(paths)
+
+
+OPEN_WHEN_TOLD = """
+import sys, time
+from collections.abc import Callable
+from pathlib import Path
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+from piaa_index.store import Store
+print(Store.open(sys.argv[1]).store_id)
+"""
+
+
+def _open_together(url: str, tmp_path: Path, n: int = 6) -> list[str]:
+    """Open a brand-new database from n processes released at the same instant."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_WHEN_TOLD, url, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    time.sleep(3)  # every process imported and is waiting
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [err for _, err in outs]
+    return [out.strip() for out, _ in outs]
+
+
+def test_first_opens_at_once_agree_on_sqlite(tmp_path: Path) -> None:
+    """Several processes opening a new library together: one creates the schema and the
+    store id (which names the vector folder), the others wait and see the same."""
+    ids = _open_together(f"sqlite:///{tmp_path / 'new.sqlite3'}", tmp_path)
+    assert len(set(ids)) == 1
+
+
+@pytest.mark.postgres
+def test_first_opens_at_once_agree_on_postgres(
+    tmp_path: Path, postgres_database: Callable[[], str]
+) -> None:
+    ids = _open_together(postgres_database(), tmp_path)
+    assert len(set(ids)) == 1
