@@ -58,8 +58,9 @@ class Maintenance(Part):
                     if len(batch) >= group:
                         flush()
             flush()
-            for shard in rewrite + dead:
-                vectors.delete_shard(shard)
+            with vectors.deleting():  # after every fit or search still reading them
+                for shard in rewrite + dead:
+                    vectors.delete_shard(shard)
         return {
             "shards_rewritten": len(rewrite),
             "shards_deleted": len(rewrite) + len(dead),

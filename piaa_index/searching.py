@@ -143,19 +143,20 @@ class Searcher(Part):
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
-        locations = self.store.live_locations()
-        if not locations:
-            return []
         phrase = self.encoder.text_prototypes([text], default_templates())[0]
         prm = fusion.PaaParams()
         ids, scores = [], []
-        for chunk in self.vectors.iter_live(locations):
-            scores.append(
-                fusion.open_vocabulary_scores(
-                    chunk.cls, chunk.patches, phrase, prm.alpha, prm.batch_images
+        with self.vectors.reading():  # the shards of `locations` stay while they are read
+            locations = self.store.live_locations()
+            if not locations:
+                return []
+            for chunk in self.vectors.iter_live(locations):
+                scores.append(
+                    fusion.open_vocabulary_scores(
+                        chunk.cls, chunk.patches, phrase, prm.alpha, prm.batch_images
+                    )
                 )
-            )
-            ids.append(chunk.image_ids)
+                ids.append(chunk.image_ids)
         return self._top(np.concatenate(ids), np.concatenate(scores), limit)
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:

@@ -122,11 +122,12 @@ class Tagger(Part):
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
         (a second pass writing the score matrix)."""
         vocab = self.library.vocab.require_vocabulary()
-        locations = self.store.live_locations()
         started = time.perf_counter()
-        classifier, T, n_patches = self.fit_classifier(vocab, locations, progress, bank_size)
-        fit_seconds = time.perf_counter() - started
-        fitted, present = self._tag_all(vocab, classifier, T, locations, progress, fit_seconds)
+        with self.vectors.reading():  # a vacuum meanwhile must not delete these shards
+            locations = self.store.live_locations()
+            classifier, T, n_patches = self.fit_classifier(vocab, locations, progress, bank_size)
+            fit_seconds = time.perf_counter() - started
+            fitted, present = self._tag_all(vocab, classifier, T, locations, progress, fit_seconds)
         names = vocab.names
         status = label_status(names, fitted.decisions)
         return FitReport(
@@ -329,50 +330,52 @@ class Tagger(Part):
             assert row is not None
             fitted = self.fitted_for(row)
             view = self._open_view(row)
-            todo = self._sync_view(view) if view is not None else self.store.live_locations()
-            if view is not None and (not todo or not score_new):
-                counts = self.store.image_counts()
-                self._cache = State(version, vocab, fitted, view, counts, len(todo))
-                return self._cache
-            if not score_new:
-                raise NotReady
-            with writer_lock(self.scores_dir):
-                # Another writer may have moved on meanwhile: only write on top of what is
-                # still the latest commit, else look again.
-                again = self.store.latest_classifier()
-                if (
-                    again is None
-                    or again.id != row.id
-                    or again.score_segments != row.score_segments
-                ):
-                    continue
-                label_ids = [lb.id for lb in vocab.labels]
-                pair = (fitted.classifier, fitted.text_protos)
-                if view is None or not row.scores_key:
-                    key, segments = new_key(), []
-                else:
-                    key, segments = row.scores_key, list(row.score_segments or [])
-                name = segment_name(segments)
-                self._write_segment(
-                    key,
-                    name,
-                    len(label_ids),
-                    pair,
-                    todo,
-                    fitted.decisions,
-                    progress,
-                    "tagging new images",
-                )
-                from piaa_index.scores import Segment
+            # The shards of `todo` stay on disk while they are scored (see VectorStore.reading).
+            with self.vectors.reading():
+                todo = self._sync_view(view) if view is not None else self.store.live_locations()
+                if view is not None and (not todo or not score_new):
+                    counts = self.store.image_counts()
+                    self._cache = State(version, vocab, fitted, view, counts, len(todo))
+                    return self._cache
+                if not score_new:
+                    raise NotReady
+                with writer_lock(self.scores_dir):
+                    # Another writer may have moved on meanwhile: only write on top of what is
+                    # still the latest commit, else look again.
+                    again = self.store.latest_classifier()
+                    if (
+                        again is None
+                        or again.id != row.id
+                        or again.score_segments != row.score_segments
+                    ):
+                        continue
+                    label_ids = [lb.id for lb in vocab.labels]
+                    pair = (fitted.classifier, fitted.text_protos)
+                    if view is None or not row.scores_key:
+                        key, segments = new_key(), []
+                    else:
+                        key, segments = row.scores_key, list(row.score_segments or [])
+                    name = segment_name(segments)
+                    self._write_segment(
+                        key,
+                        name,
+                        len(label_ids),
+                        pair,
+                        todo,
+                        fitted.decisions,
+                        progress,
+                        "tagging new images",
+                    )
+                    from piaa_index.scores import Segment
 
-                seg = Segment.open(self.scores_dir / key, name)
-                self.store.commit_segment(
-                    row.id,
-                    segments + [name],
-                    [loc[0] for loc in todo],
-                    present_triples(seg, label_ids),
-                    key=key if view is None else None,
-                )
+                    seg = Segment.open(self.scores_dir / key, name)
+                    self.store.commit_segment(
+                        row.id,
+                        segments + [name],
+                        [loc[0] for loc in todo],
+                        present_triples(seg, label_ids),
+                        key=key if view is None else None,
+                    )
 
     def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""

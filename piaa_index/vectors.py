@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +245,30 @@ class VectorStore:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def _flock(self, name: str, mode: str) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks
+            yield
+            return
+        with open(self.root / name, "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def reading(self) -> AbstractContextManager[None]:
+        """Held by a pass over the shards (fit, re-tag, text search): the shards it was given
+        stay on disk until it ends. Many readers at once; vacuum's deletion waits for them."""
+        return self._flock("readers.lock", "shared")
+
+    def deleting(self) -> AbstractContextManager[None]:
+        """Held while shards that SQL no longer points at are deleted (vacuum): waits for every
+        reader that may still hold their old locations."""
+        return self._flock("readers.lock", "exclusive")
 
     def delete_shard(self, shard: int) -> None:
         # The cls file first: without it the shard no longer counts as present.

@@ -628,3 +628,35 @@ def test_vacuum_reclaims_dead_rows_and_merges_small_shards(
         assert np.array_equal(after[path][0], cls) and np.array_equal(after[path][1], patches)
     assert library.similar(photos.good[10], limit=3)
     assert library.vacuum()["shards_rewritten"] == 0
+
+
+def test_vacuum_waits_for_a_pass_that_reads_the_old_shards(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """A fit or a text search holds the shards it was given (`VectorStore.reading`): a vacuum
+    meanwhile rewrites and switches SQL, but deletes the old files only once the pass ends
+    (before, `db vacuum` during a fit killed the fit: "vector shard N is missing")."""
+    import threading
+    import time
+
+    for folder in sorted({p.parent for p in photos.good}, key=lambda p: -len(p.parts)):
+        library.index([folder])  # deepest first: many small shards, which vacuum merges
+    old = set(library.vectors.shard_ids())
+    assert len(old) >= 3
+    locations = library.store.live_locations()
+    done = threading.Event()
+
+    with library.vectors.reading():
+        vacuum = threading.Thread(target=lambda: (library.vacuum(), done.set()))
+        vacuum.start()
+        deadline = time.monotonic() + 120
+        while {loc[1] for loc in library.store.live_locations()} & old:
+            assert time.monotonic() < deadline, "vacuum never switched SQL to new shards"
+            time.sleep(0.05)
+        assert not done.is_set()
+        # The pass still reads every image through the locations it started with.
+        got = sum(len(c.image_ids) for c in library.vectors.iter_live(locations))
+        assert got == len(locations)
+    vacuum.join(timeout=120)
+    assert done.is_set()
+    assert not (old & library.vectors.shard_ids())

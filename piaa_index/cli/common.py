@@ -89,7 +89,11 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
         code = exit_code_for(exc)
         if code is None:
             raise
-        click.echo(f"Error: {exc}", err=True)
+        if _is_database_error(exc):
+            reason = getattr(exc, "orig", None) or exc
+            click.echo(f"Error: the database failed: {reason} (see `piaa db check`)", err=True)
+        else:
+            click.echo(f"Error: {exc}", err=True)
         sys.exit(code)
     sys.exit(EXIT_OK)
 
@@ -98,7 +102,19 @@ def exit_code_for(exc: BaseException) -> int | None:
     """The exit code of an expected error, None for a bug (which keeps its traceback)."""
     from piaa_index.errors import PiaaError
 
-    return exc.exit_code if isinstance(exc, PiaaError) else None
+    if isinstance(exc, PiaaError):
+        return exc.exit_code
+    if _is_database_error(exc):
+        return EXIT_ERROR  # a damaged or unreachable database is the environment, not a bug
+    return None
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    if "sqlalchemy" not in sys.modules:
+        return False
+    from sqlalchemy.exc import DatabaseError
+
+    return isinstance(exc, DatabaseError)
 
 
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
