@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from piaa_index import text_search as _text_search
 from piaa_index.config import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -115,6 +116,7 @@ class Library:
         self._cache: _State | None = None
         self._fitted_cache: _Fitted | None = None
         self._similar: Any = None
+        self._text_index: Any = None  # text_search's patch index (piaa_index/text_search.py)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -765,8 +767,7 @@ class Library:
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
-        locations = self.store.live_locations()
-        if not locations:
+        if self._text_index is None and not self.store.indexed_count():
             return []
         vocab = self.store.vocabulary()
         phrase = self.encoder.text_prototypes(
@@ -776,11 +777,9 @@ class Library:
         if vocab is not None and vocab.labels:
             keep = [i for i, name in enumerate(vocab.names) if name.lower() != text.lower()]
             others = self.text_prototypes(vocab)[keep] if keep else None
-        ids, scores = [], []
-        for chunk in self.vectors.iter_live(locations):
-            scores.append(_open_vocabulary_scores(chunk.cls, chunk.patches, phrase, others))
-            ids.append(chunk.image_ids)
-        return self._top(np.concatenate(ids), np.concatenate(scores), limit)
+        # Large libraries: ANN candidates (patch index + [CLS] index) re-ranked exactly.
+        ids, scores = _text_search.search(self, phrase, others, _open_vocabulary_scores, limit)
+        return self._top(ids, scores, limit)
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
