@@ -45,12 +45,12 @@ class Budget:
 
     patch_hits: int = 8_192  # patches retrieved from the patch index
     from_patches: int = 400  # best images by max patch similarity
-    from_cls: int = 200  # best images by [CLS] similarity
+    from_cls: int = 400  # best images by [CLS] similarity
 
     @classmethod
     def for_limit(cls, limit: int) -> Budget:
         scale = max(1.0, limit / 20)
-        return cls(int(8_192 * scale), int(400 * scale), int(200 * scale))
+        return cls(int(8_192 * scale), int(400 * scale), int(400 * scale))
 
 
 def _faiss() -> Any:
