@@ -40,7 +40,7 @@ CODECS = {
     "pq4": "PQ4",
     "opq4": "OPQ4",
 }
-DEFAULT_CODEC = "sq4"  # 4 bits per coordinate: piaa mAP 79.7 vs fp16 79.5 (docs/scale.md)
+DEFAULT_CODEC = "fp16"  # sq4 is opt-in: see docs/scale.md (vacuum and copies re-quantise)
 # A PQ codebook needs this many training patches (256 centroids x 39 points, FAISS's advice);
 # a smaller shard (a commit group of a few images) is stored with sq4 instead.
 PQ_MIN_TRAIN = 256 * 39
