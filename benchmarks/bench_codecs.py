@@ -1,4 +1,4 @@
-"""Patch-vector codecs: bytes per image vs accuracy lost (fp32 / fp16 / sq8).
+"""Patch-vector codecs: bytes per image vs accuracy lost (fp32 / fp16 / sq8 / sq4 / pq4 / opq4).
 
 Generates a ShapesWorld test split and an unlabelled fit split, runs the ablation once per
 codec (each in its own index) with the shipped model, and prints a table:
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--fit-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model", default="shapesworld")
-    parser.add_argument("--codecs", default="fp32,fp16,sq8")
+    parser.add_argument("--codecs", default="fp32,fp16,sq8,sq4,pq4,opq4")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 

@@ -60,8 +60,13 @@ def main() -> None:
     ap.add_argument("--home", required=True)
     ap.add_argument("--keep", action="store_true", help="leave the library in --home")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument(
+        "--codec", default=None, help="patch codec of the new library (default: the default)"
+    )
     args = ap.parse_args()
 
+    if args.codec:
+        os.environ["PIAA_VECTOR_CODEC"] = args.codec
     home = Path(args.home)
     if home.exists() and any(home.iterdir()):
         sys.exit(f"{home} is not empty")
@@ -109,19 +114,28 @@ def main() -> None:
     if lib.searcher._similar.kind == "flat" and args.images >= 50_000:
         out["similar_ivf"] = _ivf(lib, probe, args.runs)
 
+    out["text_search"] = _text_search(lib, args.labels, args.runs)
+
     scale.add_images(lib, world, 1000, start=args.images, seed=1)
+    _, out["text_search_after_adding_1000_ms"] = _once(lambda: lib.text_search("l005"))
     _, out["search_after_adding_1000_ms"] = _once(lambda: lib.search(query))
     _, out["similar_after_adding_1000_ms"] = _once(lambda: lib.similar(probe))
     out["search_warm_after_add"] = _timed(lambda: lib.search(query), args.runs)
 
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     n = args.images + 1000
-    vec = _disk(lib.vectors_dir) - _disk(lib.tagger.scores_dir) - _disk(lib.vectors_dir / "similar")
+    vec = (
+        _disk(lib.vectors_dir)
+        - _disk(lib.tagger.scores_dir)
+        - _disk(lib.vectors_dir / "similar")
+        - _disk(lib.vectors_dir / "text")
+    )
     db_file = home / "piaa.sqlite3"
     out["bytes_per_image"] = {
         "vector_shards": round(vec / n),
         "score_matrix": round(_disk(lib.tagger.scores_dir) / n),
         "similar_index": round(_disk(lib.vectors_dir / "similar") / n),
+        "text_patch_index": round(_disk(lib.vectors_dir / "text") / n),
         "sqlite": round(sum(_disk_file(p) for p in home.glob("piaa.sqlite3*")) / n)
         if db_file.exists()
         else None,
@@ -148,6 +162,34 @@ def _recall(lib: Library, k: int, probes: int = 20) -> float:
         b = {r["path"] for r in lib.searcher._similar_exact(p, limit=k)}
         got.append(len(a & b) / k)
     return round(float(np.mean(got)), 4)
+
+
+def _text_search(lib: Library, labels: int, runs: int) -> dict[str, Any]:
+    """Open-vocabulary search: the ANN path (patch index + [CLS] index, exact re-rank) against
+    the exact scan of every vector, over phrases from frequent to rare labels."""
+    from piaa_index import text_search
+
+    phrases = [scale.label_names(labels)[i] for i in (0, 1, 5, 20, 40, labels - 1)]
+    _, build = _once(lambda: lib.text_search(phrases[0]))
+    out: dict[str, Any] = {"first_call_builds_index_ms": build}
+    out["warm"] = _timed(lambda: lib.text_search(phrases[2]), runs)
+    saved = text_search.EXACT_BELOW
+    text_search.EXACT_BELOW = 10**12
+    try:
+        exact, out["exact_scan_ms"] = _once(lambda: [lib.text_search(p) for p in phrases])
+    finally:
+        text_search.EXACT_BELOW = saved
+    out["exact_scan_ms"] = round(out["exact_scan_ms"] / len(phrases), 3)
+    recall = {}
+    for p, want in zip(phrases, exact, strict=True):
+        got = {r["path"] for r in lib.text_search(p)}
+        recall[p] = len(got & {r["path"] for r in want}) / 20
+    out["recall_at_20"] = recall
+    out["recall_at_20_mean"] = round(float(np.mean(list(recall.values()))), 4)
+    out["patch_index_bytes_per_image"] = round(
+        _disk(lib.vectors_dir / "text") / max(1, len(lib.searcher._text_index.ids))
+    )
+    return out
 
 
 def _ivf(lib: Library, probe: str, runs: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ class Part:
     @property
     def vectors(self) -> VectorStore:
         return self.library.vectors
+
+    @property
+    def vectors_dir(self) -> Path:
+        return self.library.vectors_dir
 
     @property
     def encoder(self) -> Encoder:

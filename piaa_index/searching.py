@@ -22,6 +22,7 @@ class Searcher(Part):
     def __init__(self, library: Library):
         super().__init__(library)
         self._similar: Any = None
+        self._text_index: Any = None  # text search's patch index (piaa_index/text_search.py)
 
     def image_id(self, path: str | Path) -> int:
         """The id of an indexed image, by path (as given, or resolved)."""
@@ -134,30 +135,22 @@ class Searcher(Part):
     def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
         """Open-vocabulary search: a phrase scored on the fly, no refit.
 
-        PAA's weighting of max patch cosine and [CLS] cosine (fusion.open_vocabulary_scores),
-        with the default prompt templates: the ranking does not depend on which vocabulary
-        happens to be set, and cosines do not saturate into ties.
+        PAA's weighting of max patch cosine and [CLS] cosine (`phrase_scores`), with the
+        default prompt templates: the ranking does not depend on which vocabulary happens to be
+        set, and cosines do not saturate into ties. Large libraries take candidates from a
+        patch ANN index and the [CLS] index and re-rank them exactly (piaa_index/text_search.py).
         """
-        from piaa_index import fusion
+        from piaa_index import text_search
 
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
+        if self._text_index is None and not self.store.indexed_count():
+            return []
         phrase = self.encoder.text_prototypes([text], default_templates())[0]
-        prm = fusion.PaaParams()
-        ids, scores = [], []
-        with self.vectors.reading():  # the shards of `locations` stay while they are read
-            locations = self.store.live_locations()
-            if not locations:
-                return []
-            for chunk in self.vectors.iter_live(locations):
-                scores.append(
-                    fusion.open_vocabulary_scores(
-                        chunk.cls, chunk.patches, phrase, prm.alpha, prm.batch_images
-                    )
-                )
-                ids.append(chunk.image_ids)
-        return self._top(np.concatenate(ids), np.concatenate(scores), limit)
+        with self.vectors.reading():  # the shards of the candidates stay while they are read
+            ids, scores = text_search.search(self, phrase, None, phrase_scores, limit)
+        return self._top(ids, scores, limit)
 
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
@@ -276,3 +269,16 @@ def _bound(value: float) -> float | None:
     """A threshold or gate for output: None where it is infinite (JSON has no infinity; an
     absent label's threshold is +inf, "no gate" is -inf, and `label_status` says which)."""
     return float(value) if np.isfinite(value) else None
+
+
+def phrase_scores(
+    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, _others: np.ndarray | None
+) -> np.ndarray:
+    """The exact score of a phrase on some images (text_search's scorer): PAA's weighting of
+    max patch cosine and [CLS] cosine, fusion.open_vocabulary_scores."""
+    from piaa_index import fusion
+
+    prm = fusion.PaaParams()
+    return fusion.open_vocabulary_scores(
+        cls, patches, np.asarray(phrase).reshape(-1), prm.alpha, prm.batch_images
+    )

@@ -27,9 +27,25 @@ from piaa_index.errors import PiaaError
 
 MANIFEST = "manifest.json"
 
-# Patch codecs → FAISS scalar-quantiser type (fp32 is stored flat, unquantised).
-CODECS = {"fp32": None, "fp16": "QT_fp16", "sq8": "QT_8bit"}
-DEFAULT_CODEC = "fp16"
+# Patch codecs. fp32 is stored flat; fp16 / sq8 / sq4 are FAISS scalar quantisers (sq8 and sq4
+# with a per-dimension range trained on each shard); pqK is a product quantiser with d/K
+# sub-quantisers of K dims and 256 centroids each (d/K bytes per patch; 2-dim sub-quantisers
+# were dropped: FAISS trains them ~5x slower per byte than 4-dim ones, and sq4 costs the same), opqK the same after a
+# learnt rotation (OPQ). Quantisers are trained per shard, on that shard's patches.
+# Bytes per patch at dim d: fp32 4d, fp16 2d, sq8 d, sq4 d/2, pq4 / opq4 d/4.
+CODECS = {
+    "fp32": None,
+    "fp16": "QT_fp16",
+    "sq8": "QT_8bit",
+    "sq4": "QT_4bit",
+    "pq4": "PQ4",
+    "opq4": "OPQ4",
+}
+DEFAULT_CODEC = "fp16"  # sq4 is opt-in: see docs/scale.md (vacuum and copies re-quantise)
+# A PQ codebook needs this many training patches (256 centroids x 39 points, FAISS's advice);
+# a smaller shard (a commit group of a few images) is stored with sq4 instead.
+PQ_MIN_TRAIN = 256 * 39
+PQ_MAX_TRAIN = 16_384  # patches sampled to train a shard's codebooks (bounded time)
 
 
 class VectorStoreError(PiaaError):
@@ -202,11 +218,15 @@ class VectorStore:
         cls_index.add_with_ids(
             np.ascontiguousarray(cls, dtype=np.float32), np.asarray(image_ids, dtype=np.int64)
         )
-        patch_index = self._new_patch_index()
         flat = np.ascontiguousarray(patches.reshape(-1, self.dim), dtype=np.float32)
+        patch_index = self._new_patch_index(len(flat))
         if not patch_index.is_trained:
-            # Each shard decodes with its own quantiser, so SQ8 fits this shard's value ranges.
-            patch_index.train(flat)
+            # Each shard decodes with its own quantiser, trained on this shard's patches.
+            sample = flat
+            if len(flat) > PQ_MAX_TRAIN:
+                rng = np.random.default_rng(shard)
+                sample = flat[np.sort(rng.choice(len(flat), PQ_MAX_TRAIN, replace=False))]
+            patch_index.train(sample)
         patch_index.add(flat)
         patch_bytes, cls_bytes = _serialized(patch_index), _serialized(cls_index)
         # Patches and checksums first: a cls file is what marks a shard as present.
@@ -216,11 +236,20 @@ class VectorStore:
         _write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
         _fsync_dir(self.root)
 
-    def _new_patch_index(self):  # type: ignore[no-untyped-def]
+    def _new_patch_index(self, n_vectors: int):  # type: ignore[no-untyped-def]
         faiss = _faiss()
         qname = CODECS[self.codec]
         if qname is None:
             return faiss.IndexFlatIP(self.dim)
+        if "PQ" in qname:
+            sub_dims = int(qname.rsplit("PQ", 1)[1])
+            if n_vectors >= PQ_MIN_TRAIN and self.dim % sub_dims == 0:
+                m = self.dim // sub_dims
+                pq = faiss.IndexPQ(self.dim, m, 8, faiss.METRIC_INNER_PRODUCT)
+                if not qname.startswith("OPQ"):
+                    return pq
+                return faiss.IndexPreTransform(faiss.OPQMatrix(self.dim, m), pq)
+            qname = "QT_4bit"
         qtype = getattr(faiss.ScalarQuantizer, qname)
         return faiss.IndexScalarQuantizer(self.dim, qtype, faiss.METRIC_INNER_PRODUCT)
 

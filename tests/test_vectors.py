@@ -228,3 +228,52 @@ def test_cls_only_reads_skip_the_patches(tmp_path):
     got = store.read_shard(1, [0, 2], with_patches=False)
     assert got.image_ids.tolist() == [7, 9] and got.patches.shape == (2, 0, 4)
     assert np.array_equal(got.cls, cls[[0, 2]])
+
+
+# Compact codecs on clustered patches (the synthetic world's, 128 dims): mean relative
+# reconstruction error ||x - x'|| / ||x|| each must stay under (measured: sq4 0.13).
+COMPACT_TOLERANCE = {"sq4": 0.2, "pq4": 0.4, "opq4": 0.4}
+
+
+@pytest.mark.parametrize("codec", ["sq4", "pq4", "opq4"])
+def test_compact_codecs_round_trip(tmp_path: Path, codec: str) -> None:
+    """A shard of 700 images x 16 patches (enough to train PQ) reads back within the codec's
+    error, ranks patches like the originals, and is smaller than fp16 by the promised factor."""
+    from piaa_index.eval import scale
+
+    # The synthetic world at 32 dims, 4x4 patches (PQ training stays fast): 700 images.
+    big = scale.World.make(20, "shapesworld", seed=3)
+    world = scale.World(big.means[:, :DIM], big.text[:, :DIM], big.bg[:, :DIM], grid=4)
+    world.means /= np.linalg.norm(world.means, axis=-1, keepdims=True)
+    cls, patches, _ = world.images(700, np.random.default_rng(4))
+    ident = dict(IDENTITY, dim=world.dim, grid=[world.grid, world.grid])
+    vs = VectorStore.open(tmp_path / "v", ident, codec=codec)
+    ids = list(range(1000, 1700))
+    vs.write_shard(1, ids, cls, patches)
+
+    got = vs.read_shard(1)
+
+    assert got.image_ids.tolist() == ids and got.patches.shape == patches.shape
+    np.testing.assert_array_equal(got.cls, cls)
+    rel = np.linalg.norm(got.patches - patches, axis=-1) / np.linalg.norm(patches, axis=-1)
+    assert float(rel.mean()) <= COMPACT_TOLERANCE[codec]
+    # Each image's best patch for a label prototype, chosen on the decoded patches, is within
+    # 0.03 cosine of the original best on average (one object's patches are near-ties).
+    q = world.means[0]
+    best_true = (patches @ q).max(axis=1)
+    best_got_true = np.take_along_axis(patches @ q, np.argmax(got.patches @ q, axis=1)[:, None], 1)
+    assert float((best_true - best_got_true[:, 0]).mean()) <= 0.03
+    size = vs._path(1, "patch").stat().st_size / patches[..., 0].size  # bytes per patch
+    d = world.dim
+    codebooks = {"sq4": 8 * d, "pq4": 256 * d * 4, "opq4": 256 * d * 4 + d * d * 4}[codec]
+    per_patch = {"sq4": 0.5, "pq4": 0.25, "opq4": 0.25}[codec] * d
+    assert size <= per_patch + (codebooks + 4096) / patches[..., 0].size
+
+
+def test_small_shard_with_a_pq_codec_falls_back_to_sq4(tmp_path: Path) -> None:
+    """Too few patches to train 256 centroids per sub-quantiser: the shard is stored sq4."""
+    vs = _store(tmp_path, "pq4")
+    cls, patches = _data(12)
+    vs.write_shard(1, list(range(12)), cls, patches)
+    got = vs.read_shard(1)
+    assert float(np.abs(got.patches - patches).max()) <= 0.2

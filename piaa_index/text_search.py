@@ -1,0 +1,295 @@
+"""Open-vocabulary text search without reading the whole collection.
+
+Candidates first, exact scores second:
+
+1. an ANN index over the *patch* pool (FAISS IVF-PQ, inner product; every patch carries its
+   image's id) returns the patches nearest the phrase; grouped by image (max over patches);
+2. the [CLS] index of `similar` returns the images nearest the phrase;
+3. the union of both is re-ranked with the *exact* scorer (whatever `Library.text_search`
+   passes in) on those images' stored vectors only, and the top k are returned.
+
+The patch index is a cache kept beside the shards like `similar.py`'s: built lazily, persisted
+under `<vectors_dir>/text/` with the (image id, shard, row) triples it covers, and brought up to
+date incrementally (new shards added; superseded, re-encoded and removed images deleted by id).
+A damaged or missing one is rebuilt. Libraries below `EXACT_BELOW` images keep the exact scan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_index.vectors import ShardVectors, VectorStore, _fsync_dir
+
+# Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
+# the measured crossover).
+EXACT_BELOW = 2_000
+NPROBE = 32
+TRAIN_IMAGES = 2_000  # images sampled to train the coarse quantiser and the PQ codebooks
+TRAIN_PATCHES = 65_536
+
+
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many candidates the ANN path re-ranks exactly."""
+
+    patch_hits: int = 8_192  # patches retrieved from the patch index
+    from_patches: int = 400  # best images by max patch similarity
+    from_cls: int = 400  # best images by [CLS] similarity
+
+    @classmethod
+    def for_limit(cls, limit: int) -> Budget:
+        scale = max(1.0, limit / 20)
+        return cls(int(8_192 * scale), int(400 * scale), int(400 * scale))
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+def _pq_m(dim: int) -> int:
+    """PQ sub-quantisers: 8 dims each (dim/8 bytes per patch: 16 B at 128 dims, 64 B at 512)."""
+    for m in (dim // 8, dim // 4, dim // 2, dim):
+        if m > 0 and dim % m == 0:
+            return m
+    return dim
+
+
+class PatchIndex:
+    """IVF-PQ over every live patch; ids are image ids (an image's patches share its id)."""
+
+    def __init__(self, index: Any, ids: np.ndarray, shards: np.ndarray, rows: np.ndarray):
+        self.index = index
+        self.ids = ids  # int64 [n] images held, sorted
+        self.shards = shards  # int32 [n] the shard each was read from
+        self.rows = rows  # int32 [n] its row in that shard
+        self.version = -1
+        self.trained_on = len(ids)
+
+    @classmethod
+    def build(
+        cls,
+        vectors: VectorStore,
+        live: list[tuple[int, int, int]],
+        nlist: int | None = None,
+    ) -> PatchIndex:
+        faiss = _faiss()
+        d, m_patches = vectors.dim, vectors.n_patches
+        total = len(live) * m_patches
+        if nlist is None:
+            # ~sqrt(patches) lists, capped: adding a patch costs nlist dot products.
+            nlist = int(min(1024, max(16, math.sqrt(max(1, total)) / 2)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, _pq_m(d), 8, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        picks = sorted(
+            rng.choice(len(live), size=min(len(live), TRAIN_IMAGES), replace=False).tolist()
+        )
+        sample = np.concatenate(
+            [c.patches.reshape(-1, d) for c in vectors.iter_live([live[i] for i in picks])]
+        )
+        if len(sample) > TRAIN_PATCHES:
+            sample = sample[np.sort(rng.choice(len(sample), TRAIN_PATCHES, replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = min(NPROBE, nlist)
+        out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+        out.add(vectors, live)
+        out.trained_on = len(out.ids)
+        return out
+
+    def add(self, vectors: VectorStore, locations: list[tuple[int, int, int]]) -> None:
+        if not locations:
+            return
+        where = {i: (s, r) for i, s, r in locations}
+        got = []
+        for chunk in vectors.iter_live(locations, max_images=1024):
+            n, m = chunk.patches.shape[:2]
+            flat = np.ascontiguousarray(chunk.patches.reshape(n * m, -1), dtype=np.float32)
+            self.index.add_with_ids(flat, np.repeat(chunk.image_ids.astype(np.int64), m))
+            got.append(chunk.image_ids.astype(np.int64))
+        new = np.concatenate(got)
+        shards = np.fromiter((where[int(i)][0] for i in new), np.int32, len(new))
+        rows = np.fromiter((where[int(i)][1] for i in new), np.int32, len(new))
+        ids_all = np.concatenate([self.ids, new])
+        order = np.argsort(ids_all, kind="stable")
+        self.ids = ids_all[order]
+        self.shards = np.concatenate([self.shards, shards])[order]
+        self.rows = np.concatenate([self.rows, rows])[order]
+
+    def remove(self, mask: np.ndarray) -> None:
+        """Drop the held images selected by `mask` (all their patches)."""
+        if mask.any():
+            faiss = _faiss()
+            gone = np.ascontiguousarray(self.ids[mask], dtype=np.int64)
+            self.index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+            keep = ~mask
+            self.ids, self.shards, self.rows = self.ids[keep], self.shards[keep], self.rows[keep]
+
+    @property
+    def max_shard(self) -> int:
+        return int(self.shards.max()) if len(self.shards) else 0
+
+    def locations(self, ids: np.ndarray) -> list[tuple[int, int, int]]:
+        """(id, shard, row) of the held images among `ids` (others are dropped)."""
+        ids = np.asarray(ids, np.int64)
+        if not len(self.ids) or not len(ids):
+            return []
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        pos = pos[self.ids[pos] == ids]
+        return [(int(self.ids[p]), int(self.shards[p]), int(self.rows[p])) for p in pos]
+
+    def best_images(self, q: np.ndarray, patch_hits: int, images: int) -> np.ndarray:
+        """Ids of up to `images` images with the highest approximate max patch similarity."""
+        k = min(patch_hits, int(self.index.ntotal))
+        if k <= 0:
+            return np.zeros(0, np.int64)
+        sims, ids = self.index.search(np.asarray(q, np.float32).reshape(1, -1), k)
+        sims, ids = sims[0], ids[0]
+        keep = ids >= 0
+        sims, ids = sims[keep], ids[keep]
+        order = np.lexsort((ids, -sims))  # best first; an image's first hit is its max
+        uniq, first = np.unique(ids[order], return_index=True)
+        best = uniq[np.argsort(first, kind="stable")]
+        return best[:images]
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        faiss = _faiss()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)  # what says the others belong together
+        faiss.write_index(self.index, str(folder / "patches.faiss.tmp"))
+        with open(folder / "held.npz.tmp", "wb") as fh:
+            np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows)
+        meta = {"version": self.version, "trained_on": self.trained_on}
+        (folder / "meta.json.tmp").write_text(json.dumps(meta))
+        for name in ("patches.faiss", "held.npz", "meta.json"):
+            with open(folder / f"{name}.tmp", "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(folder / "patches.faiss.tmp", folder / "patches.faiss")
+        os.replace(folder / "held.npz.tmp", folder / "held.npz")
+        os.replace(folder / "meta.json.tmp", folder / "meta.json")
+        _fsync_dir(folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> PatchIndex | None:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            index = _faiss().read_index(str(folder / "patches.faiss"))
+            with np.load(folder / "held.npz") as held:
+                ids, shards, rows = held["ids"], held["shards"], held["rows"]
+        except (OSError, ValueError, RuntimeError, KeyError):
+            return None
+        out = cls(index, ids, shards, rows)
+        index.nprobe = min(NPROBE, int(index.nlist))
+        out.version = int(meta["version"])
+        out.trained_on = int(meta.get("trained_on", len(ids)))
+        return out
+
+
+def sync(index: PatchIndex | None, store: Any, vectors: VectorStore, folder: Path) -> PatchIndex:
+    """The patch index brought up to date with the catalog (built if there is none yet)."""
+    version = store.data_version()
+    if index is None:
+        index = PatchIndex.load(folder)
+    if index is not None and index.version == version:
+        return index
+    if index is None or len(index.ids) > 4 * max(1, index.trained_on) + 10_000:
+        # None yet, or trained on far fewer images than it holds: build afresh.
+        index = PatchIndex.build(vectors, store.live_locations())
+    else:
+        new = store.locations_after(index.max_shard)
+        new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+        index.remove(np.isin(index.ids, new_ids))
+        if len(index.ids) + len(new) != store.indexed_count():
+            # Removed or re-encoded into an older shard: compare (id, shard) with the catalog.
+            live = store.live_locations()
+            arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+            base = int(max(index.max_shard, int(arr[:, 1].max(initial=0)))) + 1
+            live_keys = arr[:, 0] * base + arr[:, 1]
+            held_keys = index.ids * base + index.shards
+            index.remove(~np.isin(held_keys, live_keys))
+            held = np.isin(live_keys, index.ids * base + index.shards)
+            new = [live[i] for i in np.nonzero(~held)[0]]
+        index.add(vectors, new)
+    index.version = version
+    index.save(folder)
+    return index
+
+
+def exact_scores(
+    vectors: VectorStore,
+    locations: list[tuple[int, int, int]],
+    scorer: Scorer,
+    phrase: np.ndarray,
+    others: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, exact scores) of the images at `locations`, reading only their vectors."""
+    ids, scores = [], []
+    chunks: Iterator[ShardVectors] = vectors.iter_live(locations)
+    for chunk in chunks:
+        scores.append(np.asarray(scorer(chunk.cls, chunk.patches, phrase, others)))
+        ids.append(chunk.image_ids)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(scores)
+
+
+def candidates(
+    patch_index: PatchIndex,
+    cls_search: Callable[[np.ndarray, int], np.ndarray],
+    phrase: np.ndarray,
+    budget: Budget,
+) -> np.ndarray:
+    """Ids to re-rank: best by patches ∪ best by [CLS] (sorted, unique)."""
+    q = np.asarray(phrase, np.float32).reshape(-1)
+    by_patch = patch_index.best_images(q, budget.patch_hits, budget.from_patches)
+    by_cls = cls_search(q, budget.from_cls) if budget.from_cls > 0 else np.zeros(0, np.int64)
+    return np.union1d(by_patch, np.asarray(by_cls, np.int64))
+
+
+def search(
+    library: Any,
+    phrase: np.ndarray,
+    others: np.ndarray | None,
+    scorer: Scorer,
+    limit: int | None,
+    budget: Budget | None = None,
+    exact_below: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, exact scores) of the images to rank for a text search: every image of a small
+    library (or when every image is asked for), else the ANN candidates re-ranked. `library` is
+    the `Searcher`: its store, vectors, vectors_dir, cached `_text_index` and [CLS] index."""
+    store, vectors = library.store, library.vectors
+    cached = library._text_index
+    version = store.data_version()
+    if cached is not None and cached.version == version:
+        n = len(cached.ids)
+    else:
+        n = store.indexed_count()
+    threshold = EXACT_BELOW if exact_below is None else exact_below
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    if limit is None or n < threshold:
+        return exact_scores(vectors, store.live_locations(), scorer, phrase, others)
+    index = sync(cached, store, vectors, library.vectors_dir / "text")
+    library._text_index = index
+    cls_index = library._similar_index()
+
+    def by_cls(q: np.ndarray, k: int) -> np.ndarray:
+        return np.asarray(cls_index.search(q, k)[0], np.int64)
+
+    pool = candidates(index, by_cls, phrase, budget or Budget.for_limit(limit))
+    return exact_scores(vectors, index.locations(pool), scorer, phrase, others)
