@@ -284,27 +284,10 @@ class Tagger(Part):
             return None  # lost or damaged: re-scored with the stored classifier
 
     def _sync_view(self, view: ScoreView) -> list[tuple[int, int, int]]:
-        """Mask rows SQL no longer vouches for; return the images still to score.
-
-        Cheap path: images in shards newer than any scored row (each index commit writes a new
-        shard) supersede their old rows, and if the counts then agree with SQL nothing was
-        removed. Otherwise (prune, lost shard, failed re-encode) compare (id, shard) pairs with
-        every indexed image once.
-        """
-        new = self.store.locations_after(view.max_shard)
-        if new:
-            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
-            view.invalidate(view.valid & np.isin(view.ids, new_ids))
-        if view.n_valid + len(new) == self.store.indexed_count():
-            return new
-        live = self.store.live_locations()
-        live_arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
-        base = int(max(view.max_shard, int(live_arr[:, 1].max(initial=0)))) + 1
-        live_keys = live_arr[:, 0] * base + live_arr[:, 1]
-        view_keys = view.ids * base + view.shards
-        view.invalidate(view.valid & ~np.isin(view_keys, live_keys))
-        held = np.isin(live_keys, view_keys[view.valid])
-        return [live[i] for i in np.nonzero(~held)[0]]
+        """Mask rows SQL no longer vouches for; return the images still to score."""
+        stale, new = self.store.changes_since(view.ids, view.shards, view.max_shard, view.valid)
+        view.invalidate(stale)
+        return new
 
     def state(self, progress: bool = False, score_new: bool = True) -> State:
         """The current classifier and score matrix, cached until the catalog version moves.

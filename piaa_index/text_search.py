@@ -210,19 +210,8 @@ def sync(index: PatchIndex | None, store: Any, vectors: VectorStore, folder: Pat
         # None yet, or trained on far fewer images than it holds: build afresh.
         index = PatchIndex.build(vectors, store.live_locations())
     else:
-        new = store.locations_after(index.max_shard)
-        new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
-        index.remove(np.isin(index.ids, new_ids))
-        if len(index.ids) + len(new) != store.indexed_count():
-            # Removed or re-encoded into an older shard: compare (id, shard) with the catalog.
-            live = store.live_locations()
-            arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
-            base = int(max(index.max_shard, int(arr[:, 1].max(initial=0)))) + 1
-            live_keys = arr[:, 0] * base + arr[:, 1]
-            held_keys = index.ids * base + index.shards
-            index.remove(~np.isin(held_keys, live_keys))
-            held = np.isin(live_keys, index.ids * base + index.shards)
-            new = [live[i] for i in np.nonzero(~held)[0]]
+        stale, new = store.changes_since(index.ids, index.shards, index.max_shard)
+        index.remove(stale)
         index.add(vectors, new)
     index.version = version
     index.save(folder)
