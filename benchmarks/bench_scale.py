@@ -71,14 +71,7 @@ def main() -> None:
     if home.exists() and any(home.iterdir()):
         sys.exit(f"{home} is not empty")
     world = scale.World.make(args.labels, args.geometry)
-    lib = Library.open(
-        home=home,
-        db=args.db,
-        model=scale.MODEL,
-        pretrained=scale.PRETRAINED,
-        front_end="clip",
-        encoder_factory=scale.encoder_factory(world),
-    )
+    lib = scale.open_library(home, world, args.db)
     out: dict[str, Any] = {
         "images": args.images,
         "geometry": args.geometry,

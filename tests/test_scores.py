@@ -21,17 +21,6 @@ N_LABELS = 12
 N_IMAGES = 3000
 
 
-def open_synthetic(home: Path, world: scale.World) -> Library:
-    return Library.open(
-        home=home,
-        db=f"sqlite:///{home / 'piaa.sqlite3'}",
-        model=scale.MODEL,
-        pretrained=scale.PRETRAINED,
-        front_end="clip",
-        encoder_factory=scale.encoder_factory(world),
-    )
-
-
 @pytest.fixture(scope="module")
 def world() -> scale.World:
     return scale.World.make(N_LABELS, seed=1)
@@ -39,7 +28,7 @@ def world() -> scale.World:
 
 @pytest.fixture
 def lib(tmp_path: Path, world: scale.World) -> Iterator[Library]:
-    library = open_synthetic(tmp_path / "home", world)
+    library = scale.open_library(tmp_path / "home", world)
     scale.add_images(library, world, N_IMAGES)
     library.set_vocabulary(scale.label_names(N_LABELS))
     library.fit()
@@ -80,7 +69,7 @@ def test_uncommitted_scores_are_removed_on_open(
     assert (lib.tagger.scores_dir / ("deadbeef" * 4)).is_dir()
     lib.close()
 
-    again = open_synthetic(lib.settings.home, world)
+    again = scale.open_library(lib.settings.home, world)
     try:
         assert again.vectors is not None  # opening reconciles vectors and scores with SQL
         assert not (again.tagger.scores_dir / ("deadbeef" * 4)).exists()
@@ -261,7 +250,7 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.index is built
 
     # A fresh Library loads the persisted index instead of reading every [CLS] vector again.
-    again = open_synthetic(lib.settings.home, world)
+    again = scale.open_library(lib.settings.home, world)
     try:
         _same_neighbours(
             again.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20)

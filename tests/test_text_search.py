@@ -19,17 +19,6 @@ N_IMAGES = 3000
 PHRASES = ["l000", "l001", "l003", "l007", "l010", "l015"]
 
 
-def open_synthetic(home: Path, world: scale.World) -> Library:
-    return Library.open(
-        home=home,
-        db=f"sqlite:///{home / 'piaa.sqlite3'}",
-        model=scale.MODEL,
-        pretrained=scale.PRETRAINED,
-        front_end="clip",
-        encoder_factory=scale.encoder_factory(world),
-    )
-
-
 @pytest.fixture(scope="module")
 def world() -> scale.World:
     return scale.World.make(N_LABELS, seed=2)
@@ -37,7 +26,7 @@ def world() -> scale.World:
 
 @pytest.fixture
 def lib(tmp_path: Path, world: scale.World) -> Iterator[Library]:
-    library = open_synthetic(tmp_path / "home", world)
+    library = scale.open_library(tmp_path / "home", world)
     scale.add_images(library, world, N_IMAGES, group=500)
     library.set_vocabulary(scale.label_names(N_LABELS))
     yield library
@@ -154,7 +143,7 @@ def test_incremental_sync_adds_reencoded_and_removed(
     assert top == paths(exact(lib, phrase))
 
     # Persisted: a fresh process loads the synced index instead of building it.
-    fresh = open_synthetic(lib.settings.home, world)
+    fresh = scale.open_library(lib.settings.home, world)
     try:
         assert paths(ann(fresh, phrase, monkeypatch)) == top
         assert fresh.searcher._text_index.version == lib.searcher._text_index.version
@@ -164,7 +153,7 @@ def test_incremental_sync_adds_reencoded_and_removed(
 
 
 def test_small_library_uses_the_exact_scan(tmp_path: Path, world: scale.World) -> None:
-    library = open_synthetic(tmp_path / "small", world)
+    library = scale.open_library(tmp_path / "small", world)
     try:
         scale.add_images(library, world, 300)
         rows = library.text_search("l002", limit=5)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from piaa_index.config import ModelSpec
+
+if TYPE_CHECKING:
+    from piaa_index.library import Library
 
 GEOMETRIES = {"shapesworld": (8, 128), "vit-b-16": (14, 512)}  # grid side, dim
 MODEL = "synthetic"
@@ -109,6 +113,20 @@ class SyntheticEncoder:
 
 def encoder_factory(world: World) -> Callable[[ModelSpec], Any]:
     return lambda spec: SyntheticEncoder(spec, world)
+
+
+def open_library(home: Path, world: World, db: str | None = None) -> Library:
+    """A library of this world's synthetic images in `home` (SQLite there unless `db`)."""
+    from piaa_index.library import Library
+
+    return Library.open(
+        home=home,
+        db=db or f"sqlite:///{Path(home) / 'piaa.sqlite3'}",
+        model=MODEL,
+        pretrained=PRETRAINED,
+        front_end="clip",
+        encoder_factory=encoder_factory(world),
+    )
 
 
 def add_images(
