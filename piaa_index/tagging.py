@@ -364,11 +364,6 @@ class Tagger(Part):
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
         return self.state(progress).vocab
 
-    def ensure_fitted(self, progress: bool = False) -> tuple[VocabularyInfo, Fitted]:
-        """`ensure_tags`, also handing back the classifier it checked (loaded once)."""
-        state = self.state(progress)
-        return state.vocab, state.fitted
-
 
 # The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches
 # over 20 classes). Small libraries keep that proportion: with K = 512 on a 400-image pool the
