@@ -35,6 +35,30 @@ def _head() -> str:
     return str(ScriptDirectory.from_config(_alembic_config(None)).get_current_head())
 
 
+def test_fast_open_path_knows_the_same_head_as_alembic() -> None:
+    """Opening an up-to-date library skips alembic by reading the head from the migration file
+    names; a migration named off that pattern would make every open take the slow path."""
+    from piaa_index.store import _head_revision
+
+    assert _head_revision() == _head()
+
+
+def test_an_up_to_date_library_opens_without_importing_alembic(tmp_path: Path) -> None:
+    """A query's start-up does not pay for alembic once the schema is at head."""
+    import subprocess
+    import sys
+
+    Store.open(_sqlite(tmp_path)).close()
+    code = (
+        "import sys\n"
+        "from piaa_index.store import Store\n"
+        f"Store.open({_sqlite(tmp_path)!r}).close()\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_open_creates_every_table_at_head(tmp_path: Path) -> None:
     """A new database gets the whole schema, stamped with this version's revision."""
     url = f"sqlite:///{tmp_path / 'deep' / 'er' / 'piaa.sqlite3'}"
