@@ -9,6 +9,12 @@ points at vectors that were not written (and if a shard was lost anyway, its ima
 back to the next index run).
 
 `manifest.json` records the model the vectors were made with; opening with another model fails.
+
+Lossy patch codecs (sq8, sq4, pq4, opq4) quantise with ONE quantiser per library, trained once
+on the first shard large enough and kept as `patch-quantizer.<digest>.faiss`. Every later shard
+is encoded with it, so decoding a patch and encoding it again gives back the same codes: vacuum
+and the reuse of an identical file's vectors copy patches without degrading them. Shards written
+before the quantiser exists (a first run of a few photos) are stored in fp16, losslessly.
 """
 
 from __future__ import annotations
@@ -41,11 +47,17 @@ CODECS = {
     "pq4": "PQ4",
     "opq4": "OPQ4",
 }
-DEFAULT_CODEC = "fp16"  # sq4 is opt-in: see docs/scale.md (vacuum and copies re-quantise)
-# A PQ codebook needs this many training patches (256 centroids x 39 points, FAISS's advice);
-# a smaller shard (a commit group of a few images) is stored with sq4 instead.
+# sq4: 52 KB per image at ViT-B/16 (fp16: 203 KB) at no measured ranking loss (docs/scale.md).
+DEFAULT_CODEC = "sq4"
+# Patches needed to train the library's quantiser: per-dimension ranges want a few thousand,
+# a PQ codebook 256 centroids x 39 points (FAISS's advice).
+SQ_MIN_TRAIN = 8_192
 PQ_MIN_TRAIN = 256 * 39
-PQ_MAX_TRAIN = 16_384  # patches sampled to train a shard's codebooks (bounded time)
+MAX_TRAIN = 16_384  # patches sampled to train the quantiser (bounded time)
+# Ranges widened by this fraction on each side: patches of later photos that fall outside the
+# first shard's range are clipped less often, for a few percent of resolution.
+SQ_RANGE_MARGIN = 0.05
+QUANTIZER_GLOB = "patch-quantizer.*.faiss"
 
 
 class VectorStoreError(PiaaError):
@@ -219,14 +231,7 @@ class VectorStore:
             np.ascontiguousarray(cls, dtype=np.float32), np.asarray(image_ids, dtype=np.int64)
         )
         flat = np.ascontiguousarray(patches.reshape(-1, self.dim), dtype=np.float32)
-        patch_index = self._new_patch_index(len(flat))
-        if not patch_index.is_trained:
-            # Each shard decodes with its own quantiser, trained on this shard's patches.
-            sample = flat
-            if len(flat) > PQ_MAX_TRAIN:
-                rng = np.random.default_rng(shard)
-                sample = flat[np.sort(rng.choice(len(flat), PQ_MAX_TRAIN, replace=False))]
-            patch_index.train(sample)
+        patch_index = self._new_patch_index(flat, shard)
         patch_index.add(flat)
         patch_bytes, cls_bytes = _serialized(patch_index), _serialized(cls_index)
         # Patches and checksums first: a cls file is what marks a shard as present.
@@ -236,22 +241,65 @@ class VectorStore:
         _write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
         _fsync_dir(self.root)
 
-    def _new_patch_index(self, n_vectors: int):  # type: ignore[no-untyped-def]
+    def _new_patch_index(self, flat: np.ndarray, shard: int):  # type: ignore[no-untyped-def]
+        """An empty, trained index to encode a shard's patches with (it is stored in the shard
+        file, so every shard decodes on its own whatever happens to the library's quantiser)."""
         faiss = _faiss()
         qname = CODECS[self.codec]
         if qname is None:
             return faiss.IndexFlatIP(self.dim)
-        if "PQ" in qname:
-            sub_dims = int(qname.rsplit("PQ", 1)[1])
-            if n_vectors >= PQ_MIN_TRAIN and self.dim % sub_dims == 0:
-                m = self.dim // sub_dims
-                pq = faiss.IndexPQ(self.dim, m, 8, faiss.METRIC_INNER_PRODUCT)
-                if not qname.startswith("OPQ"):
-                    return pq
-                return faiss.IndexPreTransform(faiss.OPQMatrix(self.dim, m), pq)
-            qname = "QT_4bit"
+        if qname == "QT_fp16":
+            return self._scalar_quantizer("QT_fp16")
+        quantizer = self.patch_quantizer() or self._train_patch_quantizer(flat, shard)
+        if quantizer is None:  # too few patches yet to train one well: lossless meanwhile
+            return self._scalar_quantizer("QT_fp16")
+        return faiss.clone_index(quantizer)
+
+    def _scalar_quantizer(self, qname: str):  # type: ignore[no-untyped-def]
+        faiss = _faiss()
         qtype = getattr(faiss.ScalarQuantizer, qname)
         return faiss.IndexScalarQuantizer(self.dim, qtype, faiss.METRIC_INNER_PRODUCT)
+
+    def patch_quantizer(self):  # type: ignore[no-untyped-def]
+        """The library's trained patch quantiser, or None before the first one is trained.
+        A damaged file is set aside (renamed `.damaged`) and a new one gets trained: shards
+        already written keep decoding with their own copy."""
+        faiss = _faiss()
+        # Two writers training at once (distributed workers) leave two files; all agree on one.
+        for path in sorted(self.root.glob(QUANTIZER_GLOB)):
+            data = path.read_bytes()
+            if _digest(data) != path.name.split(".")[1]:
+                path.rename(path.with_name(path.name + ".damaged"))
+                continue
+            return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return None
+
+    def _train_patch_quantizer(self, flat: np.ndarray, shard: int):  # type: ignore[no-untyped-def]
+        faiss = _faiss()
+        qname = CODECS[self.codec] or "QT_fp16"
+        if "PQ" in qname:
+            sub_dims = int(qname.rsplit("PQ", 1)[1])
+            if len(flat) < PQ_MIN_TRAIN or self.dim % sub_dims:
+                return None
+            m = self.dim // sub_dims
+            index = faiss.IndexPQ(self.dim, m, 8, faiss.METRIC_INNER_PRODUCT)
+            if qname.startswith("OPQ"):
+                index = faiss.IndexPreTransform(faiss.OPQMatrix(self.dim, m), index)
+        else:
+            if len(flat) < SQ_MIN_TRAIN:
+                return None
+            index = self._scalar_quantizer(qname)
+            index.sq.rangestat_arg = SQ_RANGE_MARGIN
+        sample = flat
+        if len(flat) > MAX_TRAIN:
+            rng = np.random.default_rng(shard)
+            sample = flat[np.sort(rng.choice(len(flat), MAX_TRAIN, replace=False))]
+        index.train(sample)
+        data = _serialized(index)
+        path = self.root / f"patch-quantizer.{_digest(data)}.faiss"
+        _write_bytes_atomic(data, path)
+        _fsync_dir(self.root)
+        return self.patch_quantizer()
 
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
