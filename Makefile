@@ -23,8 +23,8 @@ test-all: install      ## everything, slow tests included
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check piaa_index plugins migrations tests benchmarks docs
-	$(BIN)/ruff format --check piaa_index plugins migrations tests benchmarks docs
+	$(BIN)/ruff check piaa_index plugins migrations tests benchmarks docs tools
+	$(BIN)/ruff format --check piaa_index plugins migrations tests benchmarks docs tools
 
 typecheck: install
 	$(BIN)/mypy piaa_index

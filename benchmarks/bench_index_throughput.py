@@ -11,6 +11,7 @@ and no row starts after --max-model-seconds per model (ViT-B-16: about 2 minutes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -24,7 +25,11 @@ import torch
 from PIL import Image
 
 from piaa_index.encoder import Encoder, ModelSpec
+
+# The two-pass reference is a development tool in tools/, beside this script, not shipped.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from piaa_index.images import load_image
+from tools.reference_encoder import encode_two_pass  # noqa: E402
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -133,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{label}: skipping {front_end} {mode}, over --max-model-seconds")
                     continue
                 enc = encoders[front_end]
-                fn = enc.encode_two_pass if mode == "two-pass" else enc.encode_images
+                fn = (
+                    functools.partial(encode_two_pass, enc)
+                    if mode == "two-pass"
+                    else enc.encode_images
+                )
                 n, dec, encd = run(enc, paths, args.batch_size, args.budget, fn, draft)
                 rows.append(Row(label, front_end, mode + ("+draft" if draft else ""), n, dec, encd))
                 print_row(rows[-1], args.json, header=len(rows) == 1)

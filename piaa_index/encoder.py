@@ -419,32 +419,6 @@ class Encoder:
             patches = self._project_patches(_to_nld(fe, self._batch_first))
             return self._normalise(cls), self._normalise(patches)
 
-    def encode_two_pass(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Reference for tests: encode_image for [CLS], a hooked full forward for patches."""
-        v = self.visual
-        captured: list[torch.Tensor] = []
-        last = v.transformer.resblocks[-1]
-
-        def replace_last(_m: torch.nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor:
-            return _front_end_block(self.spec.front_end, last, args[0], self._batch_first)
-
-        def capture(_m: torch.nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
-            captured.append(out)
-
-        with torch.inference_mode():
-            x = self._prepare(batch)
-            cls = self.model.encode_image(x)
-            hooks = [v.transformer.register_forward_hook(capture)]
-            if self.spec.front_end != "clip":
-                hooks.append(last.register_forward_hook(replace_last))
-            try:
-                self.model.encode_image(x)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            patches = self._project_patches(captured[-1])  # Transformer.forward returns NLD
-            return self._normalise(cls), self._normalise(patches)
-
     # ---- text ---------------------------------------------------------------------------------
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

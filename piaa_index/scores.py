@@ -224,10 +224,6 @@ class ScoreView:
     def max_shard(self) -> int:
         return int(self.shards.max()) if len(self.shards) else 0
 
-    @property
-    def n_valid(self) -> int:
-        return int(self.valid.sum())
-
     def invalidate(self, mask: np.ndarray) -> None:
         """Mask rows (superseded or no longer indexed)."""
         self.valid &= ~mask

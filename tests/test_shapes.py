@@ -137,7 +137,7 @@ def test_generate_dataset_deterministic_jpg(tmp_path: Path) -> None:
 
 def test_losses_and_token_similarity() -> None:
     torch = pytest.importorskip("torch")
-    from piaa_index.shapes.train import mean_ap, soft_clip_loss, token_sim
+    from tools.train_shapesworld import mean_ap, soft_clip_loss, token_sim
 
     patches = torch.zeros(2, 3, 2)
     patches[0, 0] = torch.tensor([1.0, 0.0])  # image 0 has a class-0 patch
@@ -166,7 +166,7 @@ def test_model_config_shape() -> None:
 
 def test_shipped_checkpoint_loads_through_open_clip() -> None:
     if not CKPT.exists():
-        pytest.skip(f"{CKPT.name} not trained yet (python -m piaa_index.shapes.train)")
+        pytest.skip(f"{CKPT.name} not trained yet (python -m tools.train_shapesworld)")
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     from safetensors.torch import load_file

@@ -6,8 +6,8 @@ image i's patch tokens (last block → ln_post → proj) of patch·text(object n
 batch that name the same set of objects count as positives of each other (in a 24-class world
 duplicates are frequent, unlike web alt-text).
 
-    python -m piaa_index.shapes.train --steps 1800 --out piaa_index/assets/shapesworld/...
-    python -m piaa_index.shapes.train --eval-only CHECKPOINT
+    python -m tools.train_shapesworld --steps 1800 --out piaa_index/assets/shapesworld/...
+    python -m tools.train_shapesworld --eval-only CHECKPOINT
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapesworld"
+# A development tool, not shipped: run from the repository root, it writes into the package.
+ASSET_DIR = Path(__file__).resolve().parent.parent / "piaa_index" / "assets" / "shapesworld"
 MODEL_NAME = "shapesworld"
 EVAL_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image with a {}.", "{}"]
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OpenAI defaults, used by the preprocess
