@@ -33,7 +33,7 @@ from piaa_index.config import (
 )
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.maintenance import Maintenance
-from piaa_index.searching import Searcher
+from piaa_index.searching import Searcher, TagMatrix
 from piaa_index.store import Store, VocabularyInfo
 from piaa_index.tagging import FitReport, Tagger, default_bank_size
 from piaa_index.vectors import VectorStore
@@ -319,6 +319,11 @@ class Library:
     def present_tags(self) -> dict[str, list[tuple[str, float]]]:
         """path -> [(label, fused score)] of the labels decided present, best first."""
         return self.searcher.present_tags()
+
+    def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
+        """Fused scores and decisions of `labels` (default: all) for every indexed image, as
+        arrays: the public bulk read for plugins (no reaching into the store)."""
+        return self.searcher.tag_matrix(labels)
 
     def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
         """Open-vocabulary search: a phrase scored on the fly, no refit."""

@@ -3,6 +3,7 @@ text search and similar images (a FAISS index over [CLS], `piaa_index/similar.py
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,17 @@ from piaa_index.vocabulary import default_templates
 
 if TYPE_CHECKING:
     from piaa_index.library import Library
+
+
+@dataclass(frozen=True)
+class TagMatrix:
+    """Every indexed image's scores for some labels, for plugins and bulk readers: row i is
+    image `image_ids[i]`, column j label `labels[j]` (ids ascending)."""
+
+    image_ids: np.ndarray  # [n] int64
+    labels: list[str]
+    scores: np.ndarray  # [n, L] float32 fused scores
+    present: np.ndarray  # [n, L] bool decisions
 
 
 class Searcher(Part):
@@ -121,6 +133,31 @@ class Searcher(Part):
             }
             for r, image_id in zip(rows, ids, strict=True)
         ]
+
+    def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
+        """The fused scores and decisions of `labels` (default: the whole vocabulary) for every
+        indexed image, straight from the score matrix: one column read per label."""
+        from piaa_index.query_language import normalize_label
+
+        state = self.library.tagger.state()
+        column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
+        if labels is None:
+            cols = list(range(len(state.vocab.labels)))
+        else:
+            unknown = [name for name in labels if normalize_label(name) not in column]
+            if unknown:
+                raise UserInputError(f"unknown label(s): {', '.join(unknown)}")
+            cols = [column[normalize_label(name)] for name in labels]
+        view = state.view
+        rows = np.nonzero(view.valid)[0]
+        rows = rows[np.argsort(view.ids[rows], kind="stable")]
+        scores = np.empty((len(rows), len(cols)), np.float32)
+        present = np.empty((len(rows), len(cols)), bool)
+        for j, c in enumerate(cols):
+            scores[:, j] = view.column("S", c)[rows]
+            present[:, j] = view.column("present", c)[rows]
+        names = [state.vocab.labels[c].name for c in cols]
+        return TagMatrix(view.ids[rows].astype(np.int64), names, scores, present)
 
     def present_tags(self) -> dict[str, list[tuple[str, float]]]:
         """path -> [(label, fused score)] of the labels decided present, best first, for every

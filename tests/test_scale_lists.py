@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import event
 
 from piaa_index.cli import cli
+from piaa_index.errors import UserInputError
 from piaa_index.eval.ablation import run_ablation
 from piaa_index.eval.datasets import Dataset, load_dataset
 from piaa_index.library import Library
@@ -172,6 +174,31 @@ def test_search_returns_every_match(indexed: tuple[Library, dict], tmp_path: Pat
     assert scores == sorted(scores, reverse=True)
     both = lib.search(f'"{a}" AND "{b}"', limit=None)
     assert {r["path"] for r in both} == {p for p, labels in tags.items() if {a, b} <= labels}
+
+
+def test_tag_matrix_agrees_with_tags_and_exports(
+    indexed: tuple[Library, dict], tmp_path: Path
+) -> None:
+    """The plugins' bulk read: one row per indexed image (all 5,000), decisions equal to the
+    exported tags, scores equal to `tags IMAGE`'s."""
+    lib, _ = indexed
+    matrix = lib.tag_matrix()
+    tags = exported(lib, tmp_path)
+    paths = lib.store.paths([int(i) for i in matrix.image_ids])
+    assert len(matrix.image_ids) == len(tags) == N
+    assert matrix.scores.shape == matrix.present.shape == (N, len(lib.labels()))
+    for row, image_id in enumerate(matrix.image_ids):
+        on = {matrix.labels[j] for j in np.nonzero(matrix.present[row])[0]}
+        assert on == tags[paths[int(image_id)]]
+    row = len(matrix.image_ids) // 2
+    by_label = {t["label"]: t["score"] for t in lib.tags(paths[int(matrix.image_ids[row])])}
+    for j, name in enumerate(matrix.labels):
+        assert matrix.scores[row, j] == pytest.approx(by_label[name], abs=1e-6)
+    two = lib.tag_matrix(matrix.labels[:2][::-1])
+    assert two.labels == matrix.labels[:2][::-1]
+    np.testing.assert_array_equal(two.present[:, 0], matrix.present[:, 1])
+    with pytest.raises(UserInputError, match="no-such-label"):
+        lib.tag_matrix(["no-such-label"])
 
 
 def test_search_limit_must_not_be_negative(indexed: tuple[Library, dict]) -> None:
