@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -283,3 +284,55 @@ def test_keywords_for_labels() -> None:
     kw = Keywords.for_labels(["dog", "cat", "dog"], prefix="piaa")
     assert kw.values == (("dog", "cat"), ("piaa|dog", "piaa|cat"), ("piaa/dog", "piaa/cat"))
     assert not Keywords.for_labels([])
+
+
+# -- the must-show, through the CLI on a real index -------------------------------------------
+
+
+def test_nas_share_export_and_undo_through_the_cli(tmp_path: Path, tiny_model_config: Path) -> None:
+    """A NAS-like share indexes its one photo; `piaa export xmp` writes one sidecar (merged
+    into the darktable one already there), none under @eaDir, .thumbnails, the trash or .git;
+    `--undo` leaves the darktable sidecar byte-identical."""
+    import json
+
+    from click.testing import CliRunner
+
+    from piaa_index.cli import cli
+    from tests.image_files import shapes_image
+
+    share = tmp_path / "share"
+    (share / "2024").mkdir(parents=True)
+    image = share / "2024" / "IMG_0042.jpg"
+    shapes_image(np.random.default_rng(0), (96, 96)).save(image, quality=90)
+    sidecar = Path(str(image) + ".xmp")
+    sidecar.write_text(DARKTABLE_SIDECAR, encoding="utf-8")
+    for junk in (
+        "2024/@eaDir/IMG_0042.jpg/SYNOPHOTO_THUMB_XL.jpg",
+        "2024/.thumbnails/IMG_0042.jpg",
+        ".Trash-1000/files/IMG_0042.jpg",
+        ".git/IMG_0042.jpg",
+    ):
+        photo(share / junk)
+    base = ["--home", str(tmp_path / "home"), "-q", "--model", str(tiny_model_config)]
+    base += ["--pretrained", "none"]
+
+    def piaa(*args: str) -> str:
+        result = CliRunner().invoke(cli, [*base, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    report = json.loads(piaa("index", str(share), "--json"))
+    assert report["indexed"] == 1
+    piaa("vocab", "set", "red circle", "blue square", "green triangle")
+    piaa("fit")
+    summary = json.loads(piaa("export", "xmp", "--json"))
+    sidecars = sorted(str(p) for p in share.rglob("*.xmp"))
+    assert sidecars == [str(sidecar)]
+    labels = [t["label"] for t in json.loads(piaa("tags", str(image), "--json")) if t["present"]]
+    assert summary["failed"] == summary["skipped_invalid"] == 0
+    assert labels and summary["updated"] == 1
+    props = read_properties(sidecar.read_bytes())
+    assert props["Xmp.dc.subject"] == ["darktable|format|jpg", "dog", *labels]
+    assert props["Xmp.darktable.history[2]/darktable:operation"] == "colorbalancergb"
+    piaa("export", "xmp", "--undo")
+    assert sidecar.read_text(encoding="utf-8") == DARKTABLE_SIDECAR
