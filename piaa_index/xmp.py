@@ -242,6 +242,14 @@ def sidecar_names(image: str) -> tuple[str, str]:
     return image + ".xmp", os.path.splitext(image)[0] + ".xmp"
 
 
+def check_options(prefix: str, naming: str) -> None:
+    """Refuse a prefix that would split into two levels, and an unknown naming."""
+    if "|" in prefix or "/" in prefix:
+        raise UserInputError(f"--prefix must not contain '|' or '/': {prefix!r}")
+    if naming not in NAMINGS:
+        raise UserInputError(f"--naming must be one of {', '.join(NAMINGS)}, not {naming!r}")
+
+
 def choose_sidecars(images: Iterable[str], naming: str = "append") -> dict[str, str]:
     """The sidecar of each image: the `naming` one, or the other-named one when only that one
     exists (we merge into what darktable or Lightroom already made). IMG.xmp is never used for
@@ -371,8 +379,7 @@ class Sidecars:
         `images` without labels lose what we wrote before (a vocabulary change)."""
         from piaa_index.scan import in_excluded_folder
 
-        if "|" in prefix or "/" in prefix:
-            raise UserInputError(f"--prefix must not contain '|' or '/': {prefix!r}")
+        check_options(prefix, naming)
         report = SyncReport()
         records = self.store.sidecar_records()
         plan: dict[str, Keywords] = {}

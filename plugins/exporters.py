@@ -25,8 +25,9 @@ def _xmp(
     undo: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    from piaa_index.xmp import Sidecars
+    from piaa_index.xmp import Sidecars, check_options
 
+    check_options(prefix, naming)  # before tagging, which may take a while
     sidecars = Sidecars(library.store)
     images = library.store.indexed_paths()
     if undo:
