@@ -108,17 +108,9 @@ def _exiv2() -> Any:
 
 def read_properties(data: bytes) -> dict[str, Any]:
     """The XMP properties of a sidecar's bytes, as exiv2 names them (`Xmp.dc.subject`…)."""
-    exiv2 = _exiv2()
+    image = _open(data)
     try:
-        image = exiv2.ImageData(data)
-    except (RuntimeError, ValueError) as exc:
-        raise InvalidSidecar(_reason(exc)) from None
-    try:
-        if image.get_mime_type() != XMP_MIME:
-            raise InvalidSidecar(f"not an XMP sidecar ({image.get_mime_type()})")
-        return dict(image.read_xmp())
-    except (RuntimeError, UnicodeDecodeError) as exc:
-        raise InvalidSidecar(_reason(exc)) from None
+        return _properties(image)
     finally:
         image.close()
 
@@ -126,27 +118,43 @@ def read_properties(data: bytes) -> dict[str, Any]:
 def rewrite(data: bytes | None, ours: Keywords) -> bytes | None:
     """The sidecar `data` (None: no file yet) with our values replaced by `ours`, everything
     else kept; None when nothing changes. An empty `ours` takes all of ours out."""
-    before = read_properties(EMPTY_PACKET if data is None else data)
-    updates, expected = _plan(before, ours)
-    if not updates:
-        return None
-    exiv2 = _exiv2()
-    image = exiv2.ImageData(EMPTY_PACKET if data is None else data)
+    image = _open(EMPTY_PACKET if data is None else data)
     try:
-        # exiv2 mirrors a sidecar's XMP into Exif and IPTC on reading and back on writing,
-        # which would put deleted keywords back and rewrite dates: drop the mirrors first.
-        if image.read_iptc():
-            image.clear_iptc()
-        if image.read_exif():
-            image.clear_exif()
-        image.modify_xmp(updates)
-        out = bytes(image.get_bytes())
-    except (RuntimeError, UnicodeDecodeError) as exc:
-        raise SidecarError(f"exiv2 could not write it: {_reason(exc)}") from None
+        before = _properties(image)
+        updates, expected = _plan(before, ours)
+        if not updates:
+            return None
+        try:
+            # exiv2 mirrors a sidecar's XMP into Exif and IPTC on reading and back on writing,
+            # which would put deleted keywords back and rewrite dates: drop the mirrors first.
+            if image.read_iptc():
+                image.clear_iptc()
+            if image.read_exif():
+                image.clear_exif()
+            image.modify_xmp(updates)
+            out = bytes(image.get_bytes())
+        except (RuntimeError, UnicodeDecodeError) as exc:
+            raise SidecarError(f"exiv2 could not write it: {_reason(exc)}") from None
     finally:
         image.close()
     _check(out, before, expected)
     return out
+
+
+def _open(data: bytes) -> Any:
+    try:
+        return _exiv2().ImageData(data)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidSidecar(_reason(exc)) from None
+
+
+def _properties(image: Any) -> dict[str, Any]:
+    try:
+        if image.get_mime_type() != XMP_MIME:
+            raise InvalidSidecar(f"not an XMP sidecar ({image.get_mime_type()})")
+        return dict(image.read_xmp())
+    except (RuntimeError, UnicodeDecodeError) as exc:
+        raise InvalidSidecar(_reason(exc)) from None
 
 
 def is_empty(data: bytes) -> bool:
@@ -190,6 +198,8 @@ def _as_list(props: Mapping[str, Any], key: str) -> list[str]:
         return []
     if isinstance(value, list):
         return [str(v) for v in value]
+    if isinstance(value, dict):
+        raise InvalidSidecar(f"{key} is a language alternative, not a list")
     if isinstance(value, str) and value.startswith("type="):
         # exiv2's flat form, used when items carry qualifiers: rewriting would drop those.
         raise InvalidSidecar(f"{key} has items with qualifiers, which we do not rewrite")
@@ -222,9 +232,10 @@ def _check(out: bytes, before: Mapping[str, Any], expected: Mapping[str, list]) 
             k: v for k, v in props.items() if k not in managed and k.split("[")[0] not in managed
         }
 
-    if others(after) != others(before):
-        changed = sorted(set(others(after).items()) ^ set(others(before).items()), key=str)
-        raise SidecarError(f"exiv2 would change other properties: {changed[:3]}")
+    kept, was = others(after), others(before)
+    changed = sorted(k for k in {*kept, *was} if kept.get(k) != was.get(k))
+    if changed:
+        raise SidecarError(f"exiv2 would change other properties: {', '.join(changed[:3])}")
     for key, values in expected.items():
         if _as_list(after, key) != values:
             raise SidecarError(f"exiv2 wrote {key} wrong")
