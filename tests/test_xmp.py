@@ -155,6 +155,21 @@ def test_undo_after_user_edit_removes_only_ours(store: Store, tmp_path: Path) ->
     assert not any(k.startswith("Xmp.piaa.") for k in read_properties(sidecar.read_bytes()))
 
 
+def test_user_edit_between_exports_is_never_undone(store: Store, tmp_path: Path) -> None:
+    """Export, the user re-rates, a re-export rewrites our keywords: the original bytes can no
+    longer be put back as they were, so undo keeps the new rating and removes only ours."""
+    image = photo(tmp_path / "IMG_0001.jpg")
+    sidecar = Path(image + ".xmp")
+    write_exiftool_sidecar(sidecar)
+    export(store, {image: ["cat"]})
+    exiftool("-q", "-overwrite_original", "-XMP-xmp:Rating=1", sidecar)
+    assert export(store, {image: ["cat", "bird"]})["updated"] == 1
+    assert undo(store, [image])["updated"] == 1  # not "restored"
+    got = exiftool_read(sidecar)
+    assert got["Rating"] == 1 and got["Subject"] == ["dog", "holiday"]
+    assert got["HierarchicalSubject"] == ["places|harbour"]
+
+
 def test_sidecars_found_by_namespace_without_records(tmp_path: Path) -> None:
     """Undo finds our keywords in the sidecars of the given images even with a new database."""
     image = photo(tmp_path / "a.jpg")
