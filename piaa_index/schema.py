@@ -151,4 +151,5 @@ class XmpSidecar(Base):
     created: Mapped[bool] = mapped_column(Boolean)  # the file did not exist before our write
     original: Mapped[bytes | None] = mapped_column(LargeBinary)  # its bytes before; None: gone
     written_sha256: Mapped[str] = mapped_column(String(64))  # of the bytes of our last write
+    keywords_sha256: Mapped[str] = mapped_column(String(64))  # of the keywords it carried
     written_at: Mapped[datetime] = mapped_column(DateTime)

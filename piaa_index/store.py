@@ -130,6 +130,7 @@ class SidecarRecord(NamedTuple):
     created: bool
     has_original: bool
     written_sha256: str
+    keywords_sha256: str
 
 
 class Store:
@@ -689,9 +690,13 @@ class Store:
                     XmpSidecar.created,
                     XmpSidecar.original.is_not(None),
                     XmpSidecar.written_sha256,
+                    XmpSidecar.keywords_sha256,
                 )
             ).all()
-        return {str(p): SidecarRecord(str(p), bool(c), bool(o), str(h)) for p, c, o, h in rows}
+        return {
+            str(p): SidecarRecord(str(p), bool(c), bool(o), str(h), str(k))
+            for p, c, o, h, k in rows
+        }
 
     def sidecar_original(self, path: str) -> bytes | None:
         """The bytes a sidecar had before our first write (None: we created it, or it is gone)."""
@@ -701,9 +706,10 @@ class Store:
 
     def record_sidecars(self, new: Sequence[dict], written: Sequence[dict]) -> None:
         """Remember sidecars before we write them: `new` rows (path, created, original,
-        written_sha256) replace any row of their path; `written` rows (path, written_sha256,
-        keep_original) update the hash of our last write, dropping the original bytes when
-        someone else changed the file since (they can no longer be restored as they were)."""
+        written_sha256, keywords_sha256) replace any row of their path; `written` rows (path,
+        written_sha256, keywords_sha256, keep_original) update the hashes of our last write,
+        dropping the original bytes when someone else changed the file since (they can no
+        longer be restored as they were)."""
         now = utcnow()
         with self.session() as s:
             for start in range(0, len(new), 500):
@@ -712,13 +718,21 @@ class Store:
                 s.execute(insert(XmpSidecar), [{**r, "written_at": now} for r in chunk])
             for keep in (True, False):
                 rows = [
-                    {"b_path": r["path"], "b_sha": r["written_sha256"]}
+                    {
+                        "b_path": r["path"],
+                        "b_sha": r["written_sha256"],
+                        "b_kw": r["keywords_sha256"],
+                    }
                     for r in written
                     if r["keep_original"] == keep
                 ]
                 if not rows:
                     continue
-                values: dict[str, Any] = {"written_sha256": bindparam("b_sha"), "written_at": now}
+                values: dict[str, Any] = {
+                    "written_sha256": bindparam("b_sha"),
+                    "keywords_sha256": bindparam("b_kw"),
+                    "written_at": now,
+                }
                 if not keep:
                     values["original"] = None
                 table = _SIDECAR_TABLE

@@ -17,6 +17,7 @@ reported and left as it is.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -79,6 +80,9 @@ class Keywords:
 
     def __bool__(self) -> bool:
         return any(self.values)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.values).encode()).hexdigest()
 
 
 NONE = Keywords()
@@ -462,6 +466,14 @@ class Sidecars:
                     continue
                 record = None
             untouched = record is not None and _sha(current) == record.written_sha256
+            if (
+                ours
+                and record is not None
+                and untouched
+                and ours.digest() == record.keywords_sha256
+            ):
+                report.add("unchanged", path)  # our last write, with these very keywords
+                continue
             if not ours and record is not None and untouched:
                 # Everything in it beyond the original is ours: back to exactly what it was.
                 if record.created:
@@ -499,6 +511,7 @@ class Sidecars:
                         "created": current is None,
                         "original": current,
                         "written_sha256": _sha(new),
+                        "keywords_sha256": ours.digest(),
                     }
                 )
             else:
@@ -506,7 +519,12 @@ class Sidecars:
                     record.has_original and current == self.store.sidecar_original(path)
                 )
                 written_rows.append(
-                    {"path": path, "written_sha256": _sha(new), "keep_original": keep}
+                    {
+                        "path": path,
+                        "written_sha256": _sha(new),
+                        "keywords_sha256": ours.digest(),
+                        "keep_original": keep,
+                    }
                 )
             actions.append((path, new, "written" if current is None else "updated", False))
         # Remember before writing: a crash in between leaves a record whose hash the file does

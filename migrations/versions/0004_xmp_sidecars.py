@@ -2,7 +2,8 @@
 
 `xmp_sidecars` has one row per sidecar file we created or changed: whether we created it, the
 bytes it had before our first write (restored by undo when nobody touched the file since), and
-the SHA-256 of the bytes of our last write (how undo knows nobody did).
+the SHA-256 of the bytes of our last write (how undo knows nobody did), and of the keywords it
+carried (a re-export that would write the same keywords into an untouched file skips parsing it).
 
 Revision ID: 0004
 Revises: 0003
@@ -26,6 +27,7 @@ def upgrade() -> None:
         sa.Column("created", sa.Boolean(), nullable=False),
         sa.Column("original", sa.LargeBinary(), nullable=True),
         sa.Column("written_sha256", sa.String(64), nullable=False),
+        sa.Column("keywords_sha256", sa.String(64), nullable=False),
         sa.Column("written_at", sa.DateTime(), nullable=False),
     )
 
