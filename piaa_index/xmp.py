@@ -452,6 +452,11 @@ class Sidecars:
         actions: list[tuple[str, bytes | None, str, bool]] = []
         forget: list[str] = []
         for path, ours in items:
+            if os.path.islink(path):
+                # Replacing it would turn the link into a file; writing through it would
+                # change a file elsewhere that may not be this image's.
+                self._failed(report, path, "a symbolic link, left as it is")
+                continue
             try:
                 current = _read(path)
             except OSError as exc:

@@ -208,6 +208,17 @@ def test_invalid_sidecars_are_reported_and_left_untouched(store: Store, tmp_path
     assert not list(tmp_path.glob(".*piaa-tmp"))
 
 
+def test_linked_sidecar_is_left_alone(store: Store, tmp_path: Path) -> None:
+    image = photo(tmp_path / "a.jpg")
+    target = tmp_path / "elsewhere.xmp"
+    target.write_text(DARKTABLE_SIDECAR, encoding="utf-8")
+    Path(image + ".xmp").symlink_to(target)
+    summary = export(store, {image: ["cat"]})
+    assert summary["failed"] == 1 and "symbolic link" in summary["errors"][0]
+    assert Path(image + ".xmp").is_symlink()
+    assert target.read_text(encoding="utf-8") == DARKTABLE_SIDECAR
+
+
 def test_excluded_folders_get_no_sidecar(store: Store, tmp_path: Path) -> None:
     """Images in NAS thumbnail, trash and .git folders (indexed before the excludes, say) get
     no sidecar there."""
