@@ -230,3 +230,18 @@ def _visit(
         result.linked_folders.append(entry.path)
     else:
         stack.append((entry.path, rel))
+
+
+_FOLDER_EXCLUDES: Any = None
+
+
+def in_excluded_folder(path: str) -> bool:
+    """Whether `path` lies in a folder the scan skips by default whatever its parent: a NAS
+    thumbnail or recycle folder, a trash, `.git`… (hidden folders in general aside: a user may
+    keep a whole library under one). Exports check it so that an image indexed before these
+    excludes, or named explicitly, never gets a sidecar written into such a folder."""
+    global _FOLDER_EXCLUDES
+    if _FOLDER_EXCLUDES is None:
+        _FOLDER_EXCLUDES = _spec(p for p in DEFAULT_EXCLUDES if p.endswith("/"))
+    folder = os.path.dirname(os.path.abspath(path)).replace(os.sep, "/").strip("/")
+    return bool(folder) and bool(_FOLDER_EXCLUDES.match_file(folder + "/"))

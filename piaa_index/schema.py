@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -139,3 +140,16 @@ class DataVersion(Base):
     __tablename__ = "data_versions"
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger)
+
+
+class XmpSidecar(Base):
+    """A sidecar file `piaa export xmp` created or changed (piaa_index/xmp.py), for --undo."""
+
+    __tablename__ = "xmp_sidecars"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(FsText, unique=True)
+    created: Mapped[bool] = mapped_column(Boolean)  # the file did not exist before our write
+    original: Mapped[bytes | None] = mapped_column(LargeBinary)  # its bytes before; None: gone
+    written_sha256: Mapped[str] = mapped_column(String(64))  # of the bytes of our last write
+    keywords_sha256: Mapped[str] = mapped_column(String(64))  # of the keywords it carried
+    written_at: Mapped[datetime] = mapped_column(DateTime)

@@ -1,39 +1,16 @@
-"""Built-in exporters: XMP sidecars (Lightroom, digiKam, darktable read dc:subject), CSV, JSON."""
+"""Built-in exporters: XMP sidecars (piaa_index/xmp.py: merged into what is there, undoable),
+CSV, JSON."""
 
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Exporter, Param
 from piaa_index.textio import json_text
-
-XMP_TEMPLATE = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
-<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="piaa-index">
- <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
-  <rdf:Description rdf:about=""
-    xmlns:dc="http://purl.org/dc/elements/1.1/"
-    xmlns:lr="http://ns.adobe.com/lightroom/1.0/">
-   <dc:subject>
-    <rdf:Bag>
-{items}
-    </rdf:Bag>
-   </dc:subject>
-   <lr:hierarchicalSubject>
-    <rdf:Bag>
-{hier}
-    </rdf:Bag>
-   </lr:hierarchicalSubject>
-  </rdf:Description>
- </rdf:RDF>
-</x:xmpmeta>
-<?xpacket end="w"?>
-"""
 
 
 def _present_tags(library: Any) -> dict[str, list[tuple[str, float]]]:
@@ -41,22 +18,26 @@ def _present_tags(library: Any) -> dict[str, list[tuple[str, float]]]:
     return dict(library.present_tags())
 
 
-def _xmp(library: Any, prefix: str = "piaa", overwrite: bool = False) -> dict[str, Any]:
-    written, skipped = 0, []
-    for path, labels in sorted(_present_tags(library).items()):
-        sidecar = Path(path).with_suffix(Path(path).suffix + ".xmp")
-        if sidecar.exists() and not overwrite:
-            skipped.append(str(sidecar))
-            continue
-        items = "\n".join(f"     <rdf:li>{escape(name)}</rdf:li>" for name, _ in labels)
-        hier = "\n".join(
-            f"     <rdf:li>{escape(prefix)}|{escape(name)}</rdf:li>" for name, _ in labels
-        )
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        tmp.write_text(XMP_TEMPLATE.format(items=items, hier=hier), encoding="utf-8")
-        os.replace(tmp, sidecar)
-        written += 1
-    return {"written": written, "skipped_existing": skipped}
+def _xmp(
+    library: Any,
+    prefix: str = "piaa",
+    naming: str = "append",
+    undo: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    from piaa_index.xmp import Sidecars, check_options
+
+    check_options(prefix, naming)  # before tagging, which may take a while
+    sidecars = Sidecars(library.store)
+    images = library.store.indexed_paths()
+    if undo:
+        report = sidecars.undo(images)
+    else:
+        tags = {
+            path: [name for name, _ in labels] for path, labels in _present_tags(library).items()
+        }
+        report = sidecars.export(tags, images, prefix=prefix, naming=naming)
+    return report.as_dict(list_paths=verbose)
 
 
 def _csv(library: Any, output: str = "tags.csv") -> dict[str, Any]:
@@ -85,11 +66,23 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
     register(
         Exporter(
             "xmp",
-            "Write IMAGE.xmp sidecars with the present labels as keywords (dc:subject).",
+            "Merge the present labels into each image's XMP sidecar as keywords (dc:subject, "
+            "lr:hierarchicalSubject PREFIX|label, digiKam:TagsList PREFIX/label), keeping "
+            "everything else in it; a re-export replaces only the keywords piaa wrote; --undo "
+            "takes them out again (a sidecar piaa created is deleted, one untouched since is "
+            "restored byte for byte).",
             _xmp,
             (
-                Param("prefix", "Parent keyword for lr:hierarchicalSubject.", default="piaa"),
-                Param("overwrite", "Replace existing sidecars.", is_flag=True),
+                Param("prefix", "Parent keyword of the hierarchical keywords.", default="piaa"),
+                Param(
+                    "naming",
+                    "Sidecar name: 'append' gives IMG.jpg.xmp (darktable, digiKam, Immich), "
+                    "'replace' gives IMG.xmp (Lightroom, RAW files). An image whose other-named "
+                    "sidecar already exists gets its keywords merged into that one.",
+                    default="append",
+                ),
+                Param("undo", "Take out every keyword piaa wrote.", is_flag=True),
+                Param("verbose", "Also list the sidecars by outcome.", is_flag=True),
             ),
         )
     )

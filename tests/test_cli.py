@@ -372,10 +372,19 @@ def test_plugins_json() -> None:
     assert not any(p.get("error") for p in listing["plugins"])
 
 
-def test_export_xmp_sidecars(fitted_home: Home) -> None:
-    """`piaa export xmp` writes IMAGE.xmp sidecars whose keywords are the present labels."""
-    summary = json.loads(invoke(fitted_home, "export", "xmp").stdout)
-    assert summary["written"] == 60 and summary["skipped_existing"] == []
+def test_export_xmp_sidecars(fitted_home: Home, tmp_path: Path) -> None:
+    """`piaa export xmp` writes IMG.jpg.xmp sidecars whose keywords are the present labels (none
+    for an image without any), prints one summary (not a path per line), and `--undo` deletes
+    the sidecars it created."""
+    invoke(fitted_home, "export", "json", "--output", str(tmp_path / "tags.json"))
+    tagged = [r["path"] for r in json.loads((tmp_path / "tags.json").read_text()) if r["labels"]]
+    assert 40 < len(tagged) <= 60
+    summary = json.loads(invoke(fitted_home, "export", "xmp", "--json").stdout)
+    assert summary["written"] == len(tagged) and summary["failed"] == 0
+    assert "paths" not in summary
+    assert sorted(str(p) for p in fitted_home.photos.root.rglob("*.xmp")) == sorted(
+        p + ".xmp" for p in tagged
+    )
     for img in (fitted_home.photos.unicode, fitted_home.photos.heic, fitted_home.photos.good[0]):
         sidecar = img.with_name(img.name + ".xmp")
         text = sidecar.read_text(encoding="utf-8")
@@ -385,11 +394,15 @@ def test_export_xmp_sidecars(fitted_home: Home) -> None:
             line = f"<rdf:li>{tag['label']}</rdf:li>"
             assert (line in text) == tag["present"], (img, tag)
             assert (f"<rdf:li>piaa|{tag['label']}</rdf:li>" in text) == tag["present"]
-    # Existing sidecars are kept unless --overwrite.
-    again = json.loads(invoke(fitted_home, "export", "xmp").stdout)
-    assert again["written"] == 0 and len(again["skipped_existing"]) == 60
-    forced = json.loads(invoke(fitted_home, "export", "xmp", "--overwrite").stdout)
-    assert forced["written"] == 60
+            assert (f"<rdf:li>piaa/{tag['label']}</rdf:li>" in text) == tag["present"]
+    # A rerun changes nothing and says so in one line.
+    again = invoke(fitted_home, "export", "xmp")
+    assert again.stdout.strip() == f"xmp: 0 written, {len(tagged)} unchanged"
+    listed = invoke(fitted_home, "export", "xmp", "--verbose").stdout.splitlines()
+    assert len(listed) == len(tagged) + 1 and listed[0].startswith("unchanged\t")
+    undone = json.loads(invoke(fitted_home, "export", "xmp", "--undo", "--json").stdout)
+    assert undone["removed"] == len(tagged)
+    assert not list(fitted_home.photos.root.rglob("*.xmp"))
 
 
 def test_export_csv_and_json(fitted_home: Home, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ TABLES = {
     "classifiers",
     "tags",
     "data_versions",
+    "xmp_sidecars",
     "alembic_version",
 }
 

@@ -8,6 +8,8 @@ import click
 
 from piaa_index.cli.common import app_context, echo_json
 
+ERRORS_SHOWN = 10
+
 
 class ExportGroup(click.Group):
     """Sub-commands come from exporter plugins, loaded on first use."""
@@ -28,17 +30,45 @@ class ExportGroup(click.Group):
             return None
 
         @click.pass_context
-        def callback(ctx: click.Context, **params: Any) -> None:
+        def callback(ctx: click.Context, as_json: bool, **params: Any) -> None:
             app = app_context(ctx)
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
-            echo_json(exporter.run(app.library(), **params))
+            summary = exporter.run(app.library(), **params)
+            if as_json:
+                echo_json(summary)
+            else:
+                echo_summary(name, summary)
 
         return click.Command(
             name,
             callback=callback,
-            params=[_click_param(p) for p in exporter.params],
+            params=[
+                *(_click_param(p) for p in exporter.params),
+                click.Option(["--json", "as_json"], is_flag=True, help="The summary as JSON."),
+            ],
             help=exporter.help,
         )
+
+
+def echo_summary(name: str, summary: dict[str, Any]) -> None:
+    """One line for the summary (counts and short values); a `paths` mapping (outcome → paths)
+    is listed first, one `outcome<TAB>path` line each; `errors` go to stderr, the first few."""
+    for outcome, paths in (summary.get("paths") or {}).items():
+        for path in paths:
+            click.echo(f"{outcome}\t{path}")
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            continue
+        if isinstance(value, int) and value == 0 and key not in ("written", "images"):
+            continue  # "0 failed" on every line is noise
+        parts.append(f"{value} {key}" if isinstance(value, (int, float)) else f"{key}: {value}")
+    click.echo(f"{name}: {', '.join(parts) or 'nothing to do'}")
+    errors = summary.get("errors") or []
+    for line in errors[:ERRORS_SHOWN]:
+        click.echo(line, err=True)
+    if len(errors) > ERRORS_SHOWN:
+        click.echo(f"… and {len(errors) - ERRORS_SHOWN} more (--json lists them all)", err=True)
 
 
 @click.group("export", cls=ExportGroup)
