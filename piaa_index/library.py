@@ -44,6 +44,7 @@ __all__ = ["FitReport", "Library", "LibraryError", "UserInputError", "default_ba
 
 if TYPE_CHECKING:
     from piaa_index.encoder import Encoder
+    from piaa_index.evidence import Evidence
     from piaa_index.indexer import IndexReport
     from piaa_index.plugins import Plugins
     from piaa_index.pvcl import Classifier
@@ -327,6 +328,14 @@ class Library:
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
         return self.searcher.similar(path, limit)
+
+    def evidence(self, image: int | str | Path, label: str) -> Evidence:
+        """Where the fitted classifier sees `label` on an indexed image (by id or path): the
+        per-patch evidence grid, whose max is the image's patch score, and the tag decision.
+        Render it with `piaa_index.evidence.evidence_png`."""
+        from piaa_index.evidence import evidence
+
+        return evidence(self, image, label)
 
     # -- maintenance (Maintenance) -------------------------------------------------------------
 

@@ -257,6 +257,10 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Image).where(Image.path == path)).first()
 
+    def image_by_id(self, image_id: int) -> Image | None:
+        with self.session() as s:
+            return s.get(Image, image_id)
+
     def images_under(self, roots: Sequence[str]) -> dict[str, KnownImage]:
         """Every known image that is one of `roots` or lies under one of them, by path.
 
