@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,46 @@ def test_display_range_runs_from_no_preference_to_the_threshold():
     np.testing.assert_allclose(ev.scaled(), [[0, 1], [1, (0.05 - 1 / 24) / (0.08 - 1 / 24)]])
     absent = Evidence(1, "x", "a", grid, tag={"threshold": None, "n_labels": 24})
     assert absent.display_range == (1 / 24, 1.0)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def _piaa(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    db = f"sqlite:///{home / 'piaa.sqlite3'}"
+    return subprocess.run(
+        [sys.executable, "-m", "piaa_index", "--home", str(home), "--db", db, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_writes_the_heatmap_and_prints_the_grid(library, shapes_home, tmp_path):
+    path = library.store.indexed_paths()[5]
+    label = library.labels()[3]
+    out = tmp_path / "map.png"
+    done = _piaa(shapes_home, "tags", path, "--evidence", label, "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert label in done.stdout and "max = patch score" in done.stdout
+    assert Image.open(out).format == "PNG" and Image.open(out).size == Image.open(path).size
+    done = _piaa(shapes_home, "tags", path, "--evidence", label, "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    np.testing.assert_allclose(doc["grid"], library.evidence(path, label).grid, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--evidence", "unicorn"], 2, "not in the vocabulary"),
+        (["--output", "x.png"], 2, "give both"),
+        (["--evidence", "wheel", "--csv"], 2, "--csv"),
+        (["--evidence", "wheel", "--output", "/nonexistent-dir/map.png"], 1, "nonexistent-dir"),
+    ],
+)
+def test_cli_mistakes_are_one_line(library, shapes_home, args, code, message):
+    path = library.store.indexed_paths()[0]
+    done = _piaa(shapes_home, "tags", path, *args)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
