@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from piaa_index.evidence import Evidence
     from piaa_index.indexer import IndexReport
     from piaa_index.plugins import Plugins
+    from piaa_index.progress import Progress
     from piaa_index.pvcl import Classifier
 
 
@@ -211,7 +212,7 @@ class Library:
         self,
         paths: Sequence[str | Path],
         prune: bool = False,
-        progress: bool = False,
+        progress: Progress = False,
         batch_size: int = 32,
         exclude: Sequence[str] = (),
         default_excludes: bool = True,
@@ -284,7 +285,7 @@ class Library:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
         return self.tagger.fit_classifier(vocab, locations, progress, bank_size)
 
-    def fit(self, progress: bool = False, bank_size: int | None = None) -> FitReport:
+    def fit(self, progress: Progress = False, bank_size: int | None = None) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything."""
         return self.tagger.fit(progress, bank_size)
 

@@ -19,6 +19,8 @@ TABLES = {
     "classifiers",
     "tags",
     "data_versions",
+    "api_keys",
+    "image_changes",
     "alembic_version",
 }
 
