@@ -12,6 +12,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
+pytest.importorskip("piaa_index_plugins.http_api.app", reason="the FastAPI app is not here")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from piaa_index_plugins.http_api.app import create_app  # noqa: E402
