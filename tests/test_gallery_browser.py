@@ -49,6 +49,10 @@ def _need_browser() -> tuple[str, str]:
         import selenium  # noqa: F401
     except ImportError:
         found, missing = None, "selenium is not installed (pip install selenium)"
+    try:
+        import piaa_index_plugins.http_api.app  # noqa: F401  (the FastAPI app serves the gallery)
+    except ImportError:
+        found, missing = None, "the FastAPI app (plugins/http_api/app.py) is not here"
     if found is None:
         if os.environ.get("PIAA_REQUIRE_BROWSER") == "1":
             pytest.fail(f"PIAA_REQUIRE_BROWSER=1 but {missing}")

@@ -85,15 +85,18 @@ async function refreshStatus() {
 
 // ---------------------------------------------------------------------------------- search
 
-// The label being typed: the text after the last operator or parenthesis (an open quote
-// keeps spaces in it).
+// The label being typed: the text after the last operator (AND OR NOT, any case, & | !) or
+// parenthesis, so a bare multi-word label completes too; an open quote keeps what follows.
 function currentToken(text) {
-  const quote = text.lastIndexOf('"');
   const quotes = (text.match(/"/g) || []).length;
-  if (quotes % 2 === 1) return { start: quote, token: text.slice(quote + 1) };
-  const m = text.match(/(^|[\s()])((?:(?!\b(?:AND|OR|NOT)\b)[^\s()"])*)$/);
-  const token = m ? m[2] : "";
-  return { start: text.length - token.length, token };
+  if (quotes % 2 === 1) {
+    const quote = text.lastIndexOf('"');
+    return { start: quote, token: text.slice(quote + 1) };
+  }
+  let start = 0;
+  for (const m of text.matchAll(/\b(?:and|or|not)\b|[()&|!"]/gi)) start = m.index + m[0].length;
+  while (text[start] === " ") start += 1;
+  return { start, token: text.slice(start) };
 }
 
 let suggestTimer = null;
