@@ -9,8 +9,8 @@ patch score, and the decision shown beside it is the one `piaa tags` shows.
 `evidence_png` draws it over the EXIF-upright photo: bilinear upsampling onto the part of the
 photo the model saw (a centre square for open_clip's default `shortest` resize + crop), an
 inferno-like colour map from 1/C (no preference among the C labels) to the label's tag
-threshold (brightest: enough for the tag), alpha growing with the evidence; what the model
-never saw is dimmed.
+threshold or the best patch if higher (`Evidence.display_range`); what the model never saw is
+dimmed.
 numpy and Pillow only.
 """
 
@@ -64,14 +64,16 @@ class Evidence:
 
     @property
     def display_range(self) -> tuple[float, float]:
-        """(lo, hi) mapped to the colour map's ends: lo = 1/C, what a patch with no preference
-        among the C labels gets; hi = the label's tag threshold (so the hottest colour means
-        "enough for the tag"), or 1 for a label with none (absent from the collection)."""
+        """(lo, hi) mapped to the colour map's ends. lo = 1/C, what a patch with no preference
+        among the C labels gets. hi = the label's tag threshold, or the best patch when that is
+        higher: a map below the threshold stays dim (its best patch short of the top colour),
+        a tagged one shows where its evidence is strongest. A label absent from the collection
+        (no threshold) is drawn on the plain probability scale (hi = 1)."""
         n_labels = self.tag.get("n_labels") or 0
         lo = 1.0 / n_labels if n_labels else 0.0
         thr = self.tag.get("threshold")
-        hi = float(thr) if thr is not None and thr > lo else 1.0
-        return lo, hi
+        hi = max(float(thr), float(self.grid.max())) if thr is not None else 1.0
+        return lo, (hi if hi > lo else 1.0)
 
     def scaled(self) -> np.ndarray:
         """The grid on the display range, clipped to [0, 1]."""
@@ -227,7 +229,7 @@ def render_overlay(photo: Any, grid: np.ndarray, mode: str = "shortest") -> Any:
     xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
     inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None]
     # Opacity grows with the evidence: patches the classifier ignores leave the photo visible.
-    alpha = (0.1 + 0.65 * np.clip(heat, 0.0, 1.0))[..., None]
+    alpha = (0.5 + 0.15 * np.clip(heat, 0.0, 1.0))[..., None]
     out = rgb * (1 - alpha) + colormap(heat).astype(np.float64) * alpha
     out = np.where(inside[..., None], out, rgb * 0.35)
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="RGB")

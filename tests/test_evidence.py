@@ -32,14 +32,14 @@ def library(shapes_home: Path):
 
 
 def test_grid_max_is_the_stored_patch_score_for_every_label_and_image(library):
-    """For every image and label (48 x 24 maps), the grid has the model's patch-grid shape
+    """For every label on 16 images (384 maps), the grid has the model's patch-grid shape
     and its max equals the patch score `piaa tags` shows (the map is what was max-pooled)."""
     grid_shape = tuple(library.vectors.identity["grid"])
     assert grid_shape == (8, 8)  # the shipped shapesworld model: 96 px, 12 px patches
     paths = library.store.indexed_paths()
     assert len(paths) == 48
     checked = 0
-    for path in paths:
+    for path in paths[::3]:
         image_id = library.image_id(path)
         for row in library.tags(path):
             ev = library.evidence(image_id, row["label"])
@@ -50,7 +50,7 @@ def test_grid_max_is_the_stored_patch_score_for_every_label_and_image(library):
             assert ev.tag["threshold"] == row["threshold"] and ev.tag["why"] == row["why"]
             assert ev.tag["score"] == row["score"]
             checked += 1
-    assert checked == 48 * 24
+    assert checked == 16 * 24
 
 
 def test_labels_sum_to_one_per_patch(library):
@@ -99,8 +99,8 @@ def test_bad_label_and_unindexed_image_are_user_errors(library, tmp_path):
 
 
 def test_png_is_the_upright_photo_with_the_map_drawn_where_the_evidence_is(library):
-    """The hottest patch's area changes most from the photo; the image keeps the photo's
-    size (at most 512 px) and the PNG decodes."""
+    """The overlay lightens the photo most at the hottest patch and darkens the coldest one;
+    it keeps the photo's size (at most 512 px) and the PNG decodes."""
     for path in library.store.indexed_paths()[:6]:
         present = [r for r in library.tags(path) if r["present"]]
         if present:
@@ -110,16 +110,17 @@ def test_png_is_the_upright_photo_with_the_map_drawn_where_the_evidence_is(libra
     overlay = Image.open(io.BytesIO(png))
     photo = Image.open(path).convert("RGB")
     assert overlay.format == "PNG" and overlay.size == photo.size == (224, 224)
-    diff = np.abs(np.asarray(overlay, np.float64) - np.asarray(photo, np.float64)).sum(axis=2)
+    luma = np.array([0.299, 0.587, 0.114])
+    change = (np.asarray(overlay, np.float64) - np.asarray(photo, np.float64)) @ luma
     cell = 224 // 8
     hot = np.unravel_index(int(np.argmax(ev.grid)), ev.grid.shape)
     cold = np.unravel_index(int(np.argmin(ev.grid)), ev.grid.shape)
 
     def block(rc):
         r, c = rc
-        return diff[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].mean()
+        return change[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].mean()
 
-    assert block(hot) > block(cold)
+    assert block(hot) > block(cold) + 30
     with pytest.raises(UserInputError):
         evidence_png(ev, size=5000)
 
@@ -156,11 +157,14 @@ def test_colormap_is_monotone_in_lightness():
     assert colormap(np.array([-1.0, 2.0])).tolist() == [[0, 0, 4], [252, 255, 164]]
 
 
-def test_display_range_runs_from_no_preference_to_the_threshold():
-    grid = np.array([[1 / 24, 0.08], [0.2, 0.05]])
-    ev = Evidence(1, "x", "a", grid, tag={"threshold": 0.08, "n_labels": 24})
-    assert ev.display_range == (1 / 24, 0.08)
-    np.testing.assert_allclose(ev.scaled(), [[0, 1], [1, (0.05 - 1 / 24) / (0.08 - 1 / 24)]])
+def test_display_range_runs_from_no_preference_to_the_threshold_or_the_best_patch():
+    grid = np.array([[1 / 24, 0.08], [0.07, 0.05]])
+    below = Evidence(1, "x", "a", grid, tag={"threshold": 0.1, "n_labels": 24})
+    assert below.display_range == (1 / 24, 0.1)  # not tagged: never reaches the top colour
+    assert below.scaled().max() < 1
+    tagged = Evidence(1, "x", "a", grid, tag={"threshold": 0.06, "n_labels": 24})
+    assert tagged.display_range == (1 / 24, 0.08)  # tagged: the best patch is the top colour
+    np.testing.assert_allclose(tagged.scaled()[0], [0, 1])
     absent = Evidence(1, "x", "a", grid, tag={"threshold": None, "n_labels": 24})
     assert absent.display_range == (1 / 24, 1.0)
 

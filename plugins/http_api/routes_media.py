@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, Response
-
 from piaa_index_plugins.http_api.auth import require_read
 from piaa_index_plugins.http_api.errors import ApiError
 from piaa_index_plugins.http_api.state import ApiState, get_state

@@ -169,8 +169,8 @@ async function runSearch(q, text, limit) {
   if (!q) return;
   $("#result-count").textContent = "Searching…";
   const { results } = await api(searchUrl(q, text, limit));
-  $("#result-count").textContent =
-    `${results.length} ${results.length === 1 ? "image" : "images"} for ${text ? "phrase" : ""} “${q}”`;
+  const noun = results.length === 1 ? "image" : "images";
+  $("#result-count").textContent = `${results.length} ${noun} for ${text ? "the phrase " : ""}${q}`;
   for (const row of results) {
     const img = el("img", { alt: baseName(row.path), loading: "lazy", width: 256, height: 256 });
     const why = row.labels
