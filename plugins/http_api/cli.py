@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -130,7 +132,7 @@ def serve(
     click.echo(f"open http://{shown}:{bound}/#key={session_key}", err=True)
     click.echo(f"API docs: http://{shown}:{bound}/docs", err=True)
     sys.stderr.flush()
-    server = uvicorn.Server(
+    server = _server_class()(
         uvicorn.Config(
             app,
             backlog=BACKLOG,
@@ -147,6 +149,23 @@ def serve(
     finally:
         sock.close()
     click.echo("stopped", err=True)
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown, so the process would
+        die by the signal; here the shutdown (requests finished, jobs and library closed) is the
+        end, and `piaa serve` exits 0."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return Server
 
 
 @click.group("keys")
