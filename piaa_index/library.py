@@ -118,6 +118,17 @@ class Library:
                 )
         return cls(settings, store, spec, encoder_factory=encoder_factory, plugins=plugins)
 
+    def reopen(self) -> Library:
+        """Another Library on the same database, home and model (its own connections, caches
+        and encoder), for another thread: one Library serves one thread at a time."""
+        return Library(
+            self.settings,
+            Store.open(self.settings.db_url),
+            self.spec,
+            encoder_factory=self._encoder_factory,
+            plugins=self._plugins,
+        )
+
     def close(self) -> None:
         self.store.close()
 
