@@ -1,7 +1,8 @@
 """The web gallery in a real headless Chromium (Debian's chromium + chromium-driver, driven by
 selenium) against a real `piaa serve` process on a ShapesWorld library built as `piaa demo`
 builds one: search with label completion, results as the API ranks them, an image page, an
-evidence heatmap, a phone-width layout. Screenshots go to docs/ with PIAA_WRITE_SCREENSHOTS=1.
+evidence heatmap, a phone-width layout, an API error shown; and (slow) vocabulary editing and
+fit/index jobs followed to the end. Screenshots go to docs/ with PIAA_WRITE_SCREENSHOTS=1.
 
 Skipped when chromium or its driver is missing, unless PIAA_REQUIRE_BROWSER=1 (CI).
 """
@@ -22,6 +23,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +68,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(shapes_home: Path) -> Iterator[tuple[str, str]]:
-    """`piaa serve` as a user runs it; yields (the printed gallery URL, the key in it)."""
-    _need_browser()
-    db = f"sqlite:///{shapes_home / 'piaa.sqlite3'}"
-    cmd = [sys.executable, "-m", "piaa_index", "--home", str(shapes_home), "--db", db]
+@contextmanager
+def serve(home: Path) -> Iterator[tuple[str, str]]:
+    """`piaa serve` on `home` as a user runs it; yields (the printed gallery URL, its key)."""
+    db = f"sqlite:///{home / 'piaa.sqlite3'}"
+    cmd = [sys.executable, "-m", "piaa_index", "--home", str(home), "--db", db]
     proc = subprocess.Popen(
         [*cmd, "serve", "--port", str(_free_port())],
         stdout=subprocess.DEVNULL,
@@ -102,6 +103,14 @@ def server(shapes_home: Path) -> Iterator[tuple[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(shapes_home: Path) -> Iterator[tuple[str, str]]:
+    """The shared demo-like library, served (read only: thumbnails are its only writes)."""
+    _need_browser()
+    with serve(shapes_home) as url_key:
+        yield url_key
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +145,12 @@ def _wait(driver, what, timeout: float = WAIT):  # type: ignore[no-untyped-def]
 
 
 def _screenshot(driver, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """The page as pixels; written to docs/NAME when PIAA_WRITE_SCREENSHOTS=1."""
-    png = driver.get_screenshot_as_png()
+    """The page as pixels; written to docs/NAME when PIAA_WRITE_SCREENSHOTS=1 (256 colours:
+    a fifth of the bytes, and the docs do not need more)."""
+    page = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
     if os.environ.get("PIAA_WRITE_SCREENSHOTS") == "1":
-        (DOCS / name).write_bytes(png)
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+        page.quantize(256).save(DOCS / name, optimize=True)
+    return np.asarray(page, dtype=np.float64)
 
 
 def _images_loaded(driver, selector: str) -> bool:  # type: ignore[no-untyped-def]
@@ -265,3 +275,47 @@ def test_api_errors_are_shown(server, driver) -> None:
     )
     assert alert.get_attribute("role") == "alert"
     assert alert.text and "Traceback" not in alert.text
+
+
+@pytest.mark.slow  # ~40 s: a fit and an index job, each loading the model in its worker
+def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) -> None:
+    """On a copy of the library: save a smaller vocabulary, run a fit job from the page and
+    follow its progress to the end; then an index job on the same folder."""
+    from selenium.webdriver.common.by import By
+
+    _need_browser()
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home, ignore=shutil.ignore_patterns("thumbnails"))
+    with serve(home) as (url, key):
+        base = url.split("#", 1)[0].rstrip("/")
+        before = _api(base, key, "/api/vocabulary")["labels"]
+        driver.get(url)
+        _wait(driver, lambda d: "#key=" not in d.current_url)
+        driver.get(base + "/#/vocabulary")
+        area = _wait(driver, lambda d: d.find_element(By.ID, "vocab-labels"))
+        _wait(driver, lambda d: area.get_attribute("value").strip() != "")
+        assert area.get_attribute("value").split("\n") == before
+        area.clear()
+        area.send_keys("\n".join(before[:5]))
+        driver.find_element(By.CSS_SELECTOR, "#vocab-form button").click()
+        _wait(driver, lambda d: "Saved 5 labels" in d.find_element(By.ID, "vocab-state").text)
+        assert "run a fit" in driver.find_element(By.ID, "vocab-state").text
+        assert _api(base, key, "/api/vocabulary")["labels"] == before[:5]
+
+        driver.get(base + "/#/jobs")
+        driver.find_element(By.CSS_SELECTOR, "#fit-form button").click()
+        label = driver.find_element(By.ID, "job-label")
+        _wait(driver, lambda d: label.text.startswith("Fitting: done"), timeout=120)
+        bar = driver.find_element(By.ID, "job-progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max")
+        assert "classifier_id" in driver.find_element(By.ID, "job-result").text
+        _wait(driver, lambda d: "5 labels" in d.find_element(By.ID, "status").text)
+        assert not _api(base, key, "/api/status")["stale"]
+
+        folder = str(Path(_api(base, key, "/api/images?limit=1")["images"][0]["path"]).parent)
+        box = driver.find_element(By.ID, "index-path")
+        box.send_keys(folder)
+        driver.find_element(By.CSS_SELECTOR, "#index-form button").click()
+        _wait(driver, lambda d: label.text.startswith("Indexing: done"), timeout=120)
+        assert '"unchanged": 48' in driver.find_element(By.ID, "job-result").text
+        assert not driver.find_element(By.ID, "error").is_displayed()
