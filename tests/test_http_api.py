@@ -382,6 +382,41 @@ def test_reads_are_answered_while_a_job_runs(api: Api, tmp_path: Path) -> None:
         assert state.jobs.wait(second["id"], 120)["state"] == "done"
 
 
+def test_stopping_the_server_cancels_a_running_job(api: Api, tmp_path: Path) -> None:
+    from piaa_index.encoder import Encoder
+
+    gate = threading.Event()
+    library = api.library
+
+    def open_job_library() -> Library:
+        return Library.open(
+            home=library.settings.home, db=library.settings.db_url, device="cpu",
+            encoder_factory=lambda spec: _GatedEncoder(Encoder(spec, device="cpu"), gate),
+        )  # fmt: skip
+
+    folder = tmp_path / "more"
+    write_pngs(folder, 40, seed=4)
+    app = create_app(library, ServerConfig(session_key=SESSION), open_job_library)
+    jobs = app.state.piaa.jobs
+    with TestClient(app, base_url=BASE, headers={"Authorization": f"Bearer {SESSION}"}) as c:
+        job = c.post("/api/jobs/index", json={"paths": [str(folder)]}).json()
+        queued = c.post("/api/jobs/fit").json()
+        for _ in range(500):
+            if jobs.get(job["id"])["state"] == "running":
+                break
+            threading.Event().wait(0.02)
+        closing = threading.Thread(target=jobs.close)
+        closing.start()  # what the app's shutdown does
+        gate.set()
+        closing.join(60)
+    assert jobs.get(job["id"])["state"] == "failed"
+    assert "cancelled" in jobs.get(job["id"])["error"]
+    assert jobs.get(queued["id"])["error"] == "the server stopped before the job ran"
+    # The library is left consistent: the next run indexes (or keeps) every file.
+    report = library.index([folder])
+    assert report.indexed + report.unchanged == 40 and report.failed == []
+
+
 def test_stale_vocabulary_needs_a_fit_job(api: Api) -> None:
     c = api.client
     assert c.put("/api/vocabulary", json={"labels": ["a", "b"]}).json()["stale"] is True
@@ -488,6 +523,28 @@ def test_dam_sync_loop_picks_up_a_retag_exactly(synthetic: tuple[Library, TestCl
     library.store.remove_images(gone)
     feed2 = sync(client, feed["version"])
     assert sorted(feed2["removed"]) == gone and feed2["images"] == {}
+
+
+@pytest.mark.postgres
+def test_dam_sync_loop_on_postgres(
+    postgres_database: Any, tmp_path: Path, world: scale.World
+) -> None:
+    library = scale.open_library(tmp_path / "home", world, postgres_database())
+    try:
+        scale.add_images(library, world, 1500)
+        library.set_vocabulary(scale.label_names(N_LABELS))
+        library.fit()
+        with client_for(library) as client:
+            first = sync(client, None)
+            assert len(first["images"]) == 1500
+            before = present_sets(library)
+            library.set_vocabulary(scale.label_names(N_LABELS)[:-3])
+            library.fit()
+            after = present_sets(library)
+            changed = {i for i in after if after[i] != before.get(i, set())}
+            assert changed and set(sync(client, first["version"])["images"]) == changed
+    finally:
+        library.close()
 
 
 # -- error mapping on stub libraries (no model needed) -------------------------------------------

@@ -97,7 +97,7 @@ def demo_command(
     click.echo(
         f"\ndemo finished in {time.perf_counter() - started:.0f}s; "
         f'try: piaa --home {root / "index"} search --text "{a}"\n'
-        f"or browse it, with evidence maps: piaa --home {root / 'index'} serve",
+        f"     piaa --home {root / 'index'} serve    (then open the URL it prints: the gallery)",
         err=True,
     )
 

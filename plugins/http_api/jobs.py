@@ -29,6 +29,10 @@ KINDS = ("index", "fit")
 KEEP = 200
 
 
+class Cancelled(Exception):
+    """Raised in a running job's progress callback when the server stops."""
+
+
 @dataclass
 class Job:
     id: str
@@ -109,9 +113,9 @@ class JobRunner:
             time.sleep(0.02)
         return self.get(job_id)
 
-    def close(self, timeout: float = 5) -> None:
-        """No new jobs; queued ones fail; wait a little for the running one (an index run or
-        a fit cut short is resumed or redone safely next time), then close its Library."""
+    def close(self, timeout: float = 10) -> None:
+        """No new jobs; queued ones fail; the running one stops at its next chunk (an index
+        run resumes next time, a fit is redone); then its Library is closed."""
         with self._lock:
             self._closed = True
             for job in self._jobs.values():
@@ -139,6 +143,9 @@ class JobRunner:
                 job.state, job.started_at = "running", utcnow().isoformat()
             try:
                 result = self._run(job)
+            except Cancelled as exc:
+                with self._lock:
+                    job.state, job.error = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised
                 from piaa_index_plugins.http_api.errors import from_exception
 
@@ -161,6 +168,8 @@ class JobRunner:
         def report(stage: str, done: int, total: int) -> None:
             with self._lock:
                 job.progress = {"stage": stage, "done": done, "total": total}
+                if self._closed:  # the server is stopping: end the pass at this chunk
+                    raise Cancelled("cancelled: the server stopped (an index run resumes)")
 
         if job.kind == "index":
             out = library.index(job.params["paths"], prune=job.params["prune"], progress=report)

@@ -11,7 +11,9 @@ from piaa_index_plugins.http_api.state import ApiState, get_state
 router = APIRouter(prefix="/api", tags=["meta"])
 
 
-@router.get("/health", summary="Liveness: the server answers (no key needed)")
+@router.api_route(
+    "/health", methods=["GET", "HEAD"], summary="Liveness: the server answers (no key needed)"
+)
 def health() -> dict[str, Any]:
     from piaa_index import __version__
 
