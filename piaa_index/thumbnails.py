@@ -52,6 +52,11 @@ class Thumbnails:
 
     def get(self, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:
         """The cached thumbnail of an indexed image, made on first request."""
+        return self.make(*self.locate(image_id, size))
+
+    def locate(self, image_id: int, size: int = DEFAULT_SIZE) -> tuple[Thumbnail, str]:
+        """(the thumbnail, its source file) from SQL alone; `make` then needs no database, so
+        a server can decode outside the lock that guards its Library."""
         from piaa_index.schema import INDEXED
 
         if size not in SIZES:
@@ -62,9 +67,13 @@ class Thumbnails:
             raise NotFoundError(f"no indexed image with id {image_id}")
         key = row.content_hash
         target = self.root / key[:2] / f"{key}-{size}.jpg"
-        if not target.is_file():
-            self._render(row.path, size, target, image_id)
-        return Thumbnail(int(image_id), key, size, target)
+        return Thumbnail(int(image_id), key, size, target), row.path
+
+    def make(self, thumb: Thumbnail, source: str) -> Thumbnail:
+        """Render `thumb` from `source` unless it is cached."""
+        if not thumb.path.is_file():
+            self._render(source, thumb.size, thumb.path, thumb.image_id)
+        return thumb
 
     def _render(self, source: str, size: int, target: Path, image_id: int) -> None:
         from PIL import Image

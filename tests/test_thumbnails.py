@@ -98,3 +98,34 @@ def test_unknown_id_bad_size_and_vanished_file(library, tmp_path):
             thumbs.get(gone_id, 128)
     finally:
         moved.rename(gone)
+
+
+def test_concurrent_first_requests_agree(library):
+    """Eight threads asking for the same new thumbnail at once (as a gallery page does) all get
+    a whole JPEG, and the cache holds one file and no temp files."""
+    import threading
+
+    lib, photos = library
+    image_id = lib.image_id(photos / "plain_1.png")
+    thumbs = Thumbnails(lib)
+    target = thumbs.locate(image_id, 512)[0].path
+    target.unlink(missing_ok=True)
+    got: list[bytes] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        try:
+            start.wait()
+            got.append(thumbs.make(*thumbs.locate(image_id, 512)).path.read_bytes())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(got) == 8
+    assert all(b[:2] == b"\xff\xd8" and b[-2:] == b"\xff\xd9" for b in got)
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".tmp")] == []

@@ -59,7 +59,10 @@ def thumbnail(
     size: Annotated[int, Query(description="Longer side: 128, 256 or 512.")] = 256,
 ) -> Response:
     thumbs = _thumbnails(state)
-    thumb = state.run(_not_found, lambda: thumbs.get(image_id, size))
+    # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
+    # ms for a camera JPEG) must not hold up every other read.
+    thumb, source = state.run(_not_found, lambda: thumbs.locate(image_id, size))
+    _not_found(lambda: thumbs.make(thumb, source))
     headers = {"ETag": thumb.etag, "Cache-Control": CACHE_CONTROL}
     if thumb.etag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
@@ -87,14 +90,9 @@ def evidence(
 ) -> Any:
     from piaa_index.evidence import evidence_png
 
-    def call() -> Any:
-        ev = state.library.evidence(image_id, label)
-        if format == "json":
-            return ev.as_json()
-        return evidence_png(ev, size=size)
-
-    out = state.run(_not_found, call)
+    ev = state.run(_not_found, lambda: state.library.evidence(image_id, label))
     if format == "json":
-        return out
+        return ev.as_json()
+    png = _not_found(lambda: evidence_png(ev, size=size))  # decoding outside the lock
     # Tags change with every fit: revalidate rather than cache.
-    return Response(out, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
