@@ -300,7 +300,7 @@ class Library:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything."""
         return self.tagger.fit(progress, bank_size)
 
-    def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
+    def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
         return self.tagger.ensure_tags(progress)
 

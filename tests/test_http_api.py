@@ -439,9 +439,12 @@ def world() -> scale.World:
     return scale.World.make(N_LABELS, seed=1)
 
 
-@pytest.fixture
-def synthetic(tmp_path: Path, world: scale.World) -> Iterator[tuple[Library, TestClient]]:
-    library = scale.open_library(tmp_path / "home", world)
+@pytest.fixture(scope="module")
+def synthetic(
+    tmp_path_factory: pytest.TempPathFactory, world: scale.World
+) -> Iterator[tuple[Library, TestClient]]:
+    """A fitted synthetic library; the read-only test comes first, the re-tag test last."""
+    library = scale.open_library(tmp_path_factory.mktemp("feed") / "home", world)
     scale.add_images(library, world, N_IMAGES)
     library.set_vocabulary(scale.label_names(N_LABELS))
     library.fit()
@@ -525,6 +528,7 @@ def test_dam_sync_loop_picks_up_a_retag_exactly(synthetic: tuple[Library, TestCl
     assert sorted(feed2["removed"]) == gone and feed2["images"] == {}
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_dam_sync_loop_on_postgres(
     postgres_database: Any, tmp_path: Path, world: scale.World

@@ -318,6 +318,7 @@ async def _stalled_then_health(port: int, stalled: int) -> int:
             w.close()
 
 
+@pytest.mark.slow
 def test_real_server_concurrency_and_sigterm(tmp_path: Path) -> None:
     proc, base, key = _start(tmp_path / "home")
     port = int(base.rsplit(":", 1)[1])
