@@ -1,6 +1,6 @@
 """A small ShapesWorld library built with the shipped model, as `piaa demo` builds one:
 generated scenes, indexed, the 24 classes as vocabulary, fitted. Shared by the evidence,
-thumbnail, media-route and browser tests."""
+media-route and browser tests."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from piaa_index.encoder import SHAPESWORLD_DIR
+import piaa_index
 
-needs_shapesworld = pytest.mark.skipif(
-    not (SHAPESWORLD_DIR / "shapesworld.safetensors").is_file(),
-    reason="the shipped shapesworld checkpoint is not in this checkout",
-)
+# As piaa_index.encoder.SHAPESWORLD_DIR, without importing torch when conftest loads.
+SHAPESWORLD_DIR = Path(piaa_index.__file__).resolve().parent / "assets" / "shapesworld"
 
 
 def build_shapes_library(root: Path, n_images: int = 60, seed: int = 7) -> Path:
