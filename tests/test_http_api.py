@@ -229,6 +229,23 @@ def test_tags_and_similar_by_id_or_indexed_path(api: Api) -> None:
     assert len(similar) == 2 and image_id not in {r["id"] for r in similar}
 
 
+def test_concurrent_reads_are_all_answered_alike(api: Api) -> None:
+    """Many client threads at once: every answer is complete and the same."""
+    url = "/api/queries/search?expression=a%20OR%20c&all_images=true&limit=5"
+    expected = api.client.get(url).json()
+    results: list[Any] = []
+
+    def worker() -> None:
+        results.append(api.client.get(url).json())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [expected] * 8
+
+
 def test_no_client_path_is_opened(api: Api, tmp_path: Path) -> None:
     """`similar` and `tags` take indexed images only: an existing file that is not indexed and
     a missing one get the same answer, so the API tells nothing about the server's files."""

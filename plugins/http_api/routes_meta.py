@@ -11,13 +11,16 @@ from piaa_index_plugins.http_api.state import ApiState, get_state
 router = APIRouter(prefix="/api", tags=["meta"])
 
 
-@router.api_route(
-    "/health", methods=["GET", "HEAD"], summary="Liveness: the server answers (no key needed)"
-)
+@router.get("/health", summary="Liveness: the server answers (no key needed)")
 def health() -> dict[str, Any]:
     from piaa_index import __version__
 
     return {"status": "ok", "version": __version__}
+
+
+@router.head("/health", include_in_schema=False)  # HEAD for probes; not a separate operation
+def health_head() -> None:
+    return None
 
 
 @router.get(
