@@ -24,3 +24,7 @@ class LibraryError(PiaaError):
 
 class UserInputError(UsageError, LibraryError):
     """The user asked for something malformed or unknown (CLI exit code 2)."""
+
+
+class NotFoundError(UserInputError):
+    """The user named something that is not there, e.g. an image id not indexed (HTTP 404)."""

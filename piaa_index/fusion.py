@@ -29,6 +29,7 @@ __all__ = [
     "fuse",
     "open_vocabulary_scores",
     "patch_evidence",
+    "patch_probabilities",
     "patch_text_evidence",
     "score_images",
     "Split",
@@ -80,6 +81,13 @@ def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
         yield np.asarray(patches[i : i + batch], dtype=np.float32)
 
 
+def patch_probabilities(patches: np.ndarray, clf: Classifier, tau: float = 1.0) -> np.ndarray:
+    """Each patch's softmax(τ · calibrated PVCL logits), [b, M, C] float64: the per-patch
+    evidence that `patch_evidence` max-pools (and piaa_index/evidence.py maps)."""
+    # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
+    return softmax(tau * clf.logits(np.asarray(patches, np.float32)).astype(np.float64))
+
+
 def patch_evidence(
     patches: np.ndarray, clf: Classifier, tau: float = 1.0, batch_images: int = 256
 ) -> np.ndarray:
@@ -89,9 +97,7 @@ def patch_evidence(
     out = np.empty((patches.shape[0], clf.n_classes), np.float64)
     b = max(1, batch_images)
     for i, blk in enumerate(_blocks(patches, b)):
-        # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
-        p = softmax(tau * clf.logits(blk).astype(np.float64))
-        out[i * b : i * b + blk.shape[0]] = p.max(axis=1)
+        out[i * b : i * b + blk.shape[0]] = patch_probabilities(blk, clf, tau).max(axis=1)
     return out
 
 

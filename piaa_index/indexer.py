@@ -8,7 +8,6 @@ interrupted run loses at most the group in flight, and the next run picks up fro
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from piaa_index.vectors import VectorStore
 
 if TYPE_CHECKING:
     from piaa_index.encoder import Encoder
+    from piaa_index.progress import Progress
 
 
 # Decoded pixels in flight across the decode threads: a 13,000 x 13,000 16-bit scan is 338 MB
@@ -106,7 +106,7 @@ class Indexer:
         self,
         paths: Sequence[str | Path],
         prune: bool = False,
-        progress: bool = True,
+        progress: Progress = True,
         exclude: Sequence[str] = (),
         default_excludes: bool = True,
         follow_symlinks: bool = False,
@@ -157,21 +157,13 @@ class Indexer:
         todo: list[FileInfo],
         known: dict[str, KnownImage],
         report: IndexReport,
-        progress: bool,
+        progress: Progress,
     ) -> None:
-        from tqdm import tqdm
+        from piaa_index.progress import progress_bar
 
-        bar = tqdm(
-            total=len(todo),
-            unit="img",
-            desc="indexing",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
         group: list[_Encoded] = []
         failures: list[tuple[FileInfo, str]] = []
-        try:
+        with progress_bar(len(todo), "indexing", progress) as advance:
             for chunk_start in range(0, len(todo), self.batch_size):
                 chunk = todo[chunk_start : chunk_start + self.batch_size]
                 encoded, failed = self._encode_chunk(chunk, known)
@@ -184,13 +176,11 @@ class Indexer:
                         report.indexed += 1
                 for info, error in failed:
                     report.failed.append({"path": info.path, "error": error})
-                bar.update(len(chunk))
+                advance(len(chunk))
                 if len(group) + len(failures) >= self.commit_every:
                     self._commit(group, failures, known)
                     group, failures = [], []
             self._commit(group, failures, known)
-        finally:
-            bar.close()
 
     def _encode_chunk(
         self, chunk: list[FileInfo], known: dict[str, KnownImage]

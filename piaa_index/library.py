@@ -44,8 +44,10 @@ __all__ = ["FitReport", "Library", "LibraryError", "UserInputError", "default_ba
 
 if TYPE_CHECKING:
     from piaa_index.encoder import Encoder
+    from piaa_index.evidence import Evidence
     from piaa_index.indexer import IndexReport
     from piaa_index.plugins import Plugins
+    from piaa_index.progress import Progress
     from piaa_index.pvcl import Classifier
 
 
@@ -115,6 +117,17 @@ class Library:
                     + "; use another --home/--db for a different model"
                 )
         return cls(settings, store, spec, encoder_factory=encoder_factory, plugins=plugins)
+
+    def reopen(self) -> Library:
+        """Another Library on the same database, home and model (its own connections, caches
+        and encoder), for another thread: one Library serves one thread at a time."""
+        return Library(
+            self.settings,
+            Store.open(self.settings.db_url),
+            self.spec,
+            encoder_factory=self._encoder_factory,
+            plugins=self._plugins,
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -210,7 +223,7 @@ class Library:
         self,
         paths: Sequence[str | Path],
         prune: bool = False,
-        progress: bool = False,
+        progress: Progress = False,
         batch_size: int = 32,
         exclude: Sequence[str] = (),
         default_excludes: bool = True,
@@ -283,11 +296,11 @@ class Library:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
         return self.tagger.fit_classifier(vocab, locations, progress, bank_size)
 
-    def fit(self, progress: bool = False, bank_size: int | None = None) -> FitReport:
+    def fit(self, progress: Progress = False, bank_size: int | None = None) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything."""
         return self.tagger.fit(progress, bank_size)
 
-    def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
+    def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
         return self.tagger.ensure_tags(progress)
 
@@ -332,6 +345,14 @@ class Library:
     def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
         return self.searcher.similar(path, limit)
+
+    def evidence(self, image: int | str | Path, label: str) -> Evidence:
+        """Where the fitted classifier sees `label` on an indexed image (by id or path): the
+        per-patch evidence grid, whose max is the image's patch score, and the tag decision.
+        Render it with `piaa_index.evidence.evidence_png`."""
+        from piaa_index.evidence import evidence
+
+        return evidence(self, image, label)
 
     # -- maintenance (Maintenance) -------------------------------------------------------------
 

@@ -153,3 +153,27 @@ class XmpSidecar(Base):
     written_sha256: Mapped[str] = mapped_column(String(64))  # of the bytes of our last write
     keywords_sha256: Mapped[str] = mapped_column(String(64))  # of the keywords it carried
     written_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ApiKey(Base):
+    """A key of the HTTP API (migration 0005): only its sha256 is stored."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    scope: Mapped[str] = mapped_column(String(8))  # "read" or "write"
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(
+        String(16)
+    )  # the token's first characters, to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class ImageChange(Base):
+    """The change feed (migration 0005): the feed version of each image's last change. No
+    foreign key: a removed image keeps its row so that sync clients learn of the removal."""
+
+    __tablename__ = "image_changes"
+    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -51,11 +51,18 @@ class Searcher(Part):
     def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
         """Every label's fused, patch and [CLS] score for one image, with the decision (each row
         also carries the image's stored path, so rows stand on their own in `--json` output)."""
-        image_id = self.image_id(path)
+        return self.tags_of(self.image_id(path), progress, shown=str(path))
+
+    def tags_of(
+        self, image_id: int, progress: bool = False, shown: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`tags` of an image by its id (HTTP clients and evidence maps know ids, not paths)."""
         state = self.library.tagger.state(progress)
         found = state.view.row_of(image_id)
         if found is None:
-            raise UserInputError(f"{path} has no scores yet; run `piaa fit`")
+            raise UserInputError(
+                f"{shown or f'image {image_id}'} has no scores yet; run `piaa fit`"
+            )
         seg, r = found
         S = np.asarray(seg.mats["S"][:, r], dtype=np.float64)
         E = np.asarray(seg.mats["E"][:, r], dtype=np.float64)

@@ -17,9 +17,11 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Column,
     MetaData,
     Table,
+    Text,
     and_,
     bindparam,
     create_engine,
@@ -39,10 +41,12 @@ from piaa_index.errors import PiaaError
 from piaa_index.schema import (
     FAILED,
     INDEXED,
+    ApiKey,
     Classifier,
     DataVersion,
     FsText,
     Image,
+    ImageChange,
     Label,
     Setting,
     Tag,
@@ -73,6 +77,18 @@ _SCAN_SCOPE = Table(
     Column("hi", FsText),
     prefixes=["TEMPORARY"],
 )
+
+
+# The present tags (image, label name) before a re-tag, to mark in the change feed exactly the
+# images whose present labels changed (see `Store._retag_changes`). Temporary, like the above.
+_OLD_TAGS = Table(
+    "piaa_old_tags",
+    MetaData(),
+    Column("image_id", BigInteger),
+    Column("name", Text),
+    prefixes=["TEMPORARY"],
+)
+_CHANGE_TABLE = cast(Table, ImageChange.__table__)
 
 
 def utcnow() -> datetime:
@@ -300,6 +316,10 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Image).where(Image.path == path)).first()
 
+    def image_by_id(self, image_id: int) -> Image | None:
+        with self.session() as s:
+            return s.get(Image, image_id)
+
     def images_under(self, roots: Sequence[str]) -> dict[str, KnownImage]:
         """Every known image that is one of `roots` or lies under one of them, by path.
 
@@ -398,6 +418,7 @@ class Store:
                 s.execute(insert(Image), list(new_rows))
             for start in range(0, len(stale), 500):
                 s.execute(delete(Tag).where(Tag.image_id.in_(stale[start : start + 500])))
+            self._mark_changed(s, stale)
 
     def commit_indexed(self, ids: Sequence[int], shard: int, sizes: Sequence[int]) -> None:
         """Mark images indexed at rows 0..n-1 of a durable shard (synthetic libraries: no file
@@ -484,6 +505,7 @@ class Store:
         if not lost:
             return 0
         with self.session() as s:
+            hit = s.scalars(select(Image.id).where(Image.shard.in_(lost))).all()
             result = cast(
                 CursorResult[Any],  # an UPDATE's result is a CursorResult, which has rowcount
                 s.execute(
@@ -492,6 +514,7 @@ class Store:
                     .values(status=schema.MISSING_VECTORS, shard=None, shard_row=None)
                 ),
             )
+            self._mark_changed(s, hit)
             return int(result.rowcount or 0)
 
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
@@ -508,6 +531,7 @@ class Store:
                 chunk = list(ids[start : start + 500])
                 s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
                 s.execute(delete(Image).where(Image.id.in_(chunk)))
+            self._mark_changed(s, ids)
 
     def image_counts(self) -> dict[str, int]:
         with self.session() as s:
@@ -601,8 +625,9 @@ class Store:
             classifier.score_segments = list(segments)
             s.add(classifier)
             s.flush()
-            s.execute(delete(Tag))
-            self._insert_tags(s, int(classifier.id), tags)
+            with self._retag_changes(s):
+                s.execute(delete(Tag))
+                self._insert_tags(s, int(classifier.id), tags)
             s.execute(delete(Classifier).where(Classifier.id != classifier.id))
             return int(classifier.id)
 
@@ -625,12 +650,16 @@ class Store:
             row.score_segments = list(segments)
             if key is not None:
                 row.scores_key = key
-                s.execute(delete(Tag))
-            else:
-                for start in range(0, len(rescored), 500):
-                    chunk = [int(i) for i in rescored[start : start + 500]]
-                    s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
+                with self._retag_changes(s):
+                    s.execute(delete(Tag))
+                    self._insert_tags(s, classifier_id, tags)
+                return True
+            for start in range(0, len(rescored), 500):
+                chunk = [int(i) for i in rescored[start : start + 500]]
+                s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
             self._insert_tags(s, classifier_id, tags)
+            # New or re-encoded images: their tags were cleared by their index commit.
+            self._mark_changed(s, rescored)
             return True
 
     @staticmethod
@@ -775,6 +804,202 @@ class Store:
             for start in range(0, len(paths), 500):
                 chunk = list(paths[start : start + 500])
                 s.execute(delete(XmpSidecar).where(XmpSidecar.path.in_(chunk)))
+
+    # -- the change feed (HTTP API `/api/tags?since=`) ------------------------------------------
+
+    def feed_version(self) -> int:
+        """The change feed's counter: every change numbered at or below it is committed."""
+        with self.session() as s:
+            value = s.scalar(select(DataVersion.version).where(DataVersion.name == "feed"))
+        return int(value or 0)
+
+    @staticmethod
+    def _mark_changed(s: Session, ids: Iterable[int]) -> None:
+        """Record a change of these images under a new feed version, in the caller's
+        transaction. Bumping the counter row locks it until the commit, so feed versions are
+        committed in order: a reader that saw version v will never see a new change <= v."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return
+        s.execute(
+            update(DataVersion)
+            .where(DataVersion.name == "feed")
+            .values(version=DataVersion.version + 1)
+        )
+        version = int(s.scalar(select(DataVersion.version).where(DataVersion.name == "feed")) or 0)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            s.execute(delete(ImageChange).where(ImageChange.image_id.in_(chunk)))
+            s.execute(_CHANGE_TABLE.insert(), [{"image_id": i, "version": version} for i in chunk])
+
+    @contextmanager
+    def _retag_changes(self, s: Session) -> Iterator[None]:
+        """Around a replacement of the tags: mark in the feed exactly the images whose set of
+        present label names changed (by name: a new vocabulary has new label ids), computed
+        in SQL as the symmetric difference of the (image, name) pairs before and after."""
+        conn = s.connection()
+        _OLD_TAGS.create(conn, checkfirst=True)
+        conn.execute(_OLD_TAGS.delete())
+        current = select(Tag.image_id, Label.name).join(Label, Label.id == Tag.label_id)
+        conn.execute(_OLD_TAGS.insert().from_select(["image_id", "name"], current))
+        yield
+        old = select(_OLD_TAGS.c.image_id, _OLD_TAGS.c.name)
+        gone = old.except_(current).subquery()
+        came = current.except_(old).subquery()
+        changed = s.scalars(select(gone.c.image_id).union(select(came.c.image_id))).all()
+        _OLD_TAGS.drop(conn)
+        self._mark_changed(s, changed)
+
+    def image_page(
+        self, after: int, limit: int, since: int | None = None, upto: int | None = None
+    ) -> tuple[list[dict[str, Any]], list[int], int | None]:
+        """One page of images by id after `after`: (indexed images' metadata, removed ids,
+        the last id of the page or None at the end).
+
+        Without `since`: every indexed image. With it: the images changed in the feed after
+        version `since` (up to `upto`); those gone or no longer indexed are `removed`."""
+        columns = (
+            Image.id,
+            Image.path,
+            Image.content_hash,
+            Image.width,
+            Image.height,
+            Image.size,
+            Image.indexed_at,
+            Image.status,
+        )
+        with self.session() as s:
+            if since is None:
+                query = (
+                    select(Image.id, *columns)
+                    .where(Image.status == INDEXED, Image.id > after)
+                    .order_by(Image.id)
+                )
+            else:
+                query = (
+                    select(ImageChange.image_id, *columns)
+                    .outerjoin(Image, Image.id == ImageChange.image_id)
+                    .where(ImageChange.version > since, ImageChange.image_id > after)
+                    .order_by(ImageChange.image_id)
+                )
+                if upto is not None:
+                    query = query.where(ImageChange.version <= upto)
+            rows = s.execute(query.limit(limit)).all()
+        images: list[dict[str, Any]] = []
+        removed: list[int] = []
+        for key, image_id, path, digest, width, height, size, at, status in rows:
+            if image_id is None or status != INDEXED:
+                removed.append(int(key))
+                continue
+            images.append(_image_dict(image_id, path, digest, width, height, size, at))
+        last = int(rows[-1][0]) if len(rows) == limit else None
+        return images, removed, last
+
+    def image_info(self, image_id: int) -> dict[str, Any] | None:
+        """Metadata of one indexed image by id (None when there is none)."""
+        with self.session() as s:
+            row = s.get(Image, image_id)
+            if row is None or row.status != INDEXED:
+                return None
+            return _image_dict(
+                row.id, row.path, row.content_hash, row.width, row.height, row.size, row.indexed_at
+            )
+
+    def image_refs(self, paths: Sequence[str]) -> dict[str, tuple[int, str | None]]:
+        """path -> (id, content hash) of known images, for results that name images by path."""
+        wanted = list(dict.fromkeys(paths))
+        out: dict[str, tuple[int, str | None]] = {}
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = s.execute(
+                    select(Image.path, Image.id, Image.content_hash).where(Image.path.in_(chunk))
+                ).all()
+                out.update({p: (int(i), h) for p, i, h in rows})
+        return out
+
+    def present_tags_of(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
+        """image id -> [(label, fused score)] of its present tags, best first."""
+        out: dict[int, list[tuple[str, float]]] = {int(i): [] for i in ids}
+        with self.session() as s:
+            for start in range(0, len(ids), 1000):
+                chunk = [int(i) for i in ids[start : start + 1000]]
+                rows = s.execute(
+                    select(Tag.image_id, Label.name, Tag.score)
+                    .join(Label, Label.id == Tag.label_id)
+                    .where(Tag.image_id.in_(chunk))
+                    .order_by(Tag.image_id, Tag.score.desc())
+                )
+                for image_id, name, score in rows:
+                    out[int(image_id)].append((str(name), float(score)))
+        return out
+
+    # -- API keys (HTTP API) ---------------------------------------------------------------------
+
+    def add_api_key(self, key_hash: str, prefix: str, scope: str, name: str | None) -> int:
+        with self.session() as s:
+            row = ApiKey(
+                key_hash=key_hash, prefix=prefix, scope=scope, name=name, created_at=utcnow()
+            )
+            s.add(row)
+            s.flush()
+            return int(row.id)
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Every key ever made (revoked ones too), without the hashes."""
+        with self.session() as s:
+            rows = s.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+            return [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "scope": r.scope,
+                    "prefix": r.prefix,
+                    "created_at": r.created_at.isoformat(),
+                    "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+                }
+                for r in rows
+            ]
+
+    def revoke_api_key(self, key_id: int) -> bool:
+        """False when there is no such key or it was revoked already."""
+        with self.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = utcnow()
+            return True
+
+    def api_key_scope(self, key_hash: str) -> str | None:
+        """The scope of a live key by its hash, None when unknown or revoked."""
+        with self.session() as s:
+            return s.scalar(
+                select(ApiKey.scope).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+            )
+
+    def live_api_keys(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).where(ApiKey.revoked_at.is_(None))) or 0)
+
+
+def _image_dict(
+    image_id: int,
+    path: str,
+    digest: str | None,
+    width: int | None,
+    height: int | None,
+    size: int,
+    indexed_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "id": int(image_id),
+        "path": path,
+        "content_hash": digest,
+        "width": width,
+        "height": height,
+        "size": int(size),
+        "indexed_at": indexed_at.isoformat() if indexed_at else None,
+    }
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"

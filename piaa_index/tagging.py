@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from piaa_index.errors import UserInputError
+from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.part import Part
 from piaa_index.store import VocabularyInfo, utcnow
 
 if TYPE_CHECKING:
     from piaa_index.decisions import Decisions
     from piaa_index.library import Library
+    from piaa_index.progress import Progress
     from piaa_index.pvcl import Classifier
     from piaa_index.scores import ScoreView, Segment
 
@@ -78,6 +79,11 @@ class NotReady(Exception):
     """The scores need a fit or new rows scored, which the caller does not want to do."""
 
 
+class NeedsFit(LibraryError):
+    """The vocabulary changed since the last fit and this Library does not fit on a read
+    (`Tagger.auto_fit` off: the HTTP API fits in a background job instead)."""
+
+
 class Tagger(Part):
     """Owns the classifier and the score matrix, cached against SQL's catalog version."""
 
@@ -86,6 +92,8 @@ class Tagger(Part):
         # Query caches, checked against SQL's catalog version (see `state`).
         self._cache: State | None = None
         self._fitted_cache: Fitted | None = None
+        # A stale vocabulary refits on the next query (the CLI); off, it raises NeedsFit.
+        self.auto_fit = True
 
     def is_stale(self) -> bool:
         """True when the vocabulary changed since the last fit (or nothing was fitted)."""
@@ -97,7 +105,7 @@ class Tagger(Part):
         self,
         vocab: VocabularyInfo,
         locations: list[tuple[int, int, int]],
-        progress: bool = False,
+        progress: Progress = False,
         bank_size: int | None = None,
     ) -> tuple[Classifier, np.ndarray, int]:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
@@ -118,7 +126,7 @@ class Tagger(Part):
             n_patches += len(flat)
         return fit_from_banks(builder.banks(), T, params), T, n_patches
 
-    def fit(self, progress: bool = False, bank_size: int | None = None) -> FitReport:
+    def fit(self, progress: Progress = False, bank_size: int | None = None) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
         (a second pass writing the score matrix)."""
         vocab = self.library.vocab.require_vocabulary()
@@ -150,17 +158,15 @@ class Tagger(Part):
             warnings=list(fitted.decisions.info.get("warnings", [])),
         )
 
-    def stream(self, locations: list[tuple[int, int, int]], progress: bool, desc: str) -> Iterator:
-        import sys
+    def stream(
+        self, locations: list[tuple[int, int, int]], progress: Progress, desc: str
+    ) -> Iterator:
+        from piaa_index.progress import progress_bar
 
-        from tqdm import tqdm
-
-        with tqdm(
-            total=len(locations), unit="img", desc=desc, file=sys.stderr, disable=not progress
-        ) as bar:
+        with progress_bar(len(locations), desc, progress) as advance:
             for chunk in self.vectors.iter_live(locations):
                 yield chunk
-                bar.update(len(chunk.image_ids))
+                advance(len(chunk.image_ids))
 
     def _scores(
         self, chunk: Any, classifier: Classifier, T: np.ndarray
@@ -186,7 +192,7 @@ class Tagger(Part):
         fitted: tuple[Classifier, np.ndarray],
         locations: list[tuple[int, int, int]],
         decisions: Decisions | None,
-        progress: bool,
+        progress: Progress,
         desc: str,
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
@@ -220,7 +226,7 @@ class Tagger(Part):
         classifier: Classifier,
         T: np.ndarray,
         locations: list[tuple[int, int, int]],
-        progress: bool,
+        progress: Progress,
         fit_seconds: float,
     ) -> tuple[Fitted, dict[str, int]]:
         from piaa_index.schema import Classifier as ClassifierRow
@@ -289,7 +295,7 @@ class Tagger(Part):
         view.invalidate(stale)
         return new
 
-    def state(self, progress: bool = False, score_new: bool = True) -> State:
+    def state(self, progress: Progress = False, score_new: bool = True) -> State:
         """The current classifier and score matrix, cached until the catalog version moves.
 
         Refits when the vocabulary changed; scores images indexed (or re-encoded) since, as a
@@ -307,6 +313,11 @@ class Tagger(Part):
             if self.is_stale():
                 if not score_new:
                     raise NotReady
+                if not self.auto_fit:
+                    raise NeedsFit(
+                        "the vocabulary changed since the last fit: fit first (`piaa fit`, or "
+                        "POST /api/jobs/fit)"
+                    )
                 self.fit(progress=progress)
                 continue
             row = self.store.latest_classifier()
@@ -360,7 +371,7 @@ class Tagger(Part):
                         key=key if view is None else None,
                     )
 
-    def ensure_tags(self, progress: bool = False) -> VocabularyInfo:
+    def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
         return self.state(progress).vocab
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest_models import tiny_model_config  # noqa: F401  (fixture re-export)
+from tests.shapes_library import shapes_home  # noqa: F401  (fixture re-export)
 
 
 @pytest.fixture(autouse=True)

@@ -1,73 +1,35 @@
-"""`piaa serve`: the HTTP API plugin, exercised over real sockets with urllib on a real library
-(tiny model) and, for the error mapping, on stub libraries."""
+"""The HTTP API (`piaa serve`) through FastAPI's TestClient on real libraries: the tiny model
+with real PNGs for queries and jobs, a synthetic library (thousands of images) for paging and
+the change feed, stubs only for the error mapping. Attacks: tests/test_http_security.py."""
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from piaa_index_plugins.http_api import make_server
+from fastapi.testclient import TestClient
+from piaa_index_plugins.http_api.app import create_app
+from piaa_index_plugins.http_api.auth import create_key
+from piaa_index_plugins.http_api.state import ServerConfig
 
 from piaa_index import __version__
 from piaa_index.cli import cli
+from piaa_index.eval import scale
 from piaa_index.library import Library, LibraryError
 from piaa_index.vectors import LockedError, VectorStoreError
 from tests.image_files import shapes_image
 
 LABELS = ["a", "b", "c"]
-
-
-@dataclass
-class Api:
-    """A running server: its base URL, the library behind it and the indexed photo folder."""
-
-    base: str
-    library: Any
-    photos: list[Path]
-
-    def call(
-        self, method: str, path: str, body: Any = None, raw: bytes | None = None
-    ) -> tuple[int, Any]:
-        """(status, decoded JSON body) of one request; HTTP errors are returned, not raised."""
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                status, payload = response.status, response.read()
-                assert response.headers["Content-Type"].startswith("application/json")
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        return status, json.loads(payload.decode("utf-8"))
-
-    def get(self, path: str) -> tuple[int, Any]:
-        return self.call("GET", path)
-
-
-@contextmanager
-def serve(library: Any) -> Iterator[str]:
-    """Run make_server(library) on a free port in a background thread; yield its base URL."""
-    server = make_server(library, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+SESSION = "piaa_test-session-key"
+BASE = "http://127.0.0.1:8765"
 
 
 def write_pngs(folder: Path, n: int, seed: int) -> list[Path]:
@@ -81,9 +43,37 @@ def write_pngs(folder: Path, n: int, seed: int) -> list[Path]:
     return paths
 
 
+def client_for(library: Any, **config: Any) -> TestClient:
+    cfg = ServerConfig(session_key=SESSION, **config)
+    return TestClient(
+        create_app(library, cfg),
+        base_url=BASE,
+        headers={"Authorization": f"Bearer {SESSION}"},
+        raise_server_exceptions=False,
+    )
+
+
+@dataclass
+class Api:
+    client: TestClient
+    library: Library
+    photos: list[Path]
+
+    def wait(self, job: dict[str, Any]) -> dict[str, Any]:
+        state = self.client.app.state.piaa  # type: ignore[attr-defined]
+        done = state.jobs.wait(job["id"], timeout=300)
+        assert done is not None and done["state"] in ("done", "failed"), done
+        return self.client.get(f"/api/jobs/{job['id']}").json()
+
+    def fit(self) -> dict[str, Any]:
+        response = self.client.post("/api/jobs/fit")
+        assert response.status_code == 202
+        return self.wait(response.json())
+
+
 @pytest.fixture(scope="module")
 def api(tiny_model_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """A server on a library (tiny model, pretrained none) with 8 indexed PNGs."""
+    """The app on a library (tiny model, pretrained none) with 8 indexed PNGs, fitted on a-c."""
     base = tmp_path_factory.mktemp("http")
     photos = write_pngs(base / "photos", 8, seed=1)
     home = base / "home"
@@ -92,103 +82,161 @@ def api(tiny_model_config: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         pretrained="none", device="cpu",
     )  # fmt: skip
     library.index([photos[0].parent])
-    try:
-        with serve(library) as url:
-            yield Api(url, library, photos)
-    finally:
-        library.close()
+    with client_for(library) as client:
+        out = Api(client, library, photos)
+        assert client.put("/api/vocabulary", json={"labels": LABELS}).status_code == 200
+        assert out.fit()["state"] == "done"
+        yield out
+    library.close()
 
 
-# -- the real library --------------------------------------------------------------------------
+# -- basics --------------------------------------------------------------------------------------
 
 
-def test_health(api: Api) -> None:
-    assert api.get("/health") == (200, {"status": "ok", "version": __version__})
+def test_health_needs_no_key(api: Api) -> None:
+    response = api.client.get("/api/health", headers={"Authorization": ""})
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "version": __version__}
 
 
 def test_status(api: Api) -> None:
-    status, body = api.get("/status")
-    assert status == 200
+    body = api.client.get("/api/status").json()
     assert body["images"]["indexed"] == len(api.photos)
     assert body["model"]["pretrained"] == "none"
 
 
-def test_vocabulary_put_and_get(api: Api) -> None:
-    status, body = api.call("PUT", "/vocabulary", {"labels": LABELS})
-    assert status == 200 and body["labels"] == LABELS and body["templates"]
-    assert api.get("/vocabulary") == (200, body)
-    # Bad bodies are the client's fault.
-    assert api.call("PUT", "/vocabulary", {"labels": "a"})[0] == 400
-    assert api.call("PUT", "/vocabulary", {"labels": ["a"], "colour": 1})[0] == 400
-    status, err = api.call("PUT", "/vocabulary", {"labels": ["a", "AND"]})
-    assert status == 400 and "operator" in err["error"]
-    assert api.get("/vocabulary")[1]["labels"] == LABELS  # unchanged by the failures
+def test_openapi_is_valid_openapi_3(api: Api) -> None:
+    from openapi_spec_validator import validate
+
+    spec = api.client.get("/openapi.json").json()
+    validate(spec)
+    assert spec["openapi"].startswith("3.")
+    for path in ("/api/tags", "/api/images/{image_id}", "/api/jobs/index", "/api/queries/{name}"):
+        assert path in spec["paths"]
+    assert api.client.get("/docs").status_code == 200
+
+
+def test_gallery_is_served_at_the_root(api: Api) -> None:
+    response = api.client.get("/")
+    assert response.status_code == 200 and "gallery" in response.text
+    assert response.headers["content-type"].startswith("text/html")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_keys_scopes_and_revocation(api: Api) -> None:
+    store = api.library.store
+    read_id, read_key = create_key(store, "read", "dam")
+    _, write_key = create_key(store, "write")
+    c = api.client
+    anonymous = {"Authorization": ""}
+    assert c.get("/api/status", headers=anonymous).status_code == 401
+    assert c.get("/api/status", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/api/status", headers={"Authorization": f"Bearer {read_key}"}).status_code == 200
+    assert c.get("/api/status", headers={"X-API-Key": read_key, **anonymous}).status_code == 200
+    # Writes: 401 without a key, 403 with a read key, fine with a write key.
+    body = {"labels": LABELS}
+    assert c.put("/api/vocabulary", json=body, headers=anonymous).status_code == 401
+    response = c.put("/api/vocabulary", json=body, headers={"X-API-Key": read_key, **anonymous})
+    assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden"
+    assert c.post("/api/jobs/fit", headers=anonymous).status_code == 401
+    assert (
+        c.get("/api/vocabulary", headers={"X-API-Key": write_key, **anonymous}).status_code == 200
+    )
+    assert store.revoke_api_key(read_id)
+    assert c.get("/api/status", headers={"X-API-Key": read_key, **anonymous}).status_code == 401
+    assert "key_hash" not in str(store.api_keys()) and read_key not in str(store.api_keys())
+
+
+def test_public_read(api: Api) -> None:
+    with client_for(api.library, public_read=True) as c:
+        assert c.get("/api/status", headers={"Authorization": ""}).status_code == 200
+        assert c.post("/api/jobs/fit", headers={"Authorization": ""}).status_code == 401
+
+
+# -- vocabulary and queries ----------------------------------------------------------------------
+
+
+def test_vocabulary_get_and_bad_puts(api: Api) -> None:
+    c = api.client
+    body = c.get("/api/vocabulary").json()
+    assert body["labels"] == LABELS and body["templates"] and body["stale"] is False
+    assert c.put("/api/vocabulary", json={"labels": "a"}).status_code == 422
+    response = c.put("/api/vocabulary", json={"labels": ["a"], "colour": 1})
+    assert response.status_code == 422 and "colour" in response.json()["error"]["message"]
+    response = c.put("/api/vocabulary", json={"labels": ["a", "AND"]})
+    assert response.status_code == 400 and "operator" in response.json()["error"]["message"]
+    response = c.put("/api/vocabulary", json={"labels": [f"l{i}" for i in range(5000)]})
+    assert response.status_code == 400 and "at most" in response.json()["error"]["message"]
+    response = c.put("/api/vocabulary", json={"labels": ["x" * 201]})
+    assert response.status_code == 400
+    assert c.get("/api/vocabulary").json()["labels"] == LABELS  # unchanged by the failures
+
+
+def test_label_completion(api: Api) -> None:
+    body = api.client.get("/api/labels?prefix=B").json()
+    assert [row["label"] for row in body["labels"]] == ["b"]
+    assert all(isinstance(row["count"], int) for row in body["labels"])
+    assert len(api.client.get("/api/labels?limit=2").json()["labels"]) == 2
 
 
 def test_queries_listing(api: Api) -> None:
-    status, body = api.get("/queries")
-    assert status == 200
-    by_name = {q["name"]: q for q in body}
+    by_name = {q["name"]: q for q in api.client.get("/api/queries").json()}
     assert {"tags", "search", "similar"} <= set(by_name)
     params = {p["name"]: p for p in by_name["search"]["params"]}
     assert params["limit"] == {**params["limit"], "type": "int", "required": False, "default": 20}
     assert params["all_images"]["type"] == "bool"
-    assert {p["name"]: p["required"] for p in by_name["tags"]["params"]}["image"] is True
 
 
-def test_search_query(api: Api) -> None:
-    api.call("PUT", "/vocabulary", {"labels": LABELS})
-    status, body = api.get("/queries/search?expression=a%20AND%20b&limit=3")
-    assert status == 200 and body["query"] == "search"
-    assert len(body["results"]) <= 3
-    # all_images=1 ranks every image, so there are rows whatever the random tiny model says.
-    status, body = api.get("/queries/search?expression=a%20AND%20b&limit=3&all_images=1")
-    assert status == 200 and len(body["results"]) == 3
+def test_search_rows_carry_id_and_content_hash(api: Api) -> None:
+    response = api.client.get("/api/queries/search?expression=a%20AND%20b&limit=3&all_images=1")
+    body = response.json()
+    assert response.status_code == 200 and body["query"] == "search"
+    assert len(body["results"]) == 3
+    refs = api.library.store.image_refs([str(p) for p in api.photos])
     for row in body["results"]:
-        assert Path(row["path"]) in api.photos and isinstance(row["score"], float)
-        assert set(row["labels"]) == {"a", "b"}
+        assert Path(row["path"]) in api.photos
+        assert (row["id"], row["content_hash"]) == refs[row["path"]]
+        assert len(row["content_hash"]) >= 32 and set(row["labels"]) == {"a", "b"}
 
 
 def test_query_errors(api: Api) -> None:
-    api.call("PUT", "/vocabulary", {"labels": LABELS})
-    status, body = api.get("/queries/search?expression=" + quote("a AND zebra"))
-    assert status == 400 and "zebra" in body["error"]
-    status, body = api.get("/queries/nope")
-    assert status == 404 and "nope" in body["error"]
-    status, body = api.get("/queries/search?expression=a&limit=many")
-    assert status == 400 and "limit" in body["error"]
-    status, body = api.get("/queries/search?expression=a&colour=red")
-    assert status == 400 and "colour" in body["error"]
-    status, body = api.get("/queries/tags")
-    assert status == 400 and "image" in body["error"]
-    status, body = api.get("/queries/tags?" + urlencode({"image": "/no/such/file.png"}))
-    assert status == 400 and "/no/such/file.png" in body["error"]
-    assert "Traceback" not in json.dumps(body)
+    c = api.client
+    cases = [
+        ("/api/queries/search?expression=a%20AND%20zebra", 400, "zebra"),
+        ("/api/queries/nope", 404, "nope"),
+        ("/api/queries/search?expression=a&limit=many", 400, "limit"),
+        ("/api/queries/search?expression=a&limit=-5", 400, "limit"),
+        ("/api/queries/search?expression=a&colour=red", 400, "colour"),
+        ("/api/queries/tags", 400, "image"),
+    ]
+    for url, status, word in cases:
+        response = c.get(url)
+        assert response.status_code == status, url
+        assert word in response.json()["error"]["message"], url
 
 
-def test_tags_and_similar_queries(api: Api) -> None:
-    api.call("PUT", "/vocabulary", {"labels": LABELS})
+def test_tags_and_similar_by_id_or_indexed_path(api: Api) -> None:
+    c = api.client
     image = str(api.photos[0])
-    status, body = api.get("/queries/tags?" + urlencode({"image": image}))
-    assert status == 200 and body["query"] == "tags"
-    assert [r["label"] for r in body["results"]] == LABELS
-    assert all(r["path"] == image and "present" in r for r in body["results"])
-    status, body = api.get("/queries/tags?" + urlencode({"image": image, "limit": 1}))
-    assert status == 200 and len(body["results"]) == 1
-    status, body = api.get("/queries/similar?" + urlencode({"image": image, "limit": 2}))
-    assert status == 200 and len(body["results"]) == 2
-    assert image not in {r["path"] for r in body["results"]}
+    image_id = api.library.image_id(image)
+    by_path = c.get("/api/queries/tags?" + urlencode({"image": image})).json()["results"]
+    by_id = c.get(f"/api/queries/tags?image={image_id}").json()["results"]
+    assert by_path == by_id and {r["label"] for r in by_id} == set(LABELS)
+    assert all(r["id"] == image_id and r["path"] == image for r in by_id)
+    similar = c.get(f"/api/queries/similar?image={image_id}&limit=2").json()["results"]
+    assert len(similar) == 2 and image_id not in {r["id"] for r in similar}
 
 
-def test_concurrent_requests_are_serialised(api: Api) -> None:
+def test_concurrent_reads_are_all_answered_alike(api: Api) -> None:
     """Many client threads at once: every answer is complete and the same."""
-    api.call("PUT", "/vocabulary", {"labels": LABELS})
-    path = "/queries/search?expression=a%20OR%20c&all_images=true&limit=5"
-    expected = api.get(path)
-    results: list[tuple[int, Any]] = []
+    url = "/api/queries/search?expression=a%20OR%20c&all_images=true&limit=5"
+    expected = api.client.get(url).json()
+    results: list[Any] = []
 
     def worker() -> None:
-        results.append(api.get(path))
+        results.append(api.client.get(url).json())
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
@@ -198,31 +246,329 @@ def test_concurrent_requests_are_serialised(api: Api) -> None:
     assert results == [expected] * 8
 
 
-def test_index_route(api: Api) -> None:
+def test_no_client_path_is_opened(api: Api, tmp_path: Path) -> None:
+    """`similar` and `tags` take indexed images only: an existing file that is not indexed and
+    a missing one get the same answer, so the API tells nothing about the server's files."""
+    outside = write_pngs(tmp_path, 1, seed=9)[0]
+    answers = []
+    for path in (str(outside), "/etc/hostname", "/root/.bashrc", "/no/such/file.png"):
+        for query in ("similar", "tags"):
+            response = api.client.get(f"/api/queries/{query}?" + urlencode({"image": path}))
+            assert response.status_code == 400
+            message = response.json()["error"]["message"]
+            assert "not an indexed image" in message
+            answers.append(message.replace(path, "P"))
+    assert len(set(answers)) == 1
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def test_image_by_id(api: Api) -> None:
+    image = str(api.photos[1])
+    image_id = api.library.image_id(image)
+    body = api.client.get(f"/api/images/{image_id}").json()
+    assert body["id"] == image_id and body["path"] == image
+    assert body["width"] == 80 and body["height"] == 72 and body["size"] > 0
+    assert body["content_hash"] and body["indexed_at"]
+    cli_rows = [
+        {"id": image_id, "content_hash": body["content_hash"], **row}
+        for row in api.library.tags(image)
+    ]
+    assert [
+        {k: v for k, v in r.items() if k not in ("id", "content_hash")} for r in body["tags"]
+    ] == [{k: v for k, v in r.items() if k not in ("id", "content_hash")} for r in cli_rows]
+    assert api.client.get("/api/images/999999").status_code == 404
+    assert api.client.get("/api/images/abc").status_code == 422
+
+
+def test_images_paging(api: Api) -> None:
+    seen: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        body = api.client.get("/api/images?" + urlencode(query)).json()
+        seen += [im["id"] for im in body["images"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == api.client.get("/api/status").json()["images"]["indexed"]
+    assert pages >= 3 and seen == sorted(seen)
+    response = api.client.get("/api/images?cursor=garbage")
+    assert response.status_code == 400 and "cursor" in response.json()["error"]["message"]
+    assert api.client.get("/api/images?limit=0").status_code == 422
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def test_index_job_and_bad_paths(api: Api) -> None:
+    c = api.client
     new = write_pngs(api.photos[0].parent, 2, seed=2)
-    status, body = api.call("POST", "/index", {"paths": [str(api.photos[0].parent)]})
-    assert status == 200
-    assert (body["indexed"], body["unchanged"], body["failed"]) == (2, 8, [])
+    response = c.post("/api/jobs/index", json={"paths": [str(api.photos[0].parent)]})
+    assert response.status_code == 202
+    job = response.json()
+    assert set(job) == {"id", "kind", "state"} and job["kind"] == "index"
+    done = api.wait(job)
+    assert done["state"] == "done", done
+    assert (done["result"]["indexed"], done["result"]["unchanged"]) == (2, 8)
+    assert done["progress"]["done"] == done["progress"]["total"] > 0
     api.photos.extend(new)
-    assert api.get("/status")[1]["images"]["indexed"] == 10
-    status, body = api.call("POST", "/index", {"paths": ["/no/such/folder"]})
-    assert status == 400 and "/no/such/folder" in body["error"]
-    assert api.call("POST", "/index", {"paths": []})[0] == 400
-    assert api.call("POST", "/index", {"paths": ["x"], "prune": "yes"})[0] == 400
+    assert c.get("/api/status").json()["images"]["indexed"] == 10
+    # The job tagged the new images with the current classifier: their tags are served.
+    new_id = api.library.image_id(new[0])
+    assert len(c.get(f"/api/images/{new_id}").json()["tags"]) == len(LABELS)
+    assert any(j["id"] == job["id"] for j in c.get("/api/jobs").json())
+    folder = str(api.photos[0].parent)
+    for body, status in [
+        ({"paths": ["/no/such/folder"]}, 400),
+        ({"paths": ["relative/folder"]}, 400),
+        ({"paths": []}, 400),
+        ({"paths": [folder], "prune": "yes"}, 422),
+        ({"paths": folder}, 422),
+        ({"paths": [folder], "colour": 1}, 422),
+    ]:
+        assert c.post("/api/jobs/index", json=body).status_code == status, body
+    assert c.get("/api/jobs/12345").status_code == 404
 
 
-def test_bad_json_and_routes(api: Api) -> None:
-    status, body = api.call("POST", "/index", raw=b"{not json")
-    assert status == 400 and "invalid JSON" in body["error"]
-    assert api.call("PUT", "/vocabulary", raw=b"[1, 2]")[0] == 400
-    assert api.call("PUT", "/vocabulary", raw=b"")[0] == 400
-    assert api.get("/nope")[0] == 404
-    status, body = api.call("DELETE", "/vocabulary")
-    assert status == 405 and "PUT" in body["error"]
-    assert api.call("POST", "/health", {"x": 1})[0] == 405
+def test_index_roots(api: Api, tmp_path: Path) -> None:
+    with client_for(api.library, index_roots=(str(tmp_path),)) as c:
+        response = c.post("/api/jobs/index", json={"paths": [str(api.photos[0].parent)]})
+        assert response.status_code == 403
 
 
-# -- error mapping on stub libraries (no model needed) -----------------------------------------
+def test_fifo_is_refused(api: Api, tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    assert api.client.post("/api/jobs/index", json={"paths": [str(fifo)]}).status_code == 400
+
+
+class _GatedEncoder:
+    """The real encoder, whose image encoding waits for the test to open the gate: a job that
+    runs as long as the test needs."""
+
+    def __init__(self, real: Any, gate: threading.Event):
+        self._real, self._gate = real, gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def encode_images(self, batch: Any) -> Any:
+        assert self._gate.wait(120)
+        return self._real.encode_images(batch)
+
+
+def test_reads_are_answered_while_a_job_runs(api: Api, tmp_path: Path) -> None:
+    from piaa_index.encoder import Encoder
+
+    gate = threading.Event()
+    library = api.library
+
+    def open_job_library() -> Library:
+        return Library.open(
+            home=library.settings.home, db=library.settings.db_url, device="cpu",
+            encoder_factory=lambda spec: _GatedEncoder(Encoder(spec, device="cpu"), gate),
+        )  # fmt: skip
+
+    folder = tmp_path / "more"
+    write_pngs(folder, 3, seed=3)
+    app = create_app(library, ServerConfig(session_key=SESSION), open_job_library)
+    auth = {"Authorization": f"Bearer {SESSION}"}
+    with TestClient(app, base_url=BASE, headers=auth) as c:
+        job = c.post("/api/jobs/index", json={"paths": [str(folder)]}).json()
+        state = app.state.piaa
+        try:
+            for _ in range(500):
+                if state.jobs.get(job["id"])["state"] == "running":
+                    break
+                threading.Event().wait(0.02)
+            assert c.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+            assert c.get("/api/status").status_code == 200
+            assert c.get("/api/queries/search?expression=a").status_code == 200
+            assert c.get("/api/tags?limit=5").status_code == 200
+            second = c.post("/api/jobs/fit").json()
+            assert c.get(f"/api/jobs/{second['id']}").json()["state"] == "queued"
+        finally:
+            gate.set()
+        assert state.jobs.wait(job["id"], 120)["state"] == "done"
+        assert state.jobs.wait(second["id"], 120)["state"] == "done"
+
+
+def test_stopping_the_server_cancels_a_running_job(api: Api, tmp_path: Path) -> None:
+    from piaa_index.encoder import Encoder
+
+    gate = threading.Event()
+    library = api.library
+
+    def open_job_library() -> Library:
+        return Library.open(
+            home=library.settings.home, db=library.settings.db_url, device="cpu",
+            encoder_factory=lambda spec: _GatedEncoder(Encoder(spec, device="cpu"), gate),
+        )  # fmt: skip
+
+    folder = tmp_path / "more"
+    write_pngs(folder, 40, seed=4)
+    app = create_app(library, ServerConfig(session_key=SESSION), open_job_library)
+    jobs = app.state.piaa.jobs
+    with TestClient(app, base_url=BASE, headers={"Authorization": f"Bearer {SESSION}"}) as c:
+        job = c.post("/api/jobs/index", json={"paths": [str(folder)]}).json()
+        queued = c.post("/api/jobs/fit").json()
+        for _ in range(500):
+            if jobs.get(job["id"])["state"] == "running":
+                break
+            threading.Event().wait(0.02)
+        closing = threading.Thread(target=jobs.close)
+        closing.start()  # what the app's shutdown does
+        gate.set()
+        closing.join(60)
+    assert jobs.get(job["id"])["state"] == "failed"
+    assert "cancelled" in jobs.get(job["id"])["error"]
+    assert jobs.get(queued["id"])["error"] == "the server stopped before the job ran"
+    # The library is left consistent: the next run indexes (or keeps) every file.
+    report = library.index([folder])
+    assert report.indexed + report.unchanged == 40 and report.failed == []
+
+
+def test_stale_vocabulary_needs_a_fit_job(api: Api) -> None:
+    c = api.client
+    assert c.put("/api/vocabulary", json={"labels": ["a", "b"]}).json()["stale"] is True
+    response = c.get("/api/queries/search?expression=a")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "needs_fit"
+    assert api.fit()["state"] == "done"
+    assert c.get("/api/queries/search?expression=a").status_code == 200
+    assert c.put("/api/vocabulary", json={"labels": LABELS}).status_code == 200
+    assert api.fit()["state"] == "done"
+
+
+# -- the change feed on a synthetic library (thousands of images) ---------------------------------
+
+N_LABELS = 12
+N_IMAGES = 3000
+
+
+@pytest.fixture(scope="module")
+def world() -> scale.World:
+    return scale.World.make(N_LABELS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic(
+    tmp_path_factory: pytest.TempPathFactory, world: scale.World
+) -> Iterator[tuple[Library, TestClient]]:
+    """A fitted synthetic library; the read-only test comes first, the re-tag test last."""
+    library = scale.open_library(tmp_path_factory.mktemp("feed") / "home", world)
+    scale.add_images(library, world, N_IMAGES)
+    library.set_vocabulary(scale.label_names(N_LABELS))
+    library.fit()
+    with client_for(library) as client:
+        yield library, client
+    library.close()
+
+
+def sync(client: TestClient, since: int | None, limit: int = 500) -> dict[str, Any]:
+    """What a DAM sync loop does: page through /api/tags; (images by id, removed, version)."""
+    images: dict[int, Any] = {}
+    removed: list[int] = []
+    cursor = None
+    version = None
+    while True:
+        query: dict[str, Any] = {"limit": limit}
+        if cursor:
+            query["cursor"] = cursor
+        elif since is not None:
+            query["since"] = since
+        response = client.get("/api/tags?" + urlencode(query))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        version = body["version"] if version is None else version
+        assert body["version"] == version  # one window for the whole listing
+        for im in body["images"]:
+            assert im["id"] not in images
+            images[im["id"]] = im
+        removed += body["removed"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return {"images": images, "removed": removed, "version": version}
+
+
+def present_sets(library: Library) -> dict[int, set[str]]:
+    by_path = library.present_tags()
+    refs = library.store.image_refs(list(by_path))
+    return {refs[p][0]: {name for name, _ in tags} for p, tags in by_path.items()}
+
+
+def test_bulk_tags_match_the_library(synthetic: tuple[Library, TestClient]) -> None:
+    library, client = synthetic
+    full = sync(client, None, limit=700)
+    assert len(full["images"]) == N_IMAGES and full["removed"] == []
+    truth = present_sets(library)
+    assert {i: {t["label"] for t in im["tags"]} for i, im in full["images"].items()} == truth
+    row = next(iter(full["images"].values()))
+    assert {"id", "path", "content_hash", "tags"} <= set(row)
+    # since=0 lists every image too; since=now lists nothing.
+    assert set(sync(client, 0)["images"]) == set(full["images"])
+    assert sync(client, full["version"]) == {
+        "images": {},
+        "removed": [],
+        "version": full["version"],
+    }
+
+
+def test_dam_sync_loop_picks_up_a_retag_exactly(synthetic: tuple[Library, TestClient]) -> None:
+    library, client = synthetic
+    mirror = {i: {t["label"] for t in im["tags"]} for i, im in sync(client, None)["images"].items()}
+    version = sync(client, None)["version"]
+    before = present_sets(library)
+    # A vocabulary change and its fit job: some images' present labels change.
+    labels = scale.label_names(N_LABELS)
+    assert client.put("/api/vocabulary", json={"labels": labels[:-3]}).status_code == 200
+    job = client.post("/api/jobs/fit").json()
+    assert client.app.state.piaa.jobs.wait(job["id"], 300)["state"] == "done"  # type: ignore[attr-defined]
+    after = present_sets(library)
+    changed = {i for i in after if after[i] != before.get(i, set())}
+    assert 0 < len(changed) < N_IMAGES
+    feed = sync(client, version)
+    assert set(feed["images"]) == changed  # exactly the images whose present labels changed
+    assert feed["version"] > version
+    for i, im in feed["images"].items():
+        mirror[i] = {t["label"] for t in im["tags"]}
+    assert mirror == after
+    # Removals reach the mirror too.
+    gone = sorted(after)[:250]
+    library.store.remove_images(gone)
+    feed2 = sync(client, feed["version"])
+    assert sorted(feed2["removed"]) == gone and feed2["images"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_dam_sync_loop_on_postgres(
+    postgres_database: Any, tmp_path: Path, world: scale.World
+) -> None:
+    library = scale.open_library(tmp_path / "home", world, postgres_database())
+    try:
+        scale.add_images(library, world, 1500)
+        library.set_vocabulary(scale.label_names(N_LABELS))
+        library.fit()
+        with client_for(library) as client:
+            first = sync(client, None)
+            assert len(first["images"]) == 1500
+            before = present_sets(library)
+            library.set_vocabulary(scale.label_names(N_LABELS)[:-3])
+            library.fit()
+            after = present_sets(library)
+            changed = {i for i in after if after[i] != before.get(i, set())}
+            assert changed and set(sync(client, first["version"])["images"]) == changed
+    finally:
+        library.close()
+
+
+# -- error mapping on stub libraries (no model needed) -------------------------------------------
 
 
 class FailingLibrary:
@@ -230,6 +576,8 @@ class FailingLibrary:
 
     def __init__(self, exc: Exception):
         self.exc = exc
+        self.tagger = SimpleNamespace(auto_fit=True)
+        self.reopen = lambda: self
 
     def status(self) -> dict:
         raise self.exc
@@ -245,17 +593,74 @@ class FailingLibrary:
     ],
 )
 def test_error_mapping(exc: Exception, code: int, message: str) -> None:
-    with serve(FailingLibrary(exc)) as base:
-        status, body = Api(base, None, []).get("/status")
-    assert status == code and message in body["error"]
-    assert "Traceback" not in body["error"] and "secret" not in body["error"]
+    with client_for(FailingLibrary(exc), public_read=True) as c:
+        response = c.get("/api/status")
+    body = response.json()
+    assert response.status_code == code and message in body["error"]["message"]
+    assert response.headers["content-type"].startswith("application/json")
+    assert "Traceback" not in response.text and "secret" not in response.text
 
 
-# -- the command -------------------------------------------------------------------------------
+def test_framework_errors_are_json(api: Api) -> None:
+    c = api.client
+    for method, url, status in [
+        ("GET", "/api/nope", 404),
+        ("DELETE", "/api/vocabulary", 405),
+        ("POST", "/api/health", 405),
+        ("OPTIONS", "/api/status", 405),
+        ("GET", "/api/images/-1", 422),
+    ]:
+        response = c.request(method, url)
+        assert response.status_code == status, (method, url)
+        assert response.headers["content-type"].startswith("application/json")
+        assert set(response.json()["error"]) == {"code", "message"}
+    response = c.delete("/api/vocabulary")
+    assert "PUT" in response.headers["allow"] and "PUT" in response.json()["error"]["message"]
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+
+def piaa(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: Any) -> tuple[int, str, str]:
+    """Run `main()` as the `piaa` script does: (exit code, stdout, stderr)."""
+    import sys
+
+    from piaa_index.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["piaa", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_keys_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    home = ["--home", str(tmp_path / "h")]
+    code, out, err = piaa(
+        [*home, "keys", "create", "--scope", "read", "--name", "dam"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    token = out.strip()
+    assert token.startswith("piaa_") and len(token) > 40 and "shown only now" in err
+    code, out, _ = piaa([*home, "keys", "list", "--json"], monkeypatch, capsys)
+    assert code == 0 and '"dam"' in out and '"read"' in out and token not in out
+    assert piaa([*home, "keys", "revoke", "1"], monkeypatch, capsys)[0] == 0
+    code, _, err = piaa([*home, "keys", "revoke", "1"], monkeypatch, capsys)
+    assert code == 2 and "no live key" in err and "Traceback" not in err
+    assert piaa([*home, "keys", "create", "--scope", "admin"], monkeypatch, capsys)[0] == 2
+
+
+def test_serve_refuses_a_public_address_without_a_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    code, _, err = piaa(
+        ["--home", str(tmp_path / "h"), "serve", "--host", "0.0.0.0"], monkeypatch, capsys
+    )
+    assert code == 2 and "keys create" in err and "Traceback" not in err
 
 
 def test_serve_help() -> None:
     result = CliRunner().invoke(cli, ["serve", "--help"])
     assert result.exit_code == 0, result.output
-    assert "--host" in result.output and "--port" in result.output
-    assert "127.0.0.1" in result.output and "8765" in result.output
+    for option in ("--host", "--port", "--allow-host", "--cors-origin", "--public-read"):
+        assert option in result.output

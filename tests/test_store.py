@@ -20,6 +20,8 @@ TABLES = {
     "tags",
     "data_versions",
     "xmp_sidecars",
+    "api_keys",
+    "image_changes",
     "alembic_version",
 }
 

@@ -96,7 +96,8 @@ def demo_command(
         click.echo(ablation_table(ablation))
     click.echo(
         f"\ndemo finished in {time.perf_counter() - started:.0f}s; "
-        f'try: piaa --home {root / "index"} search --text "{a}"',
+        f'try: piaa --home {root / "index"} search --text "{a}"\n'
+        f"     piaa --home {root / 'index'} serve    (then open the URL it prints: the gallery)",
         err=True,
     )
 

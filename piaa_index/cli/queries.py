@@ -1,13 +1,42 @@
-"""One CLI command per registered query plugin, with the shared output options."""
+"""One CLI command per registered query plugin, with the shared output options.
+
+A generated command may carry CLI-only options (a `CommandExtension`, e.g. `tags --evidence`):
+things that belong to a terminal (an output file) rather than to the query every front end
+serves.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from piaa_index.cli.common import app_context, emit_rows, output_options
 from piaa_index.plugins import Param, Plugins, Query
+
+if TYPE_CHECKING:
+    from piaa_index.cli.common import AppContext
+
+
+@dataclass(frozen=True)
+class CommandExtension:
+    """Extra click options of a generated query command, and what they do.
+
+    `run(app, query params, extension params, output format)` returns True when it answered
+    the command itself (its options were given), False to run the query as usual; the format
+    is "json", "csv", "paths" or "table".
+    """
+
+    params: tuple[click.Parameter, ...]
+    run: Callable[[AppContext, dict[str, Any], dict[str, Any], str], bool]
+
+
+def _extensions() -> dict[str, CommandExtension]:
+    from piaa_index.cli.evidence import TAGS_EVIDENCE
+
+    return {"tags": TAGS_EVIDENCE}
 
 
 def _click_param(p: Param) -> click.Parameter:
@@ -29,21 +58,28 @@ def _click_param(p: Param) -> click.Parameter:
     )
 
 
-def make_query_command(query: Query) -> click.Command:
+def make_query_command(query: Query, extension: CommandExtension | None = None) -> click.Command:
+    own = {str(p.name) for p in extension.params} if extension else set()
+
     @click.pass_context
     def callback(
         ctx: click.Context, as_json: bool, as_csv: bool, paths_only: bool, **params: Any
     ) -> None:
         app = app_context(ctx)
-        library = app.library()
+        extra = {k: params.pop(k) for k in own}
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
-        rows = query.run(library, progress=app.progress, **params)
+        if extension is not None:
+            fmt = "json" if as_json else "csv" if as_csv else "paths" if paths_only else "table"
+            if extension.run(app, params, extra, fmt):
+                return
+        rows = query.run(app.library(), progress=app.progress, **params)
         emit_rows(rows, as_json, as_csv, paths_only)
 
     command = click.Command(
         query.name,
         callback=output_options(callback),
-        params=[_click_param(p) for p in query.params],
+        params=[_click_param(p) for p in query.params]
+        + list(extension.params if extension else ()),
         help=query.help,
     )
     # output_options decorated the callback; move its click params onto the command.
@@ -52,6 +88,7 @@ def make_query_command(query: Query) -> click.Command:
 
 
 def add_query_commands(group: click.Group, plugins: Plugins) -> None:
+    extensions = _extensions()
     for name, query in sorted(plugins.queries.items()):
         if name not in group.commands:
-            group.add_command(make_query_command(query))
+            group.add_command(make_query_command(query, extensions.get(name)))

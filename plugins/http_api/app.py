@@ -1,0 +1,93 @@
+"""The ASGI app: `create_app(library, config)`, which tests call directly (FastAPI's
+TestClient) and `piaa serve` hands to uvicorn.
+
+Layout: JSON under `/api` (routers `routes_*.py`), `/openapi.json` and `/docs`, and the
+gallery's static files at `/` (`static/`, mounted after the API so it never shadows a route).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from piaa_index_plugins.http_api import (
+    errors,
+    routes_images,
+    routes_jobs,
+    routes_media,
+    routes_meta,
+    routes_queries,
+    routes_vocabulary,
+)
+from piaa_index_plugins.http_api.errors import ApiJSONResponse
+from piaa_index_plugins.http_api.jobs import JobRunner
+from piaa_index_plugins.http_api.security import SecurityMiddleware
+from piaa_index_plugins.http_api.state import ApiState, ServerConfig
+from starlette.routing import Match, Mount
+
+if TYPE_CHECKING:
+    from piaa_index.library import Library
+
+STATIC = Path(__file__).parent / "static"
+ROUTERS = (routes_meta, routes_queries, routes_vocabulary, routes_images, routes_jobs, routes_media)
+
+
+class _StaticMount(Mount):
+    """The gallery at `/`, but never for `/api/...`: an unknown API path is a JSON 404 and a
+    wrong method on an API route a JSON 405, not a static-file answer."""
+
+    def matches(self, scope: Any) -> tuple[Match, Any]:
+        path = scope.get("path", "")
+        if path == "/api" or path.startswith("/api/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def create_app(
+    library: Library,
+    config: ServerConfig | None = None,
+    open_job_library: Callable[[], Library] | None = None,
+    close_library: bool = False,
+) -> FastAPI:
+    """The API over `library` (used for reads, one request at a time). Jobs run on a Library
+    from `open_job_library` (default: `library.reopen()`). With `close_library`, the app's
+    shutdown closes `library` (the `piaa serve` case)."""
+    from piaa_index import __version__
+
+    config = config or ServerConfig()
+    # A read never fits (minutes on a large library, holding every other read): it answers
+    # 409 needs_fit, and a fit job does the work.
+    library.tagger.auto_fit = False
+    jobs = JobRunner(open_job_library or library.reopen)
+    state = ApiState(library, config, jobs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        jobs.close()
+        if close_library:
+            library.close()
+
+    app = FastAPI(
+        title="piaa-index",
+        version=__version__,
+        description="Tag and search photo collections: queries, images and tags with a change "
+        "feed, vocabulary, and index/fit jobs. Keys: `Authorization: Bearer KEY` or "
+        "`X-API-Key: KEY` (`piaa keys create`). See docs/http-api.md.",
+        default_response_class=ApiJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.piaa = state
+    errors.install(app)
+    for module in ROUTERS:
+        app.include_router(module.router)
+    if STATIC.is_dir():
+        app.router.routes.append(
+            _StaticMount("/", app=StaticFiles(directory=STATIC, html=True), name="gallery")
+        )
+    app.add_middleware(SecurityMiddleware, config=config)
+    return app

@@ -1,0 +1,98 @@
+"""Pictures of indexed images: thumbnails and patch evidence maps, by image id only.
+
+No path ever comes from the client: the id is looked up in SQL (piaa_index/thumbnails.py,
+piaa_index/evidence.py), and an id that is not an indexed image is 404.
+
+    GET /api/images/{id}/thumbnail?size=128|256|512      image/jpeg (ETag: content hash + size)
+    GET /api/images/{id}/evidence?label=L&format=png|json  the label's evidence map
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import FileResponse, Response
+from piaa_index_plugins.http_api.auth import require_read
+from piaa_index_plugins.http_api.errors import ApiError
+from piaa_index_plugins.http_api.state import ApiState, get_state
+
+router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
+
+MAX_ID = 2**63 - 1
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="An image id from a result row.")]
+# A thumbnail changes only when the file is re-indexed (a new content hash, so a new ETag);
+# clients revalidate after an hour. `private`: reads may need a key.
+CACHE_CONTROL = "private, max-age=3600"
+
+
+def _not_found(fn: Any) -> Any:
+    """Run `fn`; NotFoundError (an id not indexed, a file gone) answers 404, not 400."""
+    from piaa_index.errors import NotFoundError
+
+    try:
+        return fn()
+    except NotFoundError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+
+
+def _thumbnails(state: ApiState) -> Any:
+    """One Thumbnails per server, so concurrent decodes share one memory budget."""
+    thumbs = getattr(state, "thumbnails", None)
+    if thumbs is None:
+        from piaa_index.thumbnails import Thumbnails
+
+        thumbs = state.thumbnails = Thumbnails(state.library)  # type: ignore[attr-defined]
+    return thumbs
+
+
+@router.get(
+    "/images/{image_id}/thumbnail",
+    summary="An EXIF-upright JPEG thumbnail of an indexed image (cached on disk)",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 304: {"description": "Not modified"}},
+)
+def thumbnail(
+    image_id: ImageId,
+    request: Request,
+    state: Annotated[ApiState, Depends(get_state)],
+    size: Annotated[int, Query(description="Longer side: 128, 256 or 512.")] = 256,
+) -> Response:
+    thumbs = _thumbnails(state)
+    # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
+    # ms for a camera JPEG) must not hold up every other read.
+    thumb, source = state.run(_not_found, lambda: thumbs.locate(image_id, size))
+    _not_found(lambda: thumbs.make(thumb, source))
+    headers = {"ETag": thumb.etag, "Cache-Control": CACHE_CONTROL}
+    if thumb.etag in _etags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(thumb.path, media_type="image/jpeg", headers=headers)
+
+
+def _etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {t.strip().removeprefix("W/") for t in header.split(",")}
+
+
+@router.get(
+    "/images/{image_id}/evidence",
+    summary="Where the classifier sees a label on an image: heatmap PNG or JSON patch grid",
+    response_model=None,
+    responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+)
+def evidence(
+    image_id: ImageId,
+    state: Annotated[ApiState, Depends(get_state)],
+    label: Annotated[str, Query(min_length=1, max_length=200, description="A vocabulary label.")],
+    format: Annotated[Literal["png", "json"], Query(description="png or json.")] = "png",
+    size: Annotated[int, Query(ge=16, le=1024, description="PNG's longer side.")] = 512,
+) -> Any:
+    from piaa_index.evidence import evidence_png
+
+    ev = state.run(_not_found, lambda: state.library.evidence(image_id, label))
+    if format == "json":
+        return ev.as_json()
+    png = _not_found(lambda: evidence_png(ev, size=size))  # decoding outside the lock
+    # Tags change with every fit: revalidate rather than cache.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})

@@ -1,0 +1,377 @@
+// The piaa gallery: a plain ES module over the JSON API under /api (no build step, no
+// framework). The API key comes from the URL fragment `#key=…` that `piaa serve` prints
+// (fragments never reach the server) and is kept in sessionStorage for this tab only; images
+// are fetched with it and shown from blob URLs, so the key never appears in a URL either.
+
+const KEY_STORE = "piaa-key";
+const $ = (sel) => document.querySelector(sel);
+
+// ------------------------------------------------------------------------------ API access
+
+function takeKeyFromFragment() {
+  const m = location.hash.match(/(?:^#|&)key=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(KEY_STORE, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search + "#/");
+  }
+}
+
+function headers(extra = {}) {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}`, ...extra } : extra;
+}
+
+async function failure(resp) {
+  // Every API error is {"error": {"code", "message"}}; anything else says its status.
+  try {
+    const body = await resp.json();
+    if (body && body.error) return new Error(body.error.message || body.error.code);
+  } catch (_) { /* not JSON */ }
+  return new Error(`${resp.status} ${resp.statusText}`);
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const resp = await fetch(path, init);
+  if (!resp.ok) throw await failure(resp);
+  return resp.json();
+}
+
+// Blob URLs of fetched images, revoked when the view that showed them is left.
+let blobs = [];
+async function imageUrl(path) {
+  const resp = await fetch(path, { headers: headers() });
+  if (!resp.ok) throw await failure(resp);
+  const url = URL.createObjectURL(await resp.blob());
+  blobs.push(url);
+  return url;
+}
+function releaseImages() {
+  blobs.forEach((u) => URL.revokeObjectURL(u));
+  blobs = [];
+}
+
+function showError(err) {
+  const box = $("#error");
+  if (!err) { box.hidden = true; box.textContent = ""; return; }
+  box.textContent = err.message || String(err);
+  box.hidden = false;
+}
+
+const fmt = (v, digits = 3) => (v === null || v === undefined ? "—" : Number(v).toFixed(digits));
+const baseName = (p) => String(p).split("/").pop();
+const el = (tag, props = {}, ...children) => {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+};
+
+// ---------------------------------------------------------------------------------- status
+
+async function refreshStatus() {
+  try {
+    const s = await api("/api/status");
+    const n = s.images ? s.images.indexed : s.indexed;
+    const labels = s.vocabulary ? (s.vocabulary.labels || []).length : 0;
+    const parts = [`${n ?? "?"} images`, `${labels} labels`];
+    if (s.stale) parts.push("tags stale: fit needed");
+    $("#status").textContent = parts.join(" · ");
+  } catch (err) {
+    $("#status").textContent = "";
+    showError(err);
+  }
+}
+
+// ---------------------------------------------------------------------------------- search
+
+// The label being typed: the text after the last operator (AND OR NOT, any case, & | !) or
+// parenthesis, so a bare multi-word label completes too; an open quote keeps what follows.
+function currentToken(text) {
+  const quotes = (text.match(/"/g) || []).length;
+  if (quotes % 2 === 1) {
+    const quote = text.lastIndexOf('"');
+    return { start: quote, token: text.slice(quote + 1) };
+  }
+  let start = 0;
+  for (const m of text.matchAll(/\b(?:and|or|not)\b|[()&|!"]/gi)) start = m.index + m[0].length;
+  while (text[start] === " ") start += 1;
+  return { start, token: text.slice(start) };
+}
+
+let suggestTimer = null;
+let active = -1;
+
+function closeSuggestions() {
+  const list = $("#suggestions");
+  list.hidden = true;
+  list.replaceChildren();
+  $("#q").setAttribute("aria-expanded", "false");
+  $("#q").removeAttribute("aria-activedescendant");
+  active = -1;
+}
+
+function acceptSuggestion(label) {
+  const input = $("#q");
+  const { start } = currentToken(input.value);
+  const quoted = /[\s()"]|^(and|or|not)$/i.test(label) ? `"${label}"` : label;
+  input.value = input.value.slice(0, start) + quoted + " ";
+  closeSuggestions();
+  input.focus();
+}
+
+async function suggest() {
+  const input = $("#q");
+  if ($("#text-mode").checked) return closeSuggestions();
+  const { token } = currentToken(input.value);
+  if (!token.trim()) return closeSuggestions();
+  try {
+    const { labels } = await api(`/api/labels?prefix=${encodeURIComponent(token)}&limit=8`);
+    const list = $("#suggestions");
+    list.replaceChildren(...labels.map((item, i) => {
+      const li = el("li", { id: `sugg-${i}`, role: "option", textContent: item.label });
+      li.setAttribute("aria-selected", "false");
+      li.append(el("span", { className: "n", textContent: ` ${item.count}` }));
+      li.addEventListener("mousedown", (e) => { e.preventDefault(); acceptSuggestion(item.label); });
+      li.dataset.label = item.label;
+      return li;
+    }));
+    list.hidden = labels.length === 0;
+    input.setAttribute("aria-expanded", String(labels.length > 0));
+    active = -1;
+  } catch (err) {
+    closeSuggestions();
+  }
+}
+
+function moveActive(step) {
+  const items = [...$("#suggestions").children];
+  if (!items.length) return;
+  active = (active + step + items.length) % items.length;
+  items.forEach((li, i) => li.setAttribute("aria-selected", String(i === active)));
+  $("#q").setAttribute("aria-activedescendant", items[active].id);
+}
+
+function searchUrl(q, text, limit) {
+  const p = new URLSearchParams({ limit: String(limit) });
+  p.set(text ? "text" : "expression", q);
+  return `/api/queries/search?${p}`;
+}
+
+async function runSearch(q, text, limit) {
+  $("#q").value = q;
+  $("#text-mode").checked = text;
+  $("#limit").value = String(limit);
+  const grid = $("#results");
+  releaseImages();
+  grid.replaceChildren();
+  $("#result-count").textContent = "";
+  if (!q) return;
+  $("#result-count").textContent = "Searching…";
+  const { results } = await api(searchUrl(q, text, limit));
+  const noun = results.length === 1 ? "image" : "images";
+  $("#result-count").textContent = `${results.length} ${noun} for ${text ? "the phrase " : ""}${q}`;
+  for (const row of results) {
+    const img = el("img", { alt: baseName(row.path), loading: "lazy", width: 256, height: 256 });
+    const why = row.labels
+      ? Object.entries(row.labels).map(([n, v]) => `${n} ${fmt(v.score)}`).join(", ")
+      : "";
+    const link = el("a", { href: `#/image/${row.id}${text ? "" : `?label=${encodeURIComponent(firstLabel(row))}`}` },
+      img,
+      el("span", { className: "score", textContent: `score ${fmt(row.score)}` }),
+      el("span", { className: "name", textContent: baseName(row.path) }));
+    if (why) link.title = why;
+    const li = el("li", {}, link);
+    li.dataset.id = row.id;
+    grid.append(li);
+    imageUrl(`/api/images/${row.id}/thumbnail?size=256`)
+      .then((url) => { img.src = url; })
+      .catch(() => { img.alt = `${baseName(row.path)} (thumbnail unavailable)`; });
+  }
+}
+
+function firstLabel(row) {
+  const names = Object.keys(row.labels || {});
+  return names.length ? names[0] : "";
+}
+
+// ----------------------------------------------------------------------------------- image
+
+async function showEvidence(id, label) {
+  const img = $("#evidence-img");
+  const on = $("#evidence-on").checked;
+  const caption = $("#evidence-caption");
+  if (!on || !label) {
+    img.src = await imageUrl(`/api/images/${id}/thumbnail?size=512`);
+    img.alt = "The photo";
+    caption.textContent = "";
+    return;
+  }
+  const q = `label=${encodeURIComponent(label)}`;
+  const [ev, url] = await Promise.all([
+    api(`/api/images/${id}/evidence?${q}&format=json`),
+    imageUrl(`/api/images/${id}/evidence?${q}&format=png`),
+  ]);
+  img.src = url;
+  img.dataset.label = ev.label;
+  img.alt = `Where the classifier sees “${ev.label}”: a heatmap over the photo, brightest where the patch evidence is highest`;
+  caption.textContent =
+    `“${ev.label}”: ${ev.present ? "tagged" : "not tagged"} — ${ev.why}. ` +
+    `Best patch ${fmt(ev.max)} (threshold ${fmt(ev.threshold)}), ` +
+    `${ev.grid_shape[0]}×${ev.grid_shape[1]} patches.`;
+}
+
+async function showImage(id, label) {
+  releaseImages();
+  const info = await api(`/api/images/${id}`);
+  $("#image-title").textContent = info.path;
+  if (info.tags_error) showError(new Error(info.tags_error));
+  const tags = info.tags || [];
+  const select = $("#evidence-label");
+  select.replaceChildren(...tags.map((t) => el("option", { value: t.label, textContent: t.label })));
+  const chosen = label && tags.some((t) => t.label === label) ? label : (tags[0] || {}).label;
+  if (chosen) select.value = chosen;
+  const body = $("#tags-table tbody");
+  body.replaceChildren(...tags.map((t) => {
+    const btn = el("button", { type: "button", className: "link", textContent: t.label });
+    btn.setAttribute("aria-label", `Show where the classifier sees ${t.label}`);
+    btn.addEventListener("click", () => {
+      select.value = t.label;
+      $("#evidence-on").checked = true;
+      showEvidence(id, t.label).catch(showError);
+      $("#evidence-img").scrollIntoView({ block: "nearest" });
+    });
+    const row = el("tr", { className: t.present ? "present" : "" },
+      el("th", { scope: "row" }, btn),
+      el("td", { textContent: fmt(t.score) }),
+      el("td", { textContent: fmt(t.patch_score) }),
+      el("td", { textContent: fmt(t.threshold) }),
+      el("td", { textContent: t.present ? "yes" : "no" }),
+      el("td", { textContent: t.why || "" }));
+    return row;
+  }));
+  select.onchange = () => showEvidence(id, select.value).catch(showError);
+  $("#evidence-on").onchange = select.onchange;
+  await showEvidence(id, chosen);
+}
+
+// ------------------------------------------------------------------------------ vocabulary
+
+async function showVocabulary() {
+  const v = await api("/api/vocabulary");
+  $("#vocab-labels").value = (v.labels || []).join("\n");
+  $("#vocab-state").textContent = v.stale ? "Tags are stale: run a fit." : "";
+}
+
+async function saveVocabulary(event) {
+  event.preventDefault();
+  const labels = $("#vocab-labels").value.split("\n").map((s) => s.trim()).filter(Boolean);
+  const v = await api("/api/vocabulary", { method: "PUT", body: { labels } });
+  $("#vocab-state").textContent =
+    `Saved ${v.labels.length} labels.` + (v.stale ? " Tags are stale: run a fit (Index & fit)." : "");
+  refreshStatus();
+}
+
+// ------------------------------------------------------------------------------------ jobs
+
+async function follow(jobId, what) {
+  const box = $("#job");
+  const bar = $("#job-progress");
+  box.hidden = false;
+  $("#job-result").textContent = "";
+  for (;;) {
+    const job = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
+    const p = job.progress || {};
+    const total = p.total || 0;
+    if (total) { bar.max = total; bar.value = p.done || 0; } else { bar.removeAttribute("value"); }
+    $("#job-label").textContent =
+      `${what}: ${job.state}${p.stage ? ` (${p.stage})` : ""}${total ? ` ${p.done}/${total}` : ""}`;
+    if (!["queued", "running"].includes(job.state)) {
+      if (job.state === "failed" || job.error) showError(new Error(job.error && job.error.message ? job.error.message : job.error || `${what} failed`));
+      else { bar.max = 1; bar.value = 1; }
+      $("#job-result").textContent = job.result ? JSON.stringify(job.result, null, 1).slice(0, 2000) : "";
+      refreshStatus();
+      return job;
+    }
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+async function startJob(event, kind) {
+  event.preventDefault();
+  showError(null);
+  const body = kind === "index"
+    ? { paths: [$("#index-path").value.trim()], prune: $("#index-prune").checked }
+    : {};
+  const job = await api(`/api/jobs/${kind}`, { method: "POST", body });
+  await follow(job.id, kind === "index" ? "Indexing" : "Fitting");
+}
+
+// ---------------------------------------------------------------------------------- router
+
+function parseRoute() {
+  const [path, query = ""] = location.hash.replace(/^#/, "").split("?");
+  return { path: path || "/", params: new URLSearchParams(query) };
+}
+
+function show(view) {
+  document.querySelectorAll(".view").forEach((s) => { s.hidden = s.id !== `view-${view}`; });
+}
+
+async function route() {
+  showError(null);
+  const { path, params } = parseRoute();
+  try {
+    const image = path.match(/^\/image\/(\d+)$/);
+    if (image) {
+      show("image");
+      await showImage(Number(image[1]), params.get("label") || "");
+    } else if (path === "/vocabulary") {
+      show("vocabulary");
+      await showVocabulary();
+    } else if (path === "/jobs") {
+      show("jobs");
+    } else {
+      show("search");
+      await runSearch(params.get("q") || "", params.get("text") === "1", Number(params.get("limit")) || 48);
+    }
+  } catch (err) {
+    showError(err);
+  }
+}
+
+function wire() {
+  $("#search-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    closeSuggestions();
+    const p = new URLSearchParams({ q: $("#q").value.trim(), limit: $("#limit").value });
+    if ($("#text-mode").checked) p.set("text", "1");
+    const target = `#/?${p}`;
+    if (location.hash === target) route(); else location.hash = target;
+  });
+  $("#q").addEventListener("input", () => {
+    clearTimeout(suggestTimer);
+    suggestTimer = setTimeout(suggest, 120);
+  });
+  $("#q").addEventListener("keydown", (e) => {
+    const open = !$("#suggestions").hidden;
+    if (e.key === "ArrowDown" && open) { e.preventDefault(); moveActive(1); }
+    else if (e.key === "ArrowUp" && open) { e.preventDefault(); moveActive(-1); }
+    else if ((e.key === "Enter" || e.key === "Tab") && open && active >= 0) {
+      e.preventDefault();
+      acceptSuggestion($("#suggestions").children[active].dataset.label);
+    } else if (e.key === "Escape") closeSuggestions();
+  });
+  $("#q").addEventListener("blur", () => setTimeout(closeSuggestions, 150));
+  $("#text-mode").addEventListener("change", closeSuggestions);
+  $("#back").addEventListener("click", (e) => { e.preventDefault(); history.back(); });
+  $("#vocab-form").addEventListener("submit", (e) => saveVocabulary(e).catch(showError));
+  $("#index-form").addEventListener("submit", (e) => startJob(e, "index").catch(showError));
+  $("#fit-form").addEventListener("submit", (e) => startJob(e, "fit").catch(showError));
+  window.addEventListener("hashchange", route);
+}
+
+takeKeyFromFragment();
+wire();
+refreshStatus();
+route();

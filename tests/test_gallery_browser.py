@@ -1,0 +1,321 @@
+"""The web gallery in a real headless Chromium (Debian's chromium + chromium-driver, driven by
+selenium) against a real `piaa serve` process on a ShapesWorld library built as `piaa demo`
+builds one: search with label completion, results as the API ranks them, an image page, an
+evidence heatmap, a phone-width layout, an API error shown; and (slow) vocabulary editing and
+fit/index jobs followed to the end. Screenshots go to docs/ with PIAA_WRITE_SCREENSHOTS=1.
+
+Skipped when chromium or its driver is missing, unless PIAA_REQUIRE_BROWSER=1 (CI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+DRIVER = "chromedriver"
+WAIT = 30.0  # seconds any one thing may take to appear
+
+
+def _browser() -> tuple[str, str] | None:
+    binary = next((shutil.which(b) for b in CHROMIUM if shutil.which(b)), None)
+    driver = shutil.which(DRIVER)
+    return (binary, driver) if binary and driver else None
+
+
+def _need_browser() -> tuple[str, str]:
+    found = _browser()
+    missing = "headless Chromium is not installed (apt-get install chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        found, missing = None, "selenium is not installed (pip install selenium)"
+    try:
+        import piaa_index_plugins.http_api.app  # noqa: F401  (the FastAPI app serves the gallery)
+    except ImportError:
+        found, missing = None, "the FastAPI app (plugins/http_api/app.py) is not here"
+    if found is None:
+        if os.environ.get("PIAA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PIAA_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(home: Path) -> Iterator[tuple[str, str]]:
+    """`piaa serve` on `home` as a user runs it; yields (the printed gallery URL, its key)."""
+    db = f"sqlite:///{home / 'piaa.sqlite3'}"
+    cmd = [sys.executable, "-m", "piaa_index", "--home", str(home), "--db", db]
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--port", str(_free_port())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "#key=" in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not found.wait(60):
+            pytest.fail("piaa serve printed no gallery URL:\n" + "".join(lines[-20:]))
+        url = re.search(r"(http://\S+#key=\S+)", "".join(lines))
+        assert url is not None
+        yield url.group(1), url.group(1).split("#key=", 1)[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(shapes_home: Path) -> Iterator[tuple[str, str]]:
+    """The shared demo-like library, served (read only: thumbnails are its only writes)."""
+    _need_browser()
+    with serve(shapes_home) as url_key:
+        yield url_key
+
+
+@pytest.fixture(scope="module")
+def driver(server):  # type: ignore[no-untyped-def]
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, chromedriver = _need_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1280,1000")
+    browser = webdriver.Chrome(service=Service(chromedriver), options=options)
+    browser.set_page_load_timeout(WAIT)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def _api(base: str, key: str, path: str) -> dict:
+    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(driver, what, timeout: float = WAIT):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: what(d))
+
+
+def _screenshot(driver, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The page as pixels; written to docs/NAME when PIAA_WRITE_SCREENSHOTS=1 (256 colours:
+    a fifth of the bytes, and the docs do not need more)."""
+    page = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    if os.environ.get("PIAA_WRITE_SCREENSHOTS") == "1":
+        page.quantize(256).save(DOCS / name, optimize=True)
+    return np.asarray(page, dtype=np.float64)
+
+
+def _images_loaded(driver, selector: str) -> bool:  # type: ignore[no-untyped-def]
+    return bool(
+        driver.execute_script(
+            "const imgs = [...document.querySelectorAll(arguments[0])];"
+            "return imgs.length > 0 && imgs.every(i => i.src.startsWith('blob:')"
+            " && i.complete && i.naturalWidth > 0);",
+            selector,
+        )
+    )
+
+
+def test_search_image_page_and_heatmap(server, driver) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, key = server
+    base = url.split("#", 1)[0].rstrip("/")
+    # The label most images carry, so the search has results to compare.
+    labels = _api(base, key, "/api/labels?prefix=&limit=100")["labels"]
+    label = max(labels, key=lambda item: item["count"])["label"]
+    expected = _api(
+        base,
+        key,
+        "/api/queries/search?" + urllib.parse.urlencode({"expression": f'"{label}"', "limit": 48}),
+    )["results"]
+    assert expected, "the demo library should tag its most frequent label somewhere"
+
+    driver.get(url)
+    # The key moved from the fragment into sessionStorage, out of the address bar.
+    _wait(driver, lambda d: "#key=" not in d.current_url)
+    _wait(driver, lambda d: "images" in d.find_element(By.ID, "status").text)
+
+    # Label completion: type the start of the label, accept the suggestion with the keyboard.
+    box = driver.find_element(By.ID, "q")
+    box.send_keys(label[:3])
+    _wait(
+        driver,
+        lambda d: (
+            label
+            in [
+                li.get_attribute("data-label")
+                for li in d.find_elements(By.CSS_SELECTOR, "#suggestions li")
+            ]
+        ),
+    )
+    options = [
+        li.get_attribute("data-label")
+        for li in driver.find_elements(By.CSS_SELECTOR, "#suggestions li")
+    ]
+    for _ in range(options.index(label) + 1):
+        box.send_keys(Keys.ARROW_DOWN)
+    box.send_keys(Keys.ENTER)
+    accepted = box.get_attribute("value").strip()
+    assert accepted in (label, f'"{label}"')
+    box.send_keys(Keys.ENTER)  # submit
+
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == len(expected))
+    shown = [
+        int(li.get_attribute("data-id"))
+        for li in driver.find_elements(By.CSS_SELECTOR, "#results li")
+    ]
+    assert shown == [row["id"] for row in expected]
+    _wait(driver, lambda d: _images_loaded(d, "#results img"))
+    alts = [
+        img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#results img")
+    ]
+    assert alts == [Path(row["path"]).name for row in expected]
+    pixels = _screenshot(driver, "gallery-search.png")
+    assert pixels.std() > 20  # thumbnails drawn, not a blank page
+
+    # The image page: every label's tags, and the evidence heatmap of the searched label.
+    driver.find_element(By.CSS_SELECTOR, "#results li a").click()
+    _wait(
+        driver, lambda d: d.find_element(By.ID, "evidence-img").get_attribute("data-label") == label
+    )
+    _wait(driver, lambda d: _images_loaded(d, "#evidence-img"))
+    rows = driver.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")
+    assert len(rows) == len(labels)
+    caption = driver.find_element(By.ID, "evidence-caption").text
+    assert label in caption and "tagged" in caption
+    image_id = expected[0]["id"]
+    ev = _api(
+        base,
+        key,
+        f"/api/images/{image_id}/evidence?"
+        + urllib.parse.urlencode({"label": label, "format": "json"}),
+    )
+    assert f"{ev['max']:.3f}" in caption
+    pixels = _screenshot(driver, "gallery-evidence.png")
+    assert pixels.std() > 20
+
+    # Another label from the tags table swaps the heatmap.
+    other = rows[-1].find_element(By.CSS_SELECTOR, "button")
+    other_label = other.text
+    other.click()
+    _wait(
+        driver,
+        lambda d: d.find_element(By.ID, "evidence-img").get_attribute("data-label") == other_label,
+    )
+
+    # Phone width: nothing wider than the screen.
+    driver.set_window_size(390, 844)
+    time.sleep(0.3)
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth"
+    )
+    assert overflow <= 1
+    driver.set_window_size(1280, 1000)
+
+
+def test_api_errors_are_shown(server, driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    base = url.split("#", 1)[0].rstrip("/")
+    driver.get(base + "/#/?q=" + urllib.parse.quote("unicorn AND"))
+    alert = _wait(
+        driver,
+        lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
+    )
+    assert alert.get_attribute("role") == "alert"
+    assert alert.text and "Traceback" not in alert.text
+
+
+@pytest.mark.slow  # ~40 s: a fit and an index job, each loading the model in its worker
+def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) -> None:
+    """On a copy of the library: save a smaller vocabulary, run a fit job from the page and
+    follow its progress to the end; then an index job on the same folder."""
+    from selenium.webdriver.common.by import By
+
+    _need_browser()
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home, ignore=shutil.ignore_patterns("thumbnails"))
+    with serve(home) as (url, key):
+        base = url.split("#", 1)[0].rstrip("/")
+        before = _api(base, key, "/api/vocabulary")["labels"]
+        driver.get(url)
+        _wait(driver, lambda d: "#key=" not in d.current_url)
+        driver.get(base + "/#/vocabulary")
+        area = _wait(driver, lambda d: d.find_element(By.ID, "vocab-labels"))
+        _wait(driver, lambda d: area.get_attribute("value").strip() != "")
+        assert area.get_attribute("value").split("\n") == before
+        area.clear()
+        area.send_keys("\n".join(before[:5]))
+        driver.find_element(By.CSS_SELECTOR, "#vocab-form button").click()
+        _wait(driver, lambda d: "Saved 5 labels" in d.find_element(By.ID, "vocab-state").text)
+        assert "run a fit" in driver.find_element(By.ID, "vocab-state").text
+        assert _api(base, key, "/api/vocabulary")["labels"] == before[:5]
+
+        driver.get(base + "/#/jobs")
+        driver.find_element(By.CSS_SELECTOR, "#fit-form button").click()
+        label = driver.find_element(By.ID, "job-label")
+        _wait(driver, lambda d: label.text.startswith("Fitting: done"), timeout=120)
+        bar = driver.find_element(By.ID, "job-progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max")
+        assert "classifier_id" in driver.find_element(By.ID, "job-result").text
+        _wait(driver, lambda d: "5 labels" in d.find_element(By.ID, "status").text)
+        assert not _api(base, key, "/api/status")["stale"]
+
+        folder = str(Path(_api(base, key, "/api/images?limit=1")["images"][0]["path"]).parent)
+        box = driver.find_element(By.ID, "index-path")
+        box.send_keys(folder)
+        driver.find_element(By.CSS_SELECTOR, "#index-form button").click()
+        _wait(driver, lambda d: label.text.startswith("Indexing: done"), timeout=120)
+        assert '"unchanged": 48' in driver.find_element(By.ID, "job-result").text
+        assert not driver.find_element(By.ID, "error").is_displayed()
