@@ -128,6 +128,9 @@ def serve(
     app = create_app(library, config, close_library=True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    demo = library.settings.home / "demo" / "index"
+    if library.store.indexed_count() == 0 and demo.is_dir():  # `piaa demo` keeps its own home
+        click.echo(f"this library is empty; the demo's: piaa --home {demo} serve", err=True)
     click.echo(f"piaa HTTP API and gallery on http://{shown}:{bound}/ (Ctrl-C to stop)", err=True)
     click.echo(f"open http://{shown}:{bound}/#key={session_key}", err=True)
     click.echo(f"API docs: http://{shown}:{bound}/docs", err=True)
