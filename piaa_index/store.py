@@ -174,7 +174,9 @@ class Store:
     def open(cls, url: str, upgrade: bool = True) -> Store:
         """Connect, upgrade the schema to this code's head, refuse a newer database."""
         if url.startswith("sqlite:///"):
-            _check_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser())
+            # An empty file is judged under the first-open lock: another process may be
+            # creating this very library right now.
+            _check_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser(), allow_empty=True)
         url = _with_available_driver(url)
         try:
             engine = create_engine(url, future=True)
@@ -202,6 +204,12 @@ class Store:
         this code's head and the library has its id. Anything else takes the full path."""
         from sqlalchemy import text
 
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
+            path = Path(database)
+            # Connecting would create it outside the lock; an empty one is judged under it.
+            if not path.exists() or path.stat().st_size == 0:
+                return False
         try:
             with self.engine.connect() as conn:
                 current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -218,11 +226,18 @@ class Store:
         """Check and upgrade the schema and give a new database its id, one process at a time:
         several processes opening a brand-new library together must not all create the tables,
         nor each record their own store id (it names the library's vector folder)."""
+        with self._first_open_lock():
+            database = self.engine.url.database
+            if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
+                _check_sqlite_file(Path(database))
+            self._check_and_upgrade_locked(upgrade)
+
+    def _check_and_upgrade_locked(self, upgrade: bool) -> None:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
         from sqlalchemy import text
 
-        with self._first_open_lock(), self.engine.begin() as conn:
+        with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # Held to the end of this transaction; others wait, then see the tables.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
@@ -1005,7 +1020,7 @@ def _image_dict(
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def _check_sqlite_file(path: Path) -> None:
+def _check_sqlite_file(path: Path, allow_empty: bool = False) -> None:
     """Refuse what would otherwise silently become a new, empty library: a file that is not
     SQLite, or one truncated to 0 bytes (its vocabulary, tags and vector links would be lost)."""
     try:
@@ -1018,6 +1033,8 @@ def _check_sqlite_file(path: Path) -> None:
             head = fh.read(len(SQLITE_MAGIC))
     except OSError as exc:
         raise StoreError(f"cannot use database file {path}: {exc.strerror or exc}") from None
+    if not head and allow_empty:
+        return
     if not head:
         raise StoreError(
             f"database file {path} is empty (0 bytes): it was truncated or damaged. Restore it "
