@@ -48,6 +48,38 @@ class RayUnavailable(PiaaError):
     """`--engine ray` without Ray installed, or a cluster that cannot be reached."""
 
 
+class RayRunError(PiaaError):
+    """A Ray run that stopped on the cluster; committed groups are kept."""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+@contextmanager
+def one_line_failures(what: str, after: str = "") -> Iterator[None]:
+    """A failure on the cluster as one line (exit 1), naming the worker's own error."""
+    try:
+        yield
+    except PiaaError:
+        raise
+    except Exception as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, PiaaError):
+            raise RayRunError(str(cause)) from None
+        text = str(cause).strip().splitlines()
+        detail = f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
+        raise RayRunError(f"{what} stopped on the Ray cluster ({detail}){after}") from None
+
+
 def require_ray() -> Any:
     try:
         import ray
@@ -385,9 +417,16 @@ def _run(
         **encode_args,
     )
     ds = ds.map(_write, fn_kwargs={"job": job}, num_cpus=1)
-    with tqdm(
-        total=len(todo), unit="img", desc="indexing (ray)", file=sys.stderr, disable=not progress
-    ) as bar:
+    with (
+        tqdm(
+            total=len(todo),
+            unit="img",
+            desc="indexing (ray)",
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar,
+        one_line_failures("indexing", "; the committed groups are kept: run again to finish"),
+    ):
         for row in ds.iter_rows():
             group: _Group = pickle.loads(row["payload"])
             rows = [r for r, _ in group.rows]
@@ -450,5 +489,6 @@ def score_chunks(
         if not pending:
             return
         shard, ref = pending.pop(0)
-        ids, *scores = ray.get(ref)
+        with one_line_failures("re-tagging"):
+            ids, *scores = ray.get(ref)
         yield ids, shard, tuple(scores)

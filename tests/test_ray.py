@@ -420,3 +420,58 @@ def test_without_ray_the_engine_names_the_extra(
     assert err.strip().splitlines() == [
         "Error: the Ray engine needs Ray: pip install 'piaa-index[ray]'"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.postgres
+def test_ray_engine_with_metadata_on_postgres(
+    ray_cluster: dict, postgres_database, tmp_path: Path
+) -> None:
+    """The cluster layout the issue asks for: metadata on Postgres, vectors on shared storage."""
+    photos = make_photo_folder(tmp_path / "photos", n=30)
+    local = open_library(tmp_path / "local")
+    remote = Library.open(
+        home=tmp_path / "ray", db=postgres_database(), model="shapesworld", device="cpu"
+    )
+    with local, remote:
+        report_local = local.index([photos.root])
+        report_ray = remote.index(
+            [photos.root], engine="ray", address=ray_cluster["address"], commit_every=8
+        )
+        assert counts(report_ray) == counts(report_local)
+        a, b = stored(local), stored(remote)
+        assert sorted(a) == sorted(b)
+        for path, (w, h, cls, patches) in a.items():
+            assert b[path][:2] == (w, h)
+            np.testing.assert_allclose(b[path][2], cls, atol=2e-3)
+            np.testing.assert_allclose(b[path][3], patches, atol=2e-3)
+
+
+def test_a_failure_on_the_cluster_is_one_line_naming_the_worker_s_error() -> None:
+    """Ray wraps a worker's exception (RayTaskError, UserCodeException); the user sees the
+    worker's own message, never Ray's traceback."""
+    from piaa_index.errors import PiaaError
+    from piaa_index.ray_engine import RayRunError, one_line_failures
+    from piaa_index.vectors import VectorStoreError
+
+    def wrapped(inner: BaseException) -> RuntimeError:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise RuntimeError(
+                    "ray::Map(_prepare)() (pid=1, ip=10.0.0.2)\n  Traceback…"
+                ) from exc
+        except RuntimeError as outer:
+            return outer
+
+    with pytest.raises(RayRunError) as got:
+        with one_line_failures("indexing", "; run again"):
+            raise wrapped(MemoryError("out of memory on node 2\nmore"))
+    assert str(got.value) == (
+        "indexing stopped on the Ray cluster (MemoryError: out of memory on node 2); run again"
+    )
+    with pytest.raises(PiaaError, match="^a Ray worker loads model X$"):
+        with one_line_failures("indexing"):
+            raise wrapped(VectorStoreError("a Ray worker loads model X"))
