@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint typecheck bench clean
+.PHONY: install demo test test-all test-ray lint typecheck bench clean
 
 $(BIN)/piaa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: install          ## the fast suite (Postgres tests run when PIAA_TEST_PG i
 
 test-all: install      ## everything, slow tests included
 	$(BIN)/python -m pytest -q
+
+test-ray: install      ## the Ray engine on a two-node local cluster (started by the tests; slow)
+	$(BIN)/python -m pytest -m ray -q tests/test_ray.py
 
 lint: install
 	$(BIN)/ruff check piaa_index plugins migrations tests benchmarks docs tools

@@ -64,11 +64,17 @@ class IndexReport:
 
 
 @dataclass
-class _Encoded:
+class Row:
+    """What SQL records about one indexed file (its vectors are in the shard)."""
+
     info: FileInfo
     content_hash: str
     width: int
     height: int
+
+
+@dataclass
+class _Encoded(Row):
     cls: np.ndarray
     patches: np.ndarray
     reused: bool
@@ -113,37 +119,9 @@ class Indexer:
     ) -> IndexReport:
         started = time.perf_counter()
         report = IndexReport()
-        found = scan(paths, exclude, default_excludes, follow_symlinks)
-        report.skipped = found.skipped()
-        known = self.store.images_under(found.roots)
-        todo: list[FileInfo] = []
-        for info in found.files:
-            row = known.get(info.path)
-            if row is not None and row.size == info.size and row.mtime == info.mtime:
-                if row.status == INDEXED:
-                    report.unchanged += 1
-                    continue
-                if row.status == FAILED:
-                    report.still_failing += 1
-                    continue
-            todo.append(info)
-        if prune:
-            # Only what is provably gone: an unreadable folder or an unmounted share must not
-            # cost the user their tags.
-            on_disk = {f.path for f in found.files}
-            gone = []
-            kept: Counter[str] = Counter()
-            for path, row in known.items():
-                if path in on_disk:
-                    continue
-                reason = found.why_kept(path)
-                if reason is None:
-                    gone.append(row.id)
-                else:
-                    kept[reason] += 1
-            self.store.remove_images(gone)
-            report.removed = len(gone)
-            report.kept = dict(kept)
+        todo, known = plan(
+            self.store, report, paths, prune, exclude, default_excludes, follow_symlinks
+        )
         if todo:
             with self.vectors.writer_lock():
                 self._index_files(todo, known, report, progress)
@@ -186,69 +164,14 @@ class Indexer:
         self, chunk: list[FileInfo], known: dict[str, KnownImage]
     ) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
         """Hash, reuse what can be reused, decode + encode the rest."""
-        failed: list[tuple[FileInfo, str]] = []
-        hashes: dict[str, str] = {}
-        for info in chunk:
-            try:
-                hashes[info.path] = file_hash(info.path)
-            except OSError as exc:
-                failed.append((info, f"cannot read file: {exc.strerror or exc}"))
-        same = self.store.indexed_by_hash(hashes.values())
-        out: list[_Encoded] = []
-        to_encode: list[FileInfo] = []
-        for info in chunk:
-            digest = hashes.get(info.path)
-            if digest is None:
-                continue
-            source = same.get(digest)
-            if source is not None and source.shard is not None and source.shard_row is not None:
-                cls, patches = self.vectors.vectors_for(source.id, source.shard, source.shard_row)
-                out.append(
-                    _Encoded(
-                        info, digest, source.width or 0, source.height or 0, cls, patches, True
-                    )
-                )
-            else:
-                to_encode.append(info)
+        out, to_encode, hashes, failed = hash_and_reuse(chunk, self.store, self.vectors)
         if to_encode:
-            decoded = self._decode(to_encode)
+            draft = max(self.encoder.image_size)
+            decoded = decode_files(to_encode, draft, self.decode_budget, self.workers)
             good = [(info, img) for info, img in decoded if not isinstance(img, str)]
             failed.extend((info, img) for info, img in decoded if isinstance(img, str))
-            if good:
-                import torch
-
-                batch = torch.stack([self.encoder.preprocess(img) for _, img in good])
-                cls, patches = self.encoder.encode_images(batch)
-                for j, (info, img) in enumerate(good):
-                    width, height = img.info.get("original_size", img.size)
-                    out.append(
-                        _Encoded(
-                            info,
-                            hashes[info.path],
-                            width,
-                            height,
-                            cls[j],
-                            patches[j],
-                            False,
-                        )
-                    )
+            out.extend(encode_decoded(self.encoder, good, hashes, len(good)))
         return out, failed
-
-    def _decode(self, infos: list[FileInfo]) -> list[tuple[FileInfo, Any]]:
-        """Decode in threads (Pillow releases the GIL while decoding); errors become strings."""
-        draft = max(self.encoder.image_size)
-
-        def one(info: FileInfo) -> tuple[FileInfo, Any]:
-            try:
-                # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
-                return info, load_image(info.path, draft_size=draft, budget=self.decode_budget)
-            except ImageDecodeError as exc:
-                return info, str(exc)
-
-        if self.workers <= 1 or len(infos) == 1:
-            return [one(info) for info in infos]
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(pool.map(one, infos))
 
     def _commit(
         self,
@@ -263,59 +186,191 @@ class Indexer:
         if group:
             shard = self.vectors.next_shard_id()
             # Ids must exist before the shard is written: reserve them for new paths.
-            ids = self._reserve_ids([item.info for item in group], known)
+            ids = reserve_ids(self.store, [item.info for item in group], known)
             self.vectors.write_shard(
                 shard,
                 ids,
                 np.stack([item.cls for item in group]),
                 np.stack([item.patches for item in group]),
             )
-        now = utcnow()
-        # Bulk rows: a commit group costs a fixed number of statements, not two per image.
-        updates = [
-            {
-                "id": known[item.info.path].id,
-                "content_hash": item.content_hash,
-                "size": item.info.size,
-                "mtime": item.info.mtime,
-                "width": item.width,
-                "height": item.height,
-                "status": INDEXED,
-                "error": None,
-                "shard": shard,
-                "shard_row": row_no,
-                "indexed_at": now,
-            }
-            for row_no, item in enumerate(group)
-        ]
-        broken = [
-            {
-                "path": info.path,
-                "content_hash": None,
-                "size": info.size,
-                "mtime": info.mtime,
-                "width": None,
-                "height": None,
-                "status": FAILED,
-                "error": error,
-                "shard": None,
-                "shard_row": None,
-                "indexed_at": now,
-            }
-            for info, error in failures
-        ]
-        new_broken = []
-        for (info, _error), row in zip(failures, broken, strict=True):
-            if info.path in known:
-                updates.append(dict(row, id=known[info.path].id))
-            else:
-                new_broken.append(row)
-        self.store.commit_images(updates, new_broken)
+        commit_rows(self.store, shard, group, failures, known)
 
-    def _reserve_ids(self, infos: list[FileInfo], known: dict[str, KnownImage]) -> list[int]:
-        """Image ids for these paths, with placeholder rows for new ones (Store.reserve_images)."""
-        new = [info.path for info in infos if info.path not in known]
-        if new:
-            for path, image_id in zip(new, self.store.reserve_images(new), strict=True):
-                known[path] = KnownImage(image_id, path, 0, 0.0, "pending")
-        return [known[info.path].id for info in infos]
+
+# -- the stages, shared with the Ray engine (piaa_index/ray_engine.py) ----------------------------
+
+
+def hash_and_reuse(
+    chunk: Sequence[FileInfo], store: Store, vectors: VectorStore
+) -> tuple[list[_Encoded], list[FileInfo], dict[str, str], list[tuple[FileInfo, str]]]:
+    """Hash each file; a file whose content is already indexed reuses those vectors.
+
+    Returns (reused, files to decode and encode, path -> hash, unreadable files).
+    """
+    failed: list[tuple[FileInfo, str]] = []
+    hashes: dict[str, str] = {}
+    for info in chunk:
+        try:
+            hashes[info.path] = file_hash(info.path)
+        except OSError as exc:
+            failed.append((info, f"cannot read file: {exc.strerror or exc}"))
+    same = store.indexed_by_hash(hashes.values())
+    out: list[_Encoded] = []
+    to_encode: list[FileInfo] = []
+    for info in chunk:
+        digest = hashes.get(info.path)
+        if digest is None:
+            continue
+        source = same.get(digest)
+        if source is not None and source.shard is not None and source.shard_row is not None:
+            cls, patches = vectors.vectors_for(source.id, source.shard, source.shard_row)
+            out.append(
+                _Encoded(info, digest, source.width or 0, source.height or 0, cls, patches, True)
+            )
+        else:
+            to_encode.append(info)
+    return out, to_encode, hashes, failed
+
+
+def decode_files(
+    infos: Sequence[FileInfo], draft: int, budget: MemoryBudget, workers: int
+) -> list[tuple[FileInfo, Any]]:
+    """Decode in threads (Pillow releases the GIL while decoding); errors become strings."""
+
+    def one(info: FileInfo) -> tuple[FileInfo, Any]:
+        try:
+            # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
+            return info, load_image(info.path, draft_size=draft, budget=budget)
+        except ImageDecodeError as exc:
+            return info, str(exc)
+
+    if workers <= 1 or len(infos) == 1:
+        return [one(info) for info in infos]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, infos))
+
+
+def encode_decoded(
+    encoder: Encoder, good: Sequence[tuple[FileInfo, Any]], hashes: dict[str, str], batch_size: int
+) -> list[_Encoded]:
+    """Preprocess and encode decoded images, `batch_size` per forward pass."""
+    import torch
+
+    out: list[_Encoded] = []
+    for start in range(0, len(good), max(1, batch_size)):
+        part = good[start : start + max(1, batch_size)]
+        batch = torch.stack([encoder.preprocess(img) for _, img in part])
+        cls, patches = encoder.encode_images(batch)
+        for j, (info, img) in enumerate(part):
+            width, height = img.info.get("original_size", img.size)
+            out.append(_Encoded(info, hashes[info.path], width, height, cls[j], patches[j], False))
+    return out
+
+
+def commit_rows(
+    store: Store,
+    shard: int | None,
+    group: Sequence[Row],
+    failures: Sequence[tuple[FileInfo, str]],
+    known: dict[str, KnownImage],
+) -> None:
+    """The SQL rows of one commit group, in one transaction: `group[i]` is row i of `shard`,
+    which must already be durable on disk (the crash ordering of docs/architecture.md)."""
+    if not group and not failures:
+        return
+    now = utcnow()
+    # Bulk rows: a commit group costs a fixed number of statements, not two per image.
+    updates = [
+        {
+            "id": known[item.info.path].id,
+            "content_hash": item.content_hash,
+            "size": item.info.size,
+            "mtime": item.info.mtime,
+            "width": item.width,
+            "height": item.height,
+            "status": INDEXED,
+            "error": None,
+            "shard": shard,
+            "shard_row": row_no,
+            "indexed_at": now,
+        }
+        for row_no, item in enumerate(group)
+    ]
+    broken = [
+        {
+            "path": info.path,
+            "content_hash": None,
+            "size": info.size,
+            "mtime": info.mtime,
+            "width": None,
+            "height": None,
+            "status": FAILED,
+            "error": error,
+            "shard": None,
+            "shard_row": None,
+            "indexed_at": now,
+        }
+        for info, error in failures
+    ]
+    new_broken = []
+    for (info, _error), row in zip(failures, broken, strict=True):
+        if info.path in known:
+            updates.append(dict(row, id=known[info.path].id))
+        else:
+            new_broken.append(row)
+    store.commit_images(updates, new_broken)
+
+
+def reserve_ids(store: Store, infos: Sequence[FileInfo], known: dict[str, KnownImage]) -> list[int]:
+    """Image ids for these paths, with placeholder rows for new ones (Store.reserve_images)."""
+    new = [info.path for info in infos if info.path not in known]
+    if new:
+        for path, image_id in zip(new, store.reserve_images(new), strict=True):
+            known[path] = KnownImage(image_id, path, 0, 0.0, "pending")
+    return [known[info.path].id for info in infos]
+
+
+def plan(
+    store: Store,
+    report: IndexReport,
+    paths: Sequence[str | Path],
+    prune: bool,
+    exclude: Sequence[str],
+    default_excludes: bool,
+    follow_symlinks: bool,
+) -> tuple[list[FileInfo], dict[str, KnownImage]]:
+    """Scan, skip what is unchanged or still failing, prune; (files to index, known rows).
+
+    Shared by the local and the Ray engine, so incremental runs decide the same way.
+    """
+    found = scan(paths, exclude, default_excludes, follow_symlinks)
+    report.skipped = found.skipped()
+    known = store.images_under(found.roots)
+    todo: list[FileInfo] = []
+    for info in found.files:
+        row = known.get(info.path)
+        if row is not None and row.size == info.size and row.mtime == info.mtime:
+            if row.status == INDEXED:
+                report.unchanged += 1
+                continue
+            if row.status == FAILED:
+                report.still_failing += 1
+                continue
+        todo.append(info)
+    if prune:
+        # Only what is provably gone: an unreadable folder or an unmounted share must not
+        # cost the user their tags.
+        on_disk = {f.path for f in found.files}
+        gone = []
+        kept: Counter[str] = Counter()
+        for path, row in known.items():
+            if path in on_disk:
+                continue
+            reason = found.why_kept(path)
+            if reason is None:
+                gone.append(row.id)
+            else:
+                kept[reason] += 1
+        store.remove_images(gone)
+        report.removed = len(gone)
+        report.kept = dict(kept)
+    return todo, known

@@ -228,19 +228,53 @@ class Library:
         exclude: Sequence[str] = (),
         default_excludes: bool = True,
         follow_symlinks: bool = False,
+        engine: str = "local",
+        address: str | None = None,
+        commit_every: int = 256,
     ) -> IndexReport:
         """Index files and folders (recursive, incremental); see `IndexReport`.
 
         Folders are walked with the default excludes (NAS thumbnails, trash, hidden folders…;
         `piaa_index.scan.DEFAULT_EXCLUDES`), the gitignore-style `exclude` patterns and any
         `.piaaignore` file; only regular image files are read, the rest is counted.
+        `engine="ray"` runs decode, encode and shard writes on a Ray cluster (`address`:
+        `auto`, `ray://host:10001`; None starts a local one; docs/ray.md). `commit_every`
+        images make one shard and one SQL commit.
         """
         from piaa_index.indexer import Indexer
         from piaa_index.scan import PathError
 
         if batch_size < 1:
             raise UserInputError(f"batch size must be at least 1, not {batch_size}")
-        indexer = Indexer(self.store, self.vectors, lambda: self.encoder, batch_size=batch_size)
+        if commit_every < 1:
+            raise UserInputError(f"commit group must be at least 1 image, not {commit_every}")
+        if engine not in ("local", "ray"):
+            raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
+        if engine == "ray":
+            from piaa_index import ray_engine
+
+            try:
+                return ray_engine.index(
+                    self,
+                    paths,
+                    address=address,
+                    prune=prune,
+                    progress=progress,
+                    batch_size=batch_size,
+                    commit_every=commit_every,
+                    exclude=exclude,
+                    default_excludes=default_excludes,
+                    follow_symlinks=follow_symlinks,
+                )
+            except PathError as exc:
+                raise UserInputError(str(exc)) from None
+        indexer = Indexer(
+            self.store,
+            self.vectors,
+            lambda: self.encoder,
+            batch_size=batch_size,
+            commit_every=commit_every,
+        )
         try:
             return indexer.run(
                 paths,
@@ -296,9 +330,16 @@ class Library:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
         return self.tagger.fit_classifier(vocab, locations, progress, bank_size)
 
-    def fit(self, progress: Progress = False, bank_size: int | None = None) -> FitReport:
-        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything."""
-        return self.tagger.fit(progress, bank_size)
+    def fit(
+        self,
+        progress: Progress = False,
+        bank_size: int | None = None,
+        engine: str = "local",
+        address: str | None = None,
+    ) -> FitReport:
+        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
+        (with `engine="ray"` the re-tag's scoring runs as Ray tasks; docs/ray.md)."""
+        return self.tagger.fit(progress, bank_size, engine, address)
 
     def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""

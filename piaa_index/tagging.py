@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,16 +127,25 @@ class Tagger(Part):
             n_patches += len(flat)
         return fit_from_banks(builder.banks(), T, params), T, n_patches
 
-    def fit(self, progress: Progress = False, bank_size: int | None = None) -> FitReport:
+    def fit(
+        self,
+        progress: Progress = False,
+        bank_size: int | None = None,
+        engine: str = "local",
+        address: str | None = None,
+    ) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
-        (a second pass writing the score matrix)."""
+        (a second pass writing the score matrix; with `engine="ray"`, as Ray tasks)."""
         vocab = self.library.vocab.require_vocabulary()
         started = time.perf_counter()
-        with self.vectors.reading():  # a vacuum meanwhile must not delete these shards
+        with self.vectors.reading(), _engine(engine, address) as ray:
+            # (reading: a vacuum meanwhile must not delete these shards)
             locations = self.store.live_locations()
             classifier, T, n_patches = self.fit_classifier(vocab, locations, progress, bank_size)
             fit_seconds = time.perf_counter() - started
-            fitted, present = self._tag_all(vocab, classifier, T, locations, progress, fit_seconds)
+            fitted, present = self._tag_all(
+                vocab, classifier, T, locations, progress, fit_seconds, ray
+            )
         names = vocab.names
         status = label_status(names, fitted.decisions)
         return FitReport(
@@ -178,6 +188,32 @@ class Tagger(Part):
         assert scores.support is not None  # score_images always fills it
         return scores.fused, scores.patch, scores.cls, scores.support
 
+    def _score_stream(
+        self,
+        locations: list[tuple[int, int, int]],
+        classifier: Classifier,
+        T: np.ndarray,
+        progress: Progress,
+        desc: str,
+        ray: Any = None,
+    ) -> Iterator[tuple[np.ndarray, int, tuple[np.ndarray, ...]]]:
+        """(image ids, shard, scores) per chunk in shard order: here, or as Ray tasks when
+        `ray` is a connected Ray module (piaa_index/ray_engine.py); the same chunks either way."""
+        if ray is None:
+            for chunk in self.stream(locations, progress, desc):
+                yield chunk.image_ids, chunk.shard, self._scores(chunk, classifier, T)
+            return
+        from piaa_index.progress import progress_bar
+        from piaa_index.ray_engine import score_chunks
+        from piaa_index.vectors import chunk_plan
+
+        with progress_bar(len(locations), desc + " (ray)", progress) as advance:
+            for ids, shard, scores in score_chunks(
+                ray, self.library, chunk_plan(locations), classifier, T
+            ):
+                yield ids, shard, scores
+                advance(len(ids))
+
     @property
     def scores_dir(self) -> Path:
         from piaa_index.scores import scores_root
@@ -194,6 +230,7 @@ class Tagger(Part):
         decisions: Decisions | None,
         progress: Progress,
         desc: str,
+        ray: Any = None,
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
         (fitted on this segment's scores when not given: the fit's re-tag)."""
@@ -203,10 +240,10 @@ class Tagger(Part):
         classifier, T = fitted
         writer = SegmentWriter(self.scores_dir / key, segment, len(locations), n_labels)
         try:
-            for chunk in self.stream(locations, progress, desc):
-                S, E, Cs, U = self._scores(chunk, classifier, T)
-                shards = np.full(len(chunk.image_ids), chunk.shard, dtype=np.int32)
-                writer.write(chunk.image_ids, shards, S, E, Cs, U)
+            for ids, shard, (S, E, Cs, U) in self._score_stream(
+                locations, classifier, T, progress, desc, ray
+            ):
+                writer.write(ids, np.full(len(ids), shard, dtype=np.int32), S, E, Cs, U)
             if decisions is None:
                 # The one home of the present/absent rule (docs/method.md): per label, the
                 # patch evidence m against a threshold learnt from the collection, gated on
@@ -228,6 +265,7 @@ class Tagger(Part):
         locations: list[tuple[int, int, int]],
         progress: Progress,
         fit_seconds: float,
+        ray: Any = None,
     ) -> tuple[Fitted, dict[str, int]]:
         from piaa_index.schema import Classifier as ClassifierRow
         from piaa_index.scores import Segment, cleanup, new_key, writer_lock
@@ -238,7 +276,15 @@ class Tagger(Part):
         with writer_lock(self.scores_dir):
             # Files durable first; the SQL commit below is what makes them the current scores.
             decisions = self._write_segment(
-                key, segment, len(names), (classifier, T), locations, None, progress, "tagging"
+                key,
+                segment,
+                len(names),
+                (classifier, T),
+                locations,
+                None,
+                progress,
+                "tagging",
+                ray,
             )
             seg = Segment.open(self.scores_dir / key, segment)
             row = ClassifierRow(
@@ -374,6 +420,20 @@ class Tagger(Part):
     def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
         return self.state(progress).vocab
+
+
+@contextmanager
+def _engine(engine: str, address: str | None) -> Iterator[Any]:
+    """None for the local engine, a connected Ray module for `ray`."""
+    if engine == "local":
+        yield None
+        return
+    if engine != "ray":
+        raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
+    from piaa_index.ray_engine import connected
+
+    with connected(address) as ray:
+        yield ray
 
 
 # The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches

@@ -32,6 +32,7 @@ import numpy as np
 from piaa_index.errors import PiaaError
 
 MANIFEST = "manifest.json"
+RESERVED = "shards.next"  # the next shard id not yet handed out (reserve_shard_ids)
 
 # Patch codecs. fp32 is stored flat; fp16 / sq8 / sq4 are FAISS scalar quantisers (sq8 and sq4
 # with a per-dimension range trained on each shard); pqK is a product quantiser with d/K
@@ -213,7 +214,22 @@ class VectorStore:
         return ids
 
     def next_shard_id(self) -> int:
-        return max(self.shard_ids() | {0}) + 1
+        """Above every shard on disk and every id handed out by `reserve_shard_ids`."""
+        try:
+            reserved = int((self.root / RESERVED).read_text())
+        except (OSError, ValueError):
+            reserved = 0
+        return max(max(self.shard_ids() | {0}) + 1, reserved)
+
+    def reserve_shard_ids(self, n: int) -> int:
+        """Hand out `n` shard ids at once (the Ray engine's commit groups); the first.
+
+        Recorded durably, so that no later run reuses an id a worker of a killed run may
+        still write: such a late shard is an orphan, never a shard SQL points at.
+        """
+        first = self.next_shard_id()
+        _write_bytes_atomic(str(first + n).encode(), self.root / RESERVED)
+        return first
 
     def write_shard(
         self, shard: int, image_ids: Sequence[int], cls: np.ndarray, patches: np.ndarray
@@ -405,13 +421,8 @@ class VectorStore:
         `locations` are (image id, shard, row) triples from SQL, the source of truth; rows of
         removed or re-indexed images are simply never read.
         """
-        by_shard: dict[int, list[int]] = {}
-        for _image_id, shard, row in locations:
-            by_shard.setdefault(shard, []).append(row)
-        for shard in sorted(by_shard):
-            rows = sorted(by_shard[shard])
-            for start in range(0, len(rows), max_images):
-                yield self.read_shard(shard, rows[start : start + max_images], with_patches)
+        for shard, rows in chunk_plan(locations, max_images):
+            yield self.read_shard(shard, rows, with_patches)
 
     def vectors_for(self, image_id: int, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
         """One image's [CLS] vector and patches (used to reuse vectors of identical files)."""
@@ -451,6 +462,22 @@ class VectorStore:
         """How many images a shard holds, live or not."""
         faiss = _faiss()
         return int(faiss.read_index(str(self._path(shard, "cls"))).ntotal)
+
+
+def chunk_plan(
+    locations: Sequence[tuple[int, int, int]], max_images: int = 2048
+) -> list[tuple[int, list[int]]]:
+    """(shard, sorted rows) chunks of at most `max_images`, in shard order: the order every
+    pass over the shards reads them in (iter_live, and the Ray engine's scoring tasks)."""
+    by_shard: dict[int, list[int]] = {}
+    for _image_id, shard, row in locations:
+        by_shard.setdefault(shard, []).append(row)
+    out = []
+    for shard in sorted(by_shard):
+        rows = sorted(by_shard[shard])
+        for start in range(0, len(rows), max_images):
+            out.append((shard, rows[start : start + max_images]))
+    return out
 
 
 def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:

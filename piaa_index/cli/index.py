@@ -40,6 +40,26 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     "--follow-symlinks", is_flag=True, help="Walk into symlinked folders (each folder once)."
 )
 @click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--commit-every",
+    default=256,
+    show_default=True,
+    help="Images per vector shard and SQL commit (a crash loses at most the groups in flight).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: decode, encode and write shards on a Ray cluster (pip install "
+    "'piaa-index[ray]'; docs/ray.md).",
+)
+@click.option(
+    "--address",
+    metavar="ADDRESS",
+    help="With --engine ray: the cluster (auto, ray://HOST:10001); default RAY_ADDRESS, "
+    "else a new local Ray.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_app
 def index_command(
@@ -51,6 +71,9 @@ def index_command(
     no_default_excludes: bool,
     follow_symlinks: bool,
     batch_size: int,
+    commit_every: int,
+    engine: str,
+    address: str | None,
     as_json: bool,
 ) -> None:
     """Index image files and folders (recursive, incremental, resumable).
@@ -71,6 +94,9 @@ def index_command(
         exclude=exclude,
         default_excludes=not no_default_excludes,
         follow_symlinks=follow_symlinks,
+        engine=engine,
+        address=address,
+        commit_every=commit_every,
     )
     if as_json:
         echo_json(report.as_dict())

@@ -92,11 +92,31 @@ def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
     default=None,
     help="Patches per class bank (K). [default: 512, or 1/50 of the pool per class when smaller]",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: score the re-tag as Ray tasks over the shards (docs/ray.md).",
+)
+@click.option(
+    "--address",
+    metavar="ADDRESS",
+    help="With --engine ray: the cluster (auto, ray://HOST:10001).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def fit_command(app: AppContext, bank_size: int | None, as_json: bool) -> None:
+def fit_command(
+    app: AppContext,
+    bank_size: int | None,
+    engine: str,
+    address: str | None,
+    as_json: bool,
+) -> None:
     """Fit the patch classifier (PVCL) on the collection and re-tag every image."""
-    report = app.library().fit(progress=app.progress, bank_size=bank_size)
+    report = app.library().fit(
+        progress=app.progress, bank_size=bank_size, engine=engine, address=address
+    )
     if as_json:
         echo_json(report.as_dict())
         return
