@@ -157,9 +157,19 @@ def cli(ctx: click.Context, **options: object) -> None:
 
 
 def _register_builtin_commands() -> None:
-    from piaa_index.cli import db, demo, evaluate, export, index, plugins_cmd, shapes, vocab
+    from piaa_index.cli import (
+        db,
+        demo,
+        evaluate,
+        export,
+        index,
+        models,
+        plugins_cmd,
+        shapes,
+        vocab,
+    )
 
-    for module in (index, vocab, db, plugins_cmd, evaluate, demo, shapes, export):
+    for module in (index, vocab, db, models, plugins_cmd, evaluate, demo, shapes, export):
         for command in module.COMMANDS:
             cli.add_command(command)
 
