@@ -275,7 +275,7 @@ def _load_raw(
         width, height = raw.sizes.width, raw.sizes.height
         _check_pixels(width, height, max_pixels, p)
         orientation = _FLIP_TO_EXIF.get(raw.sizes.flip, 1)
-        preview = _raw_preview(raw, draft_size or RAW_PREVIEW_MIN)
+        preview = _raw_preview(raw, draft_size or RAW_PREVIEW_MIN, draft=draft_size is not None)
         if preview is not None:
             # A camera stores its preview as the sensor sees it, like the mosaic: the RAW's
             # orientation turns it upright (the preview's own EXIF, if any, is the camera's).
@@ -290,9 +290,9 @@ def _load_raw(
     return _to_rgb(small), orientation, (width, height)
 
 
-def _raw_preview(raw: Any, short_side: int) -> Image.Image | None:
-    """The embedded preview (not yet decoded, JPEG in draft mode) if its short side is at
-    least `short_side`; None when there is none, it is too small, or it does not decode."""
+def _raw_preview(raw: Any, short_side: int, draft: bool) -> Image.Image | None:
+    """The embedded preview (not yet decoded; a JPEG in draft mode with `draft`) if its short
+    side is at least `short_side`; None when there is none, it is too small, or it is broken."""
     import rawpy
 
     try:
@@ -304,7 +304,8 @@ def _raw_preview(raw: Any, short_side: int) -> Image.Image | None:
             jpeg = Image.open(io.BytesIO(thumb.data))
             if jpeg.format != "JPEG" or min(jpeg.size) < short_side:
                 return None
-            jpeg.draft("RGB", (short_side, short_side))
+            if draft:
+                jpeg.draft("RGB", (short_side, short_side))
             return jpeg
         bitmap = Image.fromarray(thumb.data)  # an uncompressed RGB bitmap
     except (OSError, ValueError, TypeError):

@@ -57,6 +57,7 @@ def test_dng_with_a_jpeg_preview_decodes_the_preview_at_reduced_size(tmp_path: P
     assert hue(img.getpixel((w - 2, h // 2))) == "g"
     assert hue(img.getpixel((w // 3, 2))) == "r"
     assert hue(img.getpixel((w // 3, h - 3))) == "b"
+    assert load_image(path).size == (480, 640)  # no draft size: the whole preview, upright
 
 
 def test_dng_with_a_small_preview_is_demosaiced_at_half_size(tmp_path: Path) -> None:
