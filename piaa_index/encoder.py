@@ -279,11 +279,12 @@ def _front_end_block(
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """Silence open_clip's root-logger warning about random init (we chose `none` on purpose)."""
+    """Silence open_clip's root-logger lines: its warning about random init (we chose `none`
+    on purpose) and its error on a failed download, which our one-line message replaces."""
     root = logging.getLogger()
     level = root.level
-    if level < logging.ERROR:
-        root.setLevel(logging.ERROR)
+    if level < logging.CRITICAL:
+        root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

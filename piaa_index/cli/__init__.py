@@ -43,8 +43,9 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--pretrained",),
         {
             "envvar": "PIAA_PRETRAINED",
-            "help": "Weights: an open_clip tag (downloaded on first use), a checkpoint file, or "
-            "`none`. Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
+            "help": "Weights: an open_clip tag (downloaded on first use; see `piaa models`), a "
+            "checkpoint file (recorded by its sha256, so it may move), or `none`. "
+            "Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
             "shapesworld]",
         },
     ),
