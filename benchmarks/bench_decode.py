@@ -1,6 +1,6 @@
 """Decode time of a 12 MP photo per format, full size vs the reduced decode the indexer uses.
 
-Writes a 4032x3024 scene as JPEG, as HEIC with the thumbnail phones embed (and without), and
+Writes a 4032x3024 scene as JPEG, JPEG 2000, as HEIC with the thumbnail phones embed (and without), and
 as a DNG with and without an embedded JPEG preview, then times `load_image` (median of
 --repeats) at full size and with `draft_size` = the model's input (224 for ViT-B/16):
 
@@ -38,6 +38,7 @@ def write_files(workdir: Path, width: int, height: int) -> dict[str, Path]:
     img = scene(width, height)
     files = {
         "jpeg": workdir / "photo.jpg",
+        "jpeg 2000": workdir / "photo.jp2",
         "heic (thumbnail 320)": workdir / "photo_thumb.heic",
         "heic (no thumbnail)": workdir / "photo.heic",
         "dng (jpeg preview)": workdir / "photo_preview.dng",
@@ -45,6 +46,8 @@ def write_files(workdir: Path, width: int, height: int) -> dict[str, Path]:
     }
     if not files["jpeg"].exists():
         img.save(files["jpeg"], quality=90)
+    if not files["jpeg 2000"].exists():
+        img.save(files["jpeg 2000"])
     if not files["heic (thumbnail 320)"].exists():
         img.save(files["heic (thumbnail 320)"], quality=80, thumbnails=[320])
     if not files["heic (no thumbnail)"].exists():

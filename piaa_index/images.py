@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
@@ -181,7 +182,7 @@ def _shrink(im: Image.Image, shorter_side: int) -> Image.Image:
         return im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
     if im.mode in ("P", "PA", "1"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
-    return im.reduce(factor)
+    return Image.Image.reduce(im, factor)  # JPEG 2000 files shadow `reduce` with an int
 
 
 def load_image(
@@ -216,6 +217,8 @@ def load_image(
                     _check_pixels(width, height, max_pixels, p)
                     if draft_size is not None and im.format in ("JPEG", "HEIF"):
                         im.draft("RGB", (draft_size, draft_size))
+                    elif draft_size is not None and im.format == "JPEG2000":
+                        _drop_j2k_levels(im, p, 2 * draft_size)
                     orientation = _exif_orientation(im)
                     rgb = _decode(im, orientation, draft_size, budget)
     except ImageDecodeError:
@@ -226,6 +229,34 @@ def load_image(
     # Orientations 5-8 swap the axes; draft decoding may have shrunk rgb itself.
     rgb.info["original_size"] = (height, width) if orientation >= 5 else (width, height)
     return rgb
+
+
+def _drop_j2k_levels(im: Image.Image, p: Path, shorter_side: int) -> None:
+    """JPEG 2000 stores each image at halving resolutions: decode only the smallest level
+    whose shorter side is still at least `shorter_side` (12 MP: 8.4 s -> 0.26 s)."""
+    factor = min(im.size) // shorter_side
+    levels = min(factor.bit_length() - 1, _j2k_levels(p)) if factor >= 2 else 0
+    if levels > 0:
+        setattr(im, "reduce", levels)  # noqa: B010 - Pillow's JPEG 2000 property, not a method
+
+
+def _j2k_levels(p: Path) -> int:
+    """How many resolution levels the codestream can drop (its COD decomposition count);
+    asking OpenJPEG for more fails the decode. 0 when the header cannot be read."""
+    with open(p, "rb") as fh:
+        head = fh.read(1 << 16)
+    pos = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: the codestream, also inside a .jp2
+    if pos < 0:
+        return 0
+    pos += 2
+    while pos + 4 <= len(head):
+        marker, length = struct.unpack(">HH", head[pos : pos + 4])
+        if marker == 0xFF52:  # COD: Lcod, Scod, progression, layers (2), MCT, then levels
+            return head[pos + 9] if pos + 9 < len(head) else 0
+        if marker in (0xFF90, 0xFF93) or length < 2:  # a tile or data: past the main header
+            return 0
+        pos += 2 + length
+    return 0
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None, p: Path) -> None:

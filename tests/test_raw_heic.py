@@ -201,3 +201,18 @@ def test_scan_counts_raw_as_unsupported_without_rawpy(
     found = scan([tmp_path])
     assert found.files == []
     assert found.unsupported == {".dng (needs rawpy)": 1, ".nef (needs rawpy)": 1}
+
+
+@pytest.mark.parametrize(("resolutions", "size"), [(None, (400, 300)), (2, (267, 200))])
+def test_jpeg_2000_decodes_only_the_resolution_levels_it_needs(
+    tmp_path: Path, resolutions: int | None, size: tuple[int, int]
+) -> None:
+    """A 1600x1200 JPEG 2000 at draft 96: two levels dropped (400x300, shorter side >= 192);
+    a file written with one decomposition level can drop only that one, then box-reduces."""
+    path = tmp_path / "scan.jp2"
+    options = {} if resolutions is None else {"num_resolutions": resolutions}
+    scene(1600, 1200).save(path, **options)
+    img = load_image(path, draft_size=96)
+    assert img.size == size and img.info["original_size"] == (1600, 1200)
+    assert hue(img.getpixel((20, size[1] - 5))) == "r"
+    assert load_image(path).size == (1600, 1200)
