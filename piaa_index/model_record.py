@@ -22,14 +22,16 @@ _KEYWORDS = ("default", "none")
 
 
 def checkpoint_path(pretrained: str | None) -> Path | None:
-    """The absolute path when `pretrained` names an existing file (not a tag or keyword)."""
-    if not pretrained or pretrained.lower() in _KEYWORDS:
+    """The absolute path when `pretrained` names an existing file (not a tag or keyword: a
+    file called `openai` in the current folder does not turn the tag into a path)."""
+    if not pretrained or not looks_like_file(pretrained):
         return None
     path = Path(pretrained).expanduser()
     return path.resolve() if path.is_file() else None
 
 
 def looks_like_file(pretrained: str) -> bool:
+    """A path or a file name with an extension, as opposed to a tag (`openai`) or keyword."""
     return pretrained.lower() not in _KEYWORDS and (
         "/" in pretrained or os.sep in pretrained or "." in Path(pretrained).name
     )
