@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 
+from piaa_index import weights
 from piaa_index.config import FRONT_ENDS, ModelSpec
 from piaa_index.errors import PiaaError
-from piaa_index.images import file_hash
 
 __all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "ModelSpec"]
 
@@ -105,8 +105,16 @@ def _register_config(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _checkpoint_label(path: Path) -> str:
-    """File name, size and short content hash: stable across machines and moves."""
-    return f"{path.name} (size {path.stat().st_size}, blake2b {file_hash(path)[:12]})"
+    """File name, size and short content hash (sha256, computed once per file version)."""
+    return f"{path.name} (size {path.stat().st_size}, sha256 {weights.sha256_file(path)[:12]})"
+
+
+def _tag_preprocess(pcfg: dict[str, Any]) -> dict[str, Any]:
+    """A pretrained tag's preprocessing, as create_model_and_transforms arguments: open_clip
+    applies it itself for a tag, not for a file path, which is how a cached tag is loaded."""
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation"}
+    keys["resize_mode"] = "image_resize_mode"
+    return {keys[k]: v for k, v in pcfg.items() if k in keys}
 
 
 def _looks_like_path(value: str) -> bool:
@@ -271,11 +279,12 @@ def _front_end_block(
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """Silence open_clip's root-logger warning about random init (we chose `none` on purpose)."""
+    """Silence open_clip's root-logger lines: its warning about random init (we chose `none`
+    on purpose) and its error on a failed download, which our one-line message replaces."""
     root = logging.getLogger()
     level = root.level
-    if level < logging.ERROR:
-        root.setLevel(logging.ERROR)
+    if level < logging.CRITICAL:
+        root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -289,7 +298,7 @@ class Encoder:
         self.spec = spec
         self.device = _pick_device(device)
         self.precision = _pick_precision(precision, self.device)
-        self._resolved = resolve_spec(spec)
+        self._resolved = self._local(resolve_spec(spec))
         r = self._resolved
         try:
             # Random weights (`none`, tests) must be the same in every process that opens the
@@ -316,14 +325,27 @@ class Encoder:
         self._dtype = self.visual.conv1.weight.dtype
         self._batch_first = bool(getattr(self.visual.transformer, "batch_first", True))
 
+    @staticmethod
+    def _local(r: _Resolved) -> _Resolved:
+        """A pretrained tag whose file is in the cache loads from that path (no request to the
+        hub); one that is not fails at once where no network answers."""
+        if r.pretrained is None or r.pretrained != r.label:
+            return r  # random init, or a checkpoint path
+        try:
+            found = weights.local_weights(r.name, r.pretrained)
+        except weights.WeightsUnavailable as exc:
+            raise ModelLoadError(str(exc)) from None
+        if found is None:
+            return r  # not cached, the hub answers: open_clip downloads it
+        pp = {**_tag_preprocess(open_clip.get_pretrained_cfg(r.name, r.pretrained)), **r.preprocess}
+        return replace(r, pretrained=str(found), preprocess=pp)
+
     def _load_error(self, exc: Exception) -> ModelLoadError:
         r = self._resolved
-        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if r.pretrained is not None and not Path(r.pretrained).is_file():
-            return ModelLoadError(
-                f"weights {r.pretrained!r} for {r.name} could not be fetched ({msg}); "
-                "download them where there is network access and pass --pretrained PATH"
-            )
+            src = weights.source_for(r.name, r.pretrained)
+            return ModelLoadError(weights.unavailable_message(src, f"the download failed: {msg}"))
         if r.pretrained is not None:
             return ModelLoadError(f"checkpoint {r.pretrained} does not load into {r.name}: {msg}")
         return ModelLoadError(f"could not build {r.name}: {msg}")

@@ -1,20 +1,24 @@
-"""Decoding image files for indexing: EXIF orientation, RGB, HEIC, bomb guard, content hash."""
+"""Decoding image files for indexing: EXIF orientation, RGB, HEIC, RAW, bomb guard, content hash."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-# Photo formats Pillow (with pillow-heif) decodes. RAW and video are not among them: the scan
-# counts those as unsupported, by extension, so nothing is skipped silently.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+# Photo formats Pillow (with pillow-heif) decodes. Video is not among them: the scan counts
+# what it skips as unsupported, by extension, so nothing is skipped silently.
+PILLOW_EXTENSIONS: frozenset[str] = frozenset(
     {
         *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib"),
         *(".tif", ".tiff", ".heic", ".heif", ".avif", ".avifs", ".qoi", ".tga", ".psd"),
@@ -22,6 +26,17 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
         *(".pnm", ".pbm", ".pgm", ".ppm", ".pcx"),
     }
 )
+# Camera RAW files LibRaw (through rawpy) reads.
+RAW_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        *(".nef", ".nrw", ".cr2", ".cr3", ".arw", ".srf", ".sr2", ".dng", ".raf", ".orf"),
+        *(".rw2", ".pef", ".srw", ".iiq", ".3fr", ".erf", ".kdc", ".dcr", ".mef", ".mos", ".mrw"),
+    }
+)
+IMAGE_EXTENSIONS: frozenset[str] = PILLOW_EXTENSIONS | RAW_EXTENSIONS
+# Without a draft size, a RAW's embedded preview is used from this short side up (a model's
+# input is 224 px; a camera's preview is 1,000-6,000 px, a tiny EXIF thumbnail 160 px).
+RAW_PREVIEW_MIN = 224
 
 # Pillow raises DecompressionBombError above 2 x MAX_IMAGE_PIXELS (~179 Mpx); same default here.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -38,6 +53,11 @@ class ImageDecodeError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.path = None if path is None else Path(path)
+
+
+def raw_supported() -> bool:
+    """Whether RAW files can be decoded here (rawpy installed), without importing it."""
+    return importlib.util.find_spec("rawpy") is not None
 
 
 def _register_heif() -> None:
@@ -86,6 +106,11 @@ def _reason_for(exc: BaseException) -> str:
     """Turn a Pillow/OS exception into a short message for logs and the CLI."""
     text = str(exc)
     low = text.lower()
+    if type(exc).__module__.startswith("rawpy"):
+        # LibRaw's messages arrive as bytes: b'Unsupported file format or not RAW file'
+        arg = exc.args[0] if exc.args else type(exc).__name__
+        said = arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+        return f"cannot decode RAW file: {said}"
     if isinstance(exc, UnidentifiedImageError):
         return "cannot identify image file (not an image?)"
     if isinstance(exc, FileNotFoundError):
@@ -157,7 +182,7 @@ def _shrink(im: Image.Image, shorter_side: int) -> Image.Image:
         return im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
     if im.mode in ("P", "PA", "1"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
-    return im.reduce(factor)
+    return Image.Image.reduce(im, factor)  # JPEG 2000 files shadow `reduce` with an int
 
 
 def load_image(
@@ -170,40 +195,32 @@ def load_image(
     """Decode a file to an upright RGB image, or raise ImageDecodeError.
 
     With `draft_size` (the model's input size), a large image is decoded at reduced size:
-    JPEGs at 1/2..1/8 scale in the decoder, others box-reduced right after decoding, keeping the
-    shorter side at least twice `draft_size`. `budget` bounds the decoded bytes in flight
-    across threads. `info["original_size"]` always holds the full upright size.
+    JPEGs at 1/2..1/8 scale in the decoder, HEIC from an embedded thumbnail at least that
+    large, RAW from the camera's embedded preview (else a half-size demosaic), others
+    box-reduced right after decoding, keeping the shorter side at least twice `draft_size`.
+    `budget` bounds the decoded bytes in flight across threads. `info["original_size"]`
+    always holds the full upright size.
     """
     _register_heif()
     p = Path(path)
     try:
         if p.stat().st_size == 0:
             raise ImageDecodeError("file is empty", p)
-        # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx camera files.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image too large: {width}x{height} = {width * height / 1e6:.0f} Mpx "
-                        f"exceeds the limit of {max_pixels / 1e6:.0f} Mpx "
-                        "(decompression-bomb guard)",
-                        p,
-                    )
-                if draft_size is not None and im.format == "JPEG":
-                    im.draft("RGB", (draft_size, draft_size))
-                orientation = im.getexif().get(0x0112, 1)
-                if not isinstance(orientation, int) or not 1 <= orientation <= 8:
-                    orientation = 1
-                with budget.hold(decoded_bytes(im)) if budget else nullcontext():
-                    im.load()  # decode fully here so that truncated files fail here, not later
-                    small = _shrink(im, 2 * draft_size) if draft_size else im
-                    if orientation in _UPRIGHT:
-                        small = small.transpose(_UPRIGHT[orientation])
-                    rgb = _to_rgb(small)
-                    if rgb is im:
-                        rgb = im.copy()  # outlive the file
+        if p.suffix.lower() in RAW_EXTENSIONS:
+            rgb, orientation, (width, height) = _load_raw(p, max_pixels, draft_size, budget)
+        else:
+            # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx camera files.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    width, height = im.size
+                    _check_pixels(width, height, max_pixels, p)
+                    if draft_size is not None and im.format in ("JPEG", "HEIF"):
+                        im.draft("RGB", (draft_size, draft_size))
+                    elif draft_size is not None and im.format == "JPEG2000":
+                        _drop_j2k_levels(im, p, 2 * draft_size)
+                    orientation = _exif_orientation(im)
+                    rgb = _decode(im, orientation, draft_size, budget)
     except ImageDecodeError:
         raise
     except Exception as exc:  # Pillow plugins raise many types (struct.error, IndexError, ...)
@@ -212,6 +229,119 @@ def load_image(
     # Orientations 5-8 swap the axes; draft decoding may have shrunk rgb itself.
     rgb.info["original_size"] = (height, width) if orientation >= 5 else (width, height)
     return rgb
+
+
+def _drop_j2k_levels(im: Image.Image, p: Path, shorter_side: int) -> None:
+    """JPEG 2000 stores each image at halving resolutions: decode only the smallest level
+    whose shorter side is still at least `shorter_side` (12 MP: 8.4 s -> 0.26 s)."""
+    factor = min(im.size) // shorter_side
+    levels = min(factor.bit_length() - 1, _j2k_levels(p)) if factor >= 2 else 0
+    if levels > 0:
+        setattr(im, "reduce", levels)  # noqa: B010 - Pillow's JPEG 2000 property, not a method
+
+
+def _j2k_levels(p: Path) -> int:
+    """How many resolution levels the codestream can drop (its COD decomposition count);
+    asking OpenJPEG for more fails the decode. 0 when the header cannot be read."""
+    with open(p, "rb") as fh:
+        head = fh.read(1 << 16)
+    pos = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: the codestream, also inside a .jp2
+    if pos < 0:
+        return 0
+    pos += 2
+    while pos + 4 <= len(head):
+        marker, length = struct.unpack(">HH", head[pos : pos + 4])
+        if marker == 0xFF52:  # COD: Lcod, Scod, progression, layers (2), MCT, then levels
+            return head[pos + 9] if pos + 9 < len(head) else 0
+        if marker in (0xFF90, 0xFF93) or length < 2:  # a tile or data: past the main header
+            return 0
+        pos += 2 + length
+    return 0
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None, p: Path) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {width}x{height} = {width * height / 1e6:.0f} Mpx "
+            f"exceeds the limit of {max_pixels / 1e6:.0f} Mpx (decompression-bomb guard)",
+            p,
+        )
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    orientation = im.getexif().get(0x0112, 1)
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def _decode(
+    im: Image.Image, orientation: int, draft_size: int | None, budget: MemoryBudget | None
+) -> Image.Image:
+    """Load `im` within the budget, shrink, turn upright, convert to RGB; never `im` itself."""
+    with budget.hold(decoded_bytes(im)) if budget else nullcontext():
+        im.load()  # decode fully here so that truncated files fail here, not later
+        small = _shrink(im, 2 * draft_size) if draft_size else im
+        if orientation in _UPRIGHT:
+            small = small.transpose(_UPRIGHT[orientation])
+        rgb = _to_rgb(small)
+        return im.copy() if rgb is im else rgb  # outlive the file
+
+
+# LibRaw's `flip` (sizes.flip) -> the EXIF orientation it stands for.
+_FLIP_TO_EXIF = {0: 1, 1: 2, 3: 3, 2: 4, 4: 5, 6: 6, 7: 7, 5: 8}
+
+
+def _load_raw(
+    p: Path, max_pixels: int | None, draft_size: int | None, budget: MemoryBudget | None
+) -> tuple[Image.Image, int, tuple[int, int]]:
+    """A camera RAW: its embedded preview when at least the model's input on the short side
+    (decoded at reduced size), else LibRaw's half-size demosaic; the RAW's orientation applied.
+    Returns (upright RGB, EXIF orientation, stored size)."""
+    try:
+        import rawpy
+    except ImportError:
+        raise ImageDecodeError(
+            "RAW files need rawpy: pip install rawpy (or reinstall piaa-index)", p
+        ) from None
+    with rawpy.imread(str(p)) as raw:
+        width, height = raw.sizes.width, raw.sizes.height
+        _check_pixels(width, height, max_pixels, p)
+        orientation = _FLIP_TO_EXIF.get(raw.sizes.flip, 1)
+        preview = _raw_preview(raw, draft_size or RAW_PREVIEW_MIN, draft=draft_size is not None)
+        if preview is not None:
+            # A camera stores its preview as the sensor sees it, like the mosaic: the RAW's
+            # orientation turns it upright (the preview's own EXIF, if any, is the camera's).
+            return _decode(preview, orientation, draft_size, budget), orientation, (width, height)
+        # Half size skips interpolation (each 2x2 Bayer cell gives a pixel): 4x fewer pixels,
+        # and LibRaw applies the orientation itself. LibRaw holds the 16-bit mosaic meanwhile.
+        need = width * height * 2 + (width // 2) * (height // 2) * 3
+        with budget.hold(need) if budget else nullcontext():
+            pixels = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+    img = Image.fromarray(pixels)
+    small = _shrink(img, 2 * draft_size) if draft_size else img
+    return _to_rgb(small), orientation, (width, height)
+
+
+def _raw_preview(raw: Any, short_side: int, draft: bool) -> Image.Image | None:
+    """The embedded preview (not yet decoded; a JPEG in draft mode with `draft`) if its short
+    side is at least `short_side`; None when there is none, it is too small, or it is broken."""
+    import rawpy
+
+    try:
+        thumb = raw.extract_thumb()
+    except rawpy.LibRawError:  # no preview, or one LibRaw cannot extract
+        return None
+    try:
+        if thumb.format == rawpy.ThumbFormat.JPEG:
+            jpeg = Image.open(io.BytesIO(thumb.data))
+            if jpeg.format != "JPEG" or min(jpeg.size) < short_side:
+                return None
+            if draft:
+                jpeg.draft("RGB", (short_side, short_side))
+            return jpeg
+        bitmap = Image.fromarray(thumb.data)  # an uncompressed RGB bitmap
+    except (OSError, ValueError, TypeError):
+        return None
+    return bitmap if min(bitmap.size) >= short_side else None
 
 
 def file_hash(path: str | os.PathLike[str]) -> str:

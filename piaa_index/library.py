@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index import model_record
 from piaa_index.config import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -91,18 +92,23 @@ class Library:
         settings = Settings.resolve(home, db, model, pretrained, front_end, device)
         store = Store.open(settings.db_url)
         stored = store.get_setting("model")
+        # A checkpoint path is kept absolute: the library is opened from other folders too.
+        asked_weights = settings.pretrained
+        if asked_weights is not None and (path := model_record.checkpoint_path(asked_weights)):
+            asked_weights = str(path)
         if stored is None:
             model_name = settings.model or DEFAULT_MODEL
             spec = ModelSpec(
                 model=model_name,
-                pretrained=settings.pretrained or DEFAULT_PRETRAINED,
+                pretrained=asked_weights or DEFAULT_PRETRAINED,
                 front_end=settings.front_end or default_front_end(model_name),
             )
         else:
+            stored = cls._update_record(store, stored, asked_weights, settings.home)
             spec = ModelSpec(stored["model"], stored["pretrained"], stored["front_end"])
             asked = {
                 "model": settings.model,
-                "pretrained": settings.pretrained,
+                "pretrained": asked_weights,
                 "front_end": settings.front_end,
             }
             clashes = [
@@ -129,6 +135,28 @@ class Library:
             plugins=self._plugins,
         )
 
+    @staticmethod
+    def _update_record(
+        store: Store, record: dict[str, Any], asked: str | None, home: Path
+    ) -> dict[str, Any]:
+        """Add the weights' hash to an older record; take a moved checkpoint with the same
+        bytes (`--pretrained NEWPATH`), refuse one with other bytes."""
+        updated = model_record.migrate(record, home)
+        current = updated or record
+        moved = (
+            asked is not None
+            and asked != current["pretrained"]
+            and model_record.looks_like_file(asked)
+            and model_record.looks_like_file(str(current["pretrained"]))
+        )
+        if moved:
+            assert asked is not None
+            updated = model_record.accept_moved(current, asked, home)
+        if updated is None:
+            return record
+        store.set_setting("model", updated)
+        return updated
+
     def close(self) -> None:
         self.store.close()
 
@@ -142,6 +170,9 @@ class Library:
     def encoder(self) -> Encoder:
         """The model, loaded on first use (indexing, fitting, text queries)."""
         if self._encoder is None:
+            record = self.store.get_setting("model")
+            if record is not None:
+                model_record.check_file(record, self.settings.home)
             if self._encoder_factory is not None:
                 self._encoder = self._encoder_factory(self.spec)
             else:
@@ -176,7 +207,7 @@ class Library:
                     "model",
                     {
                         "model": self.spec.model,
-                        "pretrained": self.spec.pretrained,
+                        **model_record.weights_fields(self.spec.pretrained, self.settings.home),
                         "front_end": self.spec.front_end,
                         "identity": identity,
                     },

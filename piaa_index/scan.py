@@ -1,14 +1,15 @@
 """Finding a library's image files: what to read, what to skip, and why.
 
-Real photo folders hold NAS thumbnails (`@eaDir`), trash folders, `.git`, sidecars, RAW files
-and videos, FIFOs, dangling links and folders we may not read. The scan yields only regular
-files with an image extension, skips junk folders by default (gitignore-style patterns, also
+Real photo folders hold NAS thumbnails (`@eaDir`), trash folders, `.git`, sidecars, videos,
+FIFOs, dangling links and folders we may not read. The scan yields only regular files with an
+image extension (RAW included), skips junk folders by default (gitignore-style patterns, also
 from `.piaaignore` files), and counts everything it skipped, so that nothing vanishes silently
 and `--prune` forgets only what is provably gone.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from piaa_index.errors import UsageError
-from piaa_index.images import IMAGE_EXTENSIONS
+from piaa_index.images import IMAGE_EXTENSIONS, RAW_EXTENSIONS, raw_supported
 
 # Folders no photographer means to index: NAS thumbnail and recycle folders (Synology, QNAP),
 # desktop trash, Windows system folders, caches, repositories; and hidden files and folders.
@@ -98,6 +99,11 @@ class Scan:
         return None
 
 
+@functools.cache
+def _raw_ok() -> bool:
+    return raw_supported()
+
+
 def _spec(lines: Iterable[str]) -> Any:
     import pathspec
 
@@ -164,6 +170,9 @@ def _take_file(path: str, st: os.stat_result, found: dict[str, FileInfo], result
     ext = os.path.splitext(path)[1].lower()
     if ext not in IMAGE_EXTENSIONS:
         result.unsupported[ext or "(no extension)"] += 1
+        return
+    if ext in RAW_EXTENSIONS and not _raw_ok():
+        result.unsupported[f"{ext} (needs rawpy)"] += 1
         return
     found[path] = FileInfo(path, st.st_size, st.st_mtime)
 

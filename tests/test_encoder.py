@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +217,7 @@ def test_checkpoint_round_trip(
     for a, b in zip(src.encode_images(batch), loaded.encode_images(batch), strict=True):
         np.testing.assert_allclose(a, b, atol=ATOL)
     label = loaded.identity()["pretrained"]
-    assert label.startswith("tiny.safetensors (size ") and "blake2b" in label
+    assert label.startswith("tiny.safetensors (size ") and "sha256" in label
 
 
 def test_checkpoint_for_another_architecture(tiny_model_config: Path, tmp_path: Path) -> None:
@@ -284,11 +285,18 @@ def test_config_file_has_no_default_weights(tiny_model_config: Path) -> None:
 
 
 def test_download_failure_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*_a: object, **_k: object) -> None:
-        raise RuntimeError("Failed to download weights for tag 'openai': no network")
+    """The hub answers but the download fails: one message naming the file and the fix."""
 
-    monkeypatch.setattr(encoder_mod.open_clip, "create_model_and_transforms", offline)
-    with pytest.raises(ModelLoadError, match="could not be fetched.*--pretrained PATH"):
+    def failing(*_a: object, **_k: object) -> None:
+        raise RuntimeError("Failed to download weights for tag 'openai': disk full")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(Path(os.environ["PIAA_HOME"]) / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(encoder_mod.weights, "endpoint_answers", lambda *_a, **_k: True)
+    monkeypatch.setattr(encoder_mod.open_clip, "create_model_and_transforms", failing)
+    with pytest.raises(
+        ModelLoadError, match="download failed: Failed.*disk full.*--pretrained PATH"
+    ):
         Encoder(ModelSpec(model="ViT-B-16", pretrained="openai"))
 
 

@@ -37,7 +37,7 @@ def nas_share(root: Path) -> Path:
     ):
         photo(root / junk)
     (root / "2024" / "clip.mp4").write_bytes(b"\0" * 64)
-    (root / "2024" / "IMG_0001.NEF").write_bytes(b"\0" * 64)
+    (root / "2024" / "IMG_0001.MOV").write_bytes(b"\0" * 64)
     (root / "2024" / "IMG_0001.jpg.xmp").write_text("<x/>")
     return real
 
@@ -51,7 +51,7 @@ def test_a_nas_share_holds_one_photo(tmp_path: Path) -> None:
     found = scan([tmp_path / "share"])
     assert paths(found) == [str(real)]
     assert found.excluded == 6  # @eaDir, .thumbnails, .Trash-1000, .git, #recycle, ._IMG
-    assert found.unsupported == {".mp4": 1, ".nef": 1, ".xmp": 1}
+    assert found.unsupported == {".mov": 1, ".mp4": 1, ".xmp": 1}
     everything = scan([tmp_path / "share"], default_excludes=False)
     assert len(everything.files) == 8
 
@@ -172,8 +172,8 @@ def test_cli_summary_names_what_was_skipped(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["indexed"] == 1
-    assert report["skipped"]["unsupported"] == {".mp4": 1, ".nef": 1, ".xmp": 1}
+    assert report["skipped"]["unsupported"] == {".mov": 1, ".mp4": 1, ".xmp": 1}
     assert report["skipped"]["excluded"] == 7
     text = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert "not images (skipped): 1 .mp4, 1 .nef, 1 .xmp" in text.stderr
+    assert "not images (skipped): 1 .mov, 1 .mp4, 1 .xmp" in text.stderr
     assert "excluded by patterns: 7" in text.stderr

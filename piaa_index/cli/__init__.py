@@ -43,8 +43,9 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--pretrained",),
         {
             "envvar": "PIAA_PRETRAINED",
-            "help": "Weights: an open_clip tag (downloaded on first use), a checkpoint file, or "
-            "`none`. Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
+            "help": "Weights: an open_clip tag (downloaded on first use; see `piaa models`), a "
+            "checkpoint file (recorded by its sha256, so it may move), or `none`. "
+            "Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
             "shapesworld]",
         },
     ),
@@ -157,9 +158,19 @@ def cli(ctx: click.Context, **options: object) -> None:
 
 
 def _register_builtin_commands() -> None:
-    from piaa_index.cli import db, demo, evaluate, export, index, plugins_cmd, shapes, vocab
+    from piaa_index.cli import (
+        db,
+        demo,
+        evaluate,
+        export,
+        index,
+        models,
+        plugins_cmd,
+        shapes,
+        vocab,
+    )
 
-    for module in (index, vocab, db, plugins_cmd, evaluate, demo, shapes, export):
+    for module in (index, vocab, db, models, plugins_cmd, evaluate, demo, shapes, export):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,0 +1,252 @@
+"""Where model weights live and how they are named: the Hugging Face cache open_clip downloads
+into, what is in it, fetching once, failing in seconds without network, and content hashes.
+
+open_clip fetches a pretrained tag through huggingface_hub, which on a machine without network
+retries for about a minute and then fails with a message that names no file. So before open_clip
+is asked, `local_weights` looks in the cache; a file that is there is loaded from its path (no
+request at all), and a file that is not is fetched only when the hub answers a 3-second probe,
+else one message names the file, the cache folder and `piaa models fetch`.
+
+A checkpoint file given by path is recorded by its sha256 (computed once per path, size and
+mtime, remembered in `$PIAA_HOME/weights-sha256.json`), so a library accepts the same bytes at a
+new path and refuses different bytes at any path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from piaa_index.config import default_home
+from piaa_index.errors import PiaaError
+
+PROBE_TIMEOUT_S = 3.0
+HASH_CACHE = "weights-sha256.json"
+_TRUE = {"1", "on", "yes", "true"}
+_CHUNK = 1 << 20
+
+
+class WeightsUnavailable(PiaaError):
+    """The weights are not in the cache and cannot be downloaded here (exit 1)."""
+
+
+def hub_cache() -> Path:
+    """The folder huggingface_hub (and so open_clip) downloads into, as it decides it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def url_cache() -> Path:
+    """open_clip's folder for weights it downloads by URL (tags with no Hugging Face repo)."""
+    return Path.home() / ".cache" / "clip"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where open_clip gets the weights of one (model, tag)."""
+
+    model: str
+    tag: str
+    repo_id: str | None  # Hugging Face repository
+    filenames: tuple[str, ...]  # in the order open_clip tries them (safetensors first)
+    url: str | None  # a direct download, for tags with no repository
+
+    def describe(self) -> str:
+        if self.repo_id:
+            return f"{' or '.join(self.filenames)} from the Hugging Face repository {self.repo_id}"
+        return f"{self.url}"
+
+    def cache_folder(self) -> Path:
+        if self.repo_id:
+            return hub_cache() / ("models--" + self.repo_id.replace("/", "--"))
+        return url_cache()
+
+
+def source_for(model: str, tag: str) -> Source:
+    """The download source of an open_clip (model, tag); imports open_clip."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(model, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+        safe = tuple(oc_pretrained._get_safe_alternatives(filename))
+        return Source(model, tag, repo_id, (*safe, filename), None)
+    return Source(model, tag, None, (), cfg.get("url") or None)
+
+
+def cached_file(src: Source) -> Path | None:
+    """The weights file if it is in the cache, without any network request."""
+    if src.repo_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in src.filenames:
+            found = try_to_load_from_cache(src.repo_id, name, cache_dir=str(hub_cache()))
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+        return None
+    if src.url:
+        path = url_cache() / os.path.basename(src.url)
+        return path if path.is_file() else None
+    return None
+
+
+def endpoint_answers(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when the hub (or `url`) answers an HTTP request at all within `timeout` seconds."""
+    target = url or hub_endpoint()
+    try:
+        request = urllib.request.Request(target, method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 - http(s) only
+            return True
+    except urllib.error.HTTPError:
+        return True  # an answer, even 404 or 401, means the network is there
+    except (OSError, ValueError):  # refused, unreachable, timed out, DNS, a malformed URL
+        return False
+
+
+def unavailable_message(src: Source, why: str) -> str:
+    """One line: what is missing, where it goes, and the two ways to get it there."""
+    return (
+        f"the {src.model} weights '{src.tag}' are not on this machine and cannot be downloaded "
+        f"({why}): run `piaa models fetch {src.model} {src.tag}` on a machine with network "
+        f"and copy the folder {src.cache_folder().name} from its cache into "
+        f"{src.cache_folder().parent} here (HF_HUB_CACHE / HF_HOME), or download "
+        f"{src.describe()} and pass --pretrained PATH to it"
+    )
+
+
+def local_weights(model: str, tag: str) -> Path | None:
+    """The cached weights file of (model, tag); None when it is not cached and the hub
+    answers (open_clip then downloads it); WeightsUnavailable, at once, when it cannot."""
+    src = source_for(model, tag)
+    found = cached_file(src)
+    if found is not None:
+        return found
+    if hub_offline():
+        raise WeightsUnavailable(unavailable_message(src, "HF_HUB_OFFLINE is set"))
+    probe = hub_endpoint() if src.repo_id else src.url
+    if not endpoint_answers(probe):
+        where = hub_endpoint() if src.repo_id else src.url
+        raise WeightsUnavailable(
+            unavailable_message(src, f"no answer from {where} in {PROBE_TIMEOUT_S:.0f} s")
+        )
+    return None
+
+
+def fetch(model: str, tag: str) -> Path:
+    """Download the weights of (model, tag) into the cache open_clip reads, once."""
+    from open_clip import pretrained as oc_pretrained
+
+    found = local_weights(model, tag)
+    if found is not None:
+        return found
+    cfg = oc_pretrained.get_pretrained_cfg(model, tag)
+    try:
+        target = oc_pretrained.download_pretrained(cfg, cache_dir=None)
+    except Exception as exc:  # huggingface_hub and urllib raise many kinds
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsUnavailable(f"download of {model} '{tag}' failed: {first}") from None
+    return Path(target)
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "shapesworld"
+
+
+def shipped_model() -> dict[str, Any]:
+    """The ShapesWorld model that ships inside the package (tests, demo, offline proof)."""
+    path = SHIPPED_DIR / "shapesworld.safetensors"
+    present = path.is_file()
+    return {
+        "model": "shapesworld",
+        "tag": "default",
+        "cached": present,
+        "size": path.stat().st_size if present else None,
+        "path": str(path) if present else None,
+        "source": "shipped with piaa-index",
+    }
+
+
+def list_models(everything: bool = False) -> list[dict[str, Any]]:
+    """The shipped model and the open_clip weights in the cache (`everything`: every
+    (model, tag) open_clip knows, cached or not), each with its path and size."""
+    rows = [shipped_model(), *cached_models()]
+    return rows if everything else [r for r in rows if r["cached"]]
+
+
+def cached_models() -> list[dict[str, Any]]:
+    """Every (model, tag) open_clip knows, with where its file is cached (or null) and size."""
+    import open_clip
+
+    rows = []
+    for model, tag in open_clip.list_pretrained():
+        src = source_for(model, tag)
+        found = cached_file(src)
+        rows.append(
+            {
+                "model": model,
+                "tag": tag,
+                "cached": found is not None,
+                "size": found.stat().st_size if found else None,
+                "path": str(found) if found else None,
+                "source": src.describe(),
+            }
+        )
+    return rows
+
+
+# ---- content hashes of checkpoint files ---------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], home: Path | None = None) -> str:
+    """sha256 of a file, hex; remembered by (path, size, mtime) so a 600 MB checkpoint is read
+    once, not at every command. A file that changes gets a new size or mtime, so a new hash."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_path = (home or default_home()) / HASH_CACHE
+    cache = _read_cache(cache_path)
+    hit = cache.get(key)
+    if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
+        return str(hit[2])
+    digest = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    cache[key] = [*stamp, value]
+    try:  # a cache we cannot write only costs time
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return value
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
