@@ -176,6 +176,9 @@ class Library:
             if self._encoder_factory is not None:
                 self._encoder = self._encoder_factory(self.spec)
             else:
+                from piaa_index import weights
+
+                weights.check_before_loading(self.spec.model, self.spec.pretrained)
                 from piaa_index.encoder import Encoder
 
                 self._encoder = Encoder(self.spec, device=self.settings.device)

@@ -134,6 +134,36 @@ def unavailable_message(src: Source, why: str) -> str:
     )
 
 
+# The default model's source, known without importing open_clip (and torch with it: several
+# seconds), so that an offline machine hears at once that its weights are missing. A test
+# checks it against open_clip's own table.
+KNOWN_SOURCES = {
+    ("ViT-B-16", "openai"): Source(
+        "ViT-B-16",
+        "openai",
+        "timm/vit_base_patch16_clip_224.openai",
+        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+        None,
+    ),
+}
+
+
+def check_before_loading(model: str, tag: str) -> None:
+    """Fail at once, before torch is imported, when the default model's weights are neither
+    cached nor downloadable; any other (model, tag) is checked by `local_weights` later."""
+    if tag == "default" and model == "ViT-B-16":
+        tag = "openai"
+    src = KNOWN_SOURCES.get((model, tag))
+    if src is None or cached_file(src) is not None:
+        return
+    if hub_offline():
+        raise WeightsUnavailable(unavailable_message(src, "HF_HUB_OFFLINE is set"))
+    if not endpoint_answers(hub_endpoint()):
+        raise WeightsUnavailable(
+            unavailable_message(src, f"no answer from {hub_endpoint()} in {PROBE_TIMEOUT_S:.0f} s")
+        )
+
+
 def local_weights(model: str, tag: str) -> Path | None:
     """The cached weights file of (model, tag); None when it is not cached and the hub
     answers (open_clip then downloads it); WeightsUnavailable, at once, when it cannot."""
