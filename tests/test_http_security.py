@@ -342,3 +342,24 @@ def test_real_server_concurrency_and_sigterm(tmp_path: Path) -> None:
     err = proc.stderr.read() if proc.stderr else ""
     assert code == 0, err
     assert "stopped" in err and "Traceback" not in err
+
+
+def test_serve_after_demo_serves_the_demo_library(tmp_path: Path, shapes_home: Path) -> None:
+    """`piaa demo` keeps its library in HOME/demo/index; a plain `piaa serve` right after (the
+    default library still empty) serves that one, as the demo's closing hint promises."""
+    import shutil
+    import urllib.request
+
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home / "demo" / "index")
+    proc, base, key = _start(home)
+    try:
+        request = urllib.request.Request(
+            base + "/api/status", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310 - loopback
+            status = json.loads(answer.read())
+        assert status["images"]["indexed"] == 48
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -94,10 +94,13 @@ def demo_command(
         _step("ablation on the library, PVCL fitted on the other (unlabelled) scenes")
         ablation = run_ablation(library, test, load_dataset(fit_dir), progress=progress)
         click.echo(ablation_table(ablation))
+    # `piaa serve` serves the demo's library while the default one is empty.
+    default_root = Settings.resolve(app.home).home / "demo"
+    serve = "piaa serve" if root == default_root else f"piaa --home {root / 'index'} serve"
     click.echo(
         f"\ndemo finished in {time.perf_counter() - started:.0f}s; "
         f'try: piaa --home {root / "index"} search --text "{a}"\n'
-        f"     piaa --home {root / 'index'} serve    (then open the URL it prints: the gallery)",
+        f"     {serve}    (then open the URL it prints: the gallery of this demo library)",
         err=True,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -103,6 +104,21 @@ def serve(
 
     app_ctx = app_context(ctx)
     library = app_ctx.library()
+    demo = library.settings.home / "demo" / "index"
+    if (
+        library.store.indexed_count() == 0
+        and (demo / "piaa.sqlite3").is_file()
+        and app_ctx.db is None
+        and not os.environ.get("PIAA_DB")
+    ):
+        # `piaa demo` keeps its library in its own home: `piaa demo` then `piaa serve` shows it.
+        from piaa_index.library import Library
+
+        library.close()
+        library = Library.open(home=demo, db=f"sqlite:///{demo / 'piaa.sqlite3'}")
+        click.echo(
+            f"this library is empty: serving the demo's (piaa --home {demo} serve)", err=True
+        )
     if not is_loopback(host) and library.store.live_api_keys() == 0:
         library.close()
         raise UserInputError(
@@ -128,9 +144,6 @@ def serve(
     app = create_app(library, config, close_library=True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    demo = library.settings.home / "demo" / "index"
-    if library.store.indexed_count() == 0 and demo.is_dir():  # `piaa demo` keeps its own home
-        click.echo(f"this library is empty; the demo's: piaa --home {demo} serve", err=True)
     click.echo(f"piaa HTTP API and gallery on http://{shown}:{bound}/ (Ctrl-C to stop)", err=True)
     click.echo(f"open http://{shown}:{bound}/#key={session_key}", err=True)
     click.echo(f"API docs: http://{shown}:{bound}/docs", err=True)
