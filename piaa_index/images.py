@@ -124,6 +124,29 @@ def decoded_bytes(im: Image.Image) -> int:
     return im.size[0] * im.size[1] * len(im.getbands()) * per_band
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_heap_limited = False
+
+
+def return_freed_pixels_to_os() -> None:
+    """Make glibc serve allocations of 1 MiB and more with mmap, once per process.
+
+    By default glibc raises its mmap threshold after the first big free, so the 16 MiB blocks of
+    a decoded 13,000 x 13,000 scan come from the heap afterwards and stay there when freed: two
+    such scans one after the other then cost two images of RSS, not one. No-op off glibc.
+    """
+    global _heap_limited
+    if _heap_limited:
+        return
+    _heap_limited = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryBudget:
     """Bytes of decoded pixels in flight across decode threads. An image needing more than the
     whole budget waits until it can decode alone, so a few huge scans never run together."""
@@ -155,7 +178,9 @@ def _shrink(im: Image.Image, shorter_side: int) -> Image.Image:
         return im
     if im.mode in _SIXTEEN_BIT:  # `reduce` has no 16-bit path; a box resize does the same
         return im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
-    if im.mode in ("P", "PA", "1"):
+    if im.mode == "1":  # one byte per pixel already: grey is no bigger, and box-reduces well
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
     return im.reduce(factor)
 
@@ -193,11 +218,13 @@ def load_image(
                     )
                 if draft_size is not None and im.format == "JPEG":
                     im.draft("RGB", (draft_size, draft_size))
-                orientation = im.getexif().get(0x0112, 1)
-                if not isinstance(orientation, int) or not 1 <= orientation <= 8:
-                    orientation = 1
                 with budget.hold(decoded_bytes(im)) if budget else nullcontext():
                     im.load()  # decode fully here so that truncated files fail here, not later
+                    # After load, inside the budget: a PNG's getexif() decodes the whole image
+                    # to find an eXIf chunk after the pixels.
+                    orientation = im.getexif().get(0x0112, 1)
+                    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+                        orientation = 1
                     small = _shrink(im, 2 * draft_size) if draft_size else im
                     if orientation in _UPRIGHT:
                         small = small.transpose(_UPRIGHT[orientation])
