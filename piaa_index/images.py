@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -27,6 +30,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 _HASH_CHUNK = 1 << 20
+# No photo is this big (a 100 Mpx 16-bit TIFF is ~600 MB); a file over it is refused before any
+# byte is read, so a runaway file (a growing log named .jpg, a sparse disk image) costs nothing.
+MAX_FILE_BYTES = 4 << 30
 _heif_lock = threading.Lock()
 _heif_registered = False
 
@@ -38,6 +44,37 @@ class ImageDecodeError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.path = None if path is None else Path(path)
+
+
+class NotARegularFile(OSError):
+    """The path is a FIFO, socket or device now (the scan saw a regular file), or too big."""
+
+
+def open_regular(path: str | os.PathLike[str], max_bytes: int | None = None) -> BinaryIO:
+    """Open a file for reading only if it is a regular file within `max_bytes`.
+
+    The scan already skips special files, but a file can be replaced between the scan and the
+    read: opened non-blocking and checked with fstat on the open descriptor, a FIFO with no
+    writer (or one that never writes) is refused instead of blocking the run forever.
+    """
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file (FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise NotARegularFile(
+                errno.EFBIG,
+                f"file too large: {st.st_size / 2**30:.1f} GiB exceeds the per-file limit of "
+                f"{max_bytes / 2**30:.1f} GiB",
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _register_heif() -> None:
@@ -94,6 +131,8 @@ def _reason_for(exc: BaseException) -> str:
         return "is a directory"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, NotARegularFile):
+        return exc.strerror or text
     if "truncated" in low or "broken data stream" in low or "premature end" in low:
         return "truncated image data"
     if isinstance(exc, Image.DecompressionBombError):
@@ -202,35 +241,10 @@ def load_image(
     _register_heif()
     p = Path(path)
     try:
-        if p.stat().st_size == 0:
-            raise ImageDecodeError("file is empty", p)
-        # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx camera files.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image too large: {width}x{height} = {width * height / 1e6:.0f} Mpx "
-                        f"exceeds the limit of {max_pixels / 1e6:.0f} Mpx "
-                        "(decompression-bomb guard)",
-                        p,
-                    )
-                if draft_size is not None and im.format == "JPEG":
-                    im.draft("RGB", (draft_size, draft_size))
-                with budget.hold(decoded_bytes(im)) if budget else nullcontext():
-                    im.load()  # decode fully here so that truncated files fail here, not later
-                    # After load, inside the budget: a PNG's getexif() decodes the whole image
-                    # to find an eXIf chunk after the pixels.
-                    orientation = im.getexif().get(0x0112, 1)
-                    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
-                        orientation = 1
-                    small = _shrink(im, 2 * draft_size) if draft_size else im
-                    if orientation in _UPRIGHT:
-                        small = small.transpose(_UPRIGHT[orientation])
-                    rgb = _to_rgb(small)
-                    if rgb is im:
-                        rgb = im.copy()  # outlive the file
+        with open_regular(p) as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ImageDecodeError("file is empty", p)
+            rgb, orientation, width, height = _decode(fh, p, max_pixels, draft_size, budget)
     except ImageDecodeError:
         raise
     except Exception as exc:  # Pillow plugins raise many types (struct.error, IndexError, ...)
@@ -241,10 +255,48 @@ def load_image(
     return rgb
 
 
+def _decode(
+    fh: BinaryIO,
+    p: Path,
+    max_pixels: int | None,
+    draft_size: int | None,
+    budget: MemoryBudget | None,
+) -> tuple[Image.Image, int, int, int]:
+    """load_image's decoding, from an open file: (upright RGB, orientation, width, height)."""
+    # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx camera files.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(fh) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image too large: {width}x{height} = {width * height / 1e6:.0f} Mpx "
+                    f"exceeds the limit of {max_pixels / 1e6:.0f} Mpx "
+                    "(decompression-bomb guard)",
+                    p,
+                )
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            with budget.hold(decoded_bytes(im)) if budget else nullcontext():
+                im.load()  # decode fully here so that truncated files fail here, not later
+                # After load, inside the budget: a PNG's getexif() decodes the whole image
+                # to find an eXIf chunk after the pixels.
+                orientation = im.getexif().get(0x0112, 1)
+                if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+                    orientation = 1
+                small = _shrink(im, 2 * draft_size) if draft_size else im
+                if orientation in _UPRIGHT:
+                    small = small.transpose(_UPRIGHT[orientation])
+                rgb = _to_rgb(small)
+                if rgb is im:
+                    rgb = im.copy()  # outlive the file
+    return rgb, orientation, width, height
+
+
 def file_hash(path: str | os.PathLike[str]) -> str:
     """Content hash of a file: BLAKE2b-128, hex, streamed in 1 MiB chunks."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
