@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all test-ray lint typecheck bench clean
+.PHONY: install demo test test-reliability test-all test-ray lint typecheck bench clean
 
 $(BIN)/piaa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: install          ## the main job, offline: generate, index, fit, tag, sear
 
 test: install          ## the fast suite (Postgres tests run when PIAA_TEST_PG is set)
 	$(BIN)/python -m pytest -m "not slow" -q
+
+test-reliability: install  ## hostile files (Pillow's test images, fetched once from PyPI) and kill -9 runs
+	$(BIN)/python -m pytest -m reliability -q
 
 test-all: install      ## everything, slow tests included
 	$(BIN)/python -m pytest -q

@@ -74,6 +74,16 @@ class Settings:
         """Arguments win over environment variables, which win over defaults."""
         home_path = Path(home).expanduser() if home else default_home()
         db_url = db or os.environ.get("PIAA_DB") or f"sqlite:///{home_path / 'piaa.sqlite3'}"
+        try:  # database drivers and URL rendering take text: bytes that are not UTF-8 crash them
+            db_url.encode("utf-8")
+        except UnicodeEncodeError:
+            from piaa_index.errors import UsageError
+
+            shown = db_url.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise UsageError(
+                f"the database location {shown} is not valid UTF-8: "
+                "choose a --db or --home whose name is UTF-8"
+            ) from None
         return cls(
             home=home_path,
             db_url=db_url,

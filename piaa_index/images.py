@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -42,6 +44,9 @@ RAW_PREVIEW_MIN = 224
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 _HASH_CHUNK = 1 << 20
+# No photo is this big (a 100 Mpx 16-bit TIFF is ~600 MB); a file over it is refused before any
+# byte is read, so a runaway file (a growing log named .jpg, a sparse disk image) costs nothing.
+MAX_FILE_BYTES = 4 << 30
 _heif_lock = threading.Lock()
 _heif_registered = False
 
@@ -58,6 +63,37 @@ class ImageDecodeError(Exception):
 def raw_supported() -> bool:
     """Whether RAW files can be decoded here (rawpy installed), without importing it."""
     return importlib.util.find_spec("rawpy") is not None
+
+
+class NotARegularFile(OSError):
+    """The path is a FIFO, socket or device now (the scan saw a regular file), or too big."""
+
+
+def open_regular(path: str | os.PathLike[str], max_bytes: int | None = None) -> BinaryIO:
+    """Open a file for reading only if it is a regular file within `max_bytes`.
+
+    The scan already skips special files, but a file can be replaced between the scan and the
+    read: opened non-blocking and checked with fstat on the open descriptor, a FIFO with no
+    writer (or one that never writes) is refused instead of blocking the run forever.
+    """
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file (FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise NotARegularFile(
+                errno.EFBIG,
+                f"file too large: {st.st_size / 2**30:.1f} GiB exceeds the per-file limit of "
+                f"{max_bytes / 2**30:.1f} GiB",
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _register_heif() -> None:
@@ -119,6 +155,8 @@ def _reason_for(exc: BaseException) -> str:
         return "is a directory"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, NotARegularFile):
+        return exc.strerror or text
     if "truncated" in low or "broken data stream" in low or "premature end" in low:
         return "truncated image data"
     if isinstance(exc, Image.DecompressionBombError):
@@ -147,6 +185,29 @@ def decoded_bytes(im: Image.Image) -> int:
     """Bytes a full decode of `im` takes, from its header (before any pixel is read)."""
     per_band = 2 if im.mode in _SIXTEEN_BIT else 4 if im.mode in ("I", "F") else 1
     return im.size[0] * im.size[1] * len(im.getbands()) * per_band
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_heap_limited = False
+
+
+def return_freed_pixels_to_os() -> None:
+    """Make glibc serve allocations of 1 MiB and more with mmap, once per process.
+
+    By default glibc raises its mmap threshold after the first big free, so the 16 MiB blocks of
+    a decoded 13,000 x 13,000 scan come from the heap afterwards and stay there when freed: two
+    such scans one after the other then cost two images of RSS, not one. No-op off glibc.
+    """
+    global _heap_limited
+    if _heap_limited:
+        return
+    _heap_limited = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 class MemoryBudget:
@@ -180,7 +241,9 @@ def _shrink(im: Image.Image, shorter_side: int) -> Image.Image:
         return im
     if im.mode in _SIXTEEN_BIT:  # `reduce` has no 16-bit path; a box resize does the same
         return im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
-    if im.mode in ("P", "PA", "1"):
+    if im.mode == "1":  # one byte per pixel already: grey is no bigger, and box-reduces well
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
     return Image.Image.reduce(im, factor)  # JPEG 2000 files shadow `reduce` with an int
 
@@ -204,23 +267,23 @@ def load_image(
     _register_heif()
     p = Path(path)
     try:
-        if p.stat().st_size == 0:
-            raise ImageDecodeError("file is empty", p)
-        if p.suffix.lower() in RAW_EXTENSIONS:
-            rgb, orientation, (width, height) = _load_raw(p, max_pixels, draft_size, budget)
-        else:
-            # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx camera files.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(p) as im:
-                    width, height = im.size
-                    _check_pixels(width, height, max_pixels, p)
-                    if draft_size is not None and im.format in ("JPEG", "HEIF"):
-                        im.draft("RGB", (draft_size, draft_size))
-                    elif draft_size is not None and im.format == "JPEG2000":
-                        _drop_j2k_levels(im, p, 2 * draft_size)
-                    orientation = _exif_orientation(im)
-                    rgb = _decode(im, orientation, draft_size, budget)
+        with open_regular(p) as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ImageDecodeError("file is empty", p)
+            if p.suffix.lower() in RAW_EXTENSIONS:
+                rgb, orientation, (width, height) = _load_raw(p, max_pixels, draft_size, budget)
+            else:
+                # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx cameras.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(fh) as im:
+                        width, height = im.size
+                        _check_pixels(width, height, max_pixels, p)
+                        if draft_size is not None and im.format in ("JPEG", "HEIF"):
+                            im.draft("RGB", (draft_size, draft_size))
+                        elif draft_size is not None and im.format == "JPEG2000":
+                            _drop_j2k_levels(im, p, 2 * draft_size)
+                        rgb, orientation = _decode(im, None, draft_size, budget)
     except ImageDecodeError:
         raise
     except Exception as exc:  # Pillow plugins raise many types (struct.error, IndexError, ...)
@@ -274,16 +337,21 @@ def _exif_orientation(im: Image.Image) -> int:
 
 
 def _decode(
-    im: Image.Image, orientation: int, draft_size: int | None, budget: MemoryBudget | None
-) -> Image.Image:
-    """Load `im` within the budget, shrink, turn upright, convert to RGB; never `im` itself."""
+    im: Image.Image, orientation: int | None, draft_size: int | None, budget: MemoryBudget | None
+) -> tuple[Image.Image, int]:
+    """Load `im` within the budget, shrink, turn upright (by `orientation`, or by the file's
+    own EXIF when None), convert to RGB: (a new image, never `im` itself; the orientation)."""
     with budget.hold(decoded_bytes(im)) if budget else nullcontext():
         im.load()  # decode fully here so that truncated files fail here, not later
+        if orientation is None:
+            # After load, inside the budget: a PNG's getexif() decodes the whole image to
+            # find an eXIf chunk after the pixels.
+            orientation = _exif_orientation(im)
         small = _shrink(im, 2 * draft_size) if draft_size else im
         if orientation in _UPRIGHT:
             small = small.transpose(_UPRIGHT[orientation])
         rgb = _to_rgb(small)
-        return im.copy() if rgb is im else rgb  # outlive the file
+        return (im.copy() if rgb is im else rgb), orientation  # outlive the file
 
 
 # LibRaw's `flip` (sizes.flip) -> the EXIF orientation it stands for.
@@ -310,7 +378,11 @@ def _load_raw(
         if preview is not None:
             # A camera stores its preview as the sensor sees it, like the mosaic: the RAW's
             # orientation turns it upright (the preview's own EXIF, if any, is the camera's).
-            return _decode(preview, orientation, draft_size, budget), orientation, (width, height)
+            return (
+                _decode(preview, orientation, draft_size, budget)[0],
+                orientation,
+                (width, height),
+            )
         # Half size skips interpolation (each 2x2 Bayer cell gives a pixel): 4x fewer pixels,
         # and LibRaw applies the orientation itself. LibRaw holds the 16-bit mosaic meanwhile.
         need = width * height * 2 + (width // 2) * (height // 2) * 3
@@ -347,7 +419,7 @@ def _raw_preview(raw: Any, short_side: int, draft: bool) -> Image.Image | None:
 def file_hash(path: str | os.PathLike[str]) -> str:
     """Content hash of a file: BLAKE2b-128, hex, streamed in 1 MiB chunks."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from piaa_index.images import ImageDecodeError, MemoryBudget, file_hash, load_image
+from piaa_index.images import (
+    ImageDecodeError,
+    MemoryBudget,
+    file_hash,
+    load_image,
+    return_freed_pixels_to_os,
+)
 from piaa_index.scan import FileInfo, scan
 from piaa_index.schema import FAILED, INDEXED
 from piaa_index.store import KnownImage, Store, utcnow
@@ -101,6 +107,7 @@ class Indexer:
         self.commit_every = commit_every
         self.workers = workers
         self.decode_budget = MemoryBudget(decode_memory)
+        return_freed_pixels_to_os()
 
     @property
     def encoder(self) -> Encoder:

@@ -115,6 +115,8 @@ class Tagger(Part):
         if not locations:
             raise UserInputError("no indexed images: run `piaa index PATH` first")
         T = self.library.vocab.text_prototypes(vocab)
+        if bank_size is not None and bank_size < 1:
+            raise UserInputError(f"bank size must be at least 1, not {bank_size}")
         if bank_size is None:
             pool = len(locations) * self.vectors.n_patches
             bank_size = default_bank_size(pool, len(vocab.labels))

@@ -68,6 +68,16 @@ CASES: list[tuple[list[str], int, str]] = [
     (["--model", "no-such-model-anywhere", "--home", "{base}/other", "index", "{photos}"], 1, ""),
     (["eval", "{base}/does-not-exist"], 2, ""),
     (["nosuchcommand"], 2, "No such command"),
+    (["fit", "--bank-size", "0"], 2, "bank size must be at least 1"),
+    (["fit", "--bank-size", "-1"], 2, "bank size must be at least 1"),
+    (["--db", "sqlite:///{base}/caf\udce9.db", "status"], 2, "is not valid UTF-8"),
+    (["--home", "{base}/caf\udce9", "status"], 2, "is not valid UTF-8"),
+    (["--home", "{base}/random.db", "status"], 2, "is a file"),
+    (["--db", "sqlite:////proc/piaa-cannot-be-here/x.db", "status"], 1, ""),
+    (["similar", ""], 2, "not in the index"),
+    (["tags", ""], 2, "not in the index"),
+    (["vocab", "set", ""], 2, "empty label"),
+    (["search", ""], 2, "give a label EXPRESSION"),
 ]
 
 

@@ -264,3 +264,56 @@ def test_every_common_photo_format_is_read(tmp_path: Path) -> None:
     for f in found.files:
         img = load_image(f.path)
         assert img.mode == "RGB" and img.size == (40, 30), f.path
+
+
+def _finishes(fn, seconds: float = 20.0):  # type: ignore[no-untyped-def]
+    """fn()'s exception (or None), failing the test if fn blocks for `seconds`."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001  (handed back to the test)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"blocked for {seconds} s"
+    return outcome[0]
+
+
+def test_a_file_replaced_by_a_fifo_after_the_scan_never_blocks(tmp_path: Path) -> None:
+    """The scan skips FIFOs, but a file can become one before it is read: a FIFO whose writer
+    never writes must be refused at once, by the hash and by the decoder."""
+    import os
+
+    from piaa_index.images import ImageDecodeError, file_hash, load_image
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer that never writes
+    try:
+        error = _finishes(lambda: file_hash(fifo))
+        assert isinstance(error, OSError) and "not a regular file" in str(error)
+        error = _finishes(lambda: load_image(fifo))
+        assert isinstance(error, ImageDecodeError) and "not a regular file" in error.reason
+    finally:
+        os.close(writer)
+
+
+def test_a_file_over_the_size_cap_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import piaa_index.images as images
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 100)
+    with pytest.raises(images.ImageDecodeError, match="per-file limit"):
+        images.load_image(path)
+    with pytest.raises(OSError, match="per-file limit"):
+        images.file_hash(path)
