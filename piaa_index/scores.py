@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from piaa_index.vectors import _fsync_dir
+from piaa_index.durable import fsync_dir
 
 # Fused score, patch evidence m, [CLS] score, text support (max patch-text cosine: the gate of
 # piaa_index/decisions.py, kept so that `tags` can say why a label is or is not present).
@@ -171,8 +171,8 @@ class SegmentWriter:
         for kind, tmp in self._tmp.items():
             _fsync_file(tmp)
             os.replace(tmp, _file(self.folder, self.segment, kind))
-        _fsync_dir(self.folder)
-        _fsync_dir(self.folder.parent)
+        fsync_dir(self.folder)
+        fsync_dir(self.folder.parent)
 
     def abort(self) -> None:
         self.mats = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.vectors import _fsync_dir
+from piaa_index.durable import fsync_dir
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
 MAX_FLAT_CELLS = 25_600_000
@@ -117,7 +117,7 @@ class ClsIndex:
         os.replace(folder / "cls.faiss.tmp", folder / "cls.faiss")
         os.replace(folder / "held.npz.tmp.npz", folder / "held.npz")
         os.replace(folder / "meta.json.tmp", folder / "meta.json")
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     @classmethod
     def load(cls, folder: Path) -> ClsIndex | None:

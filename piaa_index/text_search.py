@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.vectors import ShardVectors, VectorStore, _fsync_dir
+from piaa_index.durable import fsync_dir
+from piaa_index.vectors import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
 # the measured crossover).
@@ -181,7 +182,7 @@ class PatchIndex:
         os.replace(folder / "patches.faiss.tmp", folder / "patches.faiss")
         os.replace(folder / "held.npz.tmp", folder / "held.npz")
         os.replace(folder / "meta.json.tmp", folder / "meta.json")
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     @classmethod
     def load(cls, folder: Path) -> PatchIndex | None:

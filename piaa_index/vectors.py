@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piaa_index.durable import fsync_dir
 from piaa_index.errors import PiaaError
 
 MANIFEST = "manifest.json"
@@ -108,19 +109,6 @@ def _file_digest(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class VectorStore:
@@ -255,7 +243,7 @@ class VectorStore:
         sums = {"patch": _digest(patch_bytes), "cls": _digest(cls_bytes)}
         _write_bytes_atomic(json.dumps(sums).encode(), self._sum_path(shard))
         _write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _new_patch_index(self, flat: np.ndarray, shard: int):  # type: ignore[no-untyped-def]
         """An empty, trained index to encode a shard's patches with (it is stored in the shard
@@ -314,7 +302,7 @@ class VectorStore:
         data = _serialized(index)
         path = self.root / f"patch-quantizer.{_digest(data)}.faiss"
         _write_bytes_atomic(data, path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return self.patch_quantizer()
 
     @contextmanager

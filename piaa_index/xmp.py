@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from piaa_index.durable import fsync_dir
 from piaa_index.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -307,28 +308,12 @@ def write_atomic(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(folder)
+    fsync_dir(folder)
 
 
 def remove_file(path: str) -> None:
     os.unlink(path)
-    _fsync_folder(os.path.dirname(path))
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make a rename or unlink durable (POSIX; elsewhere the rename is what we have)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(path))
 
 
 def _read(path: str) -> bytes | None:

@@ -1,0 +1,23 @@
+"""Making file-system changes durable: a rename or an unlink is on disk only once its folder
+is fsynced (POSIX). Used by every writer that promises crash safety (vectors, scores, indexes,
+XMP sidecars)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder; a no-op where folders cannot be opened (Windows) or fsynced."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(str(folder) or ".", flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
