@@ -284,10 +284,10 @@ class Library:
             raise UserInputError(f"commit group must be at least 1 image, not {commit_every}")
         if engine not in ("local", "ray"):
             raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
-        if engine == "ray":
-            from piaa_index import ray_engine
+        try:
+            if engine == "ray":
+                from piaa_index import ray_engine
 
-            try:
                 return ray_engine.index(
                     self,
                     paths,
@@ -300,16 +300,13 @@ class Library:
                     default_excludes=default_excludes,
                     follow_symlinks=follow_symlinks,
                 )
-            except PathError as exc:
-                raise UserInputError(str(exc)) from None
-        indexer = Indexer(
-            self.store,
-            self.vectors,
-            lambda: self.encoder,
-            batch_size=batch_size,
-            commit_every=commit_every,
-        )
-        try:
+            indexer = Indexer(
+                self.store,
+                self.vectors,
+                lambda: self.encoder,
+                batch_size=batch_size,
+                commit_every=commit_every,
+            )
             return indexer.run(
                 paths,
                 prune=prune,
@@ -358,7 +355,7 @@ class Library:
         self,
         vocab: VocabularyInfo,
         locations: list[tuple[int, int, int]],
-        progress: bool = False,
+        progress: Progress = False,
         bank_size: int | None = None,
     ) -> tuple[Classifier, np.ndarray, int]:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""

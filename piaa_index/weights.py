@@ -154,13 +154,19 @@ def check_before_loading(model: str, tag: str) -> None:
     if tag == "default" and model == "ViT-B-16":
         tag = "openai"
     src = KNOWN_SOURCES.get((model, tag))
-    if src is None or cached_file(src) is not None:
-        return
+    if src is not None and cached_file(src) is None:
+        _require_download(src)
+
+
+def _require_download(src: Source) -> None:
+    """WeightsUnavailable, at once, when `src` cannot be downloaded here: HF_HUB_OFFLINE is set
+    or its server does not answer a short probe."""
     if hub_offline():
         raise WeightsUnavailable(unavailable_message(src, "HF_HUB_OFFLINE is set"))
-    if not endpoint_answers(hub_endpoint()):
+    where = hub_endpoint() if src.repo_id else src.url
+    if not endpoint_answers(where):
         raise WeightsUnavailable(
-            unavailable_message(src, f"no answer from {hub_endpoint()} in {PROBE_TIMEOUT_S:.0f} s")
+            unavailable_message(src, f"no answer from {where} in {PROBE_TIMEOUT_S:.0f} s")
         )
 
 
@@ -171,14 +177,7 @@ def local_weights(model: str, tag: str) -> Path | None:
     found = cached_file(src)
     if found is not None:
         return found
-    if hub_offline():
-        raise WeightsUnavailable(unavailable_message(src, "HF_HUB_OFFLINE is set"))
-    probe = hub_endpoint() if src.repo_id else src.url
-    if not endpoint_answers(probe):
-        where = hub_endpoint() if src.repo_id else src.url
-        raise WeightsUnavailable(
-            unavailable_message(src, f"no answer from {where} in {PROBE_TIMEOUT_S:.0f} s")
-        )
+    _require_download(src)
     return None
 
 
