@@ -5,7 +5,7 @@ the change feed, stubs only for the error mapping. Attacks: tests/test_http_secu
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -363,17 +363,23 @@ class _GatedEncoder:
         return self._real.encode_images(batch)
 
 
-def test_reads_are_answered_while_a_job_runs(api: Api, tmp_path: Path) -> None:
+def _gated_opener(library: Library, gate: threading.Event) -> Callable[[], Library]:
+    """Job libraries on `library`'s database whose encoder waits for `gate`."""
     from piaa_index.encoder import Encoder
-
-    gate = threading.Event()
-    library = api.library
 
     def open_job_library() -> Library:
         return Library.open(
             home=library.settings.home, db=library.settings.db_url, device="cpu",
             encoder_factory=lambda spec: _GatedEncoder(Encoder(spec, device="cpu"), gate),
         )  # fmt: skip
+
+    return open_job_library
+
+
+def test_reads_are_answered_while_a_job_runs(api: Api, tmp_path: Path) -> None:
+    gate = threading.Event()
+    library = api.library
+    open_job_library = _gated_opener(library, gate)
 
     folder = tmp_path / "more"
     write_pngs(folder, 3, seed=3)
@@ -400,16 +406,9 @@ def test_reads_are_answered_while_a_job_runs(api: Api, tmp_path: Path) -> None:
 
 
 def test_stopping_the_server_cancels_a_running_job(api: Api, tmp_path: Path) -> None:
-    from piaa_index.encoder import Encoder
-
     gate = threading.Event()
     library = api.library
-
-    def open_job_library() -> Library:
-        return Library.open(
-            home=library.settings.home, db=library.settings.db_url, device="cpu",
-            encoder_factory=lambda spec: _GatedEncoder(Encoder(spec, device="cpu"), gate),
-        )  # fmt: skip
+    open_job_library = _gated_opener(library, gate)
 
     folder = tmp_path / "more"
     write_pngs(folder, 40, seed=4)
