@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.bounded import READ_TIMEOUT, TimedOut, map_bounded
 from piaa_index.images import (
     ImageDecodeError,
     MemoryBudget,
@@ -69,6 +69,11 @@ class IndexReport:
         }
 
 
+class RetryNextRun(str):
+    """A failure that says nothing about the file itself (its read timed out): reported in
+    this run's summary but not recorded, so the next run tries the file again."""
+
+
 @dataclass
 class Row:
     """What SQL records about one indexed file (its vectors are in the shard)."""
@@ -98,6 +103,7 @@ class Indexer:
         commit_every: int = 256,
         workers: int = 4,
         decode_memory: int = DECODE_MEMORY,
+        read_timeout: float = READ_TIMEOUT,
     ):
         self.store = store
         self.vectors = vectors
@@ -107,6 +113,7 @@ class Indexer:
         self.commit_every = commit_every
         self.workers = workers
         self.decode_budget = MemoryBudget(decode_memory)
+        self.read_timeout = read_timeout
         return_freed_pixels_to_os()
 
     @property
@@ -171,10 +178,14 @@ class Indexer:
         self, chunk: list[FileInfo], known: dict[str, KnownImage]
     ) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
         """Hash, reuse what can be reused, decode + encode the rest."""
-        out, to_encode, hashes, failed = hash_and_reuse(chunk, self.store, self.vectors)
+        out, to_encode, hashes, failed = hash_and_reuse(
+            chunk, self.store, self.vectors, self.workers, self.read_timeout
+        )
         if to_encode:
             draft = max(self.encoder.image_size)
-            decoded = decode_files(to_encode, draft, self.decode_budget, self.workers)
+            decoded = decode_files(
+                to_encode, draft, self.decode_budget, self.workers, self.read_timeout
+            )
             good = [(info, img) for info, img in decoded if not isinstance(img, str)]
             failed.extend((info, img) for info, img in decoded if isinstance(img, str))
             out.extend(encode_decoded(self.encoder, good, hashes, len(good)))
@@ -207,19 +218,29 @@ class Indexer:
 
 
 def hash_and_reuse(
-    chunk: Sequence[FileInfo], store: Store, vectors: VectorStore
+    chunk: Sequence[FileInfo],
+    store: Store,
+    vectors: VectorStore,
+    workers: int = 4,
+    read_timeout: float = READ_TIMEOUT,
 ) -> tuple[list[_Encoded], list[FileInfo], dict[str, str], list[tuple[FileInfo, str]]]:
     """Hash each file; a file whose content is already indexed reuses those vectors.
 
-    Returns (reused, files to decode and encode, path -> hash, unreadable files).
+    Returns (reused, files to decode and encode, path -> hash, unreadable files). Each read is
+    bounded by `read_timeout` seconds (a hung network share fails the file, not the run).
     """
     failed: list[tuple[FileInfo, str]] = []
     hashes: dict[str, str] = {}
-    for info in chunk:
-        try:
-            hashes[info.path] = file_hash(info.path)
-        except OSError as exc:
-            failed.append((info, f"cannot read file: {exc.strerror or exc}"))
+    digests = map_bounded(lambda info: file_hash(info.path), chunk, workers, read_timeout)
+    for info, got in zip(chunk, digests, strict=True):
+        if isinstance(got, str):
+            hashes[info.path] = got
+        elif isinstance(got, TimedOut):
+            failed.append((info, RetryNextRun(f"cannot read file: {got}")))
+        elif isinstance(got, OSError):
+            failed.append((info, f"cannot read file: {got.strerror or got}"))
+        else:
+            raise got
     same = store.indexed_by_hash(hashes.values())
     out: list[_Encoded] = []
     to_encode: list[FileInfo] = []
@@ -239,21 +260,30 @@ def hash_and_reuse(
 
 
 def decode_files(
-    infos: Sequence[FileInfo], draft: int, budget: MemoryBudget, workers: int
+    infos: Sequence[FileInfo],
+    draft: int,
+    budget: MemoryBudget,
+    workers: int,
+    read_timeout: float = READ_TIMEOUT,
 ) -> list[tuple[FileInfo, Any]]:
-    """Decode in threads (Pillow releases the GIL while decoding); errors become strings."""
+    """Decode in threads (Pillow releases the GIL while decoding), each bounded by
+    `read_timeout` seconds; errors become strings."""
 
-    def one(info: FileInfo) -> tuple[FileInfo, Any]:
-        try:
-            # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
-            return info, load_image(info.path, draft_size=draft, budget=budget)
-        except ImageDecodeError as exc:
-            return info, str(exc)
+    def one(info: FileInfo) -> Any:
+        # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
+        return load_image(info.path, draft_size=draft, budget=budget)
 
-    if workers <= 1 or len(infos) == 1:
-        return [one(info) for info in infos]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, infos))
+    out: list[tuple[FileInfo, Any]] = []
+    for info, img in zip(infos, map_bounded(one, infos, workers, read_timeout), strict=True):
+        if isinstance(img, ImageDecodeError):
+            out.append((info, str(img)))
+        elif isinstance(img, TimedOut):
+            out.append((info, RetryNextRun(f"cannot read file: {img}")))
+        elif isinstance(img, BaseException):
+            raise img
+        else:
+            out.append((info, img))
+    return out
 
 
 def encode_decoded(
@@ -282,6 +312,7 @@ def commit_rows(
 ) -> None:
     """The SQL rows of one commit group, in one transaction: `group[i]` is row i of `shard`,
     which must already be durable on disk (the crash ordering of docs/architecture.md)."""
+    failures = [(info, error) for info, error in failures if not isinstance(error, RetryNextRun)]
     if not group and not failures:
         return
     now = utcnow()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from piaa_index import model_record
+from piaa_index.bounded import READ_TIMEOUT
 from piaa_index.config import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -265,6 +266,7 @@ class Library:
         engine: str = "local",
         address: str | None = None,
         commit_every: int = 256,
+        read_timeout: float = READ_TIMEOUT,
     ) -> IndexReport:
         """Index files and folders (recursive, incremental); see `IndexReport`.
 
@@ -273,7 +275,8 @@ class Library:
         `.piaaignore` file; only regular image files are read, the rest is counted.
         `engine="ray"` runs decode, encode and shard writes on a Ray cluster (`address`:
         `auto`, `ray://host:10001`; None starts a local one; docs/ray.md). `commit_every`
-        images make one shard and one SQL commit.
+        images make one shard and one SQL commit. Reading and decoding one file is bounded by
+        `read_timeout` seconds: a file on a hung network share is recorded as failed.
         """
         from piaa_index.indexer import Indexer
         from piaa_index.scan import PathError
@@ -282,6 +285,8 @@ class Library:
             raise UserInputError(f"batch size must be at least 1, not {batch_size}")
         if commit_every < 1:
             raise UserInputError(f"commit group must be at least 1 image, not {commit_every}")
+        if not read_timeout > 0:
+            raise UserInputError(f"read timeout must be positive, not {read_timeout}")
         if engine not in ("local", "ray"):
             raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
         try:
@@ -299,6 +304,7 @@ class Library:
                     exclude=exclude,
                     default_excludes=default_excludes,
                     follow_symlinks=follow_symlinks,
+                    read_timeout=read_timeout,
                 )
             indexer = Indexer(
                 self.store,
@@ -306,6 +312,7 @@ class Library:
                 lambda: self.encoder,
                 batch_size=batch_size,
                 commit_every=commit_every,
+                read_timeout=read_timeout,
             )
             return indexer.run(
                 paths,

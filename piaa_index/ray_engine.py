@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.bounded import READ_TIMEOUT
 from piaa_index.errors import PiaaError, UserInputError
 from piaa_index.progress import Progress
 
@@ -230,6 +231,7 @@ class Job:
     batch_size: int  # per forward pass on a CPU actor
     gpu_batch_size: int
     decode_memory: int
+    read_timeout: float  # seconds per file read/decode (a hung share fails the file)
 
 
 @dataclass
@@ -262,12 +264,14 @@ def _prepare(row: dict[str, Any], job: Job) -> dict[str, Any]:
     store = Store.open(job.db_url, upgrade=False)
     try:
         reused, to_encode, group.hashes, group.failed = hash_and_reuse(
-            group.files, store, _vectors(job)
+            group.files, store, _vectors(job), read_timeout=job.read_timeout
         )
     finally:
         store.close()
     group.reused = reused
-    decoded = decode_files(to_encode, job.draft, MemoryBudget(job.decode_memory), workers=1)
+    decoded = decode_files(
+        to_encode, job.draft, MemoryBudget(job.decode_memory), 1, job.read_timeout
+    )
     group.decoded = [(info, img) for info, img in decoded if not isinstance(img, str)]
     group.failed.extend((info, img) for info, img in decoded if isinstance(img, str))
     return {"payload": pickle.dumps(group, protocol=5)}
@@ -338,6 +342,7 @@ def index(
     default_excludes: bool = True,
     follow_symlinks: bool = False,
     encoders: int | None = None,
+    read_timeout: float = READ_TIMEOUT,
 ) -> IndexReport:
     """`Library.index(..., engine="ray")`: the same report as the local engine."""
     from piaa_index.indexer import DECODE_MEMORY, IndexReport, plan
@@ -360,6 +365,7 @@ def index(
                 batch_size=batch_size,
                 gpu_batch_size=max(batch_size, GPU_BATCH_SIZE),
                 decode_memory=DECODE_MEMORY,
+                read_timeout=read_timeout,
             )
             _run(ray, library, job, todo, known, report, progress, commit_every, encoders)
     report.seconds = time.perf_counter() - started

@@ -48,6 +48,8 @@ CASES: list[tuple[list[str], int, str]] = [
     (["index", "{base}/does-not-exist"], 2, "no such file or folder"),
     (["index", "{photos}", "--batch-size", "0"], 2, "batch size must be at least 1"),
     (["index", "{photos}", "--batch-size", "-3"], 2, "batch size must be at least 1"),
+    (["index", "{photos}", "--read-timeout", "0"], 2, "--read-timeout"),
+    (["index", "{photos}", "--read-timeout", "soon"], 2, "--read-timeout"),
     (["index"], 2, "give files or folders"),
     (["vocab", "set", "x", "--template", "a {x} photo {}"], 2, "exactly one '{}'"),
     (["vocab", "set", "x", "--template", "no slot"], 2, "exactly one '{}'"),

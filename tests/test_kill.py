@@ -132,6 +132,46 @@ def assert_consistent(home: Path, db_url: str | None, n_images: int) -> None:
                 assert int(stored[row]) == image_id  # each row holds its own image's vectors
 
 
+def give_vacuum_work(lib: Piaa) -> None:
+    """Work for vacuum: 3/4 of the images go (pruned: the first shard is mostly dead) and come
+    back in two runs (two small shards to merge): it rewrites three shards."""
+    doomed = sorted(lib.photos.iterdir())[: 3 * N_IMAGES // 4]
+    saved = [(p, p.read_bytes()) for p in doomed]
+    for p in doomed:
+        p.unlink()
+    lib.step("index")
+    half = len(saved) // 2
+    for part in (saved[:half], saved[half:]):
+        for p, data in part:
+            p.write_bytes(data)
+        lib.step("index")
+
+
+def kill_vacuum_mid_work(lib: Piaa, timing: dict[str, float], rng: random.Random) -> bool:
+    """SIGKILL `db vacuum` after it has begun writing: its work is a fraction of a second after
+    ~1 s of start-up, so kills step forward from the start-up time (measured on the reference)
+    until one lands after new shard files appeared. Each kill is followed by the consistency
+    check. True once a kill landed mid-work."""
+    step = max(0.03, (timing["vacuum"] - timing["vacuum_start"]) / 4)
+    after = timing["vacuum_start"] - 0.2 + rng.uniform(0, step)
+    for _ in range(40):
+        before = shard_files(lib.home)
+        killed = lib.killed("vacuum", after)
+        wrote = shard_files(lib.home) != before
+        assert_consistent(lib.home, lib.env.get("PIAA_DB"), N_IMAGES)
+        if killed and wrote:
+            return True
+        if not killed:  # finished: its work is done, make more and aim earlier, finer
+            give_vacuum_work(lib)
+            after, step = after - 2 * step, max(0.01, step / 2)
+        after += step
+    return False
+
+
+def shard_files(home: Path) -> set[str]:
+    return {p.name for p in home.rglob("*.faiss")}
+
+
 def run_kill_rounds(tmp_path: Path, make_db: Callable[[], str | None], rounds: int) -> None:
     # The uninterrupted reference, which also times each step for the random kill moments.
     from piaa_index.shapes.dataset import generate_dataset
@@ -145,6 +185,11 @@ def run_kill_rounds(tmp_path: Path, make_db: Callable[[], str | None], rounds: i
     timing["fit"] = ref.step("fit")
     expected = ref.tags()
     assert expected and any(expected.values())
+    # A vacuum's own work is a fraction of a second after ~1 s of start-up: time both (the
+    # second vacuum has nothing left to do) and aim the kills between them.
+    give_vacuum_work(ref)
+    timing["vacuum"] = ref.step("vacuum")
+    timing["vacuum_start"] = ref.step("vacuum")
 
     rng = random.Random(10)
     for round_no in range(rounds):
@@ -159,20 +204,13 @@ def run_kill_rounds(tmp_path: Path, make_db: Callable[[], str | None], rounds: i
         moments.append(lib.killed("fit", rng.uniform(0.3, 1.0) * timing["fit"]))
         lib.step("fit")
         assert lib.tags() == expected
-        # vacuum has work once images went away (pruned) and came back (new shards)
-        doomed = sorted(photos.iterdir())[: N_IMAGES // 4]
-        saved = {p: p.read_bytes() for p in doomed}
-        for p in doomed:
-            p.unlink()
-        lib.step("index")
-        for p, data in saved.items():
-            p.write_bytes(data)
-        lib.step("index")
-        moments.append(lib.killed("vacuum", rng.uniform(0.5, 1.0) * timing["index"]))
+        give_vacuum_work(lib)
+        moments.append(kill_vacuum_mid_work(lib, timing, rng))
         lib.step("vacuum")
         assert_consistent(lib.home, lib.env.get("PIAA_DB"), N_IMAGES)
         assert lib.check()["ok"]
-        print(f"round {round_no}: killed while running: {moments}")
+        print(f"round {round_no}: step seconds {timing}; killed while running: {moments}")
+        assert moments[-1], "no vacuum kill landed while it was writing shards"
 
 
 def test_kill_at_random_sqlite(tmp_path: Path) -> None:

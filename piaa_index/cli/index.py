@@ -6,6 +6,7 @@ from typing import BinaryIO
 
 import click
 
+from piaa_index.bounded import READ_TIMEOUT
 from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 
@@ -47,6 +48,16 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     help="Images per vector shard and SQL commit (a crash loses at most the groups in flight).",
 )
 @click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=READ_TIMEOUT,
+    show_default=True,
+    envvar="PIAA_READ_TIMEOUT",
+    metavar="SECONDS",
+    help="Give up on a file whose read or decode takes longer (a hung network share); "
+    "it is recorded as failed and retried next run. Env: PIAA_READ_TIMEOUT.",
+)
+@click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -72,6 +83,7 @@ def index_command(
     follow_symlinks: bool,
     batch_size: int,
     commit_every: int,
+    read_timeout: float,
     engine: str,
     address: str | None,
     as_json: bool,
@@ -97,6 +109,7 @@ def index_command(
         engine=engine,
         address=address,
         commit_every=commit_every,
+        read_timeout=read_timeout,
     )
     if as_json:
         echo_json(report.as_dict())
