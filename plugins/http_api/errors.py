@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from starlette.routing import Match
 from piaa_index.textio import json_text
 
 log = logging.getLogger("piaa.http")
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -56,6 +58,14 @@ class ApiJSONResponse(JSONResponse):
         return json_text(jsonable(content), indent=None).encode("utf-8")
 
 
+def mapped(fn: Callable[[], T]) -> T:
+    """Run `fn` outside the Library's lock; its exceptions become API errors."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - mapped to a status, never a traceback
+        raise from_exception(exc) from None
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> ApiJSONResponse:
@@ -72,10 +82,12 @@ def _code_of(status: int) -> str:
 
 
 def from_exception(exc: BaseException) -> ApiError:
-    """The answer to an exception from the library: usage errors 400, another process
-    indexing 409, a vocabulary not fitted yet 409, other expected failures 500 with their
-    message; a bug 500 with its type only (the traceback goes to the server log)."""
+    """The answer to an exception from the library: an image id not indexed (or its file
+    gone) 404, usage errors 400, another process indexing 409, a vocabulary not fitted yet 409,
+    other expected failures 500 with their message; a bug 500 with its type only (the
+    traceback goes to the server log)."""
     from piaa_index.cli.common import EXIT_USAGE, exit_code_for
+    from piaa_index.errors import NotFoundError
     from piaa_index.tagging import NeedsFit
     from piaa_index.vectors import LockedError
 
@@ -87,6 +99,8 @@ def from_exception(exc: BaseException) -> ApiError:
         return ApiError(
             500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
         )
+    if isinstance(exc, NotFoundError):
+        return ApiError(404, "not_found", str(exc))
     if code == EXIT_USAGE:
         return ApiError(400, "bad_request", str(exc))
     if isinstance(exc, LockedError):

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from piaa_index_plugins.http_api.auth import require_read
-from piaa_index_plugins.http_api.errors import ApiError
+from piaa_index_plugins.http_api.errors import mapped
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
@@ -24,16 +24,6 @@ ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="An image id from a r
 # A thumbnail changes only when the file is re-indexed (a new content hash, so a new ETag);
 # clients revalidate after an hour. `private`: reads may need a key.
 CACHE_CONTROL = "private, max-age=3600"
-
-
-def _not_found(fn: Any) -> Any:
-    """Run `fn`; NotFoundError (an id not indexed, a file gone) answers 404, not 400."""
-    from piaa_index.errors import NotFoundError
-
-    try:
-        return fn()
-    except NotFoundError as exc:
-        raise ApiError(404, "not_found", str(exc)) from None
 
 
 def _thumbnails(state: ApiState) -> Any:
@@ -61,8 +51,8 @@ def thumbnail(
     thumbs = _thumbnails(state)
     # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
     # ms for a camera JPEG) must not hold up every other read.
-    thumb, source = state.run(_not_found, lambda: thumbs.locate(image_id, size))
-    _not_found(lambda: thumbs.make(thumb, source))
+    thumb, source = state.run(thumbs.locate, image_id, size)
+    mapped(lambda: thumbs.make(thumb, source))  # decoding outside the lock
     headers = {"ETag": thumb.etag, "Cache-Control": CACHE_CONTROL}
     if thumb.etag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
@@ -90,9 +80,9 @@ def evidence(
 ) -> Any:
     from piaa_index.evidence import evidence_png
 
-    ev = state.run(_not_found, lambda: state.library.evidence(image_id, label))
+    ev = state.run(state.library.evidence, image_id, label)
     if format == "json":
         return ev.as_json()
-    png = _not_found(lambda: evidence_png(ev, size=size))  # decoding outside the lock
+    png = mapped(lambda: evidence_png(ev, size=size))  # decoding outside the lock
     # Tags change with every fit: revalidate rather than cache.
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
