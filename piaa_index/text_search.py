@@ -65,7 +65,7 @@ class Budget:
         """The budget for a top `limit` in a library of `images`. The [CLS] pool grows with
         the library (a tenth of it, capped): among the thousands of images that share a
         frequent label the max patch cosines are near-ties (too close for the patch index's
-        PQ codes to order), and the exact top 20 reached [CLS] rank 930 of 20k (docs/scale.md)."""
+        PQ codes to order), and the exact top 20 reached [CLS] rank 927 of 20k (docs/scale.md)."""
         scale = max(1.0, limit / 20)
         from_cls = min(MAX_CLS_POOL, max(2_000, images // 10))
         return cls(int(32_768 * scale), int(2_000 * scale), int(from_cls * scale))

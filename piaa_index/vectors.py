@@ -494,10 +494,11 @@ class PatchCodes:
     """One shard's patch file, memory-mapped: rows decoded or dotted with a query without
     reading the rest of the file.
 
-    Every codec stores its codes as the last array of the file ([images × M × code size]
-    bytes), so they are viewed in place. The scalar quantisers' decoding is affine per dimension
-    (x = vmin + (code + ½) / (2^bits − 1) · vdiff), so a patch's dot product with a query is a
-    dot product of its raw codes with per-dimension weights: no decoded float is written.
+    fp32, fp16 and the scalar quantisers store their codes as the file's last array ([images ×
+    M × code size] bytes), so they are viewed in place and decoded with numpy. Scalar
+    quantisation is affine per dimension (x = vmin + (code + ½) / (2^bits − 1) · vdiff), so a
+    patch's dot product with a query is a dot product of its raw codes with per-dimension
+    weights: no decoded float is written. PQ codecs are decoded by FAISS.
     """
 
     def __init__(self, path: Path, n_patches: int, dim: int):

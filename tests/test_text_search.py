@@ -47,7 +47,9 @@ def ann(
 ) -> list[dict]:
     monkeypatch.setattr(ts, "EXACT_BELOW", 0)
     if budget is not None:
-        monkeypatch.setattr(ts.Budget, "for_limit", classmethod(lambda cls, limit, images=0: budget))
+        monkeypatch.setattr(
+            ts.Budget, "for_limit", classmethod(lambda cls, limit, images=0: budget)
+        )
     return lib.text_search(phrase, limit=20)
 
 
