@@ -80,13 +80,18 @@ class ClsIndex:
     def max_shard(self) -> int:
         return int(self.shards.max()) if len(self.shards) else 0
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores) of up to k nearest by inner product, best first (ties by id)."""
+    def search(
+        self, q: np.ndarray, k: int, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of up to k nearest by inner product, best first (ties by id); an IVF
+        probes `nprobe` lists (default `NPROBE`)."""
         k = min(k, int(self.index.ntotal))
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if self.kind == "ivf" and k >= self.index.ntotal:
             self.index.nprobe = self.index.nlist  # everything asked for: probe every list
+        elif self.kind == "ivf" and nprobe is not None:
+            self.index.nprobe = int(min(max(1, nprobe), self.index.nlist))
         try:
             scores, ids = self.index.search(np.asarray(q, np.float32)[None], k)
         finally:

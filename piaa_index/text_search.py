@@ -1,12 +1,19 @@
 """Open-vocabulary text search without reading the whole collection.
 
-Candidates first, exact scores second:
+Candidates, then a cheap exact pre-score, then the exact scorer on a few:
 
-1. an ANN index over the *patch* pool (FAISS IVF-PQ, inner product; every patch carries its
-   image's id) returns the patches nearest the phrase; grouped by image (max over patches);
-2. the [CLS] index of `similar` returns the images nearest the phrase;
-3. the union of both is re-ranked with the *exact* scorer (whatever `Library.text_search`
-   passes in) on those images' stored vectors only, and the top k are returned.
+1. candidates: an ANN index over the *patch* pool (FAISS IVF-PQ, inner product; every patch
+   carries its image's id) returns the patches nearest the phrase, grouped by image (max over
+   patches); ∪ the [CLS] index of `similar`'s images nearest the phrase. The [CLS] pool grows
+   with the library (`Budget.for_limit`): among the thousands of images sharing a frequent label
+   the max patch cosines are near-ties the patch index's PQ codes cannot order, and the [CLS]
+   term decides;
+2. pre-score: each candidate's exact max patch cosine and [CLS] cosine, computed on the stored
+   sq4/sq8 codes without decoding them (`VectorStore.patch_maxima`, ~25 µs per ViT-B/16 image);
+3. the candidates that fewer than k others beat on both numbers (the k-skyband, usually 50–150
+   images) are re-ranked with the *exact* scorer `Library.text_search` passes in, on their
+   decoded vectors, and the top k returned. Dropping the rest loses nothing for any scorer that
+   does not decrease when either cosine grows (PAA's α·max patch + (1 − α)·[CLS] does not).
 
 The patch index is a cache kept beside the shards like `similar.py`'s: built lazily, persisted
 under `<vectors_dir>/text/` with the (image id, shard, row) triples it covers, and brought up to
@@ -16,6 +23,7 @@ A damaged or missing one is rebuilt. Libraries below `EXACT_BELOW` images keep t
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -26,38 +34,52 @@ from typing import Any
 
 import numpy as np
 
+from piaa_index import similar
 from piaa_index.durable import fsync_dir
 from piaa_index.vectors import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
 # the measured crossover).
 EXACT_BELOW = 2_000
-NPROBE = 32
+MAX_NLIST = 256  # lists of the patch index: adding a patch costs nlist dot products
+MAX_CLS_POOL = 20_000
 TRAIN_IMAGES = 2_000  # images sampled to train the coarse quantiser and the PQ codebooks
 TRAIN_PATCHES = 65_536
 
 
+# (cls [n, d], patches [n, M, d], phrase [d], other labels or None) -> [n] scores; it must not
+# decrease when an image's max patch cosine or [CLS] cosine to the phrase grows (the skyband).
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How many candidates the ANN path re-ranks exactly."""
+    """How many candidates the ANN path pre-scores on the stored codes."""
 
-    patch_hits: int = 8_192  # patches retrieved from the patch index
-    from_patches: int = 400  # best images by max patch similarity
-    from_cls: int = 400  # best images by [CLS] similarity
+    patch_hits: int = 32_768  # patches retrieved from the patch index
+    from_patches: int = 2_000  # best images by approximate max patch similarity
+    from_cls: int = 2_000  # best images by [CLS] similarity
 
     @classmethod
-    def for_limit(cls, limit: int) -> Budget:
+    def for_limit(cls, limit: int, images: int = 0) -> Budget:
+        """The budget for a top `limit` in a library of `images`. The [CLS] pool grows with
+        the library (a tenth of it, capped): among the thousands of images that share a
+        frequent label the max patch cosines are near-ties (too close for the patch index's
+        PQ codes to order), and the exact top 20 reached [CLS] rank 927 of 20k (docs/scale.md)."""
         scale = max(1.0, limit / 20)
-        return cls(int(8_192 * scale), int(400 * scale), int(400 * scale))
+        from_cls = min(MAX_CLS_POOL, max(2_000, images // 10))
+        return cls(int(32_768 * scale), int(2_000 * scale), int(from_cls * scale))
 
 
 def _faiss() -> Any:
     import faiss
 
     return faiss
+
+
+def _nprobe(nlist: int) -> int:
+    """Lists probed: about 1/16 of the patches (the candidates are pre-scored exactly after)."""
+    return min(nlist, max(4, nlist // 16))
 
 
 def _pq_m(dim: int) -> int:
@@ -90,8 +112,9 @@ class PatchIndex:
         d, m_patches = vectors.dim, vectors.n_patches
         total = len(live) * m_patches
         if nlist is None:
-            # ~sqrt(patches) lists, capped: adding a patch costs nlist dot products.
-            nlist = int(min(1024, max(16, math.sqrt(max(1, total)) / 2)))
+            # ~sqrt(patches)/8 lists, capped: adding a patch costs nlist dot products (1024
+            # lists built 100k ViT-B/16 images in 18 min; 256 cost a quarter of that).
+            nlist = int(min(MAX_NLIST, max(16, math.sqrt(max(1, total)) / 8)))
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFPQ(quantizer, d, nlist, _pq_m(d), 8, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
@@ -104,7 +127,7 @@ class PatchIndex:
         if len(sample) > TRAIN_PATCHES:
             sample = sample[np.sort(rng.choice(len(sample), TRAIN_PATCHES, replace=False))]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        index.nprobe = min(NPROBE, nlist)
+        index.nprobe = _nprobe(nlist)
         out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
         out.add(vectors, live)
         out.trained_on = len(out.ids)
@@ -194,7 +217,7 @@ class PatchIndex:
         except (OSError, ValueError, RuntimeError, KeyError):
             return None
         out = cls(index, ids, shards, rows)
-        index.nprobe = min(NPROBE, int(index.nlist))
+        index.nprobe = _nprobe(int(index.nlist))
         out.version = int(meta["version"])
         out.trained_on = int(meta.get("trained_on", len(ids)))
         return out
@@ -243,11 +266,28 @@ def candidates(
     phrase: np.ndarray,
     budget: Budget,
 ) -> np.ndarray:
-    """Ids to re-rank: best by patches ∪ best by [CLS] (sorted, unique)."""
+    """Ids to pre-score: best by patches ∪ best by [CLS] (sorted, unique)."""
     q = np.asarray(phrase, np.float32).reshape(-1)
     by_patch = patch_index.best_images(q, budget.patch_hits, budget.from_patches)
     by_cls = cls_search(q, budget.from_cls) if budget.from_cls > 0 else np.zeros(0, np.int64)
     return np.union1d(by_patch, np.asarray(by_cls, np.int64))
+
+
+def skyband(m: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the points that fewer than `k` others dominate (m and c both at least as
+    high): every top k of any score non-decreasing in both lies among them."""
+    order = np.lexsort((-c, -m))  # by m, best first; equal m: by c
+    keep = np.zeros(len(m), bool)
+    best_c: list[float] = []  # the k highest c seen so far (a min-heap)
+    for i in order:
+        ci = float(c[i])
+        if len(best_c) < k or ci >= best_c[0]:  # ties kept: the final order breaks them
+            keep[i] = True
+        if len(best_c) < k:
+            heapq.heappush(best_c, ci)
+        elif ci > best_c[0]:
+            heapq.heapreplace(best_c, ci)
+    return np.nonzero(keep)[0]
 
 
 def search(
@@ -279,7 +319,13 @@ def search(
     cls_index = library._similar_index()
 
     def by_cls(q: np.ndarray, k: int) -> np.ndarray:
-        return np.asarray(cls_index.search(q, k)[0], np.int64)
+        # An IVF probes lists holding ~4k images (the default probes too few for k in the
+        # thousands); a full probe of 100k [CLS] vectors costs tens of ms.
+        nlist = int(getattr(cls_index.index, "nlist", 1))
+        nprobe = max(similar.NPROBE, math.ceil(4 * k * nlist / max(1, len(cls_index.ids))))
+        return np.asarray(cls_index.search(q, k, nprobe=nprobe)[0], np.int64)
 
-    pool = candidates(index, by_cls, phrase, budget or Budget.for_limit(limit))
-    return exact_scores(vectors, index.locations(pool), scorer, phrase, others)
+    pool = candidates(index, by_cls, phrase, budget or Budget.for_limit(limit, n))
+    ids, best_patch, cls_sim = vectors.patch_maxima(index.locations(pool), phrase)
+    keep = np.sort(ids[skyband(best_patch, cls_sim, limit)])
+    return exact_scores(vectors, index.locations(keep), scorer, phrase, others)

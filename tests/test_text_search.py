@@ -47,7 +47,9 @@ def ann(
 ) -> list[dict]:
     monkeypatch.setattr(ts, "EXACT_BELOW", 0)
     if budget is not None:
-        monkeypatch.setattr(ts.Budget, "for_limit", classmethod(lambda cls, limit: budget))
+        monkeypatch.setattr(
+            ts.Budget, "for_limit", classmethod(lambda cls, limit, images=0: budget)
+        )
     return lib.text_search(phrase, limit=20)
 
 
@@ -83,6 +85,24 @@ def test_ann_recall_at_20(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None
     assert mean["default"] >= 0.95, mean
     assert mean["small"] >= 0.7, mean  # measured 0.78
     assert mean["patch_only"] >= 0.5, mean
+
+
+def test_skyband_holds_every_top_k_of_a_monotone_score() -> None:
+    """The pre-score keeps only the candidates fewer than k others beat on both cosines: the
+    top k of any score that grows with both must be among them, ties included."""
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n, k = int(rng.integers(1, 400)), int(rng.integers(1, 30))
+        m = np.round(rng.normal(size=n), 1 + trial % 3)  # coarse rounding makes ties
+        c = np.round(0.5 * m + rng.normal(size=n), 1 + trial % 3)
+        kept = set(ts.skyband(m, c, k).tolist())
+        for alpha in (0.0, 0.1, 0.5, 0.9, 1.0):
+            score = alpha * m + (1 - alpha) * c
+            cut = np.sort(score)[::-1][min(k, n) - 1]
+            assert set(np.nonzero(score > cut)[0].tolist()) <= kept
+            # at the cut, ties are kept as long as fewer than k others beat them on both
+            assert any(i in kept for i in np.nonzero(score == cut)[0].tolist())
+        assert len(kept) <= n
 
 
 def _commit(lib: Library, ids: list[int], cls: np.ndarray, patches: np.ndarray) -> int:
