@@ -392,10 +392,12 @@ class VectorStore:
         patch_index = faiss.read_index(str(patch_path), faiss.IO_FLAG_MMAP)
         m = self.n_patches
         patches = np.empty((len(rows_arr), m, self.dim), dtype=np.float32)
-        # Contiguous runs decode in one call; most reads are whole shards or long runs.
+        # Contiguous runs decode in one call, straight into `patches` (a decode into a new
+        # array and a copy cost twice the decode: the fit's passes read every patch); most
+        # reads are whole shards or long runs.
         for out_start, (start, stop) in _runs(rows_arr):
-            block = patch_index.reconstruct_n(int(start) * m, int(stop - start) * m)
-            patches[out_start : out_start + stop - start] = block.reshape(-1, m, self.dim)
+            out = patches[out_start : out_start + stop - start].reshape(-1, self.dim)
+            patch_index.reconstruct_n(int(start) * m, int(stop - start) * m, out)
         return ShardVectors(shard, ids[rows_arr], cls[rows_arr], patches)
 
     def iter_live(
