@@ -70,9 +70,12 @@ class PaaScores:
     support: np.ndarray | None = None  # max patch–text cosine: what decisions.py gates on
 
 
-# [CLS] rows per GEMM call in cls_scores (a chunk has at most a few thousand images; the patch
-# block, 8k-32k rows, would be mostly padding).
-CLS_ROWS = 512
+# [CLS] rows per GEMM call in cls_scores: one call per read chunk (2,048 images); the patch
+# block (8k-32k rows) would be mostly padding, and 512-row calls paid OpenBLAS thread hand-offs.
+CLS_ROWS = 2048
+# Images per GEMM in the patch scoring: a read chunk (VectorStore.iter_live), whose patches fill
+# whole gemm_rows blocks at ViT-B/16 (2048 x 196 = 49 x 8192 rows) and ShapesWorld (4 x 32768).
+GEMM_IMAGES = 2048
 
 
 def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
@@ -121,17 +124,22 @@ def _patch_scores(
     N, M = patches.shape[:2]
     m = np.empty((N, C), np.float64)
     support = np.empty((N, C), np.float64) if T is not None else None
+    # GEMMs over up to GEMM_IMAGES images at a time (whole gemm_rows blocks: a 256-image block
+    # of 64 patches is half a block, so half of its GEMM was padding), the float64 softmax in
+    # blocks of batch_images (its [b·M, C] temporaries bound memory).
     b = max(1, batch_images)
-    for i, blk in enumerate(_blocks(patches, b)):
+    for start, blk in zip(range(0, N, GEMM_IMAGES), _blocks(patches, GEMM_IMAGES), strict=True):
         n = blk.shape[0]
         flat = blk.reshape(n * M, -1)
-        z = (tau * clf.logits(flat)).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        m[i * b : i * b + n] = z.reshape(n, M, C).max(axis=1)
+        logits = clf.logits(flat).reshape(n, M, C)
+        for a in range(0, n, b):
+            z = (tau * logits[a : a + b]).astype(np.float64)
+            z -= z.max(axis=2, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=2, keepdims=True)
+            m[start + a : start + a + len(z)] = z.max(axis=1)
         if support is not None and T is not None:
-            support[i * b : i * b + n] = patch_text_cosines(flat, T).reshape(n, M, C).max(axis=1)
+            support[start : start + n] = patch_text_cosines(flat, T).reshape(n, M, C).max(axis=1)
     return m, support
 
 
