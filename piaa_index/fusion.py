@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from piaa_index.pvcl import Classifier, softmax
+from piaa_index.pvcl import Classifier, gemm_rows, softmax
 
 __all__ = [
     "PaaParams",
@@ -30,6 +30,7 @@ __all__ = [
     "open_vocabulary_scores",
     "patch_evidence",
     "patch_probabilities",
+    "patch_text_cosines",
     "patch_text_evidence",
     "score_images",
     "Split",
@@ -69,10 +70,19 @@ class PaaScores:
     support: np.ndarray | None = None  # max patch–text cosine: what decisions.py gates on
 
 
+# [CLS] rows per GEMM call in cls_scores: one call per read chunk (2,048 images); the patch
+# block (8k-32k rows) would be mostly padding, and 512-row calls paid OpenBLAS thread hand-offs.
+CLS_ROWS = 2048
+# Images per GEMM in the patch scoring: a read chunk (VectorStore.iter_live), whose patches fill
+# whole gemm_rows blocks at ViT-B/16 (2048 x 196 = 49 x 8192 rows) and ShapesWorld (4 x 32768).
+GEMM_IMAGES = 2048
+
+
 def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
     """[CLS] zero-shot scores softmax(τ_cls · z Tᵀ), shape [N, C]."""
-    z = np.asarray(cls, dtype=np.float32)
-    return softmax(tau_cls * (z @ np.asarray(T, dtype=np.float32).T).astype(np.float64))
+    # gemm_rows: one image's row alone (a gemv) would round differently than in a batch.
+    z = gemm_rows(cls, np.ascontiguousarray(np.asarray(T, np.float32).T), rows=CLS_ROWS)
+    return softmax(tau_cls * z.astype(np.float64))
 
 
 def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
@@ -92,13 +102,52 @@ def patch_evidence(
     patches: np.ndarray, clf: Classifier, tau: float = 1.0, batch_images: int = 256
 ) -> np.ndarray:
     """m_c = max over an image's patches of softmax(τ · calibrated PVCL logits), [N, C] float64."""
+    return _patch_scores(patches, clf, None, tau, batch_images)[0]
+
+
+def _patch_scores(
+    patches: np.ndarray,
+    clf: Classifier,
+    T: np.ndarray | None,
+    tau: float,
+    batch_images: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per image, the patch evidence m ([N, C] float64) and, with T, the text support (`patch_
+    text_cosines` max-pooled, [N, C] float64), block by block so each patch is read once.
+
+    Both GEMMs are float32 through `gemm_rows` (batch-independent): the old float64 logits and
+    numpy's batched [b, M, d] @ [d, C] (b small products) were 4/5 of the re-tag. The softmax
+    stays in float64 so that confident patches do not round to exactly 1.0 together."""
     if patches.ndim != 3:
         raise ValueError(f"patches must be [N, M, d], got shape {patches.shape}")
-    out = np.empty((patches.shape[0], clf.n_classes), np.float64)
+    C = clf.n_classes
+    N, M = patches.shape[:2]
+    m = np.empty((N, C), np.float64)
+    support = np.empty((N, C), np.float64) if T is not None else None
+    # GEMMs over up to GEMM_IMAGES images at a time (whole gemm_rows blocks: a 256-image block
+    # of 64 patches is half a block, so half of its GEMM was padding), the float64 softmax in
+    # blocks of batch_images (its [b·M, C] temporaries bound memory).
     b = max(1, batch_images)
-    for i, blk in enumerate(_blocks(patches, b)):
-        out[i * b : i * b + blk.shape[0]] = patch_probabilities(blk, clf, tau).max(axis=1)
-    return out
+    for start, blk in zip(range(0, N, GEMM_IMAGES), _blocks(patches, GEMM_IMAGES), strict=True):
+        n = blk.shape[0]
+        flat = blk.reshape(n * M, -1)
+        logits = clf.logits(flat).reshape(n, M, C)
+        for a in range(0, n, b):
+            z = (tau * logits[a : a + b]).astype(np.float64)
+            z -= z.max(axis=2, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=2, keepdims=True)
+            m[start + a : start + a + len(z)] = z.max(axis=1)
+        if support is not None and T is not None:
+            support[start : start + n] = patch_text_cosines(flat, T).reshape(n, M, C).max(axis=1)
+    return m, support
+
+
+def patch_text_cosines(flat: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Cosines [n, C] float32 of patches [n, d] to the text prototypes: what the fit's
+    streaming pass computes for its banks and the re-tag max-pools into text support, the same
+    bits in both and in any batch (`gemm_rows`), so the re-tag takes the pass's."""
+    return gemm_rows(flat, np.ascontiguousarray(np.asarray(T, np.float32).T))
 
 
 def _max_over_patches(
@@ -174,16 +223,18 @@ def score_images(
     T: np.ndarray,
     clf: Classifier,
     params: PaaParams | None = None,
+    support: np.ndarray | None = None,
 ) -> PaaScores:
-    """All PAA scores for a block of images: [CLS] [N, d] and patches [N, M, d]."""
+    """All PAA scores for a block of images: [CLS] [N, d] and patches [N, M, d]; `support`, the
+    images' text support when already known (it is computed otherwise)."""
     prm = params or PaaParams()
     s_cls = cls_scores(cls, T, prm.tau_cls)
-    m = patch_evidence(patches, clf, prm.tau_evidence, prm.batch_images)
+    if support is None:
+        m, support = _patch_scores(patches, clf, T, prm.tau_evidence, prm.batch_images)
+    else:  # the fit's pass computed it (tagging.Tagger.fit): only the logits are left
+        m = _patch_scores(patches, clf, None, prm.tau_evidence, prm.batch_images)[0]
     return PaaScores(
-        cls=s_cls,
-        patch=m,
-        fused=fuse(s_cls, m, prm.alpha, prm.tau_patch),
-        support=text_support(patches, T, prm.batch_images),
+        cls=s_cls, patch=m, fused=fuse(s_cls, m, prm.alpha, prm.tau_patch), support=support
     )
 
 

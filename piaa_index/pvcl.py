@@ -28,11 +28,43 @@ __all__ = [
     "fit_from_banks",
     "fit_pvcl",
     "gda",
+    "gemm_rows",
     "log_odds",
     "softmax",
 ]
 
 Chunk = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+# Input floats per BLAS call in `gemm_rows` (16 MB): 8,192 rows at d = 512 (ViT-B/16, ~42
+# images), 32,768 at d = 128. Smaller calls ran up to 5x slower with 2 OpenBLAS threads on busy
+# cores (thread hand-offs per call); padding one image up to a block costs ~10 ms.
+GEMM_BLOCK = 1 << 22
+
+
+def gemm_rows(X: np.ndarray, B: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """X [n, d] @ B [d, k] in float32, where a row's result does not depend on n.
+
+    BLAS picks its kernel by shape (gemv for one row, small-matrix kernels, then blocked GEMM)
+    and those round float32 sums differently, so the same patch could score differently alone
+    and in a batch. Every call here has the same shape for a given d and k (GEMM_BLOCK // d
+    rows, the last block zero-padded), and GEMM sums each output along d in an order that does
+    not depend on the row (tests/test_fusion.py checks it). `rows` overrides the block height
+    (fixed by the caller too: [CLS] vectors come a few thousand per chunk, not 400k).
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    B = np.ascontiguousarray(B, dtype=np.float32)
+    n, d = X.shape
+    rows = rows or max(1, GEMM_BLOCK // max(1, d))
+    out = np.empty((n, B.shape[1]), np.float32)
+    full = n - n % rows
+    for a in range(0, full, rows):
+        np.matmul(X[a : a + rows], B, out=out[a : a + rows])
+    if full < n:
+        pad = np.zeros((rows, d), np.float32)
+        pad[: n - full] = X[full:]
+        out[full:] = (pad @ B)[: n - full]
+    return out
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -92,17 +124,25 @@ class BankBuilder:
         self.n_seen = 0
         self.argmax_counts = np.zeros(C, np.int64)  # pool patches whose text argmax is c
 
-    def text_probs(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Text probabilities, entropies and argmax classes of patch vectors [n, d]."""
-        z = (X @ self.T.T).astype(np.float64) * self.text_scale
+    def text_probs(
+        self, X: np.ndarray, sims: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Text probabilities, entropies and argmax classes of patch vectors [n, d] (`sims`:
+        their cosines to the text prototypes, when the caller has them)."""
+        if sims is None:
+            sims = gemm_rows(X, np.ascontiguousarray(self.T.T))
+        z = sims.astype(np.float64) * self.text_scale
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         p = np.exp(logp)
         H = -(p * logp).sum(axis=1)
         return p, H, z.argmax(axis=1)
 
-    def update(self, X: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Process one chunk of patch vectors ([n, d] or [N, M, d]); `ids` default to a counter."""
+    def update(
+        self, X: np.ndarray, ids: np.ndarray | None = None, sims: np.ndarray | None = None
+    ) -> None:
+        """Process one chunk of patch vectors ([n, d] or [N, M, d]); `ids` default to a counter;
+        `sims`, their [n, C] text cosines if already computed (fusion.patch_text_cosines)."""
         X = np.asarray(X, dtype=np.float32)
         X = X.reshape(-1, self.T.shape[1])
         n = X.shape[0]
@@ -115,7 +155,7 @@ class BankBuilder:
         self.n_seen += n
         if n == 0:
             return
-        p, H, cls = self.text_probs(X)
+        p, H, cls = self.text_probs(X, None if sims is None else sims.reshape(n, -1))
         counts = np.bincount(cls, minlength=len(self._X))
         self.argmax_counts += counts
         order = np.argsort(cls, kind="stable")
@@ -171,12 +211,9 @@ class Classifier:
     def raw_logits(self, X: np.ndarray) -> np.ndarray:
         """Uncalibrated GDA logits W x + b, shape [..., C]."""
         X = np.asarray(X, dtype=np.float32)
-        # One 2-D GEMM: numpy runs [B, M, d] @ [d, C] as B small products, ~300x slower here.
-        # In float64, rounded once to float32, so a row's logits do not depend on how many rows
-        # share the call (BLAS blocking changes float32 sums in the last bit).
-        W = np.asarray(self.W, dtype=np.float64)
-        flat = X.reshape(-1, X.shape[-1]).astype(np.float64) @ W.T + self.b
-        return flat.astype(np.float32).reshape(*X.shape[:-1], flat.shape[-1])
+        flat = gemm_rows(X.reshape(-1, X.shape[-1]), np.ascontiguousarray(self.W.T, np.float32))
+        flat += np.asarray(self.b, np.float32)
+        return flat.reshape(*X.shape[:-1], flat.shape[-1])
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """Normalised logits (W x + b) / scale, shape [..., C]; softmax at temperature 1 is sane."""

@@ -679,7 +679,12 @@ class Store:
 
     @staticmethod
     def _insert_tags(s: Session, classifier_id: int, tags: Iterable[tuple[Any, Any, Any]]) -> None:
+        conn = s.connection()
+        copy = conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
         for image_ids, label_ids, scores in tags:
+            if copy:
+                _copy_tags(conn, classifier_id, image_ids, label_ids, scores)
+                continue
             rows = [
                 {"image_id": i, "label_id": lb, "classifier_id": classifier_id, "score": sc}
                 for i, lb, sc in zip(
@@ -1079,3 +1084,22 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _copy_tags(conn: Any, classifier_id: int, image_ids: Any, label_ids: Any, scores: Any) -> None:
+    """Sparse tag rows by COPY, in the session's transaction: psycopg's executemany sends one
+    INSERT per row (2.5 s for the 50k rows of a 20k-image re-tag, half of the re-tag)."""
+    table = conn.dialect.identifier_preparer.format_table(_TAG_TABLE)
+    # repr: the shortest text that reads back as the same float64, so COPY stores the same
+    # values as the INSERT path.
+    text = "".join(
+        f"{i}\t{lb}\t{classifier_id}\t{sc!r}\n"
+        for i, lb, sc in zip(image_ids.tolist(), label_ids.tolist(), scores.tolist(), strict=True)
+    )
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        columns = "image_id, label_id, classifier_id, score"
+        with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            copy.write(text.encode())
+    finally:
+        cursor.close()

@@ -110,6 +110,20 @@ class Tagger(Part):
         bank_size: int | None = None,
     ) -> tuple[Classifier, np.ndarray, int]:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
+        classifier, T, n_patches, _support = self._fit_pass(vocab, locations, progress, bank_size)
+        return classifier, T, n_patches
+
+    def _fit_pass(
+        self,
+        vocab: VocabularyInfo,
+        locations: list[tuple[int, int, int]],
+        progress: Progress,
+        bank_size: int | None,
+    ) -> tuple[Classifier, np.ndarray, int, list[tuple[np.ndarray, np.ndarray]]]:
+        """`fit_classifier`, also returning each chunk's (image ids, text support [n, C]): the
+        pass computes every patch's text cosines for its banks, and the re-tag would otherwise
+        compute them again (half of its GEMM work)."""
+        from piaa_index.fusion import patch_text_cosines
         from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks
 
         if not locations:
@@ -123,11 +137,16 @@ class Tagger(Part):
         params = PvclParams(bank_size=bank_size)
         builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
         n_patches = 0
+        support = []
         for chunk in self.stream(locations, progress, "fitting"):
-            flat = chunk.patches.reshape(-1, chunk.patches.shape[-1])
-            builder.update(flat)
+            n, M, d = chunk.patches.shape
+            flat = chunk.patches.reshape(n * M, d)
+            sims = patch_text_cosines(flat, T)
+            builder.update(flat, sims=sims)
+            # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
+            support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
             n_patches += len(flat)
-        return fit_from_banks(builder.banks(), T, params), T, n_patches
+        return fit_from_banks(builder.banks(), T, params), T, n_patches, support
 
     def fit(
         self,
@@ -143,11 +162,14 @@ class Tagger(Part):
         with self.vectors.reading(), _engine(engine, address) as ray:
             # (reading: a vacuum meanwhile must not delete these shards)
             locations = self.store.live_locations()
-            classifier, T, n_patches = self.fit_classifier(vocab, locations, progress, bank_size)
+            classifier, T, n_patches, support = self._fit_pass(
+                vocab, locations, progress, bank_size
+            )
             fit_seconds = time.perf_counter() - started
             fitted, present = self._tag_all(
-                vocab, classifier, T, locations, progress, fit_seconds, ray
+                vocab, classifier, T, locations, progress, fit_seconds, ray, support
             )
+            del support
         names = vocab.names
         status = label_status(names, fitted.decisions)
         return FitReport(
@@ -181,12 +203,13 @@ class Tagger(Part):
                 advance(len(chunk.image_ids))
 
     def _scores(
-        self, chunk: Any, classifier: Classifier, T: np.ndarray
+        self, chunk: Any, classifier: Classifier, T: np.ndarray, support: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(fused, patch evidence, cls scores, text support) for one chunk of images."""
+        """(fused, patch evidence, cls scores, text support) for one chunk of images (`support`
+        given when the fit's pass computed it)."""
         from piaa_index import fusion
 
-        scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier)
+        scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier, support=support)
         assert scores.support is not None  # score_images always fills it
         return scores.fused, scores.patch, scores.cls, scores.support
 
@@ -198,12 +221,18 @@ class Tagger(Part):
         progress: Progress,
         desc: str,
         ray: Any = None,
+        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> Iterator[tuple[np.ndarray, int, tuple[np.ndarray, ...]]]:
         """(image ids, shard, scores) per chunk in shard order: here, or as Ray tasks when
-        `ray` is a connected Ray module (piaa_index/ray_engine.py); the same chunks either way."""
+        `ray` is a connected Ray module (piaa_index/ray_engine.py); the same chunks either way.
+        `support`: the fit pass's (image ids, text support) per chunk, in the same order."""
         if ray is None:
+            known = iter(support)
             for chunk in self.stream(locations, progress, desc):
-                yield chunk.image_ids, chunk.shard, self._scores(chunk, classifier, T)
+                ids, U = next(known, (None, None))
+                if ids is None or not np.array_equal(ids, chunk.image_ids):
+                    U = None  # not the pass's chunk: compute it
+                yield chunk.image_ids, chunk.shard, self._scores(chunk, classifier, T, U)
             return
         from piaa_index.progress import progress_bar
         from piaa_index.ray_engine import score_chunks
@@ -233,6 +262,7 @@ class Tagger(Part):
         progress: Progress,
         desc: str,
         ray: Any = None,
+        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
         (fitted on this segment's scores when not given: the fit's re-tag)."""
@@ -243,7 +273,7 @@ class Tagger(Part):
         writer = SegmentWriter(self.scores_dir / key, segment, len(locations), n_labels)
         try:
             for ids, shard, (S, E, Cs, U) in self._score_stream(
-                locations, classifier, T, progress, desc, ray
+                locations, classifier, T, progress, desc, ray, support
             ):
                 writer.write(ids, np.full(len(ids), shard, dtype=np.int32), S, E, Cs, U)
             if decisions is None:
@@ -268,6 +298,7 @@ class Tagger(Part):
         progress: Progress,
         fit_seconds: float,
         ray: Any = None,
+        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> tuple[Fitted, dict[str, int]]:
         from piaa_index.schema import Classifier as ClassifierRow
         from piaa_index.scores import Segment, cleanup, new_key, writer_lock
@@ -287,6 +318,7 @@ class Tagger(Part):
                 progress,
                 "tagging",
                 ray,
+                support,
             )
             seg = Segment.open(self.scores_dir / key, segment)
             row = ClassifierRow(

@@ -54,6 +54,30 @@ def test_patch_evidence_is_the_max_over_patches(world):
         patch_evidence(P[0], clf)
 
 
+@pytest.mark.parametrize("block", [None, 64 * 100])
+def test_an_image_scores_the_same_bits_in_any_batch(world, monkeypatch, block):
+    """Tags must not depend on which images share a chunk (the fit's re-tag, a new segment,
+    a Ray task): float32 BLAS rounds differently by call shape, so gemm_rows fixes the shape.
+    block=6400: 100-row GEMM calls, so images straddle calls."""
+    from piaa_index import pvcl
+    from piaa_index.fusion import patch_text_cosines
+
+    P, Z, _, T, clf, _ = world
+    if block is not None:
+        monkeypatch.setattr(pvcl, "GEMM_BLOCK", block)
+    full = score_images(Z[:300], P[:300], T, clf)
+    for part in (slice(0, 1), slice(5, 6), slice(37, 38), slice(3, 40), slice(290, 300)):
+        got = score_images(Z[part], P[part], T, clf, PaaParams(batch_images=7))
+        for kind in ("cls", "patch", "fused", "support"):
+            np.testing.assert_array_equal(getattr(got, kind), getattr(full, kind)[part])
+    # The text support the fit's pass hands to the re-tag is the same bits it would compute.
+    flat = P[:300].reshape(-1, P.shape[-1])
+    pooled = patch_text_cosines(flat, T).reshape(300, P.shape[1], -1).max(axis=1)
+    np.testing.assert_array_equal(pooled, full.support)
+    given = score_images(Z[:300], P[:300], T, clf, support=pooled.astype(np.float64))
+    np.testing.assert_array_equal(given.fused, full.fused)
+
+
 def test_pvcl_evidence_ranks_better_than_text_and_cls(world):
     P, Z, Y, T, clf, sc = world
     map_text = mean_average_precision(patch_text_evidence(P, T), Y)[0]
