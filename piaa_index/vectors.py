@@ -379,18 +379,18 @@ class VectorStore:
         try:
             return self._read_shard(shard, rows, with_patches)
         except RuntimeError as exc:  # faiss on a truncated or garbled file
-            raise VectorStoreError(
-                f"vector shard {shard} in {self.root} is damaged ({str(exc).splitlines()[0]}); "
-                "run `piaa db check` to send its images back to be re-encoded"
-            ) from None
+            raise self._damaged(shard, exc) from None
+
+    def _damaged(self, shard: int, exc: RuntimeError) -> VectorStoreError:
+        return VectorStoreError(
+            f"vector shard {shard} in {self.root} is damaged ({str(exc).splitlines()[0]}); "
+            "run `piaa db check` to send its images back to be re-encoded"
+        )
 
     def _read_shard(
         self, shard: int, rows: Sequence[int] | None, with_patches: bool
     ) -> ShardVectors:
-        cls_path, patch_path = self._path(shard, "cls"), self._path(shard, "patch")
-        if not cls_path.exists() or not patch_path.exists():
-            raise VectorStoreError(f"vector shard {shard} is missing from {self.root}")
-        got = self._shard_map(shard)
+        got = self._shard_map(shard)  # VectorStoreError when a file is missing
         if rows is None:
             rows_arr = np.arange(len(got.ids))
             cls = got.cls_index.reconstruct_n(0, len(got.ids))
@@ -410,11 +410,7 @@ class VectorStore:
             try:
                 got.patches = PatchCodes(self._path(shard, "patch"), self.n_patches, self.dim)
             except RuntimeError as exc:  # faiss on a truncated or garbled file
-                raise VectorStoreError(
-                    f"vector shard {shard} in {self.root} is damaged "
-                    f"({str(exc).splitlines()[0]}); run `piaa db check` to send its images "
-                    "back to be re-encoded"
-                ) from None
+                raise self._damaged(shard, exc) from None
         return got.patches
 
     def _shard_map(self, shard: int) -> _MappedShard:
@@ -442,10 +438,7 @@ class VectorStore:
                 cls_index,
             )
         except RuntimeError as exc:  # faiss on a truncated or garbled file
-            raise VectorStoreError(
-                f"vector shard {shard} in {self.root} is damaged ({str(exc).splitlines()[0]}); "
-                "run `piaa db check` to send its images back to be re-encoded"
-            ) from None
+            raise self._damaged(shard, exc) from None
         self._mapped[shard] = got
         while len(self._mapped) > MAX_MAPPED_SHARDS:
             self._mapped.pop(next(iter(self._mapped)))
