@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
-from piaa_index_plugins.http_api.errors import from_exception
+from piaa_index_plugins.http_api.errors import mapped
 
 from piaa_index.errors import UserInputError
 
@@ -58,10 +58,7 @@ class ApiState:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call into the library under the read lock; its exceptions become API errors."""
         with self.lock:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status, never a traceback
-                raise from_exception(exc) from None
+            return mapped(lambda: fn(*args, **kwargs))
 
 
 def get_state(request: Request) -> ApiState:
