@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.piaa_processes import PiaaProcesses
+
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 ROUNDS = int(os.environ.get("PIAA_KILL_ROUNDS", "1"))  # each: kills index, fit, vacuum
@@ -39,21 +41,13 @@ Indexer(lib.store, lib.vectors, lambda: lib.encoder, batch_size=8, commit_every=
 """
 
 
-def _env(home: Path, db_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
-    env.update(PIAA_HOME=str(home), PIAA_MODEL="shapesworld", PIAA_DEVICE="cpu")
-    env["HF_HUB_OFFLINE"] = "1"
-    if db_url:
-        env["PIAA_DB"] = db_url
-    return env
+class Piaa(PiaaProcesses):
+    """One library driven by processes; `index` runs with small commit groups."""
 
-
-class Piaa:
-    """One library driven by processes."""
+    timeout = 300
 
     def __init__(self, home: Path, db_url: str | None, photos: Path):
-        self.env = _env(home, db_url)
-        self.home = home
+        super().__init__(home, db_url)
         self.photos = photos
 
     def command(self, step: str) -> list[str]:
@@ -61,17 +55,6 @@ class Piaa:
             return [sys.executable, "-c", INDEX_DRIVER, str(self.photos)]
         args = {"fit": ["fit"], "vacuum": ["db", "vacuum"]}[step]
         return [sys.executable, "-m", "piaa_index", *args]
-
-    def run(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "piaa_index", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, (args, result.stderr[-2000:])
-        return result.stdout
 
     def step(self, step: str) -> float:
         started = time.monotonic()
@@ -96,18 +79,6 @@ class Piaa:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return True
-
-    def tags(self) -> dict[str, list[str]]:
-        """path -> its present labels, from `piaa export json`."""
-        out = self.home / "tags.json"
-        self.run("export", "json", "--output", str(out))
-        return {
-            item["path"]: sorted(x["label"] for x in item["labels"])
-            for item in json.loads(out.read_text())
-        }
-
-    def check(self) -> dict:
-        return json.loads(self.run("db", "check", "--json"))
 
 
 def assert_consistent(home: Path, db_url: str | None, n_images: int) -> None:
