@@ -55,7 +55,8 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     envvar="PIAA_READ_TIMEOUT",
     metavar="SECONDS",
     help="Give up on a file whose read or decode takes longer (a hung network share); "
-    "it is recorded as failed and retried next run. Env: PIAA_READ_TIMEOUT.",
+    "it is listed as failed in this run's summary, not recorded, and tried again next run. "
+    "Env: PIAA_READ_TIMEOUT.",
 )
 @click.option(
     "--engine",
