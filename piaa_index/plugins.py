@@ -38,12 +38,18 @@ class Param:
 
 @dataclass(frozen=True)
 class Query:
-    """A query: `run(library, **params)` returns rows, each a dict with at least path and score."""
+    """A query: `run(library, **params)` returns rows, each a dict with at least path and score.
+
+    `quick(settings, **params)`, when given, may answer a fresh process without opening a
+    Library (e.g. straight from the files, read-only); it returns None when it cannot, and the
+    query runs as usual. Its rows must equal `run`'s.
+    """
 
     name: str
     help: str
     run: Callable[..., list[dict[str, Any]]]
     params: tuple[Param, ...] = field(default_factory=tuple)
+    quick: Callable[..., list[dict[str, Any]] | None] | None = None
 
 
 @dataclass(frozen=True)

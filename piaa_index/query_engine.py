@@ -8,8 +8,9 @@ evaluation. `top_k` ranks as `Library.search` always has: score descending, then
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -78,3 +79,73 @@ def top_k(ids: np.ndarray, scores: np.ndarray, k: int | None) -> np.ndarray:
         idx = np.nonzero(scores >= kth)[0]
     order = idx[np.lexsort((ids[idx], -scores[idx]))]
     return order if k is None else order[:k]
+
+
+class ScoreColumns(Protocol):
+    """What a search reads: the score matrix's rows (`ids`, `valid`) and label columns."""
+
+    ids: np.ndarray
+    valid: np.ndarray
+
+    def column(self, kind: str, label: int) -> np.ndarray: ...
+
+
+def parse_query(expression: str, labels: Sequence[str]) -> Node:
+    """The expression's syntax tree; a syntax error or unknown label is the user's mistake."""
+    from piaa_index.errors import UserInputError
+    from piaa_index.query_language import QueryError, parse
+
+    try:
+        return parse(expression, known_labels=labels)
+    except QueryError as exc:
+        raise UserInputError(str(exc)) from None
+
+
+def search_rows(
+    expression: str,
+    labels: Sequence[str],
+    view: ScoreColumns,
+    paths_of: Callable[[list[int]], Mapping[int, str]],
+    limit: int | None = 20,
+    include_absent: bool = False,
+) -> list[dict[str, Any]]:
+    """`Library.search` over a score matrix whose column c is label `labels[c]`.
+
+    Matching uses the tag decisions, ranking the fused scores (AND = weakest label); with
+    `include_absent` the other valid rows are ranked below the matches. Paths are fetched
+    (`paths_of(ids)`) for the returned rows only. Shared by `Searcher` and the read-only path
+    of a fresh process (piaa_index/store_readonly.py), so both answer alike.
+    """
+    from piaa_index.query_language import normalize_label
+
+    plan = compile_query(parse_query(expression, labels))
+    # The parser normalises names; rows show them as the vocabulary spells them.
+    column = {normalize_label(name): c for c, name in enumerate(labels)}
+    present = {key: view.column("present", column[key]) for key in plan.labels}
+    fused = {key: view.column("S", column[key]) for key in plan.labels}
+    match, score = plan.run(present, fused)
+    match = match & view.valid
+    hit_rows = np.nonzero(match)[0]
+    rows = hit_rows[top_k(view.ids[hit_rows], score[hit_rows], limit)]
+    if include_absent and (limit is None or len(rows) < limit):
+        rest = np.nonzero(view.valid & ~match)[0]
+        more = None if limit is None else limit - len(rows)
+        rows = np.concatenate([rows, rest[top_k(view.ids[rest], score[rest], more)]])
+    ids = [int(i) for i in view.ids[rows]]
+    paths = paths_of(ids)
+    wanted = sorted((labels[column[key]], key) for key in plan.labels)
+    return [
+        {
+            "path": paths[image_id],
+            "score": round(float(score[r]), 6),
+            "match": bool(match[r]),
+            "labels": {
+                name: {
+                    "score": round(float(fused[key][r]), 6),
+                    "present": bool(present[key][r]),
+                }
+                for name, key in wanted
+            },
+        }
+        for r, image_id in zip(rows, ids, strict=True)
+    ]

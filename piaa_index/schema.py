@@ -22,27 +22,11 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Image status values.
-INDEXED = "indexed"
-FAILED = "failed"
-MISSING_VECTORS = "missing_vectors"  # SQL row survived but its vector shard did not: re-encode
-
-
-# POSIX file names are bytes. Python decodes the bytes that are not UTF-8 to lone surrogates
-# (U+DC80-U+DCFF, "surrogateescape"), which neither SQLite's driver nor Postgres accepts.
-# Stored, each becomes the code point 0x100000 higher (U+10DC80-U+10DCFF, private use
-# plane 16), so every name round-trips and a folder's paths still share its prefix.
-_SURROGATE_SHIFT = 0x100000
-_TO_DB = {c: c + _SURROGATE_SHIFT for c in range(0xDC80, 0xDD00)}
-_FROM_DB = {c + _SURROGATE_SHIFT: c for c in range(0xDC80, 0xDD00)}
-
-
-def to_db_text(value: str) -> str:
-    return value if value.isascii() else value.translate(_TO_DB)
-
-
-def from_db_text(value: str) -> str:
-    return value if value.isascii() else value.translate(_FROM_DB)
+# The image status values, re-exported (most modules import them from here).
+from piaa_index.status import FAILED as FAILED
+from piaa_index.status import INDEXED as INDEXED
+from piaa_index.status import MISSING_VECTORS as MISSING_VECTORS
+from piaa_index.textio import from_db_text, to_db_text
 
 
 class FsText(TypeDecorator[str]):

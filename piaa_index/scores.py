@@ -18,6 +18,11 @@ fsynced and renamed, then SQL (`classifiers.scores_key` / `score_segments`) comm
 (`cleanup`), folders and segments that SQL does not list are deleted. Rows are never rewritten:
 an image scored again (re-encoded, moved by vacuum) appears in a later segment and the latest
 row wins; rows of images no longer indexed are masked by the caller (`ScoreView.valid`).
+
+Images that left the index (pruned, vectors lost) get a removal segment, `<seg>.removed.npy`
+(int64 [n] ids, no scores): their latest row is then a tombstone and every row of theirs is
+masked on open. The first query after a prune writes it (`Tagger.state`), so later processes
+agree with SQL without comparing every image with it (piaa_index/store_readonly.py).
 """
 
 from __future__ import annotations
@@ -180,20 +185,45 @@ class SegmentWriter:
             tmp.unlink(missing_ok=True)
 
 
+# The shard of a tombstone row: its image is no longer indexed.
+REMOVED = -1
+
+
+def write_removed(folder: Path, segment: str, ids: Sequence[int]) -> None:
+    """A durable removal segment: these images' latest rows become tombstones."""
+    final = _file(folder, segment, "removed")
+    tmp = final.with_suffix(".npy.tmp")
+    with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the name
+        np.save(fh, np.asarray(ids, dtype=np.int64))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(folder)
+
+
 @dataclass
 class Segment:
     name: str
     ids: np.ndarray
     shards: np.ndarray
-    mats: dict[str, np.ndarray]  # S, E, C, present: [C, n] memory maps
+    mats: dict[str, np.ndarray]  # S, E, C, present: [C, n] memory maps; {} for a removal
 
     @classmethod
     def open(cls, folder: Path, name: str) -> Segment:
         def load(kind: str) -> np.ndarray:
             return np.load(_file(folder, name, kind), mmap_mode="r")
 
+        removed = _file(folder, name, "removed")
+        if removed.exists():
+            ids = np.asarray(np.load(removed), dtype=np.int64)
+            return cls(name, ids, np.full(len(ids), REMOVED, np.int32), {})
         mats = {kind: load(kind) for kind in (*KINDS, "present")}
         return cls(name, np.asarray(load("ids")), np.asarray(load("shard")), mats)
+
+    def column(self, kind: str, label: int) -> np.ndarray:
+        if self.mats:
+            return self.mats[kind][label]
+        return np.zeros(len(self.ids), bool if kind == "present" else DTYPE)  # tombstones
 
 
 @dataclass
@@ -218,7 +248,7 @@ class ScoreView:
         segments = [Segment.open(folder, name) for name in names]
         ids = _concat([s.ids for s in segments], np.int64)
         shards = _concat([s.shards for s in segments], np.int32)
-        return cls(key, segments, ids, shards, latest_rows(ids))
+        return cls(key, segments, ids, shards, latest_rows(ids) & (shards != REMOVED))
 
     @property
     def max_shard(self) -> int:
@@ -233,10 +263,10 @@ class ScoreView:
     def column(self, kind: str, label: int) -> np.ndarray:
         """[rows] values of one label (S, E, C or present)."""
         if len(self.segments) == 1:
-            return self.segments[0].mats[kind][label]
+            return self.segments[0].column(kind, label)
         got = self._columns.get((kind, label))
         if got is None:
-            got = np.concatenate([s.mats[kind][label] for s in self.segments])
+            got = np.concatenate([s.column(kind, label) for s in self.segments])
             self._columns[(kind, label)] = got
         return got
 
@@ -265,6 +295,8 @@ class ScoreView:
             for seg in self.segments:
                 v = self.valid[start : start + len(seg.ids)]
                 start += len(seg.ids)
+                if not seg.mats:
+                    continue  # tombstones
                 pres = seg.mats["present"]
                 for c in range(n_labels):
                     counts[c] += int(np.count_nonzero(pres[c] & v))

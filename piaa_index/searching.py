@@ -99,47 +99,13 @@ class Searcher(Part):
         The expression is compiled once to numpy over the score matrix; paths are fetched for
         the returned rows only.
         """
-        from piaa_index.query_engine import compile_query, top_k
-        from piaa_index.query_language import QueryError, normalize_label, parse
+        from piaa_index.query_engine import parse_query, search_rows
 
         vocab = self.library.vocab.require_vocabulary()
-        try:
-            node = parse(expression, known_labels=vocab.names)
-        except QueryError as exc:
-            raise UserInputError(str(exc)) from None
+        parse_query(expression, vocab.names)  # a bad query is named before any fit
         state = self.library.tagger.state()
-        view = state.view
-        plan = compile_query(node)
-        # The parser normalises names; rows show them as the vocabulary spells them.
-        column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
-        present = {key: view.column("present", column[key]) for key in plan.labels}
-        fused = {key: view.column("S", column[key]) for key in plan.labels}
-        match, score = plan.run(present, fused)
-        match = match & view.valid
-        hit_rows = np.nonzero(match)[0]
-        rows = hit_rows[top_k(view.ids[hit_rows], score[hit_rows], limit)]
-        if include_absent and (limit is None or len(rows) < limit):
-            rest = np.nonzero(view.valid & ~match)[0]
-            more = None if limit is None else limit - len(rows)
-            rows = np.concatenate([rows, rest[top_k(view.ids[rest], score[rest], more)]])
-        ids = [int(i) for i in view.ids[rows]]
-        paths = self.store.paths(ids)
-        wanted = sorted((state.vocab.labels[column[key]].name, key) for key in plan.labels)
-        return [
-            {
-                "path": paths[image_id],
-                "score": round(float(score[r]), 6),
-                "match": bool(match[r]),
-                "labels": {
-                    name: {
-                        "score": round(float(fused[key][r]), 6),
-                        "present": bool(present[key][r]),
-                    }
-                    for name, key in wanted
-                },
-            }
-            for r, image_id in zip(rows, ids, strict=True)
-        ]
+        labels = [lb.name for lb in state.vocab.labels]
+        return search_rows(expression, labels, state.view, self.store.paths, limit, include_absent)
 
     def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
         """The fused scores and decisions of `labels` (default: the whole vocabulary) for every

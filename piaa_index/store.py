@@ -53,6 +53,7 @@ from piaa_index.schema import (
     Vocabulary,
     XmpSidecar,
 )
+from piaa_index.store_readonly import SQLITE_MAGIC, head_revision, migrations_dir
 
 
 class StoreError(PiaaError):
@@ -95,29 +96,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _migrations_dir() -> Path:
-    import piaa_index_migrations
-
-    return Path(piaa_index_migrations.__file__).parent
-
-
-def _head_revision() -> str:
-    """This code's schema head, from the migration file names (`NNNN_what.py` holds revision
-    "NNNN", each one's parent the one before): opening an up-to-date library then needs no
-    alembic import, a third of a query's start-up. A test checks it against alembic's head."""
-    numbers = [
-        f.name.split("_", 1)[0]
-        for f in (_migrations_dir() / "versions").glob("[0-9]*_*.py")
-        if f.name.split("_", 1)[0].isdigit()
-    ]
-    return max(numbers, key=int)
-
-
 def _alembic_config(connection):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(_migrations_dir()))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["connection"] = connection
     return cfg
 
@@ -213,7 +196,7 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-                if current != _head_revision():
+                if current != head_revision():
                     return False
                 return (
                     conn.execute(select(Setting.key).where(Setting.key == "store_id")).first()
@@ -1020,9 +1003,6 @@ def _image_dict(
         "size": int(size),
         "indexed_at": indexed_at.isoformat() if indexed_at else None,
     }
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def _check_sqlite_file(path: Path, allow_empty: bool = False) -> None:

@@ -369,11 +369,14 @@ class Tagger(Part):
         except (OSError, ValueError):
             return None  # lost or damaged: re-scored with the stored classifier
 
-    def _sync_view(self, view: ScoreView) -> list[tuple[int, int, int]]:
-        """Mask rows SQL no longer vouches for; return the images still to score."""
+    def _sync_view(self, view: ScoreView) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Mask rows SQL no longer vouches for; return the images still to score and the ids
+        of the images that left the index (not scored again: they need tombstones)."""
         stale, new = self.store.changes_since(view.ids, view.shards, view.max_shard, view.valid)
         view.invalidate(stale)
-        return new
+        rescored = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+        gone = np.setdiff1d(view.ids[stale], rescored)
+        return new, [int(i) for i in gone]
 
     def state(self, progress: Progress = False, score_new: bool = True) -> State:
         """The current classifier and score matrix, cached until the catalog version moves.
@@ -381,7 +384,7 @@ class Tagger(Part):
         Refits when the vocabulary changed; scores images indexed (or re-encoded) since, as a
         new segment. One indexed SELECT per call when nothing changed.
         """
-        from piaa_index.scores import new_key, segment_name, writer_lock
+        from piaa_index.scores import new_key, segment_name, write_removed, writer_lock
 
         while True:
             version = self.store.data_version()
@@ -406,8 +409,11 @@ class Tagger(Part):
             view = self._open_view(row)
             # The shards of `todo` stay on disk while they are scored (see VectorStore.reading).
             with self.vectors.reading():
-                todo = self._sync_view(view) if view is not None else self.store.live_locations()
-                if view is not None and (not todo or not score_new):
+                if view is not None:
+                    todo, gone = self._sync_view(view)
+                else:
+                    todo, gone = self.store.live_locations(), []
+                if view is not None and ((not todo and not gone) or not score_new):
                     counts = self.store.image_counts()
                     self._cache = State(version, vocab, fitted, view, counts, len(todo))
                     return self._cache
@@ -422,6 +428,13 @@ class Tagger(Part):
                         or again.id != row.id
                         or again.score_segments != row.score_segments
                     ):
+                        continue
+                    if view is not None and gone:
+                        # Tombstones first (a small file, no scoring), then look again.
+                        segments = list(row.score_segments or [])
+                        name = segment_name(segments)
+                        write_removed(self.scores_dir / str(row.scores_key), name, gone)
+                        self.store.commit_segment(row.id, segments + [name], [], [])
                         continue
                     label_ids = [lb.id for lb in vocab.labels]
                     pair = (fitted.classifier, fitted.text_protos)

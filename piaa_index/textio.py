@@ -1,4 +1,5 @@
-"""Text out of piaa-index that holds file names: JSON that stays valid whatever the names.
+"""Text that holds file names, out of piaa-index (JSON that stays valid whatever the names)
+and into its database (`to_db_text`).
 
 POSIX file names are bytes; Python decodes the bytes that are not UTF-8 to lone surrogates
 (os.fsdecode). Written as UTF-8 they would crash the writer; as raw bytes, the JSON would be
@@ -14,3 +15,20 @@ from typing import Any
 def json_text(value: Any, indent: int | None = 2) -> str:
     text = json.dumps(value, indent=indent, ensure_ascii=False, default=str, allow_nan=False)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# POSIX file names are bytes. Python decodes the bytes that are not UTF-8 to lone surrogates
+# (U+DC80-U+DCFF, "surrogateescape"), which neither SQLite's driver nor Postgres accepts.
+# Stored, each becomes the code point 0x100000 higher (U+10DC80-U+10DCFF, private use
+# plane 16), so every name round-trips and a folder's paths still share its prefix.
+_SURROGATE_SHIFT = 0x100000
+_TO_DB = {c: c + _SURROGATE_SHIFT for c in range(0xDC80, 0xDD00)}
+_FROM_DB = {c + _SURROGATE_SHIFT: c for c in range(0xDC80, 0xDD00)}
+
+
+def to_db_text(value: str) -> str:
+    return value if value.isascii() else value.translate(_TO_DB)
+
+
+def from_db_text(value: str) -> str:
+    return value if value.isascii() else value.translate(_FROM_DB)

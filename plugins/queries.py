@@ -13,7 +13,7 @@ LIMIT = Param("limit", "Maximum number of results (0: all of them).", type=int, 
 
 def _limit(limit: int | None) -> int | None:
     """None or 0: no limit (every match, for piping); a negative number is a usage error."""
-    from piaa_index.library import UserInputError
+    from piaa_index.errors import UserInputError
 
     if limit is not None and limit < 0:
         raise UserInputError(f"--limit must be 0 (all) or a positive number, not {limit}")
@@ -56,6 +56,22 @@ def _search(
     return library.search(expression, limit=limit, include_absent=all_images)
 
 
+def _search_quick(
+    settings: Any,
+    expression: str | None = None,
+    text: str | None = None,
+    limit: int | None = 20,
+    all_images: bool = False,
+    progress: bool = False,
+) -> list[dict[str, Any]] | None:
+    """A boolean search answered read-only, without SQLAlchemy, when the scores are current."""
+    if text or not expression:
+        return None
+    from piaa_index import store_readonly
+
+    return store_readonly.search(settings, expression, _limit(limit), include_absent=all_images)
+
+
 def _similar(
     library: Any, image: str, limit: int | None = 20, progress: bool = False
 ) -> list[dict[str, Any]]:
@@ -88,6 +104,7 @@ def register_queries(register: Callable[[Query], None]) -> None:
                 Param("all_images", "Also rank images that do not match.", is_flag=True),
                 LIMIT,
             ),
+            quick=_search_quick,
         )
     )
     register(

@@ -41,9 +41,9 @@ def _head() -> str:
 def test_fast_open_path_knows_the_same_head_as_alembic() -> None:
     """Opening an up-to-date library skips alembic by reading the head from the migration file
     names; a migration named off that pattern would make every open take the slow path."""
-    from piaa_index.store import _head_revision
+    from piaa_index.store_readonly import head_revision
 
-    assert _head_revision() == _head()
+    assert head_revision() == _head()
 
 
 def test_an_up_to_date_library_opens_without_importing_alembic(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import click
 from piaa_index.textio import json_text
 
 if TYPE_CHECKING:
+    from piaa_index.config import Settings
     from piaa_index.library import Library
 
 # Exit codes scripts can rely on.
@@ -36,6 +37,18 @@ class AppContext:
     @property
     def progress(self) -> bool:
         return not self.quiet and sys.stderr.isatty()
+
+    @property
+    def library_is_open(self) -> bool:
+        return self._library is not None
+
+    def settings(self) -> Settings:
+        """Where the library is and which model was asked for (opens nothing)."""
+        from piaa_index.config import Settings
+
+        return Settings.resolve(
+            self.home, self.db, self.model, self.pretrained, self.front_end, self.device
+        )
 
     def library(self) -> Library:
         if self._library is None:

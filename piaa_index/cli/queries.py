@@ -72,7 +72,11 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
             fmt = "json" if as_json else "csv" if as_csv else "paths" if paths_only else "table"
             if extension.run(app, params, extra, fmt):
                 return
-        rows = query.run(app.library(), progress=app.progress, **params)
+        rows = None
+        if query.quick is not None and not app.library_is_open:
+            rows = query.quick(app.settings(), progress=app.progress, **params)
+        if rows is None:
+            rows = query.run(app.library(), progress=app.progress, **params)
         emit_rows(rows, as_json, as_csv, paths_only)
 
     command = click.Command(

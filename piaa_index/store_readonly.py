@@ -1,0 +1,204 @@
+"""The store's read-only twin, for a fresh `piaa search` process on a SQLite library.
+
+Importing SQLAlchemy (and the ORM schema) is most of a query command's start-up: ~0.25 s of a
+~0.5 s `piaa search`. A boolean search needs only a handful of SELECTs and the memory-mapped
+score matrix, so this module runs those SELECTs through the standard library's `sqlite3`.
+
+It answers only when the answer needs no write: the schema is this code's, the scores belong to
+the current vocabulary and hold every indexed image. Anything else (Postgres, a stale
+vocabulary, images not scored yet, a schema to upgrade, another model asked for, a damaged
+file) returns None, and the caller opens `Library`, which fits, scores, upgrades or names the
+problem. These statements mirror `Store`'s; tests/test_store_readonly.py checks that both
+answer alike.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_index.config import Settings
+from piaa_index.status import INDEXED
+from piaa_index.textio import from_db_text
+
+SQLITE_PREFIX = "sqlite:///"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def migrations_dir() -> Path:
+    import piaa_index_migrations
+
+    return Path(piaa_index_migrations.__file__).parent
+
+
+def head_revision() -> str:
+    """This code's schema head, from the migration file names (`NNNN_what.py` holds revision
+    "NNNN", each one's parent the one before): opening an up-to-date library then needs no
+    alembic import, a third of a query's start-up. A test checks it against alembic's head."""
+    numbers = [
+        f.name.split("_", 1)[0]
+        for f in (migrations_dir() / "versions").glob("[0-9]*_*.py")
+        if f.name.split("_", 1)[0].isdigit()
+    ]
+    return max(numbers, key=int)
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+class ReadOnlyStore:
+    """A SQLite library's catalog, read in one snapshot (`snapshot()`), never written."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection = connection
+
+    @classmethod
+    def open(cls, db_url: str) -> ReadOnlyStore | None:
+        """None unless `db_url` names an existing SQLite file at this code's schema head."""
+        if not db_url.startswith(SQLITE_PREFIX) or "?" in db_url:
+            return None
+        path = Path(db_url.removeprefix(SQLITE_PREFIX)).expanduser()
+        if not _is_sqlite_file(path):
+            return None  # missing, empty or not SQLite: `Store.open` says what to do
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return None
+        store = cls(connection)
+        try:
+            connection.execute("PRAGMA query_only=ON")
+            current = store._one("SELECT version_num FROM alembic_version")
+            if current is None or current[0] != head_revision():
+                store.close()
+                return None
+        except sqlite3.Error:
+            store.close()
+            return None
+        return store
+
+    def close(self) -> None:
+        self.connection.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[ReadOnlyStore]:
+        """One read transaction: every SELECT inside sees the same commit (WAL snapshot)."""
+        self.connection.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.connection.execute("ROLLBACK")
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        with closing(self.connection.execute(sql, params)) as cursor:
+            row = cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with closing(self.connection.execute(sql, params)) as cursor:
+            return [tuple(r) for r in cursor.fetchall()]
+
+    def get_setting(self, key: str) -> dict | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return None if row is None else dict(json.loads(row[0]))
+
+    def vocabulary(self) -> tuple[int, list[str]] | None:
+        """(id, label names in order) of the newest vocabulary, as `Store.vocabulary`."""
+        row = self._one("SELECT id FROM vocabularies ORDER BY id DESC LIMIT 1")
+        if row is None:
+            return None
+        names = self._all(
+            "SELECT name FROM labels WHERE vocabulary_id = ? ORDER BY position", (row[0],)
+        )
+        return int(row[0]), [str(n) for (n,) in names]
+
+    def latest_classifier(self) -> tuple[int, int, str | None, list[str]] | None:
+        """(id, vocabulary id, scores key, score segments) of the newest classifier."""
+        row = self._one(
+            "SELECT id, vocabulary_id, scores_key, score_segments FROM classifiers "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        if row is None:
+            return None
+        segments = json.loads(row[3]) if row[3] is not None else []
+        return int(row[0]), int(row[1]), row[2], [str(s) for s in segments or []]
+
+    def indexed_count(self) -> int:
+        row = self._one("SELECT count(*) FROM images WHERE status = ?", (INDEXED,))
+        return int(row[0]) if row else 0
+
+    def has_indexed_after(self, shard: int) -> bool:
+        """Whether an indexed image lies in a shard newer than `shard` (`locations_after`)."""
+        sql = "SELECT 1 FROM images WHERE shard > ? AND status = ? LIMIT 1"
+        return self._one(sql, (shard, INDEXED)) is not None
+
+    def paths(self, ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            for image_id, path in self._all(
+                f"SELECT id, path FROM images WHERE id IN ({marks})", chunk
+            ):
+                out[int(image_id)] = from_db_text(path)
+        return out
+
+
+def search(
+    settings: Settings, expression: str, limit: int | None, include_absent: bool = False
+) -> list[dict[str, Any]] | None:
+    """`Library.search`'s rows when the library can answer without writing, else None."""
+    from piaa_index.query_engine import search_rows
+    from piaa_index.scores import ScoreView, scores_root
+
+    store = ReadOnlyStore.open(settings.db_url)
+    if store is None:
+        return None
+    try:
+        with store.snapshot():
+            if not _same_model(store, settings):
+                return None
+            vocab = store.vocabulary()
+            classifier = store.latest_classifier()
+            store_id = store.get_setting("store_id")
+            if vocab is None or classifier is None or store_id is None:
+                return None
+            _, vocabulary_id, key, segments = classifier
+            if vocabulary_id != vocab[0] or not key or not segments:
+                return None  # a refit or a first scoring is due
+            folder = scores_root(settings.home / "vectors" / str(store_id["uuid"])) / key
+            try:
+                view = ScoreView.open(folder, key, segments)
+            except (OSError, ValueError):
+                return None  # lost or damaged: the full path re-scores
+            # `Store.changes_since`'s cheap test: nothing indexed since, nothing removed.
+            if store.has_indexed_after(view.max_shard):
+                return None
+            if int(np.count_nonzero(view.valid)) != store.indexed_count():
+                return None
+            return search_rows(expression, vocab[1], view, store.paths, limit, include_absent)
+    except sqlite3.Error:
+        return None  # locked, damaged, an older layout: the full path deals with it
+    finally:
+        store.close()
+
+
+def _same_model(store: ReadOnlyStore, settings: Settings) -> bool:
+    """False when the user asked for a model setting: `Library.open` checks it (and says no)."""
+    if settings.pretrained is not None:
+        return False
+    record = store.get_setting("model") or {}
+    return all(
+        asked is None or asked == record.get(key)
+        for key, asked in (("model", settings.model), ("front_end", settings.front_end))
+    )
