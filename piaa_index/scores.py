@@ -306,6 +306,10 @@ class ScoreView:
 
 def latest_rows(ids: np.ndarray) -> np.ndarray:
     """Mask of the last row of each id (later segments supersede earlier ones)."""
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        # Ids in increasing order (a fit's re-tag of a never-vacuumed library) are distinct:
+        # 1 ms at 1M rows against 35-220 ms for np.unique, on every fresh process's first query.
+        return np.ones(len(ids), dtype=bool)
     valid = np.zeros(len(ids), dtype=bool)
     if len(ids):
         _, first_in_reversed = np.unique(ids[::-1], return_index=True)

@@ -830,6 +830,22 @@ class Store:
             .values(version=DataVersion.version + 1)
         )
         version = int(s.scalar(select(DataVersion.version).where(DataVersion.name == "feed")) or 0)
+        if s.get_bind().dialect.name == "postgresql":
+            # One upsert of an array: a fit's first re-tag changes every image (100k rows were
+            # 7 s of DELETE / INSERT round trips, a sixth of the re-tag).
+            from sqlalchemy.dialects.postgresql import ARRAY
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            ids = bindparam("ids", wanted, type_=ARRAY(BigInteger))
+            rows = select(func.unnest(ids), bindparam("version", version, type_=BigInteger))
+            upsert = pg_insert(ImageChange).from_select(["image_id", "version"], rows)
+            s.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[ImageChange.image_id],
+                    set_={"version": upsert.excluded.version},
+                )
+            )
+            return
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             s.execute(delete(ImageChange).where(ImageChange.image_id.in_(chunk)))

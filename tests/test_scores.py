@@ -291,3 +291,23 @@ def test_similar_ivf_index_recall(lib: Library, monkeypatch: pytest.MonkeyPatch)
     _same_neighbours(
         lib.similar(probes[0], limit=None), lib.searcher._similar_exact(probes[0], None)
     )
+
+
+def test_latest_rows_keeps_the_last_row_of_each_image() -> None:
+    """The mask a view answers from, on thousands of rows: increasing ids (the shortcut), ids
+    re-scored in later segments and shuffled ids give the last row of each id, as a dict
+    walking the rows in order does."""
+    from piaa_index.scores import latest_rows
+
+    rng = np.random.default_rng(7)
+    cases = [
+        np.arange(5000, dtype=np.int64),
+        np.concatenate([np.arange(5000), rng.choice(5000, 800, replace=False)]),
+        rng.integers(0, 3000, 6000),
+        np.zeros(0, np.int64),
+    ]
+    for ids in cases:
+        last = {int(i): r for r, i in enumerate(ids)}
+        want = np.zeros(len(ids), bool)
+        want[list(last.values())] = True
+        assert np.array_equal(latest_rows(np.asarray(ids, np.int64)), want)
