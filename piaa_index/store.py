@@ -696,12 +696,14 @@ class Store:
     def locations_after(self, shard: int) -> list[tuple[int, int, int]]:
         """(image id, shard, row) of indexed images in shards newer than `shard` (index range)."""
         with self.session() as s:
+            # Status is checked here, not in SQL: with both conditions SQLite walks the status
+            # index over every indexed image (270 ms at 1M) instead of the few newer shards.
             rows = s.execute(
-                select(Image.id, Image.shard, Image.shard_row)
-                .where(Image.shard > shard, Image.status == INDEXED)
+                select(Image.id, Image.shard, Image.shard_row, Image.status)
+                .where(Image.shard > shard)
                 .order_by(Image.shard, Image.shard_row)
             ).all()
-        return [(int(i), int(sh or 0), int(r or 0)) for i, sh, r in rows]
+        return [(int(i), int(sh or 0), int(r or 0)) for i, sh, r, st in rows if st == INDEXED]
 
     def location(self, image_id: int) -> tuple[int, int] | None:
         """(shard, row) of an indexed image."""

@@ -139,7 +139,9 @@ class ReadOnlyStore:
 
     def has_indexed_after(self, shard: int) -> bool:
         """Whether an indexed image lies in a shard newer than `shard` (`locations_after`)."""
-        sql = "SELECT 1 FROM images WHERE shard > ? AND status = ? LIMIT 1"
+        # `+status`: SQLite then reads the few rows past `shard` from the shard index instead
+        # of walking the status index over every indexed image (270 ms at 1M).
+        sql = "SELECT 1 FROM images WHERE shard > ? AND +status = ? LIMIT 1"
         return self._one(sql, (shard, INDEXED)) is not None
 
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
