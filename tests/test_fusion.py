@@ -58,7 +58,9 @@ def test_patch_evidence_is_the_max_over_patches(world):
 def test_an_image_scores_the_same_bits_in_any_batch(world, monkeypatch, block):
     """Tags must not depend on which images share a chunk (the fit's re-tag, a new segment,
     a Ray task): float32 BLAS rounds differently by call shape, so gemm_rows fixes the shape.
-    block=6400: 100-row GEMM calls, so images straddle calls."""
+    block=6400: 100-row GEMM calls asked for, rounded up to one row tile (384 rows), so a
+    300-image batch takes dozens of calls; before that rounding, OpenBLAS on AMD EPYC gave
+    rows in a call's partial tile other last bits."""
     from piaa_index import pvcl
     from piaa_index.fusion import patch_text_cosines
 
