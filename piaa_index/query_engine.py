@@ -102,14 +102,15 @@ def parse_query(expression: str, labels: Sequence[str]) -> Node:
 
 
 def search_rows(
-    expression: str,
+    node: Node,
     labels: Sequence[str],
     view: ScoreColumns,
     paths_of: Callable[[list[int]], Mapping[int, str]],
     limit: int | None = 20,
     include_absent: bool = False,
 ) -> list[dict[str, Any]]:
-    """`Library.search` over a score matrix whose column c is label `labels[c]`.
+    """`Library.search` of a parsed query (`parse_query`) over a score matrix whose column c is
+    label `labels[c]`.
 
     Matching uses the tag decisions, ranking the fused scores (AND = weakest label); with
     `include_absent` the other valid rows are ranked below the matches. Paths are fetched
@@ -118,7 +119,7 @@ def search_rows(
     """
     from piaa_index.query_language import normalize_label
 
-    plan = compile_query(parse_query(expression, labels))
+    plan = compile_query(node)
     # The parser normalises names; rows show them as the vocabulary spells them.
     column = {normalize_label(name): c for c, name in enumerate(labels)}
     present = {key: view.column("present", column[key]) for key in plan.labels}

@@ -102,10 +102,10 @@ class Searcher(Part):
         from piaa_index.query_engine import parse_query, search_rows
 
         vocab = self.library.vocab.require_vocabulary()
-        parse_query(expression, vocab.names)  # a bad query is named before any fit
+        node = parse_query(expression, vocab.names)  # a bad query is named before any fit
         state = self.library.tagger.state()
         labels = [lb.name for lb in state.vocab.labels]
-        return search_rows(expression, labels, state.view, self.store.paths, limit, include_absent)
+        return search_rows(node, labels, state.view, self.store.paths, limit, include_absent)
 
     def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
         """The fused scores and decisions of `labels` (default: the whole vocabulary) for every

@@ -160,7 +160,7 @@ def search(
     settings: Settings, expression: str, limit: int | None, include_absent: bool = False
 ) -> list[dict[str, Any]] | None:
     """`Library.search`'s rows when the library can answer without writing, else None."""
-    from piaa_index.query_engine import search_rows
+    from piaa_index.query_engine import parse_query, search_rows
     from piaa_index.scores import ScoreView, scores_root
 
     store = ReadOnlyStore.open(settings.db_url)
@@ -188,7 +188,8 @@ def search(
                 return None
             if int(np.count_nonzero(view.valid)) != store.indexed_count():
                 return None
-            return search_rows(expression, vocab[1], view, store.paths, limit, include_absent)
+            node = parse_query(expression, vocab[1])
+            return search_rows(node, vocab[1], view, store.paths, limit, include_absent)
     except sqlite3.Error:
         return None  # locked, damaged, an older layout: the full path deals with it
     finally:

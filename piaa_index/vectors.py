@@ -19,6 +19,7 @@ before the quantiser exists (a first run of a few photos) are stored in fp16, lo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -440,7 +441,7 @@ class VectorStore:
         except RuntimeError as exc:  # faiss on a truncated or garbled file
             raise self._damaged(shard, exc) from None
         self._mapped[shard] = got
-        while len(self._mapped) > MAX_MAPPED_SHARDS:
+        while len(self._mapped) > mapped_shard_cap():
             self._mapped.pop(next(iter(self._mapped)))
         return got
 
@@ -522,11 +523,13 @@ class VectorStore:
         return int(faiss.read_index(str(self._path(shard, "cls"))).ntotal)
 
 
-def _mapped_shard_cap() -> int:
+@functools.cache
+def mapped_shard_cap() -> int:
     """How many shards stay mapped between queries. Each holds two file descriptors (FAISS's
     mapped [CLS] index, the patch codes' mmap), so the cap follows the open-files limit, first
     raised to its hard maximum as databases do. A 1M-image library has ~1,000 shards: with 256
-    mapped, text search re-opened most of them on every query (1.2 s of its ~2 s at 1M)."""
+    mapped, text search re-opened most of them on every query (1.2 s of its ~2 s at 1M).
+    Decided when the first shard is mapped, not on import: the limit is process-wide."""
     try:
         import resource
 
@@ -541,9 +544,6 @@ def _mapped_shard_cap() -> int:
     if soft == resource.RLIM_INFINITY:
         return 4096
     return max(64, min(4096, (soft - 1024) // 2))
-
-
-MAX_MAPPED_SHARDS = _mapped_shard_cap()
 
 
 @dataclass
