@@ -4,6 +4,7 @@ only describes them for queries, and must match the newest migration."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -26,7 +27,7 @@ from sqlalchemy.types import TypeDecorator
 from piaa_index.status import FAILED as FAILED
 from piaa_index.status import INDEXED as INDEXED
 from piaa_index.status import MISSING_VECTORS as MISSING_VECTORS
-from piaa_index.textio import from_db_text, to_db_text
+from piaa_index.textio import finite_json, from_db_text, to_db_text
 
 
 class FsText(TypeDecorator[str]):
@@ -42,6 +43,17 @@ class FsText(TypeDecorator[str]):
         return None if value is None else from_db_text(value)
 
 
+class StoredJSON(TypeDecorator[Any]):
+    """JSON that every backend accepts: non-finite numbers are stored as strings (`finite_json`);
+    readers of numbers that may be infinite parse them with `float()`."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else finite_json(value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -49,7 +61,7 @@ class Base(DeclarativeBase):
 class Setting(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[dict] = mapped_column(JSON)
+    value: Mapped[dict] = mapped_column(StoredJSON)
 
 
 class Image(Base):
@@ -73,7 +85,7 @@ class Vocabulary(Base):
 
     __tablename__ = "vocabularies"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    templates: Mapped[list] = mapped_column(JSON)
+    templates: Mapped[list] = mapped_column(StoredJSON)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
@@ -84,7 +96,7 @@ class Label(Base):
     vocabulary_id: Mapped[int] = mapped_column(ForeignKey("vocabularies.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(Text)
-    templates: Mapped[list | None] = mapped_column(JSON)  # None: the vocabulary's templates
+    templates: Mapped[list | None] = mapped_column(StoredJSON)  # None: the vocabulary's templates
 
 
 class Classifier(Base):
@@ -95,12 +107,12 @@ class Classifier(Base):
     n_images: Mapped[int] = mapped_column(Integer)
     n_patches: Mapped[int] = mapped_column(Integer)
     fit_seconds: Mapped[float] = mapped_column(Float)
-    report: Mapped[dict] = mapped_column(JSON)  # bank sizes, kept sizes, weak labels, params
-    thresholds: Mapped[list | None] = mapped_column(JSON)
+    report: Mapped[dict] = mapped_column(StoredJSON)  # bank sizes, kept sizes, weak labels, params
+    thresholds: Mapped[list | None] = mapped_column(StoredJSON)
     weights: Mapped[bytes] = mapped_column(LargeBinary)
     # The folder of its score matrix (piaa_index/scores.py) and the segments committed there.
     scores_key: Mapped[str | None] = mapped_column(String(40))
-    score_segments: Mapped[list | None] = mapped_column(JSON)
+    score_segments: Mapped[list | None] = mapped_column(StoredJSON)
 
 
 class Tag(Base):

@@ -53,7 +53,7 @@ from piaa_index.schema import (
     Vocabulary,
     XmpSidecar,
 )
-from piaa_index.store_readonly import SQLITE_MAGIC, head_revision, migrations_dir
+from piaa_index.store_readonly import head_revision, migrations_dir, sqlite_file_kind
 
 
 class StoreError(PiaaError):
@@ -1025,25 +1025,25 @@ def _image_dict(
 
 def _check_sqlite_file(path: Path, allow_empty: bool = False) -> None:
     """Refuse what would otherwise silently become a new, empty library: a file that is not
-    SQLite, or one truncated to 0 bytes (its vocabulary, tags and vector links would be lost)."""
+    SQLite, or one truncated to 0 bytes (its vocabulary, tags and vector links would be lost).
+    The file is only ever opened through SQLite (see `sqlite_file_kind`)."""
     try:
-        if not path.exists():
+        kind = sqlite_file_kind(path)
+        if kind == "missing":
             path.parent.mkdir(parents=True, exist_ok=True)
             return
-        if path.is_dir():
-            raise StoreError(f"{path} is a folder, not a database file")
-        with open(path, "rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
     except OSError as exc:
         raise StoreError(f"cannot use database file {path}: {exc.strerror or exc}") from None
-    if not head and allow_empty:
+    if kind == "folder":
+        raise StoreError(f"{path} is a folder, not a database file")
+    if kind == "empty" and allow_empty:
         return
-    if not head:
+    if kind == "empty":
         raise StoreError(
             f"database file {path} is empty (0 bytes): it was truncated or damaged. Restore it "
             "from a backup, or move it away to start a new library"
         )
-    if head != SQLITE_MAGIC:
+    if kind != "sqlite":
         raise StoreError(f"{path} is not a SQLite database (wrong --db or PIAA_DB?)")
 
 

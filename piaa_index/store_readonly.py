@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -28,7 +29,6 @@ from piaa_index.status import INDEXED
 from piaa_index.textio import from_db_text
 
 SQLITE_PREFIX = "sqlite:///"
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def migrations_dir() -> Path:
@@ -49,12 +49,33 @@ def head_revision() -> str:
     return max(numbers, key=int)
 
 
-def _is_sqlite_file(path: Path) -> bool:
+def sqlite_file_kind(path: Path) -> str:
+    """What `path` holds: "missing", "folder", "empty", "sqlite" or "other" (not a database).
+
+    Never opens the file outside SQLite: closing any descriptor of a database file drops every
+    POSIX lock this process holds on it (SQLite's "How To Corrupt", section 2.2), so a server
+    whose connections are open would lose its locks, and another process closing the library
+    would then delete the WAL the server still writes into. SQLite itself shares one descriptor
+    per file among the process's connections, so probing through it is safe."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
-    except OSError:
-        return False
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    if st.st_size == 0:
+        return "empty"
+    try:
+        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return "other"
+    try:
+        probe.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError:
+        return "other"  # "file is not a database"
+    finally:
+        probe.close()
+    return "sqlite"
 
 
 class ReadOnlyStore:
@@ -69,7 +90,7 @@ class ReadOnlyStore:
         if not db_url.startswith(SQLITE_PREFIX) or "?" in db_url:
             return None
         path = Path(db_url.removeprefix(SQLITE_PREFIX)).expanduser()
-        if not _is_sqlite_file(path):
+        if sqlite_file_kind(path) != "sqlite":
             return None  # missing, empty or not SQLite: `Store.open` says what to do
         try:
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -9,7 +9,20 @@ invalid. JSON gets `\\udcXX` escapes instead, which JSON readers turn back into 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float as the string "inf", "-inf" or "nan": Postgres's JSON
+    refuses `Infinity` and `NaN`, and `float()` reads the strings back."""
+    if isinstance(value, float):  # numpy's float64 too
+        return float(value) if math.isfinite(value) else str(float(value))
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def json_text(value: Any, indent: int | None = 2) -> str:

@@ -1,6 +1,7 @@
 """Labels the library does not hold: `fit`, `status` and `tags` say so by name, and they are never
 tagged (issue 8). A ShapesWorld library holding only the kitchen and fun groups, tagged with the
-vocabulary of all 24 classes, through the CLI as a user runs it."""
+vocabulary of all 24 classes, through the CLI as a user runs it, on SQLite and on Postgres (whose
+JSON refuses the infinite threshold of an absent label unless it is stored as text, issue 18)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,23 @@ from piaa_index.shapes.world import CLASSES, GROUPS
 
 
 @pytest.fixture(scope="module")
-def subset_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, set[str]]:
-    base = tmp_path_factory.mktemp("absent")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("absent-scenes")
     held = [CLASSES.index(n) for g in ("kitchen", "fun") for n in GROUPS[g]]
     generate_dataset(base / "scenes", 600, seed=57, size=96, progress=False, classes_allowed=held)
+    return base / "scenes"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def subset_library(
+    request: pytest.FixtureRequest, scenes: Path
+) -> tuple[list[str], Path, set[str]]:
+    base = scenes.parent
     truth = load_dataset(base / "scenes")
     in_scenes = {truth.classes[c] for item in truth.items for c in item.labels}
-    opts = ["--home", str(base / "home"), "-q"]
+    opts = ["--home", str(base / f"home-{request.param}"), "-q"]
+    if request.param == "postgres":
+        opts += ["--db", request.getfixturevalue("postgres_database")()]
     run(["index", str(base / "scenes" / "images"), "--model", "shapesworld", *opts])
     run(["vocab", "set", *CLASSES, *opts])
     return opts, base, in_scenes
