@@ -15,7 +15,7 @@ DEFAULT_FRONT_END = "sclip"
 FRONT_ENDS: tuple[str, ...] = ("clip", "sclip")
 # SCLIP repairs the last block of web-trained CLIP for dense use; the shipped shapesworld model
 # was trained with a token-level loss on its plain last-block patches, so it uses those.
-MODEL_FRONT_END = {"shapesworld": "clip"}
+MODEL_FRONT_END = {"shapesworld": "clip", "shapesworld-gap": "clip"}
 
 
 def default_front_end(model: str) -> str:

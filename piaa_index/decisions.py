@@ -39,7 +39,10 @@ import numpy as np
 
 __all__ = [
     "DecisionParams",
+    "Calibration",
     "Decisions",
+    "calibrate",
+    "open_decisions",
     "apply_decisions",
     "bank_support",
     "label_decisions",
@@ -70,32 +73,101 @@ class DecisionParams:
     min_excess: float = 3.0
 
 
+# A tag is a confidence of at least one half: the one rule, for fit, new images, eval, evidence
+# and Ray alike (`Decisions.apply`).
+PRESENT_AT = 0.5
+
+
+@dataclass
+class Calibration:
+    """Per label, how its patch evidence E (best patch's log-odds) and [CLS] cosine C become one
+    confidence in [0, 1], learnt from the collection's own scores without labels.
+
+    F = α·(E − e_center)/e_scale + (1 − α)·(C − c_center)/c_scale (robust per-label z-scores,
+    so the paper's α weighs branches on one scale), and confidence = sigmoid(slope·F +
+    intercept): the posterior of the upper of two equal-variance Gaussians fitted to the
+    label's F over the collection (EM). Nothing in it depends on another label.
+    """
+
+    e_center: np.ndarray
+    e_scale: np.ndarray
+    c_center: np.ndarray
+    c_scale: np.ndarray
+    slope: np.ndarray
+    intercept: np.ndarray
+    alpha: float = 0.9
+
+    def fused(self, E: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """[N, C] fused per-label score F (unbounded)."""
+        zE = (np.asarray(E, np.float64) - self.e_center) / self.e_scale
+        zC = (np.asarray(C, np.float64) - self.c_center) / self.c_scale
+        return self.alpha * zE + (1 - self.alpha) * zC
+
+    def confidence(self, E: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """[N, C] calibrated confidence that each label is in each image."""
+        z = self.slope * self.fused(E, C) + self.intercept
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, without overflow
+
+    def to_json(self) -> dict[str, Any]:
+        arrays = {k: [float(x) for x in v] for k, v in self.__dict__.items() if k != "alpha"}
+        return {**arrays, "alpha": self.alpha}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        arrays = {k: np.asarray([float(x) for x in v]) for k, v in data.items() if k != "alpha"}
+        return cls(**arrays, alpha=float(data.get("alpha", 0.9)))
+
+
 @dataclass
 class Decisions:
     """The tag rule fitted to one collection: enough to tag its images and any added later."""
 
-    thresholds: np.ndarray  # [C] on the patch evidence m
+    thresholds: np.ndarray  # [C] on the confidence S (legacy rule: on the patch evidence m)
     support_gate: np.ndarray  # [C] on the text support; -inf: no gate, +inf: never (absent)
     status: list[dict[str, Any]]  # per label, JSON-serialisable
     info: dict[str, Any] = field(default_factory=dict)  # collection-level facts and warnings
+    calibration: Calibration | None = None  # None: a classifier fitted before the open world
+
+    def apply(
+        self, E: np.ndarray, C: np.ndarray, U: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(confidence S [N, C], present [N, C]) of images' evidence, [CLS] and text support.
+
+        An image whose best patch does not reach a gated label's text level (weak and absent
+        labels, small libraries) keeps half its confidence: below one half, never tagged, and
+        still ranked. Legacy rule (no calibration): no S (the stored one stands), present is
+        E >= threshold and U >= gate."""
+        E = np.asarray(E, dtype=np.float64)
+        U = np.asarray(U, dtype=np.float64)
+        gated = U >= self.support_gate[None, :]
+        if self.calibration is None:
+            return None, (E >= self.thresholds[None, :]) & gated
+        conf = self.calibration.confidence(E, C)
+        S = np.where(gated, conf, 0.5 * conf)
+        return S, S >= PRESENT_AT
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form (infinities as strings) for storage next to the classifier."""
-        return {
-            "thresholds": [float(t) for t in self.thresholds],
+        out = {
+            "thresholds": [_enc(float(t)) for t in self.thresholds],
             "support_gate": [_enc(float(g)) for g in self.support_gate],
             "status": self.status,
             "info": self.info,
         }
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Decisions:
         """Inverse of ``to_json``."""
+        calibration = data.get("calibration")
         return cls(
-            thresholds=np.asarray(data["thresholds"], dtype=np.float64),
+            thresholds=np.asarray([_dec(t) for t in data["thresholds"]], dtype=np.float64),
             support_gate=np.asarray([_dec(g) for g in data["support_gate"]], dtype=np.float64),
             status=list(data["status"]),
             info=dict(data["info"]),
+            calibration=None if calibration is None else Calibration.from_json(calibration),
         )
 
 
@@ -159,6 +231,7 @@ def label_decisions(
     fit_support: dict[str, Any],
     params: DecisionParams | None = None,
     paa_params: Any = None,
+    per_label_thresholds: bool = True,
 ) -> Decisions:
     """The tag rule for a collection: per-label status, thresholds on m and support gates.
 
@@ -182,9 +255,9 @@ def label_decisions(
     # the mean of the pooled split's upper mode (at least the cut itself).
     sure = fit_support.get("sure_level", level)
     small = N < prm.small_library
-    n_support = (
-        (e >= level).sum(axis=0) if level is not None and N else np.full(C, N, dtype=np.int64)
-    )
+    # A label with a mostly-ghost bank is weak (not absent) only if some images reach the sure
+    # level, where weak labels are tagged: below it, it could never tag anything anyway.
+    n_support = (e >= sure).sum(axis=0) if sure is not None and N else np.full(C, N, dtype=np.int64)
 
     status: list[str] = []
     for c in range(C):
@@ -200,7 +273,7 @@ def label_decisions(
     thr = np.full(C, np.inf)
     kept = [c for c in range(C) if status[c] != "absent"]
     split_info: list[dict] = [{} for _ in range(C)]
-    if kept and N:
+    if kept and N and per_label_thresholds:
         found, info = decision_thresholds(m[:, kept], paa_params or PaaParams(), return_info=True)
         found = np.asarray(found, dtype=np.float64)
         for j, c in enumerate(kept):
@@ -217,13 +290,13 @@ def label_decisions(
             gate[c] = float(level)  # type: ignore[arg-type]
         elif status[c] == "weak":
             gate[c] = np.inf  # no visual bank and no matching level to vouch for any image
-    if small and not surer:
+    if small and not surer and per_label_thresholds:
         # No matching level to gate on: in a small library, tag only where the label's own
         # evidence is above the collection's median of it (fewer, surer; thresholds per label).
         for c in kept:
             thr[c] = max(thr[c], float(np.quantile(m[:, c], 0.5)) if N else thr[c])
 
-    if small and kept and N:
+    if small and kept and N and per_label_thresholds:
         # Per-label thresholds even where no split was possible: the label's own evidence in
         # the images that reach the matching level sets the bar (fewer, surer tags).
         for c in kept:
@@ -261,7 +334,95 @@ def label_decisions(
 
 
 def apply_decisions(evidence: np.ndarray, support: np.ndarray, decisions: Decisions) -> np.ndarray:
-    """Present/absent [N, C] bool: m ≥ the label's threshold and support ≥ its gate."""
+    """Present/absent [N, C] bool by the legacy rule: m ≥ the label's threshold and support ≥
+    its gate (the paper's closed-world classifier, kept for `piaa eval`'s comparison rows)."""
     m = np.asarray(evidence, dtype=np.float64)
     e = np.asarray(support, dtype=np.float64)
     return (m >= decisions.thresholds[None, :]) & (e >= decisions.support_gate[None, :])
+
+
+def _robust_scale(x: np.ndarray) -> tuple[float, float]:
+    """(median, scale) of 1-D values: 1.4826·MAD, or the std where most values are equal."""
+    if x.size == 0:
+        return 0.0, 1.0
+    center = float(np.median(x))
+    scale = 1.4826 * float(np.median(np.abs(x - center)))
+    if not scale > 1e-9:
+        scale = float(x.std())
+    return center, scale if scale > 1e-9 else 1.0
+
+
+def _upper_mode(x: np.ndarray, iters: int = 100) -> tuple[float, float]:
+    """(slope, intercept) of the posterior of the upper of two equal-variance Gaussians fitted
+    to 1-D values by EM (started from the minimum-error split), as a logistic in x."""
+    from piaa_index.fusion import split_scores
+
+    x = np.asarray(x, dtype=np.float64)
+    sp = split_scores(x, "met", 3) if x.size >= 6 else None
+    if sp is None:  # too few images, or all equal: the standardised score itself
+        return 1.0, 0.0
+    upper = (x > sp.threshold).astype(np.float64)
+    slope = intercept = 0.0
+    for _ in range(iters):
+        w1 = upper.sum()
+        w0 = x.size - w1
+        if w1 < 1e-9 or w0 < 1e-9:
+            break
+        pi1 = w1 / x.size
+        mu0 = float(((1 - upper) * x).sum() / w0)
+        mu1 = float((upper * x).sum() / w1)
+        var = float((((1 - upper) * (x - mu0) ** 2) + upper * (x - mu1) ** 2).sum() / x.size)
+        var = max(var, 1e-6)
+        slope = (mu1 - mu0) / var
+        intercept = math.log(pi1 / (1 - pi1)) - (mu1**2 - mu0**2) / (2 * var)
+        new = 0.5 * (1.0 + np.tanh(0.5 * (slope * x + intercept)))
+        if np.max(np.abs(new - upper)) < 1e-7:
+            upper = new
+            break
+        upper = new
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope <= 0:
+        return 1.0, 0.0
+    return float(slope), float(intercept)
+
+
+def calibrate(E: np.ndarray, C: np.ndarray, alpha: float = 0.9) -> Calibration:
+    """Each label's calibration from its own column of the collection's scores (`Calibration`)."""
+    E = np.asarray(E, dtype=np.float64)
+    Cs = np.asarray(C, dtype=np.float64)
+    n_labels = E.shape[1]
+    e = [_robust_scale(E[:, c]) for c in range(n_labels)]
+    k = [_robust_scale(Cs[:, c]) for c in range(n_labels)]
+    cal = Calibration(
+        e_center=np.array([v[0] for v in e]),
+        e_scale=np.array([v[1] for v in e]),
+        c_center=np.array([v[0] for v in k]),
+        c_scale=np.array([v[1] for v in k]),
+        slope=np.ones(n_labels),
+        intercept=np.zeros(n_labels),
+        alpha=alpha,
+    )
+    F = cal.fused(E, Cs)
+    for c in range(n_labels):
+        cal.slope[c], cal.intercept[c] = _upper_mode(F[:, c])
+    return cal
+
+
+def open_decisions(
+    evidence: np.ndarray,
+    cls: np.ndarray,
+    support: np.ndarray,
+    fit_support: dict[str, Any],
+    params: DecisionParams | None = None,
+    alpha: float = 0.9,
+) -> Decisions:
+    """The tag rule of an open-world classifier: per-label calibration (`calibrate`), the
+    label's status from the fit's banks, and text-support gates for weak labels and small
+    libraries (as `label_decisions`). A tag is a confidence of at least one half."""
+    base = label_decisions(evidence, support, fit_support, params, per_label_thresholds=False)
+    cal = calibrate(evidence, cls, alpha)
+    thresholds = np.where(np.isinf(base.support_gate) & (base.support_gate > 0), np.inf, PRESENT_AT)
+    for c, record in enumerate(base.status):
+        record["threshold"] = _enc(float(thresholds[c]))
+        record["threshold_source"] = "calibrated"
+        record["calibration"] = {"slope": round(float(cal.slope[c]), 4)}
+    return Decisions(thresholds, base.support_gate, base.status, base.info, cal)

@@ -29,6 +29,13 @@ __all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "Mode
 
 SHAPESWORLD = "shapesworld"
 SHAPESWORLD_DIR = Path(__file__).resolve().parent / "assets" / "shapesworld"
+# The shipped stand-ins, one architecture (shapesworld.json), two trainings: `shapesworld`, whose
+# patches were trained against the text directly, and `shapesworld-gap`, whose patches carry
+# class evidence but sit far from the text, as web-trained CLIP's do (TRAINING.md).
+SHIPPED_MODELS = {
+    SHAPESWORLD: "shapesworld.safetensors",
+    "shapesworld-gap": "shapesworld-gap.safetensors",
+}
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
@@ -131,7 +138,7 @@ def resolve_spec(spec: ModelSpec) -> _Resolved:
     model, pretrained = spec.model.strip(), spec.pretrained.strip()
     preprocess: dict[str, Any] = {}
     tags: list[str] = []
-    if model == SHAPESWORLD:
+    if model in SHIPPED_MODELS:
         shipped = SHAPESWORLD_DIR / "shapesworld.json"
         if not shipped.is_file():
             raise ModelLoadError(
@@ -148,15 +155,16 @@ def resolve_spec(spec: ModelSpec) -> _Resolved:
     else:
         name = model.replace("/", "-")  # open_clip accepts ViT-B/16 as ViT-B-16
         if name not in open_clip.list_models():
-            hint = _close_names(name, open_clip.list_models() + [SHAPESWORLD])
+            hint = _close_names(name, open_clip.list_models() + list(SHIPPED_MODELS))
             raise ModelLoadError(
                 f"unknown model {model!r}"
                 + (f"; did you mean: {hint}?" if hint else "")
-                + " (a model is an open_clip name, 'shapesworld', or a model-config JSON path)"
+                + " (a model is an open_clip name, 'shapesworld', 'shapesworld-gap', or a "
+                "model-config JSON path)"
             )
         kind = "builtin"
         tags = open_clip.list_pretrained_tags_by_model(name)
-    model_label = name
+    model_label = model if kind == "shipped" else name  # the two shipped models share a config
 
     if kind == "schema" and pretrained != "default":
         raise ModelLoadError(f"{name} brings its own weights; use --pretrained default")
@@ -165,13 +173,15 @@ def resolve_spec(spec: ModelSpec) -> _Resolved:
 
     if pretrained == "default":
         if kind == "shipped":
-            ckpt = SHAPESWORLD_DIR / "shapesworld.safetensors"
+            ckpt = SHAPESWORLD_DIR / SHIPPED_MODELS[model]
             if not ckpt.is_file():
                 raise ModelLoadError(
                     f"the shipped ShapesWorld checkpoint is missing: {ckpt} "
                     "(reinstall piaa-index, or pass --pretrained PATH)"
                 )
-            return _Resolved(name, str(ckpt), _checkpoint_label(ckpt), name, preprocess, False)
+            return _Resolved(
+                name, str(ckpt), _checkpoint_label(ckpt), model_label, preprocess, False
+            )
         if kind == "schema":
             return _Resolved(name, None, "hub", model_label, preprocess, False)
         if kind == "config":

@@ -139,14 +139,22 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
         got = vectors.read_shard(loc[0], [loc[1]])
     if int(got.image_ids[0]) != image_id:  # SQL and the shard disagree: damage, not the user
         raise NotFoundError(f"image {image_id} is not where the index says; run `piaa db check`")
-    probs = patch_probabilities(
-        got.patches, state.fitted.classifier, PaaParams().tau_evidence
-    )  # [1, M, C]
     gh, gw = (int(v) for v in vectors.identity["grid"])
-    grid = probs[0, :, c].reshape(gh, gw)
+    classifier = state.fitted.classifier
+    calibration = state.fitted.decisions.calibration
+    if classifier.open_world and calibration is not None:
+        # Each patch's log-odds against the background, relative to the best patch of a typical
+        # image of this collection (the label's median evidence): above one half, the patch is
+        # more like the label than a typical image's best patch is.
+        logits = classifier.logits(got.patches)[0, :, c].astype(np.float64)
+        grid = (1.0 / (1.0 + np.exp(-(logits - calibration.e_center[c])))).reshape(gh, gw)
+    else:
+        probs = patch_probabilities(got.patches, classifier, PaaParams().tau_evidence)
+        grid = probs[0, :, c].reshape(gh, gw)  # [1, M, C] -> the label's map
     rows = library.searcher.tags_of(image_id)
     tag = next(r for r in rows if r["label"] == state.vocab.names[c])
-    tag["n_labels"] = len(rows)
+    # Open world: each patch's own probability against the background, no 1/C floor.
+    tag["n_labels"] = 0 if state.fitted.classifier.open_world else len(rows)
     return Evidence(
         image_id=image_id,
         path=tag["path"],
@@ -160,7 +168,7 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
 def resize_mode(spec: ModelSpec) -> str:
     """open_clip's `resize_mode` for the model, read from its config file without loading torch:
     `shortest` (resize, centre crop: open_clip's default), `longest` (pad) or `squash`."""
-    if spec.model == "shapesworld":  # encoder.SHAPESWORLD; that module imports torch
+    if spec.model in ("shapesworld", "shapesworld-gap"):  # encoder.SHIPPED_MODELS (imports torch)
         config = Path(__file__).resolve().parent / "assets" / "shapesworld" / "shapesworld.json"
     elif spec.model.lower().endswith(".json"):
         config = Path(spec.model).expanduser()

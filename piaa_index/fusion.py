@@ -92,10 +92,14 @@ def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
 
 
 def patch_probabilities(patches: np.ndarray, clf: Classifier, tau: float = 1.0) -> np.ndarray:
-    """Each patch's softmax(τ · calibrated PVCL logits), [b, M, C] float64: the per-patch
-    evidence that `patch_evidence` max-pools (and piaa_index/evidence.py maps)."""
+    """Each patch's probability of each label, [b, M, C] float64: the per-patch evidence that
+    `patch_evidence` max-pools (and piaa_index/evidence.py maps). Open-world: the sigmoid of
+    the label's log-odds against the background; the paper's: softmax(τ · logits)."""
+    logits = clf.logits(np.asarray(patches, np.float32)).astype(np.float64)
+    if clf.open_world:
+        return 1.0 / (1.0 + np.exp(-logits))
     # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
-    return softmax(tau * clf.logits(np.asarray(patches, np.float32)).astype(np.float64))
+    return softmax(tau * logits)
 
 
 def patch_evidence(
@@ -132,12 +136,15 @@ def _patch_scores(
         n = blk.shape[0]
         flat = blk.reshape(n * M, -1)
         logits = clf.logits(flat).reshape(n, M, C)
-        for a in range(0, n, b):
-            z = (tau * logits[a : a + b]).astype(np.float64)
-            z -= z.max(axis=2, keepdims=True)
-            np.exp(z, out=z)
-            z /= z.sum(axis=2, keepdims=True)
-            m[start + a : start + a + len(z)] = z.max(axis=1)
+        if clf.open_world:  # per-label log-odds already: the best patch, no softmax over labels
+            m[start : start + n] = logits.max(axis=1)
+        else:
+            for a in range(0, n, b):
+                z = (tau * logits[a : a + b]).astype(np.float64)
+                z -= z.max(axis=2, keepdims=True)
+                np.exp(z, out=z)
+                z /= z.sum(axis=2, keepdims=True)
+                m[start + a : start + a + len(z)] = z.max(axis=1)
         if support is not None and T is not None:
             support[start : start + n] = patch_text_cosines(flat, T).reshape(n, M, C).max(axis=1)
     return m, support
@@ -226,16 +233,23 @@ def score_images(
     support: np.ndarray | None = None,
 ) -> PaaScores:
     """All PAA scores for a block of images: [CLS] [N, d] and patches [N, M, d]; `support`, the
-    images' text support when already known (it is computed otherwise)."""
+    images' text support when already known (it is computed otherwise).
+
+    With an open-world classifier every column is per label: `patch` is the best patch's
+    log-odds, `cls` the raw [CLS] cosine, and `fused` is left at zero: the fused confidence
+    needs the collection's calibration (decisions.Decisions.confidence)."""
     prm = params or PaaParams()
-    s_cls = cls_scores(cls, T, prm.tau_cls)
+    if clf.open_world:
+        s_cls = gemm_rows(cls, np.ascontiguousarray(np.asarray(T, np.float32).T), rows=CLS_ROWS)
+        s_cls = s_cls.astype(np.float64)
+    else:
+        s_cls = cls_scores(cls, T, prm.tau_cls)
     if support is None:
         m, support = _patch_scores(patches, clf, T, prm.tau_evidence, prm.batch_images)
     else:  # the fit's pass computed it (tagging.Tagger.fit): only the logits are left
         m = _patch_scores(patches, clf, None, prm.tau_evidence, prm.batch_images)[0]
-    return PaaScores(
-        cls=s_cls, patch=m, fused=fuse(s_cls, m, prm.alpha, prm.tau_patch), support=support
-    )
+    fused = np.zeros_like(m) if clf.open_world else fuse(s_cls, m, prm.alpha, prm.tau_patch)
+    return PaaScores(cls=s_cls, patch=m, fused=fused, support=support)
 
 
 # ----------------------------------------------------------------------------------- decisions

@@ -207,17 +207,36 @@ class Classifier:
     params: dict[str, Any] = field(default_factory=dict)
     scale: float = 1.0  # raw logits are divided by this (calibrated on the bank)
     means: np.ndarray | None = None  # [C, d] final class means (diagnostics, provenance)
+    # The open-world classifier (piaa_index/open_pvcl.py): the collection's background mixture
+    # (one Gaussian per cluster of the patch pool, the same precision), so each label's logit
+    # is its own log-odds against the background, whatever other labels exist. None: the
+    # paper's closed-world classifier, whose labels compete in a softmax.
+    background_W: np.ndarray | None = None  # [k, d] float32
+    background_b: np.ndarray | None = None  # [k] float32
 
     @property
     def n_classes(self) -> int:
         """Number of labels C."""
         return int(self.W.shape[0])
 
+    @property
+    def open_world(self) -> bool:
+        """Per-label log-odds against the background (True) or the paper's softmax (False)."""
+        return self.background_W is not None
+
     def raw_logits(self, X: np.ndarray) -> np.ndarray:
-        """Uncalibrated GDA logits W x + b, shape [..., C]."""
+        """Uncalibrated GDA logits W x + b, shape [..., C]; open-world: minus the background
+        mixture's log-density (logsumexp over its clusters), i.e. per-label log-odds."""
         X = np.asarray(X, dtype=np.float32)
-        flat = gemm_rows(X.reshape(-1, X.shape[-1]), np.ascontiguousarray(self.W.T, np.float32))
+        rows = X.reshape(-1, X.shape[-1])
+        flat = gemm_rows(rows, np.ascontiguousarray(self.W.T, np.float32))
         flat += np.asarray(self.b, np.float32)
+        if self.background_W is not None and self.background_b is not None:
+            bg = gemm_rows(rows, np.ascontiguousarray(self.background_W.T, np.float32))
+            bg += np.asarray(self.background_b, np.float32)
+            top = bg.max(axis=1, keepdims=True)
+            lse = top + np.log(np.exp(bg - top).sum(axis=1, keepdims=True))
+            flat -= lse
         return flat.reshape(*X.shape[:-1], flat.shape[-1])
 
     def logits(self, X: np.ndarray) -> np.ndarray:
@@ -241,10 +260,14 @@ class Classifier:
             "scale": float(self.scale),
         }
         meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        if self.means is None:
-            np.savez(buf, meta=meta_bytes, W=self.W, b=self.b)
-        else:
-            np.savez(buf, meta=meta_bytes, W=self.W, b=self.b, means=self.means)
+        arrays = {"meta": meta_bytes, "W": self.W, "b": self.b}
+        optional = {
+            "means": self.means,
+            "background_W": self.background_W,
+            "background_b": self.background_b,
+        }
+        arrays.update({k: v for k, v in optional.items() if v is not None})
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
     @classmethod
@@ -263,6 +286,12 @@ class Classifier:
                 params=meta["params"],
                 scale=meta["scale"],
                 means=z["means"].astype(np.float32) if "means" in z.files else None,
+                background_W=(
+                    z["background_W"].astype(np.float32) if "background_W" in z.files else None
+                ),
+                background_b=(
+                    z["background_b"].astype(np.float32) if "background_b" in z.files else None
+                ),
             )
 
 

@@ -1,4 +1,4 @@
-"""Score matrices: every image's fused score S, patch evidence E and [CLS] score per label.
+"""Score matrices: every image's confidence S, patch evidence E and [CLS] score per label.
 
 One folder per classifier, `<vectors_dir>/scores/<key>/`, holding segments. A segment is the
 images scored in one pass (the fit's re-tag, or the images indexed since), as `.npy` files
@@ -7,7 +7,7 @@ memory-mapped on read:
     <seg>.ids.npy      int64 [n]     image ids
     <seg>.shard.npy    int32 [n]     the vector shard each row was scored from
     <seg>.S.npy / .E.npy / .C.npy    float32 [C, n]   label-major, so a label is contiguous
-    <seg>.present.npy  bool [C, n]   E >= the label's threshold
+    <seg>.present.npy  bool [C, n]   the tag rule (decisions.Decisions.apply: S >= 1/2)
 
 float32, not float16: fp16 keeps ~3 significant digits, so at 100k+ images many fused scores
 tie and the ranking (and the shown scores) would differ from the float64 reference; the whole
@@ -34,16 +34,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from piaa_index.durable import fsync_dir
 
-# Fused score, patch evidence m, [CLS] score, text support (max patch-text cosine: the gate of
+if TYPE_CHECKING:
+    from piaa_index.decisions import Decisions
+
+# Confidence (the calibrated fused score), patch evidence m, [CLS] score, text support (max patch-text cosine: the gate of
 # piaa_index/decisions.py, kept so that `tags` can say why a label is or is not present).
 KINDS = ("S", "E", "C", "U")
 DTYPE = np.float32
 LOCK = "writer.lock"
+FINISH_ROWS = 65_536  # images per block when the tag rule is applied (bounds memory)
 
 
 def scores_root(vectors_dir: Path) -> Path:
@@ -156,21 +161,28 @@ class SegmentWriter:
         """[n, C] view of the text support written so far."""
         return self.mats["U"].T[: self.filled]
 
-    def finish(self, thresholds: np.ndarray, gates: np.ndarray) -> None:
-        """Decide present/absent (evidence at its threshold and support at its gate, as
-        decisions.apply_decisions), flush, fsync and rename every file into place."""
+    @property
+    def cls(self) -> np.ndarray:
+        """[n, C] view of the [CLS] scores written so far."""
+        return self.mats["C"].T[: self.filled]
+
+    def finish(self, decisions: Decisions) -> None:
+        """Score and decide with the tag rule (`Decisions.apply`: the confidence S and whether
+        it is a tag), flush, fsync and rename every file into place."""
         if self.filled != self.n:
             raise ValueError(f"segment {self.segment}: {self.filled} of {self.n} rows written")
         present = self._open("present", np.bool_, (self.n_labels, self.n))
-        thr = np.asarray(thresholds, dtype=np.float64)
-        gate = np.asarray(gates, dtype=np.float64)
-        E, U = self.mats["E"], self.mats["U"]
-        for c in range(self.n_labels):
-            present[c] = (E[c] >= thr[c]) & (U[c] >= gate[c])
+        S, E, Cs, U = (self.mats[k] for k in KINDS)
+        for a in range(0, self.n, FINISH_ROWS):  # label-major files, [rows, C] blocks
+            b = min(self.n, a + FINISH_ROWS)
+            conf, tags = decisions.apply(E[:, a:b].T, Cs[:, a:b].T, U[:, a:b].T)
+            if conf is not None:
+                S[:, a:b] = conf.T
+            present[:, a:b] = tags.T
         arrays = [self.ids, self.shards, present, *self.mats.values()]
         for arr in arrays:
             arr.flush()  # type: ignore[attr-defined]
-        del arrays, present, E, U
+        del arrays, present, S, E, Cs, U
         self.ids = self.shards = np.empty(0)
         self.mats = {}
         for kind, tmp in self._tmp.items():

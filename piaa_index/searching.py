@@ -84,7 +84,7 @@ class Searcher(Part):
                 "text_support": float(U[c]),
                 "support_gate": _bound(rule.support_gate[c]),
                 "label_status": rule.status[c].get("status", "present"),
-                "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c])),
+                "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c]), float(S[c])),
             }
             for c in order
         ]
@@ -251,11 +251,18 @@ class Searcher(Part):
         return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
 
 
-def _why(present: bool, rule: Any, c: int, evidence: float, support: float) -> str:
+def _why(present: bool, rule: Any, c: int, evidence: float, support: float, score: float) -> str:
     """One phrase on why a label is or is not tagged on an image."""
     status = rule.status[c].get("status", "present")
     if status == "absent":
         return "label absent from the collection"
+    weak = " (weak label: surest images only)" if status == "weak" else ""
+    if rule.calibration is not None:
+        if present:
+            return "confidence at or above one half" + weak
+        if support < rule.support_gate[c]:
+            return "best patch short of the label's text level (confidence halved)" + weak
+        return "confidence below one half"
     if present:
         return "patch evidence at or above the threshold" + (
             " (weak label: surest images only)" if status == "weak" else ""

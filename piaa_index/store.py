@@ -523,6 +523,14 @@ class Store:
                 out.update(s.execute(select(Image.id, Image.path).where(Image.id.in_(chunk))).all())
         return out
 
+    def content_hashes(self) -> dict[int, str]:
+        """Every indexed image's content hash, by id (one SELECT)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.id, Image.content_hash).where(Image.status == INDEXED)
+            ).all()
+        return {int(i): h for i, h in rows if h}
+
     def remove_images(self, ids: Sequence[int]) -> None:
         with self.session() as s:
             for start in range(0, len(ids), 500):

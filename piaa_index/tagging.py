@@ -124,29 +124,52 @@ class Tagger(Part):
         pass computes every patch's text cosines for its banks, and the re-tag would otherwise
         compute them again (half of its GEMM work)."""
         from piaa_index.fusion import patch_text_cosines
-        from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks
+        from piaa_index.open_pvcl import (
+            LabelBanks,
+            OpenParams,
+            default_bank_size,
+            fit_background,
+            fit_open,
+            sample_keys,
+            sample_mask,
+        )
 
         if not locations:
             raise UserInputError("no indexed images: run `piaa index PATH` first")
         T = self.library.vocab.text_prototypes(vocab)
         if bank_size is not None and bank_size < 1:
             raise UserInputError(f"bank size must be at least 1, not {bank_size}")
+        M = self.vectors.n_patches
+        pool = len(locations) * M
+        params = OpenParams()
         if bank_size is None:
-            pool = len(locations) * self.vectors.n_patches
-            bank_size = default_bank_size(pool, len(vocab.labels))
-        params = PvclParams(bank_size=bank_size)
-        builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
+            bank_size = default_bank_size(pool, params)
+        params = OpenParams(bank_size=bank_size)
+        banks = LabelBanks(len(T), T.shape[1], bank_size)
+        # The background's sample: whole images chosen by content hash, the same whatever the
+        # vocabulary, the engine, the ids or the order of the shards.
+        rate = min(1.0, params.sample / max(1, pool))
+        hashes = self.store.content_hashes() if rate < 1.0 else {}
+        sample: list[np.ndarray] = []
         n_patches = 0
         support = []
         for chunk in self.stream(locations, progress, "fitting"):
             n, M, d = chunk.patches.shape
-            flat = chunk.patches.reshape(n * M, d)
+            flat = np.asarray(chunk.patches, dtype=np.float32).reshape(n * M, d)
             sims = patch_text_cosines(flat, T)
-            builder.update(flat, sims=sims)
+            patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
+            banks.update(flat, patch_ids, sims)
+            chosen = sample_mask(sample_keys(chunk.image_ids, hashes), rate)
+            if chosen.any():
+                sample.append(flat.reshape(n, M, d)[chosen].reshape(-1, d).copy())
             # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
             support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
             n_patches += len(flat)
-        return fit_from_banks(builder.banks(), T, params), T, n_patches, support
+        pooled = np.concatenate(sample) if sample else np.empty((0, T.shape[1]), np.float32)
+        background = fit_background(pooled, params)
+        classifier = fit_open(banks.banks(), banks.cosines(), T, background, params)
+        classifier.params["n_pool"] = n_patches
+        return classifier, T, n_patches, support
 
     def fit(
         self,
@@ -266,7 +289,7 @@ class Tagger(Part):
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
         (fitted on this segment's scores when not given: the fit's re-tag)."""
-        from piaa_index.decisions import label_decisions
+        from piaa_index.decisions import open_decisions
         from piaa_index.scores import SegmentWriter
 
         classifier, T = fitted
@@ -277,13 +300,16 @@ class Tagger(Part):
             ):
                 writer.write(ids, np.full(len(ids), shard, dtype=np.int32), S, E, Cs, U)
             if decisions is None:
-                # The one home of the present/absent rule (docs/method.md): per label, the
-                # patch evidence m against a threshold learnt from the collection, gated on
-                # text support; labels whose banks look absent from the collection never tag.
-                decisions = label_decisions(
-                    writer.evidence, writer.support, classifier.params.get("support") or {}
+                # The one home of the tag rule (decisions.py, docs/method.md): per label, a
+                # confidence calibrated on the collection's own scores; labels whose banks look
+                # absent from the collection never tag.
+                decisions = open_decisions(
+                    writer.evidence,
+                    writer.cls,
+                    writer.support,
+                    classifier.params.get("support") or {},
                 )
-            writer.finish(decisions.thresholds, decisions.support_gate)
+            writer.finish(decisions)
         except BaseException:
             writer.abort()
             raise

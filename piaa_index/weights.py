@@ -200,24 +200,32 @@ def fetch(model: str, tag: str) -> Path:
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "shapesworld"
 
 
-def shipped_model() -> dict[str, Any]:
-    """The ShapesWorld model that ships inside the package (tests, demo, offline proof)."""
-    path = SHIPPED_DIR / "shapesworld.safetensors"
-    present = path.is_file()
-    return {
-        "model": "shapesworld",
-        "tag": "default",
-        "cached": present,
-        "size": path.stat().st_size if present else None,
-        "path": str(path) if present else None,
-        "source": "shipped with piaa-index",
-    }
+def shipped_models() -> list[dict[str, Any]]:
+    """The ShapesWorld models that ship inside the package (tests, demo, offline proof)."""
+    out = []
+    for model, filename in (
+        ("shapesworld", "shapesworld.safetensors"),
+        ("shapesworld-gap", "shapesworld-gap.safetensors"),
+    ):
+        path = SHIPPED_DIR / filename
+        present = path.is_file()
+        out.append(
+            {
+                "model": model,
+                "tag": "default",
+                "cached": present,
+                "size": path.stat().st_size if present else None,
+                "path": str(path) if present else None,
+                "source": "shipped with piaa-index",
+            }
+        )
+    return out
 
 
 def list_models(everything: bool = False) -> list[dict[str, Any]]:
     """The shipped model and the open_clip weights in the cache (`everything`: every
     (model, tag) open_clip knows, cached or not), each with its path and size."""
-    rows = [shipped_model(), *cached_models()]
+    rows = [*shipped_models(), *cached_models()]
     return rows if everything else [r for r in rows if r["cached"]]
 
 

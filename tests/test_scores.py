@@ -127,9 +127,10 @@ def test_reencoded_image_shows_its_new_scores_only(lib: Library, world: scale.Wo
 
     fitted = lib.tagger.fitted_for(lib.store.latest_classifier())
     stored_cls, stored_patches = lib.vectors.vectors_for(image_id, shard, 0)  # as quantised
-    want = fusion.score_images(
+    fresh = fusion.score_images(
         stored_cls[None], stored_patches[None], fitted.text_protos, fitted.classifier
-    ).fused[0]
+    )
+    want = fitted.decisions.apply(fresh.patch, fresh.cls, fresh.support)[0][0]
     got = {r["label"]: r["score"] for r in rows}
     names = scale.label_names(N_LABELS)
     assert np.allclose([got[n] for n in names], want, atol=1e-6)

@@ -65,11 +65,18 @@ def get_tokenizer():  # noqa: ANN201 - open_clip tokenizer type varies by versio
     return open_clip.get_tokenizer(MODEL_NAME)
 
 
-def encode_image_tokens(model: CLIP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """([CLS] [B,d], patch tokens [B,M,d]) in the joint space, unnormalised (plain last block)."""
+def encode_image_tokens(
+    model: CLIP, x: torch.Tensor, with_trunk: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """([CLS] [B,d], patch tokens [B,M,d]) in the joint space, unnormalised (plain last block).
+
+    With `with_trunk`, also the patch tokens after `ln_post` and before `proj` [B,M,width].
+    """
     v = cast("VisionTransformer", model.visual)
     h = v.transformer(v._embeds(x))
     h = v.ln_post(h)
+    if with_trunk:
+        return h[:, 0] @ v.proj, h[:, 1:] @ v.proj, h[:, 1:]
     return h[:, 0] @ v.proj, h[:, 1:] @ v.proj
 
 
@@ -239,14 +246,21 @@ def train(a: argparse.Namespace) -> None:
     log(f"pool of {len(objs)} scenes at {size}px in {time.time() - t0:.0f}s")
     cls_tokens = tok([f"a photo of a {n}." for n in CLASSES])
     tok_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # token-loss temperature
+    # A token head that is trained and then thrown away (--head-token-loss-weight): it teaches
+    # the trunk's patch tokens class evidence without aligning the shipped `proj` on them, the
+    # way web-scale CLIP's patches carry evidence that sits far from the text.
+    visual = cast("VisionTransformer", model.visual)
+    width, dim = visual.proj.shape
+    head_proj = torch.nn.Parameter(torch.randn(width, dim) * width**-0.5)
+    head_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [
         p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
     ]
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": a.wd},
-            {"params": no_decay + [tok_scale], "weight_decay": 0.0},
+            {"params": decay + [head_proj], "weight_decay": a.wd},
+            {"params": no_decay + [tok_scale, head_scale], "weight_decay": 0.0},
         ],
         lr=a.lr,
         betas=(0.9, 0.98),
@@ -286,23 +300,33 @@ def train(a: argparse.Namespace) -> None:
             mention[i, ids] = 1.0
         same = (mention[:, None, :] == mention[None, :, :]).all(-1).float()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-            cls, patches = encode_image_tokens(model, x)
+            cls, patches, trunk = encode_image_tokens(model, x, with_trunk=True)
             txt = model.encode_text(tok(caps))
-            ct = model.encode_text(cls_tokens) if a.token_loss_weight > 0 else None
+            any_token = a.token_loss_weight > 0 or a.head_token_loss_weight > 0
+            ct = model.encode_text(cls_tokens) if any_token else None
         # Losses in fp32: bf16 only speeds up the towers (about 1.5x on this CPU).
         cls, txt = F.normalize(cls.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss_clip = soft_clip_loss(scale * cls @ txt.T, same)
         loss = loss_clip
         loss_tok = torch.zeros(())
+        loss_head = torch.zeros(())
         if ct is not None:
             ct = F.normalize(ct.float(), dim=-1)
-            sim = token_sim(F.normalize(patches.float(), dim=-1), ct, mention)
             has = mention.sum(1) > 0
-            loss_tok = soft_clip_loss(
-                tok_scale.exp().clamp(max=100) * sim[has][:, has], same[has][:, has]
-            )
-            loss = loss + a.token_loss_weight * loss_tok
+            if a.token_loss_weight > 0:
+                sim = token_sim(F.normalize(patches.float(), dim=-1), ct, mention)
+                loss_tok = soft_clip_loss(
+                    tok_scale.exp().clamp(max=100) * sim[has][:, has], same[has][:, has]
+                )
+                loss = loss + a.token_loss_weight * loss_tok
+            if a.head_token_loss_weight > 0:
+                head_patches = F.normalize(trunk.float() @ head_proj, dim=-1)
+                sim = token_sim(head_patches, ct, mention)
+                loss_head = soft_clip_loss(
+                    head_scale.exp().clamp(max=100) * sim[has][:, has], same[has][:, has]
+                )
+                loss = loss + a.head_token_loss_weight * loss_head
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -314,7 +338,7 @@ def train(a: argparse.Namespace) -> None:
             el = time.time() - t_start
             log(
                 f"step {step}/{a.steps} loss {loss.item():.3f} (ema {ema:.3f}) clip "
-                f"{loss_clip.item():.3f} tok {loss_tok.item():.3f} scale {scale.item():.1f} "
+                f"{loss_clip.item():.3f} tok {loss_tok.item():.3f} head {loss_head.item():.3f} scale {scale.item():.1f} "
                 f"tokscale {tok_scale.exp().item():.1f} lr {lr_at(step):.2e} "
                 f"{(step + 1) / el:.3f} steps/s"
             )
@@ -353,6 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--token-loss-weight", type=float, default=1.0, help="0 disables")
+    p.add_argument(
+        "--head-token-loss-weight",
+        type=float,
+        default=0.0,
+        help="token-level loss through a separate projection that is discarded (0 disables)",
+    )
     p.add_argument("--out", type=Path, default=ASSET_DIR / "shapesworld.safetensors")
     p.add_argument("--tmp-ckpt", type=Path, default=Path("/tmp/shapesworld_ckpt.safetensors"))
     p.add_argument("--ckpt-every", type=int, default=200)

@@ -35,7 +35,8 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--model",),
         {
             "envvar": "PIAA_MODEL",
-            "help": "open_clip model name, `shapesworld`, or a model-config JSON. "
+            "help": "open_clip model name, `shapesworld` or `shapesworld-gap` (the shipped "
+            "stand-ins), or a model-config JSON. "
             "Env: PIAA_MODEL. [default: ViT-B-16]",
         },
     ),
@@ -46,7 +47,7 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "help": "Weights: an open_clip tag (downloaded on first use; see `piaa models`), a "
             "checkpoint file (recorded by its sha256, so it may move), or `none`. "
             "Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
-            "shapesworld]",
+            "the shipped models]",
         },
     ),
     (
@@ -54,7 +55,7 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {
             "envvar": "PIAA_FRONT_END",
             "type": click.Choice(["clip", "sclip"]),
-            "help": "Patch front-end. [default: sclip; clip for shapesworld]",
+            "help": "Patch front-end. [default: sclip; clip for the shipped models]",
         },
     ),
     (

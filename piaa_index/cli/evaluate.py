@@ -31,6 +31,20 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     type=int,
     help="Patches per class bank (K). [default: 512, or 1/50 of the pool per class when smaller]",
 )
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=1),
+    help="Also run the open-world protocol: vocabularies of this many random labels, against "
+    "the same labels under the full vocabulary, and tag stability when one label is removed.",
+)
+@click.option(
+    "--vocab-draws",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Random vocabularies (and removed labels) the open-world protocol tries.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @pass_app
 def eval_command(
@@ -41,6 +55,9 @@ def eval_command(
     fit_split: str | None,
     eval_home: str | None,
     bank_size: int | None,
+    vocab_size: int | None,
+    vocab_draws: int,
+    seed: int,
     as_json: bool,
 ) -> None:
     """Measure cls, patch-text, pvcl and piaa on TEST_DIR (ours, VOC, COCO or NUS layout).
@@ -54,6 +71,7 @@ def eval_command(
     it on the next run: only new images are encoded.
     """
     from piaa_index.config import Settings
+    from piaa_index.errors import UserInputError
     from piaa_index.eval.ablation import format_table, run_ablation
     from piaa_index.eval.datasets import load_dataset
     from piaa_index.library import Library
@@ -70,7 +88,21 @@ def eval_command(
         device=app.device,
     )
     with library:
-        report = run_ablation(library, test, fit, progress=app.progress, bank_size=bank_size)
+        if vocab_size is not None and vocab_size > len(test.classes):
+            raise UserInputError(
+                f"--vocab-size {vocab_size} is more than the {len(test.classes)} classes of "
+                f"{test_dir}"
+            )
+        report = run_ablation(
+            library,
+            test,
+            fit,
+            progress=app.progress,
+            bank_size=bank_size,
+            vocab_size=vocab_size,
+            vocab_draws=vocab_draws,
+            seed=seed,
+        )
     if as_json:
         echo_json(report)
         return

@@ -12,16 +12,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from piaa_index.decisions import apply_decisions, label_decisions
+from piaa_index.decisions import Decisions, apply_decisions, label_decisions, open_decisions
 from piaa_index.eval.datasets import Dataset, missing_files
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
 
 if TYPE_CHECKING:
     from piaa_index.library import Library
 
-METHODS = ("cls", "patch-text", "pvcl", "piaa")
-DECIDED_ON = {"piaa": "pvcl"}  # present/absent for the fused ranking comes from patch evidence
+# The product's rows (pvcl: open-world per-label patch evidence; piaa: the calibrated confidence
+# that search ranks by and tags decide on) and the paper's closed-world formula beside them.
+METHODS = ("cls", "patch-text", "patch-text-raw", "pvcl", "piaa", "pvcl-paper", "piaa-paper")
+DECIDED_ON = {"piaa-paper": "pvcl-paper"}  # the paper's fusion decides on its patch evidence
 SUPPORT = "support"  # max patch–text cosine, [N, C]: what the product's tag rule gates on
+PRODUCT = ("pvcl", "piaa")  # tagged by the product's rule (decisions.open_decisions)
 
 
 def _locations_for(
@@ -35,27 +38,98 @@ def _locations_for(
     return [live[i] for i in order if i != -1], order
 
 
+def fit_paper_classifier(
+    library: Library,
+    T: np.ndarray,
+    locations: list[tuple[int, int, int]],
+    bank_size: int | None = None,
+) -> Any:
+    """The paper's closed-world PVCL (pvcl.py: banks by argmax and entropy across the
+    vocabulary, GDA classes that explain every patch), for the comparison rows."""
+    from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks
+    from piaa_index.tagging import default_bank_size
+
+    if bank_size is None:
+        bank_size = default_bank_size(len(locations) * library.vectors.n_patches, len(T))
+    params = PvclParams(bank_size=bank_size)
+    builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
+    for chunk in library.vectors.iter_live(locations):
+        n, M, d = chunk.patches.shape
+        builder.update(np.asarray(chunk.patches, np.float32).reshape(n * M, d))
+    return fit_from_banks(builder.banks(), T, params)
+
+
 def score_methods(
-    library: Library, locations: list[tuple[int, int, int]], classifier: Any, T: np.ndarray
+    library: Library,
+    locations: list[tuple[int, int, int]],
+    classifier: Any,
+    T: np.ndarray,
+    paper: Any = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Image ids and [N, C] scores of each ablation method, streamed shard by shard."""
+    """Image ids and [N, C] scores of each method, streamed shard by shard. The product's
+    confidence is not known until the whole collection is scored (`product_tags`): "piaa"
+    holds the [CLS] cosine here."""
     from piaa_index import fusion
 
     params = fusion.PaaParams()
     ids: list[np.ndarray] = []
-    parts: dict[str, list[np.ndarray]] = {m: [] for m in (*METHODS, SUPPORT)}
+    names = ["cls", "patch-text", "patch-text-raw", "pvcl", "piaa", SUPPORT]
+    if paper is not None:
+        names += ["pvcl-paper", "piaa-paper"]
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
     for chunk in library.vectors.iter_live(locations):
         ids.append(chunk.image_ids)
         scores = fusion.score_images(chunk.cls, chunk.patches, T, classifier, params)
         assert scores.support is not None
         parts[SUPPORT].append(scores.support)
-        parts["cls"].append(scores.cls)
+        parts["pvcl"].append(scores.patch)
+        parts["piaa"].append(scores.cls)
+        parts["cls"].append(fusion.cls_scores(chunk.cls, T, params.tau_cls))
         parts["patch-text"].append(
             fusion.patch_text_evidence(chunk.patches, T, params.text_scale, params.batch_images)
         )
-        parts["pvcl"].append(scores.patch)
-        parts["piaa"].append(scores.fused)
+        parts["patch-text-raw"].append(scores.support)
+        if paper is not None:
+            closed = fusion.score_images(chunk.cls, chunk.patches, T, paper, params)
+            parts["pvcl-paper"].append(closed.patch)
+            parts["piaa-paper"].append(closed.fused)
     return np.concatenate(ids), {m: np.concatenate(v) for m, v in parts.items()}
+
+
+def product_tags(
+    scores: dict[str, np.ndarray], fit_support: dict[str, Any]
+) -> tuple[Decisions, np.ndarray, np.ndarray]:
+    """The product's rule on a collection's scores: (decisions, confidence S, tags)."""
+    decisions = open_decisions(scores["pvcl"], scores["piaa"], scores[SUPPORT], fit_support)
+    S, present = decisions.apply(scores["pvcl"], scores["piaa"], scores[SUPPORT])
+    assert S is not None
+    return decisions, S, present
+
+
+def _in_order(
+    scores: dict[str, np.ndarray], ids: np.ndarray, order: list[int], n_labels: int
+) -> dict[str, np.ndarray]:
+    """Rows back in dataset order; images that failed to index score 0 (counted as misses)."""
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    out = {}
+    for method, S in scores.items():
+        full = np.zeros((len(order), n_labels), dtype=S.dtype)
+        for k, image_id in enumerate(order):
+            if image_id != -1:
+                full[k] = S[row_of[image_id]]
+        out[method] = full
+    return out
+
+
+def _tag_metrics(pred: np.ndarray, targets: np.ndarray, held: np.ndarray) -> dict[str, Any]:
+    f1 = f1_scores(pred[:, held], targets[:, held])
+    absent = pred[:, ~held]
+    return {
+        **{k: round(v, 2) for k, v in f1.items()},
+        # Share of image × absent-label pairs tagged, and absent labels tagging anything.
+        "absent_false_tag_rate": round(100.0 * float(absent.mean()), 3) if absent.size else 0.0,
+        "absent_labels_tagging": int(absent.any(axis=0).sum()),
+    }
 
 
 def run_ablation(
@@ -64,8 +138,15 @@ def run_ablation(
     fit: Dataset | None = None,
     progress: bool = False,
     bank_size: int | None = None,
+    vocab_size: int | None = None,
+    vocab_draws: int = 4,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Index, fit on `fit` (or `test`) without labels, and score the four methods on `test`."""
+    """Index, fit on `fit` (or `test`) without labels, and score every method on `test`.
+
+    With `vocab_size`, also the open-world protocol (`open_world`): vocabularies of that many
+    random labels against the same labels under the full vocabulary, and tag stability when
+    one label is removed."""
     from piaa_index import fusion
 
     started = time.perf_counter()
@@ -83,51 +164,42 @@ def run_ablation(
     fit_started = time.perf_counter()
     classifier, T, n_patches = library.fit_classifier(vocab, fit_locations, progress, bank_size)
     fit_seconds = time.perf_counter() - fit_started
+    paper = fit_paper_classifier(library, T, fit_locations, bank_size)
 
     test_locations, order = _locations_for(library, test)
-    ids, scores = score_methods(library, test_locations, classifier, T)
-    # Back to dataset order; images that failed to index score 0 (counted as misses).
-    row_of = {int(i): r for r, i in enumerate(ids)}
+    ids, raw = score_methods(library, test_locations, classifier, T, paper)
     targets = test.targets()
+    in_dataset_order = _in_order(raw, ids, order, len(test.classes))
+    support = in_dataset_order.pop(SUPPORT)
+    product, confidence, tags = product_tags(
+        {**in_dataset_order, SUPPORT: support}, classifier.params["support"]
+    )
+    in_dataset_order["piaa"] = confidence.astype(np.float32)  # what search ranks by
+    # The paper's rows decide with the rule of the closed-world product (decisions.py's
+    # label_decisions on their patch evidence); cls and the patch-text rows have no fit, so
+    # they keep the per-label split of their own scores (no absent status).
+    paper_rule = label_decisions(in_dataset_order["pvcl-paper"], support, paper.params["support"])
+    paper_tags = apply_decisions(in_dataset_order["pvcl-paper"], support, paper_rule)
+    held = np.asarray(np.asarray(targets, dtype=bool).sum(axis=0) > 0)  # labels the test set holds
     results: dict[str, Any] = {}
     per_class: dict[str, dict[str, float | None]] = {}
-    in_dataset_order = {}
-    for method, S in scores.items():
-        full = np.zeros((len(order), len(test.classes)), dtype=np.float32)
-        for k, image_id in enumerate(order):
-            if image_id != -1:
-                full[k] = S[row_of[image_id]]
-        in_dataset_order[method] = full
-    support = in_dataset_order.pop(SUPPORT)
-    # pvcl and piaa decide exactly as the product's tags do (decisions.py): label status from
-    # the fit's banks, thresholds on the PVCL patch evidence, support gates. cls and patch-text
-    # have no fit, so they keep the per-label split of their own scores (no absent status).
-    product = label_decisions(in_dataset_order["pvcl"], support, classifier.params["support"])
-    product_tags = apply_decisions(in_dataset_order["pvcl"], support, product)
-    held = np.asarray(np.asarray(targets, dtype=bool).sum(axis=0) > 0)  # labels the test set holds
-    for method, full in in_dataset_order.items():
+    for method in METHODS:
+        full = in_dataset_order[method]
         mAP, ap = mean_average_precision(full, targets)
-        if DECIDED_ON.get(method, method) == "pvcl":
-            pred = product_tags
+        if method in PRODUCT:
+            pred = tags
+        elif DECIDED_ON.get(method, method) == "pvcl-paper":
+            pred = paper_tags
         else:
-            decision_scores = in_dataset_order[method]
             # Without return_info, decision_thresholds returns the [C] array alone.
-            thresholds = cast(np.ndarray, fusion.decision_thresholds(decision_scores))
-            pred = fusion.decide(decision_scores, thresholds)
-        f1 = f1_scores(pred[:, held], targets[:, held])
-        absent = pred[:, ~held]
-        results[method] = {
-            "mAP": round(float(mAP), 2),
-            **{k: round(v, 2) for k, v in f1.items()},
-            # Share of image × absent-label pairs tagged, and absent labels tagging anything.
-            "absent_false_tag_rate": round(100.0 * float(absent.mean()), 3) if absent.size else 0.0,
-            "absent_labels_tagging": int(absent.any(axis=0).sum()),
-        }
+            thresholds = cast(np.ndarray, fusion.decision_thresholds(full))
+            pred = fusion.decide(full, thresholds)
+        results[method] = {"mAP": round(float(mAP), 2), **_tag_metrics(pred, targets, held)}
         per_class[method] = {
             name: (None if np.isnan(a) else round(float(a), 2))
             for name, a in zip(test.classes, ap, strict=True)
         }
-    return {
+    report: dict[str, Any] = {
         "results": results,
         "per_class_AP": per_class,
         "dataset": {
@@ -153,13 +225,102 @@ def run_ablation(
             "n_patches": n_patches,
             "seconds": round(fit_seconds, 2),
             "bank_sizes": dict(zip(test.classes, classifier.bank_sizes, strict=True)),
-            "kept_sizes": dict(zip(test.classes, classifier.kept_sizes, strict=True)),
             "weak_labels": [test.classes[c] for c in classifier.weak_labels],
         },
         "model": library.store.get_setting("model"),
         "index": index_reports,
-        "seconds": round(time.perf_counter() - started, 2),
     }
+    if vocab_size is not None:
+        full_run = {"S": confidence, "tags": tags}
+        report["open_world"] = open_world_protocol(
+            library, test, fit_set, full_run, vocab_size, vocab_draws, seed, bank_size
+        )
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _fit_and_tag(
+    library: Library,
+    labels: list[str],
+    fit_locations: list[tuple[int, int, int]],
+    test_locations: list[tuple[int, int, int]],
+    order: list[int],
+    bank_size: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The product on `labels` alone: fit, score the test set, decide. (S, tags), dataset order."""
+    vocab = library.set_vocabulary(labels)
+    classifier, T, _ = library.fit_classifier(vocab, fit_locations, False, bank_size)
+    ids, raw = score_methods(library, test_locations, classifier, T)
+    scores = _in_order(raw, ids, order, len(labels))
+    _, S, tags = product_tags(scores, classifier.params["support"])
+    return S, tags
+
+
+def open_world_protocol(
+    library: Library,
+    test: Dataset,
+    fit_set: Dataset,
+    full_run: dict[str, np.ndarray],
+    vocab_size: int,
+    draws: int,
+    seed: int,
+    bank_size: int | None = None,
+) -> dict[str, Any]:
+    """Users name a few labels in a library of everything. Per draw, `vocab_size` random labels
+    of the class list: mAP and OP/OR/OF1 of those labels fitted alone, against the same labels
+    under the full vocabulary. Stability: for `draws` random labels, the full vocabulary less
+    that one label; how many of the other labels' tags change."""
+    C = len(test.classes)
+    if not 1 <= vocab_size <= C:
+        raise ValueError(f"--vocab-size must be between 1 and {C}, not {vocab_size}")
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(test.targets(), dtype=bool)
+    fit_locations, _ = _locations_for(library, fit_set)
+    test_locations, order = _locations_for(library, test)
+    rows = []
+    for _ in range(draws):
+        cols = sorted(int(c) for c in rng.choice(C, vocab_size, replace=False))
+        S, tags = _fit_and_tag(
+            library, [test.classes[c] for c in cols], fit_locations, test_locations, order,
+            bank_size,
+        )  # fmt: skip
+        y = targets[:, cols]
+        held = y.any(axis=0)
+        alone = f1_scores(tags[:, held], y[:, held])
+        full = f1_scores(full_run["tags"][:, cols][:, held], y[:, held])
+        rows.append(
+            {
+                "labels": [test.classes[c] for c in cols],
+                "mAP": round(float(mean_average_precision(S, y)[0]), 2),
+                "mAP_full": round(float(mean_average_precision(full_run["S"][:, cols], y)[0]), 2),
+                **{k: round(alone[k], 2) for k in ("OP", "OR", "OF1")},
+                **{f"{k}_full": round(full[k], 2) for k in ("OP", "OR", "OF1")},
+            }
+        )
+    removed = []
+    for c in sorted(int(c) for c in rng.choice(C, min(draws, C), replace=False)):
+        keep = [k for k in range(C) if k != c]
+        _, tags = _fit_and_tag(
+            library, [test.classes[k] for k in keep], fit_locations, test_locations, order,
+            bank_size,
+        )  # fmt: skip
+        before = full_run["tags"][:, keep]
+        removed.append(
+            {
+                "removed": test.classes[c],
+                "tags_changed": int((tags != before).sum()),
+                "tags_before": int(before.sum()),
+                "changed_percent": round(
+                    100.0 * float((tags != before).sum()) / max(1, before.sum()), 3
+                ),
+            }
+        )
+    library.set_vocabulary(test.classes)
+    mean = {
+        k: round(float(np.mean([r[k] for r in rows])), 2)
+        for k in ("mAP", "mAP_full", "OP", "OP_full", "OR", "OR_full", "OF1", "OF1_full")
+    }
+    return {"vocab_size": vocab_size, "draws": rows, "mean": mean, "removal": removed}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -181,5 +342,31 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} | {r['OP']:.1f} | "
             f"{r['OR']:.1f} | {r['absent_false_tag_rate']:.2f} % | "
             f"{r['absent_labels_tagging']} of {n_absent} |"
+        )
+    return "\n".join(lines) + _open_world_table(report)
+
+
+def _open_world_table(report: dict[str, Any]) -> str:
+    """The open-world protocol's tables, when it ran."""
+    ow = report.get("open_world")
+    if not ow:
+        return ""
+    k = ow["vocab_size"]
+    lines = [
+        "",
+        "",
+        f"| {k} random labels | mAP | mAP (full vocabulary) | OP | OR | OF1 | OF1 (full) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in [*ow["draws"], {**ow["mean"], "labels": ["mean"]}]:
+        lines.append(
+            f"| {', '.join(r['labels'])} | {r['mAP']:.1f} | {r['mAP_full']:.1f} | {r['OP']:.1f} | "
+            f"{r['OR']:.1f} | {r['OF1']:.1f} | {r['OF1_full']:.1f} |"
+        )
+    lines += ["", "| label removed | other labels' tags changed |", "|---|---:|"]
+    for r in ow["removal"]:
+        lines.append(
+            f"| {r['removed']} | {r['tags_changed']} of {r['tags_before']} "
+            f"({r['changed_percent']:.2f} %) |"
         )
     return "\n".join(lines)
