@@ -331,7 +331,7 @@ def format_table(report: dict[str, Any]) -> str:
         for method in METHODS:
             r = report["results"][method]
             lines.append(f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} |")
-        return "\n".join(lines)
+        return "\n".join(lines) + _open_world_table(report)
     lines = [
         "| method | mAP | CF1 | OF1 | OP | OR | false tags on absent labels | absent labels tagging |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
