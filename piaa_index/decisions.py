@@ -286,7 +286,7 @@ def label_decisions(
             gate[c] = np.inf
         elif surer and status[c] == "weak":
             gate[c] = float(sure)  # type: ignore[arg-type]
-        elif surer and small:
+        elif surer and small and per_label_thresholds:
             gate[c] = float(level)  # type: ignore[arg-type]
         elif status[c] == "weak":
             gate[c] = np.inf  # no visual bank and no matching level to vouch for any image
@@ -416,8 +416,10 @@ def open_decisions(
     alpha: float = 0.9,
 ) -> Decisions:
     """The tag rule of an open-world classifier: per-label calibration (`calibrate`), the
-    label's status from the fit's banks, and text-support gates for weak labels and small
-    libraries (as `label_decisions`). A tag is a confidence of at least one half."""
+    label's status from the fit's banks, and text-support gates for weak labels (as
+    `label_decisions`). A tag is a confidence of at least one half. No small-library gate: it
+    would be the pooled matching level, which depends on the other labels; a present label's
+    confidence must not."""
     base = label_decisions(evidence, support, fit_support, params, per_label_thresholds=False)
     cal = calibrate(evidence, cls, alpha)
     thresholds = np.where(np.isinf(base.support_gate) & (base.support_gate > 0), np.inf, PRESENT_AT)

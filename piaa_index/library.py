@@ -35,9 +35,10 @@ from piaa_index.config import (
 )
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.maintenance import Maintenance
+from piaa_index.open_pvcl import default_bank_size
 from piaa_index.searching import Searcher, TagMatrix
 from piaa_index.store import Store, VocabularyInfo
-from piaa_index.tagging import FitReport, Tagger, default_bank_size
+from piaa_index.tagging import FitReport, Tagger
 from piaa_index.vectors import VectorStore
 from piaa_index.vocabulary import VocabularyEditor
 

@@ -30,6 +30,7 @@ __all__ = [
     "gda",
     "gemm_rows",
     "log_odds",
+    "paper_bank_size",
     "softmax",
 ]
 
@@ -501,3 +502,17 @@ def fit_pvcl(
     clf.params["n_pool"] = builder.n_seen
     clf.params["stream_seconds"] = t1 - t0
     return clf
+
+
+# The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches
+# over 20 classes). Small libraries keep that proportion: with K = 512 on a 400-image pool the
+# banks held half of all patches, background included, and the class means blurred.
+PAPER_BANK_SIZE = 512
+BANK_FRACTION = 1 / 50  # of the pool per class, at most
+MIN_BANK_SIZE = 16
+
+
+def paper_bank_size(pool_patches: int, n_classes: int) -> int:
+    """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
+    per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
+    return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))

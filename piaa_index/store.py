@@ -160,16 +160,35 @@ class Store:
             # An empty file is judged under the first-open lock: another process may be
             # creating this very library right now.
             _check_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser(), allow_empty=True)
+        from piaa_index.errors import UsageError
+
+        def malformed(message: str) -> StoreError:
+            # Still a StoreError (what Store.open raises), but the user's input: exit code 2,
+            # HTTP 400, as a malformed argument is.
+            error = StoreError(message)
+            error.exit_code = UsageError.exit_code
+            return error
+
         url = _with_available_driver(url)
         try:
             engine = create_engine(url, future=True)
-        except (ArgumentError, ValueError) as exc:
-            raise StoreError(f"invalid database URL {url!r}: {exc}") from None
+        except (ArgumentError, ValueError) as exc:  # unparsable, or no such dialect (http:)
+            raise malformed(f"invalid database URL {url!r}: {exc}") from None
         except ModuleNotFoundError as exc:
             raise StoreError(
                 f"the driver for {url.split(':', 1)[0]} is not installed ({exc.name}); "
                 "for Postgres: pip install 'piaa-index[postgres]'"
             ) from None
+        url_names_database = bool(engine.url.database) or "dbname" in engine.url.query
+        if engine.dialect.name == "postgresql" and not url_names_database:
+            # Without one, the driver connects to the database named as the user (usually the
+            # server's maintenance database) and would create the library's tables there.
+            shown = engine.url.render_as_string(hide_password=True)
+            engine.dispose()
+            raise malformed(
+                f"the database URL {shown} names no database: add one after the last '/', "
+                "e.g. postgresql+psycopg://user@host:5432/piaa"
+            )
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         store = cls(engine)

@@ -509,20 +509,6 @@ def _engine(engine: str, address: str | None) -> Iterator[Any]:
         yield ray
 
 
-# The paper's K = 512 patches per class is ~1% of a VOC-sized pool (5k images x 196 patches
-# over 20 classes). Small libraries keep that proportion: with K = 512 on a 400-image pool the
-# banks held half of all patches, background included, and the class means blurred.
-PAPER_BANK_SIZE = 512
-BANK_FRACTION = 1 / 50  # of the pool per class, at most
-MIN_BANK_SIZE = 16
-
-
-def default_bank_size(pool_patches: int, n_classes: int) -> int:
-    """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
-    per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
-    return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))
-
-
 def stored_decisions(row: Any) -> Decisions:
     """The tag rule a classifier row was installed with (one from before the rule existed:
     its thresholds, every label present, no gate)."""

@@ -65,7 +65,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["--db", "sqlite:///{base}/text.db", "status"], 1, "is not a SQLite database"),
     (["--db", "sqlite:///{base}/photo.jpg", "status"], 1, "is not a SQLite database"),
     (["--db", "sqlite:///{base}/empty.db", "status"], 1, "is empty (0 bytes)"),
-    (["--db", "nosuchdialect://x", "status"], 1, "database URL"),
+    (["--db", "nosuchdialect://x", "status"], 2, "database URL"),
     (["--home", "/proc/piaa-cannot-be-here", "status"], 1, ""),
     (["--model", "no-such-model-anywhere", "--home", "{base}/other", "index", "{photos}"], 1, ""),
     (["eval", "{base}/does-not-exist"], 2, ""),

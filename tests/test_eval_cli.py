@@ -53,6 +53,20 @@ def test_eval_reports_the_ablation_and_never_touches_the_user_library(tmp_path, 
     assert again["index"]["test"]["indexed"] == 0 and again["index"]["test"]["unchanged"] == 24
     assert again["results"] == report["results"]
 
+    # The open-world protocol: labels fitted alone score as under the full vocabulary, and
+    # removing a label changes no other label's tags; the user's vocabulary is still untouched.
+    args = ["eval", str(test_dir), "--fit", str(fit_dir), "--vocab-size", "3"]
+    ow = json.loads(run([*model_args, *args, "--vocab-draws", "2", "--json"]).output)["open_world"]
+    assert ow["vocab_size"] == 3 and len(ow["draws"]) == 2 and len(ow["removal"]) == 2
+    for draw in ow["draws"]:
+        assert len(draw["labels"]) == 3
+        if draw["status_changed"] == 0:  # a random model: the pooled level may move a status
+            assert draw["mAP"] == draw["mAP_full"] and draw["OF1"] == draw["OF1_full"]
+    assert all(r["tags_changed"] == 0 for r in ow["removal"] if r["status_changed"] == 0)
+    assert json.loads(run([*model_args, "vocab", "list", "--json"]).output)["labels"] == ["dog"]
+    too_many = run([*model_args, *args[:-1], "99"])
+    assert too_many.exit_code == 2 and "99 is more than the 24 classes" in too_many.output
+
 
 def test_eval_reads_a_voc_folder(tmp_path, model_args):
     """A VOCdevkit/VOC2007 tree with ImageSets/Main is evaluated on its 20 classes."""
@@ -89,9 +103,14 @@ def test_eval_on_a_folder_that_is_no_dataset_exits_2(tmp_path):
 
 
 def test_default_bank_size_keeps_the_papers_proportion():
-    """Benchmark-sized pools get the paper's K = 512; small libraries a bank ≤ 1/50 of the pool."""
+    """Benchmark-sized pools get the paper's K = 512; small libraries a bank ≤ 1/100 of the pool,
+    whatever the vocabulary (open world); the paper's rows keep ≤ 1/50 per class."""
     from piaa_index.library import default_bank_size
+    from piaa_index.pvcl import paper_bank_size
 
-    assert default_bank_size(5000 * 196, 20) == 512  # VOC07 train with ViT-B/16
-    assert default_bank_size(400 * 64, 24) == 21  # a 400-image ShapesWorld library
-    assert default_bank_size(10, 80) == 16  # never below the floor
+    assert default_bank_size(5000 * 196) == 512  # VOC07 train with ViT-B/16
+    assert default_bank_size(400 * 64) == 256  # a 400-image ShapesWorld library
+    assert default_bank_size(10) == 16  # never below the floor
+    assert paper_bank_size(5000 * 196, 20) == 512
+    assert paper_bank_size(400 * 64, 24) == 21
+    assert paper_bank_size(10, 80) == 16

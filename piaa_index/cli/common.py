@@ -131,11 +131,19 @@ def _is_database_error(exc: BaseException) -> bool:
 
 
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--json / --csv / --paths-only, shared by every query command."""
+    """--json / --csv / --paths-only / --print0, shared by every query command."""
 
     @click.option("--json", "as_json", is_flag=True, help="One JSON list of result objects.")
     @click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")
     @click.option("--paths-only", is_flag=True, help="Only the paths, one per line (for piping).")
+    @click.option(
+        "--print0",
+        "-0",
+        "print0",
+        is_flag=True,
+        help="Only the paths, each followed by a NUL byte (for `xargs -0`: names may hold "
+        "newlines).",
+    )
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
@@ -143,10 +151,31 @@ def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def emit_rows(rows: list[dict[str, Any]], as_json: bool, as_csv: bool, paths_only: bool) -> None:
+def emit_rows(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    as_csv: bool,
+    paths_only: bool,
+    print0: bool = False,
+) -> None:
     """Print query results to stdout in the chosen format (table by default)."""
     if as_json:
         click.echo(json_text(rows))
+        return
+    if print0:
+        # The names' own bytes, each NUL-terminated as `find -print0` writes them: nothing
+        # (newlines, escape sequences, bytes that are not UTF-8) is altered.
+        import os
+
+        sys.stdout.flush()
+        out = sys.stdout.buffer
+        written = set()
+        for row in rows:
+            path = row.get("path")
+            if path and path not in written:
+                written.add(path)
+                out.write(os.fsencode(path) + b"\0")
+        out.flush()
         return
     if paths_only:
         seen = set()

@@ -71,7 +71,6 @@ def eval_command(
     it on the next run: only new images are encoded.
     """
     from piaa_index.config import Settings
-    from piaa_index.errors import UserInputError
     from piaa_index.eval.ablation import format_table, run_ablation
     from piaa_index.eval.datasets import load_dataset
     from piaa_index.library import Library
@@ -89,9 +88,9 @@ def eval_command(
     )
     with library:
         if vocab_size is not None and vocab_size > len(test.classes):
-            raise UserInputError(
-                f"--vocab-size {vocab_size} is more than the {len(test.classes)} classes of "
-                f"{test_dir}"
+            raise click.BadParameter(
+                f"{vocab_size} is more than the {len(test.classes)} classes of {test_dir}",
+                param_hint="--vocab-size",
             )
         report = run_ablation(
             library,

@@ -95,7 +95,7 @@ def index_command(
     indexed one reuses its vectors. Files that cannot be decoded are recorded and skipped;
     the exit code is 0 when the run completes.
     """
-    todo = list(paths) + (read_path_list(from_file.read()) if from_file is not None else [])
+    todo = list(paths) + (read_path_stream(from_file) if from_file is not None else [])
     if not todo:
         raise click.UsageError("give files or folders to index, or --from FILE")
     library = app.library()
@@ -162,6 +162,64 @@ def read_path_list(data: bytes) -> list[str]:
 
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
     return [os.fsdecode(entry) for entry in entries if entry.strip()]
+
+
+# The most bytes one entry of a --from list may take (PATH_MAX is 4096 on Linux, 1024 on
+# macOS): a longer "path", or that many bytes without any path, is not a path list
+# (`--from /dev/zero`, a binary file) and is refused before it can exhaust memory.
+MAX_PATH_ENTRY_BYTES = 64 * 1024
+_CHUNK = 64 * 1024
+
+
+def read_path_stream(stream: BinaryIO, limit: int = MAX_PATH_ENTRY_BYTES) -> list[str]:
+    """`read_path_list` of a stream, read in chunks so that memory stays bounded by the paths
+    themselves: NUL-separated when a NUL comes within the first entry, else one per line; a
+    stretch of more than `limit` bytes holding no path (one over-long entry, or endless blank
+    entries) is a usage error."""
+    import os
+
+    from piaa_index.errors import UserInputError
+
+    def too_long() -> UserInputError:
+        return UserInputError(
+            f"--from: over {limit} bytes without a path (an over-long entry, or only "
+            "separators): not a list of paths, one per line or NUL-separated"
+        )
+
+    out: list[str] = []
+    buffer = b""
+    separator: bytes | None = None  # decided by the first NUL, or by the first full entry
+    blank = 0  # bytes of separators and blank entries since the last path
+    while True:
+        chunk = stream.read(_CHUNK)
+        buffer += chunk
+        if separator is None:
+            if b"\0" in buffer:
+                separator = b"\0"
+            elif len(buffer) > limit or (not chunk and buffer):
+                separator = b"\n"
+        if separator is not None:
+            if separator == b"\n" and b"\0" in buffer:
+                raise UserInputError("--from: a NUL byte in a newline-separated list of paths")
+            entries = buffer.split(separator)
+            buffer = b"" if not chunk else entries.pop()  # the last one may be unfinished
+            if separator == b"\n":
+                # bytes.splitlines' line ends (\r\n, a lone \r) as `read_path_list` has them
+                entries = [line for entry in entries for line in entry.splitlines() or [b""]]
+            for entry in entries:
+                if len(entry) > limit:
+                    raise too_long()
+                if entry.strip():
+                    out.append(os.fsdecode(entry))
+                    blank = 0
+                else:
+                    blank += len(entry) + 1
+                    if blank > limit:
+                        raise too_long()
+        if len(buffer) > limit:
+            raise too_long()
+        if not chunk:
+            return out
 
 
 @click.command("status")

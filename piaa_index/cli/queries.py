@@ -63,13 +63,26 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
 
     @click.pass_context
     def callback(
-        ctx: click.Context, as_json: bool, as_csv: bool, paths_only: bool, **params: Any
+        ctx: click.Context,
+        as_json: bool,
+        as_csv: bool,
+        paths_only: bool,
+        print0: bool,
+        **params: Any,
     ) -> None:
         app = app_context(ctx)
         extra = {k: params.pop(k) for k in own}
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
         if extension is not None:
-            fmt = "json" if as_json else "csv" if as_csv else "paths" if paths_only else "table"
+            fmt = (
+                "json"
+                if as_json
+                else "csv"
+                if as_csv
+                else "paths"
+                if paths_only or print0
+                else "table"
+            )
             if extension.run(app, params, extra, fmt):
                 return
         rows = None
@@ -77,7 +90,7 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
             rows = query.quick(app.settings(), progress=app.progress, **params)
         if rows is None:
             rows = query.run(app.library(), progress=app.progress, **params)
-        emit_rows(rows, as_json, as_csv, paths_only)
+        emit_rows(rows, as_json, as_csv, paths_only, print0)
 
     command = click.Command(
         query.name,

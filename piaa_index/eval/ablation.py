@@ -46,11 +46,10 @@ def fit_paper_classifier(
 ) -> Any:
     """The paper's closed-world PVCL (pvcl.py: banks by argmax and entropy across the
     vocabulary, GDA classes that explain every patch), for the comparison rows."""
-    from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks
-    from piaa_index.tagging import default_bank_size
+    from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks, paper_bank_size
 
     if bank_size is None:
-        bank_size = default_bank_size(len(locations) * library.vectors.n_patches, len(T))
+        bank_size = paper_bank_size(len(locations) * library.vectors.n_patches, len(T))
     params = PvclParams(bank_size=bank_size)
     builder = BankBuilder(T, bank_size=params.bank_size, text_scale=params.text_scale)
     for chunk in library.vectors.iter_live(locations):
@@ -231,7 +230,11 @@ def run_ablation(
         "index": index_reports,
     }
     if vocab_size is not None:
-        full_run = {"S": confidence, "tags": tags}
+        full_run = {
+            "S": confidence,
+            "tags": tags,
+            "status": [r["status"] for r in product.status],
+        }
         report["open_world"] = open_world_protocol(
             library, test, fit_set, full_run, vocab_size, vocab_draws, seed, bank_size
         )
@@ -246,21 +249,22 @@ def _fit_and_tag(
     test_locations: list[tuple[int, int, int]],
     order: list[int],
     bank_size: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The product on `labels` alone: fit, score the test set, decide. (S, tags), dataset order."""
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The product on `labels` alone: fit, score the test set, decide. (S, tags, statuses),
+    dataset order."""
     vocab = library.set_vocabulary(labels)
     classifier, T, _ = library.fit_classifier(vocab, fit_locations, False, bank_size)
     ids, raw = score_methods(library, test_locations, classifier, T)
     scores = _in_order(raw, ids, order, len(labels))
-    _, S, tags = product_tags(scores, classifier.params["support"])
-    return S, tags
+    decisions, S, tags = product_tags(scores, classifier.params["support"])
+    return S, tags, [r["status"] for r in decisions.status]
 
 
 def open_world_protocol(
     library: Library,
     test: Dataset,
     fit_set: Dataset,
-    full_run: dict[str, np.ndarray],
+    full_run: dict[str, Any],
     vocab_size: int,
     draws: int,
     seed: int,
@@ -280,7 +284,7 @@ def open_world_protocol(
     rows = []
     for _ in range(draws):
         cols = sorted(int(c) for c in rng.choice(C, vocab_size, replace=False))
-        S, tags = _fit_and_tag(
+        S, tags, status = _fit_and_tag(
             library, [test.classes[c] for c in cols], fit_locations, test_locations, order,
             bank_size,
         )  # fmt: skip
@@ -295,12 +299,17 @@ def open_world_protocol(
                 "mAP_full": round(float(mean_average_precision(full_run["S"][:, cols], y)[0]), 2),
                 **{k: round(alone[k], 2) for k in ("OP", "OR", "OF1")},
                 **{f"{k}_full": round(full[k], 2) for k in ("OP", "OR", "OF1")},
+                # Labels whose held / weak / absent status differs from the full run's: the
+                # one decision that reads the pooled matching level (decisions.bank_support).
+                "status_changed": sum(
+                    s != full_run["status"][c] for s, c in zip(status, cols, strict=True)
+                ),
             }
         )
     removed = []
     for c in sorted(int(c) for c in rng.choice(C, min(draws, C), replace=False)):
         keep = [k for k in range(C) if k != c]
-        _, tags = _fit_and_tag(
+        _, tags, status = _fit_and_tag(
             library, [test.classes[k] for k in keep], fit_locations, test_locations, order,
             bank_size,
         )  # fmt: skip
@@ -312,6 +321,9 @@ def open_world_protocol(
                 "tags_before": int(before.sum()),
                 "changed_percent": round(
                     100.0 * float((tags != before).sum()) / max(1, before.sum()), 3
+                ),
+                "status_changed": sum(
+                    s != full_run["status"][k] for s, k in zip(status, keep, strict=True)
                 ),
             }
         )

@@ -233,6 +233,8 @@ def keys_revoke(ctx: click.Context, key_id: int) -> None:
     """Revoke a key by id (it stops working at once, also on a running server)."""
     from piaa_index.cli.common import app_context
 
-    if not app_context(ctx).library().store.revoke_api_key(key_id):
+    # An id past the database's integer range names no key (and would overflow the driver).
+    in_range = -(2**63) <= key_id <= 2**63 - 1
+    if not in_range or not app_context(ctx).library().store.revoke_api_key(key_id):
         raise UserInputError(f"no live key with id {key_id} (see `piaa keys list`)")
     click.echo(f"key {key_id} revoked", err=True)

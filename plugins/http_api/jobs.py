@@ -1,7 +1,8 @@
 """Index and fit as background jobs: one at a time, in one worker thread with its own Library,
 so reads (served by the server's Library) are answered while a job runs.
 
-A job is `queued`, then `running` (with progress: the stage and images done of total), then
+At most `MAX_PENDING` jobs wait or run at once: a further submit raises `QueueFull` (HTTP 429),
+so a client cannot pile up fits. A job is `queued`, then `running` (with progress: the stage and images done of total), then
 `done` (with the result the Python API returns) or `failed` (with a one-line error). Jobs live
 in memory, the last `KEEP` of them: a restarted server forgets them; the library itself keeps
 what they committed (index runs and fits resume or redo safely).
@@ -27,6 +28,11 @@ log = logging.getLogger("piaa.http")
 
 KINDS = ("index", "fit")
 KEEP = 200
+MAX_PENDING = 4  # jobs queued or running at once
+
+
+class QueueFull(Exception):
+    """Too many jobs are queued or running to accept another."""
 
 
 class Cancelled(Exception):
@@ -65,8 +71,9 @@ class JobRunner:
     """Queues jobs and runs them one at a time on a Library from `open_library` (opened on the
     worker thread at its first job, closed by `close`)."""
 
-    def __init__(self, open_library: Callable[[], Library]):
+    def __init__(self, open_library: Callable[[], Library], max_pending: int = MAX_PENDING):
         self._open_library = open_library
+        self._max_pending = max_pending
         self._library: Library | None = None
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -81,6 +88,12 @@ class JobRunner:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job runner is closed")
+            pending = sum(1 for j in self._jobs.values() if j.state in ("queued", "running"))
+            if pending >= self._max_pending:
+                raise QueueFull(
+                    f"{pending} jobs are already queued or running (at most "
+                    f"{self._max_pending}); wait for one to finish"
+                )
             job = Job(id=str(next(self._ids)), kind=kind, params=params)
             self._jobs[job.id] = job
             for old in list(self._jobs)[:-KEEP]:

@@ -32,17 +32,24 @@ def encode_cursor(fields: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# The fields each kind of cursor must hold (a forged cursor without them is a 400, not a
+# KeyError); "s" (the listing's `since`) may be null.
+CURSOR_FIELDS = {"images": ("a",), "tags": ("a", "u")}
+
+
 def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
     try:
         fields = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(fields, dict) or fields.get("k") != kind:
+            raise ValueError
+        if any(fields.get(key) is None for key in CURSOR_FIELDS[kind]):
             raise ValueError
         for key in ("a", "s", "u"):
             value = fields.get(key)
             if value is not None and (type(value) is not int or not 0 <= value <= MAX_ID):
                 raise ValueError
         return fields
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         raise ApiError(400, "bad_request", "invalid cursor (pass next_cursor as given)") from None
 
 

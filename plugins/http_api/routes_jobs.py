@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path
 from piaa_index_plugins.http_api.auth import require_read, require_write
 from piaa_index_plugins.http_api.errors import ApiError
+from piaa_index_plugins.http_api.jobs import QueueFull
 from piaa_index_plugins.http_api.state import ApiState, get_state
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -58,7 +59,7 @@ def _check_paths(state: ApiState, paths: list[str]) -> list[str]:
 )
 def start_index(body: IndexBody, state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
     paths = _check_paths(state, body.paths)
-    return _brief(state.jobs.submit("index", {"paths": paths, "prune": body.prune}))
+    return _submit(state, "index", {"paths": paths, "prune": body.prune})
 
 
 @router.post(
@@ -68,7 +69,7 @@ def start_index(body: IndexBody, state: Annotated[ApiState, Depends(get_state)])
     dependencies=[require_write],
 )
 def start_fit(state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
-    return _brief(state.jobs.submit("fit", {}))
+    return _submit(state, "fit", {})
 
 
 @router.get("", summary="Recent jobs, newest first", dependencies=[require_read])
@@ -86,6 +87,14 @@ def get_job(
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
     return job
+
+
+def _submit(state: ApiState, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Queue a job, or 429 when too many are queued or running already."""
+    try:
+        return _brief(state.jobs.submit(kind, params))
+    except QueueFull as exc:
+        raise ApiError(429, "too_many_jobs", str(exc), {"Retry-After": "5"}) from None
 
 
 def _brief(job: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,15 @@ def put_vocabulary(
             400, "bad_request", f"at most {cfg.max_labels} labels, not {len(body.labels)}"
         )
     for text in [*body.labels, *(body.templates or [])]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON can spell a lone surrogate ("\udcff"); no database or tokenizer takes one.
+            raise ApiError(
+                400,
+                "bad_request",
+                f"label or template {text[:100]!r} is not valid Unicode (a lone surrogate)",
+            ) from None
         if len(text) > cfg.max_label_length:
             raise ApiError(
                 400,

@@ -112,8 +112,19 @@ class SecurityMiddleware:
         await self.app(scope, inner_receive, inner_send)
 
     def _same_origin(self, origin: str, host: str, scope: Scope) -> bool:
-        parts = urlsplit(origin)
-        return bool(parts.netloc) and parts.netloc.lower() == host.lower()
+        """Same scheme and same host:port: `https://127.0.0.1:PORT` is another origin than the
+        `http://127.0.0.1:PORT` served here (behind a TLS proxy, uvicorn's proxy headers make
+        the scope's scheme https)."""
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 bracket)
+            return False
+        scheme = str(scope.get("scheme") or "http").lower()
+        return (
+            bool(parts.netloc)
+            and parts.scheme.lower() == scheme
+            and parts.netloc.lower() == host.lower()
+        )
 
     async def _preflight(self, origin: str, send: Send) -> None:
         await send(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+MAX_IMAGE_ID = 2**63 - 1  # the largest id a database integer holds
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ class ServedLibrary:
     def indexed_path(self, ref: str | int | Path) -> str:
         store = self._library.store
         text = str(ref)
-        if text.isdigit():
-            info = store.image_info(int(text))
+        # ASCII digits only: str.isdigit() also accepts "²" and other Unicode digits, which
+        # int() refuses; an id past the database's integer range names no image.
+        if text.isascii() and text.isdigit():
+            number = int(text) if len(text.lstrip("0")) <= 19 else MAX_IMAGE_ID + 1
+            info = store.image_info(number) if number <= MAX_IMAGE_ID else None
         else:
             found = store.image_refs([text]).get(text)
             info = store.image_info(found[0]) if found else None
