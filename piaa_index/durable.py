@@ -21,3 +21,14 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write a file whole or not at all: a temporary name, fsync, rename (then fsync the folder
+    where the caller needs the rename itself durable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -92,7 +92,12 @@ class Library:
     ) -> Library:
         """Open (creating if needed) the library; refuse a model other than the index's."""
         settings = Settings.resolve(home, db, model, pretrained, front_end, device)
+        sqlite_file = _sqlite_file(settings.db_url)
+        if sqlite_file is not None and not sqlite_file.exists():
+            _refuse_lost_database(sqlite_file, settings.home / "vectors")
         store = Store.open(settings.db_url)
+        if sqlite_file is not None and (settings.home / "vectors" / store.store_id).is_dir():
+            _remember_database(sqlite_file, settings.home / "vectors" / store.store_id)
         stored = store.get_setting("model")
         # A checkpoint path is kept absolute: the library is opened from other folders too.
         asked_weights = settings.pretrained
@@ -225,6 +230,8 @@ class Library:
                 self._vectors = VectorStore.open(self.vectors_dir, identity, codec)
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
+            if (sqlite_file := _sqlite_file(self.settings.db_url)) is not None:
+                _remember_database(sqlite_file, self.vectors_dir)
             self._reconcile()
             self._reconcile_scores()
         return self._vectors
@@ -448,3 +455,50 @@ class Library:
         """Verify the database and the vector shards; damaged shards' images are re-encoded by
         the next index run."""
         return self.maintenance.check(progress)
+
+
+# Each vector folder names the SQLite file it belongs to: a deleted or moved database next to
+# its vectors is then refused, not silently replaced by a new empty library.
+DATABASE_MARKER = "sqlite-database.json"
+
+
+def _sqlite_file(db_url: str) -> Path | None:
+    if not db_url.startswith("sqlite:///") or "?" in db_url:
+        return None
+    path = db_url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path).expanduser().absolute()
+
+
+def _remember_database(sqlite_file: Path, vectors_dir: Path) -> None:
+    import json
+
+    from piaa_index.durable import write_bytes_atomic
+    from piaa_index.textio import json_text
+
+    marker = vectors_dir / DATABASE_MARKER
+    try:
+        if marker.is_file() and json.loads(marker.read_text())["path"] == str(sqlite_file):
+            return
+        write_bytes_atomic(json_text({"path": str(sqlite_file)}).encode(), marker)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a read-only home still opens; the guard is best effort
+
+
+def _refuse_lost_database(sqlite_file: Path, vectors_root: Path) -> None:
+    import json
+
+    if not vectors_root.is_dir():
+        return
+    for marker in sorted(vectors_root.glob(f"*/{DATABASE_MARKER}")):
+        try:
+            named = json.loads(marker.read_text())["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if named == str(sqlite_file):
+            folder = marker.parent
+            shards = len(list(folder.glob("*.cls.faiss")))
+            raise LibraryError(
+                f"the database {sqlite_file} is missing, but its vectors are in {folder} "
+                f"({shards} shards): restore the database file from a backup; to start a new, "
+                "empty library instead, move that folder away first"
+            )

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import fsync_dir
+from piaa_index.durable import fsync_dir, write_bytes_atomic
 from piaa_index.errors import PiaaError
 
 MANIFEST = "manifest.json"
@@ -98,13 +98,7 @@ def _serialized(index) -> bytes:  # type: ignore[no-untyped-def]
     return _faiss().serialize_index(index).tobytes()
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+_write_bytes_atomic = write_bytes_atomic
 
 
 def _digest(data: bytes) -> str:

@@ -102,3 +102,36 @@ def test_a_damaged_sqlite_page_is_reported(tmp_path: Path, tiny_model_config: Pa
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_lost_sqlite_file_next_to_its_vectors_is_refused(tmp_path: Path) -> None:
+    """Deleting (or moving) piaa.sqlite3 must not silently start a new, empty library beside the
+    old vectors (issue 18): the CLI refuses and says how to go on; moving the folder away does."""
+    import subprocess
+    import sys
+
+    from piaa_index.shapes.dataset import generate_dataset
+    from tests.piaa_processes import piaa_env
+
+    generate_dataset(tmp_path / "scenes", 12, seed=5, size=96, progress=False)
+    home = tmp_path / "home"
+    env = piaa_env(home, None)
+
+    def piaa(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "piaa_index", *args],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    assert piaa("index", str(tmp_path / "scenes" / "images")).returncode == 0
+    (home / "piaa.sqlite3").unlink()
+    for suffix in ("-wal", "-shm"):
+        (home / f"piaa.sqlite3{suffix}").unlink(missing_ok=True)
+    refused = piaa("status")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "is missing, but its vectors are in" in refused.stderr
+    assert "restore the database file from a backup" in refused.stderr
+    assert not (home / "piaa.sqlite3").exists()  # nothing was created
+    (folder,) = [p for p in (home / "vectors").iterdir() if p.is_dir()]
+    folder.rename(tmp_path / "old-vectors")
+    assert piaa("status").returncode == 0  # the way out: a new library
