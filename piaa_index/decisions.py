@@ -103,6 +103,15 @@ class Calibration:
         zC = (np.asarray(C, np.float64) - self.c_center) / self.c_scale
         return self.alpha * zE + (1 - self.alpha) * zC
 
+    def relative_evidence(
+        self, E: np.ndarray, columns: slice | list[int] | int = slice(None)
+    ) -> np.ndarray:
+        """Patch log-odds shown to people, in (0, 1): sigmoid of the label's robust z-score,
+        so one half is the best patch of a typical image of this collection. Applied to an
+        image's best patch it is `tags`' patch score; to every patch, the evidence map."""
+        z = (np.asarray(E, np.float64) - self.e_center[columns]) / self.e_scale[columns]
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+
     def confidence(self, E: np.ndarray, C: np.ndarray) -> np.ndarray:
         """[N, C] calibrated confidence that each label is in each image."""
         z = self.slope * self.fused(E, C) + self.intercept

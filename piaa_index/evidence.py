@@ -144,10 +144,10 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
     calibration = state.fitted.decisions.calibration
     if classifier.open_world and calibration is not None:
         # Each patch's log-odds against the background, relative to the best patch of a typical
-        # image of this collection (the label's median evidence): above one half, the patch is
-        # more like the label than a typical image's best patch is.
+        # image of this collection: above one half, the patch is more like the label than a
+        # typical image's best patch is. Its brightest patch is `tags`' patch score.
         logits = classifier.logits(got.patches)[0, :, c].astype(np.float64)
-        grid = (1.0 / (1.0 + np.exp(-(logits - calibration.e_center[c])))).reshape(gh, gw)
+        grid = calibration.relative_evidence(logits, c).reshape(gh, gw)
     else:
         probs = patch_probabilities(got.patches, classifier, PaaParams().tau_evidence)
         grid = probs[0, :, c].reshape(gh, gw)  # [1, M, C] -> the label's map

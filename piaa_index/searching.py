@@ -71,13 +71,16 @@ class Searcher(Part):
         present = np.asarray(seg.mats["present"][:, r], dtype=bool)
         stored_path = self.store.paths([image_id])[image_id]
         rule = state.fitted.decisions
+        # Open world: the best patch's log-odds on the collection's scale for that label
+        # (`Calibration.relative_evidence`, what the evidence map shows); gates read the raw E.
+        shown_E = E if rule.calibration is None else rule.calibration.relative_evidence(E)
         order = np.lexsort((np.arange(len(S)), -S))  # best first, vocabulary order on ties
         return [
             {
                 "path": stored_path,
                 "label": state.vocab.labels[c].name,
                 "score": float(S[c]),
-                "patch_score": float(E[c]),
+                "patch_score": float(shown_E[c]),
                 "cls_score": float(Cs[c]),
                 "present": bool(present[c]),
                 "threshold": _bound(rule.thresholds[c]),
