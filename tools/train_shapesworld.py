@@ -237,7 +237,8 @@ def train(a: argparse.Namespace) -> None:
     """Contrastive training loop."""
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
-    model = create_model()
+    model = create_model(str(a.init) if a.init else None)  # --init: continue from a checkpoint
+    model.float()
     tok = get_tokenizer()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         help="token-level loss through a separate projection that is discarded (0 disables)",
     )
     p.add_argument("--out", type=Path, default=ASSET_DIR / "shapesworld.safetensors")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument("--tmp-ckpt", type=Path, default=Path("/tmp/shapesworld_ckpt.safetensors"))
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20)
