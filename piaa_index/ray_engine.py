@@ -408,38 +408,45 @@ def _run(
         # CPU clusters: half the cores encode, the rest decode and write.
         encoders = gpus or max(1, cpus // 2)
     encode_args: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    ds = ray.data.from_items(
-        [{"payload": pickle.dumps(g, protocol=5)} for g in groups],
-        override_num_blocks=len(groups),
-    )
-    ds = ds.map(_prepare, fn_kwargs={"job": job}, num_cpus=1)
-    ds = ds.map_batches(
-        _Encode,
-        fn_constructor_kwargs={"job": job},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=encoders),
-        **encode_args,
-    )
-    ds = ds.map(_write, fn_kwargs={"job": job}, num_cpus=1)
+    # The library's patch quantiser is trained on the first shard written. The local engine's
+    # first shard is the first commit group; so is this one: while the library has none, the
+    # first group runs alone, and the same photos give the same stored patches either way.
+    batches = [groups[:1], groups[1:]] if library.vectors.needs_quantizer() else [groups]
     with (
         progress_bar(len(todo), "indexing (ray)", progress) as advance,
         one_line_failures("indexing", "; the committed groups are kept: run again to finish"),
     ):
-        for row in ds.iter_rows():
-            group: _Group = pickle.loads(row["payload"])
-            rows = [r for r, _ in group.rows]
-            # The shard is on disk (the write task returned): now SQL may point at it.
-            commit_rows(
-                library.store, group.shard if group.written else None, rows, group.failed, known
+        for batch in batches:
+            if not batch:
+                continue
+            ds = ray.data.from_items(
+                [{"payload": pickle.dumps(g, protocol=5)} for g in batch],
+                override_num_blocks=len(batch),
             )
-            for _, reused in group.rows:
-                if reused:
-                    report.reused += 1
-                else:
-                    report.indexed += 1
-            report.failed.extend({"path": i.path, "error": e} for i, e in group.failed)
-            advance(len(group.files))
+            ds = ds.map(_prepare, fn_kwargs={"job": job}, num_cpus=1)
+            ds = ds.map_batches(
+                _Encode,
+                fn_constructor_kwargs={"job": job},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=encoders),
+                **encode_args,
+            )
+            ds = ds.map(_write, fn_kwargs={"job": job}, num_cpus=1)
+            for row in ds.iter_rows():
+                group: _Group = pickle.loads(row["payload"])
+                rows = [r for r, _ in group.rows]
+                # The shard is on disk (the write task returned): now SQL may point at it.
+                commit_rows(
+                    library.store, group.shard if group.written else None, rows, group.failed, known
+                )
+                for _, reused in group.rows:
+                    if reused:
+                        report.reused += 1
+                    else:
+                        report.indexed += 1
+                report.failed.extend({"path": i.path, "error": e} for i, e in group.failed)
+                advance(len(group.files))
 
 
 # -- re-tagging -------------------------------------------------------------------------------

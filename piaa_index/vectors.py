@@ -283,6 +283,10 @@ class VectorStore:
             return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         return None
 
+    def needs_quantizer(self) -> bool:
+        """True while this library's lossy codec has no trained patch quantiser yet."""
+        return CODECS[self.codec] not in (None, "QT_fp16") and self.patch_quantizer() is None
+
     def _train_patch_quantizer(self, flat: np.ndarray, shard: int):  # type: ignore[no-untyped-def]
         faiss = _faiss()
         qname = CODECS[self.codec] or "QT_fp16"
@@ -300,7 +304,10 @@ class VectorStore:
             index = self._scalar_quantizer(qname)
             index.sq.rangestat_arg = SQ_RANGE_MARGIN
         sample = flat
-        if len(flat) > MAX_TRAIN:
+        # A scalar quantiser's ranges are per-dimension extremes: trained on every patch, they
+        # depend on which images the shard holds, not on their order or the shard's number
+        # (the Ray engine writes the same first shard under another number and order).
+        if len(flat) > MAX_TRAIN and "PQ" in qname:
             rng = np.random.default_rng(shard)
             sample = flat[np.sort(rng.choice(len(flat), MAX_TRAIN, replace=False))]
         index.train(sample)
