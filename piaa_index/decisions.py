@@ -1,6 +1,13 @@
 """Present / absent / weak: which labels a collection holds, and which images to tag (numpy).
 
-The single place for the tag rule (issue 8, "Tags you can trust"). Two questions:
+The single place for the tag rule. The product's rule (issue 19, open world) is
+``open_decisions``: per label, a confidence calibrated on the collection's own scores
+(``Calibration``), tagged where it reaches one half (``Decisions.apply``), with the label's status
+(present / weak / absent) from the fit's banks as below. ``label_decisions`` with per-label
+thresholds on the paper's softmax evidence is the closed-world rule, kept for `piaa eval`'s
+`pvcl-paper` / `piaa-paper` rows and for libraries fitted before the open world.
+
+Status (issue 8, "Tags you can trust"):
 
 1. **Does the collection hold the label at all?** PVCL fills every label's Stage I bank, even a
    label that is in no image: its bank is then the patches (background, distractors, parts of
@@ -11,9 +18,10 @@ The single place for the tag rule (issue 8, "Tags you can trust"). Two questions
    label's prototype, pooled over labels, into a "matching" and a "non-matching" mode (the same
    minimum-error split as the per-label thresholds), and a label whose bank is mostly below the
    cut is not held by the collection: ``absent`` when no image in the collection has a patch at
-   the matching level, ``weak`` when a few have (a rare label: its bank is mostly ghosts, but the
-   images that reach the level are real candidates).
-2. **Which images?** Present labels keep the paper's ranking core and the per-label split of the
+   the sure level (the matching mode's mean), ``weak`` when a few have (a rare label: its bank is
+   mostly ghosts, but the images that reach the level are real candidates). This pooled level
+   is the one quantity that reads other labels' banks.
+2. **Which images?** (the closed-world rule; the open-world one is above) Present labels keep the paper's ranking core and the per-label split of the
    patch evidence m (``fusion.decision_thresholds``), computed on the present labels only (ghost
    labels' m no longer pollutes the collection-wide reference). Weak labels and every label of a
    small library (fewer than ``small_library`` images, where per-label splits are not possible)
@@ -143,8 +151,7 @@ class Decisions:
         """(confidence S [N, C], present [N, C]) of images' evidence, [CLS] and text support.
 
         An image whose best patch does not reach a gated label's text level (weak and absent
-        labels, small libraries) keeps half its confidence: below one half, never tagged, and
-        still ranked. Legacy rule (no calibration): no S (the stored one stands), present is
+        labels) keeps half its confidence: below one half, never tagged, and still ranked. Legacy rule (no calibration): no S (the stored one stands), present is
         E >= threshold and U >= gate."""
         E = np.asarray(E, dtype=np.float64)
         U = np.asarray(U, dtype=np.float64)
