@@ -4,6 +4,7 @@ XMP sidecars)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,3 +33,24 @@ def write_bytes_atomic(data: bytes, path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """A file's blake2b-128 digest, read in 1 MiB pieces: the checksum of every derived file."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damaged_files(folder: Path, sums: dict[str, str]) -> list[str]:
+    """The files of `sums` (name -> digest) in `folder` that are missing or differ."""
+    bad = []
+    for name, expected in sums.items():
+        try:
+            if file_digest(folder / name) != expected:
+                bad.append(name)
+        except OSError:
+            bad.append(name)
+    return bad

@@ -94,8 +94,9 @@ class Maintenance(Part):
             sent_back = self.store.mark_shards_missing(bad)
             for shard in bad:
                 vectors.delete_shard(shard)
+            derived = self._check_derived()
         return {
-            "ok": not problems and not damaged,
+            "ok": not problems and not damaged and not derived,
             "database": {"ok": not problems, "problems": problems[:20]},
             "vectors": {
                 "shards": len(shards),
@@ -103,7 +104,35 @@ class Maintenance(Part):
                 "damaged": damaged,
                 "images_to_reencode": sent_back,
             },
+            # Indexes rebuilt from the shards (similar, text search): damage is removed here
+            # and the next query that needs one builds it again.
+            "derived_damaged": derived,
         }
+
+    def _check_derived(self) -> list[dict[str, Any]]:
+        """Verify the derived indexes against the checksums in their meta.json; remove any
+        that is damaged (or unreadable) so that it is rebuilt."""
+        import json
+        import shutil
+
+        from piaa_index.durable import damaged_files
+
+        found = []
+        for name in ("similar", "text"):
+            folder = self.library.vectors_dir / name
+            if not (folder / "meta.json").exists():
+                continue
+            try:
+                sums = json.loads((folder / "meta.json").read_text()).get("sums") or {}
+                bad = damaged_files(folder, sums) if sums else []
+            except (OSError, ValueError, AttributeError):
+                bad = ["meta.json"]
+            if bad:
+                shutil.rmtree(folder, ignore_errors=True)
+                found.append(
+                    {"index": name, "files": bad, "action": "removed; rebuilt when needed"}
+                )
+        return found
 
     def status(self) -> dict[str, Any]:
         """Counts, model, vocabulary, classifier version and staleness."""

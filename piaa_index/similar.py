@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import fsync_dir
+from piaa_index.durable import damaged_files, file_digest, fsync_dir
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
 MAX_FLAT_CELLS = 25_600_000
@@ -109,7 +109,16 @@ class ClsIndex:
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / "cls.faiss.tmp"))
         np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards)
-        meta = {"kind": self.kind, "version": self.version, "trained_on": self.trained_on}
+        meta = {
+            "kind": self.kind,
+            "version": self.version,
+            "trained_on": self.trained_on,
+            # Checksums: the held ids are verified on every load, both files by `db check`.
+            "sums": {
+                "cls.faiss": file_digest(folder / "cls.faiss.tmp"),
+                "held.npz": file_digest(folder / "held.npz.tmp.npz"),
+            },
+        }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
         for name in ("cls.faiss", "held.npz", "meta.json"):
             tmp = folder / f"{name}.tmp"
@@ -128,10 +137,13 @@ class ClsIndex:
     def load(cls, folder: Path) -> ClsIndex | None:
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            sums = meta.get("sums") or {}
+            if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
+                return None  # damaged: rebuilt from the shards
             index = _faiss().read_index(str(folder / "cls.faiss"))
             with np.load(folder / "held.npz") as held:
                 ids, shards = held["ids"], held["shards"]
-        except (OSError, ValueError, RuntimeError, KeyError):
+        except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         if int(index.ntotal) != len(ids):
             return None

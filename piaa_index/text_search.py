@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from piaa_index import similar
-from piaa_index.durable import fsync_dir
+from piaa_index.durable import damaged_files, file_digest, fsync_dir
 from piaa_index.vectors import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
@@ -197,7 +197,15 @@ class PatchIndex:
         faiss.write_index(self.index, str(folder / "patches.faiss.tmp"))
         with open(folder / "held.npz.tmp", "wb") as fh:
             np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows)
-        meta = {"version": self.version, "trained_on": self.trained_on}
+        meta = {
+            "version": self.version,
+            "trained_on": self.trained_on,
+            # Checksums: the held ids are verified on every load, both files by `db check`.
+            "sums": {
+                "patches.faiss": file_digest(folder / "patches.faiss.tmp"),
+                "held.npz": file_digest(folder / "held.npz.tmp"),
+            },
+        }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
         for name in ("patches.faiss", "held.npz", "meta.json"):
             with open(folder / f"{name}.tmp", "rb+") as fh:
@@ -211,10 +219,13 @@ class PatchIndex:
     def load(cls, folder: Path) -> PatchIndex | None:
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            sums = meta.get("sums") or {}
+            if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
+                return None  # damaged: rebuilt from the shards
             index = _faiss().read_index(str(folder / "patches.faiss"))
             with np.load(folder / "held.npz") as held:
                 ids, shards, rows = held["ids"], held["shards"], held["rows"]
-        except (OSError, ValueError, RuntimeError, KeyError):
+        except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         out = cls(index, ids, shards, rows)
         index.nprobe = _nprobe(int(index.nlist))

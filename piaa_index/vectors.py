@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import fsync_dir, write_bytes_atomic
+from piaa_index.durable import file_digest, fsync_dir, write_bytes_atomic
 from piaa_index.errors import PiaaError
 
 MANIFEST = "manifest.json"
@@ -105,12 +105,7 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_file_digest = file_digest
 
 
 class VectorStore:

@@ -135,3 +135,34 @@ def test_a_lost_sqlite_file_next_to_its_vectors_is_refused(tmp_path: Path) -> No
     (folder,) = [p for p in (home / "vectors").iterdir() if p.is_dir()]
     folder.rename(tmp_path / "old-vectors")
     assert piaa("status").returncode == 0  # the way out: a new library
+
+
+def test_damaged_derived_indexes_are_found_and_rebuilt(tmp_path: Path) -> None:
+    """A flipped byte in the `similar` index's held ids (once a BadZipFile traceback) or in its
+    FAISS file: queries rebuild instead of failing or answering differently, and `db check`
+    names the damage, exits 1, and removes it (issue 18)."""
+    from piaa_index.shapes.dataset import generate_dataset
+    from tests.piaa_processes import PiaaProcesses
+
+    generate_dataset(tmp_path / "scenes", 40, seed=8, size=96, progress=False)
+    lib = PiaaProcesses(tmp_path / "home", None)
+    lib.run("index", str(tmp_path / "scenes" / "images"))
+    first = sorted((tmp_path / "scenes" / "images").iterdir())[0]
+    want = json.loads(lib.run("similar", str(first), "--json"))
+    (folder,) = [p / "similar" for p in (tmp_path / "home" / "vectors").iterdir() if p.is_dir()]
+    for name in ("held.npz", "cls.faiss"):
+        data = bytearray((folder / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / name).write_bytes(bytes(data))
+        if name == "held.npz":  # checked on every load: the query rebuilds and answers alike
+            assert json.loads(lib.run("similar", str(first), "--json")) == want
+    result = subprocess.run(
+        [sys.executable, "-m", "piaa_index", "db", "check", "--json"],
+        env=lib.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert [d["index"] for d in report["derived_damaged"]] == ["similar"]
+    assert not folder.exists()
+    assert json.loads(lib.run("similar", str(first), "--json")) == want
+    assert json.loads(lib.run("db", "check", "--json"))["ok"] is True

@@ -74,6 +74,11 @@ def db_check(app: AppContext, as_json: bool) -> None:
                 f"{vec['images_to_reencode']} images will be re-encoded by the next "
                 "`piaa index` of their folders"
             )
+        for item in report.get("derived_damaged", []):
+            click.echo(
+                f"{item['index']} index damaged ({', '.join(item['files'])}): removed, "
+                "rebuilt by the next query that needs it"
+            )
     if not report["ok"]:
         raise SystemExit(1)
 
