@@ -170,8 +170,13 @@ def _max_over_patches(
     T32 = np.asarray(T, dtype=np.float32)
     out = np.empty((patches.shape[0], T32.shape[0]), np.float64)
     b = max(1, batch_images)
+    T32t = np.ascontiguousarray(T32.T)
     for i, blk in enumerate(_blocks(patches, b)):
-        out[i * b : i * b + blk.shape[0]] = per_patch(blk @ T32.T).max(axis=1)
+        n, M, d = blk.shape
+        # gemm_rows: a patch's cosine must not depend on which images share its block (the
+        # text search re-ranks candidates in other blocks than the exact scan does).
+        sims = gemm_rows(blk.reshape(n * M, d), T32t).reshape(n, M, -1)
+        out[i * b : i * b + n] = per_patch(sims).max(axis=1)
     return out
 
 
@@ -211,7 +216,7 @@ def open_vocabulary_scores(
     """
     t = np.asarray(phrase, dtype=np.float32).reshape(-1)
     m = text_support(patches, t[None, :], batch_images)[:, 0]
-    c = np.asarray(cls, dtype=np.float32) @ t
+    c = gemm_rows(np.asarray(cls, dtype=np.float32), t[:, None], rows=CLS_ROWS)[:, 0]
     return alpha * m + (1 - alpha) * c.astype(np.float64)
 
 

@@ -18,6 +18,10 @@ DEFAULT_PORT = 8765
 BACKLOG = 2048  # the listen queue: bursts of connections wait here instead of being reset
 LIMIT_CONCURRENCY = 1000  # connections + tasks at once; beyond it new ones get 503 at once
 TIMEOUT_KEEP_ALIVE = 5  # seconds an idle kept-alive connection is held
+# Connection guard (security.guarded_protocol): a request head must arrive within
+# security.HEADER_TIMEOUT seconds (this variable overrides it), and one client address keeps at
+# most security.IDLE_PER_CLIENT connections waiting for one.
+HEADER_TIMEOUT_ENV = "PIAA_HEADER_TIMEOUT"
 
 
 def is_loopback(host: str) -> bool:
@@ -88,7 +92,9 @@ def serve(
 
     Every read needs a key unless --public-read; every write needs a write key (`piaa keys
     create`). The URL printed at start carries a write key valid until the server stops.
-    A non-loopback --host is refused until at least one key exists.
+    A non-loopback --host is refused until at least one key exists. A connection that sends
+    no complete request head within 10 s (env PIAA_HEADER_TIMEOUT, seconds) is closed, and a
+    client address keeps at most 64 connections waiting for one (the oldest are closed).
     """
     from piaa_index.cli.common import app_context
 
@@ -96,12 +102,14 @@ def serve(
         import uvicorn
         from piaa_index_plugins.http_api.app import create_app
         from piaa_index_plugins.http_api.auth import new_token
+        from piaa_index_plugins.http_api.security import guarded_protocol
         from piaa_index_plugins.http_api.state import ServerConfig
     except ImportError as exc:  # pragma: no cover - the server deps are core dependencies
         raise click.ClickException(
             f"the HTTP server needs {exc.name}: pip install 'piaa-index' with its dependencies"
         ) from None
 
+    header_timeout = _header_timeout()  # before the library opens: a bad value stops here
     app_ctx = app_context(ctx)
     library = app_ctx.library()
     demo = library.settings.home / "demo" / "index"
@@ -151,6 +159,7 @@ def serve(
     server = _server_class()(
         uvicorn.Config(
             app,
+            http=guarded_protocol(header_timeout=header_timeout),
             backlog=BACKLOG,
             limit_concurrency=LIMIT_CONCURRENCY,
             timeout_keep_alive=TIMEOUT_KEEP_ALIVE,
@@ -165,6 +174,22 @@ def serve(
     finally:
         sock.close()
     click.echo("stopped", err=True)
+
+
+def _header_timeout() -> float:
+    """Seconds a connection may take to send a request head: PIAA_HEADER_TIMEOUT, else 10."""
+    from piaa_index_plugins.http_api.security import HEADER_TIMEOUT
+
+    raw = os.environ.get(HEADER_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return HEADER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:  # also refuses nan and inf
+        raise UserInputError(f"{HEADER_TIMEOUT_ENV} must be seconds in (0, 3600], not {raw!r}")
+    return value
 
 
 def _server_class() -> type:

@@ -1,7 +1,10 @@
 """Pictures of indexed images: thumbnails and patch evidence maps, by image id only.
 
 No path ever comes from the client: the id is looked up in SQL (piaa_index/thumbnails.py,
-piaa_index/evidence.py), and an id that is not an indexed image is 404.
+piaa_index/evidence.py), and an id that is not an indexed image is 404. A thumbnail is only
+made from the content that was indexed: when the file at the image's path is not that content
+any more (edited, replaced, swapped for a link to another picture), the answer is 409
+`changed_since_indexing` (re-index it), never another picture under the image's id and ETag.
 
     GET /api/images/{id}/thumbnail?size=128|256|512      image/jpeg (ETag: content hash + size)
     GET /api/images/{id}/evidence?label=L&format=png|json  the label's evidence map
@@ -14,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from piaa_index_plugins.http_api.auth import require_read
-from piaa_index_plugins.http_api.errors import mapped
+from piaa_index_plugins.http_api.errors import ApiError, mapped
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
@@ -40,7 +43,11 @@ def _thumbnails(state: ApiState) -> Any:
     "/images/{image_id}/thumbnail",
     summary="An EXIF-upright JPEG thumbnail of an indexed image (cached on disk)",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 304: {"description": "Not modified"}},
+    responses={
+        200: {"content": {"image/jpeg": {}}},
+        304: {"description": "Not modified"},
+        409: {"description": "The file is not the indexed content any more: re-index it"},
+    },
 )
 def thumbnail(
     image_id: ImageId,
@@ -52,11 +59,20 @@ def thumbnail(
     # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
     # ms for a camera JPEG) must not hold up every other read.
     thumb, source = state.run(thumbs.locate, image_id, size)
-    mapped(lambda: thumbs.make(thumb, source))  # decoding outside the lock
+    mapped(lambda: _make(thumbs, thumb, source))  # decoding outside the lock
     headers = {"ETag": thumb.etag, "Cache-Control": CACHE_CONTROL}
     if thumb.etag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
     return FileResponse(thumb.path, media_type="image/jpeg", headers=headers)
+
+
+def _make(thumbs: Any, thumb: Any, source: str) -> Any:
+    from piaa_index.thumbnails import SourceChanged
+
+    try:
+        return thumbs.make(thumb, source)
+    except SourceChanged as exc:
+        raise ApiError(409, "changed_since_indexing", str(exc)) from None
 
 
 def _etags(header: str | None) -> set[str]:

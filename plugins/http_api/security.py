@@ -10,12 +10,19 @@ request costs no body parsing and no thread):
   at most `max_json_depth` deep (400, checked before the JSON parser recurses).
 - NUL bytes in the path, the query string or a JSON body: 400 (file names and SQL text
   cannot hold them).
+
+Below the ASGI app, at the connection level (`guarded_protocol`, the HTTP protocol class that
+`piaa serve` hands to uvicorn): a connection must send each complete request head within
+`header_timeout` seconds (slow or silent clients, half-open connections), and one client
+address keeps at most `per_client` connections waiting for a request head, so that stalled
+connections cannot use up the server's connection limit (every other request would be 503).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from piaa_index_plugins.http_api.errors import error_response
@@ -204,3 +211,126 @@ def _with_cors(send: Send, origin: str) -> Send:
         await send(message)
 
     return wrapped
+
+
+# -- connection guard (uvicorn protocol level) ----------------------------------------------------
+
+HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a complete request head
+IDLE_PER_CLIENT = 64  # connections one client address may keep waiting for a request head
+EVICT_GRACE = 1.0  # seconds a new connection has to send its head before it can be evicted
+
+
+def guarded_protocol(
+    base: type[asyncio.Protocol] | None = None,
+    *,
+    header_timeout: float = HEADER_TIMEOUT,
+    per_client: int = IDLE_PER_CLIENT,
+    grace: float = EVICT_GRACE,
+) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (`base`, default its "auto" choice: h11 or httptools)
+    with two guards, for `uvicorn.Config(http=...)`. One class per server: it holds that
+    server's per-address bookkeeping.
+
+    A connection is *waiting* from when it is made, or its last response is complete, until a
+    complete request head has arrived (uvicorn then starts a request cycle). While waiting:
+
+    - after `header_timeout` seconds it is closed, however many bytes it dribbled in (uvicorn
+      has no such timeout: its keep-alive timer stops at the first byte, and a connection that
+      never sends one is held until the client goes away);
+    - when one client address has more than `per_client` waiting connections, its oldest ones
+      beyond that bound are closed, the newest kept: a new connection normally carries a
+      request, and a stalled one cannot keep it out. Connections younger than `grace` are
+      spared (a burst of connections is accepted before their first bytes are read); a check
+      `grace` seconds after each over-bound arrival closes them then if they still wait.
+
+    Connections with a request in flight are never counted or closed here; their number is
+    bounded by uvicorn's `limit_concurrency` (503 beyond it).
+    """
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        base = AutoHTTPProtocol
+    parent: Any = base
+
+    class Guarded(parent):  # type: ignore[misc, valid-type]
+        # client address -> {waiting connection: since (loop time)}, oldest first
+        waiting: ClassVar[dict[str, dict[Any, float]]] = {}
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._guard_peer: str | None = None
+            self._guard_timer: asyncio.TimerHandle | None = None
+            self._guard_since: float | None = None
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, (tuple, list)) and peer:
+                self._guard_peer = str(peer[0])
+            self._guard_sync()
+            mine = self.waiting.get(self._guard_peer or "", {})
+            if self._guard_peer is not None and len(mine) > per_client:
+                _evict(self.waiting, self._guard_peer, self.loop.time())
+                self.loop.call_later(grace, self._guard_evict_later, self._guard_peer)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._guard_sync()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._guard_sync()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._guard_stop()
+            super().connection_lost(exc)
+
+        def _guard_sync(self) -> None:
+            """Start or stop waiting as the request cycle says."""
+            cycle = getattr(self, "cycle", None)
+            transport = self.transport
+            idle = cycle is None or bool(getattr(cycle, "response_complete", False))
+            if transport is None or transport.is_closing() or transport.get_protocol() is not self:
+                idle = False  # closing, or upgraded (WebSocket): no longer ours to time out
+            if idle and self._guard_since is None:
+                self._guard_since = self.loop.time()
+                if self._guard_peer is not None:
+                    self.waiting.setdefault(self._guard_peer, {})[self] = self._guard_since
+                self._guard_timer = self.loop.call_later(header_timeout, self._guard_timeout)
+            elif not idle and self._guard_since is not None:
+                self._guard_stop()
+
+        def _guard_stop(self) -> None:
+            if self._guard_timer is not None:
+                self._guard_timer.cancel()
+                self._guard_timer = None
+            self._guard_since = None
+            mine = self.waiting.get(self._guard_peer or "")
+            if mine is not None:
+                mine.pop(self, None)
+                if not mine:
+                    del self.waiting[self._guard_peer or ""]
+
+        def _guard_timeout(self) -> None:
+            self._guard_timer = None
+            self._guard_sync()  # a request head may have arrived in the same loop turn
+            if self._guard_since is not None:
+                self._guard_close()
+
+        def _guard_close(self) -> None:
+            self._guard_stop()
+            if not self.transport.is_closing():
+                self.transport.close()  # flushes what is written, then closes
+
+        def _guard_evict_later(self, peer: str) -> None:
+            _evict(self.waiting, peer, self.loop.time())
+
+    def _evict(waiting: dict[str, dict[Any, float]], peer: str, now: float) -> None:
+        """Close `peer`'s oldest waiting connections beyond `per_client`, sparing the young."""
+        mine = waiting.get(peer, {})
+        excess = len(mine) - per_client
+        for conn, since in list(mine.items()):  # oldest first
+            if excess <= 0 or now - since < grace:
+                break
+            conn._guard_close()
+            excess -= 1
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded
