@@ -79,6 +79,8 @@ class DecisionParams:
     min_separation: float = 2.0
     min_gain: float = 0.0
     min_excess: float = 3.0
+    # Banks the pooled matching level needs before any label may be called weak or absent.
+    min_labels: int = 8
 
 
 # A tag is a confidence of at least one half: the one rule, for fit, new images, eval, evidence
@@ -212,8 +214,13 @@ def bank_support(
     cos = [np.asarray(v, dtype=np.float64).ravel() for v in bank_cosines]
     pooled = np.concatenate(cos) if cos else np.empty(0)
     sp = split_scores(pooled, "met", 3) if pooled.size else None
+    # Few banks cannot tell a matching mode from the differences between labels: with four held
+    # labels on `shapesworld-gap` the split was credible and called held labels weak, so a
+    # label's tags moved with the vocabulary. Below `min_labels` banks, no label is absent.
+    enough = sum(v.size > 0 for v in cos) >= prm.min_labels
     credible = bool(
-        sp is not None
+        enough
+        and sp is not None
         and sp.gain > prm.min_gain
         and sp.separation >= prm.min_separation
         and _excess(pooled, sp.threshold) >= prm.min_excess

@@ -319,6 +319,24 @@ def test_shapesworld_loads_shipped_checkpoint(
     np.testing.assert_allclose(enc.encode_images(batch)[1], src.encode_images(batch)[1], atol=ATOL)
 
 
+def test_both_shipped_models_load_through_open_clip(batch: torch.Tensor) -> None:
+    """`shapesworld` and `shapesworld-gap` share one architecture and load the real shipped
+    checkpoints through the same open_clip path; they are different trainings."""
+    plain = Encoder(ModelSpec(model="shapesworld"))
+    gap = Encoder(ModelSpec(model="shapesworld-gap"))
+    assert gap.identity()["model"] == "shapesworld-gap"
+    assert gap.identity()["pretrained"].startswith("shapesworld-gap.safetensors")
+    assert plain.identity()["model"] == "shapesworld"
+    assert {k: v for k, v in gap.identity().items() if k not in ("model", "pretrained")} == {
+        k: v for k, v in plain.identity().items() if k not in ("model", "pretrained")
+    }
+    small = torch.nn.functional.interpolate(batch, size=(96, 96))
+    cls_plain, patches_plain = plain.encode_images(small)
+    cls_gap, patches_gap = gap.encode_images(small)
+    assert patches_gap.shape == patches_plain.shape and cls_gap.shape == cls_plain.shape
+    assert not np.allclose(patches_gap, patches_plain, atol=1e-2)
+
+
 def test_shapesworld_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(encoder_mod, "SHAPESWORLD_DIR", tmp_path)
     with pytest.raises(ModelLoadError, match="ShapesWorld"):

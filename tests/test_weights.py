@@ -196,11 +196,14 @@ def test_models_lists_the_shipped_model_and_the_cache(hf_cache: Path) -> None:
     # ViT-B-16-quickgelu's openai tag is the same file in the same repository.
     assert set(by_key) == {
         ("shapesworld", "default"),
+        ("shapesworld-gap", "default"),
         ("ViT-B-16", "openai"),
         ("ViT-B-16-quickgelu", "openai"),
     }
     shipped = by_key["shapesworld", "default"]
     assert shipped["path"] == str(SHIPPED_DIR / "shapesworld.safetensors") and shipped["size"]
+    gap = by_key["shapesworld-gap", "default"]
+    assert gap["path"] == str(SHIPPED_DIR / "shapesworld-gap.safetensors") and gap["size"]
     assert by_key["ViT-B-16", "openai"] == {
         "model": "ViT-B-16",
         "tag": "openai",
