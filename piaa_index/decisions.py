@@ -54,6 +54,7 @@ __all__ = [
     "apply_decisions",
     "bank_support",
     "label_decisions",
+    "label_status",
 ]
 
 STATUSES = ("present", "weak", "absent")
@@ -248,36 +249,47 @@ def bank_support(
     }
 
 
-def label_decisions(
-    evidence: np.ndarray,
-    support: np.ndarray,
-    fit_support: dict[str, Any],
-    params: DecisionParams | None = None,
-    paa_params: Any = None,
-    per_label_thresholds: bool = True,
-) -> Decisions:
-    """The tag rule for a collection: per-label status, thresholds on m and support gates.
+@dataclass
+class LabelStatus:
+    """Whether the collection holds each label, from the fit's banks (``bank_support``), and the
+    text-support gate that follows: absent labels never pass, weak ones only at the sure level."""
 
-    evidence: [N, C] patch evidence m (``PaaScores.patch``); support: [N, C] max patch–text cosine
-    (``PaaScores.support``); fit_support: ``Classifier.params["support"]`` (``bank_support``).
-    """
-    from piaa_index.fusion import PaaParams, decision_thresholds
+    status: list[str]  # per label: present, weak or absent
+    gate: np.ndarray  # [C] on the text support
+    matching_fraction: list[float]
+    bank_sizes: list[int]
+    images_at_level: np.ndarray  # [C] images whose best patch reaches the sure level
+    level: float | None  # the pooled matching level (None: not credible, or too few banks)
 
+    def record(self, c: int, threshold: float, source: str) -> dict[str, Any]:
+        """Label c's JSON-serialisable status dict, with its threshold."""
+        return {
+            "status": self.status[c],
+            "matching_fraction": round(float(self.matching_fraction[c]), 4),
+            "bank_size": int(self.bank_sizes[c]),
+            "images_at_level": int(self.images_at_level[c]),
+            "threshold": _enc(float(threshold)),
+            "support_gate": _enc(float(self.gate[c])),
+            "threshold_source": source,
+        }
+
+
+def label_status(
+    support: np.ndarray, fit_support: dict[str, Any], params: DecisionParams | None = None
+) -> LabelStatus:
+    """Each label's status and gate; support: [N, C] max patch–text cosine (``PaaScores.support``),
+    fit_support: ``Classifier.params["support"]`` (``bank_support``)."""
     prm = params or DecisionParams()
-    m = np.asarray(evidence, dtype=np.float64)
     e = np.asarray(support, dtype=np.float64)
-    if m.ndim != 2 or e.shape != m.shape:
-        raise ValueError(f"evidence and support must be [N, C] alike, got {m.shape}, {e.shape}")
-    N, C = m.shape
+    N, C = e.shape
     frac = list(fit_support.get("matching_fraction", [1.0] * C))
     sizes = list(fit_support.get("bank_sizes", [1] * C))
     if len(frac) != C:
         raise ValueError(f"fit support covers {len(frac)} labels, evidence {C}")
     level = fit_support.get("level")
-    # Weak labels and small libraries tag only images as sure as a typical matching bank patch:
-    # the mean of the pooled split's upper mode (at least the cut itself).
+    # Weak labels tag only images as sure as a typical matching bank patch: the mean of the
+    # pooled split's upper mode (at least the cut itself).
     sure = fit_support.get("sure_level", level)
-    small = N < prm.small_library
     # A label with a mostly-ghost bank is weak (not absent) only if some images reach the sure
     # level, where weak labels are tagged: below it, it could never tag anything anyway.
     n_support = (e >= sure).sum(axis=0) if sure is not None and N else np.full(C, N, dtype=np.int64)
@@ -292,34 +304,77 @@ def label_decisions(
             status.append("weak")
         else:
             status.append("absent")
+    gate = np.full(C, -np.inf)
+    for c in range(C):
+        if status[c] == "absent":
+            gate[c] = np.inf
+        elif status[c] == "weak":
+            # No matching level: no visual bank and nothing to vouch for any image.
+            gate[c] = float(sure) if level is not None else np.inf  # type: ignore[arg-type]
+    return LabelStatus(status, gate, frac, sizes, n_support, level)
+
+
+def _info(N: int, st: LabelStatus, small_library: int | None = None) -> dict[str, Any]:
+    """Collection-level facts and warnings of a rule (`small_library`: its gate, if it has one)."""
+    small = small_library is not None and N < small_library
+    return {
+        "n_images": int(N),
+        "level": st.level,
+        "small_library": bool(small),
+        "warnings": (
+            [f"small library ({N} images < {small_library}): fewer, surer tags"] if small else []
+        )
+        + ([] if st.level is not None else ["no matching level: no label can be called absent"]),
+        "counts": {s: st.status.count(s) for s in STATUSES},
+    }
+
+
+def label_decisions(
+    evidence: np.ndarray,
+    support: np.ndarray,
+    fit_support: dict[str, Any],
+    params: DecisionParams | None = None,
+    paa_params: Any = None,
+) -> Decisions:
+    """The closed-world tag rule: per-label status, thresholds on m and support gates.
+
+    evidence: [N, C] patch evidence m (``PaaScores.patch``); support: [N, C] max patch–text cosine
+    (``PaaScores.support``); fit_support: ``Classifier.params["support"]`` (``bank_support``).
+    """
+    from piaa_index.fusion import PaaParams, decision_thresholds
+
+    prm = params or DecisionParams()
+    m = np.asarray(evidence, dtype=np.float64)
+    e = np.asarray(support, dtype=np.float64)
+    if m.ndim != 2 or e.shape != m.shape:
+        raise ValueError(f"evidence and support must be [N, C] alike, got {m.shape}, {e.shape}")
+    N, C = m.shape
+    st = label_status(e, fit_support, prm)
+    small = N < prm.small_library
+    surer = st.level is not None
 
     thr = np.full(C, np.inf)
-    kept = [c for c in range(C) if status[c] != "absent"]
+    kept = [c for c in range(C) if st.status[c] != "absent"]
     split_info: list[dict] = [{} for _ in range(C)]
-    if kept and N and per_label_thresholds:
+    if kept and N:
         found, info = decision_thresholds(m[:, kept], paa_params or PaaParams(), return_info=True)
         found = np.asarray(found, dtype=np.float64)
         for j, c in enumerate(kept):
             thr[c] = found[j]
             split_info[c] = {"source": info[j]["source"]}
-    gate = np.full(C, -np.inf)
-    surer = level is not None
-    for c in range(C):
-        if status[c] == "absent":
-            gate[c] = np.inf
-        elif surer and status[c] == "weak":
-            gate[c] = float(sure)  # type: ignore[arg-type]
-        elif surer and small and per_label_thresholds:
-            gate[c] = float(level)  # type: ignore[arg-type]
-        elif status[c] == "weak":
-            gate[c] = np.inf  # no visual bank and no matching level to vouch for any image
-    if small and not surer and per_label_thresholds:
+    gate = st.gate  # the records below show it with the small-library gate
+    if small and surer:
+        # Small libraries gate present labels too, at the matching level (fewer, surer).
+        for c in range(C):
+            if st.status[c] == "present":
+                gate[c] = float(st.level)  # type: ignore[arg-type]
+    if small and not surer:
         # No matching level to gate on: in a small library, tag only where the label's own
         # evidence is above the collection's median of it (fewer, surer; thresholds per label).
         for c in kept:
             thr[c] = max(thr[c], float(np.quantile(m[:, c], 0.5)) if N else thr[c])
 
-    if small and kept and N and per_label_thresholds:
+    if small and kept and N:
         # Per-label thresholds even where no split was possible: the label's own evidence in
         # the images that reach the matching level sets the bar (fewer, surer tags).
         for c in kept:
@@ -328,32 +383,8 @@ def label_decisions(
                 if sel.any():
                     thr[c] = max(thr[c], float(np.median(m[sel, c])))
 
-    records = []
-    for c in range(C):
-        records.append(
-            {
-                "status": status[c],
-                "matching_fraction": round(float(frac[c]), 4),
-                "bank_size": int(sizes[c]),
-                "images_at_level": int(n_support[c]),
-                "threshold": _enc(float(thr[c])),
-                "support_gate": _enc(float(gate[c])),
-                "threshold_source": split_info[c].get("source", "none"),
-            }
-        )
-    info = {
-        "n_images": int(N),
-        "level": level,
-        "small_library": bool(small),
-        "warnings": (
-            [f"small library ({N} images < {prm.small_library}): fewer, surer tags"]
-            if small
-            else []
-        )
-        + ([] if level is not None else ["no matching level: no label can be called absent"]),
-        "counts": {s: status.count(s) for s in STATUSES},
-    }
-    return Decisions(thresholds=thr, support_gate=gate, status=records, info=info)
+    records = [st.record(c, thr[c], split_info[c].get("source", "none")) for c in range(C)]
+    return Decisions(thr, gate, records, _info(N, st, prm.small_library))
 
 
 def apply_decisions(evidence: np.ndarray, support: np.ndarray, decisions: Decisions) -> np.ndarray:
@@ -439,15 +470,15 @@ def open_decisions(
     alpha: float = 0.9,
 ) -> Decisions:
     """The tag rule of an open-world classifier: per-label calibration (`calibrate`), the
-    label's status from the fit's banks, and text-support gates for weak labels (as
-    `label_decisions`). A tag is a confidence of at least one half. No small-library gate: it
-    would be the pooled matching level, which depends on the other labels; a present label's
-    confidence must not."""
-    base = label_decisions(evidence, support, fit_support, params, per_label_thresholds=False)
+    label's status and gate from the fit's banks (`label_status`). A tag is a confidence of at
+    least one half. No small-library gate: it would be the pooled matching level, which depends
+    on the other labels; a present label's confidence must not."""
+    st = label_status(support, fit_support, params)
     cal = calibrate(evidence, cls, alpha)
-    thresholds = np.where(np.isinf(base.support_gate) & (base.support_gate > 0), np.inf, PRESENT_AT)
-    for c, record in enumerate(base.status):
-        record["threshold"] = _enc(float(thresholds[c]))
-        record["threshold_source"] = "calibrated"
+    thresholds = np.where(np.isinf(st.gate) & (st.gate > 0), np.inf, PRESENT_AT)
+    records = []
+    for c in range(len(st.status)):
+        record = st.record(c, thresholds[c], "calibrated")
         record["calibration"] = {"slope": round(float(cal.slope[c]), 4)}
-    return Decisions(thresholds, base.support_gate, base.status, base.info, cal)
+        records.append(record)
+    return Decisions(thresholds, st.gate, records, _info(len(support), st), cal)

@@ -154,7 +154,7 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
     rows = library.searcher.tags_of(image_id)
     tag = next(r for r in rows if r["label"] == state.vocab.names[c])
     # Open world: each patch's own probability against the background, no 1/C floor.
-    tag["n_labels"] = 0 if state.fitted.classifier.open_world else len(rows)
+    tag["n_labels"] = 0 if classifier.open_world else len(rows)
     return Evidence(
         image_id=image_id,
         path=tag["path"],

@@ -23,6 +23,7 @@ from piaa_index.pvcl import Classifier, gemm_rows, softmax
 __all__ = [
     "PaaParams",
     "PaaScores",
+    "cls_cosines",
     "cls_scores",
     "decide",
     "decision_thresholds",
@@ -78,11 +79,16 @@ CLS_ROWS = 2048
 GEMM_IMAGES = 2048
 
 
-def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
-    """[CLS] zero-shot scores softmax(τ_cls · z Tᵀ), shape [N, C]."""
+def cls_cosines(cls: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """[CLS] cosines z Tᵀ to the text prototypes (or phrases), shape [N, C] float64."""
     # gemm_rows: one image's row alone (a gemv) would round differently than in a batch.
     z = gemm_rows(cls, np.ascontiguousarray(np.asarray(T, np.float32).T), rows=CLS_ROWS)
-    return softmax(tau_cls * z.astype(np.float64))
+    return z.astype(np.float64)
+
+
+def cls_scores(cls: np.ndarray, T: np.ndarray, tau_cls: float = 80.0) -> np.ndarray:
+    """[CLS] zero-shot scores softmax(τ_cls · z Tᵀ), shape [N, C] (the paper's, closed-world)."""
+    return softmax(tau_cls * cls_cosines(cls, T))
 
 
 def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
@@ -92,14 +98,11 @@ def _blocks(patches: np.ndarray, batch: int) -> Iterator[np.ndarray]:
 
 
 def patch_probabilities(patches: np.ndarray, clf: Classifier, tau: float = 1.0) -> np.ndarray:
-    """Each patch's probability of each label, [b, M, C] float64: the per-patch evidence that
-    `patch_evidence` max-pools (and piaa_index/evidence.py maps). Open-world: the sigmoid of
-    the label's log-odds against the background; the paper's: softmax(τ · logits)."""
-    logits = clf.logits(np.asarray(patches, np.float32)).astype(np.float64)
-    if clf.open_world:
-        return 1.0 / (1.0 + np.exp(-logits))
+    """Each patch's softmax(τ · calibrated PVCL logits), [b, M, C] float64: the per-patch
+    evidence that `patch_evidence` max-pools for the paper's classifier (and
+    piaa_index/evidence.py maps; an open-world map is `Calibration.relative_evidence`)."""
     # float64 softmax so that confident patches do not all round to exactly 1.0 (ties).
-    return softmax(tau * logits)
+    return softmax(tau * clf.logits(np.asarray(patches, np.float32)).astype(np.float64))
 
 
 def patch_evidence(
@@ -216,8 +219,8 @@ def open_vocabulary_scores(
     """
     t = np.asarray(phrase, dtype=np.float32).reshape(-1)
     m = text_support(patches, t[None, :], batch_images)[:, 0]
-    c = gemm_rows(np.asarray(cls, dtype=np.float32), t[:, None], rows=CLS_ROWS)[:, 0]
-    return alpha * m + (1 - alpha) * c.astype(np.float64)
+    c = cls_cosines(np.asarray(cls, dtype=np.float32), t[None, :])[:, 0]
+    return alpha * m + c * (1 - alpha)
 
 
 def fuse(
@@ -244,11 +247,7 @@ def score_images(
     log-odds, `cls` the raw [CLS] cosine, and `fused` is left at zero: the fused confidence
     needs the collection's calibration (decisions.Decisions.confidence)."""
     prm = params or PaaParams()
-    if clf.open_world:
-        s_cls = gemm_rows(cls, np.ascontiguousarray(np.asarray(T, np.float32).T), rows=CLS_ROWS)
-        s_cls = s_cls.astype(np.float64)
-    else:
-        s_cls = cls_scores(cls, T, prm.tau_cls)
+    s_cls = cls_cosines(cls, T) if clf.open_world else cls_scores(cls, T, prm.tau_cls)
     if support is None:
         m, support = _patch_scores(patches, clf, T, prm.tau_evidence, prm.batch_images)
     else:  # the fit's pass computed it (tagging.Tagger.fit): only the logits are left

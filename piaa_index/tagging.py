@@ -159,9 +159,11 @@ class Tagger(Part):
             sims = patch_text_cosines(flat, T)
             patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
             banks.update(flat, patch_ids, sims)
-            chosen = sample_mask(sample_keys(chunk.image_ids, hashes), rate)
-            if chosen.any():
-                sample.append(flat.reshape(n, M, d)[chosen].reshape(-1, d).copy())
+            if rate < 1.0:
+                chosen = sample_mask(sample_keys(chunk.image_ids, hashes), rate)
+                sample.append(flat.reshape(n, M, d)[chosen].reshape(-1, d))
+            else:  # a small pool: every patch is in the sample
+                sample.append(flat)
             # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
             support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
             n_patches += len(flat)

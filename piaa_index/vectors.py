@@ -98,14 +98,8 @@ def _serialized(index) -> bytes:  # type: ignore[no-untyped-def]
     return _faiss().serialize_index(index).tobytes()
 
 
-_write_bytes_atomic = write_bytes_atomic
-
-
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-_file_digest = file_digest
 
 
 class VectorStore:
@@ -183,7 +177,7 @@ class VectorStore:
         for kind in ("cls", "patch"):
             path = self._path(shard, kind)
             try:
-                if _file_digest(path) != sums.get(kind):
+                if file_digest(path) != sums.get(kind):
                     return f"{path.name} does not match its checksum (damaged)"
             except OSError as exc:
                 return f"cannot read {path.name}: {exc.strerror or exc}"
@@ -216,7 +210,7 @@ class VectorStore:
         still write: such a late shard is an orphan, never a shard SQL points at.
         """
         first = self.next_shard_id()
-        _write_bytes_atomic(str(first + n).encode(), self.root / RESERVED)
+        write_bytes_atomic(str(first + n).encode(), self.root / RESERVED)
         return first
 
     def write_shard(
@@ -239,10 +233,10 @@ class VectorStore:
         patch_index.add(flat)
         patch_bytes, cls_bytes = _serialized(patch_index), _serialized(cls_index)
         # Patches and checksums first: a cls file is what marks a shard as present.
-        _write_bytes_atomic(patch_bytes, self._path(shard, "patch"))
+        write_bytes_atomic(patch_bytes, self._path(shard, "patch"))
         sums = {"patch": _digest(patch_bytes), "cls": _digest(cls_bytes)}
-        _write_bytes_atomic(json.dumps(sums).encode(), self._sum_path(shard))
-        _write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
+        write_bytes_atomic(json.dumps(sums).encode(), self._sum_path(shard))
+        write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
         fsync_dir(self.root)
 
     def _new_patch_index(self, flat: np.ndarray, shard: int):  # type: ignore[no-untyped-def]
@@ -308,7 +302,7 @@ class VectorStore:
         index.train(sample)
         data = _serialized(index)
         path = self.root / f"patch-quantizer.{_digest(data)}.faiss"
-        _write_bytes_atomic(data, path)
+        write_bytes_atomic(data, path)
         fsync_dir(self.root)
         return self.patch_quantizer()
 
