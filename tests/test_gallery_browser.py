@@ -12,13 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.piaa_processes import start_server, stop_server
 
 pytestmark = pytest.mark.browser
 
@@ -73,36 +71,11 @@ def serve(home: Path) -> Iterator[tuple[str, str]]:
     """`piaa serve` on `home` as a user runs it; yields (the printed gallery URL, its key)."""
     db = f"sqlite:///{home / 'piaa.sqlite3'}"
     cmd = [sys.executable, "-m", "piaa_index", "--home", str(home), "--db", db]
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--port", str(_free_port())],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "#key=" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    served = start_server([*cmd, "serve", "--port", str(_free_port())], dict(os.environ))
     try:
-        if not found.wait(60):
-            pytest.fail("piaa serve printed no gallery URL:\n" + "".join(lines[-20:]))
-        url = re.search(r"(http://\S+#key=\S+)", "".join(lines))
-        assert url is not None
-        yield url.group(1), url.group(1).split("#key=", 1)[1]
+        yield f"{served.base}/#key={served.key}", served.key
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_server(served.proc)
 
 
 @pytest.fixture(scope="module")

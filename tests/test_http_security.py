@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from piaa_index_plugins.http_api.state import ServerConfig
 
 from piaa_index.eval import scale
 from piaa_index.library import Library
+from tests.piaa_processes import Served, http_status, start_server, stop_server
 
 SESSION = "piaa_attack-suite-key"
 BASE = "http://127.0.0.1:8765"
@@ -266,42 +265,18 @@ def test_fuzz_query_parameters_never_500(client: TestClient, route: str, params:
 # -- a real server process ----------------------------------------------------------------------
 
 
-def _start(home: Path, *args: str) -> tuple[subprocess.Popen[str], str, str]:
+def _start(home: Path, *args: str) -> Served:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
     env["PIAA_HOME"] = str(home)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piaa_index", "-q", "serve", "--port", "0", *args],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        found = re.search(r"open (http://127\.0\.0\.1:(\d+))/#key=(\S+)", line)
-        if found:
-            return proc, found.group(1), found.group(3)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"piaa serve did not start: {proc.stderr.read()}")
-
-
-async def _get(port: int, path: str, key: str = "") -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Connection: close\r\n\r\n".encode()
+    return start_server(
+        [sys.executable, "-m", "piaa_index", "-q", "serve", "--port", "0", *args], env
     )
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 60)
-    writer.close()
-    return int(data.split(b" ", 2)[1])
 
 
 async def _burst(port: int, n: int) -> list[int | str]:
     async def one() -> int | str:
         try:
-            return await _get(port, "/api/health")
+            return await http_status(port, "/api/health")
         except (OSError, asyncio.TimeoutError, IndexError, ValueError) as exc:
             return type(exc).__name__
 
@@ -312,7 +287,7 @@ async def _stalled_then_health(port: int, stalled: int) -> int:
     """Open connections that never send a request, then ask for /api/health."""
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(stalled)]
     try:
-        return await _get(port, "/api/health")
+        return await http_status(port, "/api/health")
     finally:
         for _, w in held:
             w.close()
@@ -320,14 +295,14 @@ async def _stalled_then_health(port: int, stalled: int) -> int:
 
 @pytest.mark.slow
 def test_real_server_concurrency_and_sigterm(tmp_path: Path) -> None:
-    proc, base, key = _start(tmp_path / "home")
-    port = int(base.rsplit(":", 1)[1])
+    served = _start(tmp_path / "home")
+    proc, base, port, key = served.proc, served.base, served.port, served.key
     try:
         statuses = asyncio.run(_burst(port, 500))
         assert statuses == [200] * 500, sorted(set(map(str, statuses)))
         assert asyncio.run(_stalled_then_health(port, 200)) == 200
-        assert asyncio.run(_get(port, "/api/status")) == 401
-        assert asyncio.run(_get(port, "/api/status", key)) == 200
+        assert asyncio.run(http_status(port, "/api/status")) == 401
+        assert asyncio.run(http_status(port, "/api/status", key)) == 200
         import urllib.request
 
         with urllib.request.urlopen(base + "/openapi.json", timeout=30) as response:
@@ -339,7 +314,7 @@ def test_real_server_concurrency_and_sigterm(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    err = proc.stderr.read() if proc.stderr else ""
+    err = served.stderr()
     assert code == 0, err
     assert "stopped" in err and "Traceback" not in err
 
@@ -352,7 +327,8 @@ def test_serve_after_demo_serves_the_demo_library(tmp_path: Path, shapes_home: P
 
     home = tmp_path / "home"
     shutil.copytree(shapes_home, home / "demo" / "index")
-    proc, base, key = _start(home)
+    served = _start(home)
+    base, key = served.base, served.key
     try:
         request = urllib.request.Request(
             base + "/api/status", headers={"Authorization": f"Bearer {key}"}
@@ -361,5 +337,4 @@ def test_serve_after_demo_serves_the_demo_library(tmp_path: Path, shapes_home: P
             status = json.loads(answer.read())
         assert status["images"]["indexed"] == 48
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_server(served.proc)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.piaa_processes import http_status, start_server, stop_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -47,41 +47,8 @@ STALLED = 300
 def _start(home: Path, **env_extra: str) -> tuple[subprocess.Popen[str], int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
     env.update(PIAA_HOME=str(home), **env_extra)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piaa_index", "-q", "serve", "--port", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        found = re.search(r"open http://127\.0\.0\.1:(\d+)/#key=", line)
-        if found:
-            return proc, int(found.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"piaa serve did not start: {proc.stderr.read()}")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-async def _health(port: int) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-    )
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    return int(data.split(b" ", 2)[1])
+    served = start_server([sys.executable, "-m", "piaa_index", "-q", "serve", "--port", "0"], env)
+    return served.proc, served.port
 
 
 async def _closed_at(reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> float:
@@ -120,12 +87,12 @@ async def _stalled_scenario(port: int) -> dict[str, Any]:
         await asyncio.sleep(HEADER_TIMEOUT / 2)
         done = [i for i, t in enumerate(closes) if t.done()]
         out["closed_by_bound"] = done
-        out["health_while_stalled"] = await _health(port)
+        out["health_while_stalled"] = await http_status(port, "/api/health", timeout=30)
         # Past the header timeout: every stalled connection and the slow one are closed.
         await asyncio.wait([*closes, slow_closed], timeout=HEADER_TIMEOUT + 10)
         out["all_closed"] = all(t.done() for t in closes)
         out["slow_closed_after"] = slow_closed.result() - opened if slow_closed.done() else None
-        out["health_after"] = await _health(port)
+        out["health_after"] = await http_status(port, "/api/health", timeout=30)
     finally:
         dribbler.cancel()
         for t in [*closes, slow_closed]:
@@ -144,7 +111,7 @@ def test_stalled_connections_are_bounded_per_client_and_timed_out(tmp_path: Path
     try:
         out = asyncio.run(_stalled_scenario(port))
     finally:
-        _stop(proc)
+        stop_server(proc)
     # The oldest beyond the bound (the slow client, opened last, is among the kept ones).
     assert out["closed_by_bound"] == list(range(STALLED + 1 - IDLE_PER_CLIENT)), out
     assert out["health_while_stalled"] == 200

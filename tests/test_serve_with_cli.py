@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from piaa_index.shapes.dataset import generate_dataset
-from tests.piaa_processes import PiaaProcesses, piaa_env
+from tests.piaa_processes import PiaaProcesses, piaa_env, start_server, stop_server
 
 
 class Server:
@@ -71,36 +68,13 @@ class Server:
 
 @contextmanager
 def serve(home: Path) -> Iterator[Server]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piaa_index", "serve", "--port", "0"],
-        env=piaa_env(home, None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "#key=" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    cmd = [sys.executable, "-m", "piaa_index", "serve", "--port", "0"]
+    served = start_server(cmd, piaa_env(home, None), timeout=120)
     try:
-        assert found.wait(120), "piaa serve printed no URL:\n" + "".join(lines[-20:])
-        url = re.search(r"(http://127\.0\.0\.1:\d+)/#key=(\S+)", "".join(lines))
-        assert url is not None
-        yield Server(proc, url.group(1), url.group(2))
+        yield Server(served.proc, served.base, served.key)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    assert "Traceback" not in "".join(lines), "".join(lines)[-3000:]
+        stop_server(served.proc)
+    assert "Traceback" not in served.stderr(), served.stderr()[-3000:]
 
 
 def labels(cli: PiaaProcesses) -> list[str]:
