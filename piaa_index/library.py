@@ -382,10 +382,12 @@ class Library:
         bank_size: int | None = None,
         engine: str = "local",
         address: str | None = None,
+        full: bool = False,
     ) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
-        (with `engine="ray"` the re-tag's scoring runs as Ray tasks; docs/ray.md)."""
-        return self.tagger.fit(progress, bank_size, engine, address)
+        (with `engine="ray"` the re-tag's scoring runs as Ray tasks; docs/ray.md). After a
+        vocabulary change only the new labels are fitted unless `full` (`Tagger.fit`)."""
+        return self.tagger.fit(progress, bank_size, engine, address, full)
 
     def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""

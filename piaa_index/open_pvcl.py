@@ -36,6 +36,9 @@ __all__ = [
     "default_bank_size",
     "fit_background",
     "fit_open",
+    "label_discriminants",
+    "padded_cosines",
+    "unpadded_cosines",
     "sample_keys",
     "sample_mask",
 ]
@@ -173,7 +176,27 @@ def fit_background(sample: np.ndarray, params: OpenParams | None = None) -> Back
     S = centred.T @ centred / max(1, n - 1) if n > 1 else np.eye(d) / d
     m = prm.reference_pool
     precision = d * np.linalg.pinv((m - 1) * S + np.trace(S) * np.eye(d), hermitian=True)
+    # Rounded to what the classifier stores: a label fitted alone later (`fit_open` with the
+    # stored precision) gets the same discriminant as in a fit of the whole vocabulary.
+    precision = precision.astype(np.float32).astype(np.float64)
     return Background(means=means, priors=priors, precision=precision, n_sample=n)
+
+
+def label_discriminants(
+    banks: list[np.ndarray], text_protos: np.ndarray, precision: np.ndarray, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W [C, d], b [C], means [C, d]) float64: each label's Gaussian (its bank's mean, the
+    background's precision), label by label: a label added later alone gets what it would get
+    in a fit of the whole vocabulary. An empty bank (an empty library) uses the text prototype."""
+    T = np.asarray(text_protos, dtype=np.float64)
+    mu = np.stack(
+        [b.astype(np.float64).mean(axis=0) if len(b) else T[c] for c, b in enumerate(banks)]
+    ).reshape(len(T), T.shape[1])
+    W = np.stack([row @ precision for row in mu]).reshape(mu.shape)
+    # A label's prior is that of one more cluster: its log-odds are then comparable across
+    # labels and libraries, and never depend on how many labels there are.
+    b = -0.5 * np.einsum("cd,cd->c", W, mu) + np.log(1.0 / (n_clusters + 1))
+    return W, b, mu
 
 
 def fit_open(
@@ -194,14 +217,8 @@ def fit_open(
     T = np.asarray(text_protos, dtype=np.float64)
     C, d = T.shape
     P = background.precision
-    mu = np.stack(
-        [b.astype(np.float64).mean(axis=0) if len(b) else T[c] for c, b in enumerate(banks)]
-    )
-    W = mu @ P
-    # A label's prior is that of one more cluster: its log-odds are then comparable across
-    # labels and libraries, and never depend on how many labels there are.
     k = len(background.priors)
-    b = -0.5 * np.einsum("cd,cd->c", W, mu) + np.log(1.0 / (k + 1))
+    W, b, mu = label_discriminants(banks, T, P, k)
     bW, bb = background.discriminants()
     sizes = [int(len(x)) for x in banks]
     meta = {
@@ -225,4 +242,20 @@ def fit_open(
         means=mu.astype(np.float32),
         background_W=bW.astype(np.float32),
         background_b=bb.astype(np.float32),
+        precision=P.astype(np.float32),
+        bank_cosines=padded_cosines(bank_cosines),
     )
+
+
+def padded_cosines(bank_cosines: list[np.ndarray]) -> np.ndarray:
+    """Per-label bank cosines as one [C, K] float32 array, NaN past a label's bank size."""
+    width = max((len(v) for v in bank_cosines), default=0)
+    out = np.full((len(bank_cosines), width), np.nan, np.float32)
+    for c, v in enumerate(bank_cosines):
+        out[c, : len(v)] = v
+    return out
+
+
+def unpadded_cosines(padded: np.ndarray) -> list[np.ndarray]:
+    """Inverse of `padded_cosines` (float64, as `LabelBanks.cosines` gives them)."""
+    return [row[~np.isnan(row)].astype(np.float64) for row in np.asarray(padded)]

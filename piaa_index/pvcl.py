@@ -214,6 +214,10 @@ class Classifier:
     # paper's closed-world classifier, whose labels compete in a softmax.
     background_W: np.ndarray | None = None  # [k, d] float32
     background_b: np.ndarray | None = None  # [k] float32
+    # What an open-world fit needs to add a label alone later (`piaa vocab add`): the shared
+    # precision and each label's bank cosines (the pooled matching level reads them).
+    precision: np.ndarray | None = None  # [d, d] float32
+    bank_cosines: np.ndarray | None = None  # [C, K] float32, NaN past a label's bank size
 
     @property
     def n_classes(self) -> int:
@@ -266,6 +270,8 @@ class Classifier:
             "means": self.means,
             "background_W": self.background_W,
             "background_b": self.background_b,
+            "precision": self.precision,
+            "bank_cosines": self.bank_cosines,
         }
         arrays.update({k: v for k, v in optional.items() if v is not None})
         np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -293,6 +299,8 @@ class Classifier:
                 background_b=(
                     z["background_b"].astype(np.float32) if "background_b" in z.files else None
                 ),
+                precision=z["precision"] if "precision" in z.files else None,
+                bank_cosines=z["bank_cosines"] if "bank_cosines" in z.files else None,
             )
 
 

@@ -45,6 +45,8 @@ class FitReport:
     absent_labels: list[str] = field(default_factory=list)  # look absent: never tagged
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # status and numbers, by name
     warnings: list[str] = field(default_factory=list)
+    # The labels this fit learnt; the others kept the last fit's classifier and scores.
+    fitted_labels: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -171,6 +173,7 @@ class Tagger(Part):
         background = fit_background(pooled, params)
         classifier = fit_open(banks.banks(), banks.cosines(), T, background, params)
         classifier.params["n_pool"] = n_patches
+        classifier.params["labels"] = _label_keys(vocab)
         return classifier, T, n_patches, support
 
     def fit(
@@ -179,11 +182,22 @@ class Tagger(Part):
         bank_size: int | None = None,
         engine: str = "local",
         address: str | None = None,
+        full: bool = False,
     ) -> FitReport:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
-        (a second pass writing the score matrix; with `engine="ray"`, as Ray tasks)."""
+        (a second pass writing the score matrix; with `engine="ray"`, as Ray tasks).
+
+        When the last fit's classifier can be kept (`_refit_base`), only the labels the
+        vocabulary gained are fitted and scored, and the kept labels' classifiers and scores
+        are carried over (`_fit_changed_labels`); `full` refits every label from the current
+        pool."""
         vocab = self.library.vocab.require_vocabulary()
         started = time.perf_counter()
+        if not full and bank_size is None:
+            with self.vectors.reading():
+                base = self._refit_base(vocab)
+                if base is not None:
+                    return self._fit_changed_labels(vocab, base, progress, started)
         with self.vectors.reading(), _engine(engine, address) as ray:
             # (reading: a vacuum meanwhile must not delete these shards)
             locations = self.store.live_locations()
@@ -195,11 +209,25 @@ class Tagger(Part):
                 vocab, classifier, T, locations, progress, fit_seconds, ray, support
             )
             del support
+        return self._report(vocab, fitted, present, len(locations), n_patches, started, fit_seconds)
+
+    def _report(
+        self,
+        vocab: VocabularyInfo,
+        fitted: Fitted,
+        present: dict[str, int],
+        n_images: int,
+        n_patches: int,
+        started: float,
+        fit_seconds: float,
+        fitted_labels: list[str] | None = None,
+    ) -> FitReport:
+        classifier = fitted.classifier
         names = vocab.names
         status = label_status(names, fitted.decisions)
         return FitReport(
             classifier_id=fitted.id,
-            n_images=len(locations),
+            n_images=n_images,
             n_patches=n_patches,
             seconds=round(time.perf_counter() - started, 3),
             bank_sizes=dict(zip(names, classifier.bank_sizes, strict=True)),
@@ -215,6 +243,207 @@ class Tagger(Part):
             absent_labels=[n for n in names if status[n]["status"] == "absent"],
             labels=status,
             warnings=list(fitted.decisions.info.get("warnings", [])),
+            fitted_labels=list(names) if fitted_labels is None else fitted_labels,
+        )
+
+    def _refit_base(self, vocab: VocabularyInfo) -> _RefitBase | None:
+        """The last fit, if its classifier and scores can be kept for the labels the new
+        vocabulary shares with it (same name, same prompt templates): an open-world classifier
+        that stored what a label fitted alone needs, and a score matrix that opens whole."""
+        row = self.store.latest_classifier()
+        if row is None or row.vocabulary_id == vocab.id:
+            return None  # nothing fitted, or an explicit refit of the same vocabulary
+        fitted = self.fitted_for(row)
+        clf = fitted.classifier
+        labels = clf.params.get("labels")
+        if (
+            not clf.open_world
+            or clf.precision is None
+            or clf.bank_cosines is None
+            or not isinstance(labels, list)
+            or len(labels) != clf.n_classes
+        ):
+            return None  # fitted before labels could be added alone
+        position = {(str(n), tuple(t)): c for c, (n, t) in enumerate(labels)}
+        kept = [position.get((name, tuple(t)), -1) for name, t in _label_keys(vocab)]
+        if all(c == -1 for c in kept):
+            return None
+        view = self._open_view(row)
+        if view is None or len(view.segments) != len(row.score_segments or []):
+            return None  # lost or damaged scores: score everything again
+        todo, _gone = self._sync_view(view)
+        return _RefitBase(row, fitted, view, kept, todo)
+
+    def _fit_changed_labels(
+        self, vocab: VocabularyInfo, base: _RefitBase, progress: Progress, started: float
+    ) -> FitReport:
+        """Fit only the labels the vocabulary gained; carry the kept labels' classifiers and
+        score columns over. Each label's classifier depends on its own bank and the
+        collection's background alone (open_pvcl.py), so a kept label's scores are what a full
+        fit on the same pool gives them, and adding or removing a label leaves them alone. The
+        tag rule is then applied to the whole matrix, as after a full fit."""
+        from piaa_index.decisions import bank_support, open_decisions
+        from piaa_index.fusion import patch_text_cosines, score_images
+        from piaa_index.open_pvcl import (
+            LabelBanks,
+            label_discriminants,
+            padded_cosines,
+            unpadded_cosines,
+        )
+        from piaa_index.pvcl import Classifier
+        from piaa_index.scores import KINDS, SegmentWriter, new_key, writer_lock
+
+        old = base.fitted.classifier
+        assert old.bank_cosines is not None and old.precision is not None  # (_refit_base)
+        kept = np.asarray(base.kept)
+        fresh = [c for c, k in enumerate(base.kept) if k == -1]
+        locations = self.store.live_locations()
+        if not locations:
+            raise UserInputError("no indexed images: run `piaa index PATH` first")
+        C = len(vocab.labels)
+        d = old.W.shape[1]
+        T = np.zeros((C, d), np.float32)
+        T[kept >= 0] = base.fitted.text_protos[kept[kept >= 0]]
+        bank_size = int(old.params.get("bank_size", 0)) or int(old.bank_cosines.shape[1])
+        fresh_banks = LabelBanks(len(fresh), d, bank_size)
+        fresh_support: list[tuple[np.ndarray, np.ndarray]] = []
+        if fresh:
+            sub = VocabularyInfo(vocab.id, vocab.templates, [vocab.labels[c] for c in fresh])
+            T[fresh] = self.library.vocab.text_prototypes(sub)
+            M = self.vectors.n_patches
+            for chunk in self.stream(locations, progress, "fitting new labels"):
+                n, M, _ = chunk.patches.shape
+                flat = np.asarray(chunk.patches, dtype=np.float32).reshape(n * M, d)
+                sims = patch_text_cosines(flat, T[fresh])
+                patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
+                fresh_banks.update(flat, patch_ids, sims)
+                fresh_support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
+        fit_seconds = time.perf_counter() - started
+
+        # The new vocabulary's classifier: kept rows as they were, new rows from their banks.
+        W = np.zeros((C, d), np.float32)
+        b = np.zeros(C, np.float32)
+        means = np.zeros((C, d), np.float32)
+        cosines: list[np.ndarray] = [np.empty(0)] * C
+        old_cosines = unpadded_cosines(old.bank_cosines)
+        for c, k in enumerate(base.kept):
+            if k >= 0:
+                W[c], b[c] = old.W[k], old.b[k]
+                means[c] = old.means[k] if old.means is not None else 0.0
+                cosines[c] = old_cosines[k]
+        if fresh:
+            assert old.precision is not None and old.background_b is not None
+            Wf, bf, muf = label_discriminants(
+                fresh_banks.banks(),
+                T[fresh],
+                old.precision.astype(np.float64),
+                len(old.background_b),
+            )
+            W[fresh], b[fresh], means[fresh] = Wf, bf, muf
+            for j, c in enumerate(fresh):
+                cosines[c] = fresh_banks.cosines()[j]
+        sizes = [int(len(v)) for v in cosines]
+        params = {
+            **old.params,
+            "support": bank_support(cosines),
+            "n_classes": C,
+            "labels": _label_keys(vocab),
+            "fit_seconds": fit_seconds,
+            "kept_from_classifier": int(base.row.id),
+        }
+        classifier = Classifier(
+            W=W,
+            b=b,
+            bank_sizes=sizes,
+            kept_sizes=sizes,
+            weak_labels=[c for c in range(C) if sizes[c] == 0],
+            params=params,
+            scale=old.scale,
+            means=means,
+            background_W=old.background_W,
+            background_b=old.background_b,
+            precision=old.precision,
+            bank_cosines=padded_cosines(cosines),
+        )
+
+        # Kept columns come from the old matrix; new labels (and images the old classifier had
+        # not scored) are scored from the stored patches.
+        view = base.view
+        valid_rows = np.flatnonzero(view.valid)
+        by_id = np.argsort(view.ids[valid_rows], kind="stable")
+        sorted_ids, sorted_rows = view.ids[valid_rows][by_id], valid_rows[by_id]
+        kept_pairs = [(c, int(k)) for c, k in enumerate(base.kept) if k >= 0]
+        old_columns = {
+            kind: {k: np.asarray(view.column(kind, k)) for _, k in kept_pairs} for kind in KINDS[1:]
+        }
+        unscored = {loc[0] for loc in base.todo}
+        all_labels = list(range(C))
+
+        def columns(ids: np.ndarray, chunk: Any, U: np.ndarray | None) -> tuple[np.ndarray, ...]:
+            E = np.zeros((len(ids), C), np.float32)
+            Cs = np.zeros_like(E)
+            Us = np.zeros_like(E)
+            scored = np.array([int(i) not in unscored for i in ids], bool)
+            pos = np.searchsorted(sorted_ids, ids)
+            rows = sorted_rows[np.minimum(pos, max(0, len(sorted_rows) - 1))]
+            for c, k in kept_pairs:
+                E[scored, c] = old_columns["E"][k][rows[scored]]
+                Cs[scored, c] = old_columns["C"][k][rows[scored]]
+                Us[scored, c] = old_columns["U"][k][rows[scored]]
+            for labels, mask in ((fresh, scored), (all_labels, ~scored)):
+                if not labels or not mask.any():
+                    continue
+                part = _subset(classifier, labels)
+                sup = None
+                if U is not None and labels is fresh:
+                    sup = U[mask]
+                got = score_images(
+                    chunk.cls[mask], chunk.patches[mask], T[labels], part, support=sup
+                )
+                assert got.support is not None
+                at = np.ix_(np.flatnonzero(mask), np.asarray(labels, np.int64))
+                E[at], Cs[at], Us[at] = got.patch, got.cls, got.support
+            return E, Cs, Us
+
+        key, segment = new_key(), "seg000001"
+        with writer_lock(self.scores_dir):
+            writer = SegmentWriter(self.scores_dir / key, segment, len(locations), C)
+            try:
+                if fresh or base.todo:
+                    known = iter(fresh_support)
+                    for chunk in self.stream(locations, progress, "tagging"):
+                        ids_u, U = next(known, (None, None))
+                        if ids_u is None or not np.array_equal(ids_u, chunk.image_ids):
+                            U = None
+                        E, Cs, Us = columns(chunk.image_ids, chunk, U)
+                        shards = np.full(len(chunk.image_ids), chunk.shard, np.int32)
+                        writer.write(chunk.image_ids, shards, np.zeros_like(E), E, Cs, Us)
+                else:  # labels removed only: no patch is read
+                    ids = np.fromiter((loc[0] for loc in locations), np.int64, len(locations))
+                    shards = np.fromiter((loc[1] for loc in locations), np.int32, len(locations))
+                    for a in range(0, len(ids), 65_536):
+                        part = ids[a : a + 65_536]
+                        E, Cs, Us = columns(part, None, None)
+                        writer.write(part, shards[a : a + 65_536], np.zeros_like(E), E, Cs, Us)
+                decisions = open_decisions(
+                    writer.evidence, writer.cls, writer.support, params["support"]
+                )
+                writer.finish(decisions)
+            except BaseException:
+                writer.abort()
+                raise
+            fitted, present = self._install(
+                vocab, classifier, T, key, segment, decisions, fit_seconds
+            )
+        return self._report(
+            vocab,
+            fitted,
+            present,
+            len(locations),
+            len(locations) * self.vectors.n_patches,
+            started,
+            fit_seconds,
+            fitted_labels=[vocab.labels[c].name for c in fresh],
         )
 
     def stream(
@@ -328,11 +557,9 @@ class Tagger(Part):
         ray: Any = None,
         support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> tuple[Fitted, dict[str, int]]:
-        from piaa_index.schema import Classifier as ClassifierRow
-        from piaa_index.scores import Segment, cleanup, new_key, writer_lock
+        from piaa_index.scores import new_key, writer_lock
 
         names = vocab.names
-        label_ids = [lb.id for lb in vocab.labels]
         key, segment = new_key(), "seg000001"
         with writer_lock(self.scores_dir):
             # Files durable first; the SQL commit below is what makes them the current scores.
@@ -348,27 +575,47 @@ class Tagger(Part):
                 ray,
                 support,
             )
-            seg = Segment.open(self.scores_dir / key, segment)
-            row = ClassifierRow(
-                vocabulary_id=vocab.id,
-                created_at=utcnow(),
-                n_images=len(locations),
-                n_patches=len(locations) * self.vectors.n_patches,
-                fit_seconds=fit_seconds,
-                report={
-                    "bank_sizes": classifier.bank_sizes,
-                    "kept_sizes": classifier.kept_sizes,
-                    "weak_labels": classifier.weak_labels,
-                    "params": classifier.params,
-                    "decisions": decisions.to_json(),
-                },
-                thresholds=[float(t) for t in decisions.thresholds],
-                weights=pack(classifier, T),
-            )
-            classifier_id = self.store.install_classifier(
-                row, key, [segment], present_triples(seg, label_ids)
-            )
-            cleanup(self.scores_dir, self.store.score_folders())
+            return self._install(vocab, classifier, T, key, segment, decisions, fit_seconds)
+
+    def _install(
+        self,
+        vocab: VocabularyInfo,
+        classifier: Classifier,
+        T: np.ndarray,
+        key: str,
+        segment: str,
+        decisions: Decisions,
+        fit_seconds: float,
+    ) -> tuple[Fitted, dict[str, int]]:
+        """Commit a classifier whose (durable) first segment holds every indexed image, with its
+        sparse tags (under the scores' writer lock)."""
+        from piaa_index.schema import Classifier as ClassifierRow
+        from piaa_index.scores import Segment, cleanup
+
+        names = vocab.names
+        label_ids = [lb.id for lb in vocab.labels]
+        seg = Segment.open(self.scores_dir / key, segment)
+        n_images = len(seg.ids)
+        row = ClassifierRow(
+            vocabulary_id=vocab.id,
+            created_at=utcnow(),
+            n_images=n_images,
+            n_patches=n_images * self.vectors.n_patches,
+            fit_seconds=fit_seconds,
+            report={
+                "bank_sizes": classifier.bank_sizes,
+                "kept_sizes": classifier.kept_sizes,
+                "weak_labels": classifier.weak_labels,
+                "params": classifier.params,
+                "decisions": decisions.to_json(),
+            },
+            thresholds=[float(t) for t in decisions.thresholds],
+            weights=pack(classifier, T),
+        )
+        classifier_id = self.store.install_classifier(
+            row, key, [segment], present_triples(seg, label_ids)
+        )
+        cleanup(self.scores_dir, self.store.score_folders())
         self._cache = None
         fitted = Fitted(classifier_id, classifier, T, decisions)
         self._fitted_cache = fitted
@@ -509,6 +756,40 @@ def _engine(engine: str, address: str | None) -> Iterator[Any]:
 
     with connected(address) as ray:
         yield ray
+
+
+@dataclass
+class _RefitBase:
+    """What a fit of the changed labels keeps from the last fit."""
+
+    row: Any  # its SQL classifier row
+    fitted: Fitted
+    view: ScoreView  # its score matrix, synced with the index
+    kept: list[int]  # per label of the new vocabulary: its column in the last fit, -1 if new
+    todo: list[tuple[int, int, int]]  # images indexed since: scored from their patches
+
+
+def _label_keys(vocab: VocabularyInfo) -> list[list[Any]]:
+    """[name, templates] per label: what a label's classifier and text prototype depend on."""
+    return [[lb.name, list(lb.templates)] for lb in vocab.labels]
+
+
+def _subset(classifier: Classifier, labels: Sequence[int]) -> Classifier:
+    """The classifier of some labels only (open world: each label's log-odds is its own)."""
+    from piaa_index.pvcl import Classifier
+
+    idx = list(labels)
+    return Classifier(
+        W=classifier.W[idx],
+        b=classifier.b[idx],
+        bank_sizes=[classifier.bank_sizes[c] for c in idx],
+        kept_sizes=[classifier.kept_sizes[c] for c in idx],
+        weak_labels=[],
+        params=classifier.params,
+        scale=classifier.scale,
+        background_W=classifier.background_W,
+        background_b=classifier.background_b,
+    )
 
 
 def stored_decisions(row: Any) -> Decisions:

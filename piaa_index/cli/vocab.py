@@ -104,6 +104,12 @@ def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
     metavar="ADDRESS",
     help="With --engine ray: the cluster (auto, ray://HOST:10001).",
 )
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Refit every label from the current collection (by default, after a vocabulary "
+    "change only the new labels are fitted and the others keep their classifiers and tags).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def fit_command(
@@ -111,11 +117,12 @@ def fit_command(
     bank_size: int | None,
     engine: str,
     address: str | None,
+    full: bool,
     as_json: bool,
 ) -> None:
     """Fit the patch classifier (PVCL) on the collection and re-tag every image."""
     report = app.library().fit(
-        progress=app.progress, bank_size=bank_size, engine=engine, address=address
+        progress=app.progress, bank_size=bank_size, engine=engine, address=address, full=full
     )
     if as_json:
         echo_json(report.as_dict())
@@ -124,6 +131,9 @@ def fit_command(
         f"fitted classifier v{report.classifier_id} on {report.n_images} images "
         f"({report.n_patches} patches) in {report.seconds:.1f}s"
     )
+    if set(report.fitted_labels) != set(report.bank_sizes):
+        learnt = ", ".join(report.fitted_labels) or "none"
+        click.echo(f"  fitted: {learnt}; the other labels kept their classifiers (--full refits)")
     for name in report.bank_sizes:
         status = report.labels.get(name, {}).get("status", "present")
         threshold = report.thresholds[name]
