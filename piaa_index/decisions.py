@@ -165,6 +165,34 @@ class Decisions:
         S = np.where(gated, conf, 0.5 * conf)
         return S, S >= PRESENT_AT
 
+    def carry_over(self, old: Decisions, kept: Sequence[int]) -> Decisions:
+        """This rule, with label c's part (calibration, status, gate) taken from `old`'s label
+        kept[c] wherever kept[c] >= 0: labels kept through a vocabulary change keep their
+        tags exactly, whatever the new labels and images indexed since (`Tagger.fit`)."""
+        thresholds, gate = self.thresholds.copy(), self.support_gate.copy()
+        status = list(self.status)
+        cal = self.calibration
+        if cal is not None:
+            cal = Calibration(**{k: np.copy(v) for k, v in vars(cal).items() if k != "alpha"},
+                              alpha=cal.alpha)  # fmt: skip
+        for c, k in enumerate(kept):
+            if k < 0:
+                continue
+            thresholds[c], gate[c], status[c] = (
+                old.thresholds[k],
+                old.support_gate[k],
+                old.status[k],
+            )
+            if cal is not None and old.calibration is not None:
+                for name, values in vars(cal).items():
+                    if name != "alpha":
+                        values[c] = getattr(old.calibration, name)[k]
+        info = {
+            **self.info,
+            "counts": {s: [r["status"] for r in status].count(s) for s in STATUSES},
+        }
+        return Decisions(thresholds, gate, status, info, cal)
+
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form (infinities as strings) for storage next to the classifier."""
         out = {

@@ -280,8 +280,8 @@ class Tagger(Part):
         """Fit only the labels the vocabulary gained; carry the kept labels' classifiers and
         score columns over. Each label's classifier depends on its own bank and the
         collection's background alone (open_pvcl.py), so a kept label's scores are what a full
-        fit on the same pool gives them, and adding or removing a label leaves them alone. The
-        tag rule is then applied to the whole matrix, as after a full fit."""
+        fit on the same pool gives them, and adding or removing a label leaves them alone; so do
+        their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
         from piaa_index.decisions import bank_support, open_decisions
         from piaa_index.fusion import patch_text_cosines, score_images
         from piaa_index.open_pvcl import (
@@ -427,7 +427,7 @@ class Tagger(Part):
                         writer.write(part, shards[a : a + 65_536], np.zeros_like(E), E, Cs, Us)
                 decisions = open_decisions(
                     writer.evidence, writer.cls, writer.support, params["support"]
-                )
+                ).carry_over(base.fitted.decisions, base.kept)
                 writer.finish(decisions)
             except BaseException:
                 writer.abort()

@@ -57,8 +57,11 @@ def test_a_label_s_scores_and_tags_ignore_the_other_labels(library: list[str]) -
     # Removing one label leaves every other label's confidence and tags exactly as they were.
     run(["vocab", "remove", "star", *opts])
     assert {label: scores_of(opts, label) for label in watched} == full
-    # Four labels alone: the same confidences and tags as under all 24.
+    # Four labels alone: the same confidences and tags as under all 24, whether the four keep
+    # their classifiers (what a vocabulary change does) or are fitted again from scratch.
     run(["vocab", "set", *watched, *opts])
+    assert {label: scores_of(opts, label) for label in watched} == full
+    run(["fit", "--full", *opts])
     assert {label: scores_of(opts, label) for label in watched} == full
 
     # The confidence is the tag rule: tagged exactly where it reaches one half.
@@ -125,3 +128,59 @@ def test_calibration_finds_the_present_mode_of_each_label_alone() -> None:
     assert ((conf >= PRESENT_AT) == truth).mean() > 0.97
     one = calibrate(E[:, :1], C[:, :1])
     np.testing.assert_allclose(one.confidence(E[:, :1], C[:, :1]), conf[:, :1])
+
+
+def fit_report(opts: list[str], *extra: str) -> dict:
+    return json.loads(run(["fit", "--json", *extra, *opts]))
+
+
+def test_vocab_add_fits_the_new_label_alone_as_a_full_fit_would(
+    library: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import shutil
+
+    opts = library
+    kept = ["car", "house", "sun"]
+    run(["vocab", "set", *kept, *opts])
+    assert fit_report(opts, "--full")["fitted_labels"] == kept
+    before = {label: scores_of(opts, label) for label in kept}
+
+    run(["vocab", "add", "mug", *opts])
+    report = fit_report(opts)
+    assert report["fitted_labels"] == ["mug"]
+    assert {label: scores_of(opts, label) for label in kept} == before
+    added = scores_of(opts, "mug")
+    # The same classifier, scores and tags as fitting all four from scratch on these photos.
+    assert fit_report(opts, "--full")["fitted_labels"] == [*kept, "mug"]
+    full = scores_of(opts, "mug")
+    assert {p: t for p, (_, t) in full.items()} == {p: t for p, (_, t) in added.items()}
+    assert max(abs(full[p][0] - added[p][0]) for p in full) < 1e-5
+    assert sum(t for _, t in added.values()) > 5
+
+    # Removing a label reads no patch and moves nothing else.
+    before = {label: scores_of(opts, label) for label in [*kept, "mug"]}
+    run(["vocab", "remove", "house", *opts])
+    assert fit_report(opts)["fitted_labels"] == []
+    assert {label: scores_of(opts, label) for label in ["car", "sun", "mug"]} == {
+        label: before[label] for label in ["car", "sun", "mug"]
+    }
+
+    # Photos indexed after the fit, then a label added: the kept labels score the new photos
+    # exactly as the old classifier does when a query scores them (a copy of the library).
+    base = tmp_path_factory.mktemp("open-world-more")
+    generate_dataset(base / "more", 40, seed=4712, size=96, progress=False)
+    run(["index", str(base / "more" / "images"), *opts])
+    home = opts[opts.index("--home") + 1]
+    shutil.copytree(home, base / "copy")
+    queried = {label: scores_of(opts, label) for label in ["car", "sun"]}  # old classifier
+    copy = ["--home", str(base / "copy"), "-q"]
+    run(["vocab", "add", "star", *copy])
+    assert fit_report(copy)["fitted_labels"] == ["star"]
+    for label in ["car", "sun"]:
+        after = scores_of(copy, label)
+        assert len(after) == 340
+        assert {p: t for p, (_, t) in after.items()} == {
+            p: t for p, (_, t) in queried[label].items()
+        }
+        assert max(abs(after[p][0] - queried[label][p][0]) for p in after) < 1e-5
+    assert len(scores_of(copy, "star")) == 340
