@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -24,10 +25,12 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(data: bytes, path: Path) -> None:
+def write_bytes_atomic(data: bytes, path: Path, unique: bool = False) -> None:
     """Write a file whole or not at all: a temporary name, fsync, rename (then fsync the folder
-    where the caller needs the rename itself durable)."""
-    tmp = path.with_name(path.name + ".tmp")
+    where the caller needs the rename itself durable). `unique`: a temporary name of this
+    process and thread, for files that several readers may rewrite at once."""
+    tag = f".{os.getpid()}.{threading.get_ident()}" if unique else ""
+    tmp = path.with_name(f"{path.name}{tag}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

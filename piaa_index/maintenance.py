@@ -95,8 +95,9 @@ class Maintenance(Part):
             for shard in bad:
                 vectors.delete_shard(shard)
             derived = self._check_derived()
+        scores = self._check_scores()
         return {
-            "ok": not problems and not damaged and not derived,
+            "ok": not problems and not damaged and not derived and not scores["damaged"],
             "database": {"ok": not problems, "problems": problems[:20]},
             "vectors": {
                 "shards": len(shards),
@@ -107,7 +108,36 @@ class Maintenance(Part):
             # Indexes rebuilt from the shards (similar, text search): damage is removed here
             # and the next query that needs one builds it again.
             "derived_damaged": derived,
+            # Score segments: a damaged one is no longer listed, its images are scored again.
+            "scores": scores,
         }
+
+    def _check_scores(self) -> dict[str, Any]:
+        """Hash every committed score segment against its checksums; stop listing the damaged
+        ones (SQL first, then their files go) so that the next query scores their images
+        again from the vectors."""
+        from piaa_index.scores import check_segment, has_checksum, remove_segment, writer_lock
+
+        root = self.library.tagger.scores_dir
+        damaged: list[dict[str, Any]] = []
+        total = unchecked = 0
+        with writer_lock(root):
+            for key, names in self.store.score_folders().items():
+                folder = root / key
+                bad = []
+                for name in names:
+                    total += 1
+                    problem = check_segment(folder, name, full=True)
+                    if problem is not None:
+                        bad.append(name)
+                        damaged.append({"segment": f"{key}/{name}", "problem": problem})
+                    elif not has_checksum(folder, name):
+                        unchecked += 1  # written before checksums existed
+                if bad:
+                    self.store.drop_score_segments(key, bad)
+                    for name in bad:
+                        remove_segment(folder, name)
+        return {"segments": total, "without_checksum": unchecked, "damaged": damaged}
 
     def _check_derived(self) -> list[dict[str, Any]]:
         """Verify the derived indexes against the checksums in their meta.json; remove any

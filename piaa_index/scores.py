@@ -23,12 +23,23 @@ Images that left the index (pruned, vectors lost) get a removal segment, `<seg>.
 (int64 [n] ids, no scores): their latest row is then a tombstone and every row of theirs is
 masked on open. The first query after a prune writes it (`Tagger.state`), so later processes
 agree with SQL without comparing every image with it (piaa_index/store_readonly.py).
+
+Checksums: `<seg>.sum.json` holds each file's blake2b digest and the (inode, size, mtime,
+ctime) it had when hashed, written after the files and before SQL commits the segment. Opening
+a segment re-hashes only a file whose stamp moved (any write, copy or restore moves it; hashing
+every file on every open would cost ~0.15 s per 80 MB, ~2 s per fresh process at 1M images);
+`piaa db check` hashes every file. A damaged or missing segment is left out of the view with a
+one-line warning, so the next query scores its images again from the vectors, and `db check`
+removes it. `checksums.json` in a score folder names the first segment written with checksums:
+from there on a segment without its checksum file is damaged, not old.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from piaa_index.durable import fsync_dir
+from piaa_index.durable import file_digest, fsync_dir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from piaa_index.decisions import Decisions
@@ -49,6 +60,12 @@ KINDS = ("S", "E", "C", "U")
 DTYPE = np.float32
 LOCK = "writer.lock"
 FINISH_ROWS = 65_536  # images per block when the tag rule is applied (bounds memory)
+SUMS = "sum"  # <seg>.sum.json: the checksums of a segment's files
+MARKER = "checksums.json"  # {"from": N}: segments numbered N and up carry checksums
+
+
+class SegmentDamaged(ValueError):
+    """A score segment's file is missing or does not match its checksum."""
 
 
 def scores_root(vectors_dir: Path) -> Path:
@@ -97,7 +114,7 @@ def cleanup(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
             continue
-        keep = set(committed[folder.name])
+        keep = set(committed[folder.name]) | {MARKER.split(".", 1)[0]}
         for path in folder.iterdir():
             if path.name.split(".", 1)[0] not in keep:
                 path.unlink(missing_ok=True)
@@ -188,7 +205,7 @@ class SegmentWriter:
         for kind, tmp in self._tmp.items():
             _fsync_file(tmp)
             os.replace(tmp, _file(self.folder, self.segment, kind))
-        fsync_dir(self.folder)
+        _seal(self.folder, self.segment, list(self._tmp))
         fsync_dir(self.folder.parent)
 
     def abort(self) -> None:
@@ -210,7 +227,97 @@ def write_removed(folder: Path, segment: str, ids: Sequence[int]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
+    _seal(folder, segment, ["removed"])
+
+
+def _number(segment: str) -> int | None:
+    digits = segment[3:]
+    return int(digits) if segment.startswith("seg") and digits.isdigit() else None
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What moves when a file is written, copied or restored (ctime cannot be set back)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _seal(folder: Path, segment: str, kinds: Sequence[str]) -> None:
+    """Record the checksums of a segment's files (in place, fsynced): before SQL commits it."""
+    marker = folder / MARKER
+    if not marker.exists():  # the first segment of this folder written with checksums
+        write_bytes_atomic(json.dumps({"from": _number(segment) or 0}).encode(), marker)
+    sums = {}
+    for kind in kinds:
+        path = _file(folder, segment, kind)
+        sums[kind] = {"digest": file_digest(path), "stamp": _stamp(path.stat())}
+    write_bytes_atomic(json.dumps(sums).encode(), folder / f"{segment}.{SUMS}.json")
     fsync_dir(folder)
+
+
+def has_checksum(folder: Path, segment: str) -> bool:
+    return (folder / f"{segment}.{SUMS}.json").exists()
+
+
+def check_segment(folder: Path, segment: str, full: bool = False) -> str | None:
+    """None when a segment's files match the checksums written with them (or it predates
+    checksums), else what is wrong. Only files whose stamp moved since they were hashed are
+    hashed again, every file when `full` (`piaa db check`)."""
+    removal = _file(folder, segment, "removed").exists()
+    kinds = ["removed"] if removal else ["ids", "shard", *KINDS, "present"]
+    try:
+        sums = json.loads((folder / f"{segment}.{SUMS}.json").read_text())
+        if not isinstance(sums, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        try:
+            start = json.loads((folder / MARKER).read_text()).get("from")
+        except (OSError, ValueError, AttributeError):
+            start = None
+        number = _number(segment)
+        if start is not None and (number is None or number >= int(start)):
+            return "its checksum file is missing"
+        sums = None  # written before checksums existed: its files only need to be there
+    except (OSError, ValueError) as exc:
+        return f"unreadable checksum file: {exc}"
+    moved = False
+    for kind in kinds:
+        path = _file(folder, segment, kind)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return f"{path.name} is missing"
+        if sums is None:
+            continue
+        entry = sums.get(kind)
+        if not isinstance(entry, dict) or "digest" not in entry:
+            return f"{path.name} has no checksum"
+        if not full and entry.get("stamp") == _stamp(st):
+            continue
+        try:
+            if file_digest(path) != entry["digest"]:
+                return f"{path.name} does not match its checksum"
+        except OSError as exc:
+            return f"cannot read {path.name}: {exc.strerror or exc}"
+        entry["stamp"] = _stamp(path.stat())
+        moved = True
+    if moved:  # hashed again and sound (a copied or restored library): remember the new stamps
+        try:
+            write_bytes_atomic(
+                json.dumps(sums).encode(), folder / f"{segment}.{SUMS}.json", unique=True
+            )
+        except OSError:
+            pass  # a read-only library: hashed again next time
+    return None
+
+
+def remove_segment(folder: Path, segment: str) -> None:
+    """Delete a segment's files (after SQL stopped listing it)."""
+    if folder.is_dir():
+        for path in folder.glob(f"{segment}.*"):
+            path.unlink(missing_ok=True)
+        fsync_dir(folder)
+
+
+_warned: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -221,7 +328,14 @@ class Segment:
     mats: dict[str, np.ndarray]  # S, E, C, present: [C, n] memory maps; {} for a removal
 
     @classmethod
-    def open(cls, folder: Path, name: str) -> Segment:
+    def open(cls, folder: Path, name: str, verify: bool = True) -> Segment:
+        """Map a segment's files; `SegmentDamaged` when one is missing or does not match its
+        checksum (see `check_segment`)."""
+        if verify:
+            problem = check_segment(folder, name)
+            if problem is not None:
+                raise SegmentDamaged(f"score segment {name} in {folder} is damaged: {problem}")
+
         def load(kind: str) -> np.ndarray:
             return np.load(_file(folder, name, kind), mmap_mode="r")
 
@@ -257,7 +371,24 @@ class ScoreView:
 
     @classmethod
     def open(cls, folder: Path, key: str, names: Sequence[str]) -> ScoreView:
-        segments = [Segment.open(folder, name) for name in names]
+        """The view of the committed segments `names`. A damaged one is left out (warned about
+        once per process): its images then count as not scored, and the next query that may
+        write scores them again from the vectors. A lost folder raises OSError."""
+        if names and not Path(folder).is_dir():
+            raise FileNotFoundError(f"score folder {folder} is missing")
+        segments = []
+        for name in names:
+            try:
+                segments.append(Segment.open(folder, name))
+            except (SegmentDamaged, OSError, ValueError) as exc:
+                if (str(folder), name) not in _warned:
+                    _warned.add((str(folder), name))
+                    reason = exc if isinstance(exc, SegmentDamaged) else f"{name}: {exc}"
+                    print(
+                        f"warning: {reason}; its images are scored again "
+                        "(`piaa db check` removes it)",
+                        file=sys.stderr,
+                    )
         ids = _concat([s.ids for s in segments], np.int64)
         shards = _concat([s.shards for s in segments], np.int32)
         return cls(key, segments, ids, shards, latest_rows(ids) & (shards != REMOVED))
@@ -336,4 +467,6 @@ def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 
 
 def segment_name(existing: Sequence[str]) -> str:
-    return f"seg{len(existing) + 1:06d}"
+    """After every segment listed (`piaa db check` may have removed some from the list)."""
+    numbers = [n for n in (_number(s) for s in existing) if n is not None]
+    return f"seg{max([len(existing), *numbers]) + 1:06d}"

@@ -704,6 +704,14 @@ class Store:
             for start in range(0, len(rows), 10_000):
                 s.execute(_TAG_TABLE.insert(), rows[start : start + 10_000])
 
+    def drop_score_segments(self, key: str, names: Sequence[str]) -> None:
+        """Stop listing damaged segments of a score folder (`piaa db check`): the next query
+        scores the images they held again."""
+        drop = set(names)
+        with self.session() as s:
+            for row in s.scalars(select(Classifier).where(Classifier.scores_key == key)):
+                row.score_segments = [n for n in row.score_segments or [] if n not in drop]
+
     def score_folders(self) -> dict[str, list[str]]:
         """Score folder key -> committed segment names, of every classifier."""
         with self.session() as s:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -166,3 +167,84 @@ def test_damaged_derived_indexes_are_found_and_rebuilt(tmp_path: Path) -> None:
     assert not folder.exists()
     assert json.loads(lib.run("similar", str(first), "--json")) == want
     assert json.loads(lib.run("db", "check", "--json"))["ok"] is True
+
+
+LABELS = ("star", "wheel", "sun", "house", "car", "apple")
+
+
+def _scenes(tmp_path: Path, name: str, n: int, seed: int) -> Path:
+    from piaa_index.shapes.dataset import generate_dataset
+
+    generate_dataset(tmp_path / name, n, seed=seed, size=96, progress=False)
+    return tmp_path / name / "images"
+
+
+def _answers(lib: Any, images: list[Path]) -> dict[str, Any]:
+    """Every label's search and a few images' tags, as JSON."""
+    out: dict[str, Any] = {
+        label: json.loads(lib.run("search", label, "--json")) for label in LABELS
+    }
+    for image in images:
+        out[str(image)] = json.loads(lib.run("tags", str(image), "--json"))
+    return out
+
+
+def _piaa(lib: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "piaa_index", *args],
+        env=lib.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _flip(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_score_segments_are_scored_again(tmp_path: Path) -> None:
+    """A flipped byte in a score segment (the fused scores S, the present bits) once changed
+    answers silently: now the segment is left out with a warning, its images are scored again
+    from the vectors (the same answers), and `db check` names it, exits 1 and removes it."""
+    from tests.piaa_processes import PiaaProcesses
+
+    a = _scenes(tmp_path, "a", 30, seed=3)
+    b = _scenes(tmp_path, "b", 12, seed=4)
+    lib = PiaaProcesses(tmp_path / "home", None)
+    lib.run("index", str(a))
+    lib.run("vocab", "set", *LABELS)
+    images = sorted(a.iterdir())[:3] + sorted(b.iterdir())[:3]
+    lib.run("search", "star")  # the fit: segment 1
+    lib.run("index", str(b))
+    before = _answers(lib, images)  # the new images: segment 2
+    (folder,) = (tmp_path / "home" / "vectors").glob("*/scores/*/")
+    assert (folder / "seg000002.S.npy").exists()
+    assert lib.check()["scores"] == {"segments": 2, "without_checksum": 0, "damaged": []}
+
+    _flip(folder / "seg000001.S.npy")
+    _flip(folder / "seg000002.present.npy", 0.9)
+    first = _piaa(lib, "search", LABELS[0], "--json")
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    assert "score segment seg000001" in first.stderr and "is damaged" in first.stderr
+    assert "score segment seg000002" in first.stderr
+    assert json.loads(first.stdout) == before[LABELS[0]]
+    assert _answers(lib, images) == before
+
+    result = _piaa(lib, "db", "check", "--json")
+    assert result.returncode == 1, result.stderr
+    damaged = json.loads(result.stdout)["scores"]["damaged"]
+    assert sorted(d["segment"].split("/")[1] for d in damaged) == ["seg000001", "seg000002"]
+    assert all("does not match its checksum" in d["problem"] for d in damaged)
+    assert not (folder / "seg000001.S.npy").exists()
+    text = _piaa(lib, "db", "check")
+    assert text.returncode == 0 and "scores: " in text.stdout, text.stdout
+    assert _answers(lib, images) == before
+    assert lib.check()["ok"] is True
+
+    # A segment whose checksum file was deleted is damaged too (it was written with one).
+    segment = sorted(folder.glob("seg*.sum.json"))[-1].name.split(".")[0]
+    (folder / f"{segment}.sum.json").unlink()
+    _flip(folder / f"{segment}.S.npy")
+    assert _answers(lib, images) == before
+    report = json.loads(_piaa(lib, "db", "check", "--json").stdout)
+    assert [d["problem"] for d in report["scores"]["damaged"]] == ["its checksum file is missing"]

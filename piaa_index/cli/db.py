@@ -74,6 +74,21 @@ def db_check(app: AppContext, as_json: bool) -> None:
                 f"{vec['images_to_reencode']} images will be re-encoded by the next "
                 "`piaa index` of their folders"
             )
+        scores = report.get("scores") or {"segments": 0, "damaged": [], "without_checksum": 0}
+        if scores["segments"]:
+            click.echo(
+                f"scores: {scores['segments']} segments, {len(scores['damaged'])} damaged"
+                + (
+                    f", {scores['without_checksum']} without checksum"
+                    if scores["without_checksum"]
+                    else ""
+                )
+            )
+        for item in scores["damaged"]:
+            click.echo(
+                f"  score segment {item['segment']}: {item['problem']}: removed, its images "
+                "are scored again by the next query"
+            )
         for item in report.get("derived_damaged", []):
             click.echo(
                 f"{item['index']} index damaged ({', '.join(item['files'])}): removed, "
