@@ -221,16 +221,24 @@ def resolve_spec(spec: ModelSpec) -> _Resolved:
 
 
 def _pick_device(device: str) -> torch.device:
+    """`auto`: CUDA, else Apple's Metal (MPS), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         return torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from exc
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N, mps)") from exc
 
 
 def _pick_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
+        # fp16 on CUDA. MPS stays fp32: its fp16 kernels cover the ViT, but no run on a Mac has
+        # checked the vectors against the CPU's yet; Encoder(..., precision="fp16") asks for it.
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose auto or {', '.join(PRECISIONS)}")

@@ -373,3 +373,16 @@ def test_text_prototypes_are_normalised_template_means(enc_sclip: Encoder) -> No
         np.testing.assert_allclose(proto, mean / np.linalg.norm(mean), atol=1e-5)
     with pytest.raises(ValueError, match="must contain"):
         enc_sclip.text_prototypes(labels, ["a photo"])
+
+
+def test_auto_device_picks_mps_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    device = encoder_mod._pick_device("auto")
+    assert device == torch.device("mps")
+    assert encoder_mod._pick_precision("auto", device) == "fp32"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert encoder_mod._pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encoder_mod._pick_device("auto") == torch.device("cuda")
+    assert encoder_mod._pick_precision("auto", torch.device("cuda")) == "fp16"
