@@ -203,7 +203,29 @@ class Library:
     def vectors(self) -> VectorStore:
         """The vector folder; the first index run records the model's identity in it."""
         if self._vectors is None:
+            from piaa_index.vectors import (
+                MANIFEST,
+                MANIFEST_SETTING,
+                VectorStoreError,
+                manifest_problem,
+            )
+
             manifest = VectorStore.read_manifest(self.vectors_dir)
+            recorded = self.store.get_setting(MANIFEST_SETTING)
+            path = self.vectors_dir / MANIFEST
+            if manifest is None and VectorStore.has_shards(self.vectors_dir):
+                if self.store.referenced_shards():
+                    raise VectorStoreError(
+                        f"the vector manifest {path} is missing while its shards are there "
+                        "(damage): `piaa db check` rebuilds it from the database"
+                    )
+            if manifest is not None:
+                problem = manifest_problem(manifest, recorded, self.store.get_setting("model"))
+                if problem is not None:
+                    raise VectorStoreError(
+                        f"the vector manifest {path} does not match the database's record of "
+                        f"it ({problem}): it is damaged; `piaa db check` rebuilds it"
+                    )
             if manifest is None and self.store.referenced_shards():
                 # The database has images but this home has none of their vectors: a wrong
                 # --home (or another machine). Refuse rather than re-encode the collection.
@@ -230,6 +252,8 @@ class Library:
                 self._vectors = VectorStore.open(self.vectors_dir, identity, codec)
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
+            if recorded != self._vectors.manifest:
+                self.store.set_setting(MANIFEST_SETTING, self._vectors.manifest)
             if (sqlite_file := _sqlite_file(self.settings.db_url)) is not None:
                 _remember_database(sqlite_file, self.vectors_dir)
             self._reconcile()

@@ -78,13 +78,14 @@ class Maintenance(Part):
         from tqdm import tqdm
 
         problems = self.store.integrity_problems()
+        manifest = self._check_manifest()
         vectors = self.vectors
         damaged: list[dict[str, Any]] = []
         unchecked = 0
         with vectors.writer_lock():
             shards = sorted(self.store.referenced_shards())
             for shard in tqdm(shards, desc="checking", file=sys.stderr, disable=not progress):
-                if not vectors.has_checksum(shard):
+                if not vectors.has_checksum(shard) and vectors.predates_checksums(shard):
                     unchecked += 1  # written before checksums existed
                     continue
                 problem = vectors.verify_shard(shard)
@@ -97,7 +98,13 @@ class Maintenance(Part):
             derived = self._check_derived()
         scores = self._check_scores()
         return {
-            "ok": not problems and not damaged and not derived and not scores["damaged"],
+            "ok": not problems
+            and not damaged
+            and not derived
+            and not scores["damaged"]
+            and manifest is None,
+            # The vector folder's manifest.json, when damaged or lost (and rebuilt).
+            "manifest": manifest,
             "database": {"ok": not problems, "problems": problems[:20]},
             "vectors": {
                 "shards": len(shards),
@@ -110,6 +117,51 @@ class Maintenance(Part):
             "derived_damaged": derived,
             # Score segments: a damaged one is no longer listed, its images are scored again.
             "scores": scores,
+        }
+
+    def _check_manifest(self) -> dict[str, Any] | None:
+        """Compare the vector manifest with the database's copy of it; rewrite a damaged or
+        lost one from that copy (from the model record and the shards for a library older
+        than the copy). None when it is sound."""
+        from piaa_index.vectors import (
+            MANIFEST,
+            MANIFEST_SETTING,
+            VectorStore,
+            VectorStoreError,
+            infer_codec,
+            manifest_problem,
+        )
+
+        root = self.library.vectors_dir
+        recorded = self.store.get_setting(MANIFEST_SETTING)
+        model = self.store.get_setting("model")
+        try:
+            manifest = VectorStore.read_manifest(root)
+        except VectorStoreError:
+            problem: str | None = "unreadable"
+        else:
+            if manifest is None:
+                if not VectorStore.has_shards(root):
+                    return None  # nothing indexed in this home
+                problem = "missing"
+            else:
+                problem = manifest_problem(manifest, recorded, model)
+        if problem is None:
+            return None
+        rebuilt = recorded
+        if rebuilt is None and isinstance((model or {}).get("identity"), dict):
+            assert model is not None
+            rebuilt = {"identity": model["identity"], "codec": infer_codec(root)}
+        if rebuilt is None:
+            raise VectorStoreError(
+                f"the vector manifest {root / MANIFEST} is damaged ({problem}) and the "
+                "database has no record to rebuild it from: restore it from a backup"
+            )
+        VectorStore.write_manifest(root, rebuilt)
+        return {
+            "file": str(root / MANIFEST),
+            "problem": problem,
+            "action": "rebuilt from the database's record",
         }
 
     def _check_scores(self) -> dict[str, Any]:

@@ -9,6 +9,11 @@ points at vectors that were not written (and if a shard was lost anyway, its ima
 back to the next index run).
 
 `manifest.json` records the model the vectors were made with; opening with another model fails.
+The database keeps a copy of it (setting `vectors_manifest`, piaa_index/library.py): a manifest
+that differs from the copy, or is gone while its shards are there, is damage that `piaa db
+check` repairs from the copy. `checksums_from` is the first shard written with a checksum file
+(0 in a library created since; an older library's is set when it is first opened): from there on
+a shard without its checksum file is damaged, not "written before checksums existed".
 
 Lossy patch codecs (sq8, sq4, pq4, opq4) quantise with ONE quantiser per library, trained once
 on the first shard large enough and kept as `patch-quantizer.<digest>.faiss`. Every later shard
@@ -22,7 +27,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -105,10 +109,13 @@ def _digest(data: bytes) -> str:
 class VectorStore:
     """A folder of FAISS shards for one library."""
 
-    def __init__(self, root: Path, identity: dict, codec: str = DEFAULT_CODEC):
+    def __init__(
+        self, root: Path, identity: dict, codec: str = DEFAULT_CODEC, checksums_from: int = 0
+    ):
         self.root = Path(root)
         self.identity = dict(identity)
         self.codec = codec
+        self.checksums_from = checksums_from
         self.dim = int(identity["dim"])
         grid = identity["grid"]
         self.n_patches = int(grid[0]) * int(grid[1])
@@ -124,9 +131,28 @@ class VectorStore:
         if not path.exists():
             return None
         try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise VectorStoreError(f"damaged vector manifest {path}: {exc}") from None
+            manifest = json.loads(path.read_text())
+            identity = manifest["identity"]
+            int(identity["dim"]), [int(v) for v in identity["grid"]]
+            if manifest["codec"] not in CODECS:
+                raise ValueError(f"unknown codec {manifest['codec']!r}")
+            int(manifest.get("checksums_from", 0))
+            return dict(manifest)
+        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise VectorStoreError(
+                f"damaged vector manifest {path}: {exc!r}; `piaa db check` rebuilds it"
+            ) from None
+
+    @staticmethod
+    def write_manifest(root: Path, manifest: dict) -> None:
+        write_bytes_atomic(
+            json.dumps(manifest, indent=2, sort_keys=True).encode(), Path(root) / MANIFEST
+        )
+        fsync_dir(root)
+
+    @staticmethod
+    def has_shards(root: Path) -> bool:
+        return any(Path(root).glob("*.cls.faiss"))
 
     @classmethod
     def open(cls, root: Path, identity: dict, codec: str | None = None) -> VectorStore:
@@ -138,12 +164,15 @@ class VectorStore:
                 raise ValueError(
                     f"unknown vector codec {codec!r}; choose one of {', '.join(CODECS)}"
                 )
-            manifest = {"identity": identity, "codec": codec or DEFAULT_CODEC, "version": 1}
+            manifest = {
+                "identity": identity,
+                "codec": codec or DEFAULT_CODEC,
+                "version": 2,
+                "checksums_from": 0,  # every shard of this library carries a checksum file
+            }
             try:
                 root.mkdir(parents=True, exist_ok=True)
-                tmp = root / (MANIFEST + ".tmp")
-                tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-                os.replace(tmp, root / MANIFEST)
+                cls.write_manifest(root, manifest)
             except OSError as exc:
                 raise VectorStoreError(
                     f"cannot create the vector folder {root}: {exc.strerror or exc} "
@@ -155,7 +184,28 @@ class VectorStore:
                 f"{describe_identity(manifest['identity'])}, not {describe_identity(identity)}; "
                 "use the same --model/--pretrained/--front-end, or another PIAA_HOME / --db"
             )
-        return cls(root, manifest["identity"], manifest["codec"])
+        elif "checksums_from" not in manifest:
+            # Written before shards were told apart from the ones that predate checksums: the
+            # shards on disk without a checksum file are the old ones, every later one has it.
+            store = cls(root, manifest["identity"], manifest["codec"])
+            old = [s for s in store.shard_ids() if not store.has_checksum(s)]
+            manifest = {**manifest, "version": 2, "checksums_from": max(old, default=-1) + 1}
+            try:
+                cls.write_manifest(root, manifest)
+            except OSError:
+                pass  # a read-only library: decided again next time
+        return cls(
+            root, manifest["identity"], manifest["codec"], int(manifest.get("checksums_from", 0))
+        )
+
+    @property
+    def manifest(self) -> dict:
+        return {
+            "identity": self.identity,
+            "codec": self.codec,
+            "version": 2,
+            "checksums_from": self.checksums_from,
+        }
 
     # -- shards --------------------------------------------------------------------------------
 
@@ -171,7 +221,14 @@ class VectorStore:
         try:
             sums = json.loads(self._sum_path(shard).read_text())
         except FileNotFoundError:
-            return None if self._path(shard, "cls").exists() else "missing"
+            if not self._path(shard, "cls").exists():
+                return "missing"
+            if self.predates_checksums(shard):
+                return None
+            return (
+                "its checksum file is missing (every shard from shard "
+                f"{self.checksums_from} on is written with one): damaged"
+            )
         except (OSError, ValueError) as exc:
             return f"unreadable checksum file: {exc}"
         for kind in ("cls", "patch"):
@@ -185,6 +242,10 @@ class VectorStore:
 
     def has_checksum(self, shard: int) -> bool:
         return self._sum_path(shard).exists()
+
+    def predates_checksums(self, shard: int) -> bool:
+        """A shard written before checksum files existed (it may lack one)."""
+        return shard < self.checksums_from
 
     def shard_ids(self) -> set[int]:
         ids = set()
@@ -695,6 +756,53 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, tuple[int, int]]]:
     stops = np.concatenate([breaks, [len(rows)]])
     for a, b in zip(starts, stops, strict=True):
         yield int(a), (int(rows[a]), int(rows[b - 1]) + 1)
+
+
+MANIFEST_SETTING = "vectors_manifest"  # the database's copy of manifest.json
+
+
+def manifest_problem(manifest: dict, recorded: dict | None, model: dict | None) -> str | None:
+    """How a manifest differs from the database's copy of it (None when they agree). A library
+    from before the copy is compared with the model record's identity (dim, grid, model)."""
+    if recorded is not None:
+        for key in ("identity", "codec", "checksums_from"):
+            got, want = manifest.get(key), recorded[key]
+            if key not in recorded or got == want:
+                continue
+            if key == "identity" and isinstance(want, dict) and isinstance(got, dict):
+                wrong = [k for k in sorted(want) if got.get(k) != want[k]] or sorted(got)
+                return ", ".join(f"{k} {got.get(k)!r}, recorded {want.get(k)!r}" for k in wrong)
+            return f"{key} {got!r}, recorded {want!r}"
+        return None
+    identity = (model or {}).get("identity")
+    if isinstance(identity, dict):
+        for key in ("dim", "grid", "model"):
+            if key in identity and manifest["identity"].get(key) != identity[key]:
+                return f"{key} {manifest['identity'].get(key)!r}, recorded {identity[key]!r}"
+    return None
+
+
+def infer_codec(root: Path) -> str:
+    """The patch codec of a library whose manifest is lost: its trained quantiser's, else the
+    newest shard's (a lossy library still without a quantiser stores fp16)."""
+    faiss = _faiss()
+    paths = sorted(Path(root).glob(QUANTIZER_GLOB)) or sorted(Path(root).glob("*.patch.faiss"))[-1:]
+    for path in paths:
+        try:
+            index = faiss.downcast_index(faiss.read_index(str(path), _mapped()))
+        except RuntimeError:
+            continue
+        if isinstance(index, faiss.IndexPreTransform):
+            return "opq4"
+        if isinstance(index, faiss.IndexPQ):
+            return "pq4"
+        if isinstance(index, faiss.IndexScalarQuantizer):
+            qt = faiss.ScalarQuantizer
+            names = {qt.QT_fp16: "fp16", qt.QT_8bit: "sq8", qt.QT_4bit: "sq4"}
+            return names.get(index.sq.qtype, DEFAULT_CODEC)
+        if isinstance(index, faiss.IndexFlat):
+            return "fp32"
+    return DEFAULT_CODEC
 
 
 def describe_identity(identity: dict) -> str:

@@ -248,3 +248,76 @@ def test_damaged_score_segments_are_scored_again(tmp_path: Path) -> None:
     assert _answers(lib, images) == before
     report = json.loads(_piaa(lib, "db", "check", "--json").stdout)
     assert [d["problem"] for d in report["scores"]["damaged"]] == ["its checksum file is missing"]
+
+
+def test_a_shard_without_its_checksum_file_is_damaged(
+    two_shards: tuple[Library, PhotoFolder, PhotoFolder],
+) -> None:
+    """A deleted checksum file and a flipped [CLS] byte once passed as "without checksum":
+    every shard of a library written since checksums exist has one, so it is damage (its
+    images are re-encoded); a library from before keeps its old shards unchecked."""
+    lib, a, b = two_shards
+    root = lib.vectors.root
+    (root / "000001.sum.json").unlink()
+    _flip(shard_files(lib, "cls")[0], 0.8)
+    code, report = check(lib)
+    assert code == 1 and report["vectors"]["without_checksum"] == 0
+    (damaged,) = report["vectors"]["damaged"]
+    assert damaged["shard"] == 1 and "checksum file is missing" in damaged["problem"]
+    assert report["vectors"]["images_to_reencode"] == 30
+    assert lib.index([a.root, b.root]).indexed == 30
+    assert check(lib)[0] == 0
+
+    # A library written before checksum files: its manifest does not say where they start.
+    shard = sorted(lib.vectors.shard_ids())[0]
+    (root / f"{shard:06d}.sum.json").unlink()
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["checksums_from"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with lib.store.session() as s:
+        from piaa_index.schema import Setting
+
+        s.delete(s.get(Setting, "vectors_manifest"))
+    code, report = check(lib)
+    assert code == 0 and report["vectors"]["without_checksum"] == 1, report
+    assert json.loads((root / "manifest.json").read_text())["checksums_from"] == shard + 1
+
+
+def test_a_damaged_or_lost_manifest_is_a_clear_error_then_rebuilt(tmp_path: Path) -> None:
+    """manifest.json with another dimension (once a ValueError traceback in `search --text`
+    and `tags --evidence`) or deleted (once "this database's vectors are not in …"): a
+    one-line error naming the damage, exit 1; `db check` reports it, exits 1 and rebuilds it
+    from the database's record, and the answers are the ones from before."""
+    from tests.piaa_processes import PiaaProcesses
+
+    images = _scenes(tmp_path, "a", 24, seed=6)
+    lib = PiaaProcesses(tmp_path / "home", None)
+    lib.run("index", str(images))
+    lib.run("vocab", "set", *LABELS)
+    first = str(sorted(images.iterdir())[0])
+    text = ["search", "--text", "a star", "--json"]
+    evidence = ["tags", first, "--evidence", "star", "--json"]
+    want = (lib.run(*text), lib.run(*evidence))
+    (path,) = (tmp_path / "home" / "vectors").glob("*/manifest.json")
+    good = path.read_text()
+
+    def damage_a() -> None:
+        manifest = json.loads(good)
+        manifest["identity"]["dim"] = 64
+        path.write_text(json.dumps(manifest))
+
+    for damage, says in ((damage_a, "dim 64, recorded 128"), (path.unlink, "is missing")):
+        damage()
+        for args in (text, evidence):
+            result = _piaa(lib, *args)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert says in result.stderr and "`piaa db check` rebuilds it" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        result = _piaa(lib, "db", "check", "--json")
+        assert result.returncode == 1, result.stderr
+        assert json.loads(result.stdout)["manifest"]["action"] == (
+            "rebuilt from the database's record"
+        )
+        assert json.loads(path.read_text()) == json.loads(good)
+        assert (lib.run(*text), lib.run(*evidence)) == want
+        assert lib.check()["ok"] is True

@@ -63,6 +63,9 @@ def db_check(app: AppContext, as_json: bool) -> None:
         click.echo(f"database: {'ok' if db['ok'] else 'DAMAGED'}")
         for problem in db["problems"]:
             click.echo(f"  {problem}")
+        if report.get("manifest"):
+            item = report["manifest"]
+            click.echo(f"vector manifest DAMAGED ({item['problem']}): {item['action']}")
         click.echo(
             f"vectors: {vec['shards']} shards, {len(vec['damaged'])} damaged"
             + (f", {vec['without_checksum']} without checksum" if vec["without_checksum"] else "")
