@@ -82,6 +82,9 @@ class DecisionParams:
     min_excess: float = 3.0
     # Banks the pooled matching level needs before any label may be called weak or absent.
     min_labels: int = 8
+    # A bank whose clusters' centres match the label's text less than this share of how well
+    # the bank's own patches do is the fringe of other things (`open_pvcl.cluster_agreement`).
+    min_cluster_agreement: float = 0.75
 
 
 # A tag is a confidence of at least one half: the one rule, for fit, new images, eval, evidence
@@ -227,7 +230,9 @@ def _dec(x: float | str) -> float:
 
 
 def bank_support(
-    bank_cosines: Sequence[np.ndarray], params: DecisionParams | None = None
+    bank_cosines: Sequence[np.ndarray],
+    params: DecisionParams | None = None,
+    agreement: Sequence[float | None] | None = None,
 ) -> dict[str, Any]:
     """Collection-level test of the Stage I banks; JSON-serialisable, stored with the classifier.
 
@@ -274,6 +279,8 @@ def bank_support(
         "matching_fraction": frac,
         "median_cosine": [float(np.median(v)) if v.size else None for v in cos],
         "max_cosine": hi,
+        # Per label, open_pvcl.cluster_agreement (None: not measured, e.g. the paper's fit).
+        "cluster_agreement": list(agreement) if agreement is not None else [None] * len(cos),
     }
 
 
@@ -288,6 +295,7 @@ class LabelStatus:
     bank_sizes: list[int]
     images_at_level: np.ndarray  # [C] images whose best patch reaches the sure level
     level: float | None  # the pooled matching level (None: not credible, or too few banks)
+    agreement: list[float | None] = field(default_factory=list)  # cluster_agreement per label
 
     def record(self, c: int, threshold: float, source: str) -> dict[str, Any]:
         """Label c's JSON-serialisable status dict, with its threshold."""
@@ -299,6 +307,11 @@ class LabelStatus:
             "threshold": _enc(float(threshold)),
             "support_gate": _enc(float(self.gate[c])),
             "threshold_source": source,
+            "cluster_agreement": (
+                None
+                if c >= len(self.agreement) or self.agreement[c] is None
+                else round(float(self.agreement[c]), 4)  # type: ignore[arg-type]
+            ),
         }
 
 
@@ -322,14 +335,20 @@ def label_status(
     # level, where weak labels are tagged: below it, it could never tag anything anyway.
     n_support = (e >= sure).sum(axis=0) if sure is not None and N else np.full(C, N, dtype=np.int64)
 
+    agreement = list(fit_support.get("cluster_agreement") or [None] * C)
     status: list[str] = []
     for c in range(C):
+        # A ghost bank: mostly below the pooled matching level, or the fringe of clusters of
+        # other things (its own test, `open_pvcl.cluster_agreement`, reads no other label).
+        ghost = frac[c] < prm.min_matching_fraction or (
+            agreement[c] is not None and agreement[c] < prm.min_cluster_agreement
+        )
         if sizes[c] == 0:
             status.append("weak")  # no visual bank at all: too little evidence
-        elif frac[c] >= prm.min_matching_fraction:
+        elif not ghost:
             status.append("present")
-        elif n_support[c] >= prm.min_support_images:
-            status.append("weak")
+        elif level is not None and n_support[c] >= prm.min_support_images:
+            status.append("weak")  # a rare label: some images reach the sure level
         else:
             status.append("absent")
     gate = np.full(C, -np.inf)
@@ -339,7 +358,7 @@ def label_status(
         elif status[c] == "weak":
             # No matching level: no visual bank and nothing to vouch for any image.
             gate[c] = float(sure) if level is not None else np.inf  # type: ignore[arg-type]
-    return LabelStatus(status, gate, frac, sizes, n_support, level)
+    return LabelStatus(status, gate, frac, sizes, n_support, level, agreement)
 
 
 def _info(N: int, st: LabelStatus, small_library: int | None = None) -> dict[str, Any]:

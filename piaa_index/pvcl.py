@@ -218,6 +218,7 @@ class Classifier:
     # precision and each label's bank cosines (the pooled matching level reads them).
     precision: np.ndarray | None = None  # [d, d] float32
     bank_cosines: np.ndarray | None = None  # [C, K] float32, NaN past a label's bank size
+    background_means: np.ndarray | None = None  # [k, d] float32: the clusters' centres
 
     @property
     def n_classes(self) -> int:
@@ -272,6 +273,7 @@ class Classifier:
             "background_b": self.background_b,
             "precision": self.precision,
             "bank_cosines": self.bank_cosines,
+            "background_means": self.background_means,
         }
         arrays.update({k: v for k, v in optional.items() if v is not None})
         np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -301,6 +303,7 @@ class Classifier:
                 ),
                 precision=z["precision"] if "precision" in z.files else None,
                 bank_cosines=z["bank_cosines"] if "bank_cosines" in z.files else None,
+                background_means=(z["background_means"] if "background_means" in z.files else None),
             )
 
 

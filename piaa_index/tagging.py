@@ -260,6 +260,7 @@ class Tagger(Part):
             not clf.open_world
             or clf.precision is None
             or clf.bank_cosines is None
+            or clf.background_means is None
             or not isinstance(labels, list)
             or len(labels) != clf.n_classes
         ):
@@ -286,6 +287,7 @@ class Tagger(Part):
         from piaa_index.fusion import patch_text_cosines, score_images
         from piaa_index.open_pvcl import (
             LabelBanks,
+            cluster_agreement,
             label_discriminants,
             padded_cosines,
             unpadded_cosines,
@@ -325,12 +327,15 @@ class Tagger(Part):
         b = np.zeros(C, np.float32)
         means = np.zeros((C, d), np.float32)
         cosines: list[np.ndarray] = [np.empty(0)] * C
+        agreement: list[float | None] = [None] * C
         old_cosines = unpadded_cosines(old.bank_cosines)
+        old_agreement = list(old.params.get("support", {}).get("cluster_agreement") or [])
         for c, k in enumerate(base.kept):
             if k >= 0:
                 W[c], b[c] = old.W[k], old.b[k]
                 means[c] = old.means[k] if old.means is not None else 0.0
                 cosines[c] = old_cosines[k]
+                agreement[c] = old_agreement[k] if k < len(old_agreement) else None
         if fresh:
             assert old.precision is not None and old.background_b is not None
             Wf, bf, muf = label_discriminants(
@@ -340,12 +345,16 @@ class Tagger(Part):
                 len(old.background_b),
             )
             W[fresh], b[fresh], means[fresh] = Wf, bf, muf
+            assert old.background_means is not None  # (_refit_base)
             for j, c in enumerate(fresh):
                 cosines[c] = fresh_banks.cosines()[j]
+                agreement[c] = cluster_agreement(
+                    fresh_banks.banks()[j], cosines[c], T[c], old.background_means
+                )
         sizes = [int(len(v)) for v in cosines]
         params = {
             **old.params,
-            "support": bank_support(cosines),
+            "support": bank_support(cosines, agreement=agreement),
             "n_classes": C,
             "labels": _label_keys(vocab),
             "fit_seconds": fit_seconds,
@@ -364,6 +373,7 @@ class Tagger(Part):
             background_b=old.background_b,
             precision=old.precision,
             bank_cosines=padded_cosines(cosines),
+            background_means=old.background_means,
         )
 
         # Kept columns come from the old matrix; new labels (and images the old classifier had

@@ -130,6 +130,33 @@ def test_calibration_finds_the_present_mode_of_each_label_alone() -> None:
     np.testing.assert_allclose(one.confidence(E[:, :1], C[:, :1]), conf[:, :1])
 
 
+def test_labels_a_library_lacks_are_found_absent_with_a_few_labels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Four labels (too few for the pooled matching level), two of which no photo holds: the
+    two are found absent from their own banks alone (the fringe of other things' clusters,
+    open_pvcl.cluster_agreement) and tag nothing; the two held ones keep their tags."""
+    from piaa_index.shapes.world import GROUPS
+
+    base = tmp_path_factory.mktemp("few-labels")
+    street_garden = sorted({CLASSES.index(n) for g in ("street", "garden") for n in GROUPS[g]})
+    generate_dataset(
+        base / "scenes", 300, seed=4713, size=96, progress=False, classes_allowed=street_garden
+    )
+    opts = ["--home", str(base / "home"), "-q"]
+    run(["index", str(base / "scenes" / "images"), "--model", "shapesworld", *opts])
+    held, lacking = ["car", "snail"], ["mug", "beach ball"]
+    run(["vocab", "set", *held, *lacking, *opts])
+    report = fit_report(opts)
+    assert report["absent_labels"] == lacking, report["labels"]
+    for label in lacking:
+        assert report["labels"][label]["cluster_agreement"] < 0.75
+        assert not any(t for _, t in scores_of(opts, label).values())
+    for label in held:
+        assert report["labels"][label]["status"] == "present"
+        assert sum(t for _, t in scores_of(opts, label).values()) > 20
+
+
 def fit_report(opts: list[str], *extra: str) -> dict:
     return json.loads(run(["fit", "--json", *extra, *opts]))
 
