@@ -28,3 +28,24 @@ class UserInputError(UsageError, LibraryError):
 
 class NotFoundError(UserInputError):
     """The user named something that is not there, e.g. an image id not indexed (HTTP 404)."""
+
+
+# What SQLite says about a damaged file (its pages, its schema, a cell's text).
+_DAMAGE_SIGNS = (
+    "malformed",
+    "not a database",
+    "could not decode to utf-8",
+    "database corrupt",
+    "disk i/o error",
+    "the database file is damaged",
+)
+DAMAGED_DATABASE_WAY_OUT = (
+    "restore the database file from a backup, or copy out what SQLite can still read: "
+    "`sqlite3 piaa.sqlite3 .recover | sqlite3 recovered.sqlite3`"
+)
+
+
+def is_damaged_database(reason: object) -> bool:
+    """Whether a database error's text says the SQLite file itself is damaged."""
+    text = str(reason).lower()
+    return any(sign in text for sign in _DAMAGE_SIGNS)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.errors import UserInputError
+from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, UserInputError
 from piaa_index.part import Part
 from piaa_index.tagging import NotReady, State
 
@@ -105,7 +105,11 @@ class Maintenance(Part):
             and manifest is None,
             # The vector folder's manifest.json, when damaged or lost (and rebuilt).
             "manifest": manifest,
-            "database": {"ok": not problems, "problems": problems[:20]},
+            "database": {
+                "ok": not problems,
+                "problems": problems[:20],
+                **({"way_out": DAMAGED_DATABASE_WAY_OUT} if problems else {}),
+            },
             "vectors": {
                 "shards": len(shards),
                 "without_checksum": unchecked,

@@ -134,6 +134,14 @@ def search_rows(
         rows = np.concatenate([rows, rest[top_k(view.ids[rest], score[rest], more)]])
     ids = [int(i) for i in view.ids[rows]]
     paths = paths_of(ids)
+    lost = [i for i in ids if i not in paths]
+    if lost:
+        from piaa_index.errors import LibraryError
+
+        raise LibraryError(
+            f"the database has no image {lost[0]} that the score matrix holds: the database "
+            "file is damaged, or the image was removed meanwhile (`piaa db check` tells)"
+        )
     wanted = sorted((labels[column[key]], key) for key in plan.labels)
     return [
         {

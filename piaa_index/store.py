@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from piaa_index import schema
-from piaa_index.errors import PiaaError
+from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, PiaaError, is_damaged_database
 from piaa_index.schema import (
     FAILED,
     INDEXED,
@@ -198,7 +198,20 @@ class Store:
         except DatabaseError as exc:  # not a database, damaged, unreachable, no permission
             engine.dispose()
             shown = engine.url.render_as_string(hide_password=True)
+            if engine.dialect.name == "sqlite" and is_damaged_database(exc.orig):
+                raise StoreError(
+                    f"the database file is damaged: {exc.orig} ({shown}); `piaa db check` "
+                    "reports the damage; " + DAMAGED_DATABASE_WAY_OUT
+                ) from None
             raise StoreError(f"cannot open database {shown}: {exc.orig}") from None
+        except UnicodeDecodeError as exc:  # SQLite's own message quoted a garbled schema
+            engine.dispose()
+            shown = engine.url.render_as_string(hide_password=True)
+            raise StoreError(
+                f"the database file is damaged: its schema holds bytes that are not UTF-8 "
+                f"({exc.reason}) ({shown}); `piaa db check` reports the damage; "
+                + DAMAGED_DATABASE_WAY_OUT
+            ) from None
         return store
 
     def _is_current(self) -> bool:
@@ -504,8 +517,25 @@ class Store:
                 .where(Image.status == INDEXED)
                 .order_by(Image.shard, Image.shard_row)
             ).all()
+            if s.connection().dialect.name == "sqlite":
+                # The status index's count, in the same snapshot: a damaged table page can read
+                # as no rows without an error, and every image would silently drop out.
+                counted = s.scalar(
+                    select(func.count()).select_from(Image).where(Image.status == INDEXED)
+                )
+                if int(counted or 0) != len(rows):
+                    raise StoreError(
+                        f"the database file is damaged: its images table holds {len(rows)} "
+                        f"indexed images, its index {counted}; `piaa db check` reports the "
+                        "damage; " + DAMAGED_DATABASE_WAY_OUT
+                    )
         out: list[tuple[int, int, int]] = []
         for i, sh, r in rows:
+            if i is None:  # a garbled schema no longer makes `id` the row id
+                raise StoreError(
+                    "the database file is damaged: an image row has no id; `piaa db check` "
+                    "reports the damage; " + DAMAGED_DATABASE_WAY_OUT
+                )
             if sh is None or r is None:  # an indexed image always has its vectors' location
                 raise StoreError(f"indexed image {i} has no vector location")
             out.append((int(i), int(sh), int(r)))

@@ -73,6 +73,8 @@ def sqlite_file_kind(path: Path) -> str:
         probe.execute("PRAGMA schema_version").fetchone()
     except sqlite3.DatabaseError:
         return "other"  # "file is not a database"
+    except UnicodeDecodeError:
+        return "sqlite"  # SQLite quoted a garbled schema: a damaged database, said on open
     finally:
         probe.close()
     return "sqlite"
@@ -103,7 +105,7 @@ class ReadOnlyStore:
             if current is None or current[0] != head_revision():
                 store.close()
                 return None
-        except sqlite3.Error:
+        except (sqlite3.Error, UnicodeDecodeError):  # damaged: `Store.open` says so
             store.close()
             return None
         return store
@@ -211,7 +213,7 @@ def search(
                 return None
             node = parse_query(expression, vocab[1])
             return search_rows(node, vocab[1], view, store.paths, limit, include_absent)
-    except sqlite3.Error:
+    except (sqlite3.Error, UnicodeDecodeError):  # SQLite may quote garbled text
         return None  # locked, damaged, an older layout: the full path deals with it
     finally:
         store.close()

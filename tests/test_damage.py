@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +322,70 @@ def test_a_damaged_or_lost_manifest_is_a_clear_error_then_rebuilt(tmp_path: Path
         assert json.loads(path.read_text()) == json.loads(good)
         assert (lib.run(*text), lib.run(*evidence)) == want
         assert lib.check()["ok"] is True
+
+
+def test_a_flipped_byte_in_the_sqlite_file_is_reported_with_the_way_out(tmp_path: Path) -> None:
+    """A flipped byte in a table's b-tree page: `db check` once printed no report (the library
+    failed to open first); now it prints SQLite's own integrity report and the way out, exits
+    1, and queries fail with one line naming the damaged file, no traceback (issue 18)."""
+    import shutil
+    import sqlite3
+
+    from tests.piaa_processes import PiaaProcesses
+
+    images = _scenes(tmp_path, "a", 24, seed=7)
+    lib = PiaaProcesses(tmp_path / "home", None)
+    lib.run("index", str(images))
+    lib.run("vocab", "set", *LABELS)
+    found = {label: json.loads(lib.run("search", label, "--json")) for label in LABELS}
+    label = max(LABELS, key=lambda name: len(found[name]))
+    first = str(sorted(images.iterdir())[0])
+    queries = (["search", label], ["tags", first], ["search", "--text", "a star"])
+    before = [lib.run(*args) for args in queries]
+    db = tmp_path / "home" / "piaa.sqlite3"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        roots = dict(conn.execute("SELECT name, rootpage FROM sqlite_master WHERE type='table'"))
+    good = tmp_path / "good.sqlite3"
+    shutil.copyfile(db, good)
+    # The page-type byte of the images table's root page, the cell count of the classifiers',
+    # a byte of the schema's text (once a UnicodeDecodeError traceback).
+    schema = good.read_bytes().index(b"CREATE TABLE images") + 30
+    offsets = {
+        "images": (roots["images"] - 1) * page,
+        "classifiers": (roots["classifiers"] - 1) * page + 3,
+        "schema": schema,
+    }
+    for table, offset in offsets.items():
+        shutil.copyfile(good, db)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        data = bytearray(db.read_bytes())
+        data[offset] ^= 0xFF
+        db.write_bytes(bytes(data))
+
+        report = _piaa(lib, "db", "check")
+        assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+        assert "database: DAMAGED" in report.stdout, (table, report.stdout, report.stderr)
+        assert "way out: restore the database file from a backup" in report.stdout
+        assert ".recover" in report.stdout
+        as_json = _piaa(lib, "db", "check", "--json")
+        assert as_json.returncode == 1
+        database = json.loads(as_json.stdout)["database"]
+        assert database["ok"] is False and database["problems"] and database["way_out"]
+        failed = 0
+        for args, want in zip(queries, before, strict=True):
+            result = _piaa(lib, *args)
+            assert "Traceback" not in result.stderr, (table, args, result.stderr[-300:])
+            if result.returncode == 0:  # the damaged page was not read: the same answer
+                assert result.stdout == want, (table, args)
+                continue
+            failed += 1
+            assert result.returncode == 1, (table, args, result.stderr)
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith("Error: the database "), (table, line)
+            assert "is damaged" in line and "piaa db check" in line, (table, line)
+        assert failed, table
+    shutil.copyfile(good, db)  # the way out: the backup
+    assert lib.check()["ok"] is True

@@ -103,8 +103,17 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
         if code is None:
             raise
         if _is_database_error(exc):
+            from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
+
             reason = getattr(exc, "orig", None) or exc
-            click.echo(f"Error: the database failed: {reason} (see `piaa db check`)", err=True)
+            if is_damaged_database(reason):
+                click.echo(
+                    f"Error: the database file is damaged: {reason}; `piaa db check` reports "
+                    f"the damage; {DAMAGED_DATABASE_WAY_OUT}",
+                    err=True,
+                )
+            else:
+                click.echo(f"Error: the database failed: {reason} (see `piaa db check`)", err=True)
         else:
             click.echo(f"Error: {exc}", err=True)
         sys.exit(code)

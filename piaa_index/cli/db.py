@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
 from piaa_index.cli.common import AppContext, echo_json, pass_app
@@ -55,7 +58,13 @@ def db_check(app: AppContext, as_json: bool) -> None:
     Images of a damaged shard are sent back to be re-encoded: run `piaa index` on their
     folders afterwards.
     """
-    report = app.library().check(progress=app.progress)
+    try:
+        report = app.library().check(progress=app.progress)
+    except Exception as exc:  # noqa: BLE001 - a damaged SQLite file still gets its report
+        damaged = _damaged_database_report(app, exc)
+        if damaged is None:
+            raise
+        report = damaged
     if as_json:
         echo_json(report)
     else:
@@ -63,6 +72,10 @@ def db_check(app: AppContext, as_json: bool) -> None:
         click.echo(f"database: {'ok' if db['ok'] else 'DAMAGED'}")
         for problem in db["problems"]:
             click.echo(f"  {problem}")
+        if db.get("way_out"):
+            click.echo(f"  way out: {db['way_out']}")
+        if vec is None:  # the database could not be read: nothing else was checked
+            raise SystemExit(1)
         if report.get("manifest"):
             item = report["manifest"]
             click.echo(f"vector manifest DAMAGED ({item['problem']}): {item['action']}")
@@ -99,6 +112,38 @@ def db_check(app: AppContext, as_json: bool) -> None:
             )
     if not report["ok"]:
         raise SystemExit(1)
+
+
+def _damaged_database_report(app: AppContext, exc: Exception) -> dict[str, Any] | None:
+    """The report of a SQLite file too damaged to open the library with: what SQLite's own
+    integrity check says (read through SQLite, read-only). None for other failures."""
+    import sqlite3
+
+    from piaa_index.config import Settings
+    from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
+
+    reason = getattr(exc, "orig", None) or exc
+    if not is_damaged_database(reason):
+        return None
+    settings = Settings.resolve(app.home, app.db)
+    if not settings.db_url.startswith("sqlite:///"):
+        return None
+    path = Path(settings.db_url.removeprefix("sqlite:///")).expanduser().absolute()
+    try:
+        probe = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            rows = [str(r[0]) for r in probe.execute("PRAGMA integrity_check(20)")]
+        finally:
+            probe.close()
+    except (sqlite3.Error, UnicodeDecodeError) as err:  # text SQLite quotes may be garbled
+        rows = [str(err)]
+    lines = [line for row in rows for line in row.splitlines() if line != "ok"]
+    problems = lines[:20] or [str(reason)]
+    return {
+        "ok": False,
+        "database": {"ok": False, "problems": problems, "way_out": DAMAGED_DATABASE_WAY_OUT},
+        "vectors": None,
+    }
 
 
 @db_group.command("vacuum")
