@@ -389,3 +389,30 @@ def test_a_flipped_byte_in_the_sqlite_file_is_reported_with_the_way_out(tmp_path
         assert failed, table
     shutil.copyfile(good, db)  # the way out: the backup
     assert lib.check()["ok"] is True
+
+
+def test_db_check_verifies_the_text_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`db check` reads `text/patches.faiss` too (the issue found it never did): a flipped byte
+    there is reported, removed, and the next text search rebuilds it with the same answer."""
+    from piaa_index import text_search as ts
+    from piaa_index.eval import scale
+
+    monkeypatch.setattr(ts, "EXACT_BELOW", 0)  # the ANN path, with its patch index
+    world = scale.World.make(8, seed=2)
+    lib = scale.open_library(tmp_path / "home", world)
+    scale.add_images(lib, world, 600, group=300)
+    want = lib.text_search("l000", limit=20)
+    patches = lib.vectors_dir / "text" / "patches.faiss"
+    _flip(patches, 0.7)
+    report = lib.check()
+    assert report["ok"] is False
+    (item,) = report["derived_damaged"]
+    assert item["index"] == "text" and item["files"] == ["patches.faiss"]
+    assert not patches.exists()
+    lib.close()
+    again = scale.open_library(tmp_path / "home", world)
+    try:
+        assert again.text_search("l000", limit=20) == want
+        assert patches.exists() and again.check()["ok"] is True
+    finally:
+        again.close()
