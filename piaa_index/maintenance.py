@@ -97,12 +97,14 @@ class Maintenance(Part):
                 vectors.delete_shard(shard)
             derived = self._check_derived()
         scores = self._check_scores()
+        classifier = self._check_classifier()
         return {
             "ok": not problems
             and not damaged
             and not derived
             and not scores["damaged"]
-            and manifest is None,
+            and manifest is None
+            and classifier is None,
             # The vector folder's manifest.json, when damaged or lost (and rebuilt).
             "manifest": manifest,
             "database": {
@@ -121,6 +123,31 @@ class Maintenance(Part):
             "derived_damaged": derived,
             # Score segments: a damaged one is no longer listed, its images are scored again.
             "scores": scores,
+            # The latest classifier, when its stored weights cannot be read (and it was removed).
+            "classifier": classifier,
+        }
+
+    def _check_classifier(self) -> dict[str, Any] | None:
+        """Unpack the latest classifier's stored weights; remove it when they are damaged (a
+        flipped byte in the database's blob), so that the next query fits it again."""
+        from piaa_index.scores import cleanup, writer_lock
+        from piaa_index.tagging import unpack
+
+        latest = self.store.latest_classifier()
+        if latest is None:
+            return None
+        try:
+            unpack(latest.weights)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any damage (BadZipFile, a short blob, …)
+            problem = f"its stored weights cannot be read: {exc}"
+        self.store.drop_classifier(int(latest.id))
+        with writer_lock(self.library.tagger.scores_dir):
+            cleanup(self.library.tagger.scores_dir, self.store.score_folders())
+        return {
+            "version": int(latest.id),
+            "problem": problem,
+            "action": "removed; the next query (or `piaa fit`) fits the vocabulary again",
         }
 
     def _check_manifest(self) -> dict[str, Any] | None:

@@ -734,6 +734,14 @@ class Store:
             for start in range(0, len(rows), 10_000):
                 s.execute(_TAG_TABLE.insert(), rows[start : start + 10_000])
 
+    def drop_classifier(self, classifier_id: int) -> None:
+        """Remove a classifier whose stored weights are damaged (`piaa db check`), its tags with
+        it: the next query (or `piaa fit`) fits the vocabulary again."""
+        with self.session() as s:
+            with self._retag_changes(s):
+                s.execute(delete(Tag).where(Tag.classifier_id == classifier_id))
+                s.execute(delete(Classifier).where(Classifier.id == classifier_id))
+
     def drop_score_segments(self, key: str, names: Sequence[str]) -> None:
         """Stop listing damaged segments of a score folder (`piaa db check`): the next query
         scores the images they held again."""

@@ -102,7 +102,13 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
         code = exit_code_for(exc)
         if code is None:
             raise
-        if _is_database_error(exc):
+        if _is_bad_zip(exc):  # the only zip left unchecked: a classifier's weights
+            click.echo(
+                f"Error: stored data is damaged ({exc}): `piaa db check` finds it (a damaged "
+                "classifier is removed, and the next query fits it again)",
+                err=True,
+            )
+        elif _is_database_error(exc):
             from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
 
             reason = getattr(exc, "orig", None) or exc
@@ -126,9 +132,14 @@ def exit_code_for(exc: BaseException) -> int | None:
 
     if isinstance(exc, PiaaError):
         return exc.exit_code
-    if _is_database_error(exc):
+    if _is_database_error(exc) or _is_bad_zip(exc):
         return EXIT_ERROR  # a damaged or unreachable database is the environment, not a bug
     return None
+
+
+def _is_bad_zip(exc: BaseException) -> bool:
+    zipfile = sys.modules.get("zipfile")  # not imported here: the error path stays light
+    return zipfile is not None and isinstance(exc, zipfile.BadZipFile)
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -105,6 +105,11 @@ def db_check(app: AppContext, as_json: bool) -> None:
                 f"  score segment {item['segment']}: {item['problem']}: removed, its images "
                 "are scored again by the next query"
             )
+        if report.get("classifier"):
+            item = report["classifier"]
+            click.echo(
+                f"classifier {item['version']} DAMAGED ({item['problem']}): {item['action']}"
+            )
         for item in report.get("derived_damaged", []):
             click.echo(
                 f"{item['index']} index damaged ({', '.join(item['files'])}): removed, "
