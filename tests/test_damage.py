@@ -203,7 +203,15 @@ def _flip(path: Path, where: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_damaged_score_segments_are_scored_again(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the home's SQLite file) or a fresh Postgres database (needs PIAA_TEST_PG)."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_database")())
+
+
+def test_damaged_score_segments_are_scored_again(tmp_path: Path, db_url: str | None) -> None:
     """A flipped byte in a score segment (the fused scores S, the present bits) once changed
     answers silently: now the segment is left out with a warning, its images are scored again
     from the vectors (the same answers), and `db check` names it, exits 1 and removes it."""
@@ -211,7 +219,7 @@ def test_damaged_score_segments_are_scored_again(tmp_path: Path) -> None:
 
     a = _scenes(tmp_path, "a", 30, seed=3)
     b = _scenes(tmp_path, "b", 12, seed=4)
-    lib = PiaaProcesses(tmp_path / "home", None)
+    lib = PiaaProcesses(tmp_path / "home", db_url)
     lib.run("index", str(a))
     lib.run("vocab", "set", *LABELS)
     images = sorted(a.iterdir())[:3] + sorted(b.iterdir())[:3]
@@ -284,7 +292,9 @@ def test_a_shard_without_its_checksum_file_is_damaged(
     assert json.loads((root / "manifest.json").read_text())["checksums_from"] == shard + 1
 
 
-def test_a_damaged_or_lost_manifest_is_a_clear_error_then_rebuilt(tmp_path: Path) -> None:
+def test_a_damaged_or_lost_manifest_is_a_clear_error_then_rebuilt(
+    tmp_path: Path, db_url: str | None
+) -> None:
     """manifest.json with another dimension (once a ValueError traceback in `search --text`
     and `tags --evidence`) or deleted (once "this database's vectors are not in …"): a
     one-line error naming the damage, exit 1; `db check` reports it, exits 1 and rebuilds it
@@ -292,7 +302,7 @@ def test_a_damaged_or_lost_manifest_is_a_clear_error_then_rebuilt(tmp_path: Path
     from tests.piaa_processes import PiaaProcesses
 
     images = _scenes(tmp_path, "a", 24, seed=6)
-    lib = PiaaProcesses(tmp_path / "home", None)
+    lib = PiaaProcesses(tmp_path / "home", db_url)
     lib.run("index", str(images))
     lib.run("vocab", "set", *LABELS)
     first = str(sorted(images.iterdir())[0])
