@@ -3,6 +3,7 @@ text search and similar images (a FAISS index over [CLS], `piaa_index/similar.py
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +41,14 @@ class Searcher(Part):
         """The id of an indexed image, by path (as given, or resolved)."""
         from piaa_index.schema import INDEXED
 
-        resolved = str(Path(path).expanduser().resolve())
-        row = self.store.image_by_path(resolved) or self.store.image_by_path(str(path))
+        # The path as stored first (absolute, links kept: a link indexed in a walked folder is
+        # its own row), then as resolved (a root given through a link is stored resolved).
+        given = Path(path).expanduser()
+        row = None
+        for candidate in dict.fromkeys([os.path.abspath(given), str(path), str(given.resolve())]):
+            row = self.store.image_by_path(candidate)
+            if row is not None:
+                break
         if row is None:
             raise UserInputError(f"not in the index: {path} (run `piaa index` on its folder)")
         if row.status != INDEXED:

@@ -8,6 +8,7 @@ import numpy as np
 
 from piaa_index.errors import UserInputError
 from piaa_index.part import Part
+from piaa_index.query_language import normalize_label
 from piaa_index.store import VocabularyInfo
 
 
@@ -39,16 +40,19 @@ class VocabularyEditor(Part):
 
     def add_labels(self, labels: Sequence[str]) -> VocabularyInfo:
         current = self.labels()
-        new = [x for x in clean_labels(labels) if x not in current]
+        held = {normalize_label(x) for x in current}
+        new = [x for x in clean_labels(labels) if normalize_label(x) not in held]
         return self.set_vocabulary(current + new)
 
     def remove_labels(self, labels: Sequence[str]) -> VocabularyInfo:
+        """Remove labels, matched as queries match them (`normalize_label`: "dog" is "Dog")."""
         current = self.labels()
-        gone = clean_labels(labels)
-        unknown = [x for x in gone if x not in current]
+        gone = {normalize_label(x): x for x in clean_labels(labels)}
+        held = {normalize_label(x) for x in current}
+        unknown = [name for key, name in gone.items() if key not in held]
         if unknown:
             raise UserInputError(f"not in the vocabulary: {', '.join(unknown)}")
-        return self.set_vocabulary([x for x in current if x not in gone])
+        return self.set_vocabulary([x for x in current if normalize_label(x) not in gone])
 
     def set_preset(self, name: str) -> VocabularyInfo:
         from piaa_index.presets import preset_classes
@@ -99,7 +103,8 @@ def default_templates() -> list[str]:
 
 
 def clean_labels(labels: Sequence[str]) -> list[str]:
-    """Whitespace-normalised labels, duplicates (case-insensitive) dropped, order kept."""
+    """Whitespace-normalised labels, duplicates dropped as queries match labels (casefolded:
+    "Straße" and "STRASSE" are one label), order kept."""
     seen: set[str] = set()
     out = []
     for raw in labels:
@@ -110,9 +115,10 @@ def clean_labels(labels: Sequence[str]) -> list[str]:
             raise UserInputError(
                 f"label {name!r} contains a character reserved by the query language"
             )
-        if name.lower() in {"and", "or", "not"}:
+        key = normalize_label(name)  # the one matching rule, the query language's
+        if key in {"and", "or", "not"}:
             raise UserInputError(f"{name!r} is a query operator, not a label")
-        if name.lower() not in seen:
-            seen.add(name.lower())
+        if key not in seen:
+            seen.add(key)
             out.append(name)
     return out

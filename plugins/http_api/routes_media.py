@@ -12,6 +12,7 @@ any more (edited, replaced, swapped for a link to another picture), the answer i
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -29,13 +30,20 @@ ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="An image id from a r
 CACHE_CONTROL = "private, max-age=3600"
 
 
+_THUMBNAILS_LOCK = threading.Lock()
+
+
 def _thumbnails(state: ApiState) -> Any:
-    """One Thumbnails per server, so concurrent decodes share one memory budget."""
+    """One Thumbnails per server, so concurrent decodes share one memory budget (made under a
+    lock: two first requests at once must not make two)."""
     thumbs = getattr(state, "thumbnails", None)
     if thumbs is None:
-        from piaa_index.thumbnails import Thumbnails
+        with _THUMBNAILS_LOCK:
+            thumbs = getattr(state, "thumbnails", None)
+            if thumbs is None:
+                from piaa_index.thumbnails import Thumbnails
 
-        thumbs = state.thumbnails = Thumbnails(state.library)  # type: ignore[attr-defined]
+                thumbs = state.thumbnails = Thumbnails(state.library)  # type: ignore[attr-defined]
     return thumbs
 
 
