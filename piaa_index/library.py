@@ -18,6 +18,7 @@ piaa_index/tagging.py), `searcher` (queries, piaa_index/searching.py) and `maint
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,18 @@ class Library:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _load_encoder(self, progress: Progress) -> Encoder:
+        """`encoder`, saying so while a model loads (seconds: torch, then the weights)."""
+        if self._encoder is not None:
+            return self._encoder
+        from piaa_index.progress import note
+
+        started = time.perf_counter()
+        note(f"loading the model {self.spec.model} ({self.spec.pretrained})…", progress)
+        encoder = self.encoder
+        note(f"model loaded in {time.perf_counter() - started:.1f}s", progress)
+        return encoder
+
     @property
     def encoder(self) -> Encoder:
         """The model, loaded on first use (indexing, fitting, text queries)."""
@@ -311,6 +324,7 @@ class Library:
         `read_timeout` seconds: a file on a hung network share is recorded as failed.
         """
         from piaa_index.indexer import Indexer
+        from piaa_index.progress import note
         from piaa_index.scan import PathError
 
         if batch_size < 1:
@@ -338,10 +352,13 @@ class Library:
                     follow_symlinks=follow_symlinks,
                     read_timeout=read_timeout,
                 )
+            if self._vectors is None and VectorStore.read_manifest(self.vectors_dir) is None:
+                self._load_encoder(progress)  # a new library records its model first
+            note(f"scanning {len(paths)} path{'s' if len(paths) != 1 else ''}…", progress)
             indexer = Indexer(
                 self.store,
                 self.vectors,
-                lambda: self.encoder,
+                lambda: self._load_encoder(progress),
                 batch_size=batch_size,
                 commit_every=commit_every,
                 read_timeout=read_timeout,

@@ -41,3 +41,12 @@ def progress_bar(total: int, desc: str, progress: Progress) -> Iterator[Callable
         dynamic_ncols=True,
     ) as bar:
         yield bar.update
+
+
+def note(message: str, progress: Progress) -> None:
+    """One line saying what a long command is doing now (opening, scanning, loading the model):
+    on stderr when bars are shown, or the callback with a total of 0."""
+    if callable(progress):
+        progress(message, 0, 0)
+    elif progress:
+        print(message, file=sys.stderr, flush=True)

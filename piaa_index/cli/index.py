@@ -98,6 +98,8 @@ def index_command(
     todo = list(paths) + (read_path_stream(from_file) if from_file is not None else [])
     if not todo:
         raise click.UsageError("give files or folders to index, or --from FILE")
+    if app.progress:  # within half a second: the library and the model take seconds to open
+        click.echo("opening the library…", err=True)
     library = app.library()
     report = library.index(
         todo,
