@@ -1,13 +1,18 @@
 """Indexing: scan → decode → encode → write, incremental and resumable.
 
 The stages are separate functions (like clip-retrieval's reader / mapper / writer) so that the
-same pipeline could be driven by a cluster engine; here one process runs them in order.
-A commit group of images is written as one vector shard, then committed to SQL: an
-interrupted run loses at most the group in flight, and the next run picks up from there.
+same pipeline could be driven by a cluster engine. Here one process runs them, a chunk of
+`batch_size` files at a time: the main thread hashes chunk n+1 (and looks up what it can reuse)
+while a background thread decodes and preprocesses it in `workers` threads, and the encoder
+encodes chunk n. A commit group of images is written as one vector shard, then committed to
+SQL, in the main thread and in file order: an interrupted run loses at most the group in flight,
+and the next run picks up from there.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -91,6 +96,28 @@ class _Encoded(Row):
     reused: bool
 
 
+@dataclass
+class Prepared:
+    """A decoded image already through the encoder's preprocess, in its decode thread."""
+
+    pixels: Any  # torch.Tensor [3, H, W], what `Encoder.preprocess` returns
+    width: int  # the file's full upright size (load_image's info["original_size"])
+    height: int
+
+
+@dataclass
+class _Chunk:
+    """One chunk of files between its hashing (main thread) and its encoding."""
+
+    reused: list[_Encoded]
+    hashes: dict[str, str]  # path -> content hash
+    failed: list[tuple[FileInfo, str]]  # unreadable when hashed
+    sources: dict[str, tuple[Any, ...]]  # what the reuse decision was made on (_sources)
+    files: list[FileInfo] = field(default_factory=list)
+    decoding: _Job | None = None  # decode_files of the files to encode, in the background
+    error: Exception | None = None  # planning it failed: raised when its turn comes
+
+
 class Indexer:
     """Brings the store and vectors up to date with files on disk."""
 
@@ -151,45 +178,115 @@ class Indexer:
         report: IndexReport,
         progress: Progress,
     ) -> None:
+        """Chunk by chunk, as if one after the other: the results, the shards and the SQL
+        commits are those of a serial run; only the next chunk's hashing and decoding overlap
+        this chunk's encoding and writing. Decoded pixels alive: this chunk's (and their stacked
+        batch while it encodes) and the next chunk's, never more."""
         from piaa_index.progress import progress_bar
 
+        chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         group: list[_Encoded] = []
         failures: list[tuple[FileInfo, str]] = []
-        with progress_bar(len(todo), "indexing", progress) as advance:
-            for chunk_start in range(0, len(todo), self.batch_size):
-                chunk = todo[chunk_start : chunk_start + self.batch_size]
-                encoded, failed = self._encode_chunk(chunk, known)
-                group.extend(encoded)
-                failures.extend(failed)
-                for item in encoded:
-                    if item.reused:
-                        report.reused += 1
-                    else:
-                        report.indexed += 1
-                for info, error in failed:
-                    report.failed.append({"path": info.path, "error": error})
-                advance(len(chunk))
-                if len(group) + len(failures) >= self.commit_every:
-                    self._commit(group, failures, known)
-                    group, failures = [], []
-            self._commit(group, failures, known)
+        background = _Background()
+        try:
+            with progress_bar(len(todo), "indexing", progress) as advance:
+                ahead = self._plan_chunk(chunks[0], background) if chunks else None
+                for n, chunk in enumerate(chunks):
+                    current, ahead = ahead, None
+                    assert current is not None
+                    if current.error is not None:
+                        raise current.error
+                    if n + 1 < len(chunks):
+                        ahead = self._plan_ahead(chunks[n + 1], background)
+                    encoded, failed = self._finish_chunk(current)
+                    del current  # its decoded pixels: not kept while the next chunk decodes
+                    group.extend(encoded)
+                    failures.extend(failed)
+                    for item in encoded:
+                        if item.reused:
+                            report.reused += 1
+                        else:
+                            report.indexed += 1
+                    for info, error in failed:
+                        report.failed.append({"path": info.path, "error": error})
+                    advance(len(chunk))
+                    if len(group) + len(failures) >= self.commit_every:
+                        self._commit(group, failures, known)
+                        group, failures = [], []
+                        if ahead is not None:
+                            ahead = self._recheck(ahead, background)
+                self._commit(group, failures, known)
+        finally:
+            background.close()
 
-    def _encode_chunk(
-        self, chunk: list[FileInfo], known: dict[str, KnownImage]
-    ) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
-        """Hash, reuse what can be reused, decode + encode the rest."""
-        out, to_encode, hashes, failed = hash_and_reuse(
-            chunk, self.store, self.vectors, self.workers, self.read_timeout
-        )
+    def _plan_chunk(
+        self,
+        files: list[FileInfo],
+        background: _Background,
+        hashed: tuple[dict[str, str], list[tuple[FileInfo, str]]] | None = None,
+        same: dict[str, Any] | None = None,
+    ) -> _Chunk:
+        """Main thread: hash (unless `hashed`), look up what can be reused (unless `same`), and
+        hand the files to encode to `background` to decode and preprocess."""
+        hashes, failed = hashed or hash_files(files, self.workers, self.read_timeout)
+        if same is None:
+            same = self.store.indexed_by_hash(hashes.values())
+        reused, to_encode = reuse_or_encode(files, hashes, same, self.vectors)
+        chunk = _Chunk(reused, hashes, list(failed), _sources(same), files)
         if to_encode:
-            draft = max(self.encoder.image_size)
-            decoded = decode_files(
-                to_encode, draft, self.decode_budget, self.workers, self.read_timeout
+            chunk.decoding = background.submit(
+                decode_files,
+                to_encode,
+                max(self.encoder.image_size),
+                self.decode_budget,
+                self.workers,
+                self.read_timeout,
+                self.encoder.preprocess,
             )
+        return chunk
+
+    def _plan_ahead(self, files: list[FileInfo], background: _Background) -> _Chunk:
+        """The next chunk's plan; a failure is kept for its turn, after this chunk's commit,
+        as a serial run would have met it."""
+        try:
+            return self._plan_chunk(files, background)
+        except Exception as exc:
+            return _Chunk([], {}, [], {}, files, error=exc)
+
+    def _recheck(self, chunk: _Chunk, background: _Background) -> _Chunk:
+        """After a commit: a chunk planned before it must reuse what a serial run, planning it
+        after the commit, would have (e.g. a copy of a file just committed). Planned again
+        when the lookup now answers otherwise."""
+        if chunk.error is not None:
+            return chunk
+        same = self.store.indexed_by_hash(chunk.hashes.values())
+        if _sources(same) == chunk.sources:
+            return chunk
+        if chunk.decoding is not None:
+            chunk.decoding.wait()  # its pixels go; never two decodes of one chunk at once
+            chunk.decoding = None
+        try:
+            return self._plan_chunk(chunk.files, background, (chunk.hashes, chunk.failed), same)
+        except Exception as exc:
+            return _Chunk([], {}, [], {}, chunk.files, error=exc)
+
+    def _finish_chunk(self, chunk: _Chunk) -> tuple[list[_Encoded], list[tuple[FileInfo, str]]]:
+        """Main thread: wait for the chunk's decoded tensors and encode them; (reused then
+        encoded, in file order; failures: unreadable, then undecodable)."""
+        out, failed = chunk.reused, chunk.failed
+        if chunk.decoding is not None:
+            decoded = self._decoded(chunk)
             good = [(info, img) for info, img in decoded if not isinstance(img, str)]
             failed.extend((info, img) for info, img in decoded if isinstance(img, str))
-            out.extend(encode_decoded(self.encoder, good, hashes, len(good)))
+            del decoded
+            out.extend(encode_decoded(self.encoder, good, chunk.hashes, len(good)))
         return out, failed
+
+    def _decoded(self, chunk: _Chunk) -> list[tuple[FileInfo, Any]]:
+        """The background decode of `chunk` (waits for it; its error is raised here)."""
+        assert chunk.decoding is not None
+        job, chunk.decoding = chunk.decoding, None
+        return job.result()  # type: ignore[no-any-return]
 
     def _commit(
         self,
@@ -229,6 +326,16 @@ def hash_and_reuse(
     Returns (reused, files to decode and encode, path -> hash, unreadable files). Each read is
     bounded by `read_timeout` seconds (a hung network share fails the file, not the run).
     """
+    hashes, failed = hash_files(chunk, workers, read_timeout)
+    out, to_encode = reuse_or_encode(chunk, hashes, store.indexed_by_hash(hashes.values()), vectors)
+    return out, to_encode, hashes, failed
+
+
+def hash_files(
+    chunk: Sequence[FileInfo], workers: int = 4, read_timeout: float = READ_TIMEOUT
+) -> tuple[dict[str, str], list[tuple[FileInfo, str]]]:
+    """(path -> content hash, unreadable files), reading in `workers` threads, each read
+    bounded by `read_timeout` seconds."""
     failed: list[tuple[FileInfo, str]] = []
     hashes: dict[str, str] = {}
     digests = map_bounded(lambda info: file_hash(info.path), chunk, workers, read_timeout)
@@ -241,7 +348,14 @@ def hash_and_reuse(
             failed.append((info, f"cannot read file: {got.strerror or got}"))
         else:
             raise got
-    same = store.indexed_by_hash(hashes.values())
+    return hashes, failed
+
+
+def reuse_or_encode(
+    chunk: Sequence[FileInfo], hashes: dict[str, str], same: dict[str, Any], vectors: VectorStore
+) -> tuple[list[_Encoded], list[FileInfo]]:
+    """(files reusing the vectors of indexed identical content, files to decode and encode);
+    `same` is `Store.indexed_by_hash` of the hashes."""
     out: list[_Encoded] = []
     to_encode: list[FileInfo] = []
     for info in chunk:
@@ -256,7 +370,15 @@ def hash_and_reuse(
             )
         else:
             to_encode.append(info)
-    return out, to_encode, hashes, failed
+    return out, to_encode
+
+
+def _sources(same: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """What `reuse_or_encode` reads of a lookup: the vectors and size each hash would reuse."""
+    return {
+        digest: (row.id, row.shard, row.shard_row, row.width, row.height)
+        for digest, row in same.items()
+    }
 
 
 def decode_files(
@@ -265,16 +387,28 @@ def decode_files(
     budget: MemoryBudget,
     workers: int,
     read_timeout: float = READ_TIMEOUT,
+    preprocess: Callable[[Any], Any] | None = None,
 ) -> list[tuple[FileInfo, Any]]:
     """Decode in threads (Pillow releases the GIL while decoding), each bounded by
-    `read_timeout` seconds; errors become strings."""
+    `read_timeout` seconds; errors become strings. With `preprocess` (the encoder's), each
+    image is also preprocessed in its thread, right after decoding: a `Prepared`, not the
+    decoded image, and the pixels at file scale are freed there and then."""
 
     def one(info: FileInfo) -> Any:
         # JPEG draft decoding: decode at 1/2..1/8 scale when still >= the model's input.
-        return load_image(info.path, draft_size=draft, budget=budget)
+        img = load_image(info.path, draft_size=draft, budget=budget)
+        if preprocess is None:
+            return img
+        width, height = img.info.get("original_size", img.size)
+        try:
+            return Prepared(preprocess(img), width, height)
+        except BaseException as exc:  # not a decoding error, whatever its type: raised
+            raise _NotDecoding(exc) from exc
 
     out: list[tuple[FileInfo, Any]] = []
     for info, img in zip(infos, map_bounded(one, infos, workers, read_timeout), strict=True):
+        if isinstance(img, _NotDecoding):
+            raise img.error
         if isinstance(img, ImageDecodeError):
             out.append((info, str(img)))
         elif isinstance(img, TimedOut):
@@ -286,21 +420,128 @@ def decode_files(
     return out
 
 
+class _NotDecoding(Exception):
+    """An error of `preprocess` in a decode thread: raised as itself, not taken for a file's."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 def encode_decoded(
     encoder: Encoder, good: Sequence[tuple[FileInfo, Any]], hashes: dict[str, str], batch_size: int
 ) -> list[_Encoded]:
-    """Preprocess and encode decoded images, `batch_size` per forward pass."""
+    """Encode decoded images, `batch_size` per forward pass: `Prepared` ones as they are,
+    decoded images (the Ray engine's) preprocessed here first."""
     import torch
 
     out: list[_Encoded] = []
     for start in range(0, len(good), max(1, batch_size)):
         part = good[start : start + max(1, batch_size)]
-        batch = torch.stack([encoder.preprocess(img) for _, img in part])
-        cls, patches = encoder.encode_images(batch)
+        prepared = [_prepared(encoder, img) for _, img in part]
+        cls, patches = encoder.encode_images(torch.stack([p.pixels for p in prepared]))
         for j, (info, img) in enumerate(part):
-            width, height = img.info.get("original_size", img.size)
+            width, height = _original_size(img)
             out.append(_Encoded(info, hashes[info.path], width, height, cls[j], patches[j], False))
     return out
+
+
+def _prepared(encoder: Encoder, img: Any) -> Prepared:
+    if isinstance(img, Prepared):
+        return img
+    return Prepared(encoder.preprocess(img), *_original_size(img))
+
+
+def _original_size(img: Any) -> tuple[int, int]:
+    if isinstance(img, Prepared):
+        return img.width, img.height
+    width, height = img.info.get("original_size", img.size)
+    return width, height
+
+
+class _Job:
+    """One call run by `_Background`; `result()` waits for it, then hands its value over once
+    (so the caller alone keeps the pixels) or raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = (fn, args)
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        if self._call is None:  # cancelled
+            return
+        fn, args = self._call
+        self._call = None
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._error = exc
+        finally:
+            del fn, args
+            self._done.set()
+
+    def cancel(self) -> None:
+        """Never run (its thread is closing)."""
+        self._call = None
+        self._done.set()
+
+    def wait(self) -> None:
+        """Until it has run; its value (and error) dropped."""
+        while not self._done.wait(1.0):  # a timeout keeps Ctrl-C prompt on every platform
+            pass
+        self._value = self._error = None
+
+    def result(self) -> Any:
+        while not self._done.wait(1.0):
+            pass
+        error, value = self._error, self._value
+        self._value = self._error = None
+        if error is not None:
+            raise error
+        return value
+
+
+class _Background:
+    """One daemon thread running submitted calls in order: the next chunk's decode while the
+    main thread encodes this one. A daemon, like map_bounded's readers: Ctrl-C or an error in
+    the main thread never waits for it (it stops after its current call, see `close`)."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job(fn, args)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="piaa-decode")
+            self._thread.start()
+        self._tasks.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._tasks.get()
+            if job is None:
+                return
+            job.run()
+            del job
+
+    def close(self) -> None:
+        """No more calls: the thread ends after the one it is running; calls still queued (the
+        run stopped: an error, Ctrl-C) are dropped unrun."""
+        if self._thread is None:
+            return
+        while True:
+            try:
+                job = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        self._tasks.put(None)
+        self._thread = None
 
 
 def commit_rows(

@@ -4,7 +4,8 @@ model identity) and the vocabulary → fit → tags/search/similar flow, with th
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,141 @@ def test_interrupted_run_resumes(
         assert len(lib.similar(photos.good[0], limit=None)) == 59
     finally:
         lib.close()
+
+
+# -- the pipeline: the next chunk decodes while this one encodes ------------------------------
+
+
+def _numbered_photos(folder: Path, n: int) -> list[Path]:
+    """`n` distinct PNGs, p_00.png..., in scan order."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    paths = [folder / f"p_{i:02d}.png" for i in range(n)]
+    for path in paths:
+        shapes_image(rng, (96, 64)).save(path)
+    return paths
+
+
+class _WatchedEncoder:
+    """The real encoder; `hook` runs before each encode_images call."""
+
+    def __init__(self, encoder: object, hook: Callable[[], None]):
+        self._encoder, self._hook = encoder, hook
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._encoder, name)
+
+    def encode_images(self, batch):  # type: ignore[no-untyped-def]
+        self._hook()
+        return self._encoder.encode_images(batch)
+
+
+def test_the_next_chunk_decodes_while_this_one_encodes(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from piaa_index import indexer
+
+    paths = _numbered_photos(tmp_path / "photos", 8)
+    next_chunk = {str(p) for p in paths[4:]}
+    started = threading.Event()
+    real_load = indexer.load_image
+
+    def load_image(path: str, *args: object, **kw: object) -> object:
+        if str(path) in next_chunk:
+            started.set()
+        return real_load(path, *args, **kw)
+
+    monkeypatch.setattr(indexer, "load_image", load_image)
+    seen: list[bool] = []
+    watched = _WatchedEncoder(library.encoder, lambda: seen.append(started.wait(30)))
+    run = indexer.Indexer(library.store, library.vectors, lambda: watched, batch_size=4)
+    report = run.run([tmp_path / "photos"], progress=False)
+
+    assert report.indexed == 8
+    assert seen == [True, True]  # chunk 1 was decoding before chunk 0 was encoded
+
+
+def test_a_copy_of_a_file_committed_after_the_last_chunk_reuses_its_vectors(
+    library: Library, tmp_path: Path
+) -> None:
+    """The next chunk is hashed before this chunk's commit: what it reuses is looked up again
+    after the commit, so that a run reuses what a serial run would."""
+    from piaa_index.indexer import Indexer
+
+    paths = _numbered_photos(tmp_path / "photos", 8)
+    shutil.copyfile(paths[1], paths[5])  # in chunk 1; its original commits with chunk 0
+    run = Indexer(library.store, library.vectors, lambda: library.encoder, 4, commit_every=4)
+    report = run.run([tmp_path / "photos"], progress=False)
+
+    assert (report.indexed, report.reused) == (7, 1)
+    stored = vectors_by_path(library)
+    for a, b in zip(stored[str(paths[1])], stored[str(paths[5])], strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("stage", ["decode", "preprocess"])
+def test_an_error_in_the_background_is_raised_after_the_commits_before_it(
+    stage: str, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a file's failure: the run stops where a serial run would, chunk 0 committed."""
+    from piaa_index import indexer
+
+    paths = _numbered_photos(tmp_path / "photos", 12)
+    victim = str(paths[6])  # in chunk 1
+    real_load = indexer.load_image
+
+    def load_image(path: str, *args: object, **kw: object) -> object:
+        if str(path) == victim:
+            if stage == "decode":
+                raise RuntimeError("boom")
+            img = real_load(path, *args, **kw)
+            img.info["boom"] = True  # type: ignore[attr-defined]
+            return img
+        return real_load(path, *args, **kw)
+
+    def preprocess(img: object) -> object:
+        if getattr(img, "info", {}).get("boom"):
+            raise RuntimeError("boom")
+        return library.encoder.preprocess(img)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(indexer, "load_image", load_image)
+    encoder = _WatchedEncoder(library.encoder, lambda: None)
+    encoder.preprocess = preprocess  # type: ignore[attr-defined]
+    run = indexer.Indexer(library.store, library.vectors, lambda: encoder, 4, commit_every=4)
+    with pytest.raises(RuntimeError, match="boom"):
+        run.run([tmp_path / "photos"], progress=False)
+
+    assert library.status()["images"] == {"indexed": 4, "failed": 0, "pending": 0}
+    for thread in threading.enumerate():
+        if thread.name == "piaa-decode":
+            thread.join(30)  # it ends after the call it was running
+            assert not thread.is_alive()
+
+
+def test_preprocessing_in_the_decode_threads_changes_nothing(
+    library: Library, photos: PhotoFolder
+) -> None:
+    """`decode_files` with the encoder's preprocess (the local indexer) and without it (the Ray
+    engine, which preprocesses in `encode_decoded`): the same vectors and sizes, to the byte."""
+    from piaa_index.images import MemoryBudget
+    from piaa_index.indexer import decode_files, encode_decoded
+    from piaa_index.scan import scan
+
+    special = {*photos.rotated, photos.heic, photos.unicode}  # EXIF-rotated: original size
+    good = [f for f in scan([photos.root]).files if Path(f.path) in set(photos.good)]
+    files = [f for f in good if Path(f.path) in special] + good[:8]
+    assert len(files) >= 12
+    encoder = library.encoder
+    hashes = {f.path: "h" for f in files}
+    draft = max(encoder.image_size)
+    outs = []
+    for preprocess in (None, encoder.preprocess):
+        decoded = decode_files(files, draft, MemoryBudget(1 << 28), 3, 60.0, preprocess)
+        outs.append(encode_decoded(encoder, decoded, hashes, 5))
+    for a, b in zip(*outs, strict=True):
+        assert (a.info, a.width, a.height) == (b.info, b.width, b.height)
+        assert a.cls.tobytes() == b.cls.tobytes()
+        assert a.patches.tobytes() == b.patches.tobytes()
 
 
 # -- vocabulary, fit, tags, search -------------------------------------------------------------
