@@ -7,8 +7,11 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import stat
 import struct
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -138,15 +141,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _libraw_said(exc: BaseException) -> str:
+    """LibRaw's own message: they arrive as bytes (b'Unsupported file format or not RAW file')."""
+    arg = exc.args[0] if exc.args else type(exc).__name__
+    return "LibRaw: " + (arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg))
+
+
 def _reason_for(exc: BaseException) -> str:
     """Turn a Pillow/OS exception into a short message for logs and the CLI."""
     text = str(exc)
     low = text.lower()
     if type(exc).__module__.startswith("rawpy"):
-        # LibRaw's messages arrive as bytes: b'Unsupported file format or not RAW file'
-        arg = exc.args[0] if exc.args else type(exc).__name__
-        said = arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
-        return f"cannot decode RAW file: {said}"
+        said = _libraw_said(exc)
+        name = type(exc).__name__
+        if name == "LibRawIOError":  # LibRaw's name for reading past the end: not a disk fault
+            return "cannot decode RAW file: it ends before its image data (truncated, or a stub)"
+        if name == "LibRawDataError":
+            return "cannot decode RAW file: its image data is corrupt or in an unsupported variant"
+        return f"cannot decode RAW file: {said.removeprefix('LibRaw: ')}"
     if isinstance(exc, UnidentifiedImageError):
         return "cannot identify image file (not an image?)"
     if isinstance(exc, FileNotFoundError):
@@ -356,6 +368,14 @@ def _decode(
 
 # LibRaw's `flip` (sizes.flip) -> the EXIF orientation it stands for.
 _FLIP_TO_EXIF = {0: 1, 1: 2, 3: 3, 2: 4, 4: 5, 6: 6, 7: 7, 5: 8}
+# A camera's RAW holds at least this many bits per pixel of its sensor: lossless compression
+# keeps 6-14, lossy (Sony ARW, Canon C-RAW, lossy DNG) 2-8. Below a quarter of a bit the file
+# cannot hold the picture: a truncated file or a stub (exiftool's and exiv2's test RAWs are a
+# 10 Mpx header in 12 KB), which LibRaw would still "decode" into a black or striped frame.
+RAW_MIN_BITS_PER_PIXEL = 0.25
+# A decoded frame whose every channel varies less than this (0-255, on a 64 px copy) is one
+# flat colour: zeroed or missing image data, not a photograph.
+BLANK_FRAME_STD = 2.0
 
 
 def _load_raw(
@@ -363,45 +383,137 @@ def _load_raw(
 ) -> tuple[Image.Image, int, tuple[int, int]]:
     """A camera RAW: its embedded preview when at least the model's input on the short side
     (decoded at reduced size), else LibRaw's half-size demosaic; the RAW's orientation applied.
-    Returns (upright RGB, EXIF orientation, stored size)."""
+    Returns (upright RGB, EXIF orientation, stored size).
+
+    A RAW that cannot hold or did not give a picture is an ImageDecodeError with its reason,
+    never a blank or striped frame: a file too small for its sensor, a damaged preview, a
+    decode that gives one flat colour. What LibRaw prints meanwhile (it writes straight to the
+    process's stderr) is captured: it ends in the reason, or in `info["decoder_messages"]`."""
     try:
         import rawpy
     except ImportError:
         raise ImageDecodeError(
             "RAW files need rawpy: pip install rawpy (or reinstall piaa-index)", p
         ) from None
-    with rawpy.imread(str(p)) as raw:
+    noise: list[str] = []
+    raw = rawpy.RawPy()
+    try:
+        with capture_decoder_messages(noise, str(p)):
+            raw.open_file(str(p))
         width, height = raw.sizes.width, raw.sizes.height
         _check_pixels(width, height, max_pixels, p)
         orientation = _FLIP_TO_EXIF.get(raw.sizes.flip, 1)
-        preview = _raw_preview(raw, draft_size or RAW_PREVIEW_MIN, draft=draft_size is not None)
+        short = draft_size or RAW_PREVIEW_MIN
+        preview = _raw_preview(raw, short, draft=draft_size is not None, p=p, noise=noise)
         if preview is not None:
             # A camera stores its preview as the sensor sees it, like the mosaic: the RAW's
             # orientation turns it upright (the preview's own EXIF, if any, is the camera's).
-            return (
-                _decode(preview, orientation, draft_size, budget)[0],
-                orientation,
-                (width, height),
-            )
-        # Half size skips interpolation (each 2x2 Bayer cell gives a pixel): 4x fewer pixels,
-        # and LibRaw applies the orientation itself. LibRaw holds the 16-bit mosaic meanwhile.
-        need = width * height * 2 + (width // 2) * (height // 2) * 3
-        with budget.hold(need) if budget else nullcontext():
-            pixels = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
-    img = Image.fromarray(pixels)
-    small = _shrink(img, 2 * draft_size) if draft_size else img
-    return _to_rgb(small), orientation, (width, height)
+            try:  # Pillow's libjpeg prints nothing: no capture (nor its lock) needed here
+                rgb = _decode(preview, orientation, draft_size, budget)[0]
+            except Exception as exc:
+                raise ImageDecodeError(
+                    _with_noise(
+                        f"RAW's embedded preview is unreadable ({_reason_for(exc)}): "
+                        "truncated or damaged file",
+                        noise,
+                    ),
+                    p,
+                ) from exc
+            _reject_blank(rgb, p, noise, "its embedded preview")
+        else:
+            _check_raw_size(p, width, height, noise)
+            # Half size skips interpolation (each 2x2 Bayer cell gives a pixel): 4x fewer
+            # pixels, and LibRaw applies the orientation itself. LibRaw holds the 16-bit mosaic.
+            need = width * height * 2 + (width // 2) * (height // 2) * 3
+            with budget.hold(need) if budget else nullcontext():
+                with capture_decoder_messages(noise, str(p)):
+                    raw.unpack()  # reading the file: where LibRaw reports damaged data
+                pixels = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+            img = Image.fromarray(pixels)
+            small = _shrink(img, 2 * draft_size) if draft_size else img
+            rgb = _to_rgb(small)
+            _reject_blank(rgb, p, noise, "its image data")
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(_with_noise(_reason_for(exc), noise), p) from exc
+    finally:
+        raw.close()
+    if noise:
+        rgb.info["decoder_messages"] = list(noise)
+    return rgb, orientation, (width, height)
 
 
-def _raw_preview(raw: Any, short_side: int, draft: bool) -> Image.Image | None:
+def _with_noise(reason: str, noise: list[str]) -> str:
+    return f"{reason} [{'; '.join(noise)}]" if noise else reason
+
+
+def _check_raw_size(p: Path, width: int, height: int, noise: list[str]) -> None:
+    """Refuse a RAW file too small to hold its sensor's pixels (see RAW_MIN_BITS_PER_PIXEL)."""
+    size = p.stat().st_size
+    if size * 8 < width * height * RAW_MIN_BITS_PER_PIXEL:
+        raise ImageDecodeError(
+            _with_noise(
+                f"RAW file too small for its {width}x{height} sensor ({size / 1024:.0f} KiB): "
+                "truncated, or a stub with no image data",
+                noise,
+            ),
+            p,
+        )
+
+
+def _reject_blank(rgb: Image.Image, p: Path, noise: list[str], what: str) -> None:
+    """Refuse a decoded RAW frame that is one flat colour (zeroed or missing image data)."""
+    import numpy as np
+
+    small = rgb.copy()
+    small.thumbnail((64, 64), Image.Resampling.BOX)
+    spread = np.asarray(small, dtype=np.float32).reshape(-1, 3).std(axis=0)
+    if float(spread.max()) < BLANK_FRAME_STD:
+        raise ImageDecodeError(
+            _with_noise(
+                f"RAW decoded to a blank frame ({what} is one flat colour): "
+                "truncated or unsupported file",
+                noise,
+            ),
+            p,
+        )
+
+
+def _raw_preview(
+    raw: Any, short_side: int, draft: bool, p: Path, noise: list[str]
+) -> Image.Image | None:
     """The embedded preview (not yet decoded; a JPEG in draft mode with `draft`) if its short
-    side is at least `short_side`; None when there is none, it is too small, or it is broken."""
+    side is at least `short_side`; None when there is none, it is too small, or LibRaw does not
+    support its format. A preview that is there but damaged (LibRaw reads past the end of the
+    file, or libjpeg complains while LibRaw unpacks it) is an ImageDecodeError: the file is
+    truncated or damaged, and its mosaic would decode to garbage if it decodes at all."""
     import rawpy
 
+    before = len(noise)
     try:
-        thumb = raw.extract_thumb()
-    except rawpy.LibRawError:  # no preview, or one LibRaw cannot extract
-        return None
+        with capture_decoder_messages(noise, str(p)):
+            thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError) as exc:
+        if len(noise) == before:  # no preview, or one in a format LibRaw does not extract
+            return None
+        raise ImageDecodeError(
+            _with_noise(
+                f"RAW's embedded preview is unreadable ({_libraw_said(exc)}): "
+                "truncated or damaged file",
+                noise,
+            ),
+            p,
+        ) from exc
+    except rawpy.LibRawError as exc:
+        raise ImageDecodeError(
+            _with_noise(
+                f"RAW's embedded preview is unreadable ({_libraw_said(exc)}): "
+                "truncated or damaged file",
+                noise,
+            ),
+            p,
+        ) from exc
     try:
         if thumb.format == rawpy.ThumbFormat.JPEG:
             jpeg = Image.open(io.BytesIO(thumb.data))
@@ -414,6 +526,68 @@ def _raw_preview(raw: Any, short_side: int, draft: bool) -> Image.Image | None:
     except (OSError, ValueError, TypeError):
         return None
     return bitmap if min(bitmap.size) >= short_side else None
+
+
+# What a C library prints itself: LibRaw's data-error callback ("<path>: Unexpected end of
+# file", "<path>: data corrupted at 1378") and the messages of the libjpeg inside it.
+_LIBJPEG_MESSAGE = re.compile(
+    r"^(Corrupt JPEG data|Premature end of JPEG file|Invalid JPEG file structure|"
+    r"Not a JPEG file|Bogus |Huffman table|Inconsistent progression|Unsupported JPEG|"
+    r"Warning: |JPEG datastream|Quantization table|Unsupported marker|Ignoring )"
+)
+_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def capture_decoder_messages(into: list[str], path: str) -> Iterator[None]:
+    """Capture what C decoders print to the process's stderr (fd 2) meanwhile into `into`.
+
+    A C library's fprintf(stderr) cannot be told apart by thread, and fd 2 is one per process:
+    so the redirect is held by one caller at a time (a lock, held only around LibRaw's calls
+    that read the file: open, unpack, the preview), and whatever else reached fd 2 in that
+    window (another thread's Python output, a progress bar) is written back to the real stderr
+    afterwards. Lines naming `path` (LibRaw's own format) lose that prefix and gain "LibRaw:".
+    """
+    with _stderr_lock:
+        for stream in (sys.stderr, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a daemon with closed stdio): nothing to capture
+            yield
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                _sort_messages(tmp.read(), into, path)
+
+
+def _sort_messages(text: bytes, into: list[str], path: str) -> None:
+    """Decoder lines of a capture into `into`; the rest back to the real stderr."""
+    other: list[str] = []
+    prefix = f"{path}: "
+    for line in text.decode(errors="replace").splitlines(keepends=True):
+        said = line.strip()
+        if said.startswith(prefix):
+            into.append(f"LibRaw: {said[len(prefix) :]}")
+        elif said and _LIBJPEG_MESSAGE.match(said):
+            into.append(f"libjpeg: {said}")
+        else:
+            other.append(line)
+    if other:
+        try:
+            os.write(2, "".join(other).encode())
+        except OSError:
+            pass
 
 
 def file_hash(path: str | os.PathLike[str]) -> str:

@@ -144,8 +144,10 @@ class Thumbnails:
         try:
             img = load_image(source, draft_size=size, budget=self.budget)
             now = os.stat(source)
-        except ImageDecodeError as exc:  # moved or deleted since it was indexed
-            raise NotFoundError(f"image {image_id} cannot be read now: {exc.reason}") from None
+        except ImageDecodeError as exc:  # the indexed bytes, but they do not decode (now)
+            raise NotFoundError(
+                f"image {image_id} cannot be shown: cannot decode {Path(source).name}: {exc.reason}"
+            ) from None
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise NotFoundError(f"image {image_id} cannot be read now: {reason}") from None

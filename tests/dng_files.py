@@ -47,9 +47,8 @@ class _TiffWriter:
             fields.append(struct.pack("<HHI", tag, typ, count) + field)
         return self.blob(struct.pack("<H", len(fields)) + b"".join(fields) + b"\0\0\0\0")
 
-    def finish(self, path: Path, first_ifd: int) -> None:
+    def finish(self, first_ifd: int) -> None:
         struct.pack_into("<I", self.buf, 4, first_ifd)
-        path.write_bytes(bytes(self.buf))
 
 
 def mosaic(rgb: np.ndarray) -> np.ndarray:
@@ -69,12 +68,59 @@ def write_dng(
     preview: Image.Image | None = None,
     preview_format: str = "jpeg",
     orientation: int = 1,
+    data_last: bool = False,
 ) -> Path:
-    """Write `scene` (RGB, even width and height) as a DNG mosaic, with `preview` embedded."""
+    """Write `scene` (RGB, even width and height) as a DNG mosaic, with `preview` embedded.
+
+    With `data_last`, the IFDs come first and the pixel data (mosaic, then preview) after them,
+    as cameras write their files: cutting such a file short loses pixels, not its header.
+    """
     path = Path(path)
     rgb = np.asarray(scene.convert("RGB"))
-    h, w = rgb.shape[:2]
+    cfa_data = mosaic(rgb).astype("<u2").tobytes()
+    preview_data = b""
+    if preview is not None:
+        if preview_format == "jpeg":
+            buf = io.BytesIO()
+            preview.convert("RGB").save(buf, "JPEG", quality=90)
+            preview_data = buf.getvalue()
+        else:
+            preview_data = np.asarray(preview.convert("RGB")).tobytes()
+    if not data_last:
+        tiff = _TiffWriter()
+        cfa, strip = tiff.blob(cfa_data), tiff.blob(preview_data) if preview_data else 0
+        _dng_ifds(
+            tiff, rgb.shape[:2], cfa, preview, preview_format, strip, preview_data, orientation
+        )
+        path.write_bytes(bytes(tiff.buf))
+        return path
+    # Two passes: the IFDs' size does not depend on the offsets they hold (LONGs, inline).
+    sizes = _TiffWriter()
+    _dng_ifds(sizes, rgb.shape[:2], 0, preview, preview_format, 0, preview_data, orientation)
+    cfa = len(sizes.buf) + len(sizes.buf) % 2
+    strip = cfa + len(cfa_data) + len(cfa_data) % 2
     tiff = _TiffWriter()
+    _dng_ifds(tiff, rgb.shape[:2], cfa, preview, preview_format, strip, preview_data, orientation)
+    assert len(tiff.buf) == len(sizes.buf)
+    tiff.blob(cfa_data)
+    tiff.blob(preview_data)
+    assert tiff.buf[cfa : cfa + 2] == cfa_data[:2]
+    path.write_bytes(bytes(tiff.buf))
+    return path
+
+
+def _dng_ifds(
+    tiff: _TiffWriter,
+    shape: tuple[int, ...],
+    cfa: int,
+    preview: Image.Image | None,
+    preview_format: str,
+    strip: int,
+    preview_data: bytes,
+    orientation: int,
+) -> None:
+    """The DNG's IFDs (IFD0 the preview when there is one, the mosaic in its SubIFD)."""
+    h, w = shape
     camera = {
         50706: (1, (1, 4, 0, 0)),  # DNGVersion
         50707: (1, (1, 1, 0, 0)),  # DNGBackwardVersion
@@ -84,7 +130,6 @@ def write_dng(
         50728: (5, (1, 1, 1, 1, 1, 1)),  # AsShotNeutral
         274: (3, orientation),
     }
-    cfa = tiff.blob(mosaic(rgb).astype("<u2").tobytes())
     raw = {
         254: (4, 0),  # NewSubFileType: the main image
         256: (4, w),
@@ -102,17 +147,11 @@ def write_dng(
         50717: (3, WHITE),
     }
     if preview is None:
-        tiff.finish(path, tiff.ifd({**raw, **camera}))
-        return path
+        tiff.finish(tiff.ifd({**raw, **camera}))
+        return
     raw_ifd = tiff.ifd(raw)
     pw, ph = preview.size
-    if preview_format == "jpeg":
-        buf = io.BytesIO()
-        preview.convert("RGB").save(buf, "JPEG", quality=90)
-        data, compression, photometric = buf.getvalue(), 7, 6
-    else:
-        data, compression, photometric = np.asarray(preview.convert("RGB")).tobytes(), 1, 2
-    strip = tiff.blob(data)
+    compression, photometric = (7, 6) if preview_format == "jpeg" else (1, 2)
     ifd0 = {
         254: (4, 1),  # NewSubFileType: a reduced-resolution copy
         256: (4, pw),
@@ -123,9 +162,24 @@ def write_dng(
         273: (4, strip),
         277: (3, 3),
         278: (4, ph),
-        279: (4, len(data)),
+        279: (4, len(preview_data)),
         330: (4, raw_ifd),  # SubIFDs
         **camera,
     }
-    tiff.finish(path, tiff.ifd(ifd0))
-    return path
+    tiff.finish(tiff.ifd(ifd0))
+
+
+def mosaic_offset(path: str | Path) -> tuple[int, int]:
+    """(offset, length) of the mosaic's pixel data in a DNG written by `write_dng`."""
+    data = Path(path).read_bytes()
+    # The mosaic's IFD holds PhotometricInterpretation = CFA (SHORT 32803, inline).
+    at = data.index(struct.pack("<HHIH", 262, 3, 1, 32803))
+    pos = at
+    while struct.unpack_from("<H", data, pos)[0] != 254:  # back to its first entry
+        pos -= 12
+    count = struct.unpack_from("<H", data, pos - 2)[0]
+    fields = {}
+    for k in range(count):
+        tag, _typ, _n, value = struct.unpack_from("<HHII", data, pos + 12 * k)
+        fields[tag] = value
+    return fields[273], fields[279]

@@ -1,0 +1,195 @@
+"""Files that decode to nothing real (issue 22, item 3): stub and truncated RAWs are recorded
+failures with their reason, never black or striped frames in the index; what LibRaw prints
+goes into the file's record, not the terminal.
+
+The stubs are made the way exiftool's and exiv2's test RAWs are: a DNG written as cameras lay
+theirs out (header and IFDs first, pixels after) cut short, one whose mosaic is all zeros, and
+a RAW-named file holding a bare TIFF header.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from piaa_index.images import ImageDecodeError, load_image
+from tests.dng_files import mosaic_offset, write_dng
+
+BARE_TIFF = b"II*\0\x08\0\0\0" + struct.pack("<H", 0) + b"\0\0\0\0"  # IFD0 with no entries
+
+
+def photo(width: int = 640, height: int = 480, seed: int = 3) -> Image.Image:
+    """A photo-like scene: smooth random colour fields (no two rows alike)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def truncated(src: Path, dst: Path, fraction: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def zeroed_mosaic(src: Path, dst: Path) -> Path:
+    """The same DNG, its header intact and every mosaic byte zero."""
+    data = bytearray(src.read_bytes())
+    offset, length = mosaic_offset(src)
+    data[offset : offset + length] = bytes(length)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def stub_raws(folder: Path) -> dict[Path, str]:
+    """Stub RAWs (path -> a part of the reason each must fail with) beside a good DNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bare = write_dng(folder / "src_bare.dng", photo(), data_last=True)
+    small_preview = write_dng(
+        folder / "src_small_preview.dng",
+        photo(),
+        preview=photo(80, 60),
+        data_last=True,
+    )
+    big = write_dng(folder / "src_big.dng", photo(1600, 1200), data_last=True)
+    stubs = {
+        truncated(bare, folder / "cut_half.dng", 0.5): "ends before its image data",
+        truncated(big, folder / "cut_header_only.dng", 0.01): "too small for its 1600x1200",
+        zeroed_mosaic(bare, folder / "zeroed.dng"): "blank frame",
+        zeroed_mosaic(small_preview, folder / "zeroed_small_preview.dng"): "blank frame",
+        truncated(small_preview, folder / "cut_preview.dng", 0.995): "truncated",
+    }
+    for name in ("P1000001.RW2", "DSCF0001.RAF", "IMG_0001.dng"):
+        (folder / name).write_bytes(BARE_TIFF)
+        stubs[folder / name] = "ends before its image data"
+    for src in (bare, small_preview, big):
+        src.unlink()
+    return stubs
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, str]:
+    return stub_raws(tmp_path_factory.mktemp("stubs"))
+
+
+def test_stub_raws_fail_with_a_reason_and_print_nothing(
+    stubs: dict[Path, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
+    for path, reason in stubs.items():
+        with pytest.raises(ImageDecodeError, match=reason) as caught:
+            load_image(path, draft_size=224)
+        assert "Input/output error" not in caught.value.reason, path
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)  # LibRaw's "Unexpected end of file" captured
+
+
+def test_libraw_messages_end_in_the_reason(tmp_path: Path) -> None:
+    """LibRaw prints "<path>: Unexpected end of file" itself; it is the file's record now."""
+    whole = write_dng(tmp_path / "whole.dng", photo(), data_last=True)
+    path = truncated(whole, tmp_path / "cut.dng", 0.7)
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(path)
+    assert caught.value.reason == (
+        "cannot decode RAW file: it ends before its image data (truncated, or a stub) "
+        "[LibRaw: Unexpected end of file]"
+    )
+
+
+def test_a_truncated_embedded_jpeg_preview_is_a_failure(tmp_path: Path) -> None:
+    whole = write_dng(tmp_path / "whole.dng", photo(), preview=photo(), data_last=True)
+    path = truncated(whole, tmp_path / "cut.dng", 0.995)  # the preview is the last blob
+    with pytest.raises(ImageDecodeError, match=r"preview is unreadable .*truncated or damaged"):
+        load_image(path, draft_size=224)
+
+
+@pytest.mark.parametrize("preview", [None, "jpeg", "bitmap", "small"])
+def test_good_dngs_still_decode(tmp_path: Path, preview: str | None) -> None:
+    """The checks refuse no real picture: each kind of DNG, laid out either way."""
+    scene = photo()
+    for data_last in (False, True):
+        kwargs: dict = {"data_last": data_last}
+        if preview == "small":
+            kwargs.update(preview=scene.resize((80, 60)))
+        elif preview:
+            kwargs.update(preview=scene, preview_format=preview)
+        path = write_dng(tmp_path / f"{preview}_{data_last}.dng", scene, **kwargs)
+        img = load_image(path, draft_size=224)
+        assert min(img.size) >= 224 and "decoder_messages" not in img.info
+        assert np.asarray(img).std() > 20
+
+
+def test_a_zeroed_mosaic_behind_a_good_preview_is_the_preview(tmp_path: Path) -> None:
+    """A camera's own preview is the picture: the mosaic is not read when it is usable."""
+    whole = write_dng(tmp_path / "whole.dng", photo(), preview=photo(), data_last=True)
+    img = load_image(zeroed_mosaic(whole, tmp_path / "zeroed.dng"), draft_size=224)
+    assert np.asarray(img).std() > 20
+
+
+def test_piaa_index_records_stub_raws_as_failures(
+    tmp_path: Path, piaa_home: Path, stubs: dict[Path, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The must-show: `piaa index` indexes the good DNG and records every stub as failed,
+    with its reason; LibRaw's messages reach the report, not the terminal."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from piaa_index.cli import cli
+    from piaa_index.library import Library
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in stubs:
+        shutil.copy(path, folder / path.name)
+    write_dng(folder / "good.dng", photo(), preview=photo(), data_last=True)
+    capfd.readouterr()
+    args = ["index", str(folder), "--model", "shapesworld", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["indexed"] == 1, report
+    failed = {Path(f["path"]).name: f["error"] for f in report["failed"]}
+    assert set(failed) == {p.name for p in stubs}, report
+    for path, reason in stubs.items():
+        assert reason in failed[path.name], failed[path.name]
+    assert "LibRaw: Unexpected end of file" in failed["cut_half.dng"]
+    _, err = capfd.readouterr()
+    assert "Unexpected end of file" not in err and "JPEG" not in err, err
+    with Library.open(model="shapesworld") as lib:
+        assert lib.status()["images"]["indexed"] == 1
+
+
+def test_a_thumbnail_of_an_undecodable_raw_says_why(
+    tmp_path: Path, tiny_model_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blank RAW indexed before these checks existed: its thumbnail names the file and the
+    reason, not "Input/output error" (which reads like a disk fault)."""
+    import piaa_index.images as images
+    from piaa_index.errors import NotFoundError
+    from piaa_index.library import Library
+    from piaa_index.thumbnails import Thumbnails
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    whole = write_dng(tmp_path / "whole.dng", photo(), data_last=True)
+    zeroed = zeroed_mosaic(whole, photos / "zeroed.dng")
+    lib = Library.open(
+        home=tmp_path / "home", model=str(tiny_model_config), pretrained="none", device="cpu"
+    )
+    try:
+        with monkeypatch.context() as m:  # as before: a blank frame was indexed
+            m.setattr(images, "_reject_blank", lambda *a, **k: None)
+            lib.index([photos])
+        image_id = lib.image_id(zeroed)
+        with pytest.raises(NotFoundError) as caught:
+            Thumbnails(lib).get(image_id, 128)
+    finally:
+        lib.close()
+    said = str(caught.value)
+    assert f"image {image_id} cannot be shown: cannot decode zeroed.dng: " in said
+    assert "RAW decoded to a blank frame" in said and "Input/output" not in said
