@@ -3,10 +3,11 @@ CSV, JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Exporter, Param
@@ -40,10 +41,24 @@ def _xmp(
     return report.as_dict(list_paths=verbose)
 
 
+STDOUT = "-"  # --output -: standard output, as most Unix tools read it
+
+
+@contextlib.contextmanager
+def _text_output(output: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """The file `output`, or standard output for `-` (left open). A non-UTF-8 file name is
+    written as its own bytes, as the file system holds it."""
+    if output == STDOUT:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(output, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as fh:
+        yield fh
+
+
 def _csv(library: Any, output: str = "tags.csv") -> dict[str, Any]:
     tags = _present_tags(library)
-    # A non-UTF-8 file name is written as its own bytes, as the file system holds it.
-    with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    with _text_output(output, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "score"])
         for path in sorted(tags):
@@ -57,7 +72,8 @@ def _json(library: Any, output: str = "tags.json") -> dict[str, Any]:
     data = [
         {"path": p, "labels": [{"label": n, "score": s} for n, s in tags[p]]} for p in sorted(tags)
     ]
-    Path(output).write_text(json_text(data), encoding="utf-8")
+    with _text_output(output) as fh:
+        fh.write(json_text(data) + "\n")
     return {"output": output, "images": len(tags)}
 
 
@@ -91,7 +107,7 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
             "csv",
             "Write path,label,score rows of present labels.",
             _csv,
-            (Param("output", "Output file.", default="tags.csv"),),
+            (Param("output", "Output file; - for standard output.", default="tags.csv"),),
         )
     )
     register(
@@ -99,6 +115,6 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
             "json",
             "Write present labels per image as JSON.",
             _json,
-            (Param("output", "Output file.", default="tags.json"),),
+            (Param("output", "Output file; - for standard output.", default="tags.json"),),
         )
     )

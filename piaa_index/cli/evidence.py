@@ -7,6 +7,7 @@ every front end (Python, HTTP) should take as a parameter.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,17 @@ def _run(app: AppContext, params: dict[str, Any], extra: dict[str, Any], fmt: st
         return False
     if fmt in ("csv", "paths"):
         raise click.UsageError("--evidence prints a table or --json, not --csv/--paths-only")
+    if output == "-" and fmt == "json":
+        raise click.UsageError("--output - writes the PNG to stdout, --json the grid: give one")
     from piaa_index.evidence import evidence_png
 
     ev = app.library().evidence(params["image"], label)
+    if output == "-":  # the PNG alone on stdout (`… --output - | display`)
+        png = evidence_png(ev, size=size)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(png)
+        sys.stdout.buffer.flush()
+        return True
     if output is not None:
         png = evidence_png(ev, size=size)  # before opening the file: a bad size writes nothing
         Path(output).write_bytes(png)
@@ -53,8 +62,8 @@ TAGS_EVIDENCE = CommandExtension(
         ),
         click.Option(
             ["--output", "output"],
-            type=click.Path(dir_okay=False, writable=True),
-            help="With --evidence: write the heatmap PNG here.",
+            type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+            help="With --evidence: write the heatmap PNG here (- for standard output).",
         ),
         click.Option(
             ["--evidence-size", "evidence_size"],

@@ -9,6 +9,7 @@ import click
 from piaa_index.cli.common import app_context, echo_json
 
 ERRORS_SHOWN = 10
+STDOUT = "-"  # an exporter's `--output -`: the data goes to standard output
 
 
 class ExportGroup(click.Group):
@@ -33,11 +34,17 @@ class ExportGroup(click.Group):
         def callback(ctx: click.Context, as_json: bool, **params: Any) -> None:
             app = app_context(ctx)
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+            # `--output -` puts the data on stdout: the summary goes to stderr instead.
+            to_stdout = params.get("output") == STDOUT
+            if to_stdout and as_json:
+                raise click.UsageError(
+                    "--output - writes the data to stdout, --json the summary: give one of them"
+                )
             summary = exporter.run(app.library(), **params)
             if as_json:
                 echo_json(summary)
             else:
-                echo_summary(name, summary)
+                echo_summary(name, summary, err=to_stdout)
 
         return click.Command(
             name,
@@ -50,12 +57,13 @@ class ExportGroup(click.Group):
         )
 
 
-def echo_summary(name: str, summary: dict[str, Any]) -> None:
+def echo_summary(name: str, summary: dict[str, Any], err: bool = False) -> None:
     """One line for the summary (counts and short values); a `paths` mapping (outcome → paths)
-    is listed first, one `outcome<TAB>path` line each; `errors` go to stderr, the first few."""
+    is listed first, one `outcome<TAB>path` line each; `errors` go to stderr, the first few.
+    `err`: everything to stderr (the data itself went to stdout)."""
     for outcome, paths in (summary.get("paths") or {}).items():
         for path in paths:
-            click.echo(f"{outcome}\t{path}")
+            click.echo(f"{outcome}\t{path}", err=err)
     parts = []
     for key, value in summary.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -63,7 +71,7 @@ def echo_summary(name: str, summary: dict[str, Any]) -> None:
         if isinstance(value, int) and value == 0 and key not in ("written", "images"):
             continue  # "0 failed" on every line is noise
         parts.append(f"{value} {key}" if isinstance(value, (int, float)) else f"{key}: {value}")
-    click.echo(f"{name}: {', '.join(parts) or 'nothing to do'}")
+    click.echo(f"{name}: {', '.join(parts) or 'nothing to do'}", err=err)
     errors = summary.get("errors") or []
     for line in errors[:ERRORS_SHOWN]:
         click.echo(line, err=True)

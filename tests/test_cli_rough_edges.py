@@ -1,0 +1,109 @@
+"""The CLI's rough edges a new user met (issue 22, item 5): `--output -`, the width of `piaa
+tags`, `piaa --help` as one page, `vocab set --from FILE`, "no such file", the offline
+default-model message, shell completion. Each runs the real CLI on a real library."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from piaa_index.cli import cli, main
+
+
+def library_args(home: Path) -> list[str]:
+    return ["--home", str(home), "--db", f"sqlite:///{home / 'piaa.sqlite3'}", "-q"]
+
+
+def invoke(home: Path, *args: str, input: str | None = None) -> Result:
+    """`piaa --home HOME ARGS` in process (stdout and stderr apart); exit 0 expected."""
+    result = CliRunner().invoke(
+        cli, [*library_args(home), *args], catch_exceptions=False, input=input
+    )
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return result
+
+
+def run_main(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """Run `main()` as the `piaa` script does: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["piaa", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else int(code)), out, err
+
+
+# ---- 1. --output - is standard output ---------------------------------------------------------
+
+
+def test_export_json_output_dash_writes_to_stdout(
+    shapes_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a file named `-` in the current folder and only the summary on stdout."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(shapes_home, "export", "json", "--output", "-")
+    data = json.loads(result.stdout)  # the data alone: the summary went to stderr
+    assert data and all(set(item) == {"path", "labels"} for item in data)
+    assert "json:" in result.stderr and f"{len(data)} images" in result.stderr
+    assert not (tmp_path / "-").exists()
+    # The file form is unchanged and holds the same data.
+    invoke(shapes_home, "export", "json", "--output", str(tmp_path / "tags.json"))
+    assert json.loads((tmp_path / "tags.json").read_text(encoding="utf-8")) == data
+
+
+def test_export_csv_output_dash_writes_to_stdout(
+    shapes_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(shapes_home, "export", "csv", "--output", "-")
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", "label", "score"] and len(rows) > 1
+    assert all(len(row) == 3 for row in rows)
+    assert "csv:" in result.stderr
+    assert not (tmp_path / "-").exists()
+    invoke(shapes_home, "export", "csv", "--output", str(tmp_path / "tags.csv"))
+    with open(tmp_path / "tags.csv", newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh)) == rows
+
+
+def test_export_output_dash_with_json_summary_is_a_usage_error(
+    shapes_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(
+        [*library_args(shapes_home), "export", "json", "--output", "-", "--json"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and out == ""
+    assert "--output -" in err and "Traceback" not in err
+
+
+def first_tagged(home: Path) -> tuple[str, str]:
+    """An indexed image of the library and a label present on it."""
+    rows = json.loads(invoke(home, "export", "json", "--output", "-").stdout)
+    item = next(i for i in rows if i["labels"])
+    return item["path"], item["labels"][0]["label"]
+
+
+def test_evidence_map_output_dash_writes_the_png_to_stdout(
+    shapes_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    image, label = first_tagged(shapes_home)
+    result = CliRunner().invoke(
+        cli,
+        [*library_args(shapes_home), "tags", image, "--evidence", label, "--output", "-"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes.startswith(b"\x89PNG\r\n\x1a\n")
+    assert not (tmp_path / "-").exists()
