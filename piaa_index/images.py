@@ -38,7 +38,9 @@ RAW_EXTENSIONS: frozenset[str] = frozenset(
         *(".rw2", ".pef", ".srw", ".iiq", ".3fr", ".erf", ".kdc", ".dcr", ".mef", ".mos", ".mrw"),
     }
 )
-IMAGE_EXTENSIONS: frozenset[str] = PILLOW_EXTENSIONS | RAW_EXTENSIONS
+# JPEG XL, through imagecodecs (libjxl): Pillow has no JPEG XL decoder of its own.
+JXL_EXTENSIONS: frozenset[str] = frozenset({".jxl"})
+IMAGE_EXTENSIONS: frozenset[str] = PILLOW_EXTENSIONS | RAW_EXTENSIONS | JXL_EXTENSIONS
 # Without a draft size, a RAW's embedded preview is used from this short side up (a model's
 # input is 224 px; a camera's preview is 1,000-6,000 px, a tiny EXIF thumbnail 160 px).
 RAW_PREVIEW_MIN = 224
@@ -284,6 +286,8 @@ def load_image(
                 raise ImageDecodeError("file is empty", p)
             if p.suffix.lower() in RAW_EXTENSIONS:
                 rgb, orientation, (width, height) = _load_raw(p, max_pixels, draft_size, budget)
+            elif p.suffix.lower() in JXL_EXTENSIONS and _is_jxl(fh):
+                rgb, orientation, (width, height) = _load_jxl(fh, p, max_pixels, draft_size, budget)
             else:
                 # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx cameras.
                 with warnings.catch_warnings():
@@ -304,6 +308,111 @@ def load_image(
     # Orientations 5-8 swap the axes; draft decoding may have shrunk rgb itself.
     rgb.info["original_size"] = (height, width) if orientation >= 5 else (width, height)
     return rgb
+
+
+_JXL_CONTAINER = b"\0\0\0\x0cJXL \r\n\x87\n"  # the ISO BMFF box form; a bare codestream: FF 0A
+_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+
+
+def _is_jxl(fh: BinaryIO) -> bool:
+    """Whether the file starts as JPEG XL does (else Pillow gets it: a misnamed JPEG)."""
+    head = fh.read(len(_JXL_CONTAINER))
+    fh.seek(0)
+    return head.startswith(b"\xff\x0a") or head == _JXL_CONTAINER
+
+
+def _jxl_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG XL file's SizeHeader, before any pixel is decoded; None when
+    the header cannot be found. The size is the stored one (before the orientation)."""
+    stream = data
+    if data.startswith(_JXL_CONTAINER):  # the codestream is in a jxlc box, or jxlp parts
+        pos, stream = 0, b""
+        while pos + 8 <= len(data):
+            size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            head = 8
+            if size == 1 and pos + 16 <= len(data):
+                size, head = struct.unpack(">Q", data[pos + 8 : pos + 16])[0], 16
+            elif size == 0:
+                size = len(data) - pos
+            if size < head:
+                return None
+            if kind in (b"jxlc", b"jxlp"):
+                stream = data[pos + head + (4 if kind == b"jxlp" else 0) : pos + size]
+                break
+            pos += size
+    if not stream.startswith(b"\xff\x0a") or len(stream) < 12:
+        return None
+    bits, at = int.from_bytes(stream[2:12], "little"), 0
+
+    def u(n: int) -> int:  # the spec's u(n): n bits, least significant first
+        nonlocal at
+        value = (bits >> at) & ((1 << n) - 1)
+        at += n
+        return value
+
+    def u32() -> int:  # U32(Bits(9), Bits(13), Bits(18), Bits(30)), then + 1
+        return u((9, 13, 18, 30)[u(2)]) + 1
+
+    small = u(1)
+    height = (u(5) + 1) * 8 if small else u32()
+    ratio = u(3)
+    if ratio:
+        num, den = _JXL_RATIOS[ratio]
+        return height * num // den, height
+    return ((u(5) + 1) * 8 if small else u32()), height
+
+
+def _load_jxl(
+    fh: BinaryIO,
+    p: Path,
+    max_pixels: int | None,
+    draft_size: int | None,
+    budget: MemoryBudget | None,
+) -> tuple[Image.Image, int, tuple[int, int]]:
+    """A JPEG XL file through imagecodecs (libjxl), which applies the file's orientation:
+    (upright RGB, orientation 1, upright size). Sized from its header first (the bomb guard),
+    decoded whole within the budget (libjxl has no reduced-size decode here), then reduced."""
+    data = fh.read()
+    size = _jxl_size(data)
+    if size is None:
+        raise ImageDecodeError("truncated image data (no JPEG XL size header)", p)
+    _check_pixels(*size, max_pixels, p)
+    try:
+        import imagecodecs
+    except ImportError:
+        raise ImageDecodeError(
+            "JPEG XL files need imagecodecs: pip install imagecodecs (or reinstall piaa-index)",
+            p,
+        ) from None
+    need = size[0] * size[1] * 8  # up to 4 channels of 16 bits
+    with budget.hold(need) if budget else nullcontext():
+        try:
+            arr = imagecodecs.jpegxl_decode(data, index=0)  # an animation: its first frame
+        except imagecodecs.JpegxlError as exc:
+            said = "truncated image data" if "NEED_MORE_INPUT" in str(exc) else "cannot decode"
+            raise ImageDecodeError(f"{said} (JPEG XL: {exc})", p) from exc
+        img = _array_image(arr)
+        upright = img.size
+        small = _shrink(img, 2 * draft_size) if draft_size else img
+        return _to_rgb(small), 1, upright
+
+
+def _array_image(arr: Any) -> Image.Image:
+    """A decoded array (H x W [x C], 8/16-bit or float 0..1) as an 8-bit Pillow image."""
+    import numpy as np
+
+    if arr.dtype == np.uint16:
+        arr = (arr >> 8).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = np.clip(np.rint(np.nan_to_num(arr) * 255.0), 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"unsupported sample type {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2 or arr.shape[2] == 2:  # L or LA, from the shape
+        return Image.fromarray(np.ascontiguousarray(arr))
+    channels = arr.shape[2]
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, :4] if channels >= 4 else arr[:, :, :3]))
 
 
 def _drop_j2k_levels(im: Image.Image, p: Path, shorter_side: int) -> None:

@@ -193,3 +193,111 @@ def test_a_thumbnail_of_an_undecodable_raw_says_why(
     said = str(caught.value)
     assert f"image {image_id} cannot be shown: cannot decode zeroed.dng: " in said
     assert "RAW decoded to a blank frame" in said and "Input/output" not in said
+
+
+# --- JPEG XL (imagecodecs: libjxl) ---------------------------------------------------------
+
+
+def save_jxl(img: Image.Image, path: Path, container: bool = False, **options: object) -> Path:
+    import imagecodecs
+
+    arr = np.asarray(img)
+    path.write_bytes(imagecodecs.jpegxl_encode(arr, usecontainer=container, **options))
+    return path
+
+
+def _cls_vector(lib: object, path: Path) -> np.ndarray:
+    """An indexed image's stored [CLS] embedding."""
+    location = lib.store.location(lib.image_id(path))  # type: ignore[attr-defined]
+    assert location is not None, path
+    shard, row = location
+    return lib.vectors.read_shard(shard, [row], with_patches=False).cls[0]  # type: ignore[attr-defined]
+
+
+def test_the_scan_takes_jpeg_xl(tmp_path: Path) -> None:
+    from piaa_index.scan import scan
+
+    save_jxl(photo(64, 48), tmp_path / "a.JXL")
+    found = scan([tmp_path])
+    assert [Path(f.path).name for f in found.files] == ["a.JXL"] and not found.unsupported
+
+
+@pytest.mark.parametrize("container", [False, True])
+@pytest.mark.parametrize("size", [(640, 480), (123, 457), (1920, 1080), (64, 64)])
+def test_jpeg_xl_size_header_is_read_before_decoding(
+    tmp_path: Path, size: tuple[int, int], container: bool
+) -> None:
+    """The bomb guard needs the size before any pixel: read from the codestream's SizeHeader,
+    bare or in its ISO BMFF container."""
+    from piaa_index.images import _jxl_size
+
+    path = save_jxl(photo(*size), tmp_path / "a.jxl", container, effort=1)
+    assert _jxl_size(path.read_bytes()) == size
+    with pytest.raises(ImageDecodeError, match="decompression-bomb guard"):
+        load_image(path, max_pixels=size[0] * size[1] - 1)
+
+
+def test_jpeg_xl_decodes_reduced_with_its_full_size(tmp_path: Path) -> None:
+    scene = photo(1600, 1200)
+    path = save_jxl(scene, tmp_path / "big.jxl", lossless=True)
+    img = load_image(path, draft_size=224)
+    assert img.mode == "RGB" and img.size == (800, 600)
+    assert img.info["original_size"] == (1600, 1200)
+    full = load_image(path)
+    assert np.array_equal(np.asarray(full), np.asarray(scene))  # lossless: the same pixels
+
+
+@pytest.mark.parametrize("channels", ["L", "LA", "RGBA", "I;16"])
+def test_jpeg_xl_grey_alpha_and_16_bit(tmp_path: Path, channels: str) -> None:
+    import imagecodecs
+
+    rgb = np.asarray(photo(64, 48))
+    arrays = {
+        "L": rgb[:, :, 0],
+        "LA": np.dstack([rgb[:, :, 0], np.full((48, 64), 255, np.uint8)]),
+        "RGBA": np.dstack([rgb, np.full((48, 64), 255, np.uint8)]),
+        "I;16": rgb.astype(np.uint16) * 257,
+    }
+    path = tmp_path / "a.jxl"
+    path.write_bytes(imagecodecs.jpegxl_encode(arrays[channels], lossless=True))
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (64, 48)
+    got = np.asarray(img)[:, :, 0]
+    assert np.abs(got.astype(int) - rgb[:, :, 0]).max() <= 1
+
+
+def test_truncated_jpeg_xl_and_a_misnamed_jpeg(tmp_path: Path) -> None:
+    whole = save_jxl(photo(), tmp_path / "whole.jxl")
+    truncated(whole, tmp_path / "cut.jxl", 0.5)
+    with pytest.raises(ImageDecodeError, match=r"truncated image data \(JPEG XL"):
+        load_image(tmp_path / "cut.jxl")
+    photo().save(tmp_path / "really_a.jxl", "JPEG")  # Pillow's, by its signature
+    assert load_image(tmp_path / "really_a.jxl").size == (640, 480)
+
+
+def test_a_jpeg_xl_indexes_like_the_same_picture_as_png(tmp_path: Path, piaa_home: Path) -> None:
+    """The must-show: `piaa index` indexes a .jxl, and its [CLS] vector is the PNG's."""
+    from click.testing import CliRunner
+
+    from piaa_index.cli import cli
+    from piaa_index.library import Library
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene = photo(640, 480, seed=11)
+    save_jxl(scene, folder / "scene.jxl", distance=1.0)
+    scene.save(folder / "scene.png")
+    for seed in range(4):
+        photo(640, 480, seed=100 + seed).save(folder / f"other_{seed}.png")
+    args = ["index", str(folder), "--model", "shapesworld", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["indexed"] == 6 and report["failed"] == [], report
+    with Library.open(model="shapesworld") as lib:
+        a, b = (_cls_vector(lib, folder / name) for name in ("scene.jxl", "scene.png"))
+        nearest = lib.similar(folder / "scene.jxl", limit=1)[0]
+    assert Path(nearest["path"]).name == "scene.png", nearest
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    print(f"[CLS] cosine .jxl vs .png: {cosine:.5f}")
+    assert cosine > 0.99, cosine
