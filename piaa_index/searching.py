@@ -50,6 +50,12 @@ class Searcher(Part):
             if row is not None:
                 break
         if row is None:
+            # A typo or a folder is not a photo to index: say so (a photo deleted since it was
+            # indexed was found above).
+            if not str(path) or not os.path.exists(given):
+                raise UserInputError(f"no such file: {str(path) or repr('')}")
+            if os.path.isdir(given):
+                raise UserInputError(f"{path} is a folder, not an image file")
             raise UserInputError(f"not in the index: {path} (run `piaa index` on its folder)")
         if row.status != INDEXED:
             raise UserInputError(f"{path} could not be indexed: {row.error}")
@@ -160,14 +166,16 @@ class Searcher(Part):
         set, and cosines do not saturate into ties. Large libraries take candidates from a
         patch ANN index and the [CLS] index and re-rank them exactly (piaa_index/text_search.py).
         """
-        from piaa_index import text_search
+        from piaa_index import text_search, text_tower
 
         text = " ".join(text.split())
         if not text:
             raise UserInputError("empty search text")
         if self._text_index is None and not self.store.indexed_count():
             return []
-        phrase = self.encoder.text_prototypes([text], default_templates())[0]
+        # The numpy text tower cached in the home (no torch import), else the Encoder, whose
+        # text tower is then cached (piaa_index/text_tower.py); default templates either way.
+        phrase = text_tower.phrase_prototype(self.library, text, default_templates)
         with self.vectors.reading():  # the shards of the candidates stay while they are read
             ids, scores = text_search.search(self, phrase, None, phrase_scores, limit)
         return self._top(ids, scores, limit)

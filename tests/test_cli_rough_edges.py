@@ -107,3 +107,33 @@ def test_evidence_map_output_dash_writes_the_png_to_stdout(
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes.startswith(b"\x89PNG\r\n\x1a\n")
     assert not (tmp_path / "-").exists()
+
+
+# ---- 5. "no such file" is not "not in the index" ----------------------------------------------
+
+
+def test_tags_of_a_missing_file_says_no_such_file(
+    shapes_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before: "not in the index: missing.jpg (run `piaa index` on its folder)" for a typo."""
+    monkeypatch.chdir(tmp_path)
+    args = library_args(shapes_home)
+    code, out, err = run_main([*args, "tags", "missing.jpg"], monkeypatch, capsys)
+    assert (code, out) == (2, "")
+    assert err.strip() == "Error: no such file: missing.jpg"
+    # An existing photo that is not indexed keeps the hint to index its folder.
+    image, _ = first_tagged(shapes_home)
+    stranger = tmp_path / "stranger.jpg"
+    stranger.write_bytes(Path(image).read_bytes())
+    code, _, err = run_main([*args, "tags", str(stranger)], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip() == f"Error: not in the index: {stranger} (run `piaa index` on its folder)"
+    # An indexed photo is still found by its path as typed (relative), absolute, or resolved.
+    monkeypatch.chdir(Path(image).parent)
+    for typed in (Path(image).name, image):
+        code, out, err = run_main([*args, "tags", "--json", typed], monkeypatch, capsys)
+        assert code == 0, err
+        assert {row["path"] for row in json.loads(out)} == {image}
