@@ -93,8 +93,10 @@ class Maintenance(Part):
                     damaged.append({"shard": shard, "problem": problem})
             bad = [d["shard"] for d in damaged]
             sent_back = self.store.mark_shards_missing(bad)
-            for shard in bad:
-                vectors.delete_shard(shard)
+            if bad:
+                with vectors.deleting():  # after every fit or search still reading them
+                    for shard in bad:
+                        vectors.delete_shard(shard)
             derived = self._check_derived()
         scores = self._check_scores()
         classifier = self._check_classifier()

@@ -69,6 +69,38 @@ def test_a_flipped_byte_is_found_and_repaired(
     assert code == 0 and report["ok"]
 
 
+def test_db_check_waits_for_readers_before_deleting_a_damaged_shard(
+    two_shards: tuple[Library, PhotoFolder, PhotoFolder],
+) -> None:
+    """A fit or search reading the shards keeps them on disk until it ends: `db check` removes
+    a damaged shard only after it, as `vacuum` does (issue 20)."""
+    import threading
+    import time
+
+    lib, _, _ = two_shards
+    patch = shard_files(lib, "patch")[0]
+    data = bytearray(patch.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    patch.write_bytes(bytes(data))
+
+    held, seen = threading.Event(), []
+
+    def reader() -> None:
+        with lib.vectors.reading():
+            held.set()
+            time.sleep(1.5)  # a pass over the shards; db check starts meanwhile
+            seen.append(patch.exists())
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    held.wait()
+    code, report = check(lib)  # blocks on the reader, then deletes
+    thread.join()
+    assert seen == [True]
+    assert code == 1 and [d["shard"] for d in report["vectors"]["damaged"]] == [1]
+    assert not patch.exists()
+
+
 def test_a_truncated_file_is_a_clear_error_then_repaired(
     two_shards: tuple[Library, PhotoFolder, PhotoFolder],
 ) -> None:
