@@ -137,3 +137,49 @@ def test_tags_of_a_missing_file_says_no_such_file(
         code, out, err = run_main([*args, "tags", "--json", typed], monkeypatch, capsys)
         assert code == 0, err
         assert {row["path"] for row in json.loads(out)} == {image}
+
+
+# ---- 2. `piaa tags` fits a terminal -----------------------------------------------------------
+
+
+def test_tags_table_fits_a_terminal_with_no_empty_column(shapes_home: Path) -> None:
+    """Before: 180+ columns (the path on every row, scores of every kind, an always-empty
+    support_gate). Now the path once, then label, score, present, label status, short why."""
+    image, label = first_tagged(shapes_home)
+    out = invoke(shapes_home, "tags", image).stdout
+    lines = out.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 100, out
+    assert lines[0].startswith(image) and out.count(image) == 1
+    header, rule, *body = lines[1:]
+    assert header.split() == ["label", "score", "present", "label", "status", "why"]
+    # Every column has something in it on some row (the rule gives the column spans).
+    spans, start = [], 0
+    for dashes in rule.split("  "):
+        spans.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+    for lo, hi in spans:
+        assert any(row[lo:hi].strip() for row in body), (header[lo:hi], out)
+    rows = json.loads(invoke(shapes_home, "tags", "--json", image).stdout)
+    assert len(body) == len(rows)
+    by_label = {row.split("  ")[0].strip(): row for row in body}
+    assert by_label[label][len(label) :].split()[1:] == [
+        "yes",
+        "present",
+        "confidence",
+        ">=",
+        "0.5",
+    ]
+    # --json keeps every field.
+    assert set(rows[0]) == {
+        "path", "label", "score", "patch_score", "cls_score", "present", "threshold",
+        "text_support", "support_gate", "label_status", "why",
+    }  # fmt: skip
+    assert {r["path"] for r in rows} == {image}
+
+
+def test_tags_table_with_present_only_and_limit(shapes_home: Path) -> None:
+    image, label = first_tagged(shapes_home)
+    out = invoke(shapes_home, "tags", image, "--present-only", "--limit", "1").stdout
+    lines = out.rstrip("\n").splitlines()
+    assert len(lines) == 4 and lines[3].startswith(label)
+    assert "(1 of 1 labels present)" in lines[0]

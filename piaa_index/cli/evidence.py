@@ -15,6 +15,7 @@ import click
 
 from piaa_index.cli.common import AppContext, echo_json, format_table
 from piaa_index.cli.queries import CommandExtension
+from piaa_index.cli.tags_table import tags_table
 
 
 def _run(app: AppContext, params: dict[str, Any], extra: dict[str, Any], fmt: str) -> bool:
@@ -74,4 +75,5 @@ TAGS_EVIDENCE = CommandExtension(
         ),
     ),
     run=_run,
+    table=tags_table,
 )

@@ -26,11 +26,13 @@ class CommandExtension:
 
     `run(app, query params, extension params, output format)` returns True when it answered
     the command itself (its options were given), False to run the query as usual; the format
-    is "json", "csv", "paths" or "table".
+    is "json", "csv", "paths" or "table". `table(rows)`, when given, is the human table of the
+    query's rows (the other formats keep every field).
     """
 
     params: tuple[click.Parameter, ...]
     run: Callable[[AppContext, dict[str, Any], dict[str, Any], str], bool]
+    table: Callable[[list[dict[str, Any]]], str] | None = None
 
 
 def _extensions() -> dict[str, CommandExtension]:
@@ -90,6 +92,10 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
             rows = query.quick(app.settings(), progress=app.progress, **params)
         if rows is None:
             rows = query.run(app.library(), progress=app.progress, **params)
+        table = extension.table if extension is not None else None
+        if table is not None and rows and not (as_json or as_csv or paths_only or print0):
+            click.echo(table(rows))
+            return
         emit_rows(rows, as_json, as_csv, paths_only, print0)
 
     command = click.Command(
