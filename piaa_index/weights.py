@@ -5,7 +5,9 @@ open_clip fetches a pretrained tag through huggingface_hub, which on a machine w
 retries for about a minute and then fails with a message that names no file. So before open_clip
 is asked, `local_weights` looks in the cache; a file that is there is loaded from its path (no
 request at all), and a file that is not is fetched only when the hub answers a 3-second probe,
-else one message names the file, the cache folder and `piaa models fetch`.
+else one message says what the probe met (a name that does not resolve, a refused connection,
+silence), the offline ways out (`piaa demo`, `--model shapesworld`, `--pretrained PATH`), the
+file, the cache folder and `piaa models fetch`.
 
 A checkpoint file given by path is recorded by its sha256 (computed once per path, size and
 mtime, remembered in `$PIAA_HOME/weights-sha256.json`), so a library accepts the same bytes at a
@@ -17,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +114,11 @@ def cached_file(src: Source) -> Path | None:
     return None
 
 
-def endpoint_answers(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """True when the hub (or `url`) answers an HTTP request at all within `timeout` seconds."""
+def endpoint_answers(
+    url: str | None = None, timeout: float = PROBE_TIMEOUT_S, problems: list[str] | None = None
+) -> bool:
+    """True when the hub (or `url`) answers an HTTP request at all within `timeout` seconds;
+    when it does not, what went wrong is appended to `problems` (as `probe_problem` says it)."""
     target = url or hub_endpoint()
     try:
         request = urllib.request.Request(target, method="HEAD")
@@ -119,18 +126,43 @@ def endpoint_answers(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -
             return True
     except urllib.error.HTTPError:
         return True  # an answer, even 404 or 401, means the network is there
-    except (OSError, ValueError):  # refused, unreachable, timed out, DNS, a malformed URL
+    except (OSError, ValueError) as exc:  # refused, unreachable, timed out, DNS, a malformed URL
+        if problems is not None:
+            problems.append(probe_problem(target, exc, timeout))
         return False
 
 
+def probe_problem(url: str, exc: BaseException, timeout: float) -> str:
+    """What happened to a request to `url`, truthfully: "cannot reach HOST: REASON" (a name that
+    does not resolve and a refused connection fail at once; only a silent server times out)."""
+    host = urllib.parse.urlsplit(url).netloc or url
+    reason: object = getattr(exc, "reason", None) or exc  # URLError wraps the socket's error
+    if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
+        return f"no answer from {host} in {timeout:g} s"
+    if isinstance(reason, socket.gaierror):
+        why = f"the name does not resolve ({reason.strerror or reason})"
+    elif isinstance(reason, OSError):
+        why = reason.strerror or str(reason) or type(reason).__name__
+    else:
+        why = str(reason) or type(reason).__name__
+    return f"cannot reach {host}: {why}"
+
+
+OFFLINE_WAYS_OUT = (
+    "without network, `piaa demo` or `piaa index DIR --model shapesworld` (the model shipped "
+    "with piaa) work now, or --pretrained PATH to a checkpoint on this machine"
+)
+
+
 def unavailable_message(src: Source, why: str) -> str:
-    """One line: what is missing, where it goes, and the two ways to get it there."""
+    """One line: what is missing and why, the offline ways out, and how to get the weights."""
     return (
         f"the {src.model} weights '{src.tag}' are not on this machine and cannot be downloaded "
-        f"({why}): run `piaa models fetch {src.model} {src.tag}` on a machine with network "
-        f"and copy the folder {src.cache_folder().name} from its cache into "
-        f"{src.cache_folder().parent} here (HF_HUB_CACHE / HF_HOME), or download "
-        f"{src.describe()} and pass --pretrained PATH to it"
+        f"({why}); {OFFLINE_WAYS_OUT}. To get these weights: run "
+        f"`piaa models fetch {src.model} {src.tag}` on a machine with network and copy the "
+        f"folder {src.cache_folder().name} from its cache into {src.cache_folder().parent} "
+        f"here (HF_HUB_CACHE / HF_HOME), or download {src.describe()} and pass "
+        "--pretrained PATH to it"
     )
 
 
@@ -164,10 +196,10 @@ def _require_download(src: Source) -> None:
     if hub_offline():
         raise WeightsUnavailable(unavailable_message(src, "HF_HUB_OFFLINE is set"))
     where = hub_endpoint() if src.repo_id else src.url
-    if not endpoint_answers(where):
-        raise WeightsUnavailable(
-            unavailable_message(src, f"no answer from {where} in {PROBE_TIMEOUT_S:.0f} s")
-        )
+    problems: list[str] = []
+    if not endpoint_answers(where, problems=problems):
+        why = problems[0] if problems else f"no answer from {where}"
+        raise WeightsUnavailable(unavailable_message(src, why))
 
 
 def local_weights(model: str, tag: str) -> Path | None:

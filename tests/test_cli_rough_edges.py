@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +185,81 @@ def test_tags_table_with_present_only_and_limit(shapes_home: Path) -> None:
     lines = out.rstrip("\n").splitlines()
     assert len(lines) == 4 and lines[3].startswith(label)
     assert "(1 of 1 labels present)" in lines[0]
+
+
+# ---- 6. the offline default model ---------------------------------------------------------------
+
+
+def piaa_process(
+    args: list[str], home: Path, cwd: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m piaa_index ARGS` in a fresh process, as a user runs `piaa`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIAA_", "HF_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "piaa_index", *args],
+        capture_output=True,
+        text=True,
+        env={**base, "PIAA_HOME": str(home), "PIAA_DEVICE": "cpu", **env},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        # RFC 2606: .invalid never resolves; port 9 (discard) refuses connections.
+        ("http://piaa-no-network.invalid", "cannot reach piaa-no-network.invalid: the name"),
+        ("http://127.0.0.1:9", "cannot reach 127.0.0.1:9: Connection refused"),
+    ],
+    ids=["name does not resolve", "connection refused"],
+)
+def test_offline_first_index_says_what_happened_and_the_ways_out(
+    endpoint: str, reason: str, tmp_path: Path
+) -> None:
+    """Before: "no answer from https://huggingface.co in 3 s" after 0.7 s (the name did not
+    resolve), and no word of the offline ways out. The failed run leaves no library that claims
+    a model, so the way out it names works in the same home."""
+    from piaa_index.shapes.dataset import generate_dataset
+
+    scenes = generate_dataset(tmp_path / "scenes", 6, seed=9, size=96, progress=False)
+    home, cache = tmp_path / "home", tmp_path / "hf-cache"
+    cache.mkdir()
+    offline = {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(cache)}
+    proc = piaa_process(["index", str(scenes)], home, tmp_path, **offline)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("Error: the ViT-B-16 weights 'openai' are not on this machine")
+    assert reason in line and "no answer" not in line
+    for way_out in ("`piaa demo`", "--model shapesworld", "--pretrained PATH"):
+        assert way_out in line
+    # What is left: a schema with no model record and no vectors (as `piaa status` leaves it).
+    assert not (home / "vectors").exists()
+    status = piaa_process(["status", "--json"], home, tmp_path, **offline)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["model"] is None
+    assert json.loads(status.stdout)["images"]["indexed"] == 0
+    # The way out, in the same home: not refused as "indexed with another model".
+    proc = piaa_process(["index", str(scenes), "--model", "shapesworld"], home, tmp_path, **offline)
+    assert proc.returncode == 0, proc.stderr
+    status = piaa_process(["status", "--json"], home, tmp_path, **offline)
+    assert json.loads(status.stdout)["model"]["model"] == "shapesworld"
+    assert json.loads(status.stdout)["images"]["indexed"] == 6
+
+
+def test_a_silent_server_is_the_one_that_gets_no_answer() -> None:
+    """Only a server that accepts and never answers is "no answer in N s"."""
+    import socket
+    import time
+
+    from piaa_index import weights
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)  # the kernel accepts the connection; nobody ever answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        problems: list[str] = []
+        start = time.monotonic()
+        assert not weights.endpoint_answers(url, timeout=0.5, problems=problems)
+        assert time.monotonic() - start >= 0.45
+    assert problems == [f"no answer from 127.0.0.1:{url.rsplit(':', 1)[1]} in 0.5 s"]
