@@ -263,3 +263,69 @@ def test_a_silent_server_is_the_one_that_gets_no_answer() -> None:
         assert not weights.endpoint_answers(url, timeout=0.5, problems=problems)
         assert time.monotonic() - start >= 0.45
     assert problems == [f"no answer from 127.0.0.1:{url.rsplit(':', 1)[1]} in 0.5 s"]
+
+
+# ---- 4. vocab set/add --from FILE ---------------------------------------------------------------
+
+LABEL_FILE = (
+    "# the shapes we care about\n"
+    "red circle\n"
+    "\n"
+    "  blue square  \n"
+    "#green circle (commented out)\n"
+    "C# sharp\n"
+)
+
+
+def test_vocab_set_and_add_from_a_file_and_stdin(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    labels = tmp_path / "labels.txt"
+    labels.write_text(LABEL_FILE, encoding="utf-8")
+    out = invoke(home, "vocab", "set", "--from", str(labels), "--json").stdout
+    assert json.loads(out)["labels"] == ["red circle", "blue square", "C# sharp"]
+    # `-` is standard input; LABELS given as arguments come first.
+    out = invoke(home, "vocab", "add", "star", "--from", "-", "--json", input="sun\n\nmoon\n")
+    assert json.loads(out.stdout)["labels"][-3:] == ["star", "sun", "moon"]
+    out = invoke(home, "vocab", "set", "--from", "-", "--json", input="\ufeffdog\r\ncat\r\n")
+    assert json.loads(out.stdout)["labels"] == ["dog", "cat"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"dog\n\xff\xfecat\n", "is not UTF-8 text (byte 4)"),
+        (b"# nothing but comments\n\n", "holds no labels"),
+        (b"dog\x00cat\n", "holds NUL bytes"),
+        (None, "cannot read the label file"),  # no such file
+        ("folder", "cannot read the label file"),  # a folder
+    ],
+    ids=["not utf-8", "empty", "binary", "missing", "folder"],
+)
+def test_vocab_set_from_a_malformed_file_exits_2(
+    content: bytes | str | None,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    home = tmp_path / "home"
+    source = tmp_path / "labels.txt"
+    if isinstance(content, bytes):
+        source.write_bytes(content)
+    elif content == "folder":
+        source.mkdir()
+    args = [*library_args(home), "vocab", "set", "--from", str(source)]
+    code, out, err = run_main(args, monkeypatch, capsys)
+    assert (code, out) == (2, ""), err
+    assert message in err and str(source) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    # Nothing was changed: the vocabulary is still empty.
+    code, out, _ = run_main([*library_args(home), "vocab", "list", "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["labels"] == []
+
+
+def test_vocab_set_needs_labels_or_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_main([*library_args(tmp_path / "home"), "vocab", "set"], monkeypatch, capsys)
+    assert code == 2 and "give LABELS or --from FILE" in err

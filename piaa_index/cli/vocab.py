@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
 
 from piaa_index.cli.common import AppContext, echo_json, pass_app
+from piaa_index.errors import UsageError
 
 
 @click.group("vocab")
@@ -29,8 +35,59 @@ def _show(app: AppContext, as_json: bool) -> None:
             click.echo(name)
 
 
+def read_label_file(source: str) -> list[str]:
+    """The labels of a text file (`-`: standard input): one a line, UTF-8; blank lines and
+    lines whose first character is `#` are skipped (a `#` inside a label is kept)."""
+    shown = "standard input" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the label file {shown}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark some editors write is not a label
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"the label file {shown} is not UTF-8 text (byte {exc.start}): save it as UTF-8, "
+            "one label per line"
+        ) from None
+    if "\0" in text:
+        raise UsageError(f"the label file {shown} holds NUL bytes: it is not a text file")
+    labels = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            labels.append(line)
+    if not labels:
+        raise UsageError(
+            f"the label file {shown} holds no labels (one per line; blank lines and "
+            "# comments are skipped)"
+        )
+    return labels
+
+
+def label_sources(func: Callable[..., Any]) -> Callable[..., Any]:
+    """LABELS as arguments and/or `--from FILE`."""
+    func = click.option(
+        "--from",
+        "label_file",
+        metavar="FILE",
+        help="Read labels from FILE, one per line (UTF-8; blank lines and lines starting with "
+        "# are skipped); - reads standard input. Adds to any LABELS given.",
+    )(func)
+    return click.argument("labels", nargs=-1)(func)
+
+
+def _labels(labels: tuple[str, ...], label_file: str | None) -> list[str]:
+    out = list(labels)
+    if label_file is not None:
+        out += read_label_file(label_file)
+    if not out:
+        raise click.UsageError("give LABELS or --from FILE")
+    return out
+
+
 @vocab_group.command("set")
-@click.argument("labels", nargs=-1, required=True)
+@label_sources
 @click.option(
     "--template",
     "templates",
@@ -40,20 +97,26 @@ def _show(app: AppContext, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def vocab_set(
-    app: AppContext, labels: tuple[str, ...], templates: tuple[str, ...], as_json: bool
+    app: AppContext,
+    labels: tuple[str, ...],
+    label_file: str | None,
+    templates: tuple[str, ...],
+    as_json: bool,
 ) -> None:
-    """Replace the vocabulary with LABELS (quote multi-word labels)."""
-    app.library().set_vocabulary(list(labels), list(templates) or None)
+    """Replace the vocabulary with LABELS (quote multi-word labels) or those of --from FILE."""
+    app.library().set_vocabulary(_labels(labels, label_file), list(templates) or None)
     _show(app, as_json)
 
 
 @vocab_group.command("add")
-@click.argument("labels", nargs=-1, required=True)
+@label_sources
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def vocab_add(app: AppContext, labels: tuple[str, ...], as_json: bool) -> None:
-    """Add LABELS to the vocabulary."""
-    app.library().add_labels(list(labels))
+def vocab_add(
+    app: AppContext, labels: tuple[str, ...], label_file: str | None, as_json: bool
+) -> None:
+    """Add LABELS (or those of --from FILE) to the vocabulary."""
+    app.library().add_labels(_labels(labels, label_file))
     _show(app, as_json)
 
 
