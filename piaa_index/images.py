@@ -280,30 +280,36 @@ def load_image(
     """
     _register_heif()
     p = Path(path)
+    messages: list[str] = []  # what the decoders said meanwhile: into the reason, or info
     try:
-        with open_regular(p) as fh:
+        with open_regular(p) as fh, _collect_warnings(messages):
             if os.fstat(fh.fileno()).st_size == 0:
                 raise ImageDecodeError("file is empty", p)
             if p.suffix.lower() in RAW_EXTENSIONS:
-                rgb, orientation, (width, height) = _load_raw(p, max_pixels, draft_size, budget)
+                rgb, orientation, (width, height) = _load_raw(
+                    p, max_pixels, draft_size, budget, messages
+                )
             elif p.suffix.lower() in JXL_EXTENSIONS and _is_jxl(fh):
                 rgb, orientation, (width, height) = _load_jxl(fh, p, max_pixels, draft_size, budget)
             else:
-                # Our own limit decides; Pillow's warning fires on legitimate 100 Mpx cameras.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(fh) as im:
-                        width, height = im.size
-                        _check_pixels(width, height, max_pixels, p)
-                        if draft_size is not None and im.format in ("JPEG", "HEIF"):
-                            im.draft("RGB", (draft_size, draft_size))
-                        elif draft_size is not None and im.format == "JPEG2000":
-                            _drop_j2k_levels(im, p, 2 * draft_size)
-                        rgb, orientation = _decode(im, None, draft_size, budget)
-    except ImageDecodeError:
+                # Our own limit decides: Pillow's DecompressionBombWarning, which fires on
+                # legitimate 100 Mpx cameras, is dropped by _collect_warnings.
+                with Image.open(fh) as im:
+                    width, height = im.size
+                    _check_pixels(width, height, max_pixels, p)
+                    if draft_size is not None and im.format in ("JPEG", "HEIF"):
+                        im.draft("RGB", (draft_size, draft_size))
+                    elif draft_size is not None and im.format == "JPEG2000":
+                        _drop_j2k_levels(im, p, 2 * draft_size)
+                    rgb, orientation = _decode(im, None, draft_size, budget)
+    except ImageDecodeError as exc:
+        if messages:
+            raise ImageDecodeError(_with_noise(exc.reason, messages), p) from exc
         raise
     except Exception as exc:  # Pillow plugins raise many types (struct.error, IndexError, ...)
-        raise ImageDecodeError(_reason_for(exc), p) from exc
+        raise ImageDecodeError(_with_noise(_reason_for(exc), messages), p) from exc
+    if messages:
+        rgb.info["decoder_messages"] = messages
     rgb.info["exif_orientation"] = orientation
     # Orientations 5-8 swap the axes; draft decoding may have shrunk rgb itself.
     rgb.info["original_size"] = (height, width) if orientation >= 5 else (width, height)
@@ -488,7 +494,11 @@ BLANK_FRAME_STD = 2.0
 
 
 def _load_raw(
-    p: Path, max_pixels: int | None, draft_size: int | None, budget: MemoryBudget | None
+    p: Path,
+    max_pixels: int | None,
+    draft_size: int | None,
+    budget: MemoryBudget | None,
+    noise: list[str],
 ) -> tuple[Image.Image, int, tuple[int, int]]:
     """A camera RAW: its embedded preview when at least the model's input on the short side
     (decoded at reduced size), else LibRaw's half-size demosaic; the RAW's orientation applied.
@@ -504,7 +514,7 @@ def _load_raw(
         raise ImageDecodeError(
             "RAW files need rawpy: pip install rawpy (or reinstall piaa-index)", p
         ) from None
-    noise: list[str] = []
+    _check_not_cut_short(p)
     raw = rawpy.RawPy()
     try:
         with capture_decoder_messages(noise, str(p)):
@@ -521,16 +531,15 @@ def _load_raw(
                 rgb = _decode(preview, orientation, draft_size, budget)[0]
             except Exception as exc:
                 raise ImageDecodeError(
-                    _with_noise(
+                    (
                         f"RAW's embedded preview is unreadable ({_reason_for(exc)}): "
-                        "truncated or damaged file",
-                        noise,
+                        "truncated or damaged file"
                     ),
                     p,
                 ) from exc
-            _reject_blank(rgb, p, noise, "its embedded preview")
+            _reject_blank(rgb, p, "its embedded preview")
         else:
-            _check_raw_size(p, width, height, noise)
+            _check_raw_size(p, width, height)
             # Half size skips interpolation (each 2x2 Bayer cell gives a pixel): 4x fewer
             # pixels, and LibRaw applies the orientation itself. LibRaw holds the 16-bit mosaic.
             need = width * height * 2 + (width // 2) * (height // 2) * 3
@@ -541,37 +550,130 @@ def _load_raw(
             img = Image.fromarray(pixels)
             small = _shrink(img, 2 * draft_size) if draft_size else img
             rgb = _to_rgb(small)
-            _reject_blank(rgb, p, noise, "its image data")
+            _reject_blank(rgb, p, "its image data")
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError(_with_noise(_reason_for(exc), noise), p) from exc
+        raise ImageDecodeError(_reason_for(exc), p) from exc
     finally:
         raw.close()
-    if noise:
-        rgb.info["decoder_messages"] = list(noise)
     return rgb, orientation, (width, height)
+
+
+_TIFF_TYPE_SIZES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+}
+# (offsets tag, byte counts tag): strips, tiles, an embedded JPEG (old-style thumbnail)
+_TIFF_DATA_TAGS = ((273, 279), (324, 325), (513, 514))
+_TIFF_SUB_IFDS = (330, 34665)  # SubIFDs (a DNG's mosaic, a NEF's preview), the EXIF IFD
+
+
+def _tiff_data_end(fh: BinaryIO) -> int:
+    """Where the last image data that a TIFF-based RAW's IFDs declare ends (DNG, NEF, CR2,
+    ARW, PEF, ...: strips, tiles, JPEG previews of IFD0's chain, its SubIFDs and
+    EXIF IFD); 0 when the file is not TIFF-based or its IFDs are unreadable. A file shorter
+    than that was cut short: LibRaw would read past its end into whatever memory holds."""
+    fh.seek(0)
+    head = fh.read(8)
+    if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+        return 0
+    order = "<" if head[:2] == b"II" else ">"
+    if struct.unpack(order + "H", head[2:4])[0] != 42:  # RW2 (85), ORF: their own tag meanings
+        return 0
+    ifds: list[int] = [struct.unpack(order + "I", head[4:8])[0]]
+    seen: set[int] = set()
+    end = 0
+
+    def values(typ: int, count: int, field: bytes) -> list[int]:
+        size = _TIFF_TYPE_SIZES.get(typ, 0)
+        if typ not in (3, 4, 13) or not 0 < count <= 4096:
+            return []
+        raw = field[: size * count]
+        if size * count > 4:
+            fh.seek(struct.unpack(order + "I", field)[0])
+            raw = fh.read(size * count)
+            if len(raw) < size * count:
+                return []
+        fmt = "H" if typ == 3 else "I"
+        return list(struct.unpack(f"{order}{count}{fmt}", raw))
+
+    while ifds and len(seen) < 64:
+        at = ifds.pop()
+        if at in seen or at < 8:
+            continue
+        seen.add(at)
+        fh.seek(at)
+        count_bytes = fh.read(2)
+        if len(count_bytes) < 2:
+            continue
+        (n,) = struct.unpack(order + "H", count_bytes)
+        entries = fh.read(12 * n + 4)
+        if len(entries) < 12 * n:
+            continue
+        tags: dict[int, list[int]] = {}
+        for k in range(n):
+            tag, typ, count = struct.unpack(order + "HHI", entries[12 * k : 12 * k + 8])
+            field = entries[12 * k + 8 : 12 * k + 12]
+            if tag in _TIFF_SUB_IFDS or any(tag in pair for pair in _TIFF_DATA_TAGS):
+                tags[tag] = values(typ, count, field)
+        for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
+            for offset, length in zip(
+                tags.get(offsets_tag, []), tags.get(counts_tag, []), strict=False
+            ):
+                end = max(end, offset + length)
+        for tag in _TIFF_SUB_IFDS:
+            ifds.extend(tags.get(tag, []))
+        if len(entries) == 12 * n + 4:
+            ifds.append(struct.unpack(order + "I", entries[12 * n :])[0])
+    return end
+
+
+def _check_not_cut_short(p: Path) -> None:
+    """Refuse a TIFF-based RAW whose declared image data runs past the end of the file."""
+    with open_regular(p) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            end = _tiff_data_end(fh)
+        except (OSError, struct.error):
+            return
+    if end > size:
+        raise ImageDecodeError(
+            f"RAW file is truncated: its image data runs to byte {end:,}, the file ends at "
+            f"byte {size:,} ({(end - size) / end:.1%} missing)",
+            p,
+        )
 
 
 def _with_noise(reason: str, noise: list[str]) -> str:
     return f"{reason} [{'; '.join(noise)}]" if noise else reason
 
 
-def _check_raw_size(p: Path, width: int, height: int, noise: list[str]) -> None:
+def _check_raw_size(p: Path, width: int, height: int) -> None:
     """Refuse a RAW file too small to hold its sensor's pixels (see RAW_MIN_BITS_PER_PIXEL)."""
     size = p.stat().st_size
     if size * 8 < width * height * RAW_MIN_BITS_PER_PIXEL:
         raise ImageDecodeError(
-            _with_noise(
+            (
                 f"RAW file too small for its {width}x{height} sensor ({size / 1024:.0f} KiB): "
-                "truncated, or a stub with no image data",
-                noise,
+                "truncated, or a stub with no image data"
             ),
             p,
         )
 
 
-def _reject_blank(rgb: Image.Image, p: Path, noise: list[str], what: str) -> None:
+def _reject_blank(rgb: Image.Image, p: Path, what: str) -> None:
     """Refuse a decoded RAW frame that is one flat colour (zeroed or missing image data)."""
     import numpy as np
 
@@ -580,10 +682,9 @@ def _reject_blank(rgb: Image.Image, p: Path, noise: list[str], what: str) -> Non
     spread = np.asarray(small, dtype=np.float32).reshape(-1, 3).std(axis=0)
     if float(spread.max()) < BLANK_FRAME_STD:
         raise ImageDecodeError(
-            _with_noise(
+            (
                 f"RAW decoded to a blank frame ({what} is one flat colour): "
-                "truncated or unsupported file",
-                noise,
+                "truncated or unsupported file"
             ),
             p,
         )
@@ -607,19 +708,17 @@ def _raw_preview(
         if len(noise) == before:  # no preview, or one in a format LibRaw does not extract
             return None
         raise ImageDecodeError(
-            _with_noise(
+            (
                 f"RAW's embedded preview is unreadable ({_libraw_said(exc)}): "
-                "truncated or damaged file",
-                noise,
+                "truncated or damaged file"
             ),
             p,
         ) from exc
     except rawpy.LibRawError as exc:
         raise ImageDecodeError(
-            _with_noise(
+            (
                 f"RAW's embedded preview is unreadable ({_libraw_said(exc)}): "
-                "truncated or damaged file",
-                noise,
+                "truncated or damaged file"
             ),
             p,
         ) from exc
@@ -635,6 +734,65 @@ def _raw_preview(
     except (OSError, ValueError, TypeError):
         return None
     return bitmap if min(bitmap.size) >= short_side else None
+
+
+# Python warnings (Pillow's "Corrupt EXIF data", "Truncated File Read", ...) of a decode go to
+# the file's record: warnings.showwarning is wrapped once, and sends a warning raised in a
+# thread that is decoding (warnings are shown in the thread that raises them) to that thread's
+# list; any other warning goes where it went before. Pillow's UserWarnings are shown "always"
+# (a filter added once), not once per source line, so that each file's record has its own;
+# nothing here enters warnings.catch_warnings, which swaps process-wide state and is not
+# thread-safe.
+_PILLOW_MODULES = r"(PIL|pillow_heif)(\..*)?$"
+_warning_sink = threading.local()
+_warning_hook_lock = threading.Lock()
+_shown_before: list[Any] = []
+
+
+def _show_or_collect(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    into = getattr(_warning_sink, "into", None)
+    if into is None:
+        previous = _shown_before[-1] if _shown_before else warnings._showwarning_orig  # type: ignore[attr-defined]
+        previous(message, category, filename, lineno, file, line)
+        return
+    if issubclass(category, Image.DecompressionBombWarning):
+        return  # our own limit decides (see load_image)
+    origin = "Pillow" if f"{os.sep}PIL{os.sep}" in filename else category.__name__
+    said = " ".join(str(message).split())
+    if f"{origin}: {said}" not in into:
+        into.append(f"{origin}: {said}")
+
+
+def _pillow_always() -> bool:
+    return any(
+        f[0] == "always" and f[3] is not None and f[3].pattern == _PILLOW_MODULES
+        for f in warnings.filters
+    )
+
+
+@contextmanager
+def _collect_warnings(into: list[str]) -> Iterator[None]:
+    """Warnings raised in this thread meanwhile go to `into`, not to stderr."""
+    if warnings.showwarning is not _show_or_collect or not _pillow_always():
+        with _warning_hook_lock:  # first use, or replaced since (pytest does, for each test)
+            if warnings.showwarning is not _show_or_collect:
+                _shown_before[:] = [warnings.showwarning]
+                warnings.showwarning = _show_or_collect
+            if not _pillow_always():
+                warnings.filterwarnings("always", category=UserWarning, module=_PILLOW_MODULES)
+    outer = getattr(_warning_sink, "into", None)
+    _warning_sink.into = into
+    try:
+        yield
+    finally:
+        _warning_sink.into = outer
 
 
 # What a C library prints itself: LibRaw's data-error callback ("<path>: Unexpected end of

@@ -69,18 +69,23 @@ def write_dng(
     preview_format: str = "jpeg",
     orientation: int = 1,
     data_last: bool = False,
+    preview_jpeg: bytes | None = None,
 ) -> Path:
     """Write `scene` (RGB, even width and height) as a DNG mosaic, with `preview` embedded.
 
     With `data_last`, the IFDs come first and the pixel data (mosaic, then preview) after them,
     as cameras write their files: cutting such a file short loses pixels, not its header.
+    `preview_jpeg` stores those bytes as the preview's JPEG instead of encoding `preview`
+    (which still gives its size): a damaged preview, as written.
     """
     path = Path(path)
     rgb = np.asarray(scene.convert("RGB"))
     cfa_data = mosaic(rgb).astype("<u2").tobytes()
     preview_data = b""
     if preview is not None:
-        if preview_format == "jpeg":
+        if preview_jpeg is not None:
+            preview_data = preview_jpeg
+        elif preview_format == "jpeg":
             buf = io.BytesIO()
             preview.convert("RGB").save(buf, "JPEG", quality=90)
             preview_data = buf.getvalue()
@@ -183,3 +188,21 @@ def mosaic_offset(path: str | Path) -> tuple[int, int]:
         tag, _typ, _n, value = struct.unpack_from("<HHII", data, pos + 12 * k)
         fields[tag] = value
     return fields[273], fields[279]
+
+
+def cut_short(src: str | Path, dst: str | Path, fraction: float, relabel: bool = False) -> Path:
+    """`src` cut to `fraction` of its bytes, as an interrupted copy leaves it. With `relabel`,
+    every strip's byte count is also cut to what is left of it, as a stub's header says: the
+    file then looks whole, and only reading its pixels finds them missing."""
+    data = bytearray(Path(src).read_bytes()[: int(Path(src).stat().st_size * fraction)])
+    if relabel:
+        counts, offsets = struct.pack("<HHI", 279, 4, 1), struct.pack("<HHI", 273, 4, 1)
+        at = data.find(counts)
+        while at >= 0:
+            offset_at = data.rfind(offsets, 0, at)
+            (offset,) = struct.unpack_from("<I", data, offset_at + 8)
+            (count,) = struct.unpack_from("<I", data, at + 8)
+            struct.pack_into("<I", data, at + 8, max(0, min(count, len(data) - offset)))
+            at = data.find(counts, at + 12)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)

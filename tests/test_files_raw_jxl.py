@@ -3,13 +3,15 @@ failures with their reason, never black or striped frames in the index; what Lib
 goes into the file's record, not the terminal.
 
 The stubs are made the way exiftool's and exiv2's test RAWs are: a DNG written as cameras lay
-theirs out (header and IFDs first, pixels after) cut short, one whose mosaic is all zeros, and
-a RAW-named file holding a bare TIFF header.
+theirs out (header and IFDs first, pixels after) cut short, as an interrupted copy leaves it or
+with its byte counts cut to match (a stub's header: only reading the pixels finds them
+missing), one whose mosaic is all zeros, and a RAW-named file holding a bare TIFF header.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from PIL import Image
 
 from piaa_index.images import ImageDecodeError, load_image
-from tests.dng_files import mosaic_offset, write_dng
+from tests.dng_files import cut_short, mosaic_offset, write_dng
 
 BARE_TIFF = b"II*\0\x08\0\0\0" + struct.pack("<H", 0) + b"\0\0\0\0"  # IFD0 with no entries
 
@@ -56,17 +58,28 @@ def stub_raws(folder: Path) -> dict[Path, str]:
         data_last=True,
     )
     big = write_dng(folder / "src_big.dng", photo(1600, 1200), data_last=True)
+    jpeg_preview = write_dng(
+        folder / "src_jpeg_preview.dng", photo(), preview=photo(), data_last=True
+    )
     stubs = {
-        truncated(bare, folder / "cut_half.dng", 0.5): "ends before its image data",
-        truncated(big, folder / "cut_header_only.dng", 0.01): "too small for its 1600x1200",
+        cut_short(bare, folder / "cut_half.dng", 0.5): "RAW file is truncated: its image data",
+        cut_short(bare, folder / "stub_half.dng", 0.5, relabel=True): (
+            "it ends before its image data (truncated, or a stub) [LibRaw: Unexpected end of file]"
+        ),
+        cut_short(big, folder / "stub_header_only.dng", 0.01, relabel=True): (
+            "too small for its 1600x1200 sensor"
+        ),
+        cut_short(small_preview, folder / "cut_preview.dng", 0.995): "RAW file is truncated",
+        cut_short(jpeg_preview, folder / "stub_preview.dng", 0.995, relabel=True): (
+            "embedded preview is unreadable (truncated image data)"
+        ),
         zeroed_mosaic(bare, folder / "zeroed.dng"): "blank frame",
         zeroed_mosaic(small_preview, folder / "zeroed_small_preview.dng"): "blank frame",
-        truncated(small_preview, folder / "cut_preview.dng", 0.995): "truncated",
     }
     for name in ("P1000001.RW2", "DSCF0001.RAF", "IMG_0001.dng"):
         (folder / name).write_bytes(BARE_TIFF)
         stubs[folder / name] = "ends before its image data"
-    for src in (bare, small_preview, big):
+    for src in (bare, small_preview, big, jpeg_preview):
         src.unlink()
     return stubs
 
@@ -81,7 +94,7 @@ def test_stub_raws_fail_with_a_reason_and_print_nothing(
 ) -> None:
     capfd.readouterr()
     for path, reason in stubs.items():
-        with pytest.raises(ImageDecodeError, match=reason) as caught:
+        with pytest.raises(ImageDecodeError, match=re.escape(reason)) as caught:
             load_image(path, draft_size=224)
         assert "Input/output error" not in caught.value.reason, path
     out, err = capfd.readouterr()
@@ -91,7 +104,7 @@ def test_stub_raws_fail_with_a_reason_and_print_nothing(
 def test_libraw_messages_end_in_the_reason(tmp_path: Path) -> None:
     """LibRaw prints "<path>: Unexpected end of file" itself; it is the file's record now."""
     whole = write_dng(tmp_path / "whole.dng", photo(), data_last=True)
-    path = truncated(whole, tmp_path / "cut.dng", 0.7)
+    path = cut_short(whole, tmp_path / "cut.dng", 0.7, relabel=True)
     with pytest.raises(ImageDecodeError) as caught:
         load_image(path)
     assert caught.value.reason == (
@@ -101,8 +114,14 @@ def test_libraw_messages_end_in_the_reason(tmp_path: Path) -> None:
 
 
 def test_a_truncated_embedded_jpeg_preview_is_a_failure(tmp_path: Path) -> None:
+    """Cut short, the file's IFDs say so before LibRaw reads (it would read past the end into
+    whatever memory holds, and sometimes "decode" that); cut with its counts, the preview's
+    JPEG is short and Pillow says so."""
     whole = write_dng(tmp_path / "whole.dng", photo(), preview=photo(), data_last=True)
-    path = truncated(whole, tmp_path / "cut.dng", 0.995)  # the preview is the last blob
+    path = cut_short(whole, tmp_path / "cut.dng", 0.995)  # the preview is the last blob
+    with pytest.raises(ImageDecodeError, match=r"RAW file is truncated: .* \(0\.5% missing\)"):
+        load_image(path, draft_size=224)
+    path = cut_short(whole, tmp_path / "stub.dng", 0.995, relabel=True)
     with pytest.raises(ImageDecodeError, match=r"preview is unreadable .*truncated or damaged"):
         load_image(path, draft_size=224)
 
@@ -157,7 +176,7 @@ def test_piaa_index_records_stub_raws_as_failures(
     assert set(failed) == {p.name for p in stubs}, report
     for path, reason in stubs.items():
         assert reason in failed[path.name], failed[path.name]
-    assert "LibRaw: Unexpected end of file" in failed["cut_half.dng"]
+    assert "LibRaw: Unexpected end of file" in failed["stub_half.dng"]
     _, err = capfd.readouterr()
     assert "Unexpected end of file" not in err and "JPEG" not in err, err
     with Library.open(model="shapesworld") as lib:
@@ -301,3 +320,139 @@ def test_a_jpeg_xl_indexes_like_the_same_picture_as_png(tmp_path: Path, piaa_hom
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     print(f"[CLS] cosine .jxl vs .png: {cosine:.5f}")
     assert cosine > 0.99, cosine
+
+
+# --- Decoder noise: into the file's record, not the terminal ------------------------------
+
+
+def jpeg_bytes(img: Image.Image, exif: bytes | None = None) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **({"exif": exif} if exif else {}))
+    return buf.getvalue()
+
+
+def with_junk_before_sof(jpeg: bytes) -> bytes:
+    """Three stray bytes before the frame header: libjpeg's "Corrupt JPEG data: 3 extraneous
+    bytes before marker 0xc0" (the JPEG still decodes whole)."""
+    at = jpeg.index(b"\xff\xc0")
+    return jpeg[:at] + b"\x00\x11\x22" + jpeg[at:]
+
+
+def with_corrupt_exif(jpeg: bytes) -> bytes:
+    """An EXIF IFD that claims more entries than it holds: Pillow warns "Corrupt EXIF data"."""
+    data = bytearray(jpeg)
+    ifd0 = data.index(b"Exif\0\0") + 6 + 8
+    data[ifd0 : ifd0 + 2] = b"\xff\x00"
+    return bytes(data)
+
+
+def exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x010F] = "piaa test camera"
+    return exif.tobytes()
+
+
+def test_libraw_libjpeg_message_goes_to_the_record(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A RAW whose embedded JPEG has stray bytes: LibRaw's libjpeg prints "Corrupt JPEG data"
+    on fd 2 itself; the picture decodes, and the message is in its info, not on the terminal."""
+    scene = photo()
+    path = write_dng(
+        tmp_path / "junk_preview.dng",
+        scene,
+        preview=scene,
+        preview_jpeg=with_junk_before_sof(jpeg_bytes(scene)),
+        data_last=True,
+    )
+    capfd.readouterr()
+    img = load_image(path, draft_size=224)
+    assert img.info["decoder_messages"] == [
+        "libjpeg: Corrupt JPEG data: 3 extraneous bytes before marker 0xc0"
+    ]
+    assert capfd.readouterr().err == ""
+
+
+def test_pillow_warnings_go_to_the_record_of_their_own_file(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Pillow's "Corrupt EXIF data" warnings, from decode threads at once: each lands in the
+    info of the file that raised it, none on stderr, and a good file's info has none."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for k in range(24):
+        data = jpeg_bytes(photo(seed=k), exif_rotated())
+        path = tmp_path / f"{k:02d}.jpg"
+        path.write_bytes(with_corrupt_exif(data) if k % 2 else data)
+        paths.append(path)
+    capfd.readouterr()
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda p: load_image(p, draft_size=224), paths))
+    for k, img in enumerate(images):
+        said = img.info.get("decoder_messages", [])
+        if k % 2:
+            assert len(said) == 1 and said[0].startswith("Pillow: Corrupt EXIF data"), (k, said)
+        else:
+            assert said == [], (k, said)
+    assert capfd.readouterr().err == ""
+
+
+def test_other_output_during_a_capture_still_reaches_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """fd 2 is the process's: what is not a decoder's (another thread's progress line) is
+    written back to the real stderr after the capture."""
+    import os
+
+    from piaa_index.images import capture_decoder_messages
+
+    said: list[str] = []
+    with capture_decoder_messages(said, "/photos/a.nef"):
+        os.write(2, b"/photos/a.nef: data corrupted at 1378\n")
+        os.write(2, b"indexing: 50%\n")
+        os.write(2, b"Premature end of JPEG file\n")
+    assert said == ["LibRaw: data corrupted at 1378", "libjpeg: Premature end of JPEG file"]
+    assert capfd.readouterr().err == "indexing: 50%\n"
+
+
+def test_piaa_index_keeps_decoder_noise_off_the_terminal(
+    tmp_path: Path, piaa_home: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A corrupt JPEG (stray bytes, a corrupt EXIF), a RAW whose preview has stray bytes and a
+    truncated RAW: the first three index, the last fails with LibRaw's words in its reason,
+    and nothing of theirs is printed."""
+    from click.testing import CliRunner
+
+    from piaa_index.cli import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene = photo(seed=5)
+    (folder / "stray.jpg").write_bytes(with_junk_before_sof(jpeg_bytes(scene)))
+    bad_exif = with_corrupt_exif(jpeg_bytes(photo(seed=6), exif_rotated()))
+    (folder / "bad_exif.jpg").write_bytes(bad_exif)
+    write_dng(
+        folder / "junk_preview.dng",
+        scene,
+        preview=scene,
+        preview_jpeg=with_junk_before_sof(jpeg_bytes(scene)),
+        data_last=True,
+    )
+    whole = write_dng(tmp_path / "whole.dng", photo(seed=7), data_last=True)
+    cut_short(whole, folder / "cut.dng", 0.6, relabel=True)
+    capfd.readouterr()
+    args = ["index", str(folder), "--model", "shapesworld", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["indexed"] == 3, report
+    [failed] = report["failed"]
+    assert Path(failed["path"]).name == "cut.dng"
+    assert failed["error"].endswith("[LibRaw: Unexpected end of file]"), failed
+    _, err = capfd.readouterr()
+    for noise in ("Corrupt JPEG", "Corrupt EXIF", "Unexpected end of file", "Warning"):
+        assert noise not in err and noise not in result.stderr, (noise, err, result.stderr)
