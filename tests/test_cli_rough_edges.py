@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -329,3 +330,107 @@ def test_vocab_set_needs_labels_or_a_file(
 ) -> None:
     code, _, err = run_main([*library_args(tmp_path / "home"), "vocab", "set"], monkeypatch, capsys)
     assert code == 2 and "give LABELS or --from FILE" in err
+
+
+# ---- 3. `piaa --help` reads as one page -------------------------------------------------------
+
+
+def listed_commands(help_text: str) -> dict[str, str]:
+    """name → one-line help of the commands a help page lists (any section before options)."""
+    import re
+
+    listed = {}
+    if "\nCommands:" in help_text:  # a sub-group's page: options, then commands
+        section = help_text.split("\nCommands:")[1]
+    else:  # `piaa --help`: the commands by section, then the global options
+        section = help_text.split("\nGlobal options")[0]
+    for line in section.splitlines():
+        if m := re.match(r"^  ([a-z][\w-]*) {2,}(\S.*)$", line):
+            listed[m.group(1)] = m.group(2)
+    return listed
+
+
+def help_page(*args: str, width: int = 80) -> str:
+    result = CliRunner().invoke(cli, [*args, "--help"], terminal_width=width)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_every_command_summary_is_a_whole_sentence_that_fits() -> None:
+    """Before: "search   Images matching a label EXPRESSION, e.g." and six summaries cut with
+    "..." in `piaa --help`, more in `piaa db/models/shapes/export/vocab --help`."""
+    top = help_page()
+    assert max(len(line) for line in top.splitlines()) <= 80, top
+    pages = {"piaa": listed_commands(top)}
+    assert {"demo", "index", "vocab", "search", "tags", "export", "serve", "db"} <= set(
+        pages["piaa"]
+    )
+    for name, command in sorted(cli.commands.items()):
+        if isinstance(command, click.Group) or name == "export":
+            pages[f"piaa {name}"] = listed_commands(help_page(name))
+    assert pages["piaa export"].keys() >= {"csv", "json", "xmp"}
+    for page, listed in pages.items():
+        assert listed, page
+        for name, summary in listed.items():
+            where = f"{page}: {name}  {summary}"
+            assert summary.endswith(".") and not summary.endswith("..."), where
+            assert not summary.endswith(("e.g.", "i.e.")), where
+    assert pages["piaa"]["search"] == "Find images by a label expression or by any text phrase."
+
+
+def test_top_help_is_one_page_in_sections_with_the_first_steps() -> None:
+    text = help_page()
+    # What piaa is, then the commands by section, the global options, the first steps.
+    order = ["Tag and search photo", "Start:", "Find:", "Share:", "Global options", "First steps"]
+    positions = [text.index(part) for part in order]
+    assert positions == sorted(positions), text
+    start = text[text.index("Start:") : text.index("Find:")]
+    assert [line.split()[0] for line in start.splitlines()[1:] if line.strip()][:2] == [
+        "demo",
+        "index",
+    ]
+    steps = text[text.index("First steps") :]
+    for step in ("piaa demo", "piaa index ", "piaa vocab set ", "piaa search "):
+        assert step in steps
+    assert "_PIAA_COMPLETE=bash_source piaa" in steps
+    # Each command appears once.
+    listed = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and not
+              line.startswith(("  -", "   ")) and line.split()[0].isalpha()]  # fmt: skip
+    commands = [name for name in listed if name in cli.list_commands(click.Context(cli))]
+    assert len(commands) == len(set(commands))
+
+
+# ---- 7. shell completion --------------------------------------------------------------------
+
+
+def test_shell_completion_script_and_completions(tmp_path: Path) -> None:
+    """The documented line prints a script; bash, sourcing it, completes commands."""
+    import shutil
+
+    for shell, marker in (
+        ("bash", "complete -o nosort -F _piaa_completion piaa"),
+        ("zsh", "#compdef piaa"),
+        ("fish", "complete --no-files --command piaa"),
+    ):
+        proc = piaa_process([], tmp_path / "home", tmp_path, _PIAA_COMPLETE=f"{shell}_source")
+        assert proc.returncode == 0, proc.stderr
+        assert marker in proc.stdout, proc.stdout
+    # The documented places mention it.
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/cli.md"):
+        assert "_PIAA_COMPLETE=bash_source piaa" in (root / doc).read_text(encoding="utf-8")
+    script = Path(sys.executable).with_name("piaa")
+    bash = shutil.which("bash")
+    if bash is None or not script.is_file():
+        pytest.skip("no bash or no installed `piaa` script to complete with")
+    line = (
+        'eval "$(_PIAA_COMPLETE=bash_source piaa)"; '
+        "COMP_WORDS=(piaa voc); COMP_CWORD=1; _piaa_completion piaa; echo ${COMPREPLY[@]}; "
+        "COMPREPLY=(); COMP_WORDS=(piaa vocab se); COMP_CWORD=2; _piaa_completion piaa; echo ${COMPREPLY[@]}"
+    )
+    env = {**os.environ, "PATH": f"{script.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(
+        [bash, "-c", line], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["vocab", "set"], proc.stdout

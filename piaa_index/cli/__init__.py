@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from piaa_index import __version__
-from piaa_index.cli.common import AppContext, run_guarded
+from piaa_index.cli.common import AppContext, first_sentence, run_guarded
 
 # Global options: (declarations, settings). The group takes them with their environment
 # variables and defaults; every sub-command also accepts them (`piaa index DIR --model X`),
@@ -24,30 +24,34 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {
             "envvar": "PIAA_HOME",
             "type": click.Path(file_okay=False),
+            "metavar": "DIR",
             "help": "Data folder (SQLite database, vectors). Env: PIAA_HOME.",
         },
     ),
     (
         ("--db",),
-        {"envvar": "PIAA_DB", "help": "SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB."},
+        {
+            "envvar": "PIAA_DB",
+            "metavar": "URL",
+            "help": "SQLAlchemy URL, e.g. postgresql://host/db. Env: PIAA_DB.",
+        },
     ),
     (
         ("--model",),
         {
             "envvar": "PIAA_MODEL",
-            "help": "open_clip model name, `shapesworld` or `shapesworld-gap` (the shipped "
-            "stand-ins), or a model-config JSON. "
-            "Env: PIAA_MODEL. [default: ViT-B-16]",
+            "metavar": "NAME",
+            "help": "An open_clip model, `shapesworld` or `shapesworld-gap` (shipped, work "
+            "offline), or a model-config JSON. Env: PIAA_MODEL. [default: ViT-B-16]",
         },
     ),
     (
         ("--pretrained",),
         {
             "envvar": "PIAA_PRETRAINED",
-            "help": "Weights: an open_clip tag (downloaded on first use; see `piaa models`), a "
-            "checkpoint file (recorded by its sha256, so it may move), or `none`. "
-            "Env: PIAA_PRETRAINED. [default: openai for ViT-B-16, the shipped file for "
-            "the shipped models]",
+            "metavar": "WEIGHTS",
+            "help": "An open_clip tag (see `piaa models`), a checkpoint file, or `none`. "
+            "Env: PIAA_PRETRAINED. [default: openai; the shipped file for the shipped models]",
         },
     ),
     (
@@ -87,8 +91,9 @@ def _override_global(ctx: click.Context, param: click.Parameter, value: Any) -> 
         setattr(app, param.name, value)
 
 
-def with_global_options(command: click.Command | None) -> click.Command | None:
-    """Let `command` (and, for a group, every sub-command it resolves) take the global options."""
+def with_global_options(command: click.Command | None, path: str = "") -> click.Command | None:
+    """Let `command` (and, for a group, every sub-command it resolves) take the global options;
+    give it a one-line help that is a whole sentence. `path`: its name under `piaa`."""
     if command is None or getattr(command, "_piaa_globals", False):
         return command
     taken = {opt for param in command.params for opt in param.opts + param.secondary_opts}
@@ -103,22 +108,101 @@ def with_global_options(command: click.Command | None) -> click.Command | None:
             click.Option(decls, expose_value=False, callback=_override_global, hidden=True, **local)
         )
     command._piaa_globals = True  # type: ignore[attr-defined]
+    if command.short_help is None:  # a whole sentence where the help starts with a short one
+        command.short_help = SHORT_HELP.get(path) or first_sentence(command.help, SHORT_HELP_WIDTH)
     if isinstance(command, click.Group):
         resolve = command.get_command
 
         def get_command(ctx: click.Context, name: str) -> click.Command | None:
-            return with_global_options(resolve(ctx, name))
+            return with_global_options(resolve(ctx, name), f"{path} {name}".strip())
 
         # On the instance: a plugin's group class is not ours to subclass.
         setattr(command, "get_command", get_command)  # noqa: B010
     return command
 
 
+# `piaa --help` lists the commands in the order a new user meets them, in these sections;
+# commands a plugin adds come last. The one-line help (by command path) of the commands defined
+# outside piaa_index/cli (the HTTP plugin's) and of `index`/`status`, each a whole sentence;
+# other commands without one get their help's first sentence when it is short.
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Start", ("demo", "index", "vocab", "fit", "status")),
+    ("Find", ("search", "tags", "similar")),
+    ("Share", ("export", "serve", "keys")),
+    ("Look after", ("db", "models", "plugins")),
+    ("Measure", ("eval", "shapes")),
+)
+SHORT_HELP = {
+    "index": "Index image folders and files (incremental, resumable).",
+    "status": "Show counts, model, vocabulary and whether tags are stale.",
+    "serve": "Serve the HTTP API and the web gallery.",
+    "keys": "Create, list or revoke the API keys of `piaa serve`.",
+    "keys list": "List the keys: id, name, scope, created, revoked.",
+    "keys revoke": "Revoke a key by id, at once, also on a running server.",
+}
+SHORT_HELP_WIDTH = 60
+
+EPILOG = """\b
+First steps:
+  piaa demo                      try it all offline on generated scenes
+  piaa index ~/Pictures          index a folder (fetches ViT-B-16 once)
+  piaa vocab set dog bicycle     the labels to tag with (or --from FILE)
+  piaa search "dog AND NOT bicycle"
+  piaa tags ~/Pictures/a.jpg     one photo's labels and why
+
+\b
+`piaa COMMAND --help` shows a command's options; docs/cli.md has them all.
+Shell completion: eval "$(_PIAA_COMPLETE=bash_source piaa)" (docs/cli.md).
+"""
+
+
 class PiaaGroup(click.Group):
     """Adds the commands that plugins register (queries and arbitrary commands) on first use,
-    and lets every sub-command take the global options."""
+    and lets every sub-command take the global options. Its help reads as one page: what
+    piaa is, the commands by section, the global options, the first steps."""
 
     _plugins_loaded = False
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_commands(ctx, formatter)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The global options only (the commands have their own sections)."""
+        records = [r for p in self.get_params(ctx) if (r := p.get_help_record(ctx))]
+        if records:
+            with formatter.section("Global options (before or after the command)"):
+                formatter.write_dl(records)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        commands: dict[str, click.Command] = {}
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                commands[name] = command
+        if not commands:
+            return
+        width = max(len(name) for name in commands)
+        limit = formatter.width - 6 - width
+        placed: set[str] = set()
+        sections = [(title, [n for n in names if n in commands]) for title, names in SECTIONS]
+        for _, names in sections:
+            placed.update(names)
+        sections.append(("Plugin commands", [n for n in commands if n not in placed]))
+        for title, names in sections:
+            if not names:
+                continue
+            rows = []
+            for name in names:
+                text = commands[name].short_help  # with_global_options made it whole
+                if text is None or len(text) > limit:
+                    text = commands[name].get_short_help_str(limit)
+                rows.append((name.ljust(width), text))  # one column across sections
+            with formatter.section(title):
+                formatter.write_dl(rows)
 
     def _load_plugin_commands(self) -> None:
         if self._plugins_loaded:
@@ -137,23 +221,18 @@ class PiaaGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         self._load_plugin_commands()
-        return with_global_options(super().get_command(ctx, cmd_name))
+        return with_global_options(super().get_command(ctx, cmd_name), cmd_name)
 
 
-@click.group(cls=PiaaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PiaaGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="piaa")
 @_global_option_decorators
 @click.pass_context
 def cli(ctx: click.Context, **options: object) -> None:
     """Tag and search photo collections by what is in them.
 
-    \b
-    Quick start:
-      piaa index ~/Pictures
-      piaa vocab set dog bicycle person
-      piaa search "dog AND bicycle AND NOT person"
-
-    Global options may also follow the sub-command: piaa index DIR --model shapesworld.
+    Index folders once, name the labels you care about, then search by them ("dog AND
+    bicycle AND NOT person") or by any phrase (--text). The library lives in --home.
     """
     ctx.obj = AppContext(**options)  # type: ignore[arg-type]
 

@@ -250,6 +250,27 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def first_sentence(text: str | None, limit: int) -> str | None:
+    """The first sentence of `text`'s first paragraph when it fits in `limit` characters, else
+    None: a command's short help that is a whole sentence (click's own cuts mid-sentence, at
+    "e.g." or at its width)."""
+    if not text:
+        return None
+    paragraph = " ".join(text.strip().split("\n\n")[0].replace("\b", "").split())
+    depth = 0
+    for i, ch in enumerate(paragraph):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(depth - 1, 0)
+        elif ch == "." and depth == 0 and paragraph[i + 1 : i + 2] in ("", " "):
+            sentence = paragraph[: i + 1]
+            if sentence.endswith(("e.g.", "i.e.", "etc.", "vs.")):
+                continue
+            return sentence if len(sentence) <= limit else None
+    return paragraph if len(paragraph) <= limit else None
+
+
 def echo_json(value: Any) -> None:
     click.echo(json_text(value))
 

@@ -10,12 +10,12 @@ import click
 from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 
-@click.group("db")
+@click.group("db", short_help="Check, upgrade and compact the database and vectors.")
 def db_group() -> None:
     """Database schema and storage."""
 
 
-@db_group.command("upgrade")
+@db_group.command("upgrade", short_help="Upgrade the schema (also done automatically on open).")
 @pass_app
 def db_upgrade(app: AppContext) -> None:
     """Upgrade the schema to this version's (also done automatically on open)."""
@@ -27,7 +27,7 @@ def db_upgrade(app: AppContext) -> None:
     click.echo(f"schema at revision {store.schema_revision()}")
 
 
-@db_group.command("info")
+@db_group.command("info", short_help="Show where the database and vectors are, and failed files.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def db_info(app: AppContext, as_json: bool) -> None:
@@ -49,7 +49,9 @@ def db_info(app: AppContext, as_json: bool) -> None:
         click.echo(f"failed: {failure['path']}: {failure['error']}")
 
 
-@db_group.command("check")
+@db_group.command(
+    "check", short_help="Verify the database and every vector shard; exit 1 on damage."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
 def db_check(app: AppContext, as_json: bool) -> None:
@@ -151,7 +153,7 @@ def _damaged_database_report(app: AppContext, exc: Exception) -> dict[str, Any] 
     }
 
 
-@db_group.command("vacuum")
+@db_group.command("vacuum", short_help="Reclaim unused vector space and merge small shards.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def db_vacuum(app: AppContext, as_json: bool) -> None:

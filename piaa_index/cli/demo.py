@@ -14,7 +14,7 @@ def _step(message: str) -> None:
     click.secho(f"\n==> {message}", bold=True, err=True)
 
 
-@click.command("demo")
+@click.command("demo", short_help="Try piaa offline: generated scenes and the shipped model.")
 @click.option(
     "--dir",
     "workdir",

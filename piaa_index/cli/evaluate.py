@@ -9,7 +9,7 @@ import click
 from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 
-@click.command("eval")
+@click.command("eval", short_help="Measure tagging accuracy (mAP, CF1, OF1) on a labelled folder.")
 @click.argument("test_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--fit",

@@ -6,9 +6,12 @@ from typing import Any
 
 import click
 
-from piaa_index.cli.common import app_context, echo_json
+from piaa_index.cli.common import app_context, echo_json, first_sentence
 
 ERRORS_SHOWN = 10
+# The short help of exporters whose help does not start with a short sentence.
+SHORT_HELP = {"xmp": "Merge the present labels into XMP sidecars as keywords."}
+SHORT_HELP_WIDTH = 60
 STDOUT = "-"  # an exporter's `--output -`: the data goes to standard output
 
 
@@ -54,6 +57,7 @@ class ExportGroup(click.Group):
                 click.Option(["--json", "as_json"], is_flag=True, help="The summary as JSON."),
             ],
             help=exporter.help,
+            short_help=SHORT_HELP.get(name) or first_sentence(exporter.help, SHORT_HELP_WIDTH),
         )
 
 
@@ -79,7 +83,7 @@ def echo_summary(name: str, summary: dict[str, Any], err: bool = False) -> None:
         click.echo(f"… and {len(errors) - ERRORS_SHOWN} more (--json lists them all)", err=True)
 
 
-@click.group("export", cls=ExportGroup)
+@click.group("export", cls=ExportGroup, short_help="Write tags out as XMP sidecars, CSV or JSON.")
 def export_group() -> None:
     """Write tags out: XMP sidecars for Lightroom/digiKam/darktable, CSV, JSON."""
 

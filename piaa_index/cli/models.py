@@ -7,7 +7,11 @@ import click
 from piaa_index.cli.common import echo_json, emit_rows
 
 
-@click.group("models", invoke_without_command=True)
+@click.group(
+    "models",
+    invoke_without_command=True,
+    short_help="List the model weights on this machine, or fetch them.",
+)
 @click.option("--all", "everything", is_flag=True, help="Every model and tag open_clip knows.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: cache folder and models.")
 @click.pass_context
@@ -36,7 +40,7 @@ def models_group(ctx: click.Context, everything: bool, as_json: bool) -> None:
     emit_rows(table, as_json=False, as_csv=False, paths_only=False)
 
 
-@models_group.command("fetch")
+@models_group.command("fetch", short_help="Download a model's weights once, for later offline use.")
 @click.argument("name")
 @click.argument("tag", required=False)
 def models_fetch(name: str, tag: str | None) -> None:

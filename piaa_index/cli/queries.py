@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from piaa_index.cli.common import app_context, emit_rows, output_options
+from piaa_index.cli.common import app_context, emit_rows, first_sentence, output_options
 from piaa_index.plugins import Param, Plugins, Query
 
 if TYPE_CHECKING:
@@ -33,6 +33,15 @@ class CommandExtension:
     params: tuple[click.Parameter, ...]
     run: Callable[[AppContext, dict[str, Any], dict[str, Any], str], bool]
     table: Callable[[list[dict[str, Any]]], str] | None = None
+
+
+# The one-line help of the built-in queries in `piaa --help` (their full help is the query's).
+SHORT_HELP = {
+    "tags": "Show an image's labels, scores and why each is tagged or not.",
+    "search": "Find images by a label expression or by any text phrase.",
+    "similar": "Find the images most similar to IMAGE.",
+}
+SHORT_HELP_WIDTH = 60
 
 
 def _extensions() -> dict[str, CommandExtension]:
@@ -104,6 +113,7 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
         params=[_click_param(p) for p in query.params]
         + list(extension.params if extension else ()),
         help=query.help,
+        short_help=SHORT_HELP.get(query.name) or first_sentence(query.help, SHORT_HELP_WIDTH),
     )
     # output_options decorated the callback; move its click params onto the command.
     command.params.extend(getattr(command.callback, "__click_params__", [])[::-1])

@@ -9,12 +9,12 @@ import click
 from piaa_index.cli.common import AppContext, echo_json, pass_app
 
 
-@click.group("shapes")
+@click.group("shapes", short_help="Generate ShapesWorld scenes, the offline test world.")
 def shapes_group() -> None:
     """ShapesWorld: the procedural multi-object world of the offline proof."""
 
 
-@shapes_group.command("generate")
+@shapes_group.command("generate", short_help="Write N labelled scenes to OUTDIR (the eval layout).")
 @click.argument("outdir", type=click.Path(file_okay=False))
 @click.option("--images", "n_images", default=200, show_default=True, help="Number of scenes.")
 @click.option(

@@ -13,7 +13,7 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
 from piaa_index.errors import UsageError
 
 
-@click.group("vocab")
+@click.group("vocab", short_help="Set, add, remove or list the labels to tag with.")
 def vocab_group() -> None:
     """The labels to tag with. Changing them makes the tags stale (the next query refits)."""
 
@@ -86,7 +86,9 @@ def _labels(labels: tuple[str, ...], label_file: str | None) -> list[str]:
     return out
 
 
-@vocab_group.command("set")
+@vocab_group.command(
+    "set", short_help="Replace the vocabulary with LABELS or those of --from FILE."
+)
 @label_sources
 @click.option(
     "--template",
@@ -148,7 +150,7 @@ def vocab_preset(app: AppContext, name: str, as_json: bool) -> None:
     _show(app, as_json)
 
 
-@click.command("fit")
+@click.command("fit", short_help="Fit the patch classifier and re-tag every image.")
 @click.option(
     "--bank-size",
     type=int,
