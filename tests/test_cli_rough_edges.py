@@ -19,6 +19,12 @@ from click.testing import CliRunner, Result
 from piaa_index.cli import cli, main
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: a regression writes no file named `-` in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def library_args(home: Path) -> list[str]:
     return ["--home", str(home), "--db", f"sqlite:///{home / 'piaa.sqlite3'}", "-q"]
 
@@ -79,8 +85,12 @@ def test_export_csv_output_dash_writes_to_stdout(
 
 
 def test_export_output_dash_with_json_summary_is_a_usage_error(
-    shapes_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    shapes_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     code, out, err = run_main(
         [*library_args(shapes_home), "export", "json", "--output", "-", "--json"],
         monkeypatch,
@@ -88,6 +98,7 @@ def test_export_output_dash_with_json_summary_is_a_usage_error(
     )
     assert code == 2 and out == ""
     assert "--output -" in err and "Traceback" not in err
+    assert not (tmp_path / "-").exists()
 
 
 def first_tagged(home: Path) -> tuple[str, str]:
