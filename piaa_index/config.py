@@ -35,6 +35,17 @@ def default_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "piaa-index"
 
 
+# The prompt templates a label's text prototype averages over (CLIP's ensemble, shortened):
+# here, without torch, so text search's numpy tower and the vocabulary share one list.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "there is a {} in the scene.",
+)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model, which weights, which patch front-end (cheap: no torch import)."""

@@ -22,7 +22,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 
 from piaa_index import weights
-from piaa_index.config import FRONT_ENDS, ModelSpec
+from piaa_index.config import DEFAULT_TEMPLATES, FRONT_ENDS, ModelSpec
 from piaa_index.errors import PiaaError
 
 __all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "ModelSpec"]
@@ -40,14 +40,6 @@ CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _TEXT_BATCH = 256
-
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "there is a {} in the scene.",
-)
 
 
 class ModelLoadError(PiaaError):

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.config import DEFAULT_TEMPLATES
 from piaa_index.durable import file_digest, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -58,15 +59,7 @@ __all__ = [
     "save_text_tower",
 ]
 
-# encoder.DEFAULT_TEMPLATES (that module imports torch); tests/test_text_tower.py keeps the two
-# equal.
-TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "there is a {} in the scene.",
-)
+TEMPLATES = DEFAULT_TEMPLATES  # (config.py: the one list, importable without torch)
 # encoder.SHIPPED_MODELS and the config they share, for the cache key (same test).
 SHIPPED_WEIGHTS = {
     "shapesworld": "shapesworld.safetensors",
@@ -637,8 +630,7 @@ def phrase_prototype(library: Library, text: str, templates: Callable[[], list[s
     cached for the next query and used for this one, so that every query of a library is
     answered by the same code. A library given its own encoder factory uses that encoder.
 
-    `templates` gives the prompt templates (`vocabulary.default_templates`); it imports torch,
-    so the numpy path uses `TEMPLATES`, the same list (kept equal by the tests)."""
+    `templates` gives the prompt templates (`vocabulary.default_templates`: config's list)."""
     custom = getattr(library, "_encoder_factory", None) is not None
     path = None
     if not custom:
@@ -651,4 +643,4 @@ def phrase_prototype(library: Library, text: str, templates: Callable[[], list[s
             tower = save_text_tower(encoder, path)
         if tower is None:
             return encoder.text_prototypes([text], templates())[0]
-    return tower.text_prototypes([text], TEMPLATES)[0]
+    return tower.text_prototypes([text], templates())[0]

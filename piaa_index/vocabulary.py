@@ -97,7 +97,7 @@ def check_template(template: str) -> None:
 
 
 def default_templates() -> list[str]:
-    from piaa_index.encoder import DEFAULT_TEMPLATES
+    from piaa_index.config import DEFAULT_TEMPLATES
 
     return list(DEFAULT_TEMPLATES)
 

@@ -98,7 +98,8 @@ def _strings() -> list[str]:
 
 
 def test_constants_follow_the_encoder() -> None:
-    """The copies text_tower keeps (encoder.py imports torch) equal the originals."""
+    """The constants text_tower keeps (encoder.py imports torch) equal the originals, and the
+    templates are config's one list."""
     assert tuple(tt.TEMPLATES) == tuple(DEFAULT_TEMPLATES)
     assert tt.SHIPPED_WEIGHTS == SHIPPED_MODELS
     assert tt.SHIPPED_DIR == SHAPESWORLD_DIR
