@@ -57,6 +57,9 @@ class IndexReport:
     still_failing: int = 0
     skipped: dict[str, Any] = field(default_factory=dict)  # what the scan did not read, why
     kept: dict[str, int] = field(default_factory=dict)  # --prune: missing but not provably gone
+    # Files that decoded, with what their decoders said (corrupt EXIF, extraneous JPEG bytes):
+    # {"path", "messages"}, here rather than on the terminal.
+    warnings: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,6 +72,7 @@ class IndexReport:
             "still_failing": self.still_failing,
             "skipped": self.skipped,
             "kept": self.kept,
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.indexed / self.seconds, 2) if self.seconds else 0.0,
         }
@@ -94,6 +98,9 @@ class _Encoded(Row):
     cls: np.ndarray
     patches: np.ndarray
     reused: bool
+    # What the decoders said about a file that still decoded (images.py captures LibRaw's and
+    # Pillow's messages instead of letting them reach the terminal): kept in the run's report.
+    messages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Prepared:
     pixels: Any  # torch.Tensor [3, H, W], what `Encoder.preprocess` returns
     width: int  # the file's full upright size (load_image's info["original_size"])
     height: int
+    messages: list[str] = field(default_factory=list)  # load_image's info["decoder_messages"]
 
 
 @dataclass
@@ -207,6 +215,10 @@ class Indexer:
                             report.reused += 1
                         else:
                             report.indexed += 1
+                        if item.messages:
+                            report.warnings.append(
+                                {"path": item.info.path, "messages": item.messages}
+                            )
                     for info, error in failed:
                         report.failed.append({"path": info.path, "error": error})
                     advance(len(chunk))
@@ -401,7 +413,7 @@ def decode_files(
             return img
         width, height = img.info.get("original_size", img.size)
         try:
-            return Prepared(preprocess(img), width, height)
+            return Prepared(preprocess(img), width, height, _messages(img))
         except BaseException as exc:  # not a decoding error, whatever its type: raised
             raise _NotDecoding(exc) from exc
 
@@ -442,14 +454,30 @@ def encode_decoded(
         cls, patches = encoder.encode_images(torch.stack([p.pixels for p in prepared]))
         for j, (info, img) in enumerate(part):
             width, height = _original_size(img)
-            out.append(_Encoded(info, hashes[info.path], width, height, cls[j], patches[j], False))
+            out.append(
+                _Encoded(
+                    info,
+                    hashes[info.path],
+                    width,
+                    height,
+                    cls[j],
+                    patches[j],
+                    False,
+                    prepared[j].messages,
+                )
+            )
     return out
 
 
 def _prepared(encoder: Encoder, img: Any) -> Prepared:
     if isinstance(img, Prepared):
         return img
-    return Prepared(encoder.preprocess(img), *_original_size(img))
+    return Prepared(encoder.preprocess(img), *_original_size(img), _messages(img))
+
+
+def _messages(img: Any) -> list[str]:
+    """The decoder messages `load_image` kept for a file that decoded."""
+    return [str(m) for m in getattr(img, "info", {}).get("decoder_messages", [])]
 
 
 def _original_size(img: Any) -> tuple[int, int]:

@@ -456,3 +456,7 @@ def test_piaa_index_keeps_decoder_noise_off_the_terminal(
     _, err = capfd.readouterr()
     for noise in ("Corrupt JPEG", "Corrupt EXIF", "Unexpected end of file", "Warning"):
         assert noise not in err and noise not in result.stderr, (noise, err, result.stderr)
+    # What the decoders said about the files that indexed is in the run's report, per file.
+    said = {Path(w["path"]).name: " ".join(w["messages"]) for w in report["warnings"]}
+    assert "Corrupt EXIF" in said.get("bad_exif.jpg", ""), report["warnings"]
+    assert "Corrupt JPEG" in said.get("junk_preview.dng", ""), report["warnings"]

@@ -127,6 +127,13 @@ def index_command(
     )
     for failure in d["failed"]:
         click.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+    if d["warnings"]:
+        n = len(d["warnings"])
+        click.echo(
+            f"  {n} file{'s' if n != 1 else ''} decoded with decoder warnings "
+            "(e.g. corrupt EXIF; each file's messages are in --json's warnings)",
+            err=True,
+        )
     for line in skipped_lines(d["skipped"], d["kept"]):
         click.echo(f"  {line}", err=True)
 
