@@ -8,8 +8,10 @@ evaluation. `top_k` ranks as `Library.search` always has: score descending, then
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -158,3 +160,74 @@ def search_rows(
         }
         for r, image_id in zip(rows, ids, strict=True)
     ]
+
+
+# --------------------------------------------------------------------- tags of one image
+
+
+def path_candidates(path: str | Path) -> list[str]:
+    """The stored paths a path the user typed may be, in order: the absolute path with links
+    kept (a link indexed in a walked folder is its own row), as typed, then resolved (a root
+    given through a link is stored resolved)."""
+    given = Path(path).expanduser()
+    return list(dict.fromkeys([os.path.abspath(given), str(path), str(given.resolve())]))
+
+
+def tag_rows(
+    names: list[str], rule: Any, mats: dict[str, np.ndarray], r: int, stored_path: str
+) -> list[dict[str, Any]]:
+    """`tags` rows of the image at column r of a score segment's matrices (S, E, C, U,
+    present: [C, n]) under the tag rule `rule` (`Decisions`): best first, vocabulary order on
+    ties. The one home of the row format, for the library and the read-only path."""
+    S = np.asarray(mats["S"][:, r], dtype=np.float64)
+    E = np.asarray(mats["E"][:, r], dtype=np.float64)
+    Cs = np.asarray(mats["C"][:, r], dtype=np.float64)
+    U = np.asarray(mats["U"][:, r], dtype=np.float64)
+    present = np.asarray(mats["present"][:, r], dtype=bool)
+    # Open world: the best patch's log-odds on the collection's scale for that label
+    # (`Calibration.relative_evidence`, what the evidence map shows); gates read the raw E.
+    shown_E = E if rule.calibration is None else rule.calibration.relative_evidence(E)
+    order = np.lexsort((np.arange(len(S)), -S))
+    return [
+        {
+            "path": stored_path,
+            "label": names[c],
+            "score": float(S[c]),
+            "patch_score": float(shown_E[c]),
+            "cls_score": float(Cs[c]),
+            "present": bool(present[c]),
+            "threshold": _bound(rule.thresholds[c]),
+            "text_support": float(U[c]),
+            "support_gate": _bound(rule.support_gate[c]),
+            "label_status": rule.status[c].get("status", "present"),
+            "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c]), float(S[c])),
+        }
+        for c in order
+    ]
+
+
+def _why(present: bool, rule: Any, c: int, evidence: float, support: float, score: float) -> str:
+    """One phrase on why a label is or is not tagged on an image."""
+    status = rule.status[c].get("status", "present")
+    if status == "absent":
+        return "label absent from the collection"
+    weak = " (weak label: surest images only)" if status == "weak" else ""
+    if rule.calibration is not None:
+        if present:
+            return "confidence at or above one half" + weak
+        if support < rule.support_gate[c]:
+            return "best patch short of the label's text level (confidence halved)" + weak
+        return "confidence below one half"
+    if present:
+        return "patch evidence at or above the threshold" + (
+            " (weak label: surest images only)" if status == "weak" else ""
+        )
+    if evidence < rule.thresholds[c]:
+        return "patch evidence below the threshold"
+    return "text support below the gate" + (" (weak label)" if status == "weak" else "")
+
+
+def _bound(value: float) -> float | None:
+    """A threshold or gate for output: None where it is infinite (JSON has no infinity; an
+    absent label's threshold is +inf, "no gate" is -inf, and `label_status` says which)."""
+    return float(value) if np.isfinite(value) else None

@@ -12,6 +12,7 @@ import numpy as np
 
 from piaa_index.errors import UserInputError
 from piaa_index.part import Part
+from piaa_index.query_engine import path_candidates, tag_rows
 from piaa_index.vocabulary import default_templates
 
 if TYPE_CHECKING:
@@ -41,11 +42,9 @@ class Searcher(Part):
         """The id of an indexed image, by path (as given, or resolved)."""
         from piaa_index.schema import INDEXED
 
-        # The path as stored first (absolute, links kept: a link indexed in a walked folder is
-        # its own row), then as resolved (a root given through a link is stored resolved).
         given = Path(path).expanduser()
         row = None
-        for candidate in dict.fromkeys([os.path.abspath(given), str(path), str(given.resolve())]):
+        for candidate in path_candidates(path):
             row = self.store.image_by_path(candidate)
             if row is not None:
                 break
@@ -77,33 +76,8 @@ class Searcher(Part):
                 f"{shown or f'image {image_id}'} has no scores yet; run `piaa fit`"
             )
         seg, r = found
-        S = np.asarray(seg.mats["S"][:, r], dtype=np.float64)
-        E = np.asarray(seg.mats["E"][:, r], dtype=np.float64)
-        Cs = np.asarray(seg.mats["C"][:, r], dtype=np.float64)
-        U = np.asarray(seg.mats["U"][:, r], dtype=np.float64)
-        present = np.asarray(seg.mats["present"][:, r], dtype=bool)
         stored_path = self.store.paths([image_id])[image_id]
-        rule = state.fitted.decisions
-        # Open world: the best patch's log-odds on the collection's scale for that label
-        # (`Calibration.relative_evidence`, what the evidence map shows); gates read the raw E.
-        shown_E = E if rule.calibration is None else rule.calibration.relative_evidence(E)
-        order = np.lexsort((np.arange(len(S)), -S))  # best first, vocabulary order on ties
-        return [
-            {
-                "path": stored_path,
-                "label": state.vocab.labels[c].name,
-                "score": float(S[c]),
-                "patch_score": float(shown_E[c]),
-                "cls_score": float(Cs[c]),
-                "present": bool(present[c]),
-                "threshold": _bound(rule.thresholds[c]),
-                "text_support": float(U[c]),
-                "support_gate": _bound(rule.support_gate[c]),
-                "label_status": rule.status[c].get("status", "present"),
-                "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c]), float(S[c])),
-            }
-            for c in order
-        ]
+        return tag_rows(state.vocab.names, state.fitted.decisions, seg.mats, r, stored_path)
 
     def search(
         self, expression: str, limit: int | None = 20, include_absent: bool = False
@@ -267,33 +241,6 @@ class Searcher(Part):
             order = order[:limit]
         paths = self.store.paths([int(ids[i]) for i in order])
         return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
-
-
-def _why(present: bool, rule: Any, c: int, evidence: float, support: float, score: float) -> str:
-    """One phrase on why a label is or is not tagged on an image."""
-    status = rule.status[c].get("status", "present")
-    if status == "absent":
-        return "label absent from the collection"
-    weak = " (weak label: surest images only)" if status == "weak" else ""
-    if rule.calibration is not None:
-        if present:
-            return "confidence at or above one half" + weak
-        if support < rule.support_gate[c]:
-            return "best patch short of the label's text level (confidence halved)" + weak
-        return "confidence below one half"
-    if present:
-        return "patch evidence at or above the threshold" + (
-            " (weak label: surest images only)" if status == "weak" else ""
-        )
-    if evidence < rule.thresholds[c]:
-        return "patch evidence below the threshold"
-    return "text support below the gate" + (" (weak label)" if status == "weak" else "")
-
-
-def _bound(value: float) -> float | None:
-    """A threshold or gate for output: None where it is infinite (JSON has no infinity; an
-    absent label's threshold is +inf, "no gate" is -inf, and `label_status` says which)."""
-    return float(value) if np.isfinite(value) else None
 
 
 def phrase_scores(

@@ -19,6 +19,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from piaa_index.config import Settings
 from piaa_index.status import INDEXED
-from piaa_index.textio import from_db_text
+from piaa_index.textio import from_db_text, to_db_text
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -167,6 +168,17 @@ class ReadOnlyStore:
         sql = "SELECT 1 FROM images WHERE shard > ? AND +status = ? LIMIT 1"
         return self._one(sql, (shard, INDEXED)) is not None
 
+    def image_by_path(self, path: str) -> tuple[int, str] | None:
+        """(id, status) of the image stored under `path`, as `Store.image_by_path`."""
+        row = self._one("SELECT id, status FROM images WHERE path = ?", (to_db_text(path),))
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def decisions(self, classifier_id: int) -> dict | None:
+        """The tag rule a classifier was installed with (its report's "decisions")."""
+        row = self._one("SELECT report FROM classifiers WHERE id = ?", (classifier_id,))
+        report = json.loads(row[0]) if row is not None and row[0] is not None else None
+        return report.get("decisions") if isinstance(report, dict) else None
+
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
         out: dict[int, str] = {}
         for start in range(0, len(ids), 500):
@@ -184,6 +196,49 @@ def search(
 ) -> list[dict[str, Any]] | None:
     """`Library.search`'s rows when the library can answer without writing, else None."""
     from piaa_index.query_engine import parse_query, search_rows
+
+    def answer(store: ReadOnlyStore, current: _Current) -> list[dict[str, Any]]:
+        node = parse_query(expression, current.names)
+        return search_rows(node, current.names, current.view, store.paths, limit, include_absent)
+
+    return _read_only(settings, answer)
+
+
+def tags(settings: Settings, path: str) -> list[dict[str, Any]] | None:
+    """`Library.tags`'s rows when the library can answer without writing, else None (also for
+    any path it does not hold as an indexed image: the full path says why)."""
+    from piaa_index.decisions import Decisions
+    from piaa_index.query_engine import path_candidates, tag_rows
+
+    def answer(store: ReadOnlyStore, current: _Current) -> list[dict[str, Any]] | None:
+        found = next(filter(None, map(store.image_by_path, path_candidates(path))), None)
+        if found is None or found[1] != INDEXED:
+            return None
+        located = current.view.row_of(found[0])
+        rule = store.decisions(current.classifier_id)
+        if located is None or rule is None:
+            return None
+        seg, r = located
+        stored = store.paths([found[0]])[found[0]]
+        return tag_rows(current.names, Decisions.from_json(rule), seg.mats, r, stored)
+
+    return _read_only(settings, answer)
+
+
+@dataclass
+class _Current:
+    """What a read-only answer reads: the vocabulary's names, its classifier and the score
+    matrix, current (nothing indexed or removed since it was written)."""
+
+    names: list[str]
+    classifier_id: int
+    view: Any  # scores.ScoreView
+
+
+def _read_only(settings: Settings, answer: Any) -> Any:
+    """`answer(store, current)` in one read snapshot, or None whenever the scores are not
+    current (a refit, new images, removals), the model asked for differs, or SQLite cannot
+    be read as expected: the full path then deals with it."""
     from piaa_index.scores import ScoreView, scores_root
 
     store = ReadOnlyStore.open(settings.db_url)
@@ -198,7 +253,7 @@ def search(
             store_id = store.get_setting("store_id")
             if vocab is None or classifier is None or store_id is None:
                 return None
-            _, vocabulary_id, key, segments = classifier
+            classifier_id, vocabulary_id, key, segments = classifier
             if vocabulary_id != vocab[0] or not key or not segments:
                 return None  # a refit or a first scoring is due
             folder = scores_root(settings.home / "vectors" / str(store_id["uuid"])) / key
@@ -211,8 +266,7 @@ def search(
                 return None
             if int(np.count_nonzero(view.valid)) != store.indexed_count():
                 return None
-            node = parse_query(expression, vocab[1])
-            return search_rows(node, vocab[1], view, store.paths, limit, include_absent)
+            return answer(store, _Current(vocab[1], classifier_id, view))
     except (sqlite3.Error, UnicodeDecodeError):  # SQLite may quote garbled text
         return None  # locked, damaged, an older layout: the full path deals with it
     finally:

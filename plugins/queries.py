@@ -34,6 +34,25 @@ def _tags(
     return rows[:limit] if limit else rows
 
 
+def _tags_quick(
+    settings: Any,
+    image: str,
+    progress: bool = False,
+    limit: int | None = None,
+    present_only: bool = False,
+) -> list[dict[str, Any]] | None:
+    """An image's tags answered read-only, without SQLAlchemy, when the scores are current."""
+    from piaa_index import store_readonly
+
+    rows = store_readonly.tags(settings, image)
+    if rows is None:
+        return None
+    limit = _limit(limit)
+    if present_only:
+        rows = [r for r in rows if r["present"]]
+    return rows[:limit] if limit else rows
+
+
 def _search(
     library: Any,
     expression: str | None = None,
@@ -90,6 +109,7 @@ def register_queries(register: Callable[[Query], None]) -> None:
                 Param("present_only", "Only labels decided present.", is_flag=True),
                 Param("limit", "Maximum number of labels (0: all).", type=int),
             ),
+            quick=_tags_quick,
         )
     )
     register(

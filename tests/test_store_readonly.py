@@ -175,3 +175,47 @@ def test_the_cli_answers_without_importing_sqlalchemy(lib: Library) -> None:
     assert done.stderr.strip().splitlines()[-1] == "False"
     assert json.loads(done.stdout) == want
     assert np.all([r["match"] for r in want])
+
+
+def test_tags_rows_equal_the_library_tags(lib: Library, world: scale.World) -> None:
+    """`piaa tags` of a fresh process (issue 23): the same rows as `Library.tags` for images
+    across the library, and None (the full path, which explains) for a path not indexed, an
+    image not scored yet and a refit that is due."""
+    settings = _settings(lib)
+    paths = lib.store.paths([loc[0] for loc in lib.store.live_locations()])
+    for image_id in sorted(paths)[:: N_IMAGES // 25]:
+        assert store_readonly.tags(settings, paths[image_id]) == lib.tags(paths[image_id])
+    assert store_readonly.tags(settings, "/synthetic/not/indexed.jpg") is None
+    with pytest.raises(UserInputError):
+        lib.tags("/synthetic/not/indexed.jpg")
+
+    scale.add_images(lib, world, 10, start=N_IMAGES, seed=2)  # indexed, not scored yet
+    newest = lib.store.paths([lib.store.live_locations()[-1][0]])
+    assert store_readonly.tags(settings, next(iter(newest.values()))) is None
+    lib.search("l000")  # scores them
+    some = paths[min(paths)]
+    assert store_readonly.tags(settings, some) == lib.tags(some)
+    lib.set_vocabulary(scale.label_names(N_LABELS)[:-1])  # a refit is due
+    assert store_readonly.tags(settings, some) is None
+
+
+def test_the_cli_tags_without_importing_sqlalchemy(lib: Library) -> None:
+    """`piaa tags IMG --json` in a fresh process prints the library's rows without SQLAlchemy."""
+    some = lib.store.paths([lib.store.live_locations()[7][0]])
+    path = next(iter(some.values()))
+    want = lib.tags(path)
+    probe = (
+        "import sys\n"
+        "from piaa_index.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
+    )
+    args = ["--home", str(lib.settings.home), "tags", path, "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    assert json.loads(done.stdout) == want
