@@ -225,6 +225,28 @@ def tags(settings: Settings, path: str) -> list[dict[str, Any]] | None:
     return _read_only(settings, answer)
 
 
+def vocabulary_listing(settings: Settings) -> dict[str, Any] | None:
+    """`piaa vocab list --json`'s object (version, labels, templates), read-only; None where
+    the library path must answer (no database yet, another model asked for, SQLite trouble)."""
+    store = ReadOnlyStore.open(settings.db_url)
+    if store is None:
+        return None
+    try:
+        with store.snapshot():
+            if not _same_model(store, settings):
+                return None
+            vocab = store.vocabulary()
+            if vocab is None:
+                return {"version": None, "labels": [], "templates": []}
+            row = store._one("SELECT templates FROM vocabularies WHERE id = ?", (vocab[0],))
+            templates = json.loads(row[0]) if row is not None and row[0] is not None else []
+            return {"version": vocab[0], "labels": vocab[1], "templates": list(templates)}
+    except (sqlite3.Error, UnicodeDecodeError, ValueError):
+        return None
+    finally:
+        store.close()
+
+
 @dataclass
 class _Current:
     """What a read-only answer reads: the vocabulary's names, its classifier and the score

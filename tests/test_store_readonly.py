@@ -219,3 +219,32 @@ def test_the_cli_tags_without_importing_sqlalchemy(lib: Library) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "False"
     assert json.loads(done.stdout) == want
+
+
+def test_vocab_list_reads_without_sqlalchemy(lib: Library, tmp_path: Path) -> None:
+    """`piaa vocab list --json` of a fresh process: the library's vocabulary, read-only."""
+    vocab = lib.vocabulary()
+    assert vocab is not None
+    want = {"version": vocab.id, "labels": vocab.names, "templates": vocab.templates}
+    assert store_readonly.vocabulary_listing(_settings(lib)) == want
+    lib.set_vocabulary(["Straße", "l001"], templates=["a photo of {}."])
+    vocab = lib.vocabulary()
+    assert vocab is not None
+    want = {"version": vocab.id, "labels": vocab.names, "templates": vocab.templates}
+    assert store_readonly.vocabulary_listing(_settings(lib)) == want
+    assert store_readonly.vocabulary_listing(Settings.resolve(home=tmp_path / "none")) is None
+    probe = (
+        "import sys\n"
+        "from piaa_index.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
+    )
+    args = ["--home", str(lib.settings.home), "vocab", "list", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    assert json.loads(done.stdout) == want

@@ -19,19 +19,24 @@ def vocab_group() -> None:
 
 
 def _show(app: AppContext, as_json: bool) -> None:
-    vocab = app.library().vocabulary()
+    listing = None
+    if not app.library_is_open:  # a fresh `vocab list`: read-only, without SQLAlchemy
+        from piaa_index import store_readonly
+
+        listing = store_readonly.vocabulary_listing(app.settings())
+    if listing is None:
+        vocab = app.library().vocabulary()
+        listing = {
+            "version": vocab.id if vocab else None,
+            "labels": vocab.names if vocab else [],
+            "templates": vocab.templates if vocab else [],
+        }
     if as_json:
-        echo_json(
-            {
-                "version": vocab.id if vocab else None,
-                "labels": vocab.names if vocab else [],
-                "templates": vocab.templates if vocab else [],
-            }
-        )
-    elif vocab is None or not vocab.labels:
+        echo_json(listing)
+    elif not listing["labels"]:
         click.echo("(empty vocabulary)", err=True)
     else:
-        for name in vocab.names:
+        for name in listing["labels"]:
             click.echo(name)
 
 
