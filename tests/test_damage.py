@@ -462,8 +462,9 @@ def test_db_check_verifies_the_text_index(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_a_damaged_classifier_blob_is_found_and_fitted_again(tmp_path: Path) -> None:
     """A flipped byte inside the classifier's stored weights (a blob SQLite does not check):
-    `tags` once died with a BadZipFile traceback and `db check` passed. Now the query says the
-    data is damaged in one line, `db check` names the classifier, removes it and exits 1, and
+    `tags` once died with a BadZipFile traceback and `db check` passed. Now `tags` answers from
+    the sound score matrix, a query that needs the classifier says the data is damaged in one
+    line, `db check` names the classifier, removes it and exits 1, and
     the next query fits the vocabulary again, with the answers from before."""
     import shutil
     import sqlite3
@@ -490,7 +491,12 @@ def test_a_damaged_classifier_blob_is_found_and_fitted_again(tmp_path: Path) -> 
     shutil.copyfile(db, tmp_path / "before.sqlite3")
     db.write_bytes(bytes(data))
 
-    result = _piaa(lib, "tags", str(picked[0]))
+    # A fresh `tags` reads only the score matrix, which is sound: the same answer as before.
+    result = _piaa(lib, "tags", str(picked[0]), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == before[str(picked[0])]
+    # What needs the classifier itself says the data is damaged, in one line.
+    result = _piaa(lib, "status")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("Error: stored data is damaged") and "piaa db check" in line

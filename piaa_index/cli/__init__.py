@@ -66,10 +66,11 @@ GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--device",),
         {
             "envvar": "PIAA_DEVICE",
-            "type": click.Choice(["auto", "cpu", "cuda"]),
+            "type": click.Choice(["auto", "cpu", "cuda", "mps"]),
             "default": "auto",
             "show_default": True,
-            "help": "Where the model runs. Env: PIAA_DEVICE.",
+            "help": "Where the model runs (auto: CUDA, else Apple's MPS, else the CPU). Env: "
+            "PIAA_DEVICE.",
         },
     ),
     (("-q", "--quiet"), {"is_flag": True, "default": False, "help": "No progress bars."}),
