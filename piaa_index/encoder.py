@@ -469,13 +469,6 @@ class Encoder:
         self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
     ) -> np.ndarray:
         """Per label, the normalised mean of the normalised template embeddings: [C, d]."""
-        labels, templates = list(labels), list(templates)
-        if not templates or any("{}" not in t for t in templates):
-            raise ValueError("every prompt template must contain '{}' for the label")
-        if not labels:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        # Replacement, not str.format: a label or template with other braces must not crash.
-        emb = self.encode_texts([t.replace("{}", label) for label in labels for t in templates])
-        mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-        return mean.astype(np.float32)
+        from piaa_index.text_tower import ensemble_prototypes
+
+        return ensemble_prototypes(self.encode_texts, self.dim, labels, templates)

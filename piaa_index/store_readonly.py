@@ -173,6 +173,15 @@ class ReadOnlyStore:
         row = self._one("SELECT id, status FROM images WHERE path = ?", (to_db_text(path),))
         return None if row is None else (int(row[0]), str(row[1]))
 
+    def templates(self, vocabulary_id: int) -> list[str] | None:
+        """A vocabulary's prompt templates (None: not readable as stored)."""
+        row = self._one("SELECT templates FROM vocabularies WHERE id = ?", (vocabulary_id,))
+        try:
+            value = json.loads(row[0]) if row is not None and row[0] is not None else []
+        except ValueError:
+            return None
+        return [str(t) for t in value] if isinstance(value, list) else None
+
     def decisions(self, classifier_id: int) -> dict | None:
         """The tag rule a classifier was installed with (its report's "decisions")."""
         row = self._one("SELECT report FROM classifiers WHERE id = ?", (classifier_id,))
@@ -228,23 +237,17 @@ def tags(settings: Settings, path: str) -> list[dict[str, Any]] | None:
 def vocabulary_listing(settings: Settings) -> dict[str, Any] | None:
     """`piaa vocab list --json`'s object (version, labels, templates), read-only; None where
     the library path must answer (no database yet, another model asked for, SQLite trouble)."""
-    store = ReadOnlyStore.open(settings.db_url)
-    if store is None:
-        return None
-    try:
-        with store.snapshot():
-            if not _same_model(store, settings):
-                return None
-            vocab = store.vocabulary()
-            if vocab is None:
-                return {"version": None, "labels": [], "templates": []}
-            row = store._one("SELECT templates FROM vocabularies WHERE id = ?", (vocab[0],))
-            templates = json.loads(row[0]) if row is not None and row[0] is not None else []
-            return {"version": vocab[0], "labels": vocab[1], "templates": list(templates)}
-    except (sqlite3.Error, UnicodeDecodeError, ValueError):
-        return None
-    finally:
-        store.close()
+
+    def read(store: ReadOnlyStore) -> dict[str, Any] | None:
+        vocab = store.vocabulary()
+        if vocab is None:
+            return {"version": None, "labels": [], "templates": []}
+        templates = store.templates(vocab[0])
+        if templates is None:
+            return None
+        return {"version": vocab[0], "labels": vocab[1], "templates": templates}
+
+    return _in_snapshot(settings, read)
 
 
 @dataclass
@@ -259,10 +262,38 @@ class _Current:
 
 def _read_only(settings: Settings, answer: Any) -> Any:
     """`answer(store, current)` in one read snapshot, or None whenever the scores are not
-    current (a refit, new images, removals), the model asked for differs, or SQLite cannot
-    be read as expected: the full path then deals with it."""
+    current (a refit, new images, removals) or `_in_snapshot` says no: the full path then
+    deals with it."""
     from piaa_index.scores import ScoreView, scores_root
 
+    def read(store: ReadOnlyStore) -> Any:
+        vocab = store.vocabulary()
+        classifier = store.latest_classifier()
+        store_id = store.get_setting("store_id")
+        if vocab is None or classifier is None or store_id is None:
+            return None
+        classifier_id, vocabulary_id, key, segments = classifier
+        if vocabulary_id != vocab[0] or not key or not segments:
+            return None  # a refit or a first scoring is due
+        folder = scores_root(settings.home / "vectors" / str(store_id["uuid"])) / key
+        try:
+            view = ScoreView.open(folder, key, segments)
+        except (OSError, ValueError):
+            return None  # lost or damaged: the full path re-scores
+        # `Store.changes_since`'s cheap test: nothing indexed since, nothing removed.
+        if store.has_indexed_after(view.max_shard):
+            return None
+        if int(np.count_nonzero(view.valid)) != store.indexed_count():
+            return None
+        return answer(store, _Current(vocab[1], classifier_id, view))
+
+    return _in_snapshot(settings, read)
+
+
+def _in_snapshot(settings: Settings, read: Any) -> Any:
+    """`read(store)` in one read snapshot of the SQLite database, or None when there is no
+    such database, the user asked for another model (`Library.open` says no) or SQLite cannot
+    be read as expected (locked, damaged, an older layout)."""
     store = ReadOnlyStore.open(settings.db_url)
     if store is None:
         return None
@@ -270,27 +301,9 @@ def _read_only(settings: Settings, answer: Any) -> Any:
         with store.snapshot():
             if not _same_model(store, settings):
                 return None
-            vocab = store.vocabulary()
-            classifier = store.latest_classifier()
-            store_id = store.get_setting("store_id")
-            if vocab is None or classifier is None or store_id is None:
-                return None
-            classifier_id, vocabulary_id, key, segments = classifier
-            if vocabulary_id != vocab[0] or not key or not segments:
-                return None  # a refit or a first scoring is due
-            folder = scores_root(settings.home / "vectors" / str(store_id["uuid"])) / key
-            try:
-                view = ScoreView.open(folder, key, segments)
-            except (OSError, ValueError):
-                return None  # lost or damaged: the full path re-scores
-            # `Store.changes_since`'s cheap test: nothing indexed since, nothing removed.
-            if store.has_indexed_after(view.max_shard):
-                return None
-            if int(np.count_nonzero(view.valid)) != store.indexed_count():
-                return None
-            return answer(store, _Current(vocab[1], classifier_id, view))
+            return read(store)
     except (sqlite3.Error, UnicodeDecodeError):  # SQLite may quote garbled text
-        return None  # locked, damaged, an older layout: the full path deals with it
+        return None
     finally:
         store.close()
 

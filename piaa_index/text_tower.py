@@ -53,6 +53,7 @@ __all__ = [
     "Tokenizer",
     "Unsupported",
     "cache_path",
+    "ensemble_prototypes",
     "extract",
     "load_text_tower",
     "phrase_prototype",
@@ -352,17 +353,28 @@ class TextTower:
     def text_prototypes(
         self, labels: Sequence[str], templates: Sequence[str] = TEMPLATES
     ) -> np.ndarray:
-        """Per label, the normalised mean of the normalised template embeddings: [C, d]
-        (as `Encoder.text_prototypes`)."""
-        labels, templates = list(labels), list(templates)
-        if not templates or any("{}" not in t for t in templates):
-            raise ValueError("every prompt template must contain '{}' for the label")
-        if not labels:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        emb = self.encode_texts([t.replace("{}", label) for label in labels for t in templates])
-        mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-        return mean.astype(np.float32)
+        """Per label, the normalised mean of the normalised template embeddings: [C, d]."""
+        return ensemble_prototypes(self.encode_texts, self.dim, labels, templates)
+
+
+def ensemble_prototypes(
+    encode_texts: Callable[[list[str]], np.ndarray],
+    dim: int,
+    labels: Sequence[str],
+    templates: Sequence[str],
+) -> np.ndarray:
+    """Per label, the normalised mean of its normalised template embeddings ([C, d] float32):
+    the prompt ensemble of both text towers (`Encoder.text_prototypes` and this module's)."""
+    labels, templates = list(labels), list(templates)
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every prompt template must contain '{}' for the label")
+    if not labels:
+        return np.zeros((0, dim), dtype=np.float32)
+    # Replacement, not str.format: a label or template with other braces must not crash.
+    emb = encode_texts([t.replace("{}", label) for label in labels for t in templates])
+    mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return mean.astype(np.float32)
 
 
 # ---- from a torch Encoder -------------------------------------------------------------------

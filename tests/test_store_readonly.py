@@ -45,6 +45,24 @@ def _settings(lib: Library, **asked: str) -> Settings:
     return Settings.resolve(home=lib.settings.home, db=lib.settings.db_url, **asked)
 
 
+def _cli_without_sqlalchemy(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`piaa ARGS` in a fresh process, asserting it succeeded and never imported SQLAlchemy."""
+    probe = (
+        "import sys\n"
+        "from piaa_index.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    return done
+
+
 def test_rows_equal_the_library_search(lib: Library) -> None:
     """Every query shape, every limit, with and without the non-matching images: the same
     rows, scores and order as `Library.search`."""
@@ -159,20 +177,8 @@ def test_the_cli_answers_without_importing_sqlalchemy(lib: Library) -> None:
     its start-up) stays unimported."""
     want = lib.search("l000 AND l001", limit=7)
     home = str(lib.settings.home)
-    probe = (
-        "import sys\n"
-        "from piaa_index.cli import main\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
-    )
     args = ["--home", home, "search", "l000 AND l001", "--limit", "7", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "False"
+    done = _cli_without_sqlalchemy(args)
     assert json.loads(done.stdout) == want
     assert np.all([r["match"] for r in want])
 
@@ -204,20 +210,8 @@ def test_the_cli_tags_without_importing_sqlalchemy(lib: Library) -> None:
     some = lib.store.paths([lib.store.live_locations()[7][0]])
     path = next(iter(some.values()))
     want = lib.tags(path)
-    probe = (
-        "import sys\n"
-        "from piaa_index.cli import main\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
-    )
     args = ["--home", str(lib.settings.home), "tags", path, "--json"]
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "False"
+    done = _cli_without_sqlalchemy(args)
     assert json.loads(done.stdout) == want
 
 
@@ -233,18 +227,6 @@ def test_vocab_list_reads_without_sqlalchemy(lib: Library, tmp_path: Path) -> No
     want = {"version": vocab.id, "labels": vocab.names, "templates": vocab.templates}
     assert store_readonly.vocabulary_listing(_settings(lib)) == want
     assert store_readonly.vocabulary_listing(Settings.resolve(home=tmp_path / "none")) is None
-    probe = (
-        "import sys\n"
-        "from piaa_index.cli import main\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    print('sqlalchemy' in sys.modules, file=sys.stderr)\n"
-    )
     args = ["--home", str(lib.settings.home), "vocab", "list", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "False"
+    done = _cli_without_sqlalchemy(args)
     assert json.loads(done.stdout) == want
