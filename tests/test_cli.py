@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from piaa_index.cli import cli, main
+from piaa_index.cli import cli
+from tests.cli_main import run_main
 from tests.image_files import PhotoFolder, make_photo_folder
 
 LABELS = ["red circle", "blue circle", "green circle"]
@@ -42,16 +43,6 @@ def invoke(home: Home, *args: str) -> Result:
     result = CliRunner().invoke(cli, [*home.prefix(), "-q", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
-
-
-def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
-    """Run `main()` as the `piaa` script does: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["piaa", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def subprocess_env(home: Path) -> dict[str, str]:

@@ -16,7 +16,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from piaa_index.cli import cli, main
+from piaa_index.cli import cli
+from tests.cli_main import run_main
 
 
 @pytest.fixture(autouse=True)
@@ -36,19 +37,6 @@ def invoke(home: Path, *args: str, input: str | None = None) -> Result:
     )
     assert result.exit_code == 0, result.stdout + result.stderr
     return result
-
-
-def run_main(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """Run `main()` as the `piaa` script does: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["piaa", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 # ---- 1. --output - is standard output ---------------------------------------------------------
