@@ -125,7 +125,6 @@ class Tagger(Part):
         """`fit_classifier`, also returning each chunk's (image ids, text support [n, C]): the
         pass computes every patch's text cosines for its banks, and the re-tag would otherwise
         compute them again (half of its GEMM work)."""
-        from piaa_index.fusion import patch_text_cosines
         from piaa_index.open_pvcl import (
             LabelBanks,
             OpenParams,
@@ -154,20 +153,14 @@ class Tagger(Part):
         hashes = self.store.content_hashes() if rate < 1.0 else {}
         sample: list[np.ndarray] = []
         n_patches = 0
-        support = []
-        for chunk in self.stream(locations, progress, "fitting"):
+        support: list[tuple[np.ndarray, np.ndarray]] = []
+        for chunk, flat in self._bank_pass(locations, T, banks, support, progress, "fitting"):
             n, M, d = chunk.patches.shape
-            flat = np.asarray(chunk.patches, dtype=np.float32).reshape(n * M, d)
-            sims = patch_text_cosines(flat, T)
-            patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
-            banks.update(flat, patch_ids, sims)
             if rate < 1.0:
                 chosen = sample_mask(sample_keys(chunk.image_ids, hashes), rate)
                 sample.append(flat.reshape(n, M, d)[chosen].reshape(-1, d))
             else:  # a small pool: every patch is in the sample
                 sample.append(flat)
-            # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
-            support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
             n_patches += len(flat)
         pooled = np.concatenate(sample) if sample else np.empty((0, T.shape[1]), np.float32)
         background = fit_background(pooled, params)
@@ -175,6 +168,30 @@ class Tagger(Part):
         classifier.params["n_pool"] = n_patches
         classifier.params["labels"] = _label_keys(vocab)
         return classifier, T, n_patches, support
+
+    def _bank_pass(
+        self,
+        locations: list[tuple[int, int, int]],
+        T: np.ndarray,
+        banks: Any,
+        support: list[tuple[np.ndarray, np.ndarray]],
+        progress: Progress,
+        desc: str,
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """Stage I's streaming pass: every patch's cosines to the prototypes `T` update `banks`
+        (`open_pvcl.LabelBanks`), and each chunk's (image ids, text support [n, C]) is appended
+        to `support` for the re-tag; yields (chunk, its patches [n·M, d] float32)."""
+        from piaa_index.fusion import patch_text_cosines
+
+        for chunk in self.stream(locations, progress, desc):
+            n, M, d = chunk.patches.shape
+            flat = np.asarray(chunk.patches, dtype=np.float32).reshape(n * M, d)
+            sims = patch_text_cosines(flat, T)
+            patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
+            banks.update(flat, patch_ids, sims)
+            # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
+            support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
+            yield chunk, flat
 
     def fit(
         self,
@@ -284,7 +301,7 @@ class Tagger(Part):
         fit on the same pool gives them, and adding or removing a label leaves them alone; so do
         their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
         from piaa_index.decisions import bank_support, open_decisions
-        from piaa_index.fusion import patch_text_cosines, score_images
+        from piaa_index.fusion import score_images
         from piaa_index.open_pvcl import (
             LabelBanks,
             cluster_agreement,
@@ -312,14 +329,11 @@ class Tagger(Part):
         if fresh:
             sub = VocabularyInfo(vocab.id, vocab.templates, [vocab.labels[c] for c in fresh])
             T[fresh] = self.library.vocab.text_prototypes(sub)
-            M = self.vectors.n_patches
-            for chunk in self.stream(locations, progress, "fitting new labels"):
-                n, M, _ = chunk.patches.shape
-                flat = np.asarray(chunk.patches, dtype=np.float32).reshape(n * M, d)
-                sims = patch_text_cosines(flat, T[fresh])
-                patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
-                fresh_banks.update(flat, patch_ids, sims)
-                fresh_support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
+            passed = self._bank_pass(
+                locations, T[fresh], fresh_banks, fresh_support, progress, "fitting new labels"
+            )
+            for _ in passed:
+                pass
         fit_seconds = time.perf_counter() - started
 
         # The new vocabulary's classifier: kept rows as they were, new rows from their banks.
@@ -338,18 +352,16 @@ class Tagger(Part):
                 agreement[c] = old_agreement[k] if k < len(old_agreement) else None
         if fresh:
             assert old.precision is not None and old.background_b is not None
+            assert old.background_means is not None  # (_refit_base)
+            new_banks, new_cosines = fresh_banks.banks(), fresh_banks.cosines()  # (copies)
             Wf, bf, muf = label_discriminants(
-                fresh_banks.banks(),
-                T[fresh],
-                old.precision.astype(np.float64),
-                len(old.background_b),
+                new_banks, T[fresh], old.precision.astype(np.float64), len(old.background_b)
             )
             W[fresh], b[fresh], means[fresh] = Wf, bf, muf
-            assert old.background_means is not None  # (_refit_base)
             for j, c in enumerate(fresh):
-                cosines[c] = fresh_banks.cosines()[j]
+                cosines[c] = new_cosines[j]
                 agreement[c] = cluster_agreement(
-                    fresh_banks.banks()[j], cosines[c], T[c], old.background_means
+                    new_banks[j], cosines[c], T[c], old.background_means
                 )
         sizes = [int(len(v)) for v in cosines]
         params = {
