@@ -210,7 +210,8 @@ class Tagger(Part):
         pool."""
         vocab = self.library.vocab.require_vocabulary()
         started = time.perf_counter()
-        if not full and bank_size is None:
+        # The Ray engine and an explicit bank size always refit every label.
+        if not full and bank_size is None and engine == "local":
             with self.vectors.reading():
                 base = self._refit_base(vocab)
                 if base is not None:
@@ -268,8 +269,10 @@ class Tagger(Part):
         vocabulary shares with it (same name, same prompt templates): an open-world classifier
         that stored what a label fitted alone needs, and a score matrix that opens whole."""
         row = self.store.latest_classifier()
-        if row is None or row.vocabulary_id == vocab.id:
-            return None  # nothing fitted, or an explicit refit of the same vocabulary
+        if row is None:
+            return None
+        # The same vocabulary again (`piaa fit` right after another process's fit): every label
+        # is kept, so the tags do not depend on which of two concurrent fits ran last.
         fitted = self.fitted_for(row)
         clf = fitted.classifier
         labels = clf.params.get("labels")
