@@ -210,3 +210,156 @@ def test_class_subset_scenes_hold_only_those_classes_and_full_world_is_unchanged
     assert a.labels == b.labels and np.array_equal(np.asarray(a.image), np.asarray(b.image))
     with pytest.raises(ValueError):
         class_subset(groups=["nowhere"])
+
+
+# ----------------------------------------------------------------------------- long tail, novel
+
+
+def test_new_options_at_neutral_values_draw_exactly_as_before() -> None:
+    """weights=None / novel=0 (and equal weights: --long-tail 1) make the same RNG calls."""
+    from piaa_index.shapes.world import class_subset, long_tail_order, long_tail_weights
+
+    kitchen = class_subset(groups=["kitchen"])
+    for allowed in (None, kitchen):
+        flat = long_tail_weights(long_tail_order(3, allowed), 1.0)
+        for i in range(12):
+            ra, rb, rc = (np.random.default_rng([3, i]) for _ in range(3))
+            a = render_scene(ra, 64, allowed)
+            b = render_scene(rb, 64, allowed, weights=None, novel=0)
+            c = render_scene(rc, 64, allowed, weights=flat, novel=0)
+            for s in (b, c):
+                assert s.labels == a.labels and s.objects == a.objects
+                assert np.array_equal(np.asarray(s.image), np.asarray(a.image))
+            # The generators are in the same state afterwards: the same calls were made.
+            assert ra.random() == rb.random() == rc.random()
+    assert len(CLASSES) == 24
+
+
+def test_long_tail_order_is_a_seeded_permutation() -> None:
+    from piaa_index.shapes.world import class_subset, long_tail_order, long_tail_weights
+
+    a, b = long_tail_order(1), long_tail_order(2)
+    assert sorted(a) == sorted(b) == list(range(len(CLASSES)))
+    assert a == long_tail_order(1) and a != b  # head and tail differ between seeds
+    w = long_tail_weights(a, 50)
+    assert w[a[0]] == 1.0 and w[a[-1]] == pytest.approx(1 / 50)
+    assert all(w[a[k]] > w[a[k + 1]] for k in range(len(a) - 1))
+    street = class_subset(groups=["street"])
+    assert street is not None
+    order = long_tail_order(1, street)
+    assert sorted(order) == street
+    ws = long_tail_weights(order, 10)
+    assert ws[order[-1]] == pytest.approx(0.1) and ws.sum() == ws[street].sum()
+    with pytest.raises(ValueError):
+        long_tail_weights(a, 0.5)
+
+
+def test_long_tail_image_counts_fall_from_head_to_tail_by_about_the_ratio() -> None:
+    from piaa_index.shapes.world import long_tail_order, long_tail_weights
+
+    ratio = 50.0
+    order = long_tail_order(4)
+    weights = long_tail_weights(order, ratio)
+    counts = np.zeros(len(CLASSES))
+    for i in range(3000):
+        scene = render_scene(np.random.default_rng([4, i]), 32, weights=weights)
+        counts[scene.labels] += 1
+    by_rank = counts[order]
+    assert by_rank.min() > 0
+    assert by_rank.max() >= ratio / 3 * by_rank.min()
+    assert by_rank[:4].mean() >= 8 * by_rank[-4:].mean()  # the head is the head, not by chance
+    assert np.corrcoef(np.arange(len(order)), by_rank)[0, 1] < -0.8  # falls along the order
+
+
+def test_novel_kinds_render_with_texture_and_appear_often_enough() -> None:
+    from piaa_index.shapes.world import NOVEL, class_name
+
+    assert NOVEL[:2] == ["novel-1", "novel-2"] and not set(NOVEL) & set(CLASSES)
+    rng = np.random.default_rng(0)
+    for j, name in enumerate(NOVEL):
+        cid = len(CLASSES) + j
+        assert class_name(cid) == name
+        for w, h in ((12, 10), (80, 64)):
+            rgb, mask = render_object(cid, rng, w, h)
+            m = np.asarray(mask) > 127
+            assert rgb.size == mask.size and 0.1 < m.mean() <= 1.0, name
+            if w >= 64:
+                assert np.asarray(rgb)[m].astype(float).std(0).max() > 10, name
+    counts = np.zeros(len(CLASSES) + len(NOVEL))
+    for i in range(1000):
+        scene = render_scene(np.random.default_rng([8, i]), 32, novel=2)
+        counts[scene.labels] += 1
+        assert 1 <= len(scene.objects) <= 7
+    assert (counts[24:26] >= 100).all() and (counts[26:] == 0).all()
+    assert counts[:24].min() > 0  # the world's classes still appear
+    # Scene captions name the novel kinds by their names.
+    for i in range(40):
+        scene = render_scene(np.random.default_rng([8, i]), 32, novel=2)
+        text, ids = caption_with_ids(scene, np.random.default_rng(i))
+        assert all(class_name(c) in text for c in ids)
+
+
+def test_generate_long_tail_novel_dataset_with_groups_loads_for_eval(tmp_path: Path) -> None:
+    from piaa_index.shapes.world import NOVEL, class_subset
+
+    allowed = class_subset(groups=["kitchen", "fun"])
+    assert allowed is not None
+    out = generate_dataset(
+        tmp_path / "ds",
+        60,
+        seed=3,
+        size=48,
+        fmt="png",
+        progress=False,
+        classes_allowed=allowed,
+        long_tail=10.0,
+        novel=3,
+    )
+    names = json.loads((out / "classes.json").read_text())
+    assert names == CLASSES + ["novel-1", "novel-2", "novel-3"] == CLASSES + NOVEL[:3]
+    rows = [line.split() for line in (out / "labels.txt").read_text().splitlines()]
+    labels = [{int(t) for t in row[1:]} for row in rows]
+    assert len(rows) == 60 and all(ids <= set(allowed) | {24, 25, 26} for ids in labels)
+    assert {24, 25, 26} <= set().union(*labels)
+    info = json.loads((out / "long_tail.json").read_text())
+    assert info["ratio"] == 10.0
+    assert sorted(info["order"]) == sorted(CLASSES[c] for c in allowed)
+    assert list(info["counts"]) == info["order"]
+    for name, n in info["counts"].items():
+        assert n == sum(CLASSES.index(name) in ids for ids in labels)
+    # Eval's loader reads it: 27 classes, novel ids 24..26 in range.
+    dataset = load_dataset(out)
+    assert dataset.classes == names
+    assert [set(item.labels) for item in dataset.items] == labels
+    # Image i is render_scene with the same options.
+    from piaa_index.shapes.world import long_tail_order, long_tail_weights
+
+    weights = long_tail_weights(long_tail_order(3, allowed), 10.0)
+    scene = render_scene(np.random.default_rng([3, 5]), 48, allowed, weights=weights, novel=3)
+    assert set(scene.labels) == labels[5]
+    # Without the options: 24 classes and no long_tail.json (a stale one is removed).
+    generate_dataset(out, 3, seed=3, size=48, fmt="png", progress=False)
+    assert json.loads((out / "classes.json").read_text()) == CLASSES
+    assert not (out / "long_tail.json").exists()
+
+
+def test_cli_generate_long_tail_and_novel(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from piaa_index.cli import cli
+
+    home, out = tmp_path / "home", tmp_path / "ds"
+    args = ["--home", str(home), "-q", "shapes", "generate", str(out), "--images", "8"]
+    args += ["--size", "40", "--seed", "2", "--long-tail", "20", "--novel", "2", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["novel"] == ["novel-1", "novel-2"] and report["classes"] == CLASSES
+    assert report["long_tail"] == json.loads((out / "long_tail.json").read_text())
+    assert report["long_tail"]["ratio"] == 20.0
+    assert len(json.loads((out / "classes.json").read_text())) == 26
+    for bad in (["--novel", "9"], ["--long-tail", "0.5"]):
+        result = CliRunner().invoke(
+            cli, ["--home", str(home), "shapes", "generate", str(out), *bad]
+        )
+        assert result.exit_code == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -36,6 +37,27 @@ def shapes_group() -> None:
     help="Comma-separated co-occurrence groups (kitchen, street, garden, fun) whose classes "
     "the scenes may hold; combines with --classes.",
 )
+@click.option(
+    "--long-tail",
+    "long_tail",
+    type=click.FloatRange(min=1.0),
+    default=None,
+    metavar="RATIO",
+    help="Long-tailed class frequencies (as VOC-LT/COCO-LT): along a head-to-tail order of the "
+    "(held) classes drawn from the seed, class rank r of C is drawn with weight "
+    "RATIO^(-r/(C-1)), so image counts fall from head to tail by roughly RATIO. Writes the order "
+    "and the realised per-class image counts to OUTDIR/long_tail.json. Default: uniform draws.",
+)
+@click.option(
+    "--novel",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="K",
+    help="Add K novel object kinds (novel-1..novel-K, at most 5) the shipped model never saw in "
+    "training: each scene holds each one with probability 0.15 as an extra object; classes.json "
+    "lists them after the 24 classes (ids 24, 25, ...).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def shapes_generate(
@@ -46,31 +68,61 @@ def shapes_generate(
     size: int,
     class_list: str,
     groups: str,
+    long_tail: float | None,
+    novel: int,
     as_json: bool,
 ) -> None:
     """Write N scenes to OUTDIR/images plus classes.json and labels.txt (the eval layout).
 
-    classes.json always names all 24 classes; with --classes/--groups only those appear, so
-    `piaa eval` can measure tags on labels the library does not hold.
+    classes.json always names all 24 classes (then the novel kinds of --novel); with
+    --classes/--groups only those appear, so `piaa eval` can measure tags on labels the library
+    does not hold. --long-tail and --novel combine with each other and with --classes/--groups;
+    without them the scenes are exactly those of earlier versions for the same seed.
     """
     from piaa_index.shapes.dataset import generate_dataset
-    from piaa_index.shapes.world import CLASSES, class_subset
+    from piaa_index.shapes.world import CLASSES, NOVEL, class_subset
 
     if n_images < 1:
         raise click.BadParameter("must be at least 1", param_hint="--images")
+    if novel > len(NOVEL):
+        raise click.BadParameter(f"at most {len(NOVEL)} novel kinds", param_hint="--novel")
     try:
         allowed = class_subset(_split(class_list), _split(groups))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--classes/--groups") from exc
     root = generate_dataset(
-        Path(outdir), n_images, seed=seed, size=size, progress=app.progress, classes_allowed=allowed
+        Path(outdir),
+        n_images,
+        seed=seed,
+        size=size,
+        progress=app.progress,
+        classes_allowed=allowed,
+        long_tail=long_tail,
+        novel=novel,
     )
     names = [CLASSES[c] for c in allowed] if allowed is not None else list(CLASSES)
+    lt = json.loads((root / "long_tail.json").read_text()) if long_tail is not None else None
     if as_json:
-        echo_json({"root": str(root), "images": n_images, "seed": seed, "classes": names})
+        echo_json(
+            {
+                "root": str(root),
+                "images": n_images,
+                "seed": seed,
+                "classes": names,
+                "novel": NOVEL[:novel],
+                "long_tail": lt,
+            }
+        )
     else:
         held = "" if allowed is None else f" holding {len(names)} of {len(CLASSES)} classes"
-        click.echo(f"wrote {n_images} scenes to {root}{held}")
+        extra = f", {novel} novel kind{'s' if novel != 1 else ''}" if novel else ""
+        if lt is not None:
+            counts = list(lt["counts"].values())
+            extra += (
+                f", long tail {lt['ratio']:g} (images per class from {max(counts)} down to "
+                f"{min(counts)}; see long_tail.json)"
+            )
+        click.echo(f"wrote {n_images} scenes to {root}{held}{extra}")
 
 
 def _split(text: str) -> list[str]:

@@ -680,6 +680,145 @@ _PAINTERS: dict[str, tuple[Painter, tuple[float, float], float]] = {
 }
 assert set(_PAINTERS) == set(CLASSES)
 
+# ----------------------------------------------------------------------------- novel kinds
+# Object kinds the shipped model never saw in training (`piaa shapes generate --novel K`), to
+# measure learning from user keywords. They are not in CLASSES: a dataset that holds them lists
+# them after the 24 classes, so novel kind j (0-based) has class id len(CLASSES) + j.
+
+
+def _target(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
+    """novel-1, bullseye target: 4-6 concentric rings in two alternating colours."""
+    a, b = [
+        ((220, 30, 30), (250, 250, 250)),
+        ((30, 60, 200), (250, 220, 40)),
+        ((20, 130, 60), (245, 240, 220)),
+    ][int(rng.integers(3))]
+    a, b = _jit(rng, a, 15), _jit(rng, b, 10)
+    n = int(rng.integers(4, 7))
+    m.ellipse([0, 0, w - 1, h - 1], fill=255)
+    for k in range(n):
+        f = k / n / 2
+        d.ellipse([w * f, h * f, (w - 1) * (1 - f), (h - 1) * (1 - f)], fill=a if k % 2 == 0 else b)
+
+
+def _zigzag(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
+    """novel-2, zigzag rug: a band of horizontal zigzag (chevron) stripes in three colours."""
+    cols = [_pick(rng, p, 15) for p in ([(30, 30, 90)], [(240, 200, 60)], [(200, 60, 40)])]
+    d.rectangle([0, 0, w, h], fill=cols[0])
+    m.rectangle([0, 0, w, h], fill=255)
+    period = max(4.0, h * rng.uniform(0.2, 0.28))
+    amp = period * 0.45
+    step = max(2.0, w * rng.uniform(0.09, 0.13))
+    k, y0 = 0, -amp
+    while y0 < h + amp:
+        top = [(x * step, y0 + (amp if x % 2 else 0)) for x in range(int(w / step) + 2)]
+        bot = [(x, y + period * 0.5) for x, y in top[::-1]]
+        d.polygon(top + bot, fill=cols[1 + k % 2])
+        y0 += period
+        k += 1
+    t = max(1, int(h * 0.05))
+    d.rectangle([0, 0, w - 1, h - 1], outline=_shade(cols[0], 0.6), width=t)
+
+
+def _hatched_diamond(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
+    """novel-3, crosshatched diamond: light rhombus, dark diagonal crosshatch, thick border."""
+    fill = _pick(rng, [(240, 235, 210), (200, 230, 240), (240, 210, 230)], 12)
+    ink = _pick(rng, [(40, 30, 90), (90, 30, 30), (20, 70, 40)], 15)
+    pts = [(w / 2, 0), (w - 1, h / 2), (w / 2, h - 1), (0, h / 2)]
+    d.rectangle([0, 0, w, h], fill=fill)
+    m.polygon(pts, fill=255)
+    step = max(3.0, w * rng.uniform(0.1, 0.14))
+    lw = max(1, int(w * 0.025))
+    x = -float(h)
+    while x < w + h:
+        d.line([(x, 0), (x + h, h)], fill=ink, width=lw)
+        d.line([(x, h), (x + h, 0)], fill=ink, width=lw)
+        x += step
+    d.polygon(pts, outline=ink, width=max(1, int(w * 0.06)))
+
+
+def _donut(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
+    """novel-4, sprinkled donut: tan dough ring, glazed top with bright sprinkle dashes, hole."""
+    dough = _pick(rng, [(200, 150, 90)], 15)
+    glaze = _pick(rng, [(240, 140, 180), (110, 60, 40), (150, 200, 240)], 15)
+    cx, cy = w / 2, h / 2
+    hole = 0.17
+    d.ellipse([0, 0, w - 1, h - 1], fill=dough)
+    m.ellipse([0, 0, w - 1, h - 1], fill=255)
+    g = 0.07
+    d.ellipse([w * g, h * g, w * (1 - g), h * (1 - g)], fill=glaze)
+    sprinkles = [(250, 250, 250), (240, 60, 60), (60, 200, 80), (250, 220, 40), (70, 90, 230)]
+    ln, lw = max(2.0, w * 0.07), max(1, int(w * 0.03))
+    for _ in range(int(rng.integers(14, 24))):
+        a, r = rng.uniform(0, 2 * math.pi), rng.uniform(hole + 0.07, 0.38)
+        x, y = cx + w * r * math.cos(a), cy + h * r * math.sin(a)
+        t = rng.uniform(0, math.pi)
+        dx, dy = ln / 2 * math.cos(t), ln / 2 * math.sin(t)
+        col = sprinkles[int(rng.integers(len(sprinkles)))]
+        d.line([(x - dx, y - dy), (x + dx, y + dy)], fill=col, width=lw)
+    d.ellipse([cx - w * hole, cy - h * hole, cx + w * hole, cy + h * hole], fill=(0, 0, 0))
+    m.ellipse([cx - w * hole, cy - h * hole, cx + w * hole, cy + h * hole], fill=0)
+
+
+def _hazard_bolt(
+    d: ImageDraw.ImageDraw, m: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator
+) -> None:
+    """novel-5, hazard bolt: lightning-bolt outline with diagonal yellow/black hazard stripes."""
+    a = _pick(rng, [(250, 210, 20), (250, 140, 20)], 12)
+    b = _pick(rng, [(20, 20, 20)], 10)
+    d.rectangle([0, 0, w, h], fill=b)
+    period = max(4.0, w * rng.uniform(0.24, 0.32))
+    x = -float(h)
+    while x < w + h:
+        d.polygon([(x, h), (x + period / 2, h), (x + period / 2 + h, 0), (x + h, 0)], fill=a)
+        x += period
+    pts = [
+        (w * 0.55, 0),
+        (w * 0.05, h * 0.58),
+        (w * 0.45, h * 0.55),
+        (w * 0.25, h),
+        (w * 0.95, h * 0.38),
+        (w * 0.55, h * 0.42),
+        (w * 0.85, 0),
+    ]
+    m.polygon(pts, fill=255)
+
+
+NOVEL: list[str] = ["novel-1", "novel-2", "novel-3", "novel-4", "novel-5"]
+_NOVEL_PAINTERS: dict[str, tuple[Painter, tuple[float, float], float]] = {
+    "novel-1": (_target, (1.0, 1.0), 0),
+    "novel-2": (_zigzag, (1.5, 2.0), 10),
+    "novel-3": (_hatched_diamond, (0.7, 0.85), 10),
+    "novel-4": (_donut, (1.0, 1.0), 0),
+    "novel-5": (_hazard_bolt, (0.6, 0.75), 10),
+}
+assert list(_NOVEL_PAINTERS) == NOVEL
+# Probability that a scene with `novel=K` holds novel kind j (each kind independently).
+NOVEL_P = 0.15
+
+
+def class_name(class_id: int) -> str:
+    """Name of a class id: the 24 world classes, then the novel kinds (ids 24, 25, ...)."""
+    if class_id < len(CLASSES):
+        return CLASSES[class_id]
+    return NOVEL[class_id - len(CLASSES)]
+
+
+def _spec(class_id: int) -> tuple[Painter, tuple[float, float], float]:
+    """(painter, aspect range, max rotation) of a world class or a novel kind."""
+    if class_id < len(CLASSES):
+        return _PAINTERS[CLASSES[class_id]]
+    return _NOVEL_PAINTERS[NOVEL[class_id - len(CLASSES)]]
+
+
 _FILL: dict[int, float] = {}
 
 
@@ -687,7 +826,7 @@ def render_object(
     class_id: int, rng: np.random.Generator, w: int, h: int
 ) -> tuple[Image.Image, Image.Image]:
     """Paint one object of the class into a (w, h) RGB tile and its 'L' silhouette mask."""
-    painter, _, rot = _PAINTERS[CLASSES[class_id]]
+    painter, _, rot = _spec(class_id)
     rgb = Image.new("RGB", (w, h), (0, 0, 0))
     mask = Image.new("L", (w, h), 0)
     painter(ImageDraw.Draw(rgb), ImageDraw.Draw(mask), w, h, rng)
@@ -706,7 +845,7 @@ def _fill_ratio(class_id: int) -> float:
     """Mean fraction of its bounding box that a class's silhouette covers (cached)."""
     if class_id not in _FILL:
         rng = np.random.default_rng(1234 + class_id)
-        _, (a0, a1), _ = _PAINTERS[CLASSES[class_id]]
+        _, (a0, a1), _ = _spec(class_id)
         fr = []
         for _ in range(4):
             a = float(rng.uniform(a0, a1))
@@ -779,18 +918,33 @@ def _distractors(d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n:
 
 
 def _sample_classes(
-    rng: np.random.Generator, n: int, allowed: Sequence[int] | None = None
+    rng: np.random.Generator,
+    n: int,
+    allowed: Sequence[int] | None = None,
+    weights: np.ndarray | None = None,
 ) -> list[int]:
     """n distinct classes; with p=0.7 most come from one co-occurrence group.
 
     With `allowed`, only those classes are drawn (the groups cut down to them), so a library can
     hold a subset of the world; without it the draws are exactly the full world's.
+
+    With `weights` (one per world class, see `long_tail_weights`) every pick is weighted: the
+    group is chosen in proportion to its members' total weight and each class within the group
+    or the pool in proportion to its own, so a class's share of first picks is its weight (times
+    the number of groups it is in). Equal weights draw exactly as without them (same RNG calls).
     """
     if allowed is None:
         pool, groups = list(range(len(CLASSES))), _GROUP_IDS
     else:
         pool = sorted(set(allowed))
         groups = [g for g in ([c for c in grp if c in pool] for grp in _GROUP_IDS) if g]
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        pool = [c for c in pool if w[c] > 0]
+        groups = [g for g in ([c for c in grp if w[c] > 0] for grp in groups) if g]
+        if len({float(w[c]) for c in pool}) > 1:
+            return _sample_weighted(rng, min(n, len(pool)), pool, groups, w)
+    if allowed is not None or weights is not None:
         n = min(n, len(pool))
     group = groups[int(rng.integers(len(groups)))] if groups and rng.random() < 0.7 else None
     out: list[int] = []
@@ -802,6 +956,56 @@ def _sample_classes(
         if c not in out:
             out.append(c)
     return out
+
+
+def _weighted_pick(rng: np.random.Generator, ids: Sequence[int], w: np.ndarray) -> int:
+    """One of ids, drawn in proportion to w[id]."""
+    p = np.cumsum(w[list(ids)])
+    return ids[min(int(np.searchsorted(p, rng.random() * p[-1], side="right")), len(ids) - 1)]
+
+
+def _sample_weighted(
+    rng: np.random.Generator, n: int, pool: list[int], groups: list[list[int]], w: np.ndarray
+) -> list[int]:
+    """`_sample_classes` with weighted picks (the same group / pool structure, see there)."""
+    group = None
+    if groups and rng.random() < 0.7:
+        gw = np.array([w[g].sum() for g in groups])
+        group = groups[_weighted_pick(rng, range(len(groups)), gw)]
+    out: list[int] = []
+    while len(out) < n:
+        if group is not None and rng.random() < 0.8:
+            c = _weighted_pick(rng, group, w)
+        else:
+            c = _weighted_pick(rng, pool, w)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def long_tail_order(seed: int, allowed: Sequence[int] | None = None) -> list[int]:
+    """The head-to-tail order of the world classes (or of `allowed`) for a seed.
+
+    A permutation drawn from its own generator (not the scenes'), so head and tail classes
+    differ between seeds and the order does not depend on the number of images.
+    """
+    ids = list(range(len(CLASSES))) if allowed is None else sorted(set(allowed))
+    rng = np.random.default_rng([seed, 0x4C4F4E47, 0x5441494C])  # "LONG", "TAIL"
+    return [ids[int(i)] for i in rng.permutation(len(ids))]
+
+
+def long_tail_weights(order: Sequence[int], ratio: float) -> np.ndarray:
+    """Draw weight per world class: RATIO**(-rank/(C-1)) along `order`, 0 for classes not in it.
+
+    The head class weighs 1 and the tail class 1/RATIO (as in VOC-LT / COCO-LT).
+    """
+    if ratio < 1:
+        raise ValueError(f"the long-tail ratio must be at least 1, not {ratio}")
+    w = np.zeros(len(CLASSES))
+    span = max(1, len(order) - 1)
+    for rank, c in enumerate(order):
+        w[c] = float(ratio) ** (-rank / span)
+    return w
 
 
 def class_subset(classes: Sequence[str] = (), groups: Sequence[str] = ()) -> list[int] | None:
@@ -821,15 +1025,28 @@ def class_subset(classes: Sequence[str] = (), groups: Sequence[str] = ()) -> lis
 
 
 def render_scene(
-    rng: np.random.Generator, size: int = 224, classes_allowed: Sequence[int] | None = None
+    rng: np.random.Generator,
+    size: int = 224,
+    classes_allowed: Sequence[int] | None = None,
+    *,
+    weights: np.ndarray | None = None,
+    novel: int = 0,
 ) -> Scene:
     """Render a scene of 1–5 objects (≈2% to >40% of the image) over a cluttered background.
 
     `classes_allowed` restricts which classes may appear (labels keep the full world's ids).
+    `weights` (one per world class, `long_tail_weights`) weights the class draws. With `novel=K`
+    the scene also holds novel kind j < K (class id len(CLASSES) + j) with probability NOVEL_P
+    each, as extra objects. The defaults draw exactly as before these options existed.
     """
+    if not 0 <= novel <= len(NOVEL):
+        raise ValueError(f"novel must be 0..{len(NOVEL)}, not {novel}")
     n = int(rng.choice(5, p=[0.22, 0.3, 0.24, 0.14, 0.10])) + 1
-    classes = _sample_classes(rng, n, classes_allowed)
-    n = len(classes)  # a subset smaller than n caps the count
+    classes = _sample_classes(rng, n, classes_allowed, weights)
+    for j in range(novel):
+        if rng.random() < NOVEL_P:
+            classes.append(len(CLASSES) + j)
+    n = len(classes)  # a subset smaller than n caps the count; novel kinds add to it
     # Target silhouette areas as image fractions: one dominant object, the rest smaller.
     areas = [float(np.exp(rng.uniform(np.log(0.06), np.log(0.5))))]
     areas += [float(np.exp(rng.uniform(np.log(0.018), np.log(0.22)))) for _ in range(n - 1)]
@@ -839,7 +1056,7 @@ def render_scene(
     drawn: list[tuple[int, int]] = []  # (class_id, own pixel count)
     for idx in order:
         cid = classes[idx]
-        _, (a0, a1), _ = _PAINTERS[CLASSES[cid]]
+        _, (a0, a1), _ = _spec(cid)
         asp = float(rng.uniform(a0, a1))
         box = areas[idx] * size * size / _fill_ratio(cid)
         w = int(min(size * 0.98, math.sqrt(box * asp)))
@@ -925,7 +1142,7 @@ def caption_with_ids(scene: Scene, rng: np.random.Generator) -> tuple[str, list[
         names = objs
     else:  # the dominant object and one other, template style
         names = objs[:1] + ([objs[int(rng.integers(1, len(objs)))]] if len(objs) > 1 else [])
-    text = _join([CLASSES[c] for c in names])
+    text = _join([class_name(c) for c in names])
     tpl = _TEMPLATES[0] if r >= 0.8 else _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     return tpl.format(text), list(names)
 
