@@ -7,6 +7,12 @@ lr:hierarchicalSubject (`PREFIX|label`) and digiKam:TagsList (`PREFIX/label`), a
 lists in our own namespace exactly the values we added, so that a re-export replaces only those
 and never a keyword the user had, even one equal to a label.
 
+Each reader shows ONE list (Immich and digiKam TagsList first, darktable hierarchicalSubject
+first; docs/xmp.md has the table), so a list we add would hide the user's keywords held only in
+another one. Each of our three lists therefore also gets, as values we added, the user's
+keywords from every keyword list of the sidecar that it lacks (also MicrosoftPhoto and mediapro
+lists, which digiKam reads): whichever list a reader prefers, it shows the user's and ours.
+
 The store remembers each file we wrote: whether we created it, its bytes before our first write
 and the hash of our last write. Taking our keywords out of a file nobody touched since deletes
 it (we created it) or puts its exact original bytes back; otherwise only our values go.
@@ -40,6 +46,19 @@ FIELDS = (
     ("Xmp.lr.hierarchicalSubject", "Bag", "Xmp.piaa.hierarchicalSubject"),
     ("Xmp.digiKam.TagsList", "Seq", "Xmp.piaa.tagsList"),
 )
+SUBJECT = "Xmp.dc.subject"
+# The lists that hold keywords as paths, in the order readers prefer them (docs/xmp.md has the
+# table), with the separator of their levels. We write the first and the third; the others we
+# only read, so that a TagsList or hierarchicalSubject we add never hides what they hold.
+SOURCES = (
+    ("Xmp.digiKam.TagsList", "/"),  # Immich, digiKam: first
+    ("Xmp.MicrosoftPhoto.LastKeywordXMP", "/"),  # digiKam: second
+    ("Xmp.lr.hierarchicalSubject", "|"),  # darktable, Lightroom: first; Immich: second
+    ("Xmp.lr.HierarchicalSubject", "|"),  # an old digiKam misspelling digiKam still reads
+    ("Xmp.mediapro.CatalogSets", "|"),  # digiKam: fourth
+)
+SEPARATORS = dict(SOURCES)
+KeywordPath = tuple[str, ...]
 # append: IMG.jpg.xmp (darktable, digiKam, Immich; no clash between IMG.jpg and IMG.nef);
 # replace: IMG.xmp (Lightroom's name for a RAW file's sidecar).
 NAMINGS = ("append", "replace")
@@ -168,7 +187,12 @@ def is_empty(data: bytes) -> bool:
 
 
 def _plan(before: Mapping[str, Any], ours: Keywords) -> tuple[dict[str, Any], dict[str, list]]:
-    """pyexiv2 updates (deletions first) and the lists each managed property must then hold."""
+    """pyexiv2 updates (deletions first) and the lists each managed property must then hold.
+
+    Each managed property ends as the user's values in it, then what we add: the user's
+    keywords from every other list that this one lacks (copies, so that no list a reader may
+    prefer hides them), then our keywords. Both are recorded as ours; taking ours out (empty
+    `ours`) adds nothing."""
     deletes: dict[str, Any] = {}
     sets: dict[str, Any] = {}
     expected: dict[str, list] = {}
@@ -184,17 +208,61 @@ def _plan(before: Mapping[str, Any], ours: Keywords) -> tuple[dict[str, Any], di
             sets[key] = f'type="{kind}"'
             sets.update({f"{key}[{i}]": v for i, v in enumerate(values, 1)})
 
+    users = {
+        prop: _without(_as_list(before, prop), _as_list(before, mine)) for prop, _, mine in FIELDS
+    }
+    paths = _user_paths(before, users) if ours else []
     for (prop, kind, mine), wanted in zip(FIELDS, ours.values, strict=True):
         current = _as_list(before, prop)
         recorded = _as_list(before, mine)
-        user = _without(current, recorded)
-        added = [v for v in dict.fromkeys(wanted) if v not in user]
+        user = users[prop]
+        copies = _missing(prop, user, paths)
+        added = [v for v in dict.fromkeys([*copies, *wanted]) if v not in user]
         expected[prop], expected[mine] = user + added, added
         if user + added != current:
             put(prop, kind, user + added)
         if added != recorded:
             put(mine, "Bag", added)
     return {**deletes, **sets}, expected
+
+
+def _levels(value: str, separator: str) -> tuple[str, ...]:
+    return tuple(level for level in value.split(separator) if level)
+
+
+def _user_paths(before: Mapping[str, Any], users: Mapping[str, list[str]]) -> list[KeywordPath]:
+    """The user's keywords as paths of levels, from every list a reader may show them from:
+    the hierarchical lists in the order readers prefer them, then each dc:subject keyword that
+    is not already a level of one of those paths (as Lightroom reads dc:subject)."""
+    paths: dict[KeywordPath, None] = {}
+    for key, separator in SOURCES:
+        values = users[key] if key in users else _as_list(before, key)
+        for value in values:
+            if path := _levels(value, separator):
+                paths.setdefault(path)
+    levels = {level for path in paths for level in path}
+    for value in users[SUBJECT]:
+        path = _levels(value, "|")  # darktable writes its hierarchical tags there as a|b
+        if path and path not in paths and not (len(path) == 1 and path[0] in levels):
+            paths.setdefault(path)
+    return list(paths)
+
+
+def _missing(prop: str, user: list[str], paths: list[KeywordPath]) -> list[str]:
+    """The user's keywords (`paths`) that the list `prop` does not show yet, in its own form:
+    dc:subject a name (the path's last level), lr:hierarchicalSubject `a|b`, TagsList `a/b`
+    (a '/' inside a level written as a backslash, as digiKam does)."""
+    have = set(user)
+    if prop == SUBJECT:
+        return [p[-1] for p in paths if p[-1] not in have and "|".join(p) not in have]
+    separator = SEPARATORS[prop]
+    have_paths = {_levels(v, separator) for v in user}
+    out = []
+    for path in paths:
+        value = separator.join(level.replace(separator, "\\") for level in path)
+        if value not in have and path not in have_paths:
+            out.append(value)
+    return out
 
 
 def _as_list(props: Mapping[str, Any], key: str) -> list[str]:

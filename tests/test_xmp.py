@@ -55,7 +55,9 @@ def undo(store: Store, images: list[str]) -> dict:
 
 def test_merge_into_exiftool_sidecar_keeps_every_field(store: Store, tmp_path: Path) -> None:
     """exiftool reads our keywords beside the user's rating, label, title, creator and keywords;
-    the user's "dog" stays the user's; undo gives back the exact original bytes."""
+    the user's "dog" stays the user's; each list also gets the user's keywords it lacked (the
+    TagsList we add must not hide them from Immich and digiKam); undo gives back the exact
+    original bytes."""
     image = photo(tmp_path / "IMG_0001.jpg")
     sidecar = Path(image + ".xmp")
     write_exiftool_sidecar(sidecar)
@@ -66,9 +68,11 @@ def test_merge_into_exiftool_sidecar_keeps_every_field(store: Store, tmp_path: P
     got = exiftool_read(sidecar)
     assert got["Rating"] == 4 and got["Label"] == "Red"
     assert got["Title"] == "Harbour at dusk" and got["Creator"] == ["Jane Doe"]
-    assert got["Subject"] == ["dog", "holiday", "cat"]  # "dog" once: the user's
-    assert got["HierarchicalSubject"] == ["places|harbour", "piaa|dog", "piaa|cat"]
-    assert got["TagsList"] == ["piaa/dog", "piaa/cat"]
+    assert got["Subject"] == ["dog", "holiday", "harbour", "cat"]  # "dog" once: the user's
+    assert got["HierarchicalSubject"] == [
+        "places|harbour", "dog", "holiday", "piaa|dog", "piaa|cat"
+    ]  # fmt: skip
+    assert got["TagsList"] == ["places/harbour", "dog", "holiday", "piaa/dog", "piaa/cat"]
     # dc:subject stays an unordered Bag, as its schema says (not the Seq pyexiv2 defaults to).
     text = sidecar.read_text(encoding="utf-8")
     assert "<dc:subject>\n    <rdf:Bag>" in text
@@ -90,8 +94,8 @@ def test_darktable_history_survives(store: Store, tmp_path: Path) -> None:
     assert export(store, {image: ["cat", "dog"]})["updated"] == 1
     after = exiftool_read(sidecar)
     assert after["Subject"] == ["darktable|format|jpg", "dog", "cat"]
-    assert after["HierarchicalSubject"] == ["darktable|format|jpg", "piaa|cat", "piaa|dog"]
-    assert after["TagsList"] == ["piaa/cat", "piaa/dog"]
+    assert after["HierarchicalSubject"] == ["darktable|format|jpg", "dog", "piaa|cat", "piaa|dog"]
+    assert after["TagsList"] == ["darktable/format/jpg", "dog", "piaa/cat", "piaa/dog"]
     ours = {"Subject", "HierarchicalSubject", "TagsList", "SourceFile", "XMPToolkit"}
     # Every darktable field, the history's every step and parameter, the rating and the date.
     assert {k: v for k, v in after.items() if k not in ours} == {
@@ -113,9 +117,11 @@ def test_reexport_after_vocabulary_change_replaces_only_ours(store: Store, tmp_p
     assert (summary["updated"], summary["removed"]) == (1, 1)
     assert not Path(b + ".xmp").exists()
     got = exiftool_read(Path(a + ".xmp"))
-    assert got["Subject"] == ["dog", "holiday", "tree"]
-    assert got["HierarchicalSubject"] == ["places|harbour", "auto|dog", "auto|tree"]
-    assert got["TagsList"] == ["auto/dog", "auto/tree"]
+    assert got["Subject"] == ["dog", "holiday", "harbour", "tree"]
+    assert got["HierarchicalSubject"] == [
+        "places|harbour", "dog", "holiday", "auto|dog", "auto|tree"
+    ]  # fmt: skip
+    assert got["TagsList"] == ["places/harbour", "dog", "holiday", "auto/dog", "auto/tree"]
     assert got["Rating"] == 4
     assert undo(store, [a, b])["restored"] == 1
     assert Path(a + ".xmp").read_bytes() == original
@@ -286,7 +292,8 @@ def test_naming(store: Store, tmp_path: Path) -> None:
     write_exiftool_sidecar(tmp_path / "c" / "IMG_3.xmp")  # Lightroom's name, already there
     assert export(store, {c: ["cat"]})["updated"] == 1
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["IMG_3.jpg", "IMG_3.xmp"]
-    assert exiftool_read(tmp_path / "c" / "IMG_3.xmp")["Subject"] == ["dog", "holiday", "cat"]
+    got = exiftool_read(tmp_path / "c" / "IMG_3.xmp")
+    assert got["Subject"] == ["dog", "holiday", "harbour", "cat"]
 
     d1, d2 = photo(tmp_path / "d" / "IMG_4.jpg"), photo(tmp_path / "d" / "IMG_4.png")
     export(store, {d1: ["cat"], d2: ["dog"]}, naming="replace")

@@ -105,10 +105,15 @@ def exiftool(*args: str | Path) -> str:
     return result.stdout
 
 
+# The keyword lists exiftool reads from a sidecar, by exiftool's names: dc:subject,
+# lr:hierarchicalSubject, digiKam:TagsList, MicrosoftPhoto:LastKeywordXMP, mediapro:CatalogSets.
+KEYWORD_TAGS = ("Subject", "HierarchicalSubject", "TagsList", "LastKeywordXMP", "CatalogSets")
+
+
 def exiftool_read(sidecar: Path) -> dict[str, Any]:
     """What exiftool reads from a sidecar (`-j -struct -XMP:all`), lists always lists."""
     data = json.loads(exiftool("-j", "-struct", "-XMP:all", sidecar))[0]
-    for key in ("Subject", "HierarchicalSubject", "TagsList"):
+    for key in KEYWORD_TAGS:
         if key in data and not isinstance(data[key], list):
             data[key] = [data[key]]
     return data
