@@ -1,8 +1,12 @@
 """The ASGI app: `create_app(library, config)`, which tests call directly (FastAPI's
 TestClient) and `piaa serve` hands to uvicorn.
 
-Layout: JSON under `/api` (routers `routes_*.py`), `/openapi.json` and `/docs`, and the
-gallery's static files at `/` (`static/`, mounted after the API so it never shadows a route).
+Layout: JSON under `/api` (routers `routes_*.py`), `/openapi.json`, `/docs` (Swagger UI) and
+`/redoc` (ReDoc) served from packaged files (the fastapi-offline package's Swagger UI 5 and
+ReDoc builds, under `/docs/assets`: no CDN, so they work offline), and the gallery's static
+files at `/` (`static/`, mounted after the API so it never shadows a route).
+
+A new router: a `routes_*.py` module with a module-level `router`, added to `ROUTERS`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from piaa_index_plugins.http_api import (
     errors,
@@ -34,6 +40,59 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).parent / "static"
 ROUTERS = (routes_meta, routes_queries, routes_vocabulary, routes_images, routes_jobs, routes_media)
+DOCS_ASSETS = "/docs/assets"
+
+
+def docs_assets() -> Path | None:
+    """The folder of Swagger UI's and ReDoc's files (the fastapi-offline package), if any."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def add_docs(app: FastAPI) -> None:
+    """`/docs` and `/redoc` from local files; without them, a page that says so (never a
+    page that loads scripts from a CDN)."""
+    assets = docs_assets()
+    title = f"{app.title} {app.version}"
+    if assets is not None:
+        app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        if assets is None:
+            return _no_docs()
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": True},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        if assets is None:
+            return _no_docs()
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - API reference",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
+def _no_docs() -> HTMLResponse:
+    return HTMLResponse(
+        "<!doctype html><title>API docs</title><p>The interactive docs need the "
+        "<code>fastapi-offline</code> package (pip install fastapi-offline). The schema: "
+        '<a href="/openapi.json">/openapi.json</a>.</p>'
+    )
 
 
 class _StaticMount(Mount):
@@ -80,11 +139,17 @@ def create_app(
         "`X-API-Key: KEY` (`piaa keys create`). See docs/http-api.md.",
         default_response_class=ApiJSONResponse,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.piaa = state
     errors.install(app)
+    # Each registered query's own operation first: `/api/queries/search` before the generic
+    # `/api/queries/{name}` (which serves queries registered later).
+    app.include_router(routes_queries.registered_router(library))
     for module in ROUTERS:
         app.include_router(module.router)
+    add_docs(app)
     if STATIC.is_dir():
         app.router.routes.append(
             _StaticMount("/", app=StaticFiles(directory=STATIC, html=True), name="gallery")

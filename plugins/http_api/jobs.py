@@ -21,6 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from piaa_index.store import utcnow
 
+
+def now() -> str:
+    """RFC 3339, UTC, with its zone: `2026-11-23T07:01:02.123456Z`."""
+    from piaa_index_plugins.http_api.models import utc_text
+
+    return utc_text(utcnow()) or ""
+
+
 if TYPE_CHECKING:
     from piaa_index.library import Library
 
@@ -48,7 +56,7 @@ class Job:
     progress: dict[str, Any] = field(default_factory=lambda: {"stage": None, "done": 0, "total": 0})
     result: Any = None
     error: str | None = None
-    created_at: str = field(default_factory=lambda: utcnow().isoformat())
+    created_at: str = field(default_factory=now)
     started_at: str | None = None
     finished_at: str | None = None
 
@@ -153,7 +161,7 @@ class JobRunner:
             with self._lock:
                 if job.state != "queued":
                     continue
-                job.state, job.started_at = "running", utcnow().isoformat()
+                job.state, job.started_at = "running", now()
             try:
                 result = self._run(job)
             except Cancelled as exc:
@@ -169,7 +177,7 @@ class JobRunner:
                     job.state, job.result = "done", result
             finally:
                 with self._lock:
-                    job.finished_at = utcnow().isoformat()
+                    job.finished_at = now()
 
     def _run(self, job: Job) -> Any:
         from piaa_index_plugins.http_api.errors import jsonable

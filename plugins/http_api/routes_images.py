@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 from piaa_index_plugins.http_api.auth import require_read
-from piaa_index_plugins.http_api.errors import ApiError
+from piaa_index_plugins.http_api.errors import ApiError, jsonable
+from piaa_index_plugins.http_api.models import KEYED, ImagePage, ImageWithTags, TagFeed, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
@@ -33,8 +34,9 @@ def encode_cursor(fields: dict[str, Any]) -> str:
 
 
 # The fields each kind of cursor must hold (a forged cursor without them is a 400, not a
-# KeyError); "s" (the listing's `since`) may be null.
-CURSOR_FIELDS = {"images": ("a",), "tags": ("a", "u")}
+# KeyError); "s" (the listing's `since`) may be null. "query": a query's pages
+# (routes_queries.py): offset, feed version, query name and a digest of its parameters.
+CURSOR_FIELDS = {"images": ("a",), "tags": ("a", "u"), "query": ("o", "u", "q", "h")}
 
 
 def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
@@ -44,29 +46,43 @@ def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
             raise ValueError
         if any(fields.get(key) is None for key in CURSOR_FIELDS[kind]):
             raise ValueError
-        for key in ("a", "s", "u"):
+        for key in ("a", "s", "u", "o"):
             value = fields.get(key)
             if value is not None and (type(value) is not int or not 0 <= value <= MAX_ID):
                 raise ValueError
+        if any(not isinstance(fields.get(key, ""), str) for key in ("q", "h")):
+            raise ValueError
         return fields
     except (ValueError, TypeError, RecursionError):
         raise ApiError(400, "bad_request", "invalid cursor (pass next_cursor as given)") from None
 
 
-@router.get("/images", summary="Indexed images by id, cursor-paged")
+@router.get(
+    "/images",
+    operation_id="list_images",
+    summary="Indexed images by id, cursor-paged",
+    response_model=ImagePage,
+    response_model_exclude_unset=True,
+    responses=errors(*KEYED, 409, 422),
+)
 def list_images(
     state: Annotated[ApiState, Depends(get_state)], cursor: Cursor = None, limit: Limit = 100
 ) -> dict[str, Any]:
     after = decode_cursor(cursor, "images")["a"] if cursor else 0
     images, _, last = state.run(state.library.store.image_page, after, limit)
     return {
-        "images": images,
+        "images": jsonable(images),
         "next_cursor": None if last is None else encode_cursor({"k": "images", "a": last}),
     }
 
 
 @router.get(
-    "/images/{image_id}", summary="One image: metadata and its tags (as `piaa tags --json`)"
+    "/images/{image_id}",
+    operation_id="get_image",
+    summary="One image: metadata and its tags (as `piaa tags --json`)",
+    response_model=ImageWithTags,
+    response_model_exclude_unset=True,
+    responses=errors(*KEYED, 404, 409, 422),
 )
 def get_image(
     image_id: Annotated[int, Path(ge=1, le=MAX_ID)], state: Annotated[ApiState, Depends(get_state)]
@@ -82,12 +98,19 @@ def get_image(
             info["tags_error"] = None
         except LibraryError as exc:  # no vocabulary yet, or not fitted: the metadata stands
             info["tags"], info["tags_error"] = [], str(exc)
-        return info
+        return jsonable(info)
 
     return state.run(call)
 
 
-@router.get("/tags", summary="Present tags of every image, or of those changed since a version")
+@router.get(
+    "/tags",
+    operation_id="list_tags",
+    summary="Present tags of every image, or of those changed since a version (change feed)",
+    response_model=TagFeed,
+    response_model_exclude_unset=True,
+    responses=errors(*KEYED, 409, 422),
+)
 def list_tags(
     state: Annotated[ApiState, Depends(get_state)],
     since: Annotated[
@@ -114,7 +137,7 @@ def list_tags(
     return {
         "version": upto,
         "since": since,
-        "images": images,
+        "images": jsonable(images),
         "removed": removed,
         "next_cursor": None
         if last is None

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Path
 from piaa_index_plugins.http_api.auth import require_read, require_write
 from piaa_index_plugins.http_api.errors import ApiError
 from piaa_index_plugins.http_api.jobs import QueueFull
+from piaa_index_plugins.http_api.models import BODY, KEYED, Job, JobBrief, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -54,8 +55,11 @@ def _check_paths(state: ApiState, paths: list[str]) -> list[str]:
 @router.post(
     "/index",
     status_code=202,
+    operation_id="start_index_job",
     summary="Index folders or files in the background",
     dependencies=[require_write],
+    response_model=JobBrief,
+    responses=errors(*BODY, 429),
 )
 def start_index(body: IndexBody, state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
     paths = _check_paths(state, body.paths)
@@ -65,20 +69,35 @@ def start_index(body: IndexBody, state: Annotated[ApiState, Depends(get_state)])
 @router.post(
     "/fit",
     status_code=202,
+    operation_id="start_fit_job",
     summary="Fit the classifier and re-tag every image in the background",
     dependencies=[require_write],
+    response_model=JobBrief,
+    responses=errors(*KEYED, 413, 415, 429),
 )
 def start_fit(state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
     return _submit(state, "fit", {})
 
 
-@router.get("", summary="Recent jobs, newest first", dependencies=[require_read])
+@router.get(
+    "",
+    operation_id="list_jobs",
+    summary="Recent jobs, newest first",
+    dependencies=[require_read],
+    response_model=list[Job],
+    responses=errors(*KEYED),
+)
 def list_jobs(state: Annotated[ApiState, Depends(get_state)]) -> list[dict[str, Any]]:
     return state.jobs.list()
 
 
 @router.get(
-    "/{job_id}", summary="One job: state, progress, result or error", dependencies=[require_read]
+    "/{job_id}",
+    operation_id="get_job",
+    summary="One job: state, progress, result or error",
+    dependencies=[require_read],
+    response_model=Job,
+    responses=errors(*KEYED, 404, 422),
 )
 def get_job(
     job_id: Annotated[str, Path(max_length=20)], state: Annotated[ApiState, Depends(get_state)]

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from piaa_index_plugins.http_api.auth import require_read
 from piaa_index_plugins.http_api.errors import ApiError, mapped
+from piaa_index_plugins.http_api.models import KEYED, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
@@ -28,6 +29,7 @@ ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="An image id from a r
 # A thumbnail changes only when the file is re-indexed (a new content hash, so a new ETag);
 # clients revalidate after an hour. `private`: reads may need a key.
 CACHE_CONTROL = "private, max-age=3600"
+BINARY = {"type": "string", "format": "binary"}
 
 
 _THUMBNAILS_LOCK = threading.Lock()
@@ -49,12 +51,13 @@ def _thumbnails(state: ApiState) -> Any:
 
 @router.get(
     "/images/{image_id}/thumbnail",
+    operation_id="get_thumbnail",
     summary="An EXIF-upright JPEG thumbnail of an indexed image (cached on disk)",
     response_class=Response,
     responses={
-        200: {"content": {"image/jpeg": {}}},
-        304: {"description": "Not modified"},
-        409: {"description": "The file is not the indexed content any more: re-index it"},
+        **errors(*KEYED, 404, 409, 422),
+        200: {"content": {"image/jpeg": {"schema": BINARY}}, "description": "The JPEG."},
+        304: {"description": "Not modified (If-None-Match)"},
     },
 )
 def thumbnail(
@@ -91,9 +94,19 @@ def _etags(header: str | None) -> set[str]:
 
 @router.get(
     "/images/{image_id}/evidence",
+    operation_id="get_evidence",
     summary="Where the classifier sees a label on an image: heatmap PNG or JSON patch grid",
     response_model=None,
-    responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    responses={
+        **errors(*KEYED, 404, 409, 422),
+        200: {
+            "content": {
+                "image/png": {"schema": BINARY},
+                "application/json": {"schema": {"type": "object"}},
+            },
+            "description": "format=png: the heatmap; format=json: the patch grid and decision.",
+        },
+    },
 )
 def evidence(
     image_id: ImageId,

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from piaa_index_plugins.http_api.auth import require_read, require_write
 from piaa_index_plugins.http_api.errors import ApiError
+from piaa_index_plugins.http_api.models import BODY, KEYED, LabelCompletion, Vocabulary, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,15 +32,25 @@ def _vocabulary(state: ApiState) -> dict[str, Any]:
     }
 
 
-@router.get("/vocabulary", summary="The current vocabulary", dependencies=[require_read])
+@router.get(
+    "/vocabulary",
+    operation_id="get_vocabulary",
+    summary="The current vocabulary",
+    dependencies=[require_read],
+    response_model=Vocabulary,
+    responses=errors(*KEYED, 409),
+)
 def get_vocabulary(state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
     return state.run(_vocabulary, state)
 
 
 @router.put(
     "/vocabulary",
+    operation_id="set_vocabulary",
     summary="Replace the vocabulary (tags become stale until a fit job runs)",
     dependencies=[require_write],
+    response_model=Vocabulary,
+    responses=errors(*BODY, 409),
 )
 def put_vocabulary(
     body: VocabularyBody, state: Annotated[ApiState, Depends(get_state)]
@@ -77,8 +88,11 @@ def put_vocabulary(
 
 @router.get(
     "/labels",
+    operation_id="complete_labels",
     summary="Label completion: labels starting with a prefix",
     dependencies=[require_read],
+    response_model=LabelCompletion,
+    responses=errors(*KEYED, 409, 422),
 )
 def labels(
     state: Annotated[ApiState, Depends(get_state)],
