@@ -239,6 +239,60 @@ def test_search_rows_carry_id_and_content_hash(api: Api) -> None:
         assert len(row["content_hash"]) >= 32 and set(row["labels"]) == {"a", "b"}
 
 
+def test_query_pages_by_cursor(api: Api) -> None:
+    c = api.client
+    url = "/api/queries/search?expression=a%20OR%20b&all_images=1"
+    whole = c.get(url + "&limit=0").json()
+    assert whole["next_cursor"] is None and len(whole["results"]) == len(api.photos)
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        body = c.get(url + "&limit=3" + (f"&cursor={cursor}" if cursor else "")).json()
+        rows += body["results"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert rows == whole["results"]
+    first = c.get(url + "&limit=3").json()["next_cursor"]
+    # A cursor belongs to its query and parameters; a forged one is a 400.
+    other = c.get(f"/api/queries/search?expression=a&limit=3&cursor={first}")
+    assert other.status_code == 400 and "cursor" in other.json()["error"]["message"]
+    assert c.get(url + "&limit=3&cursor=garbage").status_code == 400
+    assert c.get(url + f"&limit=0&cursor={first}").status_code == 400
+    # A query without paging (no limit parameter of its own) takes no cursor.
+    image_id = api.library.image_id(str(api.photos[0]))
+    response = c.get(f"/api/queries/tags?image={image_id}&cursor={first}")
+    assert response.status_code == 400 and "cursor" in response.json()["error"]["message"]
+    # The library changed since the first page: the cursor has expired (409).
+    # (A stand-in for an index or re-tag committed between the pages: the feed version moves.)
+    store = api.library.store
+    version = store.feed_version()
+    store.feed_version = lambda: version + 1  # type: ignore[method-assign]
+    try:
+        response = c.get(url + f"&limit=3&cursor={first}")
+    finally:
+        del store.feed_version
+    assert response.status_code == 409 and response.json()["error"]["code"] == "cursor_expired"
+
+
+def test_times_are_rfc3339_utc(api: Api) -> None:
+    from datetime import datetime, timedelta
+
+    def utc(text: str) -> datetime:
+        assert text.endswith("Z"), text
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert moment.utcoffset() == timedelta(0)
+        return moment
+
+    image_id = api.library.image_id(str(api.photos[0]))
+    utc(api.client.get(f"/api/images/{image_id}").json()["indexed_at"])
+    utc(api.client.get("/api/images?limit=1").json()["images"][0]["indexed_at"])
+    utc(api.client.get("/api/tags?limit=1").json()["images"][0]["indexed_at"])
+    utc(api.client.get("/api/status").json()["classifier"]["fitted_at"])
+    job = api.client.get("/api/jobs").json()[0]
+    assert utc(job["created_at"]) <= utc(job["started_at"]) <= utc(job["finished_at"])
+
+
 def test_query_errors(api: Api) -> None:
     c = api.client
     cases = [
