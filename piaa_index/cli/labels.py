@@ -1,0 +1,139 @@
+"""`piaa labels …`: the user's own labels, which the next fit learns from (keywords.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from piaa_index.cli.common import AppContext, echo_json, pass_app
+from piaa_index.errors import UserInputError
+
+
+@click.group("labels", short_help="Your own labels (keywords, confirmed tags) the fit learns from.")
+def labels_group() -> None:
+    """Your own labels of images: keywords you already have, tags you confirmed or rejected.
+
+    They are kept apart from the tags piaa computes. The next fit (or query) learns from them
+    and uses what it learnt for a label only where that beats the training-free score on your
+    labels held out (`piaa fit --json` says which labels and why).
+    """
+
+
+@labels_group.group("import", short_help="Import labels from a CSV file.")
+def import_group() -> None:
+    """Import labels you already have."""
+
+
+@import_group.command("csv", short_help="Import a `path,label` CSV (each image listed completely).")
+@click.argument("csv_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def import_csv(app: AppContext, csv_file: str, as_json: bool) -> None:
+    """Import CSV_FILE: a `path,label` header, then one row per image and label (relative paths
+    are relative to the file's folder; a row with an empty label lists an image with none).
+
+    An image the file lists is labelled completely: every vocabulary label it does not list is
+    recorded as absent from it. Labels outside the vocabulary are kept too (they count once you
+    add the label). Images not in the index are listed and skipped.
+    """
+    from piaa_index.keywords import read_label_csv
+
+    by_path = read_label_csv(csv_file)
+    library = app.library()
+    vocab = library.vocabulary()
+    names = vocab.names if vocab is not None else []
+    ids = library.store.image_ids_by_path(list(by_path))
+    rows: list[tuple[int, str, bool]] = []
+    unknown = [p for p in by_path if p not in ids]
+    for path, labels in by_path.items():
+        if path not in ids:
+            continue
+        listed = {_key(n) for n in labels}
+        rows += [(ids[path], name, True) for name in sorted(labels)]
+        rows += [(ids[path], name, False) for name in names if _key(name) not in listed]
+    written = library.store.set_user_labels(rows, "csv")
+    known = {_key(v) for v in names}
+    outside = sorted({n for ls in by_path.values() for n in ls if _key(n) not in known})
+    report = {
+        "images": len(by_path) - len(unknown),
+        "labels_written": written,
+        "not_indexed": unknown,
+        "outside_vocabulary": outside,
+    }
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(
+        f"imported {written} labels of {report['images']} images; the next fit learns from them"
+    )
+    if unknown:
+        click.echo(
+            f"{len(unknown)} images are not in the index (skipped), e.g. {unknown[0]}", err=True
+        )
+    if outside:
+        click.echo("not in the vocabulary (kept): " + ", ".join(outside[:20]), err=True)
+
+
+@labels_group.command("set", short_help="Confirm (yes) or reject (no) a label of one image.")
+@click.argument("image", type=click.Path())
+@click.argument("label")
+@click.argument("value", type=click.Choice(["yes", "no", "forget"]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def labels_set(app: AppContext, image: str, label: str, value: str, as_json: bool) -> None:
+    """Say that IMAGE holds LABEL (yes) or not (no); `forget` removes what you said."""
+    if not label.strip():
+        raise UserInputError("the label is empty")
+    library = app.library()
+    image_id = library.image_id(image)
+    if value == "forget":
+        n = library.store.forget_user_labels([image_id], label)
+    else:
+        n = library.store.set_user_labels([(image_id, label, value == "yes")], "cli")
+    if as_json:
+        echo_json({"image": image, "label": label.strip(), "value": value, "changed": n})
+    else:
+        click.echo(f"{image}: {label.strip()} = {value}")
+
+
+@labels_group.command("export", short_help="Write your labels as a `path,label` CSV.")
+@click.option(
+    "--output", "-o", default="-", show_default=True, help="CSV file to write (`-`: stdout)."
+)
+@pass_app
+def labels_export(app: AppContext, output: str) -> None:
+    """Write the labels you gave as a `path,label` CSV of the images' present labels (the
+    file `piaa labels import csv` reads back: an image whose labels you all rejected is one
+    row with an empty label)."""
+    import csv
+    import sys
+
+    library = app.library()
+    rows = library.store.user_labels()
+    paths = library.store.paths(sorted({r[0] for r in rows}))
+    present: dict[str, list[str]] = {}
+    for image_id, _label_key, name, is_present, _source in rows:
+        labels = present.setdefault(paths[image_id], [])
+        if is_present:
+            labels.append(name)
+    if output == "-":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "label"])
+        for path, labels in present.items():
+            for name in labels or [""]:
+                writer.writerow([path, name])
+        return
+    from piaa_index.keywords import write_label_csv
+
+    n = write_label_csv(Path(output), present)
+    click.echo(f"wrote {n} rows for {len(present)} images to {output}", err=True)
+
+
+def _key(name: str) -> str:
+    from piaa_index.query_language import normalize_label
+
+    return normalize_label(name)
+
+
+COMMANDS = [labels_group]
