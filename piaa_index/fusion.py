@@ -247,7 +247,10 @@ def score_images(
     log-odds, `cls` the raw [CLS] cosine, and `fused` is left at zero: the fused confidence
     needs the collection's calibration (decisions.Decisions.confidence)."""
     prm = params or PaaParams()
-    s_cls = cls_cosines(cls, T) if clf.open_world else cls_scores(cls, T, prm.tau_cls)
+    if clf.open_world:  # a label taught from users' labels has its own [CLS] prototype
+        s_cls = cls_cosines(cls, T if clf.cls_protos is None else clf.cls_protos)
+    else:
+        s_cls = cls_scores(cls, T, prm.tau_cls)
     if support is None:
         m, support = _patch_scores(patches, clf, T, prm.tau_evidence, prm.batch_images)
     else:  # the fit's pass computed it (tagging.Tagger.fit): only the logits are left

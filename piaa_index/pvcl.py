@@ -219,6 +219,9 @@ class Classifier:
     precision: np.ndarray | None = None  # [d, d] float32
     bank_cosines: np.ndarray | None = None  # [C, K] float32, NaN past a label's bank size
     background_means: np.ndarray | None = None  # [k, d] float32: the clusters' centres
+    # The [CLS] branch's prototype per label where users' labels taught one (piaa_index/
+    # learning.py); None: the text prototypes, as for every label never taught.
+    cls_protos: np.ndarray | None = None  # [C, d] float32
 
     @property
     def n_classes(self) -> int:
@@ -237,13 +240,20 @@ class Classifier:
         rows = X.reshape(-1, X.shape[-1])
         flat = gemm_rows(rows, np.ascontiguousarray(self.W.T, np.float32))
         flat += np.asarray(self.b, np.float32)
-        if self.background_W is not None and self.background_b is not None:
-            bg = gemm_rows(rows, np.ascontiguousarray(self.background_W.T, np.float32))
-            bg += np.asarray(self.background_b, np.float32)
-            top = bg.max(axis=1, keepdims=True)
-            lse = top + np.log(np.exp(bg - top).sum(axis=1, keepdims=True))
-            flat -= lse
+        if self.background_W is not None:
+            flat -= self.background_logdensity(rows)[:, None]
         return flat.reshape(*X.shape[:-1], flat.shape[-1])
+
+    def background_logdensity(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float32: the background mixture's log-density (logsumexp over its clusters) of
+        patch rows [n, d], what every open-world label's log-odds subtract; 0 closed-world."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if self.background_W is None or self.background_b is None:
+            return np.zeros(len(rows), np.float32)
+        bg = gemm_rows(rows, np.ascontiguousarray(self.background_W.T, np.float32))
+        bg += np.asarray(self.background_b, np.float32)
+        top = bg.max(axis=1, keepdims=True)
+        return (top + np.log(np.exp(bg - top).sum(axis=1, keepdims=True)))[:, 0]
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """Normalised logits (W x + b) / scale, shape [..., C]; softmax at temperature 1 is sane."""
@@ -274,6 +284,7 @@ class Classifier:
             "precision": self.precision,
             "bank_cosines": self.bank_cosines,
             "background_means": self.background_means,
+            "cls_protos": self.cls_protos,
         }
         arrays.update({k: v for k, v in optional.items() if v is not None})
         np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -304,6 +315,7 @@ class Classifier:
                 precision=z["precision"] if "precision" in z.files else None,
                 bank_cosines=z["bank_cosines"] if "bank_cosines" in z.files else None,
                 background_means=(z["background_means"] if "background_means" in z.files else None),
+                cls_protos=z["cls_protos"] if "cls_protos" in z.files else None,
             )
 
 

@@ -173,3 +173,18 @@ class ImageChange(Base):
     __tablename__ = "image_changes"
     image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     version: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class UserLabel(Base):
+    """A user's own label of an image (migration 0006): imported keyword, confirmed or rejected
+    tag, taught example. Never one of our tags; the fit learns from them (keywords.py)."""
+
+    __tablename__ = "user_labels"
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    label: Mapped[str] = mapped_column(Text, primary_key=True)  # normalize_label(name)
+    name: Mapped[str] = mapped_column(Text)  # as the user spelt it
+    present: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))  # csv, xmp, cli, api, gallery, teach
+    updated_at: Mapped[datetime] = mapped_column(DateTime)

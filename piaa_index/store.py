@@ -50,6 +50,7 @@ from piaa_index.schema import (
     Label,
     Setting,
     Tag,
+    UserLabel,
     Vocabulary,
     XmpSidecar,
 )
@@ -340,6 +341,80 @@ class Store:
         with self.session() as s:
             s.merge(Setting(key=key, value=value))
 
+    # -- users' own labels (migration 0006) ---------------------------------------------------
+
+    def set_user_labels(self, rows: Sequence[tuple[int, str, bool]], source: str) -> int:
+        """Record (image id, label name, present) as the user's labels from `source`, replacing
+        what was recorded for the same image and label; returns the rows written."""
+        from piaa_index.query_language import normalize_label
+
+        latest: dict[tuple[int, str], tuple[str, bool]] = {}
+        for image_id, name, present in rows:
+            latest[(int(image_id), normalize_label(name))] = (name.strip(), bool(present))
+        now = utcnow()
+        items = list(latest.items())
+        with self.session() as s:
+            for start in range(0, len(items), 500):
+                chunk = items[start : start + 500]
+                for (image_id, key), _ in chunk:
+                    s.execute(
+                        delete(UserLabel).where(
+                            UserLabel.image_id == image_id, UserLabel.label == key
+                        )
+                    )
+                s.add_all(
+                    UserLabel(
+                        image_id=image_id,
+                        label=key,
+                        name=name,
+                        present=present,
+                        source=source,
+                        updated_at=now,
+                    )  # fmt: skip
+                    for (image_id, key), (name, present) in chunk
+                )
+            self._bump_user_labels(s)
+        return len(items)
+
+    def forget_user_labels(self, image_ids: Sequence[int], label: str | None = None) -> int:
+        """Delete the user's labels of these images (of one label only when given)."""
+        from piaa_index.query_language import normalize_label
+
+        n = 0
+        with self.session() as s:
+            for start in range(0, len(image_ids), 500):
+                q = delete(UserLabel).where(UserLabel.image_id.in_(image_ids[start : start + 500]))
+                if label is not None:
+                    q = q.where(UserLabel.label == normalize_label(label))
+                n += int(cast(CursorResult, s.execute(q)).rowcount or 0)
+            self._bump_user_labels(s)
+        return n
+
+    def user_labels(self) -> list[tuple[int, str, str, bool, str]]:
+        """Every user label: (image id, label key, name, present, source), by image."""
+        with self.session() as s:
+            rows = s.execute(
+                select(
+                    UserLabel.image_id,
+                    UserLabel.label,
+                    UserLabel.name,
+                    UserLabel.present,
+                    UserLabel.source,
+                ).order_by(UserLabel.image_id, UserLabel.label)
+            ).all()
+        return [(int(i), k, n, bool(p), src) for i, k, n, p, src in rows]
+
+    def user_labels_version(self) -> int:
+        """A counter bumped by every change to the user's labels (what a fit learnt from)."""
+        value = self.get_setting("user_labels")
+        return int(value["version"]) if value else 0
+
+    @staticmethod
+    def _bump_user_labels(s: Session) -> None:
+        row = s.get(Setting, "user_labels")
+        version = int(row.value["version"]) + 1 if row is not None else 1
+        s.merge(Setting(key="user_labels", value={"version": version}))
+
     # -- images --------------------------------------------------------------------------------
 
     def image_by_path(self, path: str) -> Image | None:
@@ -585,6 +660,7 @@ class Store:
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start : start + 500])
                 s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
+                s.execute(delete(UserLabel).where(UserLabel.image_id.in_(chunk)))
                 s.execute(delete(Image).where(Image.id.in_(chunk)))
             self._mark_changed(s, ids)
 

@@ -23,6 +23,7 @@ from piaa_index.store import VocabularyInfo, utcnow
 
 if TYPE_CHECKING:
     from piaa_index.decisions import Decisions
+    from piaa_index.learning import Learnt
     from piaa_index.library import Library
     from piaa_index.progress import Progress
     from piaa_index.pvcl import Classifier
@@ -47,6 +48,8 @@ class FitReport:
     warnings: list[str] = field(default_factory=list)
     # The labels this fit learnt; the others kept the last fit's classifier and scores.
     fitted_labels: list[str] = field(default_factory=list)
+    # What was learnt from the user's labels: which labels use it, and why (keywords.py).
+    learning: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -102,7 +105,12 @@ class Tagger(Part):
         """True when the vocabulary changed since the last fit (or nothing was fitted)."""
         vocab = self.store.vocabulary()
         latest = self.store.latest_classifier()
-        return vocab is not None and (latest is None or latest.vocabulary_id != vocab.id)
+        if vocab is None:
+            return False
+        if latest is None or latest.vocabulary_id != vocab.id:
+            return True
+        # The user's labels changed since the fit learnt from them (keywords.py).
+        return self.store.user_labels_version() != _learnt_version(latest)
 
     def fit_classifier(
         self,
@@ -211,7 +219,14 @@ class Tagger(Part):
         vocab = self.library.vocab.require_vocabulary()
         started = time.perf_counter()
         # The Ray engine and an explicit bank size always refit every label.
-        if not full and bank_size is None and engine == "local":
+        # Learning from the user's labels needs every label refitted (a label added keeps no
+        # learnt row to carry over): a vocabulary change of a library with labels, or labels
+        # changed since the last fit, refit every label.
+        version, latest = self.store.user_labels_version(), self.store.latest_classifier()
+        labels_moved = version != _learnt_version(latest) or (
+            version > 0 and latest is not None and latest.vocabulary_id != vocab.id
+        )
+        if not full and bank_size is None and engine == "local" and not labels_moved:
             with self.vectors.reading():
                 base = self._refit_base(vocab)
                 if base is not None:
@@ -222,12 +237,49 @@ class Tagger(Part):
             classifier, T, n_patches, support = self._fit_pass(
                 vocab, locations, progress, bank_size
             )
+            classifier, learnt = self._learn(vocab, classifier, T, locations, progress)
             fit_seconds = time.perf_counter() - started
             fitted, present = self._tag_all(
-                vocab, classifier, T, locations, progress, fit_seconds, ray, support
+                vocab, classifier, T, locations, progress, fit_seconds, ray, support, learnt
             )
             del support
         return self._report(vocab, fitted, present, len(locations), n_patches, started, fit_seconds)
+
+    def _learn(
+        self,
+        vocab: VocabularyInfo,
+        classifier: Classifier,
+        T: np.ndarray,
+        locations: list[tuple[int, int, int]],
+        progress: Progress,
+    ) -> tuple[Classifier, Learnt | None]:
+        """The classifier after learning from the user's labels of the vocabulary's labels
+        (piaa_index/keywords.py), and what was learnt; unchanged when there are none."""
+        from piaa_index.keywords import learn_labels, summary, with_learnt
+        from piaa_index.progress import note
+        from piaa_index.query_language import normalize_label
+
+        version = self.store.user_labels_version()
+        classifier.params["user_labels_version"] = version
+        column = {normalize_label(n): c for c, n in enumerate(vocab.names)}
+        live = {loc[0]: loc for loc in locations}
+        rows: dict[int, np.ndarray] = {}
+        for image_id, key, _name, present, _source in self.store.user_labels():
+            c = column.get(key)
+            if c is None or image_id not in live:
+                continue
+            rows.setdefault(image_id, np.full(len(column), -1, np.int8))[c] = int(present)
+        if not rows:
+            return classifier, None
+        note(f"learning from the labels of {len(rows)} images", progress)
+        labelled = [live[i] for i in sorted(rows, key=lambda i: live[i][1:])]
+        learnt = learn_labels(self.vectors, classifier, T, labelled, rows, locations)
+        learnt_classifier = with_learnt(classifier, learnt, T)
+        learnt_classifier.params = {
+            **classifier.params,
+            "learning": {**summary(learnt, vocab.names), "images": len(rows)},
+        }
+        return learnt_classifier, learnt
 
     def _report(
         self,
@@ -262,6 +314,7 @@ class Tagger(Part):
             labels=status,
             warnings=list(fitted.decisions.info.get("warnings", [])),
             fitted_labels=list(names) if fitted_labels is None else fitted_labels,
+            learning=dict(classifier.params.get("learning") or {}),
         )
 
     def _refit_base(self, vocab: VocabularyInfo) -> _RefitBase | None:
@@ -389,6 +442,7 @@ class Tagger(Part):
             precision=old.precision,
             bank_cosines=padded_cosines(cosines),
             background_means=old.background_means,
+            cls_protos=_kept_cls_protos(old, base.kept, T),
         )
 
         # Kept columns come from the old matrix; new labels (and images the old classifier had
@@ -542,6 +596,7 @@ class Tagger(Part):
         desc: str,
         ray: Any = None,
         support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        learnt: Learnt | None = None,
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
         (fitted on this segment's scores when not given: the fit's re-tag)."""
@@ -565,6 +620,10 @@ class Tagger(Part):
                     writer.support,
                     classifier.params.get("support") or {},
                 )
+                if learnt is not None:  # labels learnt from the user's: their own calibration
+                    from piaa_index.keywords import learnt_decisions
+
+                    decisions = learnt_decisions(decisions, learnt)
             writer.finish(decisions)
         except BaseException:
             writer.abort()
@@ -581,6 +640,7 @@ class Tagger(Part):
         fit_seconds: float,
         ray: Any = None,
         support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        learnt: Learnt | None = None,
     ) -> tuple[Fitted, dict[str, int]]:
         from piaa_index.scores import new_key, writer_lock
 
@@ -599,6 +659,7 @@ class Tagger(Part):
                 "tagging",
                 ray,
                 support,
+                learnt,
             )
             return self._install(vocab, classifier, T, key, segment, decisions, fit_seconds)
 
@@ -814,7 +875,28 @@ def _subset(classifier: Classifier, labels: Sequence[int]) -> Classifier:
         scale=classifier.scale,
         background_W=classifier.background_W,
         background_b=classifier.background_b,
+        cls_protos=None if classifier.cls_protos is None else classifier.cls_protos[idx],
     )
+
+
+def _kept_cls_protos(old: Classifier, kept: Sequence[int], T: np.ndarray) -> np.ndarray | None:
+    """[CLS] prototypes of a vocabulary change: kept labels keep what they learnt, new labels
+    start from their text (None when no label ever learnt one)."""
+    if old.cls_protos is None:
+        return None
+    protos = np.array(T, np.float32)
+    for c, k in enumerate(kept):
+        if k >= 0:
+            protos[c] = old.cls_protos[k]
+    return protos
+
+
+def _learnt_version(row: Any) -> int:
+    """The user-labels version a classifier row learnt from (0: none; keywords.py)."""
+    if row is None:
+        return 0
+    params = (row.report or {}).get("params") or {}
+    return int(params.get("user_labels_version", 0))
 
 
 def stored_decisions(row: Any) -> Decisions:

@@ -128,6 +128,7 @@ def with_global_options(command: click.Command | None, path: str = "") -> click.
 # other commands without one get their help's first sentence when it is short.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Start", ("demo", "index", "vocab", "fit", "status")),
+    ("Teach", ("labels",)),
     ("Find", ("search", "tags", "similar")),
     ("Share", ("export", "serve", "keys")),
     ("Look after", ("db", "models", "plugins")),
@@ -245,13 +246,14 @@ def _register_builtin_commands() -> None:
         evaluate,
         export,
         index,
+        labels,
         models,
         plugins_cmd,
         shapes,
         vocab,
     )
 
-    for module in (index, vocab, db, models, plugins_cmd, evaluate, demo, shapes, export):
+    for module in (index, vocab, labels, db, models, plugins_cmd, evaluate, demo, shapes, export):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -45,6 +45,13 @@ from piaa_index.cli.common import AppContext, echo_json, pass_app
     help="Random vocabularies (and removed labels) the open-world protocol tries.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(dir_okay=False),
+    help="A `path,label` CSV of user keywords for some fit images (each image listed is "
+    "labelled completely; `piaa shapes keywords` makes one): adds the `learned` row.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @pass_app
 def eval_command(
@@ -58,6 +65,7 @@ def eval_command(
     vocab_size: int | None,
     vocab_draws: int,
     seed: int,
+    labels_csv: str | None,
     as_json: bool,
 ) -> None:
     """Measure cls, patch-text, pvcl and piaa on TEST_DIR (ours, VOC, COCO or NUS layout).
@@ -73,8 +81,10 @@ def eval_command(
     from piaa_index.config import Settings
     from piaa_index.eval.ablation import format_table, run_ablation
     from piaa_index.eval.datasets import load_dataset
+    from piaa_index.keywords import read_label_csv
     from piaa_index.library import Library
 
+    keywords = read_label_csv(labels_csv) if labels_csv else None
     test = load_dataset(Path(test_dir), split)
     fit = load_dataset(Path(fit_dir), fit_split) if fit_dir else None
     home = Path(eval_home) if eval_home else Settings.resolve(app.home).home / "eval"
@@ -101,6 +111,7 @@ def eval_command(
             vocab_size=vocab_size,
             vocab_draws=vocab_draws,
             seed=seed,
+            keywords=keywords,
         )
     if as_json:
         echo_json(report)

@@ -140,8 +140,13 @@ def run_ablation(
     vocab_size: int | None = None,
     vocab_draws: int = 4,
     seed: int = 0,
+    keywords: dict[str, set[str]] | None = None,
 ) -> dict[str, Any]:
     """Index, fit on `fit` (or `test`) without labels, and score every method on `test`.
+
+    With `keywords` (labels by path of some fit images, complete for each image listed: a
+    user's keywords), also the `learned` row: the product after learning from them
+    (piaa_index/keywords.py).
 
     With `vocab_size`, also the open-world protocol (`open_world`): vocabularies of that many
     random labels against the same labels under the full vocabulary, and tag stability when
@@ -180,12 +185,26 @@ def run_ablation(
     paper_rule = label_decisions(in_dataset_order["pvcl-paper"], support, paper.params["support"])
     paper_tags = apply_decisions(in_dataset_order["pvcl-paper"], support, paper_rule)
     held = np.asarray(np.asarray(targets, dtype=bool).sum(axis=0) > 0)  # labels the test set holds
+    methods = list(METHODS)
+    learning: dict[str, Any] | None = None
+    learned_tags = None
+    if keywords is not None:
+        fit_locations_all, _ = _locations_for(library, fit_set)
+        S_learned, learned_tags, learning = learned_scores(
+            library, classifier, T, fit_locations_all, keywords, test_locations, order,
+            test.classes,
+        )  # fmt: skip
+        in_dataset_order["learned"] = S_learned.astype(np.float32)
+        methods.append("learned")
     results: dict[str, Any] = {}
     per_class: dict[str, dict[str, float | None]] = {}
-    for method in METHODS:
+    for method in methods:
         full = in_dataset_order[method]
         mAP, ap = mean_average_precision(full, targets)
-        if method in PRODUCT:
+        if method == "learned":
+            assert learned_tags is not None
+            pred = learned_tags
+        elif method in PRODUCT:
             pred = tags
         elif DECIDED_ON.get(method, method) == "pvcl-paper":
             pred = paper_tags
@@ -228,7 +247,10 @@ def run_ablation(
         },
         "model": library.store.get_setting("model"),
         "index": index_reports,
+        "by_frequency": by_frequency(per_class, fit_set, held, test.classes),
     }
+    if learning is not None:
+        report["learning"] = learning
     if vocab_size is not None:
         full_run = {
             "S": confidence,
@@ -240,6 +262,81 @@ def run_ablation(
         )
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def learned_scores(
+    library: Library,
+    classifier: Any,
+    T: np.ndarray,
+    fit_locations: list[tuple[int, int, int]],
+    keywords: dict[str, set[str]],
+    test_locations: list[tuple[int, int, int]],
+    order: list[int],
+    names: list[str],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The product after learning from `keywords` (labels by path, each image listed
+    completely): (confidence S, tags) on the test set in dataset order, and what was learnt."""
+    from pathlib import Path
+
+    from piaa_index.keywords import (
+        complete_rows,
+        learn_labels,
+        learnt_decisions,
+        summary,
+        with_learnt,
+    )
+
+    paths = {str(Path(p).resolve()): p for p in keywords}
+    fit_ids = set(loc[0] for loc in fit_locations)
+    stored = library.store.paths([loc[0] for loc in fit_locations])
+    labelled = {
+        i: keywords[paths[str(Path(p).resolve())]]
+        for i, p in stored.items()
+        if i in fit_ids and str(Path(p).resolve()) in paths
+    }
+    rows = complete_rows(labelled, names)
+    locations = [loc for loc in fit_locations if loc[0] in rows]
+    learnt = learn_labels(library.vectors, classifier, T, locations, rows, fit_locations)
+    learnt_classifier = with_learnt(classifier, learnt, T)
+    ids, raw = score_methods(library, test_locations, learnt_classifier, T)
+    scores = _in_order(raw, ids, order, len(names))
+    decisions = open_decisions(
+        scores["pvcl"], scores["piaa"], scores[SUPPORT], classifier.params["support"]
+    )
+    decisions = learnt_decisions(decisions, learnt)
+    S, present = decisions.apply(scores["pvcl"], scores["piaa"], scores[SUPPORT])
+    assert S is not None
+    info = summary(learnt, names)
+    info["labelled_images"] = len(locations)
+    return S, present, info
+
+
+def by_frequency(
+    per_class: dict[str, dict[str, float | None]],
+    fit_set: Dataset,
+    held: np.ndarray,
+    names: list[str],
+) -> dict[str, Any]:
+    """mAP of each method over head / medium / tail labels: the test set's labels in thirds by
+    how many fit images hold them (VOC-LT / COCO-LT report the same split)."""
+    counts = np.asarray(fit_set.targets(), bool).sum(axis=0)
+    labels = [c for c in np.argsort(-counts, kind="stable") if held[c]]
+    k = len(labels)
+    groups = {
+        "head": labels[: round(k / 3)],
+        "medium": labels[round(k / 3) : round(2 * k / 3)],
+        "tail": labels[round(2 * k / 3) :],
+    }
+    out: dict[str, Any] = {
+        "groups": {g: {names[c]: int(counts[c]) for c in cols} for g, cols in groups.items()}
+    }
+    for method, aps in per_class.items():
+        row = {}
+        for g, cols in groups.items():
+            vals = [float(v) for c in cols if (v := aps[names[c]]) is not None]
+            row[g] = round(float(np.mean(vals)), 2) if vals else None
+        out[method] = row
+    return out
 
 
 def _fit_and_tag(
@@ -338,9 +435,10 @@ def open_world_protocol(
 def format_table(report: dict[str, Any]) -> str:
     """The ablation as a Markdown table (absent-label columns when the test set has any)."""
     n_absent = len(report["dataset"].get("absent_labels", []))
+    methods = [m for m in report["results"]]
     if not n_absent:
         lines = ["| method | mAP | CF1 | OF1 |", "|---|---:|---:|---:|"]
-        for method in METHODS:
+        for method in methods:
             r = report["results"][method]
             lines.append(f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} |")
         return "\n".join(lines) + _open_world_table(report)
@@ -348,7 +446,7 @@ def format_table(report: dict[str, Any]) -> str:
         "| method | mAP | CF1 | OF1 | OP | OR | false tags on absent labels | absent labels tagging |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method in METHODS:
+    for method in methods:
         r = report["results"][method]
         lines.append(
             f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} | {r['OP']:.1f} | "

@@ -359,3 +359,17 @@ def _voc_labels_from_xml(year_dir: Path, split_list: Path) -> dict[str, set[int]
             found.add(index[name])
         labels[image_id] = found
     return labels
+
+
+def keyword_rows(dataset: Dataset, fraction: float, seed: int = 0) -> dict[str, list[str]]:
+    """A random `fraction` of the dataset's images with their ground-truth labels by path: the
+    keywords a user would have for part of a collection (`piaa shapes keywords`)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+    rng = np.random.default_rng(seed)
+    n = max(1, int(round(fraction * len(dataset.items))))
+    pick = sorted(int(i) for i in rng.choice(len(dataset.items), n, replace=False))
+    return {
+        str(dataset.items[i].path): [dataset.classes[c] for c in sorted(dataset.items[i].labels)]
+        for i in pick
+    }
