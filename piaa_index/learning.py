@@ -158,14 +158,18 @@ class _Model:
         """[n, C] confidence logits of images: patches X [n, M, d], background bg [n, M],
         [CLS] Z [n, d]."""
         torch = self.torch
+        return torch.nn.functional.softplus(self.raw_slope) * self.fused(X, bg, Z) + self.intercept
+
+    def fused(self, X: Any, bg: Any, Z: Any) -> Any:
+        """[n, C] the fused z-score F of the calibration (decisions.Calibration.fused)."""
+        torch = self.torch
         W, b, U = self.rows()
         n, M, d = X.shape
         patch = (X.reshape(n * M, d) @ W.T + b).reshape(n, M, -1) - bg[:, :, None]
         E = torch.amax(patch, dim=1) / self.scale
         Cos = Z @ U.T
         a = self.p.alpha
-        F = a * (E - self.ec) / self.es + (1 - a) * (Cos - self.cc) / self.cs
-        return torch.nn.functional.softplus(self.raw_slope) * F + self.intercept
+        return a * (E - self.ec) / self.es + (1 - a) * (Cos - self.cc) / self.cs
 
     def loss(self, X: Any, bg: Any, Z: Any, Y: Any, weights: Any) -> Any:
         torch = self.torch
@@ -215,8 +219,9 @@ class _Model:
             opt.step()
 
     def predict(self, X: Any, bg: Any, Z: Any) -> np.ndarray:
+        """[n, C] fused z-scores F (float64)."""
         with self.torch.no_grad():
-            return self.logits(X, bg, Z).double().numpy()
+            return self.fused(X, bg, Z).double().numpy()
 
 
 def _training_free(
@@ -293,8 +298,9 @@ def learn(
         final.fit(X, bg, Z, Yt)
     with torch.no_grad():
         W, b, U = (t.numpy().astype(np.float32) for t in final.rows())
-        slope = torch.nn.functional.softplus(final.raw_slope).double().numpy()
-        intercept = final.intercept.detach().double().numpy()
+    # The confidence of a learnt label is calibrated on held-out scores (the out-of-fold F):
+    # the training loss alone makes it overconfident (confidences tie at 1.0 and rank nothing).
+    slope, intercept = slope0.copy(), intercept0.copy()
     chosen = np.zeros(C, bool)
     report: dict[str, dict[str, Any]] = {}
     for c in range(C):
@@ -312,6 +318,8 @@ def learn(
             ap_learnt = average_precision(oof[known, c], truth)
             rec["held_out_AP"] = {"training_free": round(ap_free, 2), "learnt": round(ap_learnt, 2)}
             chosen[c] = ap_learnt >= ap_free + p.min_gain
+            if chosen[c]:
+                slope[c], intercept[c] = _logistic_1d(oof[known, c], truth, ridge=1.0)
             rec["used"] = "learnt" if chosen[c] else "training-free"
             rec["why"] = f"held-out AP {ap_learnt:.1f} vs {ap_free:.1f} training-free" + (
                 "" if chosen[c] else f" (needs +{p.min_gain:g})"
@@ -333,20 +341,39 @@ def learn(
     )
 
 
-def _logistic_1d(x: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
-    """(slope, intercept) of a 1-D logistic regression (Newton, lightly regularised), with
-    the slope kept positive: the score must still rank present above absent."""
+def _logistic_1d(
+    x: np.ndarray, y: np.ndarray, iters: int = 50, ridge: float = 1e-2
+) -> tuple[float, float]:
+    """(slope, intercept) of a 1-D logistic regression (Newton, L2 `ridge`), with the slope
+    kept positive: the score must still rank present above absent. The ridge keeps labels
+    that the scores separate from a huge slope, whose confidences would all round to 0 or 1
+    and rank nothing."""
     x = np.asarray(x, np.float64)
     t = np.asarray(y, np.float64)
-    w = np.array([1.0, 0.0])
     A = np.stack([x, np.ones_like(x)], axis=1)
-    for _ in range(iters):
+
+    def loss(w: np.ndarray) -> float:
         z = A @ w
-        pr = 0.5 * (1.0 + np.tanh(0.5 * z))
-        g = A.T @ (pr - t) + 1e-2 * w
-        H = (A * (pr * (1 - pr))[:, None]).T @ A + 1e-2 * np.eye(2)
+        return float(np.sum(np.logaddexp(0.0, z) - t * z) + 0.5 * ridge * w @ w)
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
+    for _ in range(iters):
+        pr = 0.5 * (1.0 + np.tanh(0.5 * (A @ w)))
+        g = A.T @ (pr - t) + ridge * w
+        H = (A * (pr * (1 - pr))[:, None]).T @ A + ridge * np.eye(2)
         step = np.linalg.solve(H, g)
-        w = w - step
+        # Damped: halve the Newton step until the loss goes down (plain Newton overshoots
+        # on well-separated scores).
+        for _halving in range(30):
+            trial = w - step
+            value = loss(trial)
+            if value <= current:
+                break
+            step = step / 2
+        else:
+            break
+        w, current = trial, value
         if np.max(np.abs(step)) < 1e-8:
             break
     slope = float(w[0]) if math.isfinite(w[0]) and w[0] > 1e-3 else 1.0

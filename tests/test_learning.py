@@ -1,0 +1,189 @@
+"""Learning from users' own labels (issue 21): the method on arrays, and the library path
+from `piaa labels import csv` to a fit that says which labels use what it learnt."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from piaa_index.learning import Examples, LearnParams, average_precision, learn
+from tests.cli_main import run_main
+
+
+def _synthetic(n: int, seed: int) -> tuple[Examples, np.ndarray, np.ndarray]:
+    """Images of 8 unit patches in 16 dims; label 0 is held where one patch points along a
+    hidden direction, label 1 is a coin flip. The training-free row of label 0 is off by 60°
+    from the hidden direction: labels must turn it."""
+    rng = np.random.default_rng(seed)
+    d, M = 16, 8
+    truth = np.zeros(d, np.float32)
+    truth[0] = 1.0
+    X = rng.normal(size=(n, M, d)).astype(np.float32)
+    held = rng.random(n) < 0.3
+    X[held, 0] += 3.0 * truth
+    X /= np.linalg.norm(X, axis=2, keepdims=True)
+    start = np.zeros(d, np.float32)
+    start[0], start[1] = 0.5, np.sqrt(0.75)
+    W0 = np.stack([2.0 * start, rng.normal(size=d).astype(np.float32)])
+    Y = np.stack([held, rng.random(n) < 0.5], axis=1).astype(np.int8)
+    cls = X.mean(axis=1)
+    ex = Examples(X, np.zeros((n, M), np.float32), cls, Y)
+    return ex, W0, np.zeros(2, np.float32)
+
+
+def test_learning_turns_a_label_where_held_out_labels_say_so_and_leaves_noise_alone() -> None:
+    ex, W0, b0 = _synthetic(3000, seed=1)
+    T = np.eye(2, 16, dtype=np.float32)
+    learnt = learn(ex, W0, b0, T, 1.0, params=LearnParams(steps=150, lr=0.01))
+    report = {int(k): v for k, v in learnt.report.items()}
+    # Label 0: the labels carry signal; held-out AP must beat the training-free row's.
+    assert learnt.chosen[0], report[0]
+    gain = report[0]["held_out_AP"]
+    assert gain["learnt"] > gain["training_free"] + 1.0
+    # On fresh images the learnt row ranks better too (not only on the labelled ones).
+    test, _, _ = _synthetic(3000, seed=2)
+    free = (test.patches @ W0[0]).max(axis=1)
+    mine = (test.patches @ learnt.W[0]).max(axis=1)
+    assert (
+        average_precision(mine, test.Y[:, 0] == 1)
+        > average_precision(free, test.Y[:, 0] == 1) + 1.0
+    )
+    # Label 1 is noise: nothing to learn, so the training-free score stays.
+    assert not learnt.chosen[1], report[1]
+    assert report[1]["used"] == "training-free"
+
+
+def test_a_label_with_too_few_labels_keeps_the_training_free_score() -> None:
+    ex, W0, b0 = _synthetic(2000, seed=3)
+    ex.Y[:, 0] = -1
+    ex.Y[:3, 0] = 1  # three images say "held": fewer than min_positives
+    learnt = learn(ex, W0, b0, np.eye(2, 16, dtype=np.float32), 1.0)
+    assert not learnt.chosen[0]
+    assert "too few labels" in learnt.report["0"]["why"]
+
+
+@pytest.fixture
+def labelled_home(shapes_home: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shared fitted library and the ground truth of its images as a
+    `path,label` CSV (the user's keywords)."""
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home)
+    data = shapes_home.parent / "library"
+    classes = json.loads((data / "classes.json").read_text())
+    rows = []
+    for line in (data / "labels.txt").read_text().splitlines():
+        rel, *ids = line.split()
+        path = str((data / rel).resolve())
+        rows += [(path, classes[int(i)]) for i in ids] or [(path, "")]
+    csv_file = tmp_path / "keywords.csv"
+    with csv_file.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return home, csv_file
+
+
+def test_imported_keywords_make_tags_stale_and_the_fit_says_what_it_learnt(
+    labelled_home: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    home, csv_file = labelled_home
+    base = ["--home", str(home), "--model", "shapesworld"]
+    code, out, _ = run_main([*base, "labels", "import", "csv", str(csv_file), "--json"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 0
+    imported = json.loads(out)
+    assert imported["images"] == 48 and not imported["not_indexed"]
+    # Complete labelling: every vocabulary label of every listed image is recorded.
+    assert imported["labels_written"] == 48 * 24
+    code, out, _ = run_main([*base, "status", "--json"], monkeypatch, capsys)
+    assert json.loads(out)["stale"] is True
+    code, out, _ = run_main([*base, "fit", "--json"], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads(out)
+    learning = report["learning"]
+    assert learning["images"] == 48
+    assert set(learning["labels"]) == set(report["labels"])
+    for name, rec in learning["labels"].items():
+        assert rec["used"] in ("learnt", "training-free")
+        assert (name in learning["learnt"]) == (rec["used"] == "learnt")
+        assert report["labels"][name]["learning"] == rec
+    code, out, _ = run_main([*base, "status", "--json"], monkeypatch, capsys)
+    assert json.loads(out)["stale"] is False
+    # One correction is a change: the tags are stale until the next fit learns again.
+    some_image = next(iter(csv.reader(csv_file.open())))  # header
+    first = next(r for r in csv.reader(csv_file.open()) if r != some_image)
+    code, _, _ = run_main([*base, "labels", "set", first[0], "mug", "yes"], monkeypatch, capsys)
+    assert code == 0
+    code, out, _ = run_main([*base, "status", "--json"], monkeypatch, capsys)
+    assert json.loads(out)["stale"] is True
+    # Export reads back what was imported, with the correction.
+    code, out, _ = run_main([*base, "labels", "export"], monkeypatch, capsys)
+    exported = {(r[0], r[1]) for r in list(csv.reader(out.splitlines()))[1:]}
+    given = {(r[0], r[1]) for r in list(csv.reader(csv_file.open()))[1:]}
+    assert exported - given == {(first[0], "mug")} or (first[0], "mug") in given
+    assert given - exported <= {(first[0], "")}
+
+
+def test_bad_label_files_and_images_are_usage_errors(
+    labelled_home: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    home, _ = labelled_home
+    base = ["--home", str(home), "--model", "shapesworld"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,tag\na.jpg,dog\n")
+    code, _, err = run_main([*base, "labels", "import", "csv", str(bad)], monkeypatch, capsys)
+    assert code == 2 and "line 1" in err and "Traceback" not in err
+    bad.write_text("path,label\na.jpg,dog,cat\n")
+    code, _, err = run_main([*base, "labels", "import", "csv", str(bad)], monkeypatch, capsys)
+    assert code == 2 and "line 2" in err
+    code, _, err = run_main([*base, "labels", "import", "csv", str(tmp_path / "none.csv")],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and "no such file" in err
+    code, _, err = run_main([*base, "labels", "set", str(tmp_path / "missing.jpg"), "dog", "yes"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and "no such file" in err
+
+
+def test_user_labels_are_stored_apart_and_versioned(postgres_url: str) -> None:
+    """On Postgres (the SQLite path runs above): upsert by case-folded label, forget, and a
+    version every change moves."""
+    from piaa_index.store import Store, utcnow
+
+    store = Store.open(postgres_url)
+    try:
+        store.commit_images(
+            [],
+            [
+                {
+                    "path": f"/p/{i}.jpg",
+                    "content_hash": None,
+                    "size": 1,
+                    "mtime": 0.0,
+                    "status": "failed",
+                    "error": "x",
+                    "indexed_at": utcnow(),
+                }
+                for i in range(1200)
+            ],  # fmt: skip
+        )
+        ids = sorted(store.image_ids_by_path([f"/p/{i}.jpg" for i in range(1200)]).values())
+        v0 = store.user_labels_version()
+        assert store.set_user_labels([(i, "Dog", i % 2 == 0) for i in ids], "csv") == 1200
+        assert store.set_user_labels([(ids[0], "DOG", False)], "cli") == 1
+        rows = store.user_labels()
+        assert len(rows) == 1200 and rows[0][1:] == ("dog", "DOG", False, "cli")
+        assert store.forget_user_labels(ids[:500], "dog") == 500
+        assert len(store.user_labels()) == 700
+        assert store.user_labels_version() == v0 + 3
+    finally:
+        store.close()
