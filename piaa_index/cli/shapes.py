@@ -125,6 +125,32 @@ def shapes_generate(
         click.echo(f"wrote {n_images} scenes to {root}{held}{extra}")
 
 
+@shapes_group.command(
+    "keywords", short_help="Write a random share of a dataset's labels as user keywords (CSV)."
+)
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="Share of the images whose ground truth becomes keywords.",
+)
+@click.option("--seed", default=0, show_default=True, help="Which images are picked.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="CSV file.")
+@pass_app
+def shapes_keywords(app: AppContext, dataset: str, fraction: float, seed: int, output: str) -> None:
+    """Write the labels of a random FRACTION of DATASET's images as a `path,label` CSV: the
+    keywords a user would have for part of a collection (`piaa labels import csv`, `piaa eval
+    --labels`)."""
+    from piaa_index.eval.datasets import keyword_rows, load_dataset
+    from piaa_index.keywords import write_label_csv
+
+    rows = keyword_rows(load_dataset(Path(dataset)), fraction, seed)
+    n = write_label_csv(Path(output), rows)
+    click.echo(f"wrote {n} rows for {len(rows)} images to {output}")
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
