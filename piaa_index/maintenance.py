@@ -282,6 +282,8 @@ class Maintenance(Part):
             },
             "classifier": None,
             "stale": self.library.tagger.is_stale(),
+            # Your labels changed since the last fit: `piaa fit` learns from them.
+            "labels_changed": self.library.tagger.labels_changed(),
         }
         if latest is not None:
             from piaa_index.tagging import stored_decisions

@@ -105,12 +105,12 @@ class Tagger(Part):
         """True when the vocabulary changed since the last fit (or nothing was fitted)."""
         vocab = self.store.vocabulary()
         latest = self.store.latest_classifier()
-        if vocab is None:
-            return False
-        if latest is None or latest.vocabulary_id != vocab.id:
-            return True
-        # The user's labels changed since the fit learnt from them (keywords.py).
-        return self.store.user_labels_version() != _learnt_version(latest)
+        return vocab is not None and (latest is None or latest.vocabulary_id != vocab.id)
+
+    def labels_changed(self) -> bool:
+        """True when the user's labels changed since the last fit learnt from them: the tags
+        still stand (queries answer), and the next `fit` learns again (keywords.py)."""
+        return self.store.user_labels_version() != _learnt_version(self.store.latest_classifier())
 
     def fit_classifier(
         self,

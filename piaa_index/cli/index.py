@@ -272,6 +272,8 @@ def status_command(app: AppContext, as_json: bool) -> None:
         for warning in clf["warnings"]:
             click.echo(f"             note: {warning}")
     click.echo(f"stale:       {'yes (the next query refits)' if status['stale'] else 'no'}")
+    if status.get("labels_changed"):
+        click.echo("your labels: changed since the last fit (`piaa fit` learns from them)")
 
 
 COMMANDS = [index_command, status_command]

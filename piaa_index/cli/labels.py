@@ -14,7 +14,7 @@ from piaa_index.errors import UserInputError
 def labels_group() -> None:
     """Your own labels of images: keywords you already have, tags you confirmed or rejected.
 
-    They are kept apart from the tags piaa computes. The next fit (or query) learns from them
+    They are kept apart from the tags piaa computes. The tags stand until `piaa fit` learns from them
     and uses what it learnt for a label only where that beats the training-free score on your
     labels held out (`piaa fit --json` says which labels and why).
     """
@@ -65,7 +65,7 @@ def import_csv(app: AppContext, csv_file: str, as_json: bool) -> None:
         echo_json(report)
         return
     click.echo(
-        f"imported {written} labels of {report['images']} images; the next fit learns from them"
+        f"imported {written} labels of {report['images']} images; `piaa fit` learns from them"
     )
     if unknown:
         click.echo(
@@ -94,7 +94,7 @@ def labels_set(app: AppContext, image: str, label: str, value: str, as_json: boo
     if as_json:
         echo_json({"image": image, "label": label.strip(), "value": value, "changed": n})
     else:
-        click.echo(f"{image}: {label.strip()} = {value}")
+        click.echo(f"{image}: {label.strip()} = {value} (`piaa fit` learns from it)")
 
 
 @labels_group.command("export", short_help="Write your labels as a `path,label` CSV.")
