@@ -82,6 +82,14 @@ class VocabularyEditor(Part):
         for templates, rows in groups.items():
             names = [vocab.labels[i].name for i in rows]
             protos[rows] = self.encoder.text_prototypes(names, list(templates))
+        # A concept taught from examples (`piaa teach`) has its examples' prototype instead.
+        from piaa_index.teaching import taught_prototypes
+
+        taught = taught_prototypes(self.store)
+        for i, lb in enumerate(vocab.labels):
+            proto = taught.get(normalize_label(lb.name))
+            if proto is not None and proto.shape == (protos.shape[1],):
+                protos[i] = proto
         return protos
 
 

@@ -128,7 +128,7 @@ def with_global_options(command: click.Command | None, path: str = "") -> click.
 # other commands without one get their help's first sentence when it is short.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Start", ("demo", "index", "vocab", "fit", "status")),
-    ("Teach", ("labels",)),
+    ("Teach", ("labels", "teach")),
     ("Find", ("search", "tags", "similar")),
     ("Share", ("export", "serve", "keys")),
     ("Look after", ("db", "models", "plugins")),

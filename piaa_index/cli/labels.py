@@ -130,10 +130,60 @@ def labels_export(app: AppContext, output: str) -> None:
     click.echo(f"wrote {n} rows for {len(present)} images to {output}", err=True)
 
 
+@click.command("teach", short_help="Teach a concept of your own from a few example images.")
+@click.argument("name")
+@click.argument("examples", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--not",
+    "counter",
+    multiple=True,
+    type=click.Path(),
+    help="An image without the concept (repeatable): sharpens what sets it apart.",
+)
+@click.option("--no-fit", is_flag=True, help="Only record it; the next fit learns it.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def teach_command(
+    app: AppContext,
+    name: str,
+    examples: tuple[str, ...],
+    counter: tuple[str, ...],
+    no_fit: bool,
+    as_json: bool,
+) -> None:
+    """Teach NAME from EXAMPLES (indexed images that show it): "Rex", "grandma's house", a
+    product. No text prompt is needed: NAME becomes a label like any other (search, tags,
+    evidence maps, XMP, the API), found by what its examples share and other photos lack.
+    Ten or so varied examples work better than two; teach again to add more."""
+    from piaa_index.teaching import teach
+    from piaa_index.vocabulary import clean_labels
+
+    label = clean_labels([name])[0]
+    library = app.library()
+    ids = [library.image_id(p) for p in examples]
+    not_ids = [library.image_id(p) for p in counter]
+    done = teach(library.store, library.vectors, label, ids, not_ids)
+    if _key(label) not in {_key(n) for n in library.labels()}:
+        library.add_labels([label])
+        done["added_to_vocabulary"] = True
+    if not no_fit:
+        report = library.fit(progress=app.progress)
+        done["fit"] = {
+            "status": report.labels.get(label, {}).get("status"),
+            "tagged": report.tagged_present.get(label, 0),
+            "learning": report.learning.get("labels", {}).get(label),
+        }
+    if as_json:
+        echo_json(done)
+        return
+    tail = "" if no_fit else f"; tagged in {done['fit']['tagged']} images"
+    click.echo(f"taught {label!r} from {len(ids)} examples{tail}")
+
+
 def _key(name: str) -> str:
     from piaa_index.query_language import normalize_label
 
     return normalize_label(name)
 
 
-COMMANDS = [labels_group]
+COMMANDS = [labels_group, teach_command]
