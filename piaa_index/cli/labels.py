@@ -20,7 +20,7 @@ def labels_group() -> None:
     """
 
 
-@labels_group.group("import", short_help="Import labels from a CSV file.")
+@labels_group.group("import", short_help="Import labels from a CSV file or XMP keywords.")
 def import_group() -> None:
     """Import labels you already have."""
 
@@ -73,6 +73,101 @@ def import_csv(app: AppContext, csv_file: str, as_json: bool) -> None:
         )
     if outside:
         click.echo("not in the vocabulary (kept): " + ", ".join(outside[:20]), err=True)
+
+
+@import_group.command(
+    "xmp", short_help="Import your keywords from XMP sidecars and embedded XMP/IPTC."
+)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option(
+    "--complete",
+    is_flag=True,
+    help="An image with any keyword of yours is labelled completely: every vocabulary label "
+    "it lacks is stored as absent (for a DAM whose editors tag each asset fully).",
+)
+@click.option(
+    "--prefix",
+    default="piaa",
+    show_default=True,
+    help="The prefix `piaa export xmp --prefix` gave piaa's keywords (never imported).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def import_xmp(
+    app: AppContext, paths: tuple[str, ...], complete: bool, prefix: str, as_json: bool
+) -> None:
+    """Import the keywords you gave the indexed images under PATHS (default: every indexed
+    image): from their XMP sidecars (IMG.jpg.xmp, IMG.xmp) and the XMP and IPTC embedded in
+    the files; dc:subject, lr:hierarchicalSubject, digiKam:TagsList and the other keyword lists
+    piaa export xmp knows, and IPTC Keywords. The keywords piaa wrote are left out.
+
+    A keyword becomes the vocabulary label equal to it (case and spacing aside), else the one
+    equal to its last level (`animals|dog`, `animals/dog` → dog); the others are listed as
+    unmapped and not stored. Labels are stored present, with source `xmp`; one an earlier
+    import stored that the files no longer hold is forgotten. A file that cannot be read is
+    listed as unreadable and the run goes on.
+    """
+    import os
+
+    from piaa_index.schema import INDEXED
+    from piaa_index.xmp import check_options
+    from piaa_index.xmp_keywords import SOURCE, label_rows, read_keywords
+
+    check_options(prefix, "append")
+    roots: list[str] = []
+    for given in paths:
+        root = Path(given).expanduser()
+        if not os.path.lexists(root):
+            raise UserInputError(f"no such file or folder: {given}")
+        roots.append(str(root.resolve()))
+    library = app.library()
+    store = library.store
+    known = store.images_under(roots if paths else [os.sep])
+    images = {p: k.id for p, k in known.items() if k.status == INDEXED}
+    if not images:
+        where = " under " + ", ".join(paths) if paths else ""
+        raise UserInputError(f"no indexed images{where} (run `piaa index` on their folder)")
+    vocab = library.vocabulary()
+    names = list(vocab.names) if vocab is not None else []
+    plan = read_keywords(images, names, prefix=prefix, progress=app.progress)
+    rows, forget = label_rows(plan, names, store.user_labels(), complete=complete)
+    written = store.set_user_labels(rows, SOURCE) if rows else 0
+    by_label: dict[str, list[int]] = {}
+    for image_id, name in forget:
+        by_label.setdefault(name, []).append(image_id)
+    forgotten = sum(store.forget_user_labels(ids, name) for name, ids in by_label.items())
+    present = sum(1 for r in rows if r[2])
+    unmapped = dict(sorted(plan.unmapped.items(), key=lambda kv: (-kv[1], kv[0])))
+    report = {
+        "images": len(images),
+        "with_keywords": len(plan.with_keywords),
+        "sidecars": plan.sidecars,
+        "embedded": plan.embedded,
+        "labels_written": written,
+        "present": present,
+        "absent": len(rows) - present,
+        "forgotten": forgotten,
+        "labels": dict(sorted(plan.mapped.items())),
+        "unmapped": unmapped,
+        "unreadable": plan.unreadable,
+    }
+    if as_json:
+        echo_json(report)
+        return
+    absent = f" and {report['absent']} absent" if complete else ""
+    click.echo(
+        f"imported {present} present{absent} labels of {report['with_keywords']} images with "
+        f"keywords ({len(images)} images read); `piaa fit` learns from them"
+    )
+    if plan.unmapped:
+        shown = ", ".join(f"{k} ({n})" for k, n in list(unmapped.items())[:20])
+        click.echo(f"not in the vocabulary (not stored): {shown}", err=True)
+    for item in plan.unreadable[:10]:
+        click.echo(f"unreadable: {item['path']}: {item['reason']}", err=True)
+    if len(plan.unreadable) > 10:
+        click.echo(
+            f"… and {len(plan.unreadable) - 10} more unreadable (--json lists them)", err=True
+        )
 
 
 @labels_group.command("set", short_help="Confirm (yes) or reject (no) a label of one image.")
