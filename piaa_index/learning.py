@@ -46,6 +46,9 @@ class LearnParams:
     # Out-of-fold AP points the learnt head must gain over the training-free score.
     min_gain: float = 0.5
     steps: int = 120  # Adam steps over the labelled images (full batch)
+    # Labelled images each training reads at most (a random subset beyond): bounds time and
+    # memory at tens of thousands of labels; every labelled image is still scored held out.
+    max_train_images: int = 3000
     lr: float = 0.002  # Adam's step: a few thousandths of a row's norm (~0.6)
     anchor: float = 1.0  # L2 weight pulling the patch rows to their start (relative)
     cls_anchor: float = 1.0  # the same for the [CLS] prototypes, on the z-scored cosine's scale
@@ -289,13 +292,15 @@ def learn(
         rng = np.random.default_rng(p.seed)
         fold = rng.permutation(n) % max(2, p.folds)
         for k in range(max(2, p.folds)):
-            train, held = fold != k, fold == k
+            train = _at_most(np.flatnonzero(fold != k), p.max_train_images, rng)
+            held = fold == k
             m = model()
             m.fit(X[train], bg[train], Z[train], Yt[train])
             oof[held] = m.predict(X[held], bg[held], Z[held])
     final = model()
     if eligible.any():
-        final.fit(X, bg, Z, Yt)
+        train = _at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed))
+        final.fit(X[train], bg[train], Z[train], Yt[train])
     with torch.no_grad():
         W, b, U = (t.numpy().astype(np.float32) for t in final.rows())
     # The confidence of a learnt label is calibrated on held-out scores (the out-of-fold F):
@@ -339,6 +344,15 @@ def learn(
         report=report,
         seconds=time.perf_counter() - started,
     )
+
+
+def _at_most(rows: np.ndarray, limit: int, rng: np.random.Generator) -> Any:
+    """`rows` (sorted), or a random `limit` of them, as a torch index."""
+    import torch
+
+    if len(rows) > limit:
+        rows = np.sort(rng.choice(rows, limit, replace=False))
+    return torch.as_tensor(rows)
 
 
 def _logistic_1d(

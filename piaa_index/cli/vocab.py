@@ -40,6 +40,37 @@ def _show(app: AppContext, as_json: bool) -> None:
             click.echo(name)
 
 
+@vocab_group.command("check", short_help="Find label pairs the model may confuse, and what to do.")
+@click.option("--top", default=10, show_default=True, help="Pairs to show.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def vocab_check(app: AppContext, top: int, as_json: bool) -> None:
+    """Label pairs whose text features are entangled (their text cosine stands out among the
+    vocabulary's pairs), how often they are tagged together in this collection against chance,
+    and what to do. Training-free; fits first when the tags are stale."""
+    from piaa_index.vocab_check import entangled_pairs
+
+    library = app.library()
+    vocab = library.ensure_tags(progress=app.progress)
+    matrix = library.tag_matrix()
+    report = entangled_pairs(vocab.names, library.text_prototypes(vocab), matrix.present, top)
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(
+        f"{report['labels']} labels, {report.get('images', 0)} images; typical text cosine "
+        f"between two labels: {report['typical_cosine']}"
+    )
+    for pair in report["pairs"]:
+        a, b = pair["labels"]
+        mark = "!" if pair["entangled"] else " "
+        click.echo(
+            f"{mark} {a} / {b}: cosine {pair['text_cosine']} (z {pair['z']}), tagged "
+            f"{pair['tagged'][0]} / {pair['tagged'][1]}, together {pair['tagged_together']}"
+            f" -> {pair['advice']}"
+        )
+
+
 def read_label_file(source: str) -> list[str]:
     """The labels of a text file (`-`: standard input): one a line, UTF-8; blank lines and
     lines whose first character is `#` are skipped (a `#` inside a label is kept)."""
