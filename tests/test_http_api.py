@@ -103,6 +103,7 @@ def test_status(api: Api) -> None:
     body = api.client.get("/api/status").json()
     assert body["images"]["indexed"] == len(api.photos)
     assert body["model"]["pretrained"] == "none"
+    assert body["labels_changed"] is False  # no labels of yours yet (tests/test_http_labels.py)
 
 
 def test_openapi_is_valid_openapi_3(api: Api) -> None:
@@ -117,6 +118,8 @@ def test_openapi_is_valid_openapi_3(api: Api) -> None:
     ids = [op["operationId"] for op in operations]
     assert len(ids) == len(set(ids))
     assert {"list_tags", "search", "tags", "similar", "get_image", "start_fit_job"} <= set(ids)
+    labels = {"get_image_labels", "set_image_label", "forget_image_label", "set_labels"}
+    assert labels | {"list_labels", "complete_labels"} <= set(ids)
     assert not [i for i in ids if i.endswith(("_get", "_post", "_put"))]  # no FastAPI auto names
     # Every 4xx/5xx is the real error body; no FastAPI validation body anywhere.
     assert "HTTPValidationError" not in spec["components"]["schemas"]

@@ -234,3 +234,100 @@ def test_fit_job_and_the_change_feed(api: ModuleType, client: Any) -> None:
     fresh, _ = feed(api, client)
     assert mirror == {i: {t.label for t in im.tags} for i, im in fresh.items()}
     assert not set().union(*mirror.values()) & set(vocabulary.labels[:3])
+
+
+def truth_by_path(shapes_home: Path) -> dict[str, set[str]]:
+    """The generated scenes' true classes, by resolved image path (the user's keywords)."""
+    import json
+
+    data = shapes_home.parent / "library"
+    classes = json.loads((data / "classes.json").read_text())
+    out = {}
+    for line in (data / "labels.txt").read_text().splitlines():
+        rel, *ids = line.split()
+        out[str((data / rel).resolve())] = {classes[int(i)] for i in ids}
+    return out
+
+
+def test_labels_then_a_fit_job_that_says_what_it_learnt(
+    api: ModuleType, client: Any, shapes_home: Path
+) -> None:
+    """Your labels through the generated client: a bulk by path, one confirmation and one
+    rejection by id, the paged listing; then a fit job whose result says, label by label,
+    whether the learnt or the training-free score is used and why."""
+    models = module(api, "models")
+    names = module(api, "api.vocabulary.get_vocabulary").sync(client=client).labels
+    images = module(api, "api.images.list_images").sync(client=client, limit=100).images
+    truth = truth_by_path(shapes_home)
+    rows = [
+        models.LabelRow(image=im.path, label=name, present=name in truth[im.path])
+        for im in images
+        for name in names
+    ]
+    body = models.LabelsBody(labels=rows)
+    written = module(api, "api.labels.set_labels").sync(client=client, body=body)
+    assert isinstance(written, models.LabelsWritten), written
+    assert written.written == len(images) * len(names) and written.images == len(images)
+    assert written.labels_changed is True
+    missing = models.LabelsBody(labels=[models.LabelRow(image=999_999, label="x", present=True)])
+    unknown = module(api, "api.labels.set_labels").sync_detailed(client=client, body=missing)
+    assert unknown.status_code == 404 and isinstance(unknown.parsed, models.Error)
+    assert "999999" in unknown.parsed.error.message
+    # One image confirmed and rejected from the "gallery", then read back, typed.
+    image = images[0]
+    set_label = module(api, "api.labels.set_image_label")
+    yes = models.LabelBody(present=True, source=models.LabelBodySource.GALLERY)
+    answer = set_label.sync(image.id, "a label of mine", client=client, body=yes)
+    assert isinstance(answer, models.ImageLabels), answer
+    no = models.LabelBody(present=False)
+    answer = set_label.sync(image.id, names[0], client=client, body=no)
+    mine = module(api, "api.labels.get_image_labels").sync(image.id, client=client)
+    assert isinstance(mine, models.ImageLabels) and mine.labels_changed is True
+    by_label = {row.label: row for row in mine.labels}
+    assert by_label["a label of mine"].present and by_label["a label of mine"].source == "gallery"
+    assert by_label[names[0]].present is False and by_label[names[0]].source == "api"
+    assert all(isinstance(row, models.UserLabel) and is_utc(row.updated_at) for row in mine.labels)
+    forgotten = module(api, "api.labels.forget_image_label").sync(
+        image.id, "a label of mine", client=client
+    )
+    assert "a label of mine" not in {row.label for row in forgotten.labels}
+    # The export, page by page.
+    list_labels = module(api, "api.labels.list_labels")
+    listed: list[Any] = []
+    cursor: Any = None
+    while True:
+        kwargs = {"limit": 300} if cursor is None else {"limit": 300, "cursor": cursor}
+        page = list_labels.sync(client=client, **kwargs)
+        assert isinstance(page, models.LabelPage), page
+        listed += page.labels
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(listed) == len(images) * len(names)
+    assert {(row.path, row.label) for row in listed} == {
+        (im.path, name) for im in images for name in names
+    }
+    get_status = module(api, "api.meta.get_status")
+    assert get_status.sync(client=client).labels_changed is True
+    # The fit job learns from them, and says what it learnt.
+    job = module(api, "api.jobs.start_fit_job").sync(client=client)
+    get_job = module(api, "api.jobs.get_job")
+    deadline = time.monotonic() + 300
+    while True:
+        state = get_job.sync(job.id, client=client)
+        if state.state in (models.JobState.DONE, models.JobState.FAILED):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state.state == models.JobState.DONE, state.error
+    result = state.result.to_dict()
+    learning = result["learning"]
+    assert learning["images"] == len(images)
+    assert set(learning["labels"]) == set(names)
+    for name, rec in learning["labels"].items():
+        assert rec["used"] in ("learnt", "training-free") and rec["why"], (name, rec)
+        assert (name in learning["learnt"]) == (rec["used"] == "learnt")
+    for name in learning["learnt"]:
+        assert result["labels"][name]["source"] == "learnt"
+        assert result["labels"][name]["learning"] == learning["labels"][name]
+    assert get_status.sync(client=client).labels_changed is False

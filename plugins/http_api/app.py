@@ -24,6 +24,7 @@ from piaa_index_plugins.http_api import (
     errors,
     routes_images,
     routes_jobs,
+    routes_labels,
     routes_media,
     routes_meta,
     routes_queries,
@@ -39,7 +40,15 @@ if TYPE_CHECKING:
     from piaa_index.library import Library
 
 STATIC = Path(__file__).parent / "static"
-ROUTERS = (routes_meta, routes_queries, routes_vocabulary, routes_images, routes_jobs, routes_media)
+ROUTERS = (
+    routes_meta,
+    routes_queries,
+    routes_vocabulary,
+    routes_images,
+    routes_labels,
+    routes_jobs,
+    routes_media,
+)
 DOCS_ASSETS = "/docs/assets"
 
 

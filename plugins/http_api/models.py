@@ -150,6 +150,11 @@ class Status(Open):
     vocabulary: VocabularyInfo | None = None
     classifier: ClassifierInfo | None = None
     stale: bool | None = None
+    labels_changed: bool | None = Field(
+        default=None,
+        description="True when your labels changed since the last fit learnt from them (the "
+        "tags stand; a fit job learns from them).",
+    )
     jobs: RunningJobs
 
 
@@ -227,6 +232,46 @@ class TagFeed(BaseModel):
     images: list[FeedImage]
     removed: list[int] = Field(description="Ids of images removed since `since`.")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+
+
+# -- the user's own labels -----------------------------------------------------------------------
+
+LabelSource = Literal["api", "gallery"]
+
+
+class UserLabel(BaseModel):
+    """A label you gave an image (kept apart from our tags; the next fit learns from it)."""
+
+    label: str = Field(description="As you spelt it (labels match case-insensitively).")
+    present: bool = Field(description="True: the image shows it (confirmed); false: rejected.")
+    source: str = Field(description="Where it came from: api, gallery, csv, cli, xmp, ...")
+    updated_at: UtcDatetime
+
+
+class ImageLabels(BaseModel):
+    image: int = Field(description="The image id.")
+    labels: list[UserLabel] = Field(description="Your labels of the image, by label.")
+    labels_changed: bool = Field(
+        description="True when your labels changed since the last fit learnt from them."
+    )
+
+
+class ListedLabel(UserLabel):
+    image: int = Field(description="The image id.")
+    path: str = Field(description="The image's path.")
+
+
+class LabelPage(BaseModel):
+    labels: list[ListedLabel] = Field(description="By image id, then label.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+
+
+class LabelsWritten(BaseModel):
+    written: int = Field(description="Labels recorded (one per image and case-folded label).")
+    images: int = Field(description="Distinct images labelled.")
+    labels_changed: bool = Field(
+        description="True when your labels changed since the last fit learnt from them."
+    )
 
 
 # -- queries --------------------------------------------------------------------------------------

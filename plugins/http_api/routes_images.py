@@ -36,7 +36,13 @@ def encode_cursor(fields: dict[str, Any]) -> str:
 # The fields each kind of cursor must hold (a forged cursor without them is a 400, not a
 # KeyError); "s" (the listing's `since`) may be null. "query": a query's pages
 # (routes_queries.py): offset, feed version, query name and a digest of its parameters.
-CURSOR_FIELDS = {"images": ("a",), "tags": ("a", "u"), "query": ("o", "u", "q", "h")}
+# "labels": the user's labels (routes_labels.py): the image id and label key last listed.
+CURSOR_FIELDS = {
+    "images": ("a",),
+    "tags": ("a", "u"),
+    "query": ("o", "u", "q", "h"),
+    "labels": ("a", "l"),
+}
 
 
 def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
@@ -50,7 +56,7 @@ def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
             value = fields.get(key)
             if value is not None and (type(value) is not int or not 0 <= value <= MAX_ID):
                 raise ValueError
-        if any(not isinstance(fields.get(key, ""), str) for key in ("q", "h")):
+        if any(not isinstance(fields.get(key, ""), str) for key in ("q", "h", "l")):
             raise ValueError
         return fields
     except (ValueError, TypeError, RecursionError):

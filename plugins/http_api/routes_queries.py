@@ -245,6 +245,7 @@ FIXED_OPERATION_IDS = frozenset(
         "health", "get_status", "list_queries", "run_query", "get_vocabulary", "set_vocabulary",
         "complete_labels", "list_images", "get_image", "list_tags", "get_thumbnail",
         "get_evidence", "start_index_job", "start_fit_job", "list_jobs", "get_job",
+        "get_image_labels", "set_image_label", "forget_image_label", "set_labels", "list_labels",
     }
 )  # fmt: skip
 OPENAPI_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}

@@ -6,7 +6,8 @@ request costs no body parsing and no thread):
 - Cross-site requests refused unless their Origin is in `--cors-origin` (CORS is off by
   default); browsers send Origin on every cross-site write, so no page can drive the API.
 - Bodies: JSON only (415 otherwise, so a form or text/plain "simple request" is refused),
-  at most `max_body_bytes` (413, counted as it arrives whatever Content-Length says), nested
+  at most `max_body_bytes` (413, counted as it arrives whatever Content-Length says; a bulk
+  of labels, POST /api/user-labels, at most `max_bulk_body_bytes`), nested
   at most `max_json_depth` deep (400, checked before the JSON parser recurses).
 - NUL bytes in the path, the query string or a JSON body: 400 (file names and SQL text
   cannot hold them).
@@ -37,6 +38,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, X-API-Key, Content-Type"
+# Routes whose bodies may be up to `max_bulk_body_bytes` (others: `max_body_bytes`).
+BULK_PATHS = frozenset({"/api/user-labels"})
 
 
 def host_name(value: str) -> str:
@@ -109,7 +112,9 @@ class SecurityMiddleware:
             return
         body: bytes | None = None
         if method in BODY_METHODS:
-            result = await self._read_body(headers, receive)
+            bulk = method == "POST" and scope["path"] in BULK_PATHS
+            limit = self.config.max_bulk_body_bytes if bulk else self.config.max_body_bytes
+            result = await self._read_body(headers, receive, limit)
             if isinstance(result, tuple):
                 await refuse(*result)
                 return
@@ -150,10 +155,9 @@ class SecurityMiddleware:
         await send({"type": "http.response.body", "body": b""})
 
     async def _read_body(
-        self, headers: dict[str, str], receive: Receive
+        self, headers: dict[str, str], receive: Receive, limit: int
     ) -> bytes | tuple[int, str, str]:
         """The whole body, or (status, code, message) to refuse it with."""
-        limit = self.config.max_body_bytes
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

@@ -36,6 +36,8 @@ class ServerConfig:
     session_key: str | None = None  # a write key valid for this run only (printed at start)
     index_roots: tuple[str, ...] = ()  # index jobs only under these folders (empty: anywhere)
     max_body_bytes: int = 256 * 1024
+    max_bulk_body_bytes: int = 16 * 1024 * 1024  # POST /api/user-labels: thousands of labels
+    max_bulk_labels: int = 100_000
     max_json_depth: int = 32
     max_labels: int = 1000
     max_label_length: int = 200
