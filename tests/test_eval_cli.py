@@ -114,3 +114,31 @@ def test_default_bank_size_keeps_the_papers_proportion():
     assert paper_bank_size(5000 * 196, 20) == 512
     assert paper_bank_size(400 * 64, 24) == 21
     assert paper_bank_size(10, 80) == 16
+
+
+def test_eval_with_keywords_adds_the_learned_row_and_head_medium_tail(tmp_path, model_args):
+    """`piaa shapes keywords` makes the user's keywords for half the fit images; `eval --labels`
+    learns from them and reports the learned row beside piaa, and mAP by label frequency."""
+    test_dir = generate_dataset(tmp_path / "test", 40, seed=1, size=64, progress=False)
+    fit_dir = generate_dataset(tmp_path / "fit", 60, seed=2, size=64, progress=False)
+    keywords = tmp_path / "kw.csv"
+    made = run(["shapes", "keywords", str(fit_dir), "--fraction", "0.5", "-o", str(keywords)])
+    assert made.exit_code == 0, made.output
+    rows = keywords.read_text().splitlines()
+    assert rows[0] == "path,label" and len({r.split(",")[0] for r in rows[1:]}) == 30
+
+    args = [*model_args, "eval", str(test_dir), "--fit", str(fit_dir), "--labels", str(keywords)]
+    report = json.loads(run([*args, "--json"]).output)
+    assert set(report["results"]) == {*METHODS, "learned"}
+    learning = report["learning"]
+    assert learning["labelled_images"] == 30
+    for name, rec in learning["labels"].items():
+        assert (name in learning["learnt"]) == (rec["used"] == "learnt")
+    freq = report["by_frequency"]
+    assert set(freq["groups"]) == {"head", "medium", "tail"}
+    held = {n for g in freq["groups"].values() for n in g}
+    assert held == {n for n, ap in report["per_class_AP"]["piaa"].items() if ap is not None}
+    heads, tails = freq["groups"]["head"].values(), freq["groups"]["tail"].values()
+    assert min(heads) >= max(tails)
+    table = run(args).output
+    assert "| learned |" in table and "mAP tail" in table

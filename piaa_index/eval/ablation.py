@@ -441,7 +441,7 @@ def format_table(report: dict[str, Any]) -> str:
         for method in methods:
             r = report["results"][method]
             lines.append(f"| {method} | {r['mAP']:.1f} | {r['CF1']:.1f} | {r['OF1']:.1f} |")
-        return "\n".join(lines) + _open_world_table(report)
+        return "\n".join(lines) + _frequency_table(report) + _open_world_table(report)
     lines = [
         "| method | mAP | CF1 | OF1 | OP | OR | false tags on absent labels | absent labels tagging |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -453,7 +453,37 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['OR']:.1f} | {r['absent_false_tag_rate']:.2f} % | "
             f"{r['absent_labels_tagging']} of {n_absent} |"
         )
-    return "\n".join(lines) + _open_world_table(report)
+    return "\n".join(lines) + _frequency_table(report) + _open_world_table(report)
+
+
+def _frequency_table(report: dict[str, Any]) -> str:
+    """mAP over head / medium / tail labels (by fit-set frequency), when keywords were given."""
+    freq = report.get("by_frequency")
+    if not freq or "learning" not in report:
+        return ""
+    groups = freq["groups"]
+    lines = [
+        "",
+        "",
+        "| method | mAP head | mAP medium | mAP tail |",
+        "|---|---:|---:|---:|",
+    ]
+    for method in ("cls", "pvcl", "piaa", "learned"):
+        row = freq.get(method)
+        if row:
+            cells = " | ".join("—" if row[g] is None else f"{row[g]:.1f}" for g in groups)
+            lines.append(f"| {method} | {cells} |")
+    learning = report["learning"]
+    lines += [
+        "",
+        f"learned from the keywords of {learning['labelled_images']} fit images in "
+        f"{learning['seconds']} s; labels using what was learnt: "
+        + (
+            ", ".join(learning["learnt"])
+            or "none (the training-free score won on held-out keywords)"
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def _open_world_table(report: dict[str, Any]) -> str:
