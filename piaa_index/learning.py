@@ -60,6 +60,7 @@ class LearnParams:
     projector_rank: int = 0
     mfi: float = 0.1  # weight of the loss pushing projected label features apart
     alpha: float = 0.9  # the patch branch's weight (PAA), as in decisions.calibrate
+    device: str = "auto"  # torch device: a GPU when there is one, else the CPU
     seed: int = 0
 
 
@@ -127,15 +128,16 @@ class _Model:
 
         self.torch = torch
         self.p = params
-        t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+        dev = self.device = _device(params.device)
+        t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=dev)  # noqa: E731
         self.W0, self.b0, self.T = t(W0), t(b0), t(T)
         self.scale = float(scale)
         self.ec, self.es, self.cc, self.cs = (t(a) for a in ref)
         C, d = self.W0.shape
         gen = torch.Generator().manual_seed(params.seed)
-        self.dW = torch.zeros(C, d, requires_grad=True)
-        self.db = torch.zeros(C, requires_grad=True)
-        self.du = torch.zeros(C, d, requires_grad=True)
+        self.dW = torch.zeros(C, d, device=dev, requires_grad=True)
+        self.db = torch.zeros(C, device=dev, requires_grad=True)
+        self.du = torch.zeros(C, d, device=dev, requires_grad=True)
         # softplus(raw) = slope: start from the training-free calibration.
         slope = np.maximum(np.asarray(slope0, np.float64), 1e-3)
         inverse_softplus = slope + np.log(-np.expm1(-slope))  # stable for large slopes
@@ -146,8 +148,9 @@ class _Model:
         if self.rank:
             # Shared text projector P = A Bᵀ (rank r): W_c gains P T_c, so what labelled labels
             # teach moves every label's row (DCLIP's projectors, folded into the rows).
-            self.A = (0.01 * torch.randn(d, self.rank, generator=gen)).requires_grad_(True)
-            self.B = torch.zeros(d, self.rank, requires_grad=True)
+            A = 0.01 * torch.randn(d, self.rank, generator=gen)
+            self.A = A.to(dev).requires_grad_(True)
+            self.B = torch.zeros(d, self.rank, device=dev, requires_grad=True)
             self.tensors += [self.A, self.B]
 
     def rows(self) -> tuple[Any, Any, Any]:
@@ -224,7 +227,7 @@ class _Model:
     def predict(self, X: Any, bg: Any, Z: Any) -> np.ndarray:
         """[n, C] fused z-scores F (float64)."""
         with self.torch.no_grad():
-            return self.fused(X, bg, Z).double().numpy()
+            return self.fused(X, bg, Z).double().cpu().numpy()
 
 
 def _training_free(
@@ -278,10 +281,11 @@ def learn(
         known = Y[:, k] >= 0
         slope0[k], intercept0[k] = _logistic_1d(F0[known, k], Y[known, k] == 1)
 
-    X = torch.as_tensor(np.ascontiguousarray(ex.patches, np.float32))
-    bg = torch.as_tensor(np.ascontiguousarray(ex.background, np.float32))
-    Z = torch.as_tensor(np.ascontiguousarray(ex.cls, np.float32))
-    Yt = torch.as_tensor(np.where(eligible[None, :], Y, -1).astype(np.int64))
+    dev = _device(p.device)
+    X = torch.as_tensor(np.ascontiguousarray(ex.patches, np.float32), device=dev)
+    bg = torch.as_tensor(np.ascontiguousarray(ex.background, np.float32), device=dev)
+    Z = torch.as_tensor(np.ascontiguousarray(ex.cls, np.float32), device=dev)
+    Yt = torch.as_tensor(np.where(eligible[None, :], Y, -1).astype(np.int64), device=dev)
 
     def model() -> _Model:
         return _Model(W0, b0, T, scale, (ec, es, cc, cs), slope0, intercept0, p)
@@ -302,7 +306,7 @@ def learn(
         train = _at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed))
         final.fit(X[train], bg[train], Z[train], Yt[train])
     with torch.no_grad():
-        W, b, U = (t.numpy().astype(np.float32) for t in final.rows())
+        W, b, U = (t.cpu().numpy().astype(np.float32) for t in final.rows())
     # The confidence of a learnt label is calibrated on held-out scores (the out-of-fold F):
     # the training loss alone makes it overconfident (confidences tie at 1.0 and rank nothing).
     slope, intercept = slope0.copy(), intercept0.copy()
@@ -344,6 +348,15 @@ def learn(
         report=report,
         seconds=time.perf_counter() - started,
     )
+
+
+def _device(name: str) -> Any:
+    """The torch device to learn on: `auto` is the GPU when torch sees one."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _at_most(rows: np.ndarray, limit: int, rng: np.random.Generator) -> Any:
