@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -112,9 +113,16 @@ def _api(base: str, key: str, path: str) -> dict:
 
 
 def _wait(driver, what, timeout: float = WAIT):  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: what(d))
+    # A view re-rendered while polling (e.g. the image page after a fit) is polled again.
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=[StaleElementReferenceException],
+    ).until(lambda d: what(d))
 
 
 def _screenshot(driver, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -292,3 +300,122 @@ def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) 
         _wait(driver, lambda d: label.text.startswith("Indexing: done"), timeout=120)
         assert '"unchanged": 48' in driver.find_element(By.ID, "job-result").text
         assert not driver.find_element(By.ID, "error").is_displayed()
+
+
+def _row(driver, label: str):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    for row in driver.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr"):
+        if row.get_attribute("data-label") == label:
+            return row
+    raise AssertionError(f"no row for {label!r}")
+
+
+def _pressed(driver, label: str, which: str) -> bool:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    button = _row(driver, label).find_element(By.CSS_SELECTOR, f"button.say.{which}")
+    return button.get_attribute("aria-pressed") == "true"
+
+
+@pytest.mark.slow  # ~30 s: a fit job loading the model in its worker
+def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, tmp_path) -> None:
+    """On a copy of the library: search, open an image, confirm a tag (✓), reject another
+    (✗), see them recorded as the gallery's labels; the Fit button appears, runs a fit job
+    whose progress is a bar and whose result is a sentence; then → opens the next result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    _need_browser()
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home, ignore=shutil.ignore_patterns("thumbnails"))
+    with serve(home) as (url, key):
+        base = url.split("#", 1)[0].rstrip("/")
+        labels = _api(base, key, "/api/labels?prefix=&limit=100")["labels"]
+        label = max(labels, key=lambda item: item["count"])["label"]
+        driver.get(url)
+        _wait(driver, lambda d: "#key=" not in d.current_url)
+        _wait(driver, lambda d: "images" in d.find_element(By.ID, "status").text)
+        assert not driver.find_element(By.ID, "fit-banner").is_displayed()  # nothing to fit
+
+        box = driver.find_element(By.ID, "q")
+        box.send_keys(f'"{label}"')
+        box.send_keys(Keys.ENTER)
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) > 1)
+        ids = [
+            int(li.get_attribute("data-id"))
+            for li in driver.find_elements(By.CSS_SELECTOR, "#results li")
+        ]
+        # Cards: the calibrated confidence as a percentage, not a raw score.
+        scores = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#results .score")]
+        assert scores and all(re.fullmatch(r"(<1|>99|\d{1,3}) %", s) for s in scores), scores
+
+        driver.find_element(By.CSS_SELECTOR, "#results li a").click()
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")) > 1)
+        image_id = ids[0]
+        rows = driver.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")
+        confidences = [r.find_element(By.CSS_SELECTOR, "td.conf").text for r in rows]
+        assert all(re.fullmatch(r"(<1|>99|\d{1,3}) %", c) for c in confidences), confidences
+        # The first label not tagged (near the top, so the screenshot shows it).
+        other = next(
+            r.get_attribute("data-label")
+            for r in rows
+            if "present" not in (r.get_attribute("class") or "").split()
+        )
+        assert other != label
+
+        # ✓ on the searched label, ✗ on the least likely one: recorded, shown, said by the API.
+        _row(driver, label).find_element(By.CSS_SELECTOR, "button.say.yes").click()
+        _wait(driver, lambda d: _pressed(d, label, "yes"))
+        _row(driver, other).find_element(By.CSS_SELECTOR, "button.say.no").click()
+        _wait(driver, lambda d: _pressed(d, other, "no"))
+        assert "you: yes" in _row(driver, label).text and "you: no" in _row(driver, other).text
+        given = _api(base, key, f"/api/images/{image_id}/labels")
+        assert {(g["label"], g["present"], g["source"]) for g in given["labels"]} == {
+            (label, True, "gallery"),
+            (other, False, "gallery"),
+        }
+        assert given["labels_changed"] is True
+        # A second click on ✓ takes it back; a third gives it again.
+        _row(driver, label).find_element(By.CSS_SELECTOR, "button.say.yes").click()
+        _wait(driver, lambda d: not _pressed(d, label, "yes"))
+        _row(driver, label).find_element(By.CSS_SELECTOR, "button.say.yes").click()
+        _wait(driver, lambda d: _pressed(d, label, "yes"))
+
+        # The Fit button appears; it runs a fit job: a bar to the end, then a sentence.
+        fit = _wait(
+            driver,
+            lambda d: (
+                d.find_element(By.ID, "fit-button").is_displayed()
+                and d.find_element(By.ID, "fit-button")
+            ),
+        )
+        assert "labels changed" in driver.find_element(By.ID, "fit-why").text
+        fit.click()
+        bar = driver.find_element(By.ID, "fit-progress")
+        _wait(driver, lambda d: d.find_element(By.ID, "fit-run").is_displayed())
+        _wait(
+            driver,
+            lambda d: d.find_element(By.ID, "fit-label").text == "Fitting: done",
+            timeout=180,
+        )
+        assert bar.get_attribute("value") == bar.get_attribute("max")
+        summary = driver.find_element(By.ID, "fit-result").text
+        assert summary.startswith("Fit done") and "Learnt from your labels of 1 image" in summary
+        assert "{" not in summary and "classifier_id" not in summary  # a sentence, not JSON
+        _wait(driver, lambda d: not d.find_element(By.ID, "fit-button").is_displayed())
+        assert _api(base, key, "/api/status")["labels_changed"] is False
+        # The page shows the image again after the fit, your labels still on it.
+        _wait(driver, lambda d: _pressed(d, label, "yes") and _pressed(d, other, "no"))
+        _wait(driver, lambda d: _images_loaded(d, "#evidence-img"))
+        driver.execute_script("window.scrollTo(0, 0)")
+        pixels = _screenshot(driver, "gallery-labels.png")
+        assert pixels.std() > 20
+        assert not driver.find_element(By.ID, "error").is_displayed()
+
+        # → and ←: the next and the previous result.
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+        _wait(driver, lambda d: d.current_url.split("#", 1)[1].startswith(f"/image/{ids[1]}"))
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")) > 1)
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
+        _wait(driver, lambda d: d.current_url.split("#", 1)[1].startswith(f"/image/{ids[0]}"))

@@ -60,6 +60,16 @@ function showError(err) {
 }
 
 const fmt = (v, digits = 3) => (v === null || v === undefined ? "—" : Number(v).toFixed(digits));
+// A calibrated confidence (0–1) as a percentage: "4 %", "<1 %", ">99 %".
+const pct = (v) => {
+  if (v === null || v === undefined || Number.isNaN(Number(v))) return "—";
+  const p = Number(v) * 100;
+  if (p > 0 && p < 0.5) return "<1 %";
+  if (p < 100 && p >= 99.5) return ">99 %";
+  return `${Math.round(p)} %`;
+};
+// A label's matching key, as the server's normalize_label: whitespace collapsed, case folded.
+const labelKey = (name) => String(name).trim().split(/\s+/).join(" ").toLowerCase();
 const baseName = (p) => String(p).split("/").pop();
 const el = (tag, props = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
@@ -69,6 +79,8 @@ const el = (tag, props = {}, ...children) => {
 
 // ---------------------------------------------------------------------------------- status
 
+let fitting = false;
+
 async function refreshStatus() {
   try {
     const s = await api("/api/status");
@@ -76,10 +88,102 @@ async function refreshStatus() {
     const labels = s.vocabulary ? (s.vocabulary.labels || []).length : 0;
     const parts = [`${n ?? "?"} images`, `${labels} labels`];
     if (s.stale) parts.push("tags stale: fit needed");
+    else if (s.labels_changed) parts.push("your labels changed: fit to learn them");
     $("#status").textContent = parts.join(" · ");
+    showFitBanner(Boolean(s.stale), Boolean(s.labels_changed));
+    return s;
   } catch (err) {
     $("#status").textContent = "";
     showError(err);
+    return null;
+  }
+}
+
+// The Fit button appears when a fit is due: the vocabulary changed (tags are stale), or your
+// labels changed since the last fit learnt from them (the tags stand meanwhile).
+function showFitBanner(stale, labelsChanged) {
+  const banner = $("#fit-banner");
+  const due = stale || labelsChanged;
+  $("#fit-why").textContent = stale
+    ? "The vocabulary changed: tags are stale until a fit."
+    : labelsChanged
+      ? "Your labels changed since the last fit: a fit learns from them (the tags stand until then)."
+      : "";
+  $("#fit-button").hidden = !due || fitting;
+  if (due || fitting || $("#fit-result").textContent) banner.hidden = false;
+  else banner.hidden = true;
+}
+
+// What a fit job's result says, for a person: what it learnt from your labels, label by label.
+function fitSummary(result) {
+  if (!result) return "Fit done.";
+  const secs = result.seconds ? ` in ${Number(result.seconds).toFixed(1)} s` : "";
+  const parts = [`Fit done${secs}: ${result.n_images ?? "?"} images tagged.`];
+  const learning = result.learning || {};
+  const recs = learning.labels || {};
+  const learnt = learning.learnt || [];
+  if (Object.keys(recs).length) {
+    const n = learning.images ?? 0;
+    parts.push(`Learnt from your labels of ${n} ${n === 1 ? "image" : "images"}.`);
+    if (learnt.length) {
+      parts.push("Uses what it learnt for: " +
+        learnt.map((n) => `${n} (${recs[n] && recs[n].why ? recs[n].why : "learnt"})`).join("; ") + ".");
+    } else {
+      parts.push("No label beat its training-free score on your labels held out.");
+    }
+    // The labels that keep the training-free score, grouped by why ("too few labels" is
+    // often most of them).
+    const kept = Object.keys(recs).filter((n) => !learnt.includes(n));
+    const byWhy = new Map();
+    for (const n of kept) byWhy.set(recs[n].why, [...(byWhy.get(recs[n].why) || []), n]);
+    const groups = [...byWhy.entries()].sort((a, b) => b[1].length - a[1].length);
+    const said = groups.slice(0, 4).map(([why, names]) => (names.length > 3
+      ? `${names.length} labels: ${why}`
+      : `${names.join(", ")}: ${why}`));
+    const rest = groups.slice(4).reduce((k, g) => k + g[1].length, 0);
+    if (said.length) {
+      parts.push(`Training-free score kept for ${said.join("; ")}${rest ? `; and ${rest} more` : ""}.`);
+    }
+  }
+  return parts.join(" ");
+}
+
+async function runFit() {
+  if (fitting) return;
+  fitting = true;
+  showError(null);
+  const bar = $("#fit-progress");
+  $("#fit-button").hidden = true;
+  $("#fit-run").hidden = false;
+  $("#fit-result").textContent = "";
+  $("#fit-banner").hidden = false;
+  bar.removeAttribute("value");
+  try {
+    const brief = await api("/api/jobs/fit", { method: "POST" });
+    for (;;) {
+      const job = await api(`/api/jobs/${encodeURIComponent(brief.id)}`);
+      const p = job.progress || {};
+      const total = p.total || 0;
+      if (total) { bar.max = total; bar.value = Math.min(p.done || 0, total); } else { bar.removeAttribute("value"); }
+      const count = total ? ` ${Math.round((100 * (p.done || 0)) / total)} %` : "";
+      $("#fit-label").textContent = `Fitting: ${job.state}${p.stage ? ` (${p.stage})` : ""}${count}`;
+      if (job.state === "done") {
+        bar.max = 1; bar.value = 1;
+        $("#fit-label").textContent = "Fitting: done";
+        $("#fit-result").textContent = fitSummary(job.result);
+        break;
+      }
+      if (job.state === "failed") {
+        $("#fit-label").textContent = "Fitting: failed";
+        throw new Error(job.error || "the fit failed");
+      }
+      await new Promise((r) => setTimeout(r, 400));
+    }
+  } finally {
+    fitting = false;
+    await refreshStatus();
+    const { path } = parseRoute();
+    if (path.startsWith("/image/")) route();  // the image's tags after the fit
   }
 }
 
@@ -169,16 +273,20 @@ async function runSearch(q, text, limit) {
   if (!q) return;
   $("#result-count").textContent = "Searching…";
   const { results } = await api(searchUrl(q, text, limit));
+  remember(results.map((r) => r.id));
   const noun = results.length === 1 ? "image" : "images";
   $("#result-count").textContent = `${results.length} ${noun} for ${text ? "the phrase " : ""}${q}`;
   for (const row of results) {
     const img = el("img", { alt: baseName(row.path), loading: "lazy", width: 256, height: 256 });
     const why = row.labels
-      ? Object.entries(row.labels).map(([n, v]) => `${n} ${fmt(v.score)}`).join(", ")
+      ? Object.entries(row.labels).map(([n, v]) => `${n}: ${pct(v.score)} confident`).join(", ")
       : "";
+    // A label search ranks by calibrated confidence (AND: the weakest label's); a phrase by
+    // its text score, which is no probability.
+    const shown = text ? `text score ${fmt(row.score)}` : `${pct(row.score)}`;
     const link = el("a", { href: `#/image/${row.id}${text ? "" : `?label=${encodeURIComponent(firstLabel(row))}`}` },
       img,
-      el("span", { className: "score", textContent: `score ${fmt(row.score)}` }),
+      el("span", { className: "score", textContent: shown }),
       el("span", { className: "name", textContent: baseName(row.path) }));
     if (why) link.title = why;
     const li = el("li", {}, link);
@@ -221,9 +329,68 @@ async function showEvidence(id, label) {
     `${ev.grid_shape[0]}×${ev.grid_shape[1]} patches.`;
 }
 
+// The ids of the last results, for ← and → on the image page (kept for this tab).
+function remember(ids) {
+  sessionStorage.setItem("piaa-results", JSON.stringify(ids));
+}
+function neighbour(id, step) {
+  let ids = [];
+  try { ids = JSON.parse(sessionStorage.getItem("piaa-results") || "[]"); } catch (_) { ids = []; }
+  const i = ids.indexOf(id);
+  return i < 0 ? null : ids[i + step] ?? null;
+}
+
+// Your labels of the image shown, by label key: {label, present, source, updated_at}.
+let mine = new Map();
+
+function renderMine(row, t) {
+  const cell = row.querySelector("td.mine");
+  const given = mine.get(labelKey(t.label));
+  row.classList.toggle("mine-yes", Boolean(given && given.present));
+  row.classList.toggle("mine-no", Boolean(given && !given.present));
+  const [yes, no] = cell.querySelectorAll("button");
+  yes.setAttribute("aria-pressed", String(Boolean(given && given.present)));
+  no.setAttribute("aria-pressed", String(Boolean(given && !given.present)));
+  cell.querySelector(".said").textContent = given
+    ? (given.present ? "you: yes" : "you: no")
+    : "";
+  cell.title = given ? `${given.present ? "Confirmed" : "Rejected"} (${given.source}, ${given.updated_at})` : "";
+}
+
+function setMine(labels) {
+  mine = new Map(labels.map((l) => [labelKey(l.label), l]));
+}
+
+async function sayLabel(id, t, present, row, all) {
+  const given = mine.get(labelKey(t.label));
+  const path = `/api/images/${id}/labels/${encodeURIComponent(t.label)}`;
+  const answer = given && given.present === present
+    ? await api(path, { method: "DELETE" })  // the same click again takes it back
+    : await api(path, { method: "PUT", body: { present, source: "gallery" } });
+  setMine(answer.labels);
+  renderMine(row, t);
+  renderOthers(all);
+  refreshStatus();
+}
+
+function renderOthers(tags) {
+  const known = new Set(tags.map((t) => labelKey(t.label)));
+  const others = [...mine.values()].filter((l) => !known.has(labelKey(l.label)));
+  const p = $("#other-labels");
+  p.hidden = others.length === 0;
+  p.textContent = others.length
+    ? "Your labels outside the vocabulary: " +
+      others.map((l) => `${l.label} (${l.present ? "yes" : "no"})`).join(", ")
+    : "";
+}
+
 async function showImage(id, label) {
   releaseImages();
-  const info = await api(`/api/images/${id}`);
+  const [info, labels] = await Promise.all([
+    api(`/api/images/${id}`),
+    api(`/api/images/${id}/labels`),
+  ]);
+  setMine(labels.labels);
   $("#image-title").textContent = info.path;
   if (info.tags_error) showError(new Error(info.tags_error));
   const tags = info.tags || [];
@@ -241,15 +408,29 @@ async function showImage(id, label) {
       showEvidence(id, t.label).catch(showError);
       $("#evidence-img").scrollIntoView({ block: "nearest" });
     });
+    const yes = el("button", { type: "button", className: "say yes", textContent: "✓" });
+    yes.setAttribute("aria-label", `Confirm ${t.label}: it is in the photo`);
+    const no = el("button", { type: "button", className: "say no", textContent: "✗" });
+    no.setAttribute("aria-label", `Reject ${t.label}: it is not in the photo`);
     const row = el("tr", { className: t.present ? "present" : "" },
       el("th", { scope: "row" }, btn),
-      el("td", { textContent: fmt(t.score) }),
+      el("td", { className: "conf", textContent: pct(t.score), title: `confidence ${fmt(t.score)}` }),
       el("td", { textContent: fmt(t.patch_score) }),
       el("td", { textContent: fmt(t.threshold) }),
       el("td", { textContent: t.present ? "yes" : "no" }),
+      el("td", { className: "mine" }, yes, no, el("span", { className: "said" })),
       el("td", { textContent: t.why || "" }));
+    row.dataset.label = t.label;
+    yes.addEventListener("click", () => sayLabel(id, t, true, row, tags).catch(showError));
+    no.addEventListener("click", () => sayLabel(id, t, false, row, tags).catch(showError));
+    renderMine(row, t);
     return row;
   }));
+  renderOthers(tags);
+  const prev = neighbour(id, -1);
+  const next = neighbour(id, 1);
+  $("#view-image").dataset.prev = prev ?? "";
+  $("#view-image").dataset.next = next ?? "";
   select.onchange = () => showEvidence(id, select.value).catch(showError);
   $("#evidence-on").onchange = select.onchange;
   await showEvidence(id, chosen);
@@ -368,6 +549,19 @@ function wire() {
   $("#vocab-form").addEventListener("submit", (e) => saveVocabulary(e).catch(showError));
   $("#index-form").addEventListener("submit", (e) => startJob(e, "index").catch(showError));
   $("#fit-form").addEventListener("submit", (e) => startJob(e, "fit").catch(showError));
+  $("#fit-button").addEventListener("click", () => runFit().catch(showError));
+  document.addEventListener("keydown", (e) => {
+    // ← and → on the image page: the previous and next result (not while typing).
+    if ($("#view-image").hidden || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.target.closest && e.target.closest("input, select, textarea")) return;
+    const step = e.key === "ArrowLeft" ? "prev" : e.key === "ArrowRight" ? "next" : null;
+    const target = step && $("#view-image").dataset[step];
+    if (!target) return;
+    e.preventDefault();
+    const label = parseRoute().params.get("label");
+    // Replace, not push: Back still leads to the results.
+    location.replace(`#/image/${target}${label ? `?label=${encodeURIComponent(label)}` : ""}`);
+  });
   window.addEventListener("hashchange", route);
 }
 
