@@ -337,6 +337,19 @@ def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, t
         _wait(driver, lambda d: "#key=" not in d.current_url)
         _wait(driver, lambda d: "images" in d.find_element(By.ID, "status").text)
         assert not driver.find_element(By.ID, "fit-banner").is_displayed()  # nothing to fit
+        # The landing page: the library, the latest images first.
+        latest = [im["id"] for im in _api(base, key, "/api/images?order=newest&limit=48")["images"]]
+        _wait(
+            driver,
+            lambda d: (
+                [
+                    int(li.get_attribute("data-id"))
+                    for li in d.find_elements(By.CSS_SELECTOR, "#results li")
+                ]
+                == latest
+            ),
+        )
+        assert "latest 48 images" in driver.find_element(By.ID, "result-count").text
 
         box = driver.find_element(By.ID, "q")
         box.send_keys(f'"{label}"')

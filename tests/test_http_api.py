@@ -394,6 +394,22 @@ def test_images_paging(api: Api) -> None:
     response = api.client.get("/api/images?cursor=garbage")
     assert response.status_code == 400 and "cursor" in response.json()["error"]["message"]
     assert api.client.get("/api/images?limit=0").status_code == 422
+    # Newest first (the gallery's landing page): the same images, highest id first, paged.
+    newest: list[int] = []
+    cursor = None
+    while True:
+        query = {"limit": 3, "order": "newest", **({"cursor": cursor} if cursor else {})}
+        body = api.client.get("/api/images?" + urlencode(query)).json()
+        assert all(set(im) >= {"id", "path", "content_hash", "indexed_at"} for im in body["images"])
+        newest += [im["id"] for im in body["images"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert newest == sorted(seen, reverse=True)
+    first = api.client.get("/api/images?limit=3").json()["next_cursor"]
+    response = api.client.get(f"/api/images?order=newest&cursor={first}")  # another kind's
+    assert response.status_code == 400
+    assert api.client.get("/api/images?order=random").status_code == 422
 
 
 # -- jobs ----------------------------------------------------------------------------------------

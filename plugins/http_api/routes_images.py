@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from piaa_index_plugins.http_api.auth import require_read
@@ -42,6 +42,7 @@ CURSOR_FIELDS = {
     "tags": ("a", "u"),
     "query": ("o", "u", "q", "h"),
     "labels": ("a", "l"),
+    "newest": ("b",),
 }
 
 
@@ -52,7 +53,7 @@ def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
             raise ValueError
         if any(fields.get(key) is None for key in CURSOR_FIELDS[kind]):
             raise ValueError
-        for key in ("a", "s", "u", "o"):
+        for key in ("a", "s", "u", "o", "b"):
             value = fields.get(key)
             if value is not None and (type(value) is not int or not 0 <= value <= MAX_ID):
                 raise ValueError
@@ -66,14 +67,29 @@ def decode_cursor(cursor: str, kind: str) -> dict[str, Any]:
 @router.get(
     "/images",
     operation_id="list_images",
-    summary="Indexed images by id, cursor-paged",
+    summary="Indexed images by id (or newest first), cursor-paged",
     response_model=ImagePage,
     response_model_exclude_unset=True,
-    responses=errors(*KEYED, 409, 422),
+    responses=errors(*KEYED, 400, 409, 422),
 )
 def list_images(
-    state: Annotated[ApiState, Depends(get_state)], cursor: Cursor = None, limit: Limit = 100
+    state: Annotated[ApiState, Depends(get_state)],
+    cursor: Cursor = None,
+    limit: Limit = 100,
+    order: Annotated[
+        Literal["id", "newest"],
+        Query(description="`id`: oldest first (ascending id); `newest`: latest indexed first."),
+    ] = "id",
 ) -> dict[str, Any]:
+    if order == "newest":
+        from piaa_index_plugins.http_api.user_labels import newest_images
+
+        before = decode_cursor(cursor, "newest")["b"] if cursor else None
+        rows, last = state.run(newest_images, state.library.store, before, limit)
+        return {
+            "images": jsonable(rows),
+            "next_cursor": None if last is None else encode_cursor({"k": "newest", "b": last}),
+        }
     after = decode_cursor(cursor, "images")["a"] if cursor else 0
     images, _, last = state.run(state.library.store.image_page, after, limit)
     return {

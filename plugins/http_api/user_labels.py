@@ -1,7 +1,8 @@
 """Reads of the user's labels (schema.UserLabel) the label routes need and the Store does not
 offer yet: one image's labels with their times, a keyset page of all of them joined with the
-images' paths, and which ids or paths name indexed images (chunked, for bulks of thousands).
-Writes go through the Store (`set_user_labels`, `forget_user_labels`) only.
+images' paths, and which ids or paths name indexed images (chunked, for bulks of thousands);
+and the newest images first (the gallery's landing page). Writes go through the Store
+(`set_user_labels`, `forget_user_labels`) only.
 
 Candidates for piaa_index/store.py (the plugin reads the tables through `store.session()`).
 """
@@ -107,3 +108,41 @@ def indexed_paths(store: Any, paths: Sequence[str]) -> dict[str, int]:
             ).all()
             out.update({str(p): int(i) for p, i in rows})
     return out
+
+
+def newest_images(
+    store: Any, before: int | None, limit: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to `limit` indexed images by id, newest (highest id) first, below `before`; and the
+    id to continue below, or None at the end. Rows as `Store.image_page` gives them."""
+    q = (
+        select(
+            Image.id,
+            Image.path,
+            Image.content_hash,
+            Image.width,
+            Image.height,
+            Image.size,
+            Image.indexed_at,
+        )
+        .where(Image.status == INDEXED)
+        .order_by(Image.id.desc())
+        .limit(limit + 1)
+    )
+    if before is not None:
+        q = q.where(Image.id < before)
+    with store.session() as s:
+        found = s.execute(q).all()
+    rows = [
+        {
+            "id": int(r.id),
+            "path": r.path,
+            "content_hash": r.content_hash,
+            "width": r.width,
+            "height": r.height,
+            "size": int(r.size or 0),
+            "indexed_at": r.indexed_at,
+        }
+        for r in found[:limit]
+    ]
+    return rows, (int(found[limit - 1].id) if len(found) > limit else None)

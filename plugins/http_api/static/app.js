@@ -262,7 +262,12 @@ function searchUrl(q, text, limit) {
   return `/api/queries/search?${p}`;
 }
 
+// Each search or landing page has a number; an answer for an older one is dropped (a fast
+// second search must not mix its results with the first's).
+let gridSeq = 0;
+
 async function runSearch(q, text, limit) {
+  const seq = ++gridSeq;
   $("#q").value = q;
   $("#text-mode").checked = text;
   $("#limit").value = String(limit);
@@ -270,9 +275,10 @@ async function runSearch(q, text, limit) {
   releaseImages();
   grid.replaceChildren();
   $("#result-count").textContent = "";
-  if (!q) return;
+  if (!q) return showLibrary(limit, seq);
   $("#result-count").textContent = "Searching…";
   const { results } = await api(searchUrl(q, text, limit));
+  if (seq !== gridSeq) return;
   remember(results.map((r) => r.id));
   const noun = results.length === 1 ? "image" : "images";
   $("#result-count").textContent = `${results.length} ${noun} for ${text ? "the phrase " : ""}${q}`;
@@ -295,6 +301,28 @@ async function runSearch(q, text, limit) {
     imageUrl(`/api/images/${row.id}/thumbnail?size=256`)
       .then((url) => { img.src = url; })
       .catch(() => { img.alt = `${baseName(row.path)} (thumbnail unavailable)`; });
+  }
+}
+
+// The landing page: the library itself, the latest indexed images first.
+async function showLibrary(limit, seq) {
+  const grid = $("#results");
+  const { images } = await api(`/api/images?order=newest&limit=${limit}`);
+  if (seq !== gridSeq) return;
+  remember(images.map((im) => im.id));
+  $("#result-count").textContent = images.length
+    ? `The ${images.length === 1 ? "latest image" : `latest ${images.length} images`} of your library (search above)`
+    : "No images yet: index a folder (Index & fit).";
+  for (const im of images) {
+    const img = el("img", { alt: baseName(im.path), loading: "lazy", width: 256, height: 256 });
+    const link = el("a", { href: `#/image/${im.id}` }, img,
+      el("span", { className: "name", textContent: baseName(im.path) }));
+    const li = el("li", {}, link);
+    li.dataset.id = im.id;
+    grid.append(li);
+    imageUrl(`/api/images/${im.id}/thumbnail?size=256`)
+      .then((url) => { img.src = url; })
+      .catch(() => { img.alt = `${baseName(im.path)} (thumbnail unavailable)`; });
   }
 }
 
