@@ -45,7 +45,8 @@ class LearnParams:
     folds: int = 3  # held-out validation: k-fold over the labelled images
     # Out-of-fold AP points the learnt head must gain over the training-free score.
     min_gain: float = 0.5
-    steps: int = 120  # Adam steps over the labelled images (full batch)
+    steps: int = 120  # Adam steps
+    batch_images: int = 512  # labelled images per step (all of them when fewer)
     # Labelled images each training reads at most (a random subset beyond): bounds time and
     # memory at tens of thousands of labels; every labelled image is still scored held out.
     max_train_images: int = 3000
@@ -218,9 +219,18 @@ class _Model:
         w_pos = (0.5 * total / n_pos.clamp(min=1.0)).clamp(max=50.0)
         w_neg = 0.5 * total / n_neg.clamp(min=1.0)
         opt = torch.optim.Adam(self.tensors, lr=self.p.lr)
-        for _ in range(self.p.steps):
+        n, batch = len(X), self.p.batch_images
+        gen = torch.Generator().manual_seed(self.p.seed)
+        order = torch.randperm(n, generator=gen)
+        for step in range(self.p.steps):
+            if n > batch:  # mini-batches in epoch order: each step costs `batch` images
+                start = (step * batch) % n
+                rows = order[start : start + batch].to(X.device)
+                x, b, z, y = X[rows], bg[rows], Z[rows], Y[rows]
+            else:
+                x, b, z, y = X, bg, Z, Y
             opt.zero_grad()
-            loss = self.loss(X, bg, Z, Y, (w_pos[None, :], w_neg[None, :]))
+            loss = self.loss(x, b, z, y, (w_pos[None, :], w_neg[None, :]))
             loss.backward()
             opt.step()
 

@@ -180,6 +180,7 @@ class UserLabel(Base):
     tag, taught example. Never one of our tags; the fit learns from them (keywords.py)."""
 
     __tablename__ = "user_labels"
+    __table_args__ = (Index("ix_user_labels_label", "label"),)
     image_id: Mapped[int] = mapped_column(
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
     )

@@ -155,12 +155,12 @@ def test_bad_label_files_and_images_are_usage_errors(
     assert code == 2 and "no such file" in err
 
 
-def test_user_labels_are_stored_apart_and_versioned(postgres_url: str) -> None:
+def test_user_labels_are_stored_apart_and_versioned(postgres_database) -> None:  # type: ignore[no-untyped-def]
     """On Postgres (the SQLite path runs above): upsert by case-folded label, forget, and a
     version every change moves."""
     from piaa_index.store import Store, utcnow
 
-    store = Store.open(postgres_url)
+    store = Store.open(postgres_database())  # its own database: it adds 1,200 images
     try:
         store.commit_images(
             [],
