@@ -200,6 +200,8 @@ def tag_rows(
             "text_support": float(U[c]),
             "support_gate": _bound(rule.support_gate[c]),
             "label_status": rule.status[c].get("status", "present"),
+            # The label's score was learnt from the user's labels (keywords.py).
+            "learnt": rule.status[c].get("source") == "learnt",
             "why": _why(bool(present[c]), rule, c, float(E[c]), float(U[c]), float(S[c])),
         }
         for c in order

@@ -174,7 +174,7 @@ def test_tags_table_fits_a_terminal_with_no_empty_column(shapes_home: Path) -> N
     # --json keeps every field.
     assert set(rows[0]) == {
         "path", "label", "score", "patch_score", "cls_score", "present", "threshold",
-        "text_support", "support_gate", "label_status", "why",
+        "text_support", "support_gate", "label_status", "learnt", "why",
     }  # fmt: skip
     assert {r["path"] for r in rows} == {image}
 

@@ -47,7 +47,8 @@ def tags_table(rows: list[dict[str, Any]]) -> str:
             "label": r.get("label"),
             "score": _score(r.get("score")),
             "present": bool(r.get("present")),
-            "label status": r.get("label_status") or "",
+            "label status": (r.get("label_status") or "")
+            + (" (learnt)" if r.get("learnt") else ""),
             "why": short_why(r.get("why")),
         }
         for r in rows

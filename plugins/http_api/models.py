@@ -207,6 +207,10 @@ class Tag(Open):
     cls_score: float | None = None
     threshold: float | None = None
     label_status: str | None = None
+    learnt: bool | None = Field(
+        default=None,
+        description="Scored by what the fit learnt from the user's labels (else training-free).",
+    )
     why: str | None = None
 
 
