@@ -28,6 +28,7 @@ from piaa_index_plugins.http_api import (
     routes_media,
     routes_meta,
     routes_queries,
+    routes_teach,
     routes_vocabulary,
 )
 from piaa_index_plugins.http_api.errors import ApiJSONResponse
@@ -46,6 +47,7 @@ ROUTERS = (
     routes_vocabulary,
     routes_images,
     routes_labels,
+    routes_teach,
     routes_jobs,
     routes_media,
 )

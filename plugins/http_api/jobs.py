@@ -113,6 +113,12 @@ class JobRunner:
             self._queue.put(job)
             return job.as_dict()
 
+    def full(self) -> bool:
+        """Whether a submit now would raise QueueFull (a route checks before writing)."""
+        with self._lock:
+            pending = sum(1 for j in self._jobs.values() if j.state in ("queued", "running"))
+            return self._closed or pending >= self._max_pending
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             job = self._jobs.get(job_id)

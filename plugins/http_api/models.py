@@ -343,3 +343,14 @@ class Job(JobBrief):
     created_at: UtcDatetime
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
+
+
+class TeachJob(JobBrief):
+    """`POST /api/teach`: the concept is stored and its label in the vocabulary; the fit job
+    that makes it a tag is queued (poll `GET /api/jobs/{id}`; its result's `labels[label]`,
+    `tagged_present[label]` and `learning.labels[label]` say what the fit made of it)."""
+
+    label: str = Field(description="The concept's label, whitespace-normalised.")
+    examples: int = Field(description="Example images stored as the label's user labels.")
+    counter_examples: int = Field(description="Images stored as not showing it.")
+    added_to_vocabulary: bool = Field(description="False when the label was already there.")
