@@ -432,3 +432,111 @@ def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, t
         _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")) > 1)
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
         _wait(driver, lambda d: d.current_url.split("#", 1)[1].startswith(f"/image/{ids[0]}"))
+
+
+@pytest.mark.slow  # ~30 s: a fit job loading the model in its worker
+def test_teach_a_concept_from_selected_results(shapes_home: Path, driver, tmp_path) -> None:
+    """On a copy of the library: search a ShapesWorld class, tick 5 results, "Teach a concept
+    from 5 selected…", name it in the inline form (a bad name is refused and nothing is
+    stored), follow the fit job's bar to the end, then see the search for the new label."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    _need_browser()
+    home = tmp_path / "home"
+    shutil.copytree(shapes_home, home, ignore=shutil.ignore_patterns("thumbnails"))
+    with serve(home) as (url, key):
+        base = url.split("#", 1)[0].rstrip("/")
+        labels = _api(base, key, "/api/labels?prefix=&limit=100")["labels"]
+        label = max(labels, key=lambda item: item["count"])["label"]  # a ShapesWorld class
+        driver.get(url)
+        _wait(driver, lambda d: "#key=" not in d.current_url)
+        _wait(driver, lambda d: "images" in d.find_element(By.ID, "status").text)
+        # The landing page's cards can be picked too; nothing is picked yet.
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li input.pick")) > 5)
+        assert not driver.find_element(By.ID, "teach-bar").is_displayed()
+
+        box = driver.find_element(By.ID, "q")
+        box.send_keys(f'"{label}"')
+        box.send_keys(Keys.ENTER)
+        _wait(driver, lambda d: f"for {label}" in d.find_element(By.ID, "result-count").text
+              or f'for "{label}"' in d.find_element(By.ID, "result-count").text)  # fmt: skip
+        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) >= 5)
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results li")[:5]
+        chosen = [int(li.get_attribute("data-id")) for li in cards]
+        for li in cards:
+            li.find_element(By.CSS_SELECTOR, "input.pick").click()
+        # A second click unpicks; a third picks again.
+        cards[0].find_element(By.CSS_SELECTOR, "input.pick").click()
+        _wait(driver, lambda d: "4 selected" in d.find_element(By.ID, "teach-open").text)
+        cards[0].find_element(By.CSS_SELECTOR, "input.pick").click()
+        opener = driver.find_element(By.ID, "teach-open")
+        _wait(driver, lambda d: opener.text == "Teach a concept from 5 selected…")
+        assert all("picked" in (li.get_attribute("class") or "") for li in cards)
+        assert driver.current_url.split("#", 1)[1].startswith("/?")  # still on the results
+
+        # The inline form (no window.prompt); a name the query language reserves is refused.
+        opener.click()
+        name = _wait(
+            driver,
+            lambda d: (
+                d.find_element(By.ID, "teach-name").is_displayed()
+                and d.find_element(By.ID, "teach-name")
+            ),
+        )
+        assert driver.switch_to.active_element == name
+        name.send_keys('say "hi"')
+        name.send_keys(Keys.ENTER)
+        alert = _wait(
+            driver,
+            lambda d: (
+                d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error")
+            ),
+        )
+        assert "reserved" in alert.text
+        assert _api(base, key, "/api/user-labels?source=teach")["labels"] == []
+        assert not driver.find_element(By.ID, "fit-run").is_displayed()
+
+        name.clear()
+        name.send_keys("my thing")
+        driver.find_element(By.ID, "teach-submit").click()
+        bar = driver.find_element(By.ID, "fit-progress")
+        _wait(driver, lambda d: d.find_element(By.ID, "fit-run").is_displayed())
+        _wait(
+            driver,
+            lambda d: d.find_element(By.ID, "fit-label").text == "Fitting: done",
+            timeout=180,
+        )
+        assert bar.get_attribute("value") == bar.get_attribute("max")
+        summary = driver.find_element(By.ID, "fit-result").text
+        assert summary.startswith("Taught “my thing” from 5 images. Fit done"), summary
+
+        # Then the search for the new label, its results shown.
+        _wait(driver, lambda d: 'for "my thing"' in d.find_element(By.ID, "result-count").text)
+        expected = _api(
+            base,
+            key,
+            "/api/queries/search?"
+            + urllib.parse.urlencode({"expression": '"my thing"', "limit": 48}),
+        )["results"]
+        assert expected, "the taught label tags some images"
+        _wait(
+            driver,
+            lambda d: (
+                [
+                    int(li.get_attribute("data-id"))
+                    for li in d.find_elements(By.CSS_SELECTOR, "#results li")
+                ]
+                == [row["id"] for row in expected]
+            ),
+        )
+        assert not driver.find_element(By.ID, "teach-bar").is_displayed()  # taught: unpicked
+        given = _api(base, key, "/api/user-labels?" + urllib.parse.urlencode({"label": "my thing"}))
+        assert sorted(g["image"] for g in given["labels"]) == sorted(chosen)
+        assert {(g["present"], g["source"]) for g in given["labels"]} == {(True, "teach")}
+        assert "my thing" in _api(base, key, "/api/status")["vocabulary"]["labels"]
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        _wait(driver, lambda d: _images_loaded(d, "#results img"))
+        driver.execute_script("window.scrollTo(0, 0)")
+        pixels = _screenshot(driver, "gallery-teach.png")
+        assert pixels.std() > 20

@@ -148,8 +148,10 @@ function fitSummary(result) {
   return parts.join(" ");
 }
 
-async function runFit() {
-  if (fitting) return;
+// Start a fit job (`start` answers the job: POST /api/jobs/fit, or POST /api/teach, which
+// queues one) and follow it in the banner's bar to the end; the finished job.
+async function runFit(start = () => api("/api/jobs/fit", { method: "POST" }), intro = "") {
+  if (fitting) return null;
   fitting = true;
   showError(null);
   const bar = $("#fit-progress");
@@ -158,8 +160,15 @@ async function runFit() {
   $("#fit-result").textContent = "";
   $("#fit-banner").hidden = false;
   bar.removeAttribute("value");
+  $("#fit-label").textContent = "Fitting…";
   try {
-    const brief = await api("/api/jobs/fit", { method: "POST" });
+    let brief;
+    try {
+      brief = await start();
+    } catch (err) {  // refused (a bad name, an unknown image): no job, no bar
+      $("#fit-run").hidden = true;
+      throw err;
+    }
     for (;;) {
       const job = await api(`/api/jobs/${encodeURIComponent(brief.id)}`);
       const p = job.progress || {};
@@ -170,8 +179,8 @@ async function runFit() {
       if (job.state === "done") {
         bar.max = 1; bar.value = 1;
         $("#fit-label").textContent = "Fitting: done";
-        $("#fit-result").textContent = fitSummary(job.result);
-        break;
+        $("#fit-result").textContent = intro + fitSummary(job.result);
+        return job;
       }
       if (job.state === "failed") {
         $("#fit-label").textContent = "Fitting: failed";
@@ -184,6 +193,75 @@ async function runFit() {
     await refreshStatus();
     const { path } = parseRoute();
     if (path.startsWith("/image/")) route();  // the image's tags after the fit
+  }
+}
+
+// ----------------------------------------------------------------------------------- teach
+
+// Images picked on result cards (ids), kept across searches until taught or cleared.
+const picked = new Set();
+
+function renderPicked() {
+  const n = picked.size;
+  $("#teach-bar").hidden = n === 0;
+  $("#teach-open").textContent = `Teach a concept from ${n} selected…`;
+  $("#teach-count").textContent = `${n} ${n === 1 ? "image" : "images"} selected`;
+  if (n === 0) $("#teach-form").hidden = true;
+  document.querySelectorAll("#results li").forEach((li) => {
+    const on = picked.has(Number(li.dataset.id));
+    li.classList.toggle("picked", on);
+    const box = li.querySelector("input.pick");
+    if (box) box.checked = on;
+  });
+}
+
+// A result card: the link to the image page, and a checkbox that picks it for teaching.
+function card(id, path, link) {
+  const box = el("input", { type: "checkbox", className: "pick", checked: picked.has(id) });
+  box.setAttribute("aria-label", `Select ${baseName(path)}`);
+  box.addEventListener("change", () => {
+    if (box.checked) picked.add(id); else picked.delete(id);
+    renderPicked();
+  });
+  const li = el("li", {}, link, box);
+  li.dataset.id = id;
+  li.classList.toggle("picked", picked.has(id));
+  return li;
+}
+
+function openTeach() {
+  $("#teach-form").hidden = false;
+  $("#teach-examples").textContent =
+    `From the ${picked.size} selected ${picked.size === 1 ? "image" : "images"}: what they share and other photos lack.`;
+  $("#teach-name").focus();
+}
+
+// Teach: POST /api/teach stores the concept and queues a fit job; its bar is the Fit
+// banner's; when done, search for the new label so its results show.
+async function teach(event) {
+  event.preventDefault();
+  const name = $("#teach-name").value.trim().split(/\s+/).join(" ");
+  if (!name) { $("#teach-name").focus(); return; }
+  showError(null);
+  const examples = [...picked];
+  let taught = null;
+  $("#teach-submit").disabled = true;
+  try {
+    const job = await runFit(async () => {
+      taught = await api("/api/teach", { method: "POST", body: { name, examples } });
+      return taught;
+    }, `Taught “${name}” from ${examples.length} ${examples.length === 1 ? "image" : "images"}. `);
+    if (!job) return;
+    picked.clear();
+    $("#teach-name").value = "";
+    $("#teach-form").hidden = true;
+    renderPicked();
+    const label = taught.label;
+    const q = /[\s()"]|^(and|or|not)$/i.test(label) ? `"${label}"` : label;
+    const p = new URLSearchParams({ q, limit: $("#limit").value });
+    location.hash = `#/?${p}`;
+  } finally {
+    $("#teach-submit").disabled = false;
   }
 }
 
@@ -295,9 +373,7 @@ async function runSearch(q, text, limit) {
       el("span", { className: "score", textContent: shown }),
       el("span", { className: "name", textContent: baseName(row.path) }));
     if (why) link.title = why;
-    const li = el("li", {}, link);
-    li.dataset.id = row.id;
-    grid.append(li);
+    grid.append(card(row.id, row.path, link));
     imageUrl(`/api/images/${row.id}/thumbnail?size=256`)
       .then((url) => { img.src = url; })
       .catch(() => { img.alt = `${baseName(row.path)} (thumbnail unavailable)`; });
@@ -317,9 +393,7 @@ async function showLibrary(limit, seq) {
     const img = el("img", { alt: baseName(im.path), loading: "lazy", width: 256, height: 256 });
     const link = el("a", { href: `#/image/${im.id}` }, img,
       el("span", { className: "name", textContent: baseName(im.path) }));
-    const li = el("li", {}, link);
-    li.dataset.id = im.id;
-    grid.append(li);
+    grid.append(card(im.id, im.path, link));
     imageUrl(`/api/images/${im.id}/thumbnail?size=256`)
       .then((url) => { img.src = url; })
       .catch(() => { img.alt = `${baseName(im.path)} (thumbnail unavailable)`; });
@@ -578,6 +652,10 @@ function wire() {
   $("#index-form").addEventListener("submit", (e) => startJob(e, "index").catch(showError));
   $("#fit-form").addEventListener("submit", (e) => startJob(e, "fit").catch(showError));
   $("#fit-button").addEventListener("click", () => runFit().catch(showError));
+  $("#teach-open").addEventListener("click", openTeach);
+  $("#teach-clear").addEventListener("click", () => { picked.clear(); renderPicked(); });
+  $("#teach-cancel").addEventListener("click", () => { $("#teach-form").hidden = true; });
+  $("#teach-form").addEventListener("submit", (e) => teach(e).catch(showError));
   document.addEventListener("keydown", (e) => {
     // ← and → on the image page: the previous and next result (not while typing).
     if ($("#view-image").hidden || e.altKey || e.ctrlKey || e.metaKey) return;
