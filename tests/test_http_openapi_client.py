@@ -331,3 +331,35 @@ def test_labels_then_a_fit_job_that_says_what_it_learnt(
         assert result["labels"][name]["source"] == "learnt"
         assert result["labels"][name]["learning"] == learning["labels"][name]
     assert get_status.sync(client=client).labels_changed is False
+
+
+def test_teach_a_concept_through_the_generated_client(api: ModuleType, client: Any) -> None:
+    """`teach_concept`: a typed TeachJob (202), polled as a fit job to the end; typed errors."""
+    models = module(api, "models")
+    teach = module(api, "api.labels.teach_concept")
+    images = module(api, "api.images.list_images").sync(client=client, limit=100).images
+    body = models.TeachBody(
+        name="my thing", examples=[im.id for im in images[:4]], not_=[images[-1].path]
+    )
+    job = teach.sync(client=client, body=body)
+    assert isinstance(job, models.TeachJob), job
+    assert job.kind == models.JobKind.FIT and job.label == "my thing" and job.examples == 4
+    assert job.counter_examples == 1 and job.added_to_vocabulary is True
+    get_job = module(api, "api.jobs.get_job")
+    deadline = time.monotonic() + 300
+    while (state := get_job.sync(job.id, client=client)).state not in (
+        models.JobState.DONE,
+        models.JobState.FAILED,
+    ):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state.state == models.JobState.DONE, state.error
+    assert "my thing" in state.result.to_dict()["labels"]
+    assert "my thing" in module(api, "api.vocabulary.get_vocabulary").sync(client=client).labels
+    missing = models.TeachBody(name="x", examples=[999_999])
+    unknown = teach.sync_detailed(client=client, body=missing)
+    assert unknown.status_code == 404 and isinstance(unknown.parsed, models.Error)
+    assert "999999" in unknown.parsed.error.message
+    both = models.TeachBody(name="x", examples=[images[0].id], not_=[images[0].id])
+    refused = teach.sync_detailed(client=client, body=both)
+    assert refused.status_code == 422 and isinstance(refused.parsed, models.Error)
