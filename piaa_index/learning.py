@@ -46,7 +46,7 @@ class LearnParams:
     # Out-of-fold AP points the learnt head must gain over the training-free score.
     min_gain: float = 0.5
     steps: int = 120  # Adam steps
-    batch_images: int = 512  # labelled images per step (all of them when fewer)
+    batch_images: int = 1024  # labelled images per step (all of them when fewer)
     # Labelled images each training reads at most (a random subset beyond): bounds time and
     # memory at tens of thousands of labels; every labelled image is still scored held out.
     max_train_images: int = 3000
@@ -69,7 +69,7 @@ class LearnParams:
 class Examples:
     """The labelled images' stored vectors and what the label rows read of them."""
 
-    patches: np.ndarray  # [n, M, d] float32
+    patches: np.ndarray  # [n, M, d] float32, or float16 (half the memory; used as float32)
     background: np.ndarray  # [n, M] float32: the background mixture's log-density per patch
     cls: np.ndarray  # [n, d] float32
     Y: np.ndarray  # [n, C] int8: 1 present, 0 absent, -1 not labelled
@@ -172,7 +172,8 @@ class _Model:
         torch = self.torch
         W, b, U = self.rows()
         n, M, d = X.shape
-        patch = (X.reshape(n * M, d) @ W.T + b).reshape(n, M, -1) - bg[:, :, None]
+        # float16-stored patches (keywords.read_examples) become float32 a batch at a time.
+        patch = (X.reshape(n * M, d).float() @ W.T + b).reshape(n, M, -1) - bg[:, :, None]
         E = torch.amax(patch, dim=1) / self.scale
         Cos = Z @ U.T
         a = self.p.alpha
@@ -235,9 +236,14 @@ class _Model:
             opt.step()
 
     def predict(self, X: Any, bg: Any, Z: Any) -> np.ndarray:
-        """[n, C] fused z-scores F (float64)."""
+        """[n, C] fused z-scores F (float64), a batch of images at a time."""
+        step = self.p.batch_images
         with self.torch.no_grad():
-            return self.fused(X, bg, Z).double().cpu().numpy()
+            parts = [
+                self.fused(X[i : i + step], bg[i : i + step], Z[i : i + step]).double().cpu()
+                for i in range(0, len(X), step)
+            ]
+        return self.torch.cat(parts).numpy() if parts else np.zeros((0, len(self.W0)))
 
 
 def _training_free(
@@ -245,9 +251,13 @@ def _training_free(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(E, C) [n, C] of the labelled images under the training-free parameters."""
     n, M, d = ex.patches.shape
-    flat = ex.patches.reshape(n * M, d).astype(np.float32)
-    patch = (flat @ W0.T.astype(np.float32) + b0).reshape(n, M, -1) - ex.background[:, :, None]
-    E = patch.max(axis=1).astype(np.float64) / scale
+    E = np.empty((n, len(W0)), np.float64)
+    Wt = np.ascontiguousarray(W0.T, np.float32)
+    for i in range(0, n, 1024):  # a block at a time: the patches may be float16, and many
+        blk = ex.patches[i : i + 1024]
+        flat = blk.reshape(-1, d).astype(np.float32)
+        patch = (flat @ Wt + b0).reshape(len(blk), M, -1) - ex.background[i : i + 1024, :, None]
+        E[i : i + 1024] = patch.max(axis=1) / scale
     C = (ex.cls.astype(np.float32) @ np.asarray(T, np.float32).T).astype(np.float64)
     return E, C
 
@@ -292,7 +302,7 @@ def learn(
         slope0[k], intercept0[k] = _logistic_1d(F0[known, k], Y[known, k] == 1)
 
     dev = _device(p.device)
-    X = torch.as_tensor(np.ascontiguousarray(ex.patches, np.float32), device=dev)
+    X = torch.as_tensor(np.ascontiguousarray(ex.patches), device=dev)  # float32 or float16
     bg = torch.as_tensor(np.ascontiguousarray(ex.background, np.float32), device=dev)
     Z = torch.as_tensor(np.ascontiguousarray(ex.cls, np.float32), device=dev)
     Yt = torch.as_tensor(np.where(eligible[None, :], Y, -1).astype(np.int64), device=dev)
