@@ -141,3 +141,54 @@ def test_gallery_is_served_at_root(served):
     for asset, kind in (("/app.js", "javascript"), ("/style.css", "text/css")):
         resp = client.get(asset)
         assert resp.status_code == 200 and kind in resp.headers["content-type"]
+
+
+def test_exif_of_an_indexed_image(served):
+    """The image page's facts: pixel and byte size from the index, EXIF fields null where the
+    file has none (ShapesWorld images carry no camera); 404 for an unknown id."""
+    client, library = served
+    image_id = _first_id(library)
+    resp = client.get(f"/api/images/{image_id}/exif")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    info = client.get(f"/api/images/{image_id}").json()
+    assert (body["id"], body["width"], body["height"], body["size"]) == (
+        image_id,
+        info["width"],
+        info["height"],
+        info["size"],
+    )
+    assert body["readable"] is True and body["camera"] is None and body["taken"] is None
+    missing = client.get("/api/images/999999999/exif")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_read_exif_of_a_camera_jpeg(tmp_path: Path):
+    from piaa_index_plugins.http_api.routes_media import read_exif
+
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"
+    exif[0x0110] = "Canon EOS R6"
+    sub = exif.get_ifd(0x8769)
+    sub[0x829A] = 1 / 250
+    sub[0x829D] = 2.8
+    sub[0x8827] = 400
+    sub[0x9003] = "2026:07:14 18:30:05"
+    sub[0x9011] = "+02:00"
+    sub[0x920A] = 35.0
+    sub[0xA434] = "RF35mm F1.8 MACRO IS STM"
+    path = tmp_path / "camera.jpg"
+    Image.new("RGB", (64, 48), "gray").save(path, exif=exif)
+    assert read_exif(str(path)) == {
+        "readable": True,
+        "camera": "Canon EOS R6",
+        "lens": "RF35mm F1.8 MACRO IS STM",
+        "taken": "2026-07-14T18:30:05+02:00",
+        "exposure": "1/250 s",
+        "aperture": "f/2.8",
+        "iso": 400,
+        "focal_length": "35 mm",
+    }
+    (tmp_path / "not.jpg").write_bytes(b"not an image")
+    assert read_exif(str(tmp_path / "not.jpg")) == {"readable": False}
+    assert read_exif(str(tmp_path / "gone.jpg")) == {"readable": False}

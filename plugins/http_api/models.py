@@ -221,6 +221,28 @@ class ImageWithTags(Image):
     )
 
 
+class Exif(BaseModel):
+    """What a photographer reads off an image: camera, lens, when it was taken, the exposure
+    (from the file's EXIF; null where the file has none), and its pixel and byte size."""
+
+    id: int = Field(description="Stable image id.")
+    width: int | None = None
+    height: int | None = None
+    size: int | None = Field(default=None, description="File size in bytes.")
+    camera: str | None = Field(default=None, description="Make and model, e.g. `Canon EOS R6`.")
+    lens: str | None = None
+    taken: str | None = Field(
+        default=None,
+        description="DateTimeOriginal as ISO 8601, in the camera's local time (with its "
+        "offset when the file gives one).",
+    )
+    exposure: str | None = Field(default=None, description="Exposure time, e.g. `1/250 s`.")
+    aperture: str | None = Field(default=None, description="F-number, e.g. `f/2.8`.")
+    iso: int | None = None
+    focal_length: str | None = Field(default=None, description="e.g. `35 mm`.")
+    readable: bool = Field(description="False when the file could not be read for EXIF.")
+
+
 class FeedTag(BaseModel):
     label: str
     score: float | None
