@@ -166,8 +166,26 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
     _wait(driver, lambda d: "#key=" not in d.current_url)
     _wait(driver, lambda d: "images" in d.find_element(By.ID, "status").text)
 
-    # Label completion: type the start of the label, accept the suggestion with the keyboard.
+    # A favicon: an inline SVG that draws.
+    icon = driver.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href")
+    assert icon.startswith("data:image/svg+xml,")
+    drawn = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; const i = new Image();"
+        "i.onload = () => done(i.naturalWidth); i.onerror = () => done(0); i.src = arguments[0];",
+        icon,
+    )
+    assert drawn > 0
+
+    # Label completion: Escape closes the list.
     box = driver.find_element(By.ID, "q")
+    suggestions = driver.find_element(By.ID, "suggestions")
+    box.send_keys(label[:3])
+    _wait(driver, lambda d: suggestions.is_displayed())
+    box.send_keys(Keys.ESCAPE)
+    _wait(driver, lambda d: not suggestions.is_displayed())
+    assert box.get_attribute("aria-expanded") == "false"
+    box.clear()
+    # Type the start of the label, accept the suggestion with the keyboard.
     box.send_keys(label[:3])
     _wait(
         driver,
@@ -201,6 +219,9 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
         img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#results img")
     ]
     assert alts == [Path(row["path"]).name for row in expected]
+    # The completion list is closed over the results, and stays closed (no late answer).
+    time.sleep(0.5)
+    assert not suggestions.is_displayed()
     pixels = _screenshot(driver, "gallery-search.png")
     assert pixels.std() > 20  # thumbnails drawn, not a blank page
 
@@ -222,8 +243,33 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
         + urllib.parse.urlencode({"label": label, "format": "json"}),
     )
     assert f"{ev['max']:.3f}" in caption
+    # The photo's facts (GET /api/images/{id}/exif): its size; ShapesWorld has no camera.
+    info = _api(base, key, f"/api/images/{image_id}")
+    size = f"{info['width']} × {info['height']} px"
+    _wait(driver, lambda d: size in d.find_element(By.ID, "exif").text)
+    facts = driver.find_element(By.ID, "exif").text
+    assert "Camera" in facts and "Taken" in facts and "Exposure" in facts
+    assert "none in this file" in facts
     pixels = _screenshot(driver, "gallery-evidence.png")
     assert pixels.std() > 20
+
+    # Zoom: a click shows the picture over the window, fitted; another, its actual pixels;
+    # Esc closes it.
+    driver.find_element(By.ID, "evidence-img").click()
+    zoom = _wait(
+        driver,
+        lambda d: d.find_element(By.ID, "zoom").is_displayed() and d.find_element(By.ID, "zoom"),
+    )
+    _wait(driver, lambda d: _images_loaded(d, "#zoom-img"))
+    fitted = driver.find_element(By.ID, "zoom-img").size
+    assert fitted["height"] > 900 or fitted["width"] > 1200  # the window, not the thumbnail
+    _screenshot(driver, "gallery-zoom.png")
+    driver.find_element(By.ID, "zoom-img").click()
+    _wait(driver, lambda d: "actual" in (zoom.get_attribute("class") or ""))
+    natural = driver.execute_script("return document.getElementById('zoom-img').naturalWidth")
+    assert driver.find_element(By.ID, "zoom-img").size["width"] == natural
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    _wait(driver, lambda d: not zoom.is_displayed())
 
     # Another label from the tags table swaps the heatmap.
     other = rows[-1].find_element(By.CSS_SELECTOR, "button")
@@ -283,13 +329,32 @@ def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) 
         assert "run a fit" in driver.find_element(By.ID, "vocab-state").text
         assert _api(base, key, "/api/vocabulary")["labels"] == before[:5]
 
+        # A search now is refused (409 needs_fit): a message with a Fit button, no endless
+        # "Searching…", no CLI command.
+        driver.get(base + "/#/?q=" + urllib.parse.quote(f'"{before[0]}"'))
+        needs = _wait(
+            driver,
+            lambda d: (
+                d.find_element(By.ID, "needs-fit").is_displayed()
+                and d.find_element(By.ID, "needs-fit")
+            ),
+        )
+        assert "fit" in needs.text.lower() and "piaa" not in needs.text and "`" not in needs.text
+        assert driver.find_element(By.ID, "needs-fit-button").is_displayed()
+        assert "Searching" not in driver.find_element(By.ID, "result-count").text
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        assert driver.find_element(By.ID, "fit-button").is_displayed()  # the banner's too
+
         driver.get(base + "/#/jobs")
         driver.find_element(By.CSS_SELECTOR, "#fit-form button").click()
         label = driver.find_element(By.ID, "job-label")
         _wait(driver, lambda d: label.text.startswith("Fitting: done"), timeout=120)
         bar = driver.find_element(By.ID, "job-progress")
         assert bar.get_attribute("value") == bar.get_attribute("max")
-        assert "classifier_id" in driver.find_element(By.ID, "job-result").text
+        # The result as sentences, not JSON.
+        result = driver.find_element(By.ID, "job-result").text
+        assert result.startswith("Fit done") and "images tagged" in result, result
+        assert "{" not in result and "classifier_id" not in result
         _wait(driver, lambda d: "5 labels" in d.find_element(By.ID, "status").text)
         assert not _api(base, key, "/api/status")["stale"]
 
@@ -298,7 +363,10 @@ def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) 
         box.send_keys(folder)
         driver.find_element(By.CSS_SELECTOR, "#index-form button").click()
         _wait(driver, lambda d: label.text.startswith("Indexing: done"), timeout=120)
-        assert '"unchanged": 48' in driver.find_element(By.ID, "job-result").text
+        result = driver.find_element(By.ID, "job-result").text
+        assert result.startswith("Indexing done") and "48 unchanged" in result, result
+        assert "{" not in result
+        _screenshot(driver, "gallery-jobs.png")
         assert not driver.find_element(By.ID, "error").is_displayed()
 
 

@@ -25,9 +25,12 @@ async function failure(resp) {
   // Every API error is {"error": {"code", "message"}}; anything else says its status.
   try {
     const body = await resp.json();
-    if (body && body.error) return new Error(body.error.message || body.error.code);
+    if (body && body.error) {
+      return Object.assign(new Error(body.error.message || body.error.code),
+        { code: body.error.code, status: resp.status });
+    }
   } catch (_) { /* not JSON */ }
-  return new Error(`${resp.status} ${resp.statusText}`);
+  return Object.assign(new Error(`${resp.status} ${resp.statusText}`), { status: resp.status });
 }
 
 async function api(path, { method = "GET", body } = {}) {
@@ -114,6 +117,47 @@ function showFitBanner(stale, labelsChanged) {
   else banner.hidden = true;
 }
 
+// A search (or an image's tags) the server refused with 409 needs_fit: a message with a Fit
+// button (the banner's fit flow), never the server's CLI advice; the search runs again after.
+let retryAfterFit = false;
+const NEEDS_FIT = "The vocabulary changed since the last fit: the tags must be refitted before this search can run.";
+
+function showNeedsFit(text = NEEDS_FIT) {
+  retryAfterFit = true;
+  $("#needs-fit-text").textContent = `${text} Press Fit (a minute or so); the search runs again when it is done.`;
+  $("#needs-fit").hidden = false;
+  $("#needs-fit-button").hidden = fitting;
+  $("#result-count").textContent = "";
+  $("#fit-why").textContent = "The vocabulary changed: tags are stale until a fit.";
+  $("#fit-button").hidden = fitting;
+  $("#fit-banner").hidden = false;
+}
+
+function hideNeedsFit() {
+  $("#needs-fit").hidden = true;
+}
+
+// What an index job's result says, for a person: counts, then what failed or was skipped.
+function indexSummary(r) {
+  if (!r) return ["Indexing done."];
+  const n = (v) => Number(v || 0);
+  const secs = r.seconds ? ` in ${Number(r.seconds).toFixed(1)} s` : "";
+  const lines = [`Indexing done${secs}: ${n(r.indexed)} new or changed, ${n(r.unchanged)} unchanged, ` +
+    `${n(r.reused)} reused, ${n(r.removed)} removed.`];
+  const failed = Array.isArray(r.failed) ? r.failed : [];
+  if (failed.length || n(r.still_failing)) {
+    lines.push(`${failed.length} failed${n(r.still_failing) ? `, ${n(r.still_failing)} still failing from earlier runs` : ""}:`);
+    lines.push(failed.slice(0, 10).map((f) => `${baseName(f.path || "?")}: ${f.error || f.reason || "failed"}`));
+  }
+  const count = (v) => (Array.isArray(v) ? v.length : typeof v === "object" && v ? Object.keys(v).length : n(v));
+  const skipped = Object.entries(r.skipped || {}).filter(([, v]) => count(v));
+  if (skipped.length) lines.push(`Skipped: ${skipped.map(([why, v]) => `${count(v)} ${why.replace(/_/g, " ")}`).join(", ")}.`);
+  const kept = Object.entries(r.kept || {}).filter(([, v]) => count(v));
+  if (kept.length) lines.push(`Kept (missing, not provably gone): ${kept.map(([why, v]) => `${count(v)} ${why.replace(/_/g, " ")}`).join(", ")}.`);
+  if ((r.warnings || []).length) lines.push(`${r.warnings.length} ${r.warnings.length === 1 ? "file" : "files"} decoded with warnings.`);
+  return lines;
+}
+
 // What a fit job's result says, for a person: what it learnt from your labels, label by label.
 function fitSummary(result) {
   if (!result) return "Fit done.";
@@ -193,6 +237,8 @@ async function runFit(start = () => api("/api/jobs/fit", { method: "POST" }), in
     await refreshStatus();
     const { path } = parseRoute();
     if (path.startsWith("/image/")) route();  // the image's tags after the fit
+    else if (retryAfterFit && path !== "/vocabulary" && path !== "/jobs") route();
+    retryAfterFit = false;
   }
 }
 
@@ -282,9 +328,12 @@ function currentToken(text) {
 }
 
 let suggestTimer = null;
+let suggestSeq = 0;  // bumped on close: a completion answer that comes later is dropped
 let active = -1;
 
 function closeSuggestions() {
+  clearTimeout(suggestTimer);
+  suggestSeq += 1;
   const list = $("#suggestions");
   list.hidden = true;
   list.replaceChildren();
@@ -307,8 +356,11 @@ async function suggest() {
   if ($("#text-mode").checked) return closeSuggestions();
   const { token } = currentToken(input.value);
   if (!token.trim()) return closeSuggestions();
+  const seq = suggestSeq;
   try {
     const { labels } = await api(`/api/labels?prefix=${encodeURIComponent(token)}&limit=8`);
+    // Closed meanwhile (submitted, Escape, left the box): stay closed.
+    if (seq !== suggestSeq || document.activeElement !== input) return;
     const list = $("#suggestions");
     list.replaceChildren(...labels.map((item, i) => {
       const li = el("li", { id: `sugg-${i}`, role: "option", textContent: item.label });
@@ -346,6 +398,8 @@ let gridSeq = 0;
 
 async function runSearch(q, text, limit) {
   const seq = ++gridSeq;
+  closeSuggestions();
+  hideNeedsFit();
   $("#q").value = q;
   $("#text-mode").checked = text;
   $("#limit").value = String(limit);
@@ -486,15 +540,69 @@ function renderOthers(tags) {
     : "";
 }
 
+// The photo's facts under the picture: camera, lens, date taken, exposure, size.
+function bytes(n) {
+  if (n === null || n === undefined) return null;
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+async function showExif(id) {
+  const dl = $("#exif");
+  dl.replaceChildren();
+  const x = await api(`/api/images/${id}/exif`);
+  const exposure = [x.exposure, x.aperture, x.iso ? `ISO ${x.iso}` : null, x.focal_length]
+    .filter(Boolean).join(" · ");
+  const size = [x.width && x.height ? `${x.width} × ${x.height} px` : null, bytes(x.size)]
+    .filter(Boolean).join(", ");
+  const taken = x.taken ? x.taken.replace("T", " ") : null;
+  const rows = [["Camera", x.camera], ["Lens", x.lens], ["Taken", taken], ["Exposure", exposure],
+    ["Size", size]];
+  for (const [name, value] of rows) {
+    const dd = el("dd", { textContent: value || "—" });
+    dd.dataset.field = name.toLowerCase();
+    dl.append(el("dt", { textContent: name }), dd);
+  }
+  if (!x.camera && !x.taken && !exposure) {
+    dl.append(el("dt", { textContent: "EXIF" }),
+      el("dd", { textContent: x.readable ? "none in this file" : "not readable from this file" }));
+  }
+}
+
+// Zoom: the picture over the whole window, fitted; a click on it shows its actual pixels.
+function openZoom() {
+  const src = $("#evidence-img").src;
+  if (!src) return;
+  const zoom = $("#zoom");
+  $("#zoom-img").src = src;
+  $("#zoom-img").alt = $("#evidence-img").alt;
+  zoom.classList.remove("actual");
+  zoom.hidden = false;
+  $("#zoom-close").focus();
+}
+function closeZoom() {
+  if ($("#zoom").hidden) return;
+  $("#zoom").hidden = true;
+  $("#zoom-img").removeAttribute("src");
+}
+
 async function showImage(id, label) {
   releaseImages();
+  closeZoom();
+  showExif(id).catch(() => { $("#exif").replaceChildren(); });
   const [info, labels] = await Promise.all([
     api(`/api/images/${id}`),
     api(`/api/images/${id}/labels`),
   ]);
   setMine(labels.labels);
   $("#image-title").textContent = info.path;
-  if (info.tags_error) showError(new Error(info.tags_error));
+  if (info.tags_error) {
+    const s = await refreshStatus();
+    if (s && s.stale) {
+      showError(new Error("No tags to show: the vocabulary changed since the last fit. Press Fit above."));
+    } else showError(new Error(info.tags_error));
+  }
   const tags = info.tags || [];
   const select = $("#evidence-label");
   select.replaceChildren(...tags.map((t) => el("option", { value: t.label, textContent: t.label })));
@@ -561,7 +669,7 @@ async function follow(jobId, what) {
   const box = $("#job");
   const bar = $("#job-progress");
   box.hidden = false;
-  $("#job-result").textContent = "";
+  $("#job-result").replaceChildren();
   for (;;) {
     const job = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
     const p = job.progress || {};
@@ -572,11 +680,24 @@ async function follow(jobId, what) {
     if (!["queued", "running"].includes(job.state)) {
       if (job.state === "failed" || job.error) showError(new Error(job.error && job.error.message ? job.error.message : job.error || `${what} failed`));
       else { bar.max = 1; bar.value = 1; }
-      $("#job-result").textContent = job.result ? JSON.stringify(job.result, null, 1).slice(0, 2000) : "";
+      renderJobResult(what, job.result);
       refreshStatus();
       return job;
     }
     await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+// A finished job's result as sentences (and a short list of failures), not JSON.
+function renderJobResult(what, result) {
+  const box = $("#job-result");
+  box.replaceChildren();
+  if (!result) return;
+  const lines = what === "Fitting" ? [fitSummary(result)] : indexSummary(result);
+  for (const line of lines) {
+    box.append(Array.isArray(line)
+      ? el("ul", {}, ...line.map((t) => el("li", { textContent: t })))
+      : el("p", { textContent: line }));
   }
 }
 
@@ -619,7 +740,8 @@ async function route() {
       await runSearch(params.get("q") || "", params.get("text") === "1", Number(params.get("limit")) || 48);
     }
   } catch (err) {
-    showError(err);
+    if (err.code === "needs_fit" && !path.startsWith("/image/")) showNeedsFit();
+    else showError(err);
   }
 }
 
@@ -652,11 +774,23 @@ function wire() {
   $("#index-form").addEventListener("submit", (e) => startJob(e, "index").catch(showError));
   $("#fit-form").addEventListener("submit", (e) => startJob(e, "fit").catch(showError));
   $("#fit-button").addEventListener("click", () => runFit().catch(showError));
+  $("#needs-fit-button").addEventListener("click", () => {
+    $("#needs-fit-button").hidden = true;
+    runFit().catch(showError);
+  });
+  $("#evidence-img").addEventListener("click", openZoom);
+  $("#zoom-img").addEventListener("click", () => $("#zoom").classList.toggle("actual"));
+  $("#zoom-close").addEventListener("click", closeZoom);
+  $("#zoom").addEventListener("click", (e) => { if (e.target === $("#zoom")) closeZoom(); });
   $("#teach-open").addEventListener("click", openTeach);
   $("#teach-clear").addEventListener("click", () => { picked.clear(); renderPicked(); });
   $("#teach-cancel").addEventListener("click", () => { $("#teach-form").hidden = true; });
   $("#teach-form").addEventListener("submit", (e) => teach(e).catch(showError));
   document.addEventListener("keydown", (e) => {
+    if (!$("#zoom").hidden) {  // zoomed: Esc closes; nothing else moves underneath
+      if (e.key === "Escape") { e.preventDefault(); closeZoom(); }
+      return;
+    }
     // ← and → on the image page: the previous and next result (not while typing).
     if ($("#view-image").hidden || e.altKey || e.ctrlKey || e.metaKey) return;
     if (e.target.closest && e.target.closest("input, select, textarea")) return;
@@ -668,7 +802,7 @@ function wire() {
     // Replace, not push: Back still leads to the results.
     location.replace(`#/image/${target}${label ? `?label=${encodeURIComponent(label)}` : ""}`);
   });
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => { closeZoom(); route(); });
 }
 
 takeKeyFromFragment();
