@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -408,6 +409,113 @@ class Store:
         """A counter bumped by every change to the user's labels (what a fit learnt from)."""
         value = self.get_setting("user_labels")
         return int(value["version"]) if value else 0
+
+    def user_labels_of(self, image_id: int) -> list[dict[str, Any]]:
+        """The user's labels of one image (label as spelt, present, source, updated_at), by
+        label key."""
+        with self.session() as s:
+            rows = s.execute(
+                select(*_LABEL_COLUMNS)
+                .where(UserLabel.image_id == image_id)
+                .order_by(UserLabel.label)
+            ).all()
+        return [_label_row(r) for r in rows]
+
+    def user_label_page(
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        label_key: str | None = None,
+        source: str | None = None,
+    ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """Up to `limit` user labels after (image id, label key), by image then label, with each
+        image's id and path; and the (image id, label key) to continue after, or None at the
+        end (keyset paging)."""
+        q = (
+            select(*_LABEL_COLUMNS, Image.path)
+            .join(Image, Image.id == UserLabel.image_id)
+            .order_by(UserLabel.image_id, UserLabel.label)
+            .limit(limit + 1)
+        )
+        if after is not None:
+            a, key = after
+            q = q.where(
+                or_(UserLabel.image_id > a, and_(UserLabel.image_id == a, UserLabel.label > key))
+            )
+        if label_key is not None:
+            q = q.where(UserLabel.label == label_key)
+        if source is not None:
+            q = q.where(UserLabel.source == source)
+        with self.session() as s:
+            found = s.execute(q).all()
+        rows = [{**_label_row(r), "image": int(r.image_id), "path": r.path} for r in found[:limit]]
+        if len(found) <= limit:
+            return rows, None
+        last = found[limit - 1]
+        return rows, (int(last.image_id), str(last.label))
+
+    def indexed_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of `ids` are indexed images (any number of them)."""
+        wanted = sorted(set(int(i) for i in ids))
+        out: set[int] = set()
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                q = select(Image.id).where(Image.id.in_(chunk), Image.status == INDEXED)
+                out.update(int(i) for i in s.scalars(q))
+        return out
+
+    def indexed_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
+        """path -> id of those `paths` (exactly as stored) that are indexed images."""
+        wanted = list(dict.fromkeys(paths))
+        out: dict[str, int] = {}
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = s.execute(
+                    select(Image.path, Image.id).where(
+                        Image.path.in_(chunk), Image.status == INDEXED
+                    )
+                ).all()
+                out.update({str(p): int(i) for p, i in rows})
+        return out
+
+    def newest_images(
+        self, before: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to `limit` indexed images, newest (highest id) first, below `before`; and the id
+        to continue below, or None at the end. Rows as `image_page` gives them."""
+        q = (
+            select(
+                Image.id,
+                Image.path,
+                Image.content_hash,
+                Image.width,
+                Image.height,
+                Image.size,
+                Image.indexed_at,
+            )
+            .where(Image.status == INDEXED)
+            .order_by(Image.id.desc())
+            .limit(limit + 1)
+        )
+        if before is not None:
+            q = q.where(Image.id < before)
+        with self.session() as s:
+            found = s.execute(q).all()
+        rows = [
+            {
+                "id": int(r.id),
+                "path": r.path,
+                "content_hash": r.content_hash,
+                "width": r.width,
+                "height": r.height,
+                "size": int(r.size or 0),
+                "indexed_at": r.indexed_at,
+            }
+            for r in found[:limit]
+        ]
+        return rows, (int(found[limit - 1].id) if len(found) > limit else None)
 
     @staticmethod
     def _bump_user_labels(s: Session) -> None:
@@ -1250,3 +1358,22 @@ def _copy_tags(conn: Any, classifier_id: int, image_ids: Any, label_ids: Any, sc
             copy.write(text.encode())
     finally:
         cursor.close()
+
+
+_LABEL_COLUMNS = (
+    UserLabel.image_id,
+    UserLabel.label,
+    UserLabel.name,
+    UserLabel.present,
+    UserLabel.source,
+    UserLabel.updated_at,
+)
+
+
+def _label_row(row: Any) -> dict[str, Any]:
+    return {
+        "label": row.name,
+        "present": bool(row.present),
+        "source": row.source,
+        "updated_at": row.updated_at,
+    }
