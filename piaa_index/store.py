@@ -346,7 +346,9 @@ class Store:
 
     def set_user_labels(self, rows: Sequence[tuple[int, str, bool]], source: str) -> int:
         """Record (image id, label name, present) as the user's labels from `source`, replacing
-        what was recorded for the same image and label; returns the rows written."""
+        what was recorded for the same image and label; returns the rows that changed. Rows
+        that say what is already recorded write nothing (and do not count as a change the
+        next fit must learn from)."""
         from piaa_index.query_language import normalize_label
 
         latest: dict[tuple[int, str], tuple[str, bool]] = {}
@@ -354,15 +356,27 @@ class Store:
             latest[(int(image_id), normalize_label(name))] = (name.strip(), bool(present))
         now = utcnow()
         items = list(latest.items())
+        changed = 0
         with self.session() as s:
             for start in range(0, len(items), 500):
                 chunk = items[start : start + 500]
-                for (image_id, key), _ in chunk:
-                    s.execute(
-                        delete(UserLabel).where(
-                            UserLabel.image_id == image_id, UserLabel.label == key
-                        )
+                ids = sorted({image_id for (image_id, _), _ in chunk})
+                held = {
+                    (int(i), k): (n, bool(p))
+                    for i, k, n, p in s.execute(
+                        select(
+                            UserLabel.image_id, UserLabel.label, UserLabel.name, UserLabel.present
+                        ).where(UserLabel.image_id.in_(ids))
                     )
+                }
+                todo = [(pair, value) for pair, value in chunk if held.get(pair) != value]
+                for (image_id, key), _ in todo:
+                    if (image_id, key) in held:
+                        s.execute(
+                            delete(UserLabel).where(
+                                UserLabel.image_id == image_id, UserLabel.label == key
+                            )
+                        )
                 s.add_all(
                     UserLabel(
                         image_id=image_id,
@@ -372,10 +386,12 @@ class Store:
                         source=source,
                         updated_at=now,
                     )  # fmt: skip
-                    for (image_id, key), (name, present) in chunk
+                    for (image_id, key), (name, present) in todo
                 )
-            self._bump_user_labels(s)
-        return len(items)
+                changed += len(todo)
+            if changed:
+                self._bump_user_labels(s)
+        return changed
 
     def forget_user_labels(self, image_ids: Sequence[int], label: str | None = None) -> int:
         """Delete the user's labels of these images (of one label only when given)."""
@@ -388,7 +404,8 @@ class Store:
                 if label is not None:
                     q = q.where(UserLabel.label == normalize_label(label))
                 n += int(cast(CursorResult, s.execute(q)).rowcount or 0)
-            self._bump_user_labels(s)
+            if n:
+                self._bump_user_labels(s)
         return n
 
     def user_labels(self) -> list[tuple[int, str, str, bool, str]]:

@@ -181,6 +181,8 @@ def test_user_labels_are_stored_apart_and_versioned(postgres_database) -> None: 
         v0 = store.user_labels_version()
         assert store.set_user_labels([(i, "Dog", i % 2 == 0) for i in ids], "csv") == 1200
         assert store.set_user_labels([(ids[0], "DOG", False)], "cli") == 1
+        # Saying again what is recorded changes nothing, and is no change to learn from.
+        assert store.set_user_labels([(i, "Dog", i % 2 == 0) for i in ids[1:]], "api") == 0
         rows = store.user_labels()
         assert len(rows) == 1200 and rows[0][1:] == ("dog", "DOG", False, "cli")
         assert store.forget_user_labels(ids[:500], "dog") == 500
