@@ -233,6 +233,24 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
     _wait(driver, lambda d: _images_loaded(d, "#evidence-img"))
     rows = driver.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")
     assert len(rows) == len(labels)
+    # What is in the photo first, then the other labels folded away, most likely first; no
+    # Patch/Threshold columns, no generic "why" repeated down the rows.
+    tagged = [r for r in rows if "present" in (r.get_attribute("class") or "").split()]
+    assert tagged and rows[: len(tagged)] == tagged
+    assert all(r.is_displayed() for r in tagged)
+    untagged = driver.find_elements(By.CSS_SELECTOR, "#other-tags tbody tr")
+    assert untagged == rows[len(tagged) :] and untagged
+    assert not any(r.is_displayed() for r in untagged)  # folded
+    summary = driver.find_element(By.CSS_SELECTOR, "#other-tags summary")
+    assert summary.text == f"{len(untagged)} other labels, not in this photo"
+    scores = {
+        t["label"]: t["score"] for t in _api(base, key, f"/api/images/{expected[0]['id']}")["tags"]
+    }
+    others = [scores[r.get_attribute("data-label")] for r in untagged]
+    assert others == sorted(others, reverse=True)
+    heads = driver.find_element(By.ID, "tags-table").text
+    assert "Patch" not in heads and "Threshold" not in heads
+    assert "one half" not in heads
     caption = driver.find_element(By.ID, "evidence-caption").text
     assert label in caption and "tagged" in caption
     image_id = expected[0]["id"]
@@ -271,7 +289,14 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     _wait(driver, lambda d: not zoom.is_displayed())
 
-    # Another label from the tags table swaps the heatmap.
+    # Another label, from the other labels unfolded, swaps the heatmap; its details (the
+    # numbers, the why) are one click away.
+    summary.click()
+    _wait(driver, lambda d: rows[-1].is_displayed())
+    more = rows[-1].find_element(By.CSS_SELECTOR, "details.row-more")
+    more.find_element(By.TAG_NAME, "summary").click()
+    numbers = more.find_element(By.CSS_SELECTOR, ".numbers").text
+    assert "threshold" in numbers and "patch" in numbers
     other = rows[-1].find_element(By.CSS_SELECTOR, "button")
     other_label = other.text
     other.click()
@@ -435,7 +460,10 @@ def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, t
         _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")) > 1)
         image_id = ids[0]
         rows = driver.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")
-        confidences = [r.find_element(By.CSS_SELECTOR, "td.conf").text for r in rows]
+        # (textContent: the other labels' rows are folded away, so .text is empty)
+        confidences = [
+            r.find_element(By.CSS_SELECTOR, "td.conf").get_attribute("textContent") for r in rows
+        ]
         assert all(re.fullmatch(r"(<1|>99|\d{1,3}) %", c) for c in confidences), confidences
         # The first label not tagged (near the top, so the screenshot shows it).
         other = next(
@@ -444,6 +472,9 @@ def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, t
             if "present" not in (r.get_attribute("class") or "").split()
         )
         assert other != label
+        # The other labels are folded away: unfold them to say no to one.
+        driver.find_element(By.CSS_SELECTOR, "#other-tags summary").click()
+        _wait(driver, lambda d: _row(d, other).is_displayed())
 
         # ✓ on the searched label, ✗ on the least likely one: recorded, shown, said by the API.
         _row(driver, label).find_element(By.CSS_SELECTOR, "button.say.yes").click()

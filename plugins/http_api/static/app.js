@@ -587,6 +587,26 @@ function closeZoom() {
   $("#zoom-img").removeAttribute("src");
 }
 
+// The numbers behind a tag, for its row's details: patch evidence against its threshold.
+function numbersOf(t) {
+  const parts = [`Confidence ${fmt(t.score)}`, `best patch ${fmt(t.patch_score)}`,
+    `threshold ${fmt(t.threshold)}`];
+  if (t.label_status && t.label_status !== "present") parts.push(`label ${t.label_status}`);
+  if (t.why) parts.push(t.why);
+  return parts.join(" · ");
+}
+
+// The row's "why", only where it says something of this label (absent from the collection, a
+// weak label, confidence halved...), not the generic "confidence below one half" on every row.
+const GENERIC_WHY = new Set([
+  "confidence at or above one half", "confidence below one half",
+  "patch evidence at or above the threshold", "patch evidence below the threshold",
+]);
+function specificWhy(t) {
+  const why = String(t.why || "").trim();
+  return why && !GENERIC_WHY.has(why) ? why : "";
+}
+
 async function showImage(id, label) {
   releaseImages();
   closeZoom();
@@ -608,8 +628,12 @@ async function showImage(id, label) {
   select.replaceChildren(...tags.map((t) => el("option", { value: t.label, textContent: t.label })));
   const chosen = label && tags.some((t) => t.label === label) ? label : (tags[0] || {}).label;
   if (chosen) select.value = chosen;
-  const body = $("#tags-table tbody");
-  body.replaceChildren(...tags.map((t) => {
+  // What is in the photo first (best first, as the API ranks them); the other labels folded
+  // under a <details>, most likely first, with the same ✓/✗ (to confirm a missed label).
+  const present = tags.filter((t) => t.present);
+  const absent = tags.filter((t) => !t.present)
+    .sort((a, b) => (Number(b.score) || 0) - (Number(a.score) || 0));
+  const tagRow = (t) => {
     const btn = el("button", { type: "button", className: "link", textContent: t.label });
     btn.setAttribute("aria-label", `Show where the classifier sees ${t.label}`);
     btn.addEventListener("click", () => {
@@ -618,24 +642,42 @@ async function showImage(id, label) {
       showEvidence(id, t.label).catch(showError);
       $("#evidence-img").scrollIntoView({ block: "nearest" });
     });
+    const head = el("th", { scope: "row" }, btn);
+    if (t.learnt) {
+      head.append(" ", el("span", {
+        className: "learnt", textContent: "learnt",
+        title: "Scored by what the fit learnt from your labels (else training-free)",
+      }));
+    }
+    const why = specificWhy(t);
+    if (why) head.append(el("span", { className: "why", textContent: why }));
     const yes = el("button", { type: "button", className: "say yes", textContent: "✓" });
     yes.setAttribute("aria-label", `Confirm ${t.label}: it is in the photo`);
     const no = el("button", { type: "button", className: "say no", textContent: "✗" });
     no.setAttribute("aria-label", `Reject ${t.label}: it is not in the photo`);
+    const numbers = numbersOf(t);
+    const more = el("details", { className: "row-more" },
+      el("summary", { textContent: "details", title: numbers }),
+      el("span", { className: "numbers", textContent: numbers }));
+    more.querySelector("summary").setAttribute("aria-label", `Details of ${t.label}`);
     const row = el("tr", { className: t.present ? "present" : "" },
-      el("th", { scope: "row" }, btn),
+      head,
       el("td", { className: "conf", textContent: pct(t.score), title: `confidence ${fmt(t.score)}` }),
-      el("td", { textContent: fmt(t.patch_score) }),
-      el("td", { textContent: fmt(t.threshold) }),
-      el("td", { textContent: t.present ? "yes" : "no" }),
       el("td", { className: "mine" }, yes, no, el("span", { className: "said" })),
-      el("td", { textContent: t.why || "" }));
+      el("td", { className: "more" }, more));
     row.dataset.label = t.label;
     yes.addEventListener("click", () => sayLabel(id, t, true, row, tags).catch(showError));
     no.addEventListener("click", () => sayLabel(id, t, false, row, tags).catch(showError));
     renderMine(row, t);
     return row;
-  }));
+  };
+  $("#present-tags tbody").replaceChildren(...present.map(tagRow));
+  $("#present-tags").hidden = present.length === 0;
+  $("#no-present").hidden = present.length > 0 || tags.length === 0;
+  $("#other-tags tbody").replaceChildren(...absent.map(tagRow));
+  $("#other-tags").hidden = absent.length === 0;
+  $("#other-tags-summary").textContent =
+    `${absent.length} other ${absent.length === 1 ? "label" : "labels"}, not in this photo`;
   renderOthers(tags);
   const prev = neighbour(id, -1);
   const next = neighbour(id, 1);
