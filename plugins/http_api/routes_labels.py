@@ -180,10 +180,8 @@ def forget_image_label(
 
     def call() -> dict[str, Any]:
         _require_image(state, image_id)
-        key = normalize_label(label)
-        store = state.library.store
-        if any(normalize_label(r["label"]) == key for r in user_labels.labels_of(store, image_id)):
-            store.forget_user_labels([image_id], label)
+        # Forgetting what was never said removes nothing and moves no version (the Store).
+        state.library.store.forget_user_labels([image_id], label)
         return _image_labels(state, image_id)
 
     return state.run(call)
@@ -209,35 +207,9 @@ def set_labels(body: LabelsBody, state: Annotated[ApiState, Depends(get_state)])
     def call() -> dict[str, Any]:
         store = state.library.store
         refs = [row.image for row in body.labels]
-        ids = {r for r in refs if isinstance(r, int)}
-        ids |= {int(r) for r in refs if isinstance(r, str) and r.isascii() and r.isdigit()}
-        paths = [r for r in refs if isinstance(r, str) and not (r.isascii() and r.isdigit())]
-        known_ids = user_labels.indexed_ids(store, [i for i in ids if i <= MAX_ID])
-        by_path = user_labels.indexed_paths(store, paths)
-
-        def image_id(ref: int | str) -> int | None:
-            if isinstance(ref, str) and not (ref.isascii() and ref.isdigit()):
-                return by_path.get(ref)
-            number = int(ref)
-            return number if number in known_ids else None
-
-        rows = [(image_id(row.image), row.label, row.present) for row in body.labels]
-        unknown = list(
-            dict.fromkeys(ref for ref, row in zip(refs, rows, strict=True) if row[0] is None)
-        )
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise ApiError(
-                404,
-                "not_found",
-                f"{len(unknown)} images are not indexed (nothing was written): {shown}{more}",
-            )
-        written = (
-            store.set_user_labels([(i, n, p) for i, n, p in rows if i is not None], body.source)
-            if rows
-            else 0
-        )
+        ids = user_labels.resolve_images(store, refs, "nothing was written")
+        rows = [(i, row.label, row.present) for i, row in zip(ids, body.labels, strict=True)]
+        written = store.set_user_labels(rows, body.source) if rows else 0
         return {
             "written": written,
             "images": len({r[0] for r in rows}),

@@ -67,27 +67,6 @@ def _name(raw: str) -> str:
         raise ApiError(422, "invalid_request", f"name: {exc}") from None
 
 
-def _resolve(store: Any, refs: list[int | str]) -> tuple[list[int], list[int | str]]:
-    """The ids of `refs` (ids or stored paths), in order without repeats; and those that name
-    no indexed image."""
-
-    def is_number(ref: int | str) -> bool:
-        return isinstance(ref, int) or (ref.isascii() and ref.isdigit())
-
-    numbers = {int(r) for r in refs if is_number(r)}
-    known = user_labels.indexed_ids(store, [i for i in numbers if i <= MAX_ID])
-    by_path = user_labels.indexed_paths(store, [r for r in refs if not is_number(r)])
-    ids: list[int] = []
-    unknown: list[int | str] = []
-    for ref in refs:
-        found = (int(ref) if int(ref) in known else None) if is_number(ref) else by_path.get(ref)
-        if found is None:
-            unknown.append(ref)
-        elif found not in ids:
-            ids.append(found)
-    return ids, unknown
-
-
 @router.post(
     "/teach",
     status_code=202,
@@ -118,17 +97,10 @@ def teach_concept(
 
         library = state.library
         store = library.store
-        examples, unknown = _resolve(store, list(body.examples))
-        counter, unknown_not = _resolve(store, list(body.not_))
-        unknown = list(dict.fromkeys([*unknown, *unknown_not]))
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise ApiError(
-                404,
-                "not_found",
-                f"{len(unknown)} images are not indexed (nothing was stored): {shown}{more}",
-            )
+        refs = [*body.examples, *body.not_]
+        ids = user_labels.resolve_images(store, refs, "nothing was stored")
+        examples = list(dict.fromkeys(ids[: len(body.examples)]))
+        counter = list(dict.fromkeys(ids[len(body.examples) :]))
         both = [i for i in examples if i in set(counter)]
         if both:
             raise ApiError(
