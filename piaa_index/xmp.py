@@ -209,7 +209,8 @@ def _plan(before: Mapping[str, Any], ours: Keywords) -> tuple[dict[str, Any], di
             sets.update({f"{key}[{i}]": v for i, v in enumerate(values, 1)})
 
     users = {
-        prop: _without(_as_list(before, prop), _as_list(before, mine)) for prop, _, mine in FIELDS
+        prop: without_each(_as_list(before, prop), _as_list(before, mine))
+        for prop, _, mine in FIELDS
     }
     paths = _user_paths(before, users) if ours else []
     for (prop, kind, mine), wanted in zip(FIELDS, ours.values, strict=True):
@@ -279,7 +280,7 @@ def _as_list(props: Mapping[str, Any], key: str) -> list[str]:
     return [str(value)]  # a lone text value where the schema wants a list
 
 
-def _without(values: list[str], taken: list[str]) -> list[str]:
+def without_each(values: list[str], taken: list[str]) -> list[str]:
     """`values` less one occurrence of each of `taken`."""
     left = Counter(taken)
     out = []

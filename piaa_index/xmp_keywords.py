@@ -33,7 +33,15 @@ from typing import Any
 
 from piaa_index.progress import Progress, progress_bar
 from piaa_index.query_language import normalize_label
-from piaa_index.xmp import FIELDS, SOURCES, SUBJECT, InvalidSidecar, read_properties, sidecar_names
+from piaa_index.xmp import (
+    FIELDS,
+    SOURCES,
+    SUBJECT,
+    InvalidSidecar,
+    read_properties,
+    sidecar_names,
+    without_each,
+)
 
 KeywordPath = tuple[str, ...]
 SOURCE = "xmp"  # user_labels.source of what this module stores
@@ -67,18 +75,6 @@ def _values(props: Mapping[str, Any], key: str) -> list[str]:
     return [text]
 
 
-def _without(values: list[str], taken: list[str]) -> list[str]:
-    """`values` less one occurrence of each of `taken`."""
-    left = Counter(taken)
-    out = []
-    for v in values:
-        if left[v]:
-            left[v] -= 1
-        else:
-            out.append(v)
-    return out
-
-
 def _levels(value: str, separator: str) -> KeywordPath:
     return tuple(level.strip() for level in value.split(separator) if level.strip())
 
@@ -95,7 +91,7 @@ class Found:
         recorded = {prop: _values(props, mine) for prop, _, mine in FIELDS}
         has_record = any(k.startswith(OUR_RECORD) for k in props)
         for key, separator in SOURCES:
-            for value in _without(_values(props, key), recorded.get(key, [])):
+            for value in without_each(_values(props, key), recorded.get(key, [])):
                 path = _levels(value, separator)
                 if not path:
                     continue
@@ -104,7 +100,7 @@ class Found:
                         self.ours.update(path[1:])
                     continue
                 self.paths.setdefault(path)
-        for value in _without(_values(props, SUBJECT), recorded[SUBJECT]):
+        for value in without_each(_values(props, SUBJECT), recorded[SUBJECT]):
             path = _levels(value, "|")  # darktable writes its hierarchical tags there as a|b
             if prefix and len(path) > 1 and path[0] == prefix:
                 continue
