@@ -205,13 +205,11 @@ def read_label_csv(path: str | Path) -> dict[str, set[str]]:
     return out
 
 
-def write_label_csv(path: str | Path, rows: Mapping[str, Sequence[str]]) -> int:
-    """Write labels by path as a `path,label` CSV (an image with none: one empty-label row);
-    returns the rows written."""
+def label_csv(rows: Mapping[str, Sequence[str]]) -> tuple[str, int]:
+    """Labels by path as `path,label` CSV text (an image with none: one empty-label row), and
+    the number of rows under the header."""
     import csv
     import io
-
-    from piaa_index.durable import write_bytes_atomic
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -221,5 +219,13 @@ def write_label_csv(path: str | Path, rows: Mapping[str, Sequence[str]]) -> int:
         for label in labels or [""]:
             writer.writerow([image, label])
             n += 1
-    write_bytes_atomic(buf.getvalue().encode(), Path(path))
+    return buf.getvalue(), n
+
+
+def write_label_csv(path: str | Path, rows: Mapping[str, Sequence[str]]) -> int:
+    """Write `label_csv(rows)` to `path` atomically; returns the rows written."""
+    from piaa_index.durable import write_bytes_atomic
+
+    text, n = label_csv(rows)
+    write_bytes_atomic(text.encode(), Path(path))
     return n

@@ -201,9 +201,6 @@ def labels_export(app: AppContext, output: str) -> None:
     """Write the labels you gave as a `path,label` CSV of the images' present labels (the
     file `piaa labels import csv` reads back: an image whose labels you all rejected is one
     row with an empty label)."""
-    import csv
-    import sys
-
     library = app.library()
     rows = library.store.user_labels()
     paths = library.store.paths(sorted({r[0] for r in rows}))
@@ -213,11 +210,11 @@ def labels_export(app: AppContext, output: str) -> None:
         if is_present:
             labels.append(name)
     if output == "-":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["path", "label"])
-        for path, labels in present.items():
-            for name in labels or [""]:
-                writer.writerow([path, name])
+        import sys
+
+        from piaa_index.keywords import label_csv
+
+        sys.stdout.write(label_csv(present)[0])
         return
     from piaa_index.keywords import write_label_csv
 
