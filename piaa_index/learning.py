@@ -94,15 +94,11 @@ class Learnt:
 
 
 def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
-    """AP (in points) of one label's scores against 0/1 truth; NaN without positives."""
-    truth = np.asarray(truth, bool)
-    n_pos = int(truth.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    hits = truth[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return 100.0 * float(precision[hits].sum() / n_pos)
+    """AP in points of one label's scores against 0/1 truth; NaN without positives
+    (`eval.metrics.average_precision`, ties grouped)."""
+    from piaa_index.eval.metrics import average_precision as ap
+
+    return 100.0 * ap(scores, np.asarray(truth, bool))
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
