@@ -187,15 +187,15 @@ class _Model:
         loss_pos = -((1 - prob) ** p.gamma_pos) * torch.nn.functional.logsigmoid(z)
         loss_neg = -(p_neg**p.gamma_neg) * torch.log(torch.clamp(1 - p_neg, min=1e-8))
         per = torch.where(pos > 0, loss_pos * weights[0], loss_neg * weights[1])
-        data = (per * known.float()).sum() / known.float().sum().clamp(min=1.0)
+        # Per label, then summed: a label's gradient never depends on which other labels are
+        # learnt beside it (the open world; Adam's steps are per parameter too).
+        kf = known.float()
+        data = ((per * kf).sum(dim=0) / kf.sum(dim=0).clamp(min=1.0)).sum()
         W, _b, U = self.rows()
         anchor = (
             p.anchor
-            * (
-                ((W - self.W0) ** 2).sum(dim=1).mean()
-                / self.W0.pow(2).sum(dim=1).mean().clamp(1e-8)
-            )
-            + p.cls_anchor * ((self.du**2).sum(dim=1) / self.cs**2).mean()
+            * (((W - self.W0) ** 2).sum(dim=1) / self.W0.pow(2).sum(dim=1).clamp(1e-8)).sum()
+            + p.cls_anchor * ((self.du**2).sum(dim=1) / self.cs**2).sum()
         )
         total = data + anchor
         if self.rank and p.mfi > 0 and len(self.T) > 1:

@@ -190,3 +190,20 @@ def test_user_labels_are_stored_apart_and_versioned(postgres_database) -> None: 
         assert store.user_labels_version() == v0 + 3
     finally:
         store.close()
+
+
+def test_a_label_learns_the_same_whatever_other_labels_are_learnt_beside_it() -> None:
+    """The open world: label 0's learnt row, calibration and choice are the same learnt alone
+    as beside another label (and with labels missing for half the images of the other)."""
+    ex, W0, b0 = _synthetic(2000, seed=4)
+    ex.Y[1000:, 1] = -1
+    T = np.eye(2, 16, dtype=np.float32)
+    params = LearnParams(steps=60, lr=0.01)
+    both = learn(ex, W0, b0, T, 1.0, params=params)
+    alone_ex = Examples(ex.patches, ex.background, ex.cls, ex.Y[:, :1])
+    alone = learn(alone_ex, W0[:1], b0[:1], T[:1], 1.0, params=params)
+    assert both.chosen[0] == alone.chosen[0]
+    np.testing.assert_allclose(both.W[0], alone.W[0], atol=1e-6)
+    np.testing.assert_allclose(both.cls_protos[0], alone.cls_protos[0], atol=1e-6)
+    assert abs(both.slope[0] - alone.slope[0]) < 1e-6
+    assert abs(both.intercept[0] - alone.intercept[0]) < 1e-6
