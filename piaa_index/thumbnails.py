@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from piaa_index.images import MemoryBudget
     from piaa_index.library import Library
 
-SIZES = (128, 256, 512)  # longer side, pixels
+SIZES = (128, 256, 512, 2048)  # longer side, pixels; 2048: the gallery's zoom (never upscaled)
 DEFAULT_SIZE = 256
 JPEG_QUALITY = 85
 DECODE_BUDGET = 512 << 20  # decoded bytes in flight across a server's threads

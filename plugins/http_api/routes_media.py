@@ -6,7 +6,7 @@ made from the content that was indexed: when the file at the image's path is not
 any more (edited, replaced, swapped for a link to another picture), the answer is 409
 `changed_since_indexing` (re-index it), never another picture under the image's id and ETag.
 
-    GET /api/images/{id}/thumbnail?size=128|256|512      image/jpeg (ETag: content hash + size)
+    GET /api/images/{id}/thumbnail?size=128|256|512|2048 image/jpeg (ETag: content hash + size)
     GET /api/images/{id}/evidence?label=L&format=png|json  the label's evidence map
     GET /api/images/{id}/exif                            camera, lens, date taken, exposure
 """
@@ -65,7 +65,12 @@ def thumbnail(
     image_id: ImageId,
     request: Request,
     state: Annotated[ApiState, Depends(get_state)],
-    size: Annotated[int, Query(description="Longer side: 128, 256 or 512.")] = 256,
+    size: Annotated[
+        int,
+        Query(
+            description="Longer side: 128, 256, 512, or 2048 (a screen-sized preview for zoom; a smaller picture keeps its size)."
+        ),
+    ] = 256,
 ) -> Response:
     thumbs = _thumbnails(state)
     # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
