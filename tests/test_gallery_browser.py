@@ -1,8 +1,11 @@
 """The web gallery in a real headless Chromium (Debian's chromium + chromium-driver, driven by
 selenium) against a real `piaa serve` process on a ShapesWorld library built as `piaa demo`
-builds one: search with label completion, results as the API ranks them, an image page, an
-evidence heatmap, a phone-width layout, an API error shown; and (slow) vocabulary editing and
-fit/index jobs followed to the end. Screenshots go to docs/ with PIAA_WRITE_SCREENSHOTS=1.
+builds one: the landing page (latest images, the library by tag), search with label
+completion, results as the API ranks them, an image page, an evidence heatmap and its zoom, a
+phone-width layout, an API error shown, confirming and rejecting tags then a fit, teaching a
+concept from selected results, and vocabulary editing with fit/index jobs followed to the end
+(each job loads the model in its worker: ~5-12 s a test, so all run in `make test`).
+Screenshots go to docs/ with PIAA_WRITE_SCREENSHOTS=1.
 
 Skipped when chromium or its driver is missing, unless PIAA_REQUIRE_BROWSER=1 (CI).
 """
@@ -278,7 +281,19 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
         driver,
         lambda d: d.find_element(By.ID, "zoom").is_displayed() and d.find_element(By.ID, "zoom"),
     )
+    # The zoom swaps the page's 512-pixel picture for the larger one it fetched (here the
+    # evidence map at up to 1024 pixels; never upscaled past the photo).
+    _wait(
+        driver,
+        lambda d: (
+            d.find_element(By.ID, "zoom-img").get_attribute("src")
+            != d.find_element(By.ID, "evidence-img").get_attribute("src")
+        ),
+    )
     _wait(driver, lambda d: _images_loaded(d, "#zoom-img"))
+    natural = driver.execute_script("return document.getElementById('zoom-img').naturalWidth")
+    longer = max(info["width"], info["height"])
+    assert natural == round(info["width"] * min(1.0, 1024 / longer))
     fitted = driver.find_element(By.ID, "zoom-img").size
     assert fitted["height"] > 900 or fitted["width"] > 1200  # the window, not the thumbnail
     _screenshot(driver, "gallery-zoom.png")
@@ -315,6 +330,64 @@ def test_search_image_page_and_heatmap(server, driver) -> None:
     driver.set_window_size(1280, 1000)
 
 
+def test_landing_page_shows_the_library_by_tag(server, driver) -> None:
+    """No query: the latest images, then every tag with its count (most-tagged first), rows of
+    the best images of the most-tagged labels as search ranks them, and a chip opens a search."""
+    from selenium.webdriver.common.by import By
+
+    url, key = server
+    base = url.split("#", 1)[0].rstrip("/")
+    labels = _api(base, key, "/api/labels?limit=1000")["labels"]
+    seen = sorted((x for x in labels if x["count"] > 0), key=lambda x: -x["count"])
+    assert seen, "the demo library should tag something"
+    newest = _api(base, key, "/api/images?order=newest&limit=48")["images"]
+
+    driver.get(url)
+    _wait(driver, lambda d: d.find_element(By.ID, "by-tag").is_displayed())
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == len(newest))
+    shown = [
+        int(li.get_attribute("data-id"))
+        for li in driver.find_elements(By.CSS_SELECTOR, "#results li")
+    ]
+    assert shown == [im["id"] for im in newest]
+    chips = driver.find_elements(By.CSS_SELECTOR, "#tag-chips a")
+    assert [c.text for c in chips] == [f"{x['label']} {x['count']}" for x in seen]
+    unseen = [x["label"] for x in labels if x["count"] == 0]
+    note = driver.find_element(By.ID, "tag-unseen").text
+    assert all(name in note for name in unseen) and (bool(note) == bool(unseen))
+
+    # One row per most-tagged label (up to four), each the label's best eight as search ranks.
+    rows = min(4, len(seen))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tag-rows .tag-row")) == rows)
+    top = seen[0]["label"]
+    best = _api(
+        base,
+        key,
+        "/api/queries/search?" + urllib.parse.urlencode({"expression": f'"{top}"', "limit": 8}),
+    )["results"]
+    first = driver.find_elements(By.CSS_SELECTOR, "#tag-rows .tag-row")[0]
+    assert first.find_element(By.TAG_NAME, "h3").text.startswith(f"{top} · {seen[0]['count']} ")
+    _wait(driver, lambda d: len(first.find_elements(By.CSS_SELECTOR, "li")) == len(best))
+    assert [
+        int(li.get_attribute("data-id")) for li in first.find_elements(By.CSS_SELECTOR, "li")
+    ] == [r["id"] for r in best]
+    # (Lazy images load once on screen: scroll the first row into view.)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", first)
+    _wait(driver, lambda d: _images_loaded(d, "#tag-rows .tag-row:first-child img"))
+    assert _screenshot(driver, "gallery-landing.png").std() > 20
+
+    # A chip is a search for its label.
+    driver.find_elements(By.CSS_SELECTOR, "#tag-chips a")[0].click()
+    _wait(driver, lambda d: "for" in d.find_element(By.ID, "result-count").text)
+    assert not driver.find_element(By.ID, "by-tag").is_displayed()
+    expected = _api(
+        base,
+        key,
+        "/api/queries/search?" + urllib.parse.urlencode({"expression": f'"{top}"', "limit": 48}),
+    )["results"]
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == len(expected))
+
+
 def test_api_errors_are_shown(server, driver) -> None:
     from selenium.webdriver.common.by import By
 
@@ -329,7 +402,6 @@ def test_api_errors_are_shown(server, driver) -> None:
     assert alert.text and "Traceback" not in alert.text
 
 
-@pytest.mark.slow  # ~40 s: a fit and an index job, each loading the model in its worker
 def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) -> None:
     """On a copy of the library: save a smaller vocabulary, run a fit job from the page and
     follow its progress to the end; then an index job on the same folder."""
@@ -411,7 +483,6 @@ def _pressed(driver, label: str, which: str) -> bool:  # type: ignore[no-untyped
     return button.get_attribute("aria-pressed") == "true"
 
 
-@pytest.mark.slow  # ~30 s: a fit job loading the model in its worker
 def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, tmp_path) -> None:
     """On a copy of the library: search, open an image, confirm a tag (✓), reject another
     (✗), see them recorded as the gallery's labels; the Fit button appears, runs a fit job
@@ -528,12 +599,15 @@ def test_confirm_reject_and_fit_from_the_image_page(shapes_home: Path, driver, t
         # → and ←: the next and the previous result.
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
         _wait(driver, lambda d: d.current_url.split("#", 1)[1].startswith(f"/image/{ids[1]}"))
-        _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags-table tbody tr")) > 1)
+        # (The page of ids[1] is shown once its own previous is ids[0].)
+        _wait(
+            driver,
+            lambda d: d.find_element(By.ID, "view-image").get_attribute("data-prev") == str(ids[0]),
+        )
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
         _wait(driver, lambda d: d.current_url.split("#", 1)[1].startswith(f"/image/{ids[0]}"))
 
 
-@pytest.mark.slow  # ~30 s: a fit job loading the model in its worker
 def test_teach_a_concept_from_selected_results(shapes_home: Path, driver, tmp_path) -> None:
     """On a copy of the library: search a ShapesWorld class, tick 5 results, "Teach a concept
     from 5 selected…", name it in the inline form (a bad name is refused and nothing is
@@ -563,8 +637,14 @@ def test_teach_a_concept_from_selected_results(shapes_home: Path, driver, tmp_pa
         _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) >= 5)
         cards = driver.find_elements(By.CSS_SELECTOR, "#results li")[:5]
         chosen = [int(li.get_attribute("data-id")) for li in cards]
-        for li in cards:
-            li.find_element(By.CSS_SELECTOR, "input.pick").click()
+        # The first card, then Shift+click on the fifth picks the five (a range, as file
+        # managers do).
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        cards[0].find_element(By.CSS_SELECTOR, "input.pick").click()
+        last = cards[4].find_element(By.CSS_SELECTOR, "input.pick")
+        ActionChains(driver).key_down(Keys.SHIFT).click(last).key_up(Keys.SHIFT).perform()
+        _wait(driver, lambda d: "5 selected" in d.find_element(By.ID, "teach-open").text)
         # A second click unpicks; a third picks again.
         cards[0].find_element(By.CSS_SELECTOR, "input.pick").click()
         _wait(driver, lambda d: "4 selected" in d.find_element(By.ID, "teach-open").text)

@@ -253,7 +253,7 @@ function renderPicked() {
   $("#teach-open").textContent = `Teach a concept from ${n} selected…`;
   $("#teach-count").textContent = `${n} ${n === 1 ? "image" : "images"} selected`;
   if (n === 0) $("#teach-form").hidden = true;
-  document.querySelectorAll("#results li").forEach((li) => {
+  document.querySelectorAll("#results li, #tag-rows li").forEach((li) => {
     const on = picked.has(Number(li.dataset.id));
     li.classList.toggle("picked", on);
     const box = li.querySelector("input.pick");
@@ -262,11 +262,26 @@ function renderPicked() {
 }
 
 // A result card: the link to the image page, and a checkbox that picks it for teaching.
+// Shift+click picks (or unpicks) every card between the last one clicked and this one, in the
+// same grid, as file managers do.
+let lastPick = null;
 function card(id, path, link) {
   const box = el("input", { type: "checkbox", className: "pick", checked: picked.has(id) });
   box.setAttribute("aria-label", `Select ${baseName(path)}`);
-  box.addEventListener("change", () => {
-    if (box.checked) picked.add(id); else picked.delete(id);
+  box.addEventListener("click", (e) => {
+    const li = box.closest("li");
+    const grid = li.parentElement;
+    let span = [li];
+    if (e.shiftKey && lastPick && lastPick.parentElement === grid && lastPick !== li) {
+      const cards = [...grid.children];
+      const [a, b] = [cards.indexOf(lastPick), cards.indexOf(li)].sort((x, y) => x - y);
+      span = cards.slice(a, b + 1);
+    }
+    for (const c of span) {
+      const n = Number(c.dataset.id);
+      if (box.checked) picked.add(n); else picked.delete(n);
+    }
+    lastPick = li;
     renderPicked();
   });
   const li = el("li", {}, link, box);
@@ -342,10 +357,13 @@ function closeSuggestions() {
   active = -1;
 }
 
+// A label as a query term: quoted where it has spaces, brackets or is an operator's name.
+const asTerm = (label) => (/[\s()"]|^(and|or|not)$/i.test(label) ? `"${label}"` : label);
+
 function acceptSuggestion(label) {
   const input = $("#q");
   const { start } = currentToken(input.value);
-  const quoted = /[\s()"]|^(and|or|not)$/i.test(label) ? `"${label}"` : label;
+  const quoted = asTerm(label);
   input.value = input.value.slice(0, start) + quoted + " ";
   closeSuggestions();
   input.focus();
@@ -406,8 +424,9 @@ async function runSearch(q, text, limit) {
   const grid = $("#results");
   releaseImages();
   grid.replaceChildren();
+  $("#by-tag").hidden = true;
   $("#result-count").textContent = "";
-  if (!q) return showLibrary(limit, seq);
+  if (!q) return Promise.all([showLibrary(limit, seq), showByTag(seq)]);
   $("#result-count").textContent = "Searching…";
   const { results } = await api(searchUrl(q, text, limit));
   if (seq !== gridSeq) return;
@@ -454,6 +473,53 @@ async function showLibrary(limit, seq) {
   }
 }
 
+// The landing page's "By tag": every label with the number of images it tags (a chip that
+// searches it), then a row of the best few images for each of the most-tagged labels.
+const TAG_ROWS = 4;
+const ROW_IMAGES = 8;
+
+async function showByTag(seq) {
+  const { labels } = await api("/api/labels?limit=1000");
+  if (seq !== gridSeq) return;
+  const seen = labels.filter((l) => l.count > 0).sort((a, b) => b.count - a.count);
+  const unseen = labels.filter((l) => l.count === 0).map((l) => l.label);
+  if (!labels.length) return;
+  const link = (label) => `#/?${new URLSearchParams({ q: asTerm(label) })}`;
+  $("#tag-chips").replaceChildren(...seen.map((l) => el("li", {},
+    el("a", { href: link(l.label) }, `${l.label} `, el("span", { className: "n", textContent: String(l.count) })))));
+  $("#tag-unseen").textContent = unseen.length
+    ? `Not seen in any image (yet): ${unseen.join(", ")}.` : "";
+  $("#tag-rows").replaceChildren();
+  $("#by-tag").hidden = false;
+  for (const l of seen.slice(0, TAG_ROWS)) {
+    let results;
+    try {
+      ({ results } = await api(searchUrl(asTerm(l.label), false, ROW_IMAGES)));
+    } catch (err) {
+      if (err.code === "needs_fit") return;  // the tags are being refitted: chips only
+      throw err;
+    }
+    if (seq !== gridSeq) return;
+    const grid = el("ul", { className: "grid" });
+    grid.setAttribute("aria-label", `Images tagged ${l.label}`);
+    const noun = l.count === 1 ? "image" : "images";
+    $("#tag-rows").append(el("section", { className: "tag-row" },
+      el("h3", {}, el("a", { href: link(l.label) }, `${l.label}`),
+        el("span", { className: "n", textContent: ` · ${l.count} ${noun} · see all →` })),
+      grid));
+    for (const row of results) {
+      const img = el("img", { alt: baseName(row.path), loading: "lazy", width: 256, height: 256 });
+      const a = el("a", { href: `#/image/${row.id}?label=${encodeURIComponent(l.label)}` }, img,
+        el("span", { className: "score", textContent: pct(row.score) }),
+        el("span", { className: "name", textContent: baseName(row.path) }));
+      grid.append(card(row.id, row.path, a));
+      imageUrl(`/api/images/${row.id}/thumbnail?size=256`)
+        .then((url) => { img.src = url; })
+        .catch(() => { img.alt = `${baseName(row.path)} (thumbnail unavailable)`; });
+    }
+  }
+}
+
 function firstLabel(row) {
   const names = Object.keys(row.labels || {});
   return names.length ? names[0] : "";
@@ -466,12 +532,14 @@ async function showEvidence(id, label) {
   const on = $("#evidence-on").checked;
   const caption = $("#evidence-caption");
   if (!on || !label) {
+    img.dataset.zoom = `/api/images/${id}/thumbnail?size=2048`;
     img.src = await imageUrl(`/api/images/${id}/thumbnail?size=512`);
     img.alt = "The photo";
     caption.textContent = "";
     return;
   }
   const q = `label=${encodeURIComponent(label)}`;
+  img.dataset.zoom = `/api/images/${id}/evidence?${q}&format=png&size=1024`;
   const [ev, url] = await Promise.all([
     api(`/api/images/${id}/evidence?${q}&format=json`),
     imageUrl(`/api/images/${id}/evidence?${q}&format=png`),
@@ -570,18 +638,27 @@ async function showExif(id) {
   }
 }
 
-// Zoom: the picture over the whole window, fitted; a click on it shows its actual pixels.
+// Zoom: the picture over the whole window, fitted; a click on it shows its actual pixels. It
+// opens at once with the page's 512-pixel picture, then swaps in the larger one (the photo at
+// up to 2048 pixels, or the evidence map at up to 1024) when it has arrived.
+let zoomSeq = 0;
 function openZoom() {
-  const src = $("#evidence-img").src;
-  if (!src) return;
+  const shown = $("#evidence-img");
+  if (!shown.src) return;
   const zoom = $("#zoom");
-  $("#zoom-img").src = src;
-  $("#zoom-img").alt = $("#evidence-img").alt;
+  const seq = ++zoomSeq;
+  $("#zoom-img").src = shown.src;
+  $("#zoom-img").alt = shown.alt;
   zoom.classList.remove("actual");
   zoom.hidden = false;
   $("#zoom-close").focus();
+  if (!shown.dataset.zoom) return;
+  imageUrl(shown.dataset.zoom)
+    .then((url) => { if (seq === zoomSeq && !zoom.hidden) $("#zoom-img").src = url; })
+    .catch(() => {});  // the 512-pixel picture stays
 }
 function closeZoom() {
+  zoomSeq += 1;
   if ($("#zoom").hidden) return;
   $("#zoom").hidden = true;
   $("#zoom-img").removeAttribute("src");
