@@ -1,5 +1,5 @@
 """Bulk tags through the HTTP API: a synthetic library of N images (built through the index
-write path, piaa_index/eval/scale.py), fitted, then every image's present tags fetched through
+write path, tools/scale.py), fitted, then every image's present tags fetched through
 `GET /api/tags` cursor paging over a real socket (uvicorn on 127.0.0.1, httpx client), and a
 change-feed sync after a re-tag. Prints one JSON object.
 
@@ -22,7 +22,9 @@ import uvicorn
 from piaa_index_plugins.http_api.app import create_app
 from piaa_index_plugins.http_api.state import ServerConfig
 
-from piaa_index.eval import scale
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import scale  # noqa: E402
 
 KEY = "piaa_bench-key"
 

@@ -27,7 +27,7 @@ def main() -> None:
 
     from piaa_index.eval.ablation import run_ablation
     from piaa_index.eval.datasets import load_dataset
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
     from piaa_index.shapes.dataset import generate_dataset
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="piaa-codecs-"))

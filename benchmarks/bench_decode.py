@@ -60,7 +60,7 @@ def write_files(workdir: Path, width: int, height: int) -> dict[str, Path]:
 
 
 def timed(path: Path, draft: int | None, repeats: int) -> tuple[float, tuple[int, int]]:
-    from piaa_index.images import load_image
+    from piaa_index.ingest.images import load_image
 
     times, size = [], (0, 0)
     for _ in range(repeats):

@@ -15,12 +15,12 @@ Rows (images/s, and the ratio to the bare encoder):
   pipelined   a bench-only reference, not the product: a torch DataLoader decodes and
               preprocesses in processes on every core while the device encodes; nothing is
               written. It shows what the machine allows when decode and encode overlap.
-  e2e-cores   the product's index path (`piaa_index.indexer.Indexer`, what `Library.index`
+  e2e-cores   the product's index path (`piaa_index.engines.indexer.Indexer`, what `Library.index`
               runs) with decode threads on every core: hash, decode + preprocess, encode, SQ4
               patch shards, [CLS] shards and SQLite rows, in a fresh library.
   e2e-cli     `Library.index` exactly as `piaa index` calls it (4 decode threads), on
               --cli-images of the photos (half of them, at most 2048), in another library.
-  similar     the product's [CLS] `similar` index (piaa_index/similar.py) built over the e2e
+  similar     the product's [CLS] `similar` index (piaa_index/vectors/similar.py) built over the e2e
               library, and `Library.similar` per query (CPU FAISS: the product has no GPU path).
   faiss       exact [CLS] search, --faiss-vectors x d, --faiss-queries queries, k=20: FAISS on
               the CPU against FAISS on the GPU when this faiss build has GPUs
@@ -64,8 +64,8 @@ import torch
 from PIL import Image
 
 from piaa_index.config import default_front_end
-from piaa_index.encoder import Encoder, ModelSpec, _pick_device, _pick_precision
-from piaa_index.images import load_image
+from piaa_index.ingest.images import load_image
+from piaa_index.model.encoder import Encoder, ModelSpec, _pick_device, _pick_precision
 
 TARGET_IMAGES_PER_S = 2000.0  # issue 23: end to end on an H100/H200
 TARGET_RATIO = 0.9  # end to end / bare encoder
@@ -242,7 +242,7 @@ def stage_times(enc: Encoder) -> Iterator[collections.Counter[str]]:
     """Seconds spent in each stage of the product's index path, by wrapping (not changing) the
     indexer's stage functions and the encoder's encode call for the duration. `decode` runs in
     the indexer's background thread, beside the others (its wrapper times it there)."""
-    import piaa_index.indexer as ix
+    import piaa_index.engines.indexer as ix
 
     times: collections.Counter[str] = collections.Counter()
 
@@ -306,8 +306,8 @@ def end_to_end(
 ) -> dict[str, Any]:
     """Index `targets` into a fresh library at `home` through the product's code: Indexer with
     `workers` decode threads, or (workers None) Library.index exactly as `piaa index` calls it."""
-    from piaa_index.indexer import Indexer
-    from piaa_index.library import Library
+    from piaa_index.engines.indexer import Indexer
+    from piaa_index.library.core import Library
 
     lib = Library.open(
         home=home,
@@ -348,7 +348,7 @@ def end_to_end(
 
 def similar_product(home: Path, enc: Encoder, model: str, front_end: str, queries: int) -> dict:
     """The product's [CLS] `similar` index over an indexed library: build, then query it."""
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     lib = Library.open(
         home=home,

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from piaa_index.encoder import Encoder, ModelSpec
+from piaa_index.model.encoder import Encoder, ModelSpec
 
 # The two-pass reference is a development tool in tools/, beside this script, not shipped.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from piaa_index.images import load_image
+from piaa_index.ingest.images import load_image
 from tools.reference_encoder import encode_two_pass  # noqa: E402
 
 TINY_CONFIG = {

@@ -28,7 +28,7 @@ def main() -> None:
 
     import torch
 
-    from piaa_index.learning import Examples, learn
+    from piaa_index.method.learning import Examples, learn
 
     M, d = GEOMETRIES[args.geometry]
     n, C = args.images, args.labels

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from piaa_index.evidence import evidence_png
-from piaa_index.library import Library
+from piaa_index.library.core import Library
+from piaa_index.library.evidence import evidence_png
+from piaa_index.library.thumbnails import SIZES, Thumbnails
 from piaa_index.shapes.dataset import generate_dataset
-from piaa_index.thumbnails import SIZES, Thumbnails
 
 
 def _ms(fn) -> float:  # type: ignore[no-untyped-def]

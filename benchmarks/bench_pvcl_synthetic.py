@@ -17,12 +17,12 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
-from piaa_index.eval.synthetic import PatchWorld, image_world, unit
-from piaa_index.fusion import (
+from piaa_index.method.fusion import (
     PaaParams,
     decide,
     decision_thresholds,
@@ -30,7 +30,11 @@ from piaa_index.fusion import (
     patch_text_evidence,
     score_images,
 )
-from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks, fit_pvcl
+from piaa_index.method.pvcl import BankBuilder, PvclParams, fit_from_banks, fit_pvcl
+
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.synthetic import PatchWorld, image_world, unit  # noqa: E402
 
 
 def peak_rss_mb() -> float:

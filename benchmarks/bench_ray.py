@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from piaa_index.shapes.dataset import generate_dataset
 from piaa_index.shapes.world import CLASSES
 

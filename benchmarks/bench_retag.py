@@ -28,23 +28,26 @@ from typing import Any
 
 import numpy as np
 
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 # What a fit goes through: (module, attribute path) pairs; missing ones are skipped, so the
 # script keeps working as the code moves.
 TIMED = [
-    ("piaa_index.vectors", "VectorStore.read_shard"),
-    ("piaa_index.pvcl", "BankBuilder.update"),
-    ("piaa_index.pvcl", "fit_from_banks"),
-    ("piaa_index.pvcl", "Classifier.raw_logits"),
-    ("piaa_index.fusion", "score_images"),
-    ("piaa_index.fusion", "cls_scores"),
-    ("piaa_index.fusion", "patch_evidence"),
-    ("piaa_index.fusion", "text_support"),
-    ("piaa_index.fusion", "fuse"),
-    ("piaa_index.scores", "SegmentWriter.write"),
-    ("piaa_index.scores", "SegmentWriter.finish"),
-    ("piaa_index.decisions", "label_decisions"),
-    ("piaa_index.store", "Store.install_classifier"),
-    ("piaa_index.scores", "cleanup"),
+    ("piaa_index.vectors.shards", "VectorStore.read_shard"),
+    ("piaa_index.method.pvcl", "BankBuilder.update"),
+    ("piaa_index.method.pvcl", "fit_from_banks"),
+    ("piaa_index.method.pvcl", "Classifier.raw_logits"),
+    ("piaa_index.method.fusion", "score_images"),
+    ("piaa_index.method.fusion", "cls_scores"),
+    ("piaa_index.method.fusion", "patch_evidence"),
+    ("piaa_index.method.fusion", "text_support"),
+    ("piaa_index.method.fusion", "fuse"),
+    ("piaa_index.vectors.scores", "SegmentWriter.write"),
+    ("piaa_index.vectors.scores", "SegmentWriter.finish"),
+    ("piaa_index.method.decisions", "label_decisions"),
+    ("piaa_index.catalog.store", "Store.install_classifier"),
+    ("piaa_index.vectors.scores", "cleanup"),
 ]
 
 
@@ -96,8 +99,8 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from piaa_index import tagging
-    from piaa_index.eval import scale
+    from piaa_index.library import tagging
+    from tools import scale
 
     world = scale.World.make(args.labels, args.geometry)
     lib = scale.open_library(Path(args.home), world, args.db)
@@ -168,7 +171,7 @@ def main() -> None:
 
 def _matrix(lib: Any) -> dict[str, np.ndarray]:
     """The current classifier's score matrix (every segment), rows sorted by image id."""
-    from piaa_index.scores import Segment
+    from piaa_index.vectors.scores import Segment
 
     row = lib.store.latest_classifier()
     folder = lib.tagger.scores_dir / row.scores_key

@@ -3,7 +3,7 @@ through the public Python API. Prints one JSON object.
 
     python benchmarks/bench_scale.py --images 100000 --geometry shapesworld --home /tmp/lib
 
-Vectors are drawn around label clusters (piaa_index/eval/scale.py) instead of being encoded; the
+Vectors are drawn around label clusters (tools/scale.py) instead of being encoded; the
 fit uses a stand-in encoder that returns text prototypes near those clusters. With --keep the
 library stays in --home and the CLI can query it (`piaa --home DIR search "l000 AND l001"`).
 """
@@ -23,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
+
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import scale  # noqa: E402
 
 
 def _timed(fn: Any, runs: int) -> dict[str, float]:
@@ -160,7 +163,7 @@ def _recall(lib: Library, k: int, probes: int = 20) -> float:
 def _text_search(lib: Library, labels: int, runs: int) -> dict[str, Any]:
     """Open-vocabulary search: the ANN path (patch index + [CLS] index, exact re-rank) against
     the exact scan of every vector, over phrases from frequent to rare labels."""
-    from piaa_index import text_search
+    from piaa_index.vectors import text_search
 
     phrases = [scale.label_names(labels)[i] for i in (0, 1, 5, 20, 40, labels - 1)]
     _, build = _once(lambda: lib.text_search(phrases[0]))
@@ -187,7 +190,7 @@ def _text_search(lib: Library, labels: int, runs: int) -> dict[str, Any]:
 
 def _ivf(lib: Library, probe: str, runs: int) -> dict[str, Any]:
     """The same collection with the IVF index forced, for its speed and recall."""
-    from piaa_index import similar
+    from piaa_index.vectors import similar
 
     saved = similar.MAX_FLAT_CELLS
     similar.MAX_FLAT_CELLS = 0

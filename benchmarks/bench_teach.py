@@ -29,9 +29,9 @@ def main() -> None:
 
     from piaa_index.eval.datasets import load_dataset
     from piaa_index.eval.metrics import average_precision
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
+    from piaa_index.library.teaching import teach
     from piaa_index.shapes.dataset import generate_dataset
-    from piaa_index.teaching import teach
 
     root = args.home
     splits = {}

@@ -16,15 +16,19 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from piaa_index import text_search
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
+from piaa_index.vectors import text_search
+
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import scale  # noqa: E402
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from piaa_index.eval.datasets import load_dataset
-    from piaa_index.library import Library
-    from piaa_index.presets import preset_classes
+    from piaa_index.library.core import Library
+    from piaa_index.library.presets import preset_classes
     from piaa_index.shapes.dataset import generate_dataset
     from piaa_index.shapes.world import CLASSES
 

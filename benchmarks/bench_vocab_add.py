@@ -1,6 +1,6 @@
 """What a vocabulary change costs: `vocab add` + the first query, `vocab remove` + the first
 query, against a full refit, on a synthetic library built through the index write path
-(piaa_index/eval/scale.py). Prints one JSON object.
+(tools/scale.py). Prints one JSON object.
 
     python benchmarks/bench_vocab_add.py --images 100000 --home /tmp/vocab-add
 
@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from piaa_index.eval import scale
+# tools/ (development only, not shipped) sits beside benchmarks/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import scale  # noqa: E402
 
 
 def _timed(fn: Any) -> tuple[Any, float]:

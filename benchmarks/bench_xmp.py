@@ -1,7 +1,7 @@
 """XMP sidecar throughput: export, re-export, vocabulary change, undo (ms per sidecar).
 
 Makes N image files (empty: sidecars do not read pixels), half of them with a darktable-style
-sidecar already there, and times each pass of `piaa_index.xmp.Sidecars` over a SQLite store:
+sidecar already there, and times each pass of `piaa_index.xmp.sidecars.Sidecars` over a SQLite store:
 
     python -m benchmarks.bench_xmp --images 2000   # from the repository root
 """
@@ -19,8 +19,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     args = parser.parse_args()
 
-    from piaa_index.store import Store
-    from piaa_index.xmp import Sidecars
+    from piaa_index.catalog.store import Store
+    from piaa_index.xmp.sidecars import Sidecars
     from tests.xmp_files import DARKTABLE_SIDECAR
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from piaa_index.schema import Base
+from piaa_index.catalog.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
     # `from piaa_index import hookimpl` for plugin authors, without importing pluggy at startup.
     if name == "hookimpl":
-        from piaa_index.hookspecs import hookimpl
+        from piaa_index.plugins.hookspecs import hookimpl
 
         return hookimpl
     if name == "Library":
-        from piaa_index.library import Library
+        from piaa_index.library.core import Library
 
         return Library
     raise AttributeError(name)

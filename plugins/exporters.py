@@ -1,4 +1,4 @@
-"""Built-in exporters: XMP sidecars (piaa_index/xmp.py: merged into what is there, undoable),
+"""Built-in exporters: XMP sidecars (piaa_index/xmp/sidecars.py: merged into what is there, undoable),
 CSV, JSON."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Exporter, Param
+from piaa_index.plugins.hookspecs import hookimpl
 from piaa_index.textio import json_text
 
 
@@ -26,7 +26,7 @@ def _xmp(
     undo: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    from piaa_index.xmp import Sidecars, check_options
+    from piaa_index.xmp.sidecars import Sidecars, check_options
 
     check_options(prefix, naming)  # before tagging, which may take a while
     sidecars = Sidecars(library.store)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from piaa_index.hookspecs import hookimpl
 from piaa_index.plugins import Param, Query
+from piaa_index.plugins.hookspecs import hookimpl
 
 LIMIT = Param("limit", "Maximum number of results (0: all of them).", type=int, default=20)
 
@@ -42,7 +42,7 @@ def _tags_quick(
     present_only: bool = False,
 ) -> list[dict[str, Any]] | None:
     """An image's tags answered read-only, without SQLAlchemy, when the scores are current."""
-    from piaa_index import store_readonly
+    from piaa_index.catalog import readonly as store_readonly
 
     rows = store_readonly.tags(settings, image)
     if rows is None:
@@ -61,7 +61,7 @@ def _search(
     all_images: bool = False,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    from piaa_index.library import UserInputError
+    from piaa_index.library.core import UserInputError
 
     limit = _limit(limit)
     if text and expression:
@@ -86,7 +86,7 @@ def _search_quick(
     """A boolean search answered read-only, without SQLAlchemy, when the scores are current."""
     if text or not expression:
         return None
-    from piaa_index import store_readonly
+    from piaa_index.catalog import readonly as store_readonly
 
     return store_readonly.search(settings, expression, _limit(limit), include_absent=all_images)
 

@@ -10,8 +10,8 @@ import pytest
 
 import piaa_index
 
-# As piaa_index.encoder.SHAPESWORLD_DIR, without importing torch when conftest loads.
-SHAPESWORLD_DIR = Path(piaa_index.__file__).resolve().parent / "assets" / "shapesworld"
+# As piaa_index.model.encoder.SHAPESWORLD_DIR, without importing torch when conftest loads.
+SHAPESWORLD_DIR = Path(piaa_index.__file__).resolve().parent / "model" / "assets" / "shapesworld"
 
 
 def build_shapes_library(root: Path, n_images: int = 60, seed: int = 7) -> Path:
@@ -30,7 +30,7 @@ def build_shapes_library(root: Path, n_images: int = 60, seed: int = 7) -> Path:
 
 
 def open_shapes_library(home: Path):  # type: ignore[no-untyped-def]
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     return Library.open(
         home=home,

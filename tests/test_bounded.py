@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from piaa_index import indexer
-from piaa_index.bounded import TimedOut, map_bounded
-from piaa_index.library import Library, UserInputError
-from piaa_index.schema import FAILED, INDEXED
+from piaa_index.catalog.schema import FAILED, INDEXED
+from piaa_index.engines import indexer
+from piaa_index.ingest.bounded import TimedOut, map_bounded
+from piaa_index.library.core import Library, UserInputError
 from tests.image_files import make_photo_folder
 from tests.test_indexer import open_library
 

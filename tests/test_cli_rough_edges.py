@@ -252,7 +252,7 @@ def test_a_silent_server_is_the_one_that_gets_no_answer() -> None:
     import socket
     import time
 
-    from piaa_index import weights
+    from piaa_index.model import weights
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

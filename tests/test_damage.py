@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from piaa_index.cli import cli
-from piaa_index.library import Library
-from piaa_index.vectors import VectorStoreError
+from piaa_index.library.core import Library
+from piaa_index.vectors.shards import VectorStoreError
 from tests.image_files import PhotoFolder, make_photo_folder
 
 
@@ -316,7 +316,7 @@ def test_a_shard_without_its_checksum_file_is_damaged(
     del manifest["checksums_from"]
     (root / "manifest.json").write_text(json.dumps(manifest))
     with lib.store.session() as s:
-        from piaa_index.schema import Setting
+        from piaa_index.catalog.schema import Setting
 
         s.delete(s.get(Setting, "vectors_manifest"))
     code, report = check(lib)
@@ -436,8 +436,8 @@ def test_a_flipped_byte_in_the_sqlite_file_is_reported_with_the_way_out(tmp_path
 def test_db_check_verifies_the_text_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`db check` reads `text/patches.faiss` too (the issue found it never did): a flipped byte
     there is reported, removed, and the next text search rebuilds it with the same answer."""
-    from piaa_index import text_search as ts
-    from piaa_index.eval import scale
+    from piaa_index.vectors import text_search as ts
+    from tools import scale
 
     monkeypatch.setattr(ts, "EXACT_BELOW", 0)  # the ANN path, with its patch index
     world = scale.World.make(8, seed=2)

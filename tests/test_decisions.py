@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from piaa_index.decisions import (
+from piaa_index.method.decisions import (
     DecisionParams,
     Decisions,
     apply_decisions,
     bank_support,
     label_decisions,
 )
-from piaa_index.eval.synthetic import image_world, unit
-from piaa_index.fusion import open_vocabulary_scores, score_images, text_support
-from piaa_index.pvcl import fit_pvcl
+from piaa_index.method.fusion import open_vocabulary_scores, score_images, text_support
+from piaa_index.method.pvcl import fit_pvcl
+from tools.synthetic import image_world, unit
 
 C_HELD, C_ABSENT = 20, 4
 
@@ -80,7 +80,7 @@ def test_labels_in_no_image_are_absent_and_rare_ones_stay_present(world):
         if status[c] == "absent":
             assert not tags[:, c].any()  # absent labels decide False for every image
     # Before the rule, the same world tagged its absent labels (the symptom).
-    from piaa_index.fusion import decide, decision_thresholds
+    from piaa_index.method.fusion import decide, decision_thresholds
 
     old = decide(sc.patch, np.asarray(decision_thresholds(sc.patch)))
     assert old[:, C_HELD:].any(axis=0).sum() >= 1
@@ -98,7 +98,7 @@ def test_status_is_json_and_decisions_round_trip(world):
         assert rec["status"] in {"present", "weak", "absent"}
         assert {"matching_fraction", "images_at_level", "threshold"} <= rec.keys()
     # The fit's bank test survives the classifier's own serialisation.
-    from piaa_index.pvcl import Classifier
+    from piaa_index.method.pvcl import Classifier
 
     again = Classifier.from_bytes(clf.to_bytes())
     assert again.params["support"] == json.loads(json.dumps(clf.params["support"]))

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from piaa_index.cli import cli
-from piaa_index.encoder import SHAPESWORLD_DIR
+from piaa_index.model.encoder import SHAPESWORLD_DIR
 
 pytestmark = pytest.mark.skipif(
     not (SHAPESWORLD_DIR / "shapesworld.safetensors").is_file(),

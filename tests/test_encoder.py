@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-import piaa_index.encoder as encoder_mod
-from piaa_index.encoder import (
+import piaa_index.model.encoder as encoder_mod
+from piaa_index.model.encoder import (
     DEFAULT_TEMPLATES,
     Encoder,
     ModelLoadError,

@@ -105,8 +105,8 @@ def test_eval_on_a_folder_that_is_no_dataset_exits_2(tmp_path):
 def test_default_bank_size_keeps_the_papers_proportion():
     """Benchmark-sized pools get the paper's K = 512; small libraries a bank ≤ 1/100 of the pool,
     whatever the vocabulary (open world); the paper's rows keep ≤ 1/50 per class."""
-    from piaa_index.library import default_bank_size
-    from piaa_index.pvcl import paper_bank_size
+    from piaa_index.library.core import default_bank_size
+    from piaa_index.method.pvcl import paper_bank_size
 
     assert default_bank_size(5000 * 196) == 512  # VOC07 train with ViT-B/16
     assert default_bank_size(400 * 64) == 256  # a 400-image ShapesWorld library

@@ -18,7 +18,7 @@ from piaa_index.eval.datasets import (
     missing_files,
     parse_label_line,
 )
-from piaa_index.presets import PRESETS, preset_classes
+from piaa_index.library.presets import PRESETS, preset_classes
 
 VOC_FOLDER_NAMES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from piaa_index.errors import NotFoundError, UserInputError
-from piaa_index.evidence import (
+from piaa_index.library.evidence import (
     Evidence,
     colormap,
     evidence_png,

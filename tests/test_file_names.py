@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from piaa_index.cli import cli
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from tests.image_files import shapes_image
 
 RAW_NAMES = [

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from piaa_index.images import ImageDecodeError, load_image
+from piaa_index.ingest.images import ImageDecodeError, load_image
 from tests.dng_files import cut_short, mosaic_offset, write_dng
 
 BARE_TIFF = b"II*\0\x08\0\0\0" + struct.pack("<H", 0) + b"\0\0\0\0"  # IFD0 with no entries
@@ -159,7 +159,7 @@ def test_piaa_index_records_stub_raws_as_failures(
     from click.testing import CliRunner
 
     from piaa_index.cli import cli
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -188,10 +188,10 @@ def test_a_thumbnail_of_an_undecodable_raw_says_why(
 ) -> None:
     """A blank RAW indexed before these checks existed: its thumbnail names the file and the
     reason, not "Input/output error" (which reads like a disk fault)."""
-    import piaa_index.images as images
+    import piaa_index.ingest.images as images
     from piaa_index.errors import NotFoundError
-    from piaa_index.library import Library
-    from piaa_index.thumbnails import Thumbnails
+    from piaa_index.library.core import Library
+    from piaa_index.library.thumbnails import Thumbnails
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -234,7 +234,7 @@ def _cls_vector(lib: object, path: Path) -> np.ndarray:
 
 
 def test_the_scan_takes_jpeg_xl(tmp_path: Path) -> None:
-    from piaa_index.scan import scan
+    from piaa_index.ingest.scan import scan
 
     save_jxl(photo(64, 48), tmp_path / "a.JXL")
     found = scan([tmp_path])
@@ -248,7 +248,7 @@ def test_jpeg_xl_size_header_is_read_before_decoding(
 ) -> None:
     """The bomb guard needs the size before any pixel: read from the codestream's SizeHeader,
     bare or in its ISO BMFF container."""
-    from piaa_index.images import _jxl_size
+    from piaa_index.ingest.images import _jxl_size
 
     path = save_jxl(photo(*size), tmp_path / "a.jxl", container, effort=1)
     assert _jxl_size(path.read_bytes()) == size
@@ -299,7 +299,7 @@ def test_a_jpeg_xl_indexes_like_the_same_picture_as_png(tmp_path: Path, piaa_hom
     from click.testing import CliRunner
 
     from piaa_index.cli import cli
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -408,7 +408,7 @@ def test_other_output_during_a_capture_still_reaches_stderr(
     written back to the real stderr after the capture."""
     import os
 
-    from piaa_index.images import capture_decoder_messages
+    from piaa_index.ingest.images import capture_decoder_messages
 
     said: list[str] = []
     with capture_decoder_messages(said, "/photos/a.nef"):

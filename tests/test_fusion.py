@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
-from piaa_index.eval.synthetic import image_world
-from piaa_index.fusion import (
+from piaa_index.method.fusion import (
     PaaParams,
     cls_scores,
     decide,
@@ -18,7 +17,8 @@ from piaa_index.fusion import (
     score_images,
     split_scores,
 )
-from piaa_index.pvcl import fit_pvcl, softmax
+from piaa_index.method.pvcl import fit_pvcl, softmax
+from tools.synthetic import image_world
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_an_image_scores_the_same_bits_in_any_batch(world, monkeypatch, block):
     block=6400: 100-row GEMM calls asked for, rounded up to one row tile (384 rows), so a
     300-image batch takes dozens of calls; before that rounding, OpenBLAS on AMD EPYC gave
     rows in a call's partial tile other last bits."""
-    from piaa_index import pvcl
-    from piaa_index.fusion import patch_text_cosines
+    from piaa_index.method import pvcl
+    from piaa_index.method.fusion import patch_text_cosines
 
     P, Z, _, T, clf, _ = world
     if block is not None:

@@ -22,10 +22,10 @@ from piaa_index_plugins.http_api.state import ServerConfig
 
 from piaa_index import __version__
 from piaa_index.cli import cli
-from piaa_index.eval import scale
-from piaa_index.library import Library, LibraryError
-from piaa_index.vectors import LockedError, VectorStoreError
+from piaa_index.library.core import Library, LibraryError
+from piaa_index.vectors.shards import LockedError, VectorStoreError
 from tests.image_files import shapes_image
+from tools import scale
 
 LABELS = ["a", "b", "c"]
 SESSION = "piaa_test-session-key"
@@ -476,7 +476,7 @@ class _GatedEncoder:
 
 def _gated_opener(library: Library, gate: threading.Event) -> Callable[[], Library]:
     """Job libraries on `library`'s database whose encoder waits for `gate`."""
-    from piaa_index.encoder import Encoder
+    from piaa_index.model.encoder import Encoder
 
     def open_job_library() -> Library:
         return Library.open(

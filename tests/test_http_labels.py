@@ -1,7 +1,7 @@
 """Your own labels over HTTP (issue 21): confirm, reject and forget a label of one image, a bulk
 of thousands (ids or paths, one store write, all or nothing), the paged listing, scopes, the
 errors, and a fit job that learns from labels given over the API and says so. On a synthetic
-library of 2,500 images whose true labels are known (piaa_index/eval/scale.py)."""
+library of 2,500 images whose true labels are known (tools/scale.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from piaa_index_plugins.http_api.auth import create_key
 
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from tests.test_http_api import client_for
+from tools import scale
 
 N_LABELS = 8
 N_IMAGES = 2500

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from piaa_index_plugins.http_api.app import create_app
 from piaa_index_plugins.http_api.state import ServerConfig
 
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from tests.piaa_processes import Served, http_status, start_server, stop_server
+from tools import scale
 
 SESSION = "piaa_attack-suite-key"
 BASE = "http://127.0.0.1:8765"

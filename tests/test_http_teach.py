@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from piaa_index_plugins.http_api.auth import create_key
 
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from tests.shapes_library import open_shapes_library
 from tests.test_http_api import client_for
 

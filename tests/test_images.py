@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from piaa_index.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
+from piaa_index.ingest.images import IMAGE_EXTENSIONS, ImageDecodeError, file_hash, load_image
 
 RED = (255, 0, 0)
 
@@ -90,7 +90,7 @@ def test_huge_images_decode_within_memory(tmp_path: Path) -> None:
 def test_memory_budget_serialises_what_does_not_fit() -> None:
     import threading
 
-    from piaa_index.images import MemoryBudget
+    from piaa_index.ingest.images import MemoryBudget
 
     budget = MemoryBudget(100)
     peak, inside, lock = [0], [0], threading.Lock()
@@ -245,8 +245,8 @@ def test_file_hash_matches_blake2b_and_streams(tmp_path: Path) -> None:
 def test_every_common_photo_format_is_read(tmp_path: Path) -> None:
     """JPEG 2000, the PNM family, TIFF, WebP, AVIF, TGA and QOI are indexed, not skipped (rclip's
     test photos hold .jp2 .pnm .pbm .pgm .ppm); each decodes to upright RGB of its size."""
-    from piaa_index.images import IMAGE_EXTENSIONS
-    from piaa_index.scan import scan
+    from piaa_index.ingest.images import IMAGE_EXTENSIONS
+    from piaa_index.ingest.scan import scan
 
     src = _marked(40, 30)
     formats = {
@@ -291,7 +291,7 @@ def test_a_file_replaced_by_a_fifo_after_the_scan_never_blocks(tmp_path: Path) -
     never writes must be refused at once, by the hash and by the decoder."""
     import os
 
-    from piaa_index.images import ImageDecodeError, file_hash, load_image
+    from piaa_index.ingest.images import ImageDecodeError, file_hash, load_image
 
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
@@ -308,7 +308,7 @@ def test_a_file_replaced_by_a_fifo_after_the_scan_never_blocks(tmp_path: Path) -
 def test_a_file_over_the_size_cap_is_refused_unread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import piaa_index.images as images
+    import piaa_index.ingest.images as images
 
     path = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index.library import Library, LibraryError, UserInputError
-from piaa_index.schema import INDEXED
+from piaa_index.catalog.schema import INDEXED
+from piaa_index.library.core import Library, LibraryError, UserInputError
 from tests.image_files import (
     PhotoFolder,
     copy_photo_folder,
@@ -316,7 +316,7 @@ def test_interrupted_run_resumes(
     library: Library, photos: PhotoFolder, piaa_home: Path, tiny_model_config: Path
 ) -> None:
     """Ctrl-C keeps the commit groups already written; the next run does only the rest."""
-    from piaa_index.indexer import Indexer
+    from piaa_index.engines.indexer import Indexer
 
     flaky = _InterruptedEncoder(library.encoder, n=4)
     indexer = Indexer(library.store, library.vectors, lambda: flaky, batch_size=8, commit_every=16)
@@ -368,7 +368,7 @@ class _WatchedEncoder:
 def test_the_next_chunk_decodes_while_this_one_encodes(
     library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from piaa_index import indexer
+    from piaa_index.engines import indexer
 
     paths = _numbered_photos(tmp_path / "photos", 8)
     next_chunk = {str(p) for p in paths[4:]}
@@ -395,7 +395,7 @@ def test_a_copy_of_a_file_committed_after_the_last_chunk_reuses_its_vectors(
 ) -> None:
     """The next chunk is hashed before this chunk's commit: what it reuses is looked up again
     after the commit, so that a run reuses what a serial run would."""
-    from piaa_index.indexer import Indexer
+    from piaa_index.engines.indexer import Indexer
 
     paths = _numbered_photos(tmp_path / "photos", 8)
     shutil.copyfile(paths[1], paths[5])  # in chunk 1; its original commits with chunk 0
@@ -413,7 +413,7 @@ def test_an_error_in_the_background_is_raised_after_the_commits_before_it(
     stage: str, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not a file's failure: the run stops where a serial run would, chunk 0 committed."""
-    from piaa_index import indexer
+    from piaa_index.engines import indexer
 
     paths = _numbered_photos(tmp_path / "photos", 12)
     victim = str(paths[6])  # in chunk 1
@@ -452,9 +452,9 @@ def test_preprocessing_in_the_decode_threads_changes_nothing(
 ) -> None:
     """`decode_files` with the encoder's preprocess (the local indexer) and without it (the Ray
     engine, which preprocesses in `encode_decoded`): the same vectors and sizes, to the byte."""
-    from piaa_index.images import MemoryBudget
-    from piaa_index.indexer import decode_files, encode_decoded
-    from piaa_index.scan import scan
+    from piaa_index.engines.indexer import decode_files, encode_decoded
+    from piaa_index.ingest.images import MemoryBudget
+    from piaa_index.ingest.scan import scan
 
     special = {*photos.rotated, photos.heic, photos.unicode}  # EXIF-rotated: original size
     good = [f for f in scan([photos.root]).files if Path(f.path) in set(photos.good)]
@@ -698,7 +698,7 @@ def test_a_reader_during_an_index_run_leaves_its_uncommitted_shard_alone(
     """`piaa status` while another process indexes must not delete the shard in flight."""
     import numpy as np
 
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     photos = tmp_path / "p"
     photos.mkdir()

@@ -25,9 +25,9 @@ from piaa_index_plugins.http_api.jobs import MAX_PENDING
 from piaa_index_plugins.http_api.state import ServerConfig
 
 from piaa_index.cli import cli, main
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from tests.image_files import shapes_image
+from tools import scale
 
 SESSION = "piaa_issue18-key"
 BASE = "http://127.0.0.1:8765"

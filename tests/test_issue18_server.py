@@ -34,7 +34,7 @@ from piaa_index_plugins.http_api.app import create_app  # noqa: E402
 from piaa_index_plugins.http_api.security import IDLE_PER_CLIENT  # noqa: E402
 from piaa_index_plugins.http_api.state import ServerConfig  # noqa: E402
 
-from piaa_index.library import Library  # noqa: E402
+from piaa_index.library.core import Library  # noqa: E402
 
 KEY = "piaa_test-session-key"
 

@@ -32,8 +32,8 @@ N_IMAGES = 96
 # `piaa index` as the library runs it, with small commit groups.
 INDEX_DRIVER = """
 import sys
-from piaa_index.indexer import Indexer
-from piaa_index.library import Library
+from piaa_index.engines.indexer import Indexer
+from piaa_index.library.core import Library
 lib = Library.open()
 Indexer(lib.store, lib.vectors, lambda: lib.encoder, batch_size=8, commit_every=16).run(
     sys.argv[1:], prune=True, progress=False
@@ -83,8 +83,8 @@ class Piaa(PiaaProcesses):
 
 def assert_consistent(home: Path, db_url: str | None, n_images: int) -> None:
     """0 lost, 0 duplicated, 0 orphaned: SQL rows against the vector shards on disk."""
-    from piaa_index.library import Library
-    from piaa_index.schema import INDEXED
+    from piaa_index.catalog.schema import INDEXED
+    from piaa_index.library.core import Library
 
     with Library.open(home=home, db=db_url, model="shapesworld") as lib:
         counts = lib.store.image_counts()

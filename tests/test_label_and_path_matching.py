@@ -69,7 +69,7 @@ def test_two_first_thumbnail_requests_share_one_thumbnail_maker(
     """One Thumbnails per server (one decode budget), even when the first requests race."""
     from piaa_index_plugins.http_api.routes_media import _thumbnails
 
-    from piaa_index import thumbnails
+    from piaa_index.library import thumbnails
 
     made = []
     real_init = thumbnails.Thumbnails.__init__

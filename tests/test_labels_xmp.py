@@ -1,4 +1,4 @@
-"""`piaa labels import xmp` (piaa_index/xmp_keywords.py): the user's own keywords from XMP
+"""`piaa labels import xmp` (piaa_index/xmp/keywords.py): the user's own keywords from XMP
 sidecars and embedded XMP/IPTC, mapped to vocabulary labels, ours left out.
 
 Sidecars and embedded metadata are written by exiftool as Lightroom and digiKam leave them; a
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from piaa_index.xmp import Sidecars
+from piaa_index.xmp.sidecars import Sidecars
 from tests.cli_main import run_main
 from tests.shapes_library import SHAPESWORLD_DIR, open_shapes_library
 from tests.xmp_files import exiftool

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index.learning import Examples, LearnParams, average_precision, learn
+from piaa_index.method.learning import Examples, LearnParams, average_precision, learn
 from tests.cli_main import run_main
 
 
@@ -158,7 +158,7 @@ def test_bad_label_files_and_images_are_usage_errors(
 def test_user_labels_are_stored_apart_and_versioned(postgres_database) -> None:  # type: ignore[no-untyped-def]
     """On Postgres (the SQLite path runs above): upsert by case-folded label, forget, and a
     version every change moves."""
-    from piaa_index.store import Store, utcnow
+    from piaa_index.catalog.store import Store, utcnow
 
     store = Store.open(postgres_database())  # its own database: it adds 1,200 images
     try:

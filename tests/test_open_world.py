@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from piaa_index.cli import cli
-from piaa_index.decisions import PRESENT_AT, calibrate
-from piaa_index.open_pvcl import (
+from piaa_index.method.decisions import PRESENT_AT, calibrate
+from piaa_index.method.open_pvcl import (
     LabelBanks,
     OpenParams,
     fit_background,

@@ -17,11 +17,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from piaa_index import hookspecs
 from piaa_index.cli.common import AppContext
 from piaa_index.cli.queries import add_query_commands
-from piaa_index.library import Library, UserInputError
-from piaa_index.plugins import Plugins, Query
+from piaa_index.library.core import Library, UserInputError
+from piaa_index.plugins import Plugins, Query, hookspecs
 from tests.image_files import PhotoFolder, make_photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ DOCS = REPO / "docs" / "plugins.md"
 
 
 def hook_names() -> list[str]:
-    """Every hook declared in piaa_index/hookspecs.py."""
+    """Every hook declared in piaa_index/plugins/hookspecs.py."""
     return sorted(
         name
         for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)

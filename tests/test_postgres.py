@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from piaa_index.library import Library
-from piaa_index.schema import FAILED, Image
+from piaa_index.catalog.schema import FAILED, Image
+from piaa_index.library.core import Library
 from tests.image_files import PhotoFolder, make_photo_folder
 from tests.test_indexer import assert_tag_rule
 
@@ -88,7 +88,7 @@ def test_cli_on_postgres(
 
     lib, photos, _ = pg_library
     lib.set_vocabulary(LABELS)  # no-op when the flow test already set it
-    # Scores live in a matrix beside the vector shards (piaa_index/scores.py), so the CLI needs
+    # Scores live in a matrix beside the vector shards (piaa_index/vectors/scores.py), so the CLI needs
     # the library's home as well as its database.
     monkeypatch.setenv("PIAA_HOME", str(lib.settings.home))
 

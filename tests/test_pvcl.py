@@ -7,8 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from piaa_index.eval.synthetic import patch_world, unit
-from piaa_index.pvcl import (
+from piaa_index.method.pvcl import (
     BankBuilder,
     Classifier,
     PvclParams,
@@ -18,6 +17,7 @@ from piaa_index.pvcl import (
     log_odds,
     softmax,
 )
+from tools.synthetic import patch_world, unit
 
 
 @pytest.fixture(scope="module")

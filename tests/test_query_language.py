@@ -1,4 +1,4 @@
-"""Tests for the boolean label query language (piaa_index/query_language.py)."""
+"""Tests for the boolean label query language (piaa_index/query/language.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from piaa_index.query_language import (
+from piaa_index.query.language import (
     MAX_DEPTH,
     And,
     Label,
@@ -410,7 +410,7 @@ def test_syntax_errors_win_over_unknown_labels() -> None:
 
 def test_import_is_cheap() -> None:
     code = (
-        "import sys; import piaa_index.query_language; "
+        "import sys; import piaa_index.query.language; "
         "print(','.join(m for m in ('numpy', 'torch', 'sqlalchemy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,8 +13,8 @@ import pillow_heif
 import pytest
 from PIL import Image
 
-from piaa_index.images import RAW_EXTENSIONS, ImageDecodeError, load_image
-from piaa_index.scan import scan
+from piaa_index.ingest.images import RAW_EXTENSIONS, ImageDecodeError, load_image
+from piaa_index.ingest.scan import scan
 from tests.dng_files import write_dng
 
 pillow_heif.register_heif_opener()  # the tests write HEIC through Pillow
@@ -168,7 +168,7 @@ def test_a_folder_of_every_format_indexes_them_all_and_names_the_video(
     from click.testing import CliRunner
 
     from piaa_index.cli import cli
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
     made = every_format_folder(tmp_path / "photos")
     args = ["index", str(tmp_path / "photos"), "--model", "shapesworld", "--device", "cpu"]
@@ -193,7 +193,7 @@ def test_scan_counts_raw_as_unsupported_without_rawpy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where rawpy cannot be installed, RAW files are named as needing it, not lost."""
-    import piaa_index.scan as scan_module
+    import piaa_index.ingest.scan as scan_module
 
     write_dng(tmp_path / "a.dng", scene(64, 48))
     (tmp_path / "b.NEF").write_bytes(b"x" * 10)

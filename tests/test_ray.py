@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from piaa_index.shapes.dataset import generate_dataset
 from piaa_index.shapes.world import CLASSES
 from tests.image_files import make_photo_folder
@@ -333,8 +333,8 @@ def _cluster_workers(cluster: dict, name: str) -> list[int]:
 def assert_complete(home: Path, images: list[Path]) -> None:
     """0 lost, 0 duplicated, 0 orphaned shards, read from the files themselves (no Library
     open: its reconcile would hide orphans)."""
-    from piaa_index.store import Store
-    from piaa_index.vectors import VectorStore
+    from piaa_index.catalog.store import Store
+    from piaa_index.vectors.shards import VectorStore
 
     store = Store.open(f"sqlite:///{home / 'piaa.sqlite3'}")
     try:
@@ -415,7 +415,7 @@ def test_a_killed_driver_is_resumed_by_the_next_run(
 def test_a_node_local_home_is_refused_on_a_cluster_of_two_nodes(
     ray_cluster: dict, tmp_path: Path
 ) -> None:
-    from piaa_index.ray_engine import fs_type
+    from piaa_index.engines.ray_engine import fs_type
 
     if not Path("/dev/shm").is_dir() or fs_type(Path("/dev/shm")) != "tmpfs":
         pytest.skip("no tmpfs at /dev/shm")
@@ -484,9 +484,9 @@ def test_ray_engine_with_metadata_on_postgres(
 def test_a_failure_on_the_cluster_is_one_line_naming_the_worker_s_error() -> None:
     """Ray wraps a worker's exception (RayTaskError, UserCodeException); the user sees the
     worker's own message, never Ray's traceback."""
+    from piaa_index.engines.ray_engine import RayRunError, one_line_failures
     from piaa_index.errors import PiaaError
-    from piaa_index.ray_engine import RayRunError, one_line_failures
-    from piaa_index.vectors import VectorStoreError
+    from piaa_index.vectors.shards import VectorStoreError
 
     def wrapped(inner: BaseException) -> RuntimeError:
         try:

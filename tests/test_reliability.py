@@ -122,7 +122,7 @@ def readable_by_pillow(paths: list[str]) -> set[str]:
     """The files Pillow itself opens and fully decodes within our pixel limit."""
     from PIL import Image
 
-    from piaa_index.images import DEFAULT_MAX_PIXELS, _register_heif
+    from piaa_index.ingest.images import DEFAULT_MAX_PIXELS, _register_heif
 
     _register_heif()
     good = set()
@@ -149,7 +149,7 @@ def peak_rss(time_output: str) -> int:
 
 
 def test_hostile_folder_indexes_cleanly(hostile_folder: Path, tmp_path: Path) -> None:
-    from piaa_index.scan import scan
+    from piaa_index.ingest.scan import scan
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIAA_")}
     env.update(PIAA_HOME=str(tmp_path / "home"), PIAA_DEVICE="cpu", HF_HUB_OFFLINE="1")

@@ -23,7 +23,7 @@ from piaa_index.cli import cli
 from piaa_index.errors import UserInputError
 from piaa_index.eval.ablation import run_ablation
 from piaa_index.eval.datasets import Dataset, load_dataset
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from piaa_index.shapes.dataset import generate_dataset
 
 N = 5000

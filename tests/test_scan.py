@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from piaa_index.library import Library
-from piaa_index.scan import Scan, scan
+from piaa_index.ingest.scan import Scan, scan
+from piaa_index.library.core import Library
 from tests.image_files import shapes_image
 
 

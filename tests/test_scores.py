@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from piaa_index import fusion
-from piaa_index.eval import scale
-from piaa_index.library import Library
-from piaa_index.query_engine import compile_query, top_k
-from piaa_index.query_language import And, Label, Node, Not, Or, parse
+from piaa_index.library.core import Library
+from piaa_index.method import fusion
+from piaa_index.query.engine import compile_query, top_k
+from piaa_index.query.language import And, Label, Node, Not, Or, parse
+from tools import scale
 
 N_LABELS = 12
 N_IMAGES = 3000
@@ -278,7 +278,7 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
 def test_similar_ivf_index_recall(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond the flat size the index is IVF; probing every list it is exact, and with the
     default probes its recall@20 on clustered data stays high."""
-    from piaa_index import similar
+    from piaa_index.vectors import similar
 
     monkeypatch.setattr(similar, "MAX_FLAT_CELLS", 0)
     probes = [f"/synthetic/0000/{i:08d}.jpg" for i in range(0, N_IMAGES, 150)]
@@ -298,7 +298,7 @@ def test_latest_rows_keeps_the_last_row_of_each_image() -> None:
     """The mask a view answers from, on thousands of rows: increasing ids (the shortcut), ids
     re-scored in later segments and shuffled ids give the last row of each id, as a dict
     walking the rows in order does."""
-    from piaa_index.scores import latest_rows
+    from piaa_index.vectors.scores import latest_rows
 
     rng = np.random.default_rng(7)
     cases = [

@@ -19,7 +19,9 @@ from piaa_index.shapes.world import (
     render_scene,
 )
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "piaa_index" / "assets" / "shapesworld"
+ASSET_DIR = (
+    Path(__file__).resolve().parent.parent / "piaa_index" / "model" / "assets" / "shapesworld"
+)
 CKPT = ASSET_DIR / "shapesworld.safetensors"
 
 

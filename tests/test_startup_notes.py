@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from piaa_index.library import Library
+from piaa_index.library.core import Library
 from piaa_index.shapes.dataset import generate_dataset
 
 

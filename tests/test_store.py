@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from piaa_index.store import Store, StoreError
+from piaa_index.catalog.store import Store, StoreError
 
 TABLES = {
     "settings",
@@ -34,7 +34,7 @@ def _sqlite(tmp_path: Path, name: str = "piaa.sqlite3") -> str:
 def _head() -> str:
     from alembic.script import ScriptDirectory
 
-    from piaa_index.store import _alembic_config
+    from piaa_index.catalog.store import _alembic_config
 
     return str(ScriptDirectory.from_config(_alembic_config(None)).get_current_head())
 
@@ -42,7 +42,7 @@ def _head() -> str:
 def test_fast_open_path_knows_the_same_head_as_alembic() -> None:
     """Opening an up-to-date library skips alembic by reading the head from the migration file
     names; a migration named off that pattern would make every open take the slow path."""
-    from piaa_index.store_readonly import head_revision
+    from piaa_index.catalog.readonly import head_revision
 
     assert head_revision() == _head()
 
@@ -55,7 +55,7 @@ def test_an_up_to_date_library_opens_without_importing_alembic(tmp_path: Path) -
     Store.open(_sqlite(tmp_path)).close()
     code = (
         "import sys\n"
-        "from piaa_index.store import Store\n"
+        "from piaa_index.catalog.store import Store\n"
         f"Store.open({_sqlite(tmp_path)!r}).close()\n"
         "print('alembic' in sys.modules)\n"
     )
@@ -81,7 +81,7 @@ def test_migrated_schema_matches_the_models(tmp_path: Path) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from piaa_index.schema import Base
+    from piaa_index.catalog.schema import Base
 
     store = Store.open(_sqlite(tmp_path))
     try:
@@ -203,7 +203,7 @@ def test_postgres_url_without_driver_suffix(postgres_url: str) -> None:
         assert store.vocabulary().names == ["dog"]
     finally:
         # The database is shared by the session's Postgres tests: leave it empty again.
-        from piaa_index.schema import Base
+        from piaa_index.catalog.schema import Base
 
         Base.metadata.drop_all(store.engine)
         with store.engine.begin() as conn:
@@ -217,8 +217,8 @@ def test_postgres_url_without_driver_suffix(postgres_url: str) -> None:
 def test_images_under_matches_folders_exactly(tmp_path):
     """An index run on one folder sees exactly that folder's images: not a sibling sharing the
     prefix, not another case (SQLite's LIKE ignores case), and `%`/`_` in names are literal."""
-    from piaa_index.schema import Image
-    from piaa_index.store import utcnow
+    from piaa_index.catalog.schema import Image
+    from piaa_index.catalog.store import utcnow
 
     store = Store.open(f"sqlite:///{tmp_path / 'x.sqlite3'}")
     paths = ["/a/b/1.jpg", "/a/b_c/2.jpg", "/a/B/3.jpg", "/a/b%/4.jpg", "/a/bc/5.jpg", "/a/b"]
@@ -237,7 +237,7 @@ from pathlib import Path
 go = Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.001)
-from piaa_index.store import Store
+from piaa_index.catalog.store import Store
 print(Store.open(sys.argv[1]).store_id)
 """
 

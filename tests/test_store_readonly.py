@@ -1,4 +1,4 @@
-"""The read-only search of a fresh process (piaa_index/store_readonly.py): the same rows as
+"""The read-only search of a fresh process (piaa_index/catalog/readonly.py): the same rows as
 `Library.search`, without SQLAlchemy, and None (the full path) whenever answering would need a
 write. Real SQLite libraries of thousands of synthetic images written through the index path."""
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index import store_readonly
+from piaa_index.catalog import readonly as store_readonly
+from piaa_index.catalog.readonly import ReadOnlyStore
 from piaa_index.config import Settings
 from piaa_index.errors import UserInputError
-from piaa_index.eval import scale
-from piaa_index.library import Library
-from piaa_index.store_readonly import ReadOnlyStore
+from piaa_index.library.core import Library
+from tools import scale
 
 N_LABELS = 10
 N_IMAGES = 3000

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from piaa_index.eval.metrics import average_precision
-from piaa_index.teaching import concept_prototype
+from piaa_index.library.teaching import concept_prototype
 from tests.cli_main import run_main
 
 

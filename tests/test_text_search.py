@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index import text_search as ts
-from piaa_index.eval import scale
-from piaa_index.library import Library
+from piaa_index.library.core import Library
+from piaa_index.vectors import text_search as ts
+from tools import scale
 
 N_LABELS = 16
 N_IMAGES = 3000

@@ -1,4 +1,4 @@
-"""The numpy CLIP text tower (piaa_index/text_tower.py) against open_clip: the same token ids,
+"""The numpy CLIP text tower (piaa_index/model/text_tower.py) against open_clip: the same token ids,
 the same phrase prototypes within 1e-5 (float32), its cache in the library home, and text search
 from the CLI without torch once the cache is there."""
 
@@ -17,11 +17,11 @@ import torch
 from click.testing import CliRunner
 from open_clip.tokenizer import SimpleTokenizer
 
-from piaa_index import text_tower as tt
 from piaa_index.cli import cli
 from piaa_index.config import ModelSpec
-from piaa_index.encoder import DEFAULT_TEMPLATES, SHAPESWORLD_DIR, SHIPPED_MODELS, Encoder
-from piaa_index.library import Library
+from piaa_index.library.core import Library
+from piaa_index.model import text_tower as tt
+from piaa_index.model.encoder import DEFAULT_TEMPLATES, SHAPESWORLD_DIR, SHIPPED_MODELS, Encoder
 from piaa_index.shapes.dataset import generate_dataset
 from tests.conftest_models import TINY_MODEL_CONFIG, write_model_config
 
@@ -125,7 +125,7 @@ def test_tokenizer_gives_open_clips_ids(context_length: int) -> None:
 
 def test_tokenizer_is_found_without_importing_open_clip() -> None:
     code = (
-        "import sys; from piaa_index import text_tower as tt; "
+        "import sys; from piaa_index.model import text_tower as tt; "
         "ids = tt.tokenizer()(['a photo of a dog.']); "
         "print(ids[0, :7].tolist(), 'torch' in sys.modules, 'open_clip' in sys.modules)"
     )

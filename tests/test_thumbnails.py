@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from piaa_index.errors import NotFoundError, UserInputError
-from piaa_index.library import Library
-from piaa_index.thumbnails import SIZES, Thumbnails
+from piaa_index.library.core import Library
+from piaa_index.library.thumbnails import SIZES, Thumbnails
 
 ORIENTATION = 0x0112
 

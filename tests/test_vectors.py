@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piaa_index.vectors import MANIFEST, VectorStore, VectorStoreError
+from piaa_index.vectors.shards import MANIFEST, VectorStore, VectorStoreError
 
 DIM, GRID = 32, (4, 4)
 M = GRID[0] * GRID[1]
@@ -204,7 +204,7 @@ def test_reconcile_reports_a_shard_whose_patch_file_is_lost(tmp_path: Path) -> N
 
 def test_a_second_writer_is_refused(tmp_path):
     """Two index runs on one library would race for shard ids: the second fails fast."""
-    from piaa_index.vectors import LockedError
+    from piaa_index.vectors.shards import LockedError
 
     identity = {"model": "m", "pretrained": "none", "front_end": "clip", "dim": 4, "grid": [1, 1]}
     first = VectorStore.open(tmp_path, identity)
@@ -239,7 +239,7 @@ COMPACT_TOLERANCE = {"sq4": 0.2, "pq4": 0.4, "opq4": 0.4}
 def test_compact_codecs_round_trip(tmp_path: Path, codec: str) -> None:
     """A shard of 700 images x 16 patches (enough to train PQ) reads back within the codec's
     error, ranks patches like the originals, and is smaller than fp16 by the promised factor."""
-    from piaa_index.eval import scale
+    from tools import scale
 
     # The synthetic world at 32 dims, 4x4 patches (PQ training stays fast): 700 images.
     big = scale.World.make(20, "shapesworld", seed=3)
@@ -283,7 +283,7 @@ def test_shards_before_the_quantiser_exists_are_lossless(tmp_path: Path, codec: 
 
 
 def _world_shard(n: int, seed: int):  # type: ignore[no-untyped-def]
-    from piaa_index.eval import scale
+    from tools import scale
 
     big = scale.World.make(20, "shapesworld", seed=3)
     world = scale.World(big.means[:, :DIM], big.text[:, :DIM], big.bg[:, :DIM], grid=4)

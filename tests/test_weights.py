@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from piaa_index import weights
 from piaa_index.cli import cli
-from piaa_index.library import Library, LibraryError
-from piaa_index.weights import SHIPPED_DIR
+from piaa_index.library.core import Library, LibraryError
+from piaa_index.model import weights
+from piaa_index.model.weights import SHIPPED_DIR
 from tests.image_files import shapes_image
 
 REPO = "timm/vit_base_patch16_clip_224.openai"
@@ -77,7 +77,7 @@ def test_default_model_offline_fails_at_once_naming_the_file(
     """Before: 55 s of 46 retry lines and a message cut at 300 characters. Now the check runs
     before open_clip asks the hub: no retries, one message with the file, folder and command."""
     from piaa_index.config import ModelSpec
-    from piaa_index.encoder import Encoder, ModelLoadError
+    from piaa_index.model.encoder import Encoder, ModelLoadError
 
     var, value = network.split("=", 1)
     monkeypatch.setenv(var, value)
@@ -113,7 +113,7 @@ def test_cli_offline_is_one_line_exit_1(
 def test_known_sources_match_open_clip() -> None:
     """The default model's source is known without importing open_clip; it must be the one
     open_clip would download."""
-    from piaa_index import weights
+    from piaa_index.model import weights
 
     for (model, tag), src in weights.KNOWN_SOURCES.items():
         assert weights.source_for(model, tag) == src
@@ -176,7 +176,7 @@ def test_cached_weights_load_from_their_path_with_the_tags_preprocessing(
 ) -> None:
     """A tag whose file is cached is loaded from the file: no request, even offline."""
     from piaa_index.config import ModelSpec
-    from piaa_index.encoder import Encoder, resolve_spec
+    from piaa_index.model.encoder import Encoder, resolve_spec
 
     cached = put_in_cache(hf_cache, REPO, "open_clip_pytorch_model.bin", b"weights")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -324,7 +324,7 @@ def test_an_older_library_is_migrated_and_its_moved_file_accepted(
     tmp_path: Path, piaa_home: Path
 ) -> None:
     """A library recorded before the hash (identity label with a blake2b prefix only)."""
-    from piaa_index.images import file_hash
+    from piaa_index.ingest.images import file_hash
 
     folder = photos(tmp_path / "photos", n=2)
     original = tmp_path / "w.safetensors"

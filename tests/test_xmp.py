@@ -1,4 +1,4 @@
-"""XMP write-back a photographer can trust (piaa_index/xmp.py): merge, re-export, undo.
+"""XMP write-back a photographer can trust (piaa_index/xmp/sidecars.py): merge, re-export, undo.
 
 Pre-existing sidecars are made by exiftool (rating, label, title, the user's keywords) and by
 hand as darktable writes them (edit history); exiftool reads the results. The store is a real
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from piaa_index import xmp
-from piaa_index.store import Store
-from piaa_index.xmp import Keywords, Sidecars, read_properties
+from piaa_index.catalog.store import Store
+from piaa_index.xmp import sidecars as xmp
+from piaa_index.xmp.sidecars import Keywords, Sidecars, read_properties
 from tests.xmp_files import DARKTABLE_SIDECAR, exiftool, exiftool_read, write_exiftool_sidecar
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from piaa_index.store import Store
-from piaa_index.xmp import Sidecars
+from piaa_index.catalog.store import Store
+from piaa_index.xmp.sidecars import Sidecars
 from tests.xmp_files import exiftool, exiftool_read
 
 KeywordPath = tuple[str, ...]

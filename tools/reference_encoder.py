@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from piaa_index.encoder import Encoder, _front_end_block
+from piaa_index.model.encoder import Encoder, _front_end_block
 
 
 def encode_two_pass(enc: Encoder, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ image i's patch tokens (last block → ln_post → proj) of patch·text(object n
 batch that name the same set of objects count as positives of each other (in a 24-class world
 duplicates are frequent, unlike web alt-text).
 
-    python -m tools.train_shapesworld --steps 1800 --out piaa_index/assets/shapesworld/...
+    python -m tools.train_shapesworld --steps 1800 --out piaa_index/model/assets/shapesworld/...
     python -m tools.train_shapesworld --eval-only CHECKPOINT
 """
 
@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from open_clip.transformer import VisionTransformer
 
 # A development tool, not shipped: run from the repository root, it writes into the package.
-ASSET_DIR = Path(__file__).resolve().parent.parent / "piaa_index" / "assets" / "shapesworld"
+ASSET_DIR = (
+    Path(__file__).resolve().parent.parent / "piaa_index" / "model" / "assets" / "shapesworld"
+)
 MODEL_NAME = "shapesworld"
 EVAL_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image with a {}.", "{}"]
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OpenAI defaults, used by the preprocess

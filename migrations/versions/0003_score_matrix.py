@@ -1,7 +1,7 @@
 """Score matrices on disk, sparse tags in SQL, and a catalog version counter.
 
 - `tags` keeps only present labels (image, label, classifier, fused score): every score of
-  every label now lives in the classifier's memory-mapped score matrix (piaa_index/scores.py).
+  every label now lives in the classifier's memory-mapped score matrix (piaa_index/vectors/scores.py).
   Absent rows are deleted and the per-branch columns dropped.
 - `classifiers.scores_key` names the classifier's score folder and `score_segments` lists its
   committed segments (files are written and fsynced first, then SQL points at them). Existing

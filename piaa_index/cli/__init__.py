@@ -1,4 +1,4 @@
-"""The `piaa` command: a thin layer over `piaa_index.library.Library`.
+"""The `piaa` command: a thin layer over `piaa_index.library.core.Library`.
 
 Sub-command modules are imported when the group is built, but they import torch, open_clip
 and faiss only inside command bodies, so `piaa --help` stays instant.

@@ -15,7 +15,7 @@ from piaa_index.textio import json_text
 
 if TYPE_CHECKING:
     from piaa_index.config import Settings
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 # Exit codes scripts can rely on.
 EXIT_OK = 0
@@ -52,7 +52,7 @@ class AppContext:
 
     def library(self) -> Library:
         if self._library is None:
-            from piaa_index.library import Library
+            from piaa_index.library.core import Library
 
             self._library = Library.open(
                 home=self.home,

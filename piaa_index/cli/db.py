@@ -19,8 +19,8 @@ def db_group() -> None:
 @pass_app
 def db_upgrade(app: AppContext) -> None:
     """Upgrade the schema to this version's (also done automatically on open)."""
+    from piaa_index.catalog.store import Store
     from piaa_index.config import Settings
-    from piaa_index.store import Store
 
     settings = Settings.resolve(app.home, app.db)
     store = Store.open(settings.db_url)

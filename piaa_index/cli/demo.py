@@ -33,7 +33,7 @@ def demo_command(
     from piaa_index.eval.ablation import format_table as ablation_table
     from piaa_index.eval.ablation import run_ablation
     from piaa_index.eval.datasets import load_dataset
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
     from piaa_index.shapes.dataset import generate_dataset
 
     started = time.perf_counter()

@@ -73,7 +73,7 @@ def eval_command(
     Tags (CF1/OF1) are scored on the labels TEST_DIR holds; labels of the class list that no
     test image holds are scored as absent labels: the share of image × absent-label pairs tagged
     and how many of them tag anything (`piaa shapes generate --groups` makes such a folder).
-    pvcl and piaa decide with the product's own tag rule (piaa_index/decisions.py).
+    pvcl and piaa decide with the product's own tag rule (piaa_index/method/decisions.py).
 
     The evaluation keeps its own index (so your library's vocabulary is untouched) and reuses
     it on the next run: only new images are encoded.
@@ -81,8 +81,8 @@ def eval_command(
     from piaa_index.config import Settings
     from piaa_index.eval.ablation import format_table, run_ablation
     from piaa_index.eval.datasets import load_dataset
-    from piaa_index.keywords import read_label_csv
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
+    from piaa_index.library.keywords import read_label_csv
 
     keywords = read_label_csv(labels_csv) if labels_csv else None
     test = load_dataset(Path(test_dir), split)

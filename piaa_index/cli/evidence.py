@@ -28,7 +28,7 @@ def _run(app: AppContext, params: dict[str, Any], extra: dict[str, Any], fmt: st
         raise click.UsageError("--evidence prints a table or --json, not --csv/--paths-only")
     if output == "-" and fmt == "json":
         raise click.UsageError("--output - writes the PNG to stdout, --json the grid: give one")
-    from piaa_index.evidence import evidence_png
+    from piaa_index.library.evidence import evidence_png
 
     ev = app.library().evidence(params["image"], label)
     if output == "-":  # the PNG alone on stdout (`… --output - | display`)

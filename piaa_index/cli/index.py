@@ -6,8 +6,8 @@ from typing import BinaryIO
 
 import click
 
-from piaa_index.bounded import READ_TIMEOUT
 from piaa_index.cli.common import AppContext, echo_json, pass_app
+from piaa_index.ingest.bounded import READ_TIMEOUT
 
 
 @click.command("index")

@@ -37,7 +37,7 @@ def import_csv(app: AppContext, csv_file: str, as_json: bool) -> None:
     recorded as absent from it. Labels outside the vocabulary are kept too (they count once you
     add the label). Images not in the index are listed and skipped.
     """
-    from piaa_index.keywords import read_label_csv
+    from piaa_index.library.keywords import read_label_csv
 
     by_path = read_label_csv(csv_file)
     library = app.library()
@@ -109,9 +109,9 @@ def import_xmp(
     """
     import os
 
-    from piaa_index.schema import INDEXED
-    from piaa_index.xmp import check_options
-    from piaa_index.xmp_keywords import SOURCE, label_rows, read_keywords
+    from piaa_index.catalog.schema import INDEXED
+    from piaa_index.xmp.keywords import SOURCE, label_rows, read_keywords
+    from piaa_index.xmp.sidecars import check_options
 
     check_options(prefix, "append")
     roots: list[str] = []
@@ -212,11 +212,11 @@ def labels_export(app: AppContext, output: str) -> None:
     if output == "-":
         import sys
 
-        from piaa_index.keywords import label_csv
+        from piaa_index.library.keywords import label_csv
 
         sys.stdout.write(label_csv(present)[0])
         return
-    from piaa_index.keywords import write_label_csv
+    from piaa_index.library.keywords import write_label_csv
 
     n = write_label_csv(Path(output), present)
     click.echo(f"wrote {n} rows for {len(present)} images to {output}", err=True)
@@ -247,8 +247,8 @@ def teach_command(
     product. No text prompt is needed: NAME becomes a label like any other (search, tags,
     evidence maps, XMP, the API), found by what its examples share and other photos lack.
     Ten or so varied examples work better than two; teach again to add more."""
-    from piaa_index.teaching import teach
-    from piaa_index.vocabulary import clean_labels
+    from piaa_index.library.teaching import teach
+    from piaa_index.library.vocabulary import clean_labels
 
     label = clean_labels([name])[0]
     library = app.library()
@@ -273,7 +273,7 @@ def teach_command(
 
 
 def _key(name: str) -> str:
-    from piaa_index.query_language import normalize_label
+    from piaa_index.query.language import normalize_label
 
     return normalize_label(name)
 

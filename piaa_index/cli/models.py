@@ -20,7 +20,7 @@ def models_group(ctx: click.Context, everything: bool, as_json: bool) -> None:
     model and tag in the Hugging Face cache (HF_HUB_CACHE / HF_HOME), with sizes and paths."""
     if ctx.invoked_subcommand is not None:
         return
-    from piaa_index.weights import hub_cache, list_models
+    from piaa_index.model.weights import hub_cache, list_models
 
     rows = list_models(everything)
     if as_json:
@@ -48,9 +48,9 @@ def models_fetch(name: str, tag: str | None) -> None:
     picks) into the Hugging Face cache, once; later runs load them from there, offline."""
     import open_clip
 
-    from piaa_index.encoder import _close_names
     from piaa_index.errors import UserInputError
-    from piaa_index.weights import fetch
+    from piaa_index.model.encoder import _close_names
+    from piaa_index.model.weights import fetch
 
     model = name.replace("/", "-")
     tags = open_clip.list_pretrained_tags_by_model(model)

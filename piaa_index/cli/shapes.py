@@ -144,7 +144,7 @@ def shapes_keywords(app: AppContext, dataset: str, fraction: float, seed: int, o
     keywords a user would have for part of a collection (`piaa labels import csv`, `piaa eval
     --labels`)."""
     from piaa_index.eval.datasets import keyword_rows, load_dataset
-    from piaa_index.keywords import write_label_csv
+    from piaa_index.library.keywords import write_label_csv
 
     rows = keyword_rows(load_dataset(Path(dataset)), fraction, seed)
     n = write_label_csv(Path(output), rows)

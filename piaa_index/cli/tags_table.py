@@ -14,7 +14,7 @@ from piaa_index.cli.common import format_table
 
 WHY_WIDTH = 34
 
-# The reasons of piaa_index.searching._why, shortened; the label's status (weak, absent) has
+# The reasons of piaa_index.library.searching._why, shortened; the label's status (weak, absent) has
 # its own column, so the "(weak label…)" remarks are dropped.
 _SHORT = (
     ("confidence at or above one half", "confidence >= 0.5"),

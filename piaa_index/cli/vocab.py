@@ -21,7 +21,7 @@ def vocab_group() -> None:
 def _show(app: AppContext, as_json: bool) -> None:
     listing = None
     if not app.library_is_open:  # a fresh `vocab list`: read-only, without SQLAlchemy
-        from piaa_index import store_readonly
+        from piaa_index.catalog import readonly as store_readonly
 
         listing = store_readonly.vocabulary_listing(app.settings())
     if listing is None:
@@ -48,7 +48,7 @@ def vocab_check(app: AppContext, top: int, as_json: bool) -> None:
     """Label pairs whose text features are entangled (their text cosine stands out among the
     vocabulary's pairs), how often they are tagged together in this collection against chance,
     and what to do. Training-free; fits first when the tags are stale."""
-    from piaa_index.vocab_check import entangled_pairs
+    from piaa_index.library.vocab_check import entangled_pairs
 
     library = app.library()
     vocab = library.ensure_tags(progress=app.progress)

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from piaa_index.decisions import Decisions, apply_decisions, label_decisions, open_decisions
 from piaa_index.eval.datasets import Dataset, missing_files
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
+from piaa_index.method.decisions import Decisions, apply_decisions, label_decisions, open_decisions
 
 if TYPE_CHECKING:
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 # The product's rows (pvcl: open-world per-label patch evidence; piaa: the calibrated confidence
 # that search ranks by and tags decide on) and the paper's closed-world formula beside them.
@@ -46,7 +46,7 @@ def fit_paper_classifier(
 ) -> Any:
     """The paper's closed-world PVCL (pvcl.py: banks by argmax and entropy across the
     vocabulary, GDA classes that explain every patch), for the comparison rows."""
-    from piaa_index.pvcl import BankBuilder, PvclParams, fit_from_banks, paper_bank_size
+    from piaa_index.method.pvcl import BankBuilder, PvclParams, fit_from_banks, paper_bank_size
 
     if bank_size is None:
         bank_size = paper_bank_size(len(locations) * library.vectors.n_patches, len(T))
@@ -68,7 +68,7 @@ def score_methods(
     """Image ids and [N, C] scores of each method, streamed shard by shard. The product's
     confidence is not known until the whole collection is scored (`product_tags`): "piaa"
     holds the [CLS] cosine here."""
-    from piaa_index import fusion
+    from piaa_index.method import fusion
 
     params = fusion.PaaParams()
     ids: list[np.ndarray] = []
@@ -146,12 +146,12 @@ def run_ablation(
 
     With `keywords` (labels by path of some fit images, complete for each image listed: a
     user's keywords), also the `learned` row: the product after learning from them
-    (piaa_index/keywords.py).
+    (piaa_index/library/keywords.py).
 
     With `vocab_size`, also the open-world protocol (`open_world`): vocabularies of that many
     random labels against the same labels under the full vocabulary, and tag stability when
     one label is removed."""
-    from piaa_index import fusion
+    from piaa_index.method import fusion
 
     started = time.perf_counter()
     fit_set = fit or test
@@ -278,7 +278,7 @@ def learned_scores(
     completely): (confidence S, tags) on the test set in dataset order, and what was learnt."""
     from pathlib import Path
 
-    from piaa_index.keywords import (
+    from piaa_index.library.keywords import (
         complete_rows,
         learn_labels,
         learnt_decisions,

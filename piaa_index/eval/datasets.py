@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from piaa_index.errors import UsageError
-from piaa_index.presets import preset_classes
+from piaa_index.library.presets import preset_classes
 
 __all__ = [
     "LAYOUTS",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from piaa_index.hookspecs import hookimpl
+from piaa_index.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -38,7 +38,7 @@ from piaa_index_plugins.http_api.state import ApiState, ServerConfig
 from starlette.routing import Match, Mount
 
 if TYPE_CHECKING:
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 STATIC = Path(__file__).parent / "static"
 ROUTERS = (

@@ -120,7 +120,7 @@ def serve(
         and not os.environ.get("PIAA_DB")
     ):
         # `piaa demo` keeps its library in its own home: `piaa demo` then `piaa serve` shows it.
-        from piaa_index.library import Library
+        from piaa_index.library.core import Library
 
         library.close()
         library = Library.open(home=demo, db=f"sqlite:///{demo / 'piaa.sqlite3'}")

@@ -88,8 +88,8 @@ def from_exception(exc: BaseException) -> ApiError:
     traceback goes to the server log)."""
     from piaa_index.cli.common import EXIT_USAGE, exit_code_for
     from piaa_index.errors import NotFoundError
-    from piaa_index.tagging import NeedsFit
-    from piaa_index.vectors import LockedError
+    from piaa_index.library.tagging import NeedsFit
+    from piaa_index.vectors.shards import LockedError
 
     if isinstance(exc, ApiError):
         return exc

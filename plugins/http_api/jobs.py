@@ -19,7 +19,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from piaa_index.store import utcnow
+from piaa_index.catalog.store import utcnow
 
 
 def now() -> str:
@@ -30,7 +30,7 @@ def now() -> str:
 
 
 if TYPE_CHECKING:
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 log = logging.getLogger("piaa.http")
 

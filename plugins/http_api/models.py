@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def to_utc(value: Any) -> Any:
-    """A stored time (naive UTC, as `piaa_index.store.utcnow` makes them, or an ISO string of
+    """A stored time (naive UTC, as `piaa_index.catalog.store.utcnow` makes them, or an ISO string of
     one) as an aware UTC datetime; an aware one converted to UTC."""
     if value is None or value == "":
         return None

@@ -34,7 +34,7 @@ from piaa_index_plugins.http_api.routes_images import (
 from piaa_index_plugins.http_api.state import ApiState, get_state
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from piaa_index.query_language import normalize_label
+from piaa_index.query.language import normalize_label
 
 router = APIRouter(prefix="/api", tags=["labels"])
 

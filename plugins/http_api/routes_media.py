@@ -1,7 +1,7 @@
 """Pictures of indexed images: thumbnails and patch evidence maps, by image id only.
 
-No path ever comes from the client: the id is looked up in SQL (piaa_index/thumbnails.py,
-piaa_index/evidence.py), and an id that is not an indexed image is 404. A thumbnail is only
+No path ever comes from the client: the id is looked up in SQL (piaa_index/library/thumbnails.py,
+piaa_index/library/evidence.py), and an id that is not an indexed image is 404. A thumbnail is only
 made from the content that was indexed: when the file at the image's path is not that content
 any more (edited, replaced, swapped for a link to another picture), the answer is 409
 `changed_since_indexing` (re-index it), never another picture under the image's id and ETag.
@@ -44,7 +44,7 @@ def _thumbnails(state: ApiState) -> Any:
         with _THUMBNAILS_LOCK:
             thumbs = getattr(state, "thumbnails", None)
             if thumbs is None:
-                from piaa_index.thumbnails import Thumbnails
+                from piaa_index.library.thumbnails import Thumbnails
 
                 thumbs = state.thumbnails = Thumbnails(state.library)  # type: ignore[attr-defined]
     return thumbs
@@ -84,7 +84,7 @@ def thumbnail(
 
 
 def _make(thumbs: Any, thumb: Any, source: str) -> Any:
-    from piaa_index.thumbnails import SourceChanged
+    from piaa_index.library.thumbnails import SourceChanged
 
     try:
         return thumbs.make(thumb, source)
@@ -121,7 +121,7 @@ def evidence(
     format: Annotated[Literal["png", "json"], Query(description="png or json.")] = "png",
     size: Annotated[int, Query(ge=16, le=1024, description="PNG's longer side.")] = 512,
 ) -> Any:
-    from piaa_index.evidence import evidence_png
+    from piaa_index.library.evidence import evidence_png
 
     ev = state.run(state.library.evidence, image_id, label)
     if format == "json":

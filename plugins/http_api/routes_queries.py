@@ -31,7 +31,7 @@ from piaa_index_plugins.http_api.routes_images import decode_cursor, encode_curs
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
 if TYPE_CHECKING:
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 router = APIRouter(prefix="/api", tags=["queries"], dependencies=[require_read])
 

@@ -17,7 +17,7 @@ from piaa_index.errors import UserInputError
 if TYPE_CHECKING:
     from piaa_index_plugins.http_api.jobs import JobRunner
 
-    from piaa_index.library import Library
+    from piaa_index.library.core import Library
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Ingest: finding image files, decoding them, bounded reads."""

@@ -1,0 +1,547 @@
+"""`Library`: the Python API. The CLI, the plugins and a DAM integration all call this.
+
+    lib = Library.open()                       # PIAA_HOME / PIAA_DB / PIAA_MODEL …
+    lib.index(["~/Pictures"])
+    lib.set_vocabulary(["dog", "bicycle", "person"])
+    lib.search("dog AND bicycle AND NOT person")
+
+A vocabulary change makes the tags stale; the next query (or `fit()`) refits PVCL on the whole
+collection and re-tags every image. Images indexed after a fit are tagged with the current
+classifier at the next query, without refitting (`status()` says how many were added since).
+
+`Library` is a façade over parts with one job each, all sharing its store, vector store and
+(lazily loaded) encoder: `vocab` (piaa_index/library/vocabulary.py), `tagger` (fit and tag,
+piaa_index/library/tagging.py), `searcher` (queries, piaa_index/library/searching.py) and `maintenance`
+(vacuum and status, piaa_index/library/maintenance.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from piaa_index.catalog.store import Store, VocabularyInfo
+from piaa_index.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    ModelSpec,
+    Settings,
+    default_front_end,
+)
+from piaa_index.errors import LibraryError, UserInputError
+from piaa_index.ingest.bounded import READ_TIMEOUT
+from piaa_index.library.maintenance import Maintenance
+from piaa_index.library.searching import Searcher, TagMatrix
+from piaa_index.library.tagging import FitReport, Tagger
+from piaa_index.library.vocabulary import VocabularyEditor
+from piaa_index.method.open_pvcl import default_bank_size
+from piaa_index.model import model_record
+from piaa_index.vectors.shards import VectorStore
+
+# Re-exported: the public names callers import from here.
+__all__ = ["FitReport", "Library", "LibraryError", "UserInputError", "default_bank_size"]
+
+if TYPE_CHECKING:
+    from piaa_index.engines.indexer import IndexReport
+    from piaa_index.library.evidence import Evidence
+    from piaa_index.method.pvcl import Classifier
+    from piaa_index.model.encoder import Encoder
+    from piaa_index.plugins import Plugins
+    from piaa_index.progress import Progress
+
+
+class Library:
+    """One photo collection: SQL metadata + FAISS vectors + (lazily) the encoder."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        spec: ModelSpec,
+        encoder_factory: Callable[[ModelSpec], Encoder] | None = None,
+        plugins: Plugins | None = None,
+    ):
+        self.settings = settings
+        self.store = store
+        self.spec = spec
+        self._encoder_factory = encoder_factory
+        self._encoder: Encoder | None = None
+        self._vectors: VectorStore | None = None
+        self._plugins = plugins
+        self.vectors_dir = settings.home / "vectors" / store.store_id
+        self.vocab = VocabularyEditor(self)
+        self.tagger = Tagger(self)
+        self.searcher = Searcher(self)
+        self.maintenance = Maintenance(self)
+
+    @classmethod
+    def open(
+        cls,
+        home: str | Path | None = None,
+        db: str | None = None,
+        model: str | None = None,
+        pretrained: str | None = None,
+        front_end: str | None = None,
+        device: str | None = None,
+        plugins: Plugins | None = None,
+        encoder_factory: Callable[[ModelSpec], Encoder] | None = None,
+    ) -> Library:
+        """Open (creating if needed) the library; refuse a model other than the index's."""
+        settings = Settings.resolve(home, db, model, pretrained, front_end, device)
+        sqlite_file = _sqlite_file(settings.db_url)
+        if sqlite_file is not None and not sqlite_file.exists():
+            _refuse_lost_database(sqlite_file, settings.home / "vectors")
+        store = Store.open(settings.db_url)
+        if sqlite_file is not None and (settings.home / "vectors" / store.store_id).is_dir():
+            _remember_database(sqlite_file, settings.home / "vectors" / store.store_id)
+        stored = store.get_setting("model")
+        # A checkpoint path is kept absolute: the library is opened from other folders too.
+        asked_weights = settings.pretrained
+        if asked_weights is not None and (path := model_record.checkpoint_path(asked_weights)):
+            asked_weights = str(path)
+        if stored is None:
+            model_name = settings.model or DEFAULT_MODEL
+            spec = ModelSpec(
+                model=model_name,
+                pretrained=asked_weights or DEFAULT_PRETRAINED,
+                front_end=settings.front_end or default_front_end(model_name),
+            )
+        else:
+            stored = cls._update_record(store, stored, asked_weights, settings.home)
+            spec = ModelSpec(stored["model"], stored["pretrained"], stored["front_end"])
+            asked = {
+                "model": settings.model,
+                "pretrained": asked_weights,
+                "front_end": settings.front_end,
+            }
+            clashes = [
+                f"{key} {value!r} (index: {stored[key]!r})"
+                for key, value in asked.items()
+                if value is not None and value != stored[key]
+            ]
+            if clashes:
+                raise LibraryError(
+                    "this library was indexed with another model: asked for "
+                    + ", ".join(clashes)
+                    + "; use another --home/--db for a different model"
+                )
+        return cls(settings, store, spec, encoder_factory=encoder_factory, plugins=plugins)
+
+    def reopen(self) -> Library:
+        """Another Library on the same database, home and model (its own connections, caches
+        and encoder), for another thread: one Library serves one thread at a time."""
+        return Library(
+            self.settings,
+            Store.open(self.settings.db_url),
+            self.spec,
+            encoder_factory=self._encoder_factory,
+            plugins=self._plugins,
+        )
+
+    @staticmethod
+    def _update_record(
+        store: Store, record: dict[str, Any], asked: str | None, home: Path
+    ) -> dict[str, Any]:
+        """Add the weights' hash to an older record; take a moved checkpoint with the same
+        bytes (`--pretrained NEWPATH`), refuse one with other bytes."""
+        updated = model_record.migrate(record, home)
+        current = updated or record
+        moved = (
+            asked is not None
+            and asked != current["pretrained"]
+            and model_record.looks_like_file(asked)
+            and model_record.looks_like_file(str(current["pretrained"]))
+        )
+        if moved:
+            assert asked is not None
+            updated = model_record.accept_moved(current, asked, home)
+        if updated is None:
+            return record
+        store.set_setting("model", updated)
+        return updated
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_encoder(self, progress: Progress) -> Encoder:
+        """`encoder`, saying so while a model loads (seconds: torch, then the weights)."""
+        if self._encoder is not None:
+            return self._encoder
+        from piaa_index.progress import note
+
+        started = time.perf_counter()
+        note(f"loading the model {self.spec.model} ({self.spec.pretrained})…", progress)
+        encoder = self.encoder
+        note(f"model loaded in {time.perf_counter() - started:.1f}s", progress)
+        return encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The model, loaded on first use (indexing, fitting, text queries)."""
+        if self._encoder is None:
+            record = self.store.get_setting("model")
+            if record is not None:
+                model_record.check_file(record, self.settings.home)
+            if self._encoder_factory is not None:
+                self._encoder = self._encoder_factory(self.spec)
+            else:
+                from piaa_index.model import weights
+
+                weights.check_before_loading(self.spec.model, self.spec.pretrained)
+                from piaa_index.model.encoder import Encoder
+
+                self._encoder = Encoder(self.spec, device=self.settings.device)
+        return self._encoder
+
+    @property
+    def plugins(self) -> Plugins:
+        if self._plugins is None:
+            from piaa_index.plugins import Plugins
+
+            self._plugins = Plugins()
+        return self._plugins
+
+    @property
+    def vectors(self) -> VectorStore:
+        """The vector folder; the first index run records the model's identity in it."""
+        if self._vectors is None:
+            from piaa_index.vectors.shards import (
+                MANIFEST,
+                MANIFEST_SETTING,
+                VectorStoreError,
+                manifest_problem,
+            )
+
+            manifest = VectorStore.read_manifest(self.vectors_dir)
+            recorded = self.store.get_setting(MANIFEST_SETTING)
+            path = self.vectors_dir / MANIFEST
+            if manifest is None and VectorStore.has_shards(self.vectors_dir):
+                if self.store.referenced_shards():
+                    raise VectorStoreError(
+                        f"the vector manifest {path} is missing while its shards are there "
+                        "(damage): `piaa db check` rebuilds it from the database"
+                    )
+            if manifest is not None:
+                problem = manifest_problem(manifest, recorded, self.store.get_setting("model"))
+                if problem is not None:
+                    raise VectorStoreError(
+                        f"the vector manifest {path} does not match the database's record of "
+                        f"it ({problem}): it is damaged; `piaa db check` rebuilds it"
+                    )
+            if manifest is None and self.store.referenced_shards():
+                # The database has images but this home has none of their vectors: a wrong
+                # --home (or another machine). Refuse rather than re-encode the collection.
+                raise LibraryError(
+                    f"this database's vectors are not in {self.vectors_dir}; use the --home "
+                    "(PIAA_HOME) the index was made with, or copy its vectors/ folder there"
+                )
+            if manifest is None:
+                identity = self.encoder.identity()
+                self.store.set_setting(
+                    "model",
+                    {
+                        "model": self.spec.model,
+                        **model_record.weights_fields(self.spec.pretrained, self.settings.home),
+                        "front_end": self.spec.front_end,
+                        "identity": identity,
+                    },
+                )
+            else:
+                identity = manifest["identity"]
+            # The patch codec applies to a new index only; an existing one keeps its own.
+            codec = os.environ.get("PIAA_VECTOR_CODEC") or None
+            try:
+                self._vectors = VectorStore.open(self.vectors_dir, identity, codec)
+            except ValueError as exc:
+                raise UserInputError(str(exc)) from None
+            if recorded != self._vectors.manifest:
+                self.store.set_setting(MANIFEST_SETTING, self._vectors.manifest)
+            if (sqlite_file := _sqlite_file(self.settings.db_url)) is not None:
+                _remember_database(sqlite_file, self.vectors_dir)
+            self._reconcile()
+            self._reconcile_scores()
+        return self._vectors
+
+    def _reconcile(self) -> None:
+        """Make SQL and the vector files agree after a crash (SQL is the source of truth)."""
+        from piaa_index.vectors.shards import LockedError
+
+        assert self._vectors is not None
+        try:
+            # Under the writer lock: an index run in progress owns shards it has written but
+            # not yet committed, and they must not be mistaken for a crash's orphans.
+            with self._vectors.writer_lock():
+                _orphans, missing = self._vectors.reconcile(self.store.referenced_shards())
+        except LockedError:
+            return
+        if missing:
+            self.store.mark_shards_missing(missing)
+
+    def _reconcile_scores(self) -> None:
+        """Delete score folders and segments SQL does not point at (a fit or a scoring pass cut
+        short before its commit, or a replaced classifier's files)."""
+        from piaa_index.vectors.scores import cleanup, writer_lock
+
+        if not self.tagger.scores_dir.is_dir():
+            return
+        with writer_lock(self.tagger.scores_dir, blocking=False) as locked:
+            if locked:  # a writer at work owns its uncommitted files
+                cleanup(self.tagger.scores_dir, self.store.score_folders())
+
+    def index(
+        self,
+        paths: Sequence[str | Path],
+        prune: bool = False,
+        progress: Progress = False,
+        batch_size: int = 32,
+        exclude: Sequence[str] = (),
+        default_excludes: bool = True,
+        follow_symlinks: bool = False,
+        engine: str = "local",
+        address: str | None = None,
+        commit_every: int = 256,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> IndexReport:
+        """Index files and folders (recursive, incremental); see `IndexReport`.
+
+        Folders are walked with the default excludes (NAS thumbnails, trash, hidden folders…;
+        `piaa_index.ingest.scan.DEFAULT_EXCLUDES`), the gitignore-style `exclude` patterns and any
+        `.piaaignore` file; only regular image files are read, the rest is counted.
+        `engine="ray"` runs decode, encode and shard writes on a Ray cluster (`address`:
+        `auto`, `ray://host:10001`; None starts a local one; docs/ray.md). `commit_every`
+        images make one shard and one SQL commit. Reading and decoding one file is bounded by
+        `read_timeout` seconds: a file on a hung network share is recorded as failed.
+        """
+        from piaa_index.engines.indexer import Indexer
+        from piaa_index.ingest.scan import PathError
+        from piaa_index.progress import note
+
+        if batch_size < 1:
+            raise UserInputError(f"batch size must be at least 1, not {batch_size}")
+        if commit_every < 1:
+            raise UserInputError(f"commit group must be at least 1 image, not {commit_every}")
+        if not read_timeout > 0:
+            raise UserInputError(f"read timeout must be positive, not {read_timeout}")
+        if engine not in ("local", "ray"):
+            raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
+        try:
+            if engine == "ray":
+                from piaa_index.engines import ray_engine
+
+                return ray_engine.index(
+                    self,
+                    paths,
+                    address=address,
+                    prune=prune,
+                    progress=progress,
+                    batch_size=batch_size,
+                    commit_every=commit_every,
+                    exclude=exclude,
+                    default_excludes=default_excludes,
+                    follow_symlinks=follow_symlinks,
+                    read_timeout=read_timeout,
+                )
+            if self._vectors is None and VectorStore.read_manifest(self.vectors_dir) is None:
+                self._load_encoder(progress)  # a new library records its model first
+            note(f"scanning {len(paths)} path{'s' if len(paths) != 1 else ''}…", progress)
+            indexer = Indexer(
+                self.store,
+                self.vectors,
+                lambda: self._load_encoder(progress),
+                batch_size=batch_size,
+                commit_every=commit_every,
+                read_timeout=read_timeout,
+            )
+            return indexer.run(
+                paths,
+                prune=prune,
+                progress=progress,
+                exclude=exclude,
+                default_excludes=default_excludes,
+                follow_symlinks=follow_symlinks,
+            )
+        except PathError as exc:
+            raise UserInputError(str(exc)) from None
+
+    # -- vocabulary (VocabularyEditor) ---------------------------------------------------------
+
+    def vocabulary(self) -> VocabularyInfo | None:
+        return self.vocab.vocabulary()
+
+    def labels(self) -> list[str]:
+        return self.vocab.labels()
+
+    def set_vocabulary(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> VocabularyInfo:
+        """Replace the vocabulary (a new version; tags become stale)."""
+        return self.vocab.set_vocabulary(labels, templates)
+
+    def add_labels(self, labels: Sequence[str]) -> VocabularyInfo:
+        return self.vocab.add_labels(labels)
+
+    def remove_labels(self, labels: Sequence[str]) -> VocabularyInfo:
+        return self.vocab.remove_labels(labels)
+
+    def set_preset(self, name: str) -> VocabularyInfo:
+        return self.vocab.set_preset(name)
+
+    def text_prototypes(self, vocab: VocabularyInfo) -> np.ndarray:
+        """[C, d] text prototypes of the vocabulary's labels."""
+        return self.vocab.text_prototypes(vocab)
+
+    # -- fit and tag (Tagger) ------------------------------------------------------------------
+
+    def is_stale(self) -> bool:
+        """True when the vocabulary changed since the last fit (or nothing was fitted)."""
+        return self.tagger.is_stale()
+
+    def fit_classifier(
+        self,
+        vocab: VocabularyInfo,
+        locations: list[tuple[int, int, int]],
+        progress: Progress = False,
+        bank_size: int | None = None,
+    ) -> tuple[Classifier, np.ndarray, int]:
+        """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
+        return self.tagger.fit_classifier(vocab, locations, progress, bank_size)
+
+    def fit(
+        self,
+        progress: Progress = False,
+        bank_size: int | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        full: bool = False,
+    ) -> FitReport:
+        """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
+        (with `engine="ray"` the re-tag's scoring runs as Ray tasks; docs/ray.md). After a
+        vocabulary change only the new labels are fitted unless `full` (`Tagger.fit`)."""
+        return self.tagger.fit(progress, bank_size, engine, address, full)
+
+    def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
+        """Refit when stale; tag images indexed since the last fit with the current classifier."""
+        return self.tagger.ensure_tags(progress)
+
+    # -- queries (Searcher) --------------------------------------------------------------------
+
+    def query(self, name: str, **params: Any) -> list[dict[str, Any]]:
+        """Run a registered query plugin by name (`tags`, `search`, `similar`, …)."""
+        from piaa_index.plugins import PluginError, run_query
+
+        try:
+            return run_query(self, self.plugins, name, **params)
+        except PluginError as exc:
+            raise UserInputError(str(exc)) from None
+
+    def image_id(self, path: str | Path) -> int:
+        """The id of an indexed image, by path (as given, or resolved)."""
+        return self.searcher.image_id(path)
+
+    def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
+        """Every label's fused, patch and [CLS] score for one image, with the decision."""
+        return self.searcher.tags(path, progress)
+
+    def search(
+        self, expression: str, limit: int | None = 20, include_absent: bool = False
+    ) -> list[dict[str, Any]]:
+        """Images matching a boolean label expression, ranked; each row has every label's score."""
+        return self.searcher.search(expression, limit, include_absent)
+
+    def present_tags(self) -> dict[str, list[tuple[str, float]]]:
+        """path -> [(label, fused score)] of the labels decided present, best first."""
+        return self.searcher.present_tags()
+
+    def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
+        """Fused scores and decisions of `labels` (default: all) for every indexed image, as
+        arrays: the public bulk read for plugins (no reaching into the store)."""
+        return self.searcher.tag_matrix(labels)
+
+    def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Open-vocabulary search: a phrase scored on the fly, no refit."""
+        return self.searcher.text_search(text, limit)
+
+    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
+        return self.searcher.similar(path, limit)
+
+    def evidence(self, image: int | str | Path, label: str) -> Evidence:
+        """Where the fitted classifier sees `label` on an indexed image (by id or path): the
+        per-patch evidence grid, whose max is the image's patch score, and the tag decision.
+        Render it with `piaa_index.library.evidence.evidence_png`."""
+        from piaa_index.library.evidence import evidence
+
+        return evidence(self, image, label)
+
+    # -- maintenance (Maintenance) -------------------------------------------------------------
+
+    def vacuum(self, min_live: float = 0.5, small: int = 64, group: int = 256) -> dict[str, int]:
+        """Rewrite shards that are mostly dead rows (pruned or re-encoded images) or small."""
+        return self.maintenance.vacuum(min_live, small, group)
+
+    def status(self) -> dict[str, Any]:
+        """Counts, model, vocabulary, classifier version and staleness."""
+        return self.maintenance.status()
+
+    def check(self, progress: bool = False) -> dict[str, Any]:
+        """Verify the database and the vector shards; damaged shards' images are re-encoded by
+        the next index run."""
+        return self.maintenance.check(progress)
+
+
+# Each vector folder names the SQLite file it belongs to: a deleted or moved database next to
+# its vectors is then refused, not silently replaced by a new empty library.
+DATABASE_MARKER = "sqlite-database.json"
+
+
+def _sqlite_file(db_url: str) -> Path | None:
+    if not db_url.startswith("sqlite:///") or "?" in db_url:
+        return None
+    path = db_url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path).expanduser().absolute()
+
+
+def _remember_database(sqlite_file: Path, vectors_dir: Path) -> None:
+    import json
+
+    from piaa_index.durable import write_bytes_atomic
+    from piaa_index.textio import json_text
+
+    marker = vectors_dir / DATABASE_MARKER
+    try:
+        if marker.is_file() and json.loads(marker.read_text())["path"] == str(sqlite_file):
+            return
+        write_bytes_atomic(json_text({"path": str(sqlite_file)}).encode(), marker)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a read-only home still opens; the guard is best effort
+
+
+def _refuse_lost_database(sqlite_file: Path, vectors_root: Path) -> None:
+    import json
+
+    if not vectors_root.is_dir():
+        return
+    for marker in sorted(vectors_root.glob(f"*/{DATABASE_MARKER}")):
+        try:
+            named = json.loads(marker.read_text())["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if named == str(sqlite_file):
+            folder = marker.parent
+            shards = len(list(folder.glob("*.cls.faiss")))
+            raise LibraryError(
+                f"the database {sqlite_file} is missing, but its vectors are in {folder} "
+                f"({shards} shards): restore the database file from a backup; to start a new, "
+                "empty library instead, move that folder away first"
+            )

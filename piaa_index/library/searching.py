@@ -1,0 +1,259 @@
+"""Queries: the tags of an image, boolean label search over the score matrix, open-vocabulary
+text search and similar images (a FAISS index over [CLS], `piaa_index/vectors/similar.py`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from piaa_index.errors import UserInputError
+from piaa_index.library.part import Part
+from piaa_index.library.vocabulary import default_templates
+from piaa_index.query.engine import path_candidates, tag_rows
+
+if TYPE_CHECKING:
+    from piaa_index.library.core import Library
+
+
+@dataclass(frozen=True)
+class TagMatrix:
+    """Every indexed image's scores for some labels, for plugins and bulk readers: row i is
+    image `image_ids[i]`, column j label `labels[j]` (ids ascending)."""
+
+    image_ids: np.ndarray  # [n] int64
+    labels: list[str]
+    scores: np.ndarray  # [n, L] float32 fused scores
+    present: np.ndarray  # [n, L] bool decisions
+
+
+class Searcher(Part):
+    """Answers queries; keeps the [CLS] similarity index once loaded."""
+
+    def __init__(self, library: Library):
+        super().__init__(library)
+        self._similar: Any = None
+        self._text_index: Any = (
+            None  # text search's patch index (piaa_index/vectors/text_search.py)
+        )
+
+    def image_id(self, path: str | Path) -> int:
+        """The id of an indexed image, by path (as given, or resolved)."""
+        from piaa_index.catalog.schema import INDEXED
+
+        given = Path(path).expanduser()
+        row = None
+        for candidate in path_candidates(path):
+            row = self.store.image_by_path(candidate)
+            if row is not None:
+                break
+        if row is None:
+            # A typo or a folder is not a photo to index: say so (a photo deleted since it was
+            # indexed was found above).
+            if not str(path) or not os.path.exists(given):
+                raise UserInputError(f"no such file: {str(path) or repr('')}")
+            if os.path.isdir(given):
+                raise UserInputError(f"{path} is a folder, not an image file")
+            raise UserInputError(f"not in the index: {path} (run `piaa index` on its folder)")
+        if row.status != INDEXED:
+            raise UserInputError(f"{path} could not be indexed: {row.error}")
+        return row.id
+
+    def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
+        """Every label's fused, patch and [CLS] score for one image, with the decision (each row
+        also carries the image's stored path, so rows stand on their own in `--json` output)."""
+        return self.tags_of(self.image_id(path), progress, shown=str(path))
+
+    def tags_of(
+        self, image_id: int, progress: bool = False, shown: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`tags` of an image by its id (HTTP clients and evidence maps know ids, not paths)."""
+        state = self.library.tagger.state(progress)
+        found = state.view.row_of(image_id)
+        if found is None:
+            raise UserInputError(
+                f"{shown or f'image {image_id}'} has no scores yet; run `piaa fit`"
+            )
+        seg, r = found
+        stored_path = self.store.paths([image_id])[image_id]
+        return tag_rows(state.vocab.names, state.fitted.decisions, seg.mats, r, stored_path)
+
+    def search(
+        self, expression: str, limit: int | None = 20, include_absent: bool = False
+    ) -> list[dict[str, Any]]:
+        """Images matching a boolean label expression, ranked; each row has every label's score.
+
+        Matching uses the tag decisions; ranking uses the fused scores (AND = weakest label).
+        With `include_absent`, non-matching images are ranked too (below the matches).
+        The expression is compiled once to numpy over the score matrix; paths are fetched for
+        the returned rows only.
+        """
+        from piaa_index.query.engine import parse_query, search_rows
+
+        vocab = self.library.vocab.require_vocabulary()
+        node = parse_query(expression, vocab.names)  # a bad query is named before any fit
+        state = self.library.tagger.state()
+        labels = [lb.name for lb in state.vocab.labels]
+        return search_rows(node, labels, state.view, self.store.paths, limit, include_absent)
+
+    def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
+        """The fused scores and decisions of `labels` (default: the whole vocabulary) for every
+        indexed image, straight from the score matrix: one column read per label."""
+        from piaa_index.query.language import normalize_label
+
+        state = self.library.tagger.state()
+        column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
+        if labels is None:
+            cols = list(range(len(state.vocab.labels)))
+        else:
+            unknown = [name for name in labels if normalize_label(name) not in column]
+            if unknown:
+                raise UserInputError(f"unknown label(s): {', '.join(unknown)}")
+            cols = [column[normalize_label(name)] for name in labels]
+        view = state.view
+        rows = np.nonzero(view.valid)[0]
+        rows = rows[np.argsort(view.ids[rows], kind="stable")]
+        scores = np.empty((len(rows), len(cols)), np.float32)
+        present = np.empty((len(rows), len(cols)), bool)
+        for j, c in enumerate(cols):
+            scores[:, j] = view.column("S", c)[rows]
+            present[:, j] = view.column("present", c)[rows]
+        names = [state.vocab.labels[c].name for c in cols]
+        return TagMatrix(view.ids[rows].astype(np.int64), names, scores, present)
+
+    def present_tags(self) -> dict[str, list[tuple[str, float]]]:
+        """path -> [(label, fused score)] of the labels decided present, best first, for every
+        indexed image (from SQL's sparse tags: one join, no score matrix needed)."""
+        self.library.tagger.ensure_tags()
+        out: dict[str, list[tuple[str, float]]] = {p: [] for p in self.store.indexed_paths()}
+        for path, name, score in self.store.present_tags():
+            if path in out:
+                out[path].append((name, score))
+        return out
+
+    def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Open-vocabulary search: a phrase scored on the fly, no refit.
+
+        PAA's weighting of max patch cosine and [CLS] cosine (`phrase_scores`), with the
+        default prompt templates: the ranking does not depend on which vocabulary happens to be
+        set, and cosines do not saturate into ties. Large libraries take candidates from a
+        patch ANN index and the [CLS] index and re-rank them exactly (piaa_index/vectors/text_search.py).
+        """
+        from piaa_index.model import text_tower
+        from piaa_index.vectors import text_search
+
+        text = " ".join(text.split())
+        if not text:
+            raise UserInputError("empty search text")
+        if self._text_index is None and not self.store.indexed_count():
+            return []
+        # The numpy text tower cached in the home (no torch import), else the Encoder, whose
+        # text tower is then cached (piaa_index/model/text_tower.py); default templates either way.
+        phrase = text_tower.phrase_prototype(self.library, text, default_templates)
+        with self.vectors.reading():  # the shards of the candidates stay while they are read
+            ids, scores = text_search.search(self, phrase, None, phrase_scores, limit)
+        return self._top(ids, scores, limit)
+
+    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
+        index kept beside the shards (`piaa_index/vectors/similar.py`)."""
+        p = Path(path).expanduser()
+        query_id: int | None = None
+        try:
+            query_id = self.image_id(p)
+        except UserInputError:
+            if not p.is_file():
+                raise
+        index = self._similar_index()
+        if query_id is not None:
+            loc = self.store.location(query_id)
+            if loc is None:
+                raise UserInputError(f"not in the index: {path}")
+            q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        else:
+            from piaa_index.ingest.images import ImageDecodeError, load_image
+
+            try:
+                img = load_image(p)
+            except ImageDecodeError as exc:
+                raise UserInputError(f"{path}: {exc}") from None
+            q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
+        # A few extra so that the query image and ties at the cut do not shorten the list.
+        want = len(index.ids) if limit is None else limit + 1 + 8
+        ids, sims = index.search(q, want)
+        if query_id is not None:
+            keep = ids != query_id
+            ids, sims = ids[keep], sims[keep]
+        return self._top(ids, sims, limit)
+
+    def _similar_index(self) -> Any:
+        """The [CLS] FAISS index, built on first use and synced with the catalog after."""
+        from piaa_index.vectors.similar import ClsIndex
+
+        folder = self.library.vectors_dir / "similar"
+        version = self.store.data_version()
+        index = self._similar
+        if index is None:
+            index = ClsIndex.load(folder)
+        if index is not None and index.version == version:
+            self._similar = index
+            return index
+        if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
+            # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+            live = self.store.live_locations()
+            index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
+        else:
+            stale, new = self.store.changes_since(index.ids, index.shards, index.max_shard)
+            index.remove(stale)
+            index.add(*self._cls_of(new))
+        index.version = version
+        index.save(folder)
+        self._similar = index
+        return index
+
+    def _cls_of(
+        self, locations: list[tuple[int, int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, shards, [CLS] vectors) of these images, read without their patches."""
+        ids, shards, vecs = [], [], []
+        for chunk in self.vectors.iter_live(locations, with_patches=False):
+            ids.append(chunk.image_ids)
+            shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
+            vecs.append(chunk.cls)
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.vectors.dim))
+        return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+
+    def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+        """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""
+        query_id = self.image_id(path)
+        live = self.store.live_locations()
+        loc = self.store.location(query_id)
+        assert loc is not None
+        q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+        ids, _, vecs = self._cls_of(live)
+        keep = ids != query_id
+        return self._top(ids[keep], (vecs @ q)[keep], limit)
+
+    def _top(self, ids: np.ndarray, scores: np.ndarray, limit: int | None) -> list[dict]:
+        order = np.lexsort((ids, -scores))
+        if limit is not None:
+            order = order[:limit]
+        paths = self.store.paths([int(ids[i]) for i in order])
+        return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]
+
+
+def phrase_scores(
+    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, _others: np.ndarray | None
+) -> np.ndarray:
+    """The exact score of a phrase on some images (text_search's scorer): PAA's weighting of
+    max patch cosine and [CLS] cosine, fusion.open_vocabulary_scores."""
+    from piaa_index.method import fusion
+
+    prm = fusion.PaaParams()
+    return fusion.open_vocabulary_scores(
+        cls, patches, np.asarray(phrase).reshape(-1), prm.alpha, prm.batch_images
+    )

@@ -1,0 +1,158 @@
+"""The plugin manager: loads first- and third-party plugins through the same entry points.
+
+Queries and exporters are described by small dataclasses so that one registration gives a
+Python call (`Library.query`), a CLI command and, later, an HTTP route, with no extra code.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pluggy
+
+from piaa_index.errors import PiaaError
+from piaa_index.plugins import hookspecs
+
+if TYPE_CHECKING:
+    from piaa_index.library.core import Library
+
+ENTRY_POINT_GROUP = "piaa_index"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a query or exporter (mapped to a click argument or option)."""
+
+    name: str
+    help: str = ""
+    type: type = str
+    default: Any = None
+    required: bool = False
+    positional: bool = False
+    multiple: bool = False
+    is_flag: bool = False
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query: `run(library, **params)` returns rows, each a dict with at least path and score.
+
+    `quick(settings, **params)`, when given, may answer a fresh process without opening a
+    Library (e.g. straight from the files, read-only); it returns None when it cannot, and the
+    query runs as usual. Its rows must equal `run`'s.
+    """
+
+    name: str
+    help: str
+    run: Callable[..., list[dict[str, Any]]]
+    params: tuple[Param, ...] = field(default_factory=tuple)
+    quick: Callable[..., list[dict[str, Any]] | None] | None = None
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """An exporter: `run(library, **params)` writes tags somewhere and returns a summary dict."""
+
+    name: str
+    help: str
+    run: Callable[..., dict[str, Any]]
+    params: tuple[Param, ...] = field(default_factory=tuple)
+
+
+_Item = TypeVar("_Item", Query, Exporter)
+
+
+class PluginError(PiaaError):
+    """A plugin that failed to load or registered something invalid."""
+
+
+class Plugins:
+    """Loaded plugins and what they registered."""
+
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.load_errors: dict[str, str] = {}
+        if load_entry_points:
+            self._load_entry_points()
+        self._queries: dict[str, Query] | None = None
+        self._exporters: dict[str, Exporter] | None = None
+
+    def _load_entry_points(self) -> None:
+        # Load one by one so a broken third-party plugin is reported, not fatal.
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self.pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - any plugin failure is reported
+                self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+
+    def register(self, module: object, name: str | None = None) -> None:
+        """Register a plugin object directly (tests, embedding applications)."""
+        self.pm.register(module, name=name)
+        self._queries = self._exporters = None
+
+    @property
+    def queries(self) -> dict[str, Query]:
+        if self._queries is None:
+            self._queries = self._collect(self.pm.hook.register_queries, Query)
+        return self._queries
+
+    @property
+    def exporters(self) -> dict[str, Exporter]:
+        if self._exporters is None:
+            self._exporters = self._collect(self.pm.hook.register_exporters, Exporter)
+        return self._exporters
+
+    def _collect(self, hook: Any, kind: type[_Item]) -> dict[str, _Item]:
+        found: dict[str, _Item] = {}
+
+        def register(item: Any) -> None:
+            if not isinstance(item, kind):
+                raise PluginError(f"expected a {kind.__name__}, got {item!r}")
+            if item.name in found:
+                raise PluginError(f"two plugins register a {kind.__name__} named {item.name!r}")
+            found[item.name] = item
+
+        hook(register=register)
+        return found
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each loaded plugin, its hooks and what it registered (for `piaa plugins`)."""
+        out = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda kv: str(kv[0])):
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            out.append(
+                {
+                    "name": name,
+                    "module": getattr(plugin, "__name__", repr(plugin)),
+                    "hooks": hooks,
+                    "version": _dist_version(getattr(plugin, "__name__", "")),
+                }
+            )
+        for name, error in sorted(self.load_errors.items()):
+            out.append({"name": name, "module": None, "hooks": [], "error": error})
+        return out
+
+
+def _dist_version(module_name: str) -> str | None:
+    top = module_name.split(".", 1)[0]
+    for dist_name in importlib.metadata.packages_distributions().get(top, []):
+        try:
+            return importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def run_query(library: Library, plugins: Plugins, name: str, **params: Any) -> list[dict]:
+    try:
+        query = plugins.queries[name]
+    except KeyError:
+        known = ", ".join(sorted(plugins.queries))
+        raise PluginError(f"no query named {name!r} (known: {known})") from None
+    return query.run(library, **params)

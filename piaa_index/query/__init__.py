@@ -1,0 +1,1 @@
+"""The label query language: parser and vectorised evaluator."""

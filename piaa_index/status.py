@@ -1,6 +1,0 @@
-"""Image status values, in the SQL schema (piaa_index/schema.py) and the read-only reader
-(piaa_index/store_readonly.py), which starts without SQLAlchemy."""
-
-INDEXED = "indexed"
-FAILED = "failed"
-MISSING_VECTORS = "missing_vectors"  # SQL row survived but its vector shard did not: re-encode

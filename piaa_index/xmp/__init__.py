@@ -1,0 +1,1 @@
+"""XMP: our keywords in sidecars (exiv2), users' own keywords read back."""
