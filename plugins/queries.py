@@ -67,7 +67,7 @@ def _search(
     if text and expression:
         raise UserInputError("give either a label EXPRESSION or --text PHRASE, not both")
     if text:
-        return library.text_search(text, limit=limit)
+        return library.text_search(text, limit=limit, progress=progress)
     if not expression:
         raise UserInputError('give a label EXPRESSION (e.g. "dog AND bicycle") or --text PHRASE')
     if progress:
@@ -94,7 +94,7 @@ def _search_quick(
 def _similar(
     library: Any, image: str, limit: int | None = 20, progress: bool = False
 ) -> list[dict[str, Any]]:
-    return library.similar(image, limit=_limit(limit))
+    return library.similar(image, limit=_limit(limit), progress=progress)
 
 
 @hookimpl

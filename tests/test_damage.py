@@ -173,8 +173,9 @@ def test_a_lost_sqlite_file_next_to_its_vectors_is_refused(tmp_path: Path) -> No
 
 def test_damaged_derived_indexes_are_found_and_rebuilt(tmp_path: Path) -> None:
     """A flipped byte in the `similar` index's held ids (once a BadZipFile traceback) or in its
-    FAISS file: queries rebuild instead of failing or answering differently, and `db check`
-    names the damage, exits 1, and removes it (issue 18)."""
+    FAISS file: queries answer alike (an exact scan; only `index`, `fit`, `vacuum` and
+    `db check` build) instead of failing, and `db check` names the damage, exits 1, removes it
+    and builds it again (issues 18 and 23)."""
     from piaa_index.shapes.dataset import generate_dataset
     from tests.piaa_processes import PiaaProcesses
 
@@ -188,7 +189,7 @@ def test_damaged_derived_indexes_are_found_and_rebuilt(tmp_path: Path) -> None:
         data = bytearray((folder / name).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (folder / name).write_bytes(bytes(data))
-        if name == "held.npz":  # checked on every load: the query rebuilds and answers alike
+        if name == "held.npz":  # checked on every load: the query scans and answers alike
             assert json.loads(lib.run("similar", str(first), "--json")) == want
     result = subprocess.run(
         [sys.executable, "-m", "piaa_index", "db", "check", "--json"],
@@ -197,7 +198,7 @@ def test_damaged_derived_indexes_are_found_and_rebuilt(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     assert [d["index"] for d in report["derived_damaged"]] == ["similar"]
-    assert not folder.exists()
+    assert (folder / "meta.json").is_file()  # removed, then built again from the shards
     assert json.loads(lib.run("similar", str(first), "--json")) == want
     assert json.loads(lib.run("db", "check", "--json"))["ok"] is True
 
@@ -435,7 +436,7 @@ def test_a_flipped_byte_in_the_sqlite_file_is_reported_with_the_way_out(tmp_path
 
 def test_db_check_verifies_the_text_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`db check` reads `text/patches.faiss` too (the issue found it never did): a flipped byte
-    there is reported, removed, and the next text search rebuilds it with the same answer."""
+    there is reported, and the index is built again from the shards, with the same answer."""
     from piaa_index.vectors import text_search as ts
     from tools import scale
 
@@ -443,14 +444,16 @@ def test_db_check_verifies_the_text_index(tmp_path: Path, monkeypatch: pytest.Mo
     world = scale.World.make(8, seed=2)
     lib = scale.open_library(tmp_path / "home", world)
     scale.add_images(lib, world, 600, group=300)
+    lib.update_indexes()  # as `index` does at its end
     want = lib.text_search("l000", limit=20)
     patches = lib.vectors_dir / "text" / "patches.faiss"
     _flip(patches, 0.7)
+    damaged = patches.read_bytes()
     report = lib.check()
     assert report["ok"] is False
     (item,) = report["derived_damaged"]
     assert item["index"] == "text" and item["files"] == ["patches.faiss"]
-    assert not patches.exists()
+    assert patches.read_bytes() != damaged  # removed, then built again
     lib.close()
     again = scale.open_library(tmp_path / "home", world)
     try:

@@ -3,6 +3,7 @@ written through the index path (real SQLite, real FAISS shards, real score files
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,8 +249,9 @@ def _same_neighbours(got: list[dict], want: list[dict]) -> None:
 
 def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.World) -> None:
     """The FAISS flat index gives the exact scan's neighbours, and follows new, re-encoded and
-    removed images without a rebuild."""
+    removed images without a rebuild: queries before the writers' sync answer alike."""
     probe = "/synthetic/0000/00000011.jpg"
+    lib.update_indexes()  # as `index` does at its end
     _same_neighbours(lib.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20))
     assert lib.searcher._similar is not None and lib.searcher._similar.kind == "flat"
     built = lib.searcher._similar.index
@@ -257,6 +259,10 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     scale.add_images(lib, world, 700, start=N_IMAGES)
     gone = lib.image_id("/synthetic/0000/00000012.jpg")
     lib.store.remove_images([gone])
+    got = lib.similar(probe, limit=None)  # the index as saved, the 700 compared exactly
+    _same_neighbours(got, lib.searcher._similar_exact(probe, limit=None))
+    assert len(got) == N_IMAGES + 700 - 2 and len(lib.searcher._similar.ids) == N_IMAGES
+    lib.update_indexes()
     got = lib.similar(probe, limit=None)
     _same_neighbours(got, lib.searcher._similar_exact(probe, limit=None))
     assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.index is built
@@ -281,6 +287,9 @@ def test_similar_ivf_index_recall(lib: Library, monkeypatch: pytest.MonkeyPatch)
     from piaa_index.vectors import similar
 
     monkeypatch.setattr(similar, "MAX_FLAT_CELLS", 0)
+    shutil.rmtree(lib.vectors_dir / "similar", ignore_errors=True)  # the fit built a flat one
+    lib.searcher._similar = None
+    lib.update_indexes()
     probes = [f"/synthetic/0000/{i:08d}.jpg" for i in range(0, N_IMAGES, 150)]
     recall = []
     for probe in probes:

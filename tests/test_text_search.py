@@ -1,6 +1,7 @@
 """Open-vocabulary text search at scale: the ANN path (patch IVF-PQ + [CLS] index, exact
 re-rank) against the exact scan, on a synthetic library of thousands of images written through
-the index path; incremental sync of the patch index (added, re-encoded, removed images)."""
+the index path; incremental sync of the patch index (added, re-encoded, removed images) by the
+writers, and queries that answer alike while the index does not hold everything yet."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def world() -> scale.World:
 def lib(tmp_path: Path, world: scale.World) -> Iterator[Library]:
     library = scale.open_library(tmp_path / "home", world)
     scale.add_images(library, world, N_IMAGES, group=500)
+    library.update_indexes()  # as `index` does at its end
     library.set_vocabulary(scale.label_names(N_LABELS))
     yield library
     library.close()
@@ -129,16 +131,30 @@ def _strong(world: scale.World, label: int, n: int, seed: int) -> tuple[np.ndarr
 def test_incremental_sync_adds_reencoded_and_removed(
     lib: Library, world: scale.World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Queries never build or write the patch index; between a change and the writers' sync
+    (`update_indexes`, run by `index`, `fit`, `vacuum`) they answer as the synced index would:
+    new images scored exactly, changed ones left out."""
     phrase = "l012"
-    ann(lib, phrase, monkeypatch)  # builds the patch index
-    built = lib.searcher._text_index
+    built = lib.searcher._text_index  # built by the fixture's update_indexes
+    assert built is not None and len(built.ids) == N_IMAGES
     trained_on = built.trained_on
+    saved = lib.vectors_dir / "text" / "meta.json"
 
-    # Added after the build: 30 images that match the phrase best; found without a rebuild.
+    def check_then_sync(grown: int) -> list[str]:
+        """The answer before the sync (nothing written) and after it (the same)."""
+        before = saved.read_bytes()
+        top = paths(ann(lib, phrase, monkeypatch))
+        assert saved.read_bytes() == before and len(lib.searcher._text_index.ids) == grown
+        lib.update_indexes()
+        assert paths(ann(lib, phrase, monkeypatch)) == top
+        return top
+
+    # Added: 30 images that match the phrase best; found before the sync, then synced
+    # incrementally (no rebuild).
     new_paths = [f"/new/{i:04d}.jpg" for i in range(30)]
     new_ids = lib.store.reserve_images(new_paths)
     _commit(lib, new_ids, *_strong(world, 12, 30, seed=5))
-    top = paths(ann(lib, phrase, monkeypatch))
+    top = check_then_sync(N_IMAGES)
     assert lib.searcher._text_index is built and built.trained_on == trained_on
     assert len(built.ids) == N_IMAGES + 30
     # (the phrase's softmax against the other labels saturates: a few old images can tie in)
@@ -149,20 +165,20 @@ def test_incremental_sync_adds_reencoded_and_removed(
     gone = new_ids[:25]
     other = _strong(world, 3, 25, seed=6)
     _commit(lib, gone, *other)
-    top = paths(ann(lib, phrase, monkeypatch))
+    top = check_then_sync(N_IMAGES + 30)
     assert not set(top) & set(new_paths[:25])
     assert set(new_paths[25:]) <= set(top)
     assert len(lib.searcher._text_index.ids) == N_IMAGES + 30
 
-    # Removed: never returned, dropped from the index.
+    # Removed: never returned, dropped from the index by the sync.
     lib.store.remove_images(new_ids[25:])
-    top = paths(ann(lib, phrase, monkeypatch))
+    top = check_then_sync(N_IMAGES + 30)
     assert not set(top) & set(new_paths)
     assert not np.isin(new_ids[25:], lib.searcher._text_index.ids).any()
     assert len(lib.searcher._text_index.ids) == N_IMAGES + 25
     assert top == paths(exact(lib, phrase))
 
-    # Persisted: a fresh process loads the synced index instead of building it.
+    # Persisted: a fresh process loads the synced index.
     fresh = scale.open_library(lib.settings.home, world)
     try:
         assert paths(ann(fresh, phrase, monkeypatch)) == top
@@ -170,6 +186,32 @@ def test_incremental_sync_adds_reencoded_and_removed(
         assert len(fresh.searcher._text_index.ids) == N_IMAGES + 25
     finally:
         fresh.close()
+
+
+def test_a_query_with_no_index_scans_exactly_and_says_so(
+    tmp_path: Path, world: scale.World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A library whose indexes were never built (made before `index` built them, or a damaged
+    one removed): text search and similar answer from an exact scan, build nothing, and say
+    so; `fit` then builds both."""
+    library = scale.open_library(tmp_path / "old", world)
+    try:
+        scale.add_images(library, world, N_IMAGES, group=1000)
+        want = exact(library, "l004")
+        assert library.text_search("l004", limit=20, progress=True) == want
+        assert "the text index is not built yet" in capsys.readouterr().err
+        first = library.store.paths([1])[1]
+        near = library.similar(first, limit=5, progress=True)
+        assert "similar-images index is not built yet" in capsys.readouterr().err
+        assert not (library.vectors_dir / "text").exists()
+        assert not (library.vectors_dir / "similar").exists()
+        library.update_indexes()
+        assert (library.vectors_dir / "text" / "meta.json").is_file()
+        assert library.similar(first, limit=5) == near
+        assert library.text_search("l004", limit=20, progress=True) == want
+        assert capsys.readouterr().err == ""
+    finally:
+        library.close()
 
 
 def test_small_library_uses_the_exact_scan(tmp_path: Path, world: scale.World) -> None:

@@ -339,7 +339,7 @@ class Library:
             if engine == "ray":
                 from piaa_index.engines import ray_engine
 
-                return ray_engine.index(
+                report = ray_engine.index(
                     self,
                     paths,
                     address=address,
@@ -352,6 +352,8 @@ class Library:
                     follow_symlinks=follow_symlinks,
                     read_timeout=read_timeout,
                 )
+                self.update_indexes(progress)
+                return report
             if self._vectors is None and VectorStore.read_manifest(self.vectors_dir) is None:
                 self._load_encoder(progress)  # a new library records its model first
             note(f"scanning {len(paths)} path{'s' if len(paths) != 1 else ''}…", progress)
@@ -363,7 +365,7 @@ class Library:
                 commit_every=commit_every,
                 read_timeout=read_timeout,
             )
-            return indexer.run(
+            report = indexer.run(
                 paths,
                 prune=prune,
                 progress=progress,
@@ -373,6 +375,16 @@ class Library:
             )
         except PathError as exc:
             raise UserInputError(str(exc)) from None
+        self.update_indexes(progress)
+        return report
+
+    def update_indexes(self, progress: Progress = False) -> None:
+        """Bring the [CLS] and text-search indexes up to date with the vectors: run by `index`,
+        `fit` and `vacuum`, so that no query builds one (Searcher.update_indexes)."""
+        if VectorStore.read_manifest(self.vectors_dir) is None:
+            return  # nothing indexed yet
+        with self.vectors.reading():  # the shards it reads stay while it reads them
+            self.searcher.update_indexes(progress)
 
     # -- vocabulary (VocabularyEditor) ---------------------------------------------------------
 
@@ -428,7 +440,9 @@ class Library:
         """Fit PVCL on the collection's patch pool (one streaming pass), then re-tag everything
         (with `engine="ray"` the re-tag's scoring runs as Ray tasks; docs/ray.md). After a
         vocabulary change only the new labels are fitted unless `full` (`Tagger.fit`)."""
-        return self.tagger.fit(progress, bank_size, engine, address, full)
+        report = self.tagger.fit(progress, bank_size, engine, address, full)
+        self.update_indexes(progress)  # a library indexed before `index` built them
+        return report
 
     def ensure_tags(self, progress: Progress = False) -> VocabularyInfo:
         """Refit when stale; tag images indexed since the last fit with the current classifier."""
@@ -468,13 +482,18 @@ class Library:
         arrays: the public bulk read for plugins (no reaching into the store)."""
         return self.searcher.tag_matrix(labels)
 
-    def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
-        """Open-vocabulary search: a phrase scored on the fly, no refit."""
-        return self.searcher.text_search(text, limit)
+    def text_search(
+        self, text: str, limit: int | None = 20, progress: Progress = False
+    ) -> list[dict[str, Any]]:
+        """Open-vocabulary search: a phrase scored on the fly, no refit. `progress` says when
+        the text index does not hold every image yet (an index run still going)."""
+        return self.searcher.text_search(text, limit, progress)
 
-    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+    def similar(
+        self, path: str | Path, limit: int | None = 20, progress: Progress = False
+    ) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded)."""
-        return self.searcher.similar(path, limit)
+        return self.searcher.similar(path, limit, progress)
 
     def evidence(self, image: int | str | Path, label: str) -> Evidence:
         """Where the fitted classifier sees `label` on an indexed image (by id or path): the
@@ -488,7 +507,9 @@ class Library:
 
     def vacuum(self, min_live: float = 0.5, small: int = 64, group: int = 256) -> dict[str, int]:
         """Rewrite shards that are mostly dead rows (pruned or re-encoded images) or small."""
-        return self.maintenance.vacuum(min_live, small, group)
+        done = self.maintenance.vacuum(min_live, small, group)
+        self.update_indexes()  # the rows moved to new shards
+        return done
 
     def status(self) -> dict[str, Any]:
         """Counts, model, vocabulary, classifier version and staleness."""
@@ -497,7 +518,9 @@ class Library:
     def check(self, progress: bool = False) -> dict[str, Any]:
         """Verify the database and the vector shards; damaged shards' images are re-encoded by
         the next index run."""
-        return self.maintenance.check(progress)
+        report = self.maintenance.check(progress)
+        self.update_indexes(progress)  # rebuilds what the check found damaged and removed
+        return report
 
 
 # Each vector folder names the SQLite file it belongs to: a deleted or moved database next to

@@ -13,6 +13,7 @@ import numpy as np
 from piaa_index.errors import UserInputError
 from piaa_index.library.part import Part
 from piaa_index.library.vocabulary import default_templates
+from piaa_index.progress import Progress, note
 from piaa_index.query.engine import path_candidates, tag_rows
 
 if TYPE_CHECKING:
@@ -134,7 +135,9 @@ class Searcher(Part):
                 out[path].append((name, score))
         return out
 
-    def text_search(self, text: str, limit: int | None = 20) -> list[dict[str, Any]]:
+    def text_search(
+        self, text: str, limit: int | None = 20, progress: Progress = False
+    ) -> list[dict[str, Any]]:
         """Open-vocabulary search: a phrase scored on the fly, no refit.
 
         PAA's weighting of max patch cosine and [CLS] cosine (`phrase_scores`), with the
@@ -154,12 +157,18 @@ class Searcher(Part):
         # text tower is then cached (piaa_index/model/text_tower.py); default templates either way.
         phrase = text_tower.phrase_prototype(self.library, text, default_templates)
         with self.vectors.reading():  # the shards of the candidates stay while they are read
-            ids, scores = text_search.search(self, phrase, None, phrase_scores, limit)
+            ids, scores = text_search.search(
+                self, phrase, None, phrase_scores, limit, progress=progress
+            )
         return self._top(ids, scores, limit)
 
-    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+    def similar(
+        self, path: str | Path, limit: int | None = 20, progress: Progress = False
+    ) -> list[dict[str, Any]]:
         """Nearest neighbours by [CLS] embedding (the image itself excluded), from the FAISS
-        index kept beside the shards (`piaa_index/vectors/similar.py`)."""
+        index kept beside the shards (`piaa_index/vectors/similar.py`). Images the index does
+        not hold yet (an index run still going) are compared exactly; with no index at all,
+        every image is (and `progress` says so)."""
         p = Path(path).expanduser()
         query_id: int | None = None
         try:
@@ -167,7 +176,8 @@ class Searcher(Part):
         except UserInputError:
             if not p.is_file():
                 raise
-        index = self._similar_index()
+        from piaa_index.vectors.similar import exact_search
+
         if query_id is not None:
             loc = self.store.location(query_id)
             if loc is None:
@@ -181,28 +191,90 @@ class Searcher(Part):
             except ImageDecodeError as exc:
                 raise UserInputError(f"{path}: {exc}") from None
             q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
-        # A few extra so that the query image and ties at the cut do not shorten the list.
-        want = len(index.ids) if limit is None else limit + 1 + 8
-        ids, sims = index.search(q, want)
+        index = self._similar_index()
+        if index is None:
+            live = self.store.live_locations()
+            note(
+                f"the similar-images index is not built yet: comparing all {len(live):,} "
+                "images exactly (`piaa index` builds it)",
+                progress,
+            )
+            every, _, vecs = self._cls_of(live)
+            ids, sims = exact_search(every, vecs, q, len(every))
+        else:
+            gone, fresh = self._not_in(index)
+            # A few extra so that the query image, rows changed since the index was saved
+            # and ties at the cut do not shorten the list.
+            want = len(index.ids) if limit is None else limit + 1 + 8 + len(gone)
+            ids, sims = index.search(q, want)
+            if len(gone):
+                keep = ~np.isin(ids, gone)
+                ids, sims = ids[keep], sims[keep]
+            if fresh:
+                note(
+                    f"the similar-images index is being updated: {len(fresh):,} images it "
+                    "does not hold yet are compared exactly",
+                    progress,
+                )
+                new_ids, _, vecs = self._cls_of(fresh)
+                new_ids, new_sims = exact_search(new_ids, vecs, q, want)
+                ids = np.concatenate([np.asarray(ids, np.int64), new_ids])
+                sims = np.concatenate([np.asarray(sims, np.float32), new_sims])
         if query_id is not None:
             keep = ids != query_id
             ids, sims = ids[keep], sims[keep]
         return self._top(ids, sims, limit)
 
+    def update_indexes(self, progress: Progress = False) -> None:
+        """Bring the derived indexes up to date with the catalog and save them: the [CLS]
+        index (`similar`, and text search's [CLS] candidates) and, from `EXACT_BELOW` images,
+        text search's patch index. Part of `index`, `fit` and `vacuum`, never of a query, so a
+        first query at a million images does not build for minutes (issue 23)."""
+        from piaa_index.vectors import text_search
+        from piaa_index.vectors.similar import saved_version
+
+        # Current on disk: nothing to load (at 1M the two indexes are ~2 GB in memory).
+        version, root = self.store.data_version(), self.library.vectors_dir
+        n = self.store.indexed_count()
+        if saved_version(root / "similar") != version and (n or self._similar is not None):
+            self._similar = self._sync_similar(progress)
+        if n >= text_search.EXACT_BELOW and saved_version(root / "text") != version:
+            self._text_index = text_search.sync(
+                self._text_index, self.store, self.vectors, root / "text", progress
+            )
+
     def _similar_index(self) -> Any:
-        """The [CLS] FAISS index, built on first use and synced with the catalog after."""
+        """The newest saved [CLS] index (None: not built yet); a query's step, it never
+        builds or writes (`_sync_similar` does, for `update_indexes`)."""
+        from piaa_index.vectors.similar import ClsIndex, saved_version
+
+        folder = self.library.vectors_dir / "similar"
+        saved = saved_version(folder)
+        if saved is not None and (self._similar is None or self._similar.version != saved):
+            self._similar = ClsIndex.load(folder) or self._similar
+        return self._similar
+
+    def _not_in(self, index: Any) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """(ids the index holds that changed since it was saved, locations of indexed images
+        it does not hold yet); nothing when it is current."""
+        if index.version == self.store.data_version():
+            return np.zeros(0, np.int64), []
+        stale, fresh = self.store.changes_since(index.ids, index.shards, index.max_shard)
+        return index.ids[stale], fresh
+
+    def _sync_similar(self, progress: Progress = False) -> Any:
+        """The [CLS] index brought up to date with the catalog (built if there is none yet)
+        and saved."""
         from piaa_index.vectors.similar import ClsIndex
 
         folder = self.library.vectors_dir / "similar"
         version = self.store.data_version()
-        index = self._similar
-        if index is None:
-            index = ClsIndex.load(folder)
+        index = self._similar_index()
         if index is not None and index.version == version:
-            self._similar = index
             return index
         if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
             # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+            note("building the similar-images index…", progress)
             live = self.store.live_locations()
             index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
         else:
@@ -211,7 +283,6 @@ class Searcher(Part):
             index.add(*self._cls_of(new))
         index.version = version
         index.save(folder)
-        self._similar = index
         return index
 
     def _cls_of(

@@ -31,6 +31,29 @@ def _faiss() -> Any:
     return faiss
 
 
+def saved_version(folder: Path) -> int | None:
+    """The catalog version the index saved in `folder` (this one or text
+    search's) was synced with (None: no readable index)."""
+    try:
+        return int(json.loads((folder / "meta.json").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def exact_search(
+    ids: np.ndarray, vectors: np.ndarray, q: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, inner products) of the `k` vectors nearest `q`, compared one by one: FAISS's flat
+    inner product, so the scores are those a flat `ClsIndex` gives, to the last digit."""
+    if not len(ids):
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    flat = _faiss().IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    sims, rows = flat.search(np.asarray(q, np.float32).reshape(1, -1), min(k, len(ids)))
+    keep = rows[0] >= 0
+    return np.asarray(ids, np.int64)[rows[0][keep]], sims[0][keep]
+
+
 class ClsIndex:
     def __init__(self, index: Any, ids: np.ndarray, shards: np.ndarray, kind: str):
         self.index = index

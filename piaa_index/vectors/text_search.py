@@ -15,10 +15,15 @@ Candidates, then a cheap exact pre-score, then the exact scorer on a few:
    decoded vectors, and the top k returned. Dropping the rest loses nothing for any scorer that
    does not decrease when either cosine grows (PAA's α·max patch + (1 − α)·[CLS] does not).
 
-The patch index is a cache kept beside the shards like `similar.py`'s: built lazily, persisted
-under `<vectors_dir>/text/` with the (image id, shard, row) triples it covers, and brought up to
-date incrementally (new shards added; superseded, re-encoded and removed images deleted by id).
-A damaged or missing one is rebuilt. Libraries below `EXACT_BELOW` images keep the exact scan.
+The patch index is kept beside the shards like `similar.py`'s: persisted under
+`<vectors_dir>/text/` with the (image id, shard, row) triples it covers, built and brought up to
+date incrementally (new shards added; superseded, re-encoded and removed images deleted by id)
+by `sync` as part of `index`, `fit` and `vacuum`, never by a query. A query finds it as it is:
+the images it does not hold yet (an index run still going, in this process or another) are
+pre-scored exactly beside its candidates, and the images it holds that changed since are left
+out, so the answer is the same as from an up-to-date index; with no index at all (a library
+made before indexes were built by `index`, or a damaged one) the query scans exactly and says
+so. Libraries below `EXACT_BELOW` images keep the exact scan.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from piaa_index.durable import damaged_files, file_digest, fsync_dir
+from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
 from piaa_index.vectors.shards import ShardVectors, VectorStore
 
@@ -107,6 +113,7 @@ class PatchIndex:
         vectors: VectorStore,
         live: list[tuple[int, int, int]],
         nlist: int | None = None,
+        advance: Callable[[int], None] | None = None,
     ) -> PatchIndex:
         faiss = _faiss()
         d, m_patches = vectors.dim, vectors.n_patches
@@ -129,11 +136,16 @@ class PatchIndex:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = _nprobe(nlist)
         out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
-        out.add(vectors, live)
+        out.add(vectors, live, advance)
         out.trained_on = len(out.ids)
         return out
 
-    def add(self, vectors: VectorStore, locations: list[tuple[int, int, int]]) -> None:
+    def add(
+        self,
+        vectors: VectorStore,
+        locations: list[tuple[int, int, int]],
+        advance: Callable[[int], None] | None = None,
+    ) -> None:
         if not locations:
             return
         where = {i: (s, r) for i, s, r in locations}
@@ -143,6 +155,8 @@ class PatchIndex:
             flat = np.ascontiguousarray(chunk.patches.reshape(n * m, -1), dtype=np.float32)
             self.index.add_with_ids(flat, np.repeat(chunk.image_ids.astype(np.int64), m))
             got.append(chunk.image_ids.astype(np.int64))
+            if advance is not None:
+                advance(n)
         new = np.concatenate(got)
         shards = np.fromiter((where[int(i)][0] for i in new), np.int32, len(new))
         rows = np.fromiter((where[int(i)][1] for i in new), np.int32, len(new))
@@ -234,23 +248,45 @@ class PatchIndex:
         return out
 
 
-def sync(index: PatchIndex | None, store: Any, vectors: VectorStore, folder: Path) -> PatchIndex:
-    """The patch index brought up to date with the catalog (built if there is none yet)."""
+def sync(
+    index: PatchIndex | None,
+    store: Any,
+    vectors: VectorStore,
+    folder: Path,
+    progress: Progress = False,
+) -> PatchIndex:
+    """The patch index brought up to date with the catalog (built if there is none yet) and
+    saved: the writers' step (`index`, `fit`, `vacuum`; Searcher.update_indexes)."""
     version = store.data_version()
-    if index is None:
+    if index is None or index.version != similar.saved_version(folder):
         index = PatchIndex.load(folder)
     if index is not None and index.version == version:
         return index
     if index is None or len(index.ids) > 4 * max(1, index.trained_on) + 10_000:
         # None yet, or trained on far fewer images than it holds: build afresh.
-        index = PatchIndex.build(vectors, store.live_locations())
+        live = store.live_locations()
+        with progress_bar(len(live), "text index", progress) as advance:
+            index = PatchIndex.build(vectors, live, advance=advance)
     else:
         stale, new = store.changes_since(index.ids, index.shards, index.max_shard)
         index.remove(stale)
-        index.add(vectors, new)
+        if new:
+            with progress_bar(len(new), "text index", progress) as advance:
+                index.add(vectors, new, advance)
     index.version = version
     index.save(folder)
     return index
+
+
+def current(index: PatchIndex | None, folder: Path) -> PatchIndex | None:
+    """The newest saved patch index (`index` when it is that one); None when there is none. A
+    query's step: it never builds or writes."""
+    saved = similar.saved_version(folder)
+    if saved is None:
+        return index
+    if index is not None and index.version == saved:
+        return index
+    return PatchIndex.load(folder) or index
 
 
 def exact_scores(
@@ -309,15 +345,19 @@ def search(
     limit: int | None,
     budget: Budget | None = None,
     exact_below: int | None = None,
+    progress: Progress = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, exact scores) of the images to rank for a text search: every image of a small
     library (or when every image is asked for), else the ANN candidates re-ranked. `library` is
-    the `Searcher`: its store, vectors, vectors_dir, cached `_text_index` and [CLS] index."""
+    the `Searcher`: its store, vectors, vectors_dir, cached `_text_index` and [CLS] index.
+    Nothing is built or written here (see the module's docstring); what the indexes do not
+    hold yet is said through `progress`'s note."""
     store, vectors = library.store, library.vectors
-    cached = library._text_index
     version = store.data_version()
-    if cached is not None and cached.version == version:
-        n = len(cached.ids)
+    index = current(library._text_index, library.vectors_dir / "text")
+    library._text_index = index
+    if index is not None and index.version == version:
+        n = len(index.ids)
     else:
         n = store.indexed_count()
     threshold = EXACT_BELOW if exact_below is None else exact_below
@@ -325,11 +365,31 @@ def search(
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     if limit is None or n < threshold:
         return exact_scores(vectors, store.live_locations(), scorer, phrase, others)
-    index = sync(cached, store, vectors, library.vectors_dir / "text")
-    library._text_index = index
+    if index is None:
+        note(
+            f"the text index is not built yet: scanning all {n:,} images exactly (slow; "
+            "`piaa index` builds it)",
+            progress,
+        )
+        return exact_scores(vectors, store.live_locations(), scorer, phrase, others)
+    # Images indexed since the index was saved: pre-scored exactly beside its candidates;
+    # rows it holds that changed since (re-encoded, removed) are not its to answer for.
+    if index.version == version:
+        gone, fresh = np.zeros(0, np.int64), []
+    else:
+        stale, fresh = store.changes_since(index.ids, index.shards, index.max_shard)
+        gone = index.ids[stale]
+        if fresh or len(gone):
+            note(
+                f"the text index is being updated: {len(fresh):,} images it does not hold "
+                "yet are scored exactly",
+                progress,
+            )
     cls_index = library._similar_index()
 
     def by_cls(q: np.ndarray, k: int) -> np.ndarray:
+        if cls_index is None:  # not built yet: the patch index's candidates alone
+            return np.zeros(0, np.int64)
         # An IVF probes lists holding ~4k images (the default probes too few for k in the
         # thousands); a full probe of 100k [CLS] vectors costs tens of ms.
         nlist = int(getattr(cls_index.index, "nlist", 1))
@@ -337,6 +397,9 @@ def search(
         return np.asarray(cls_index.search(q, k, nprobe=nprobe)[0], np.int64)
 
     pool = candidates(index, by_cls, phrase, budget or Budget.for_limit(limit, n))
-    ids, best_patch, cls_sim = vectors.patch_maxima(index.locations(pool), phrase)
+    pool = pool[~np.isin(pool, gone)]
+    located = index.locations(pool) + list(fresh)
+    ids, best_patch, cls_sim = vectors.patch_maxima(located, phrase)
+    where = {loc[0]: loc for loc in located}
     keep = np.sort(ids[skyband(best_patch, cls_sim, limit)])
-    return exact_scores(vectors, index.locations(keep), scorer, phrase, others)
+    return exact_scores(vectors, [where[int(i)] for i in keep], scorer, phrase, others)

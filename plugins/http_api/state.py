@@ -103,5 +103,7 @@ class ServedLibrary:
     def tags(self, path: str | Path, progress: bool = False) -> list[dict[str, Any]]:
         return self._library.tags(self.indexed_path(path))
 
-    def similar(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
-        return self._library.similar(self.indexed_path(path), limit=limit)
+    def similar(
+        self, path: str | Path, limit: int | None = 20, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        return self._library.similar(self.indexed_path(path), limit=limit, progress=progress)
