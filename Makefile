@@ -31,6 +31,7 @@ test-ray: install      ## the Ray engine on a two-node local cluster (started by
 lint: install
 	$(BIN)/ruff check piaa_index plugins migrations tests benchmarks docs tools
 	$(BIN)/ruff format --check piaa_index plugins migrations tests benchmarks docs tools
+	$(BIN)/lint-imports  # the layer contracts in pyproject.toml ([tool.importlinter])
 
 typecheck: install
 	$(BIN)/mypy piaa_index

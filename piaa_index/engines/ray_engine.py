@@ -456,8 +456,8 @@ def _score(
     job: tuple[str, dict, str], shard: int, rows: list[int], packed: bytes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Task: read one chunk of a shard and score it (the local scoring code)."""
-    from piaa_index.library.tagging import unpack
     from piaa_index.method import fusion
+    from piaa_index.method.pvcl import unpack
     from piaa_index.vectors.shards import VectorStore
 
     root, identity, codec = job
@@ -477,7 +477,7 @@ def score_chunks(
 ) -> Iterator[tuple[np.ndarray, int, tuple[np.ndarray, ...]]]:
     """(image ids, shard, (fused, patch, cls, support)) per chunk, in the order given, scored
     by Ray tasks near the shards; a bounded number in flight."""
-    from piaa_index.library.tagging import pack
+    from piaa_index.method.pvcl import pack
 
     vectors = library.vectors
     job = (str(vectors.root.resolve()), vectors.identity, vectors.codec)

@@ -132,7 +132,7 @@ class Maintenance(Part):
     def _check_classifier(self) -> dict[str, Any] | None:
         """Unpack the latest classifier's stored weights; remove it when they are damaged (a
         flipped byte in the database's blob), so that the next query fits it again."""
-        from piaa_index.library.tagging import unpack
+        from piaa_index.method.pvcl import unpack
         from piaa_index.vectors.scores import cleanup, writer_lock
 
         latest = self.store.latest_classifier()

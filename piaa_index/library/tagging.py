@@ -676,6 +676,7 @@ class Tagger(Part):
         """Commit a classifier whose (durable) first segment holds every indexed image, with its
         sparse tags (under the scores' writer lock)."""
         from piaa_index.catalog.schema import Classifier as ClassifierRow
+        from piaa_index.method.pvcl import pack
         from piaa_index.vectors.scores import Segment, cleanup
 
         names = vocab.names
@@ -710,6 +711,8 @@ class Tagger(Part):
 
     def fitted_for(self, row: Any) -> Fitted:
         """The classifier of an SQL row, unpacked once per classifier version."""
+        from piaa_index.method.pvcl import unpack
+
         cached = self._fitted_cache
         if cached is not None and cached.id == row.id:
             return cached
@@ -929,20 +932,3 @@ def present_triples(
         if len(c_idx):
             S = np.asarray(seg.mats["S"][:, start:stop])
             yield seg.ids[start:stop][r_idx], labels[c_idx], S[c_idx, r_idx].astype(np.float64)
-
-
-def pack(classifier: Classifier, T: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, classifier=np.frombuffer(classifier.to_bytes(), dtype=np.uint8), text_protos=T)
-    return buf.getvalue()
-
-
-def unpack(data: bytes) -> tuple[Classifier, np.ndarray]:
-    import io
-
-    from piaa_index.method.pvcl import Classifier
-
-    with np.load(io.BytesIO(data)) as z:
-        return Classifier.from_bytes(z["classifier"].tobytes()), z["text_protos"]

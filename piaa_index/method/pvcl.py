@@ -30,8 +30,10 @@ __all__ = [
     "gda",
     "gemm_rows",
     "log_odds",
+    "pack",
     "paper_bank_size",
     "softmax",
+    "unpack",
 ]
 
 Chunk = np.ndarray | tuple[np.ndarray, np.ndarray]
@@ -539,3 +541,16 @@ def paper_bank_size(pool_patches: int, n_classes: int) -> int:
     """K per class: the paper's 512, or 1/50 of the pool per class when the pool is small."""
     per_class = int(pool_patches * BANK_FRACTION / max(1, n_classes))
     return max(MIN_BANK_SIZE, min(PAPER_BANK_SIZE, per_class))
+
+
+def pack(classifier: Classifier, T: np.ndarray) -> bytes:
+    """A classifier and its text prototypes as one blob (the stored weights; a Ray object)."""
+    buf = io.BytesIO()
+    np.savez(buf, classifier=np.frombuffer(classifier.to_bytes(), dtype=np.uint8), text_protos=T)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> tuple[Classifier, np.ndarray]:
+    """`pack`'s blob back: (classifier, text prototypes)."""
+    with np.load(io.BytesIO(data)) as z:
+        return Classifier.from_bytes(z["classifier"].tobytes()), z["text_protos"]
