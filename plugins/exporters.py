@@ -26,11 +26,11 @@ def _xmp(
     undo: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    from piaa_index.xmp.sidecars import Sidecars, check_options
+    from piaa_index.xmp.sidecars import check_options
 
     check_options(prefix, naming)  # before tagging, which may take a while
-    sidecars = Sidecars(library.store)
-    images = library.store.indexed_paths()
+    sidecars = library.sidecars()
+    images = library.indexed_paths()
     if undo:
         report = sidecars.undo(images)
     else:

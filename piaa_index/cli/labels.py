@@ -247,14 +247,13 @@ def teach_command(
     product. No text prompt is needed: NAME becomes a label like any other (search, tags,
     evidence maps, XMP, the API), found by what its examples share and other photos lack.
     Ten or so varied examples work better than two; teach again to add more."""
-    from piaa_index.library.teaching import teach
     from piaa_index.library.vocabulary import clean_labels
 
     label = clean_labels([name])[0]
     library = app.library()
     ids = [library.image_id(p) for p in examples]
     not_ids = [library.image_id(p) for p in counter]
-    done = teach(library.store, library.vectors, label, ids, not_ids)
+    done = library.teach(label, ids, not_ids)
     if _key(label) not in {_key(n) for n in library.labels()}:
         library.add_labels([label])
         done["added_to_vocabulary"] = True

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from piaa_index.model.encoder import Encoder
     from piaa_index.plugins import Plugins
     from piaa_index.progress import Progress
+    from piaa_index.xmp.sidecars import Sidecars
 
 
 class Library:
@@ -502,6 +503,136 @@ class Library:
         from piaa_index.library.evidence import evidence
 
         return evidence(self, image, label)
+
+    # -- the catalog, for plugins (docs/plugins.md: the plugin API) ----------------------------
+    # What first-party and third-party plugins read and write, so that none reaches into the
+    # store, the tagger or the vectors: each call is one store operation, named here once.
+
+    def indexed_count(self) -> int:
+        """How many images are indexed."""
+        return self.store.indexed_count()
+
+    def indexed_paths(self) -> list[str]:
+        """Every indexed image's path, as stored."""
+        return self.store.indexed_paths()
+
+    def image_info(self, image_id: int) -> dict[str, Any] | None:
+        """An indexed image's row (id, path, content hash, size, dimensions, indexed_at);
+        None when no indexed image has that id."""
+        return self.store.image_info(int(image_id))
+
+    def image_refs(self, paths: Sequence[str]) -> dict[str, tuple[int, str | None]]:
+        """path -> (image id, content hash) of those of `paths` that are indexed, as stored."""
+        return self.store.image_refs(paths)
+
+    def indexed_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of `ids` are indexed images."""
+        return self.store.indexed_ids(ids)
+
+    def indexed_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
+        """path -> id of those of `paths` (exactly as stored) that are indexed images."""
+        return self.store.indexed_ids_by_path(paths)
+
+    def image_page(
+        self, after: int, limit: int, since: int | None = None, upto: int | None = None
+    ) -> tuple[list[dict[str, Any]], list[int], int | None]:
+        """Indexed images with id > `after`, in id order (with `since`: those changed since
+        that feed version, up to `upto`): (images, ids removed since, last id or None)."""
+        return self.store.image_page(after, limit, since, upto)
+
+    def newest_images(
+        self, before: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to `limit` indexed images, latest indexed first, below `before`; where to go on."""
+        return self.store.newest_images(before, limit)
+
+    def feed_version(self) -> int:
+        """The change feed's current version (`image_page(since=...)`)."""
+        return self.store.feed_version()
+
+    def present_tags_of(self, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
+        """id -> [(label, score)] of the labels tagged present on each of `ids`, best first."""
+        return self.store.present_tags_of(ids)
+
+    def tag_counts(self) -> dict[str, int]:
+        """Images tagged present, per label."""
+        return self.store.tag_counts()
+
+    def is_fitted(self) -> bool:
+        """True once a classifier has been fitted (the vocabulary may have changed since:
+        `is_stale`)."""
+        return self.store.latest_classifier() is not None
+
+    @property
+    def auto_fit(self) -> bool:
+        """Whether a query fits a stale vocabulary itself (the CLI) or answers 409 `needs_fit`
+        (a server, where fits are jobs)."""
+        return self.tagger.auto_fit
+
+    @auto_fit.setter
+    def auto_fit(self, value: bool) -> None:
+        self.tagger.auto_fit = value
+
+    # -- the user's own labels (piaa labels, the gallery's ✓/✗, piaa teach) --
+
+    def user_labels_of(self, image_id: int) -> list[dict[str, Any]]:
+        """The user's labels of one image: label, present, source, updated_at."""
+        return list(self.store.user_labels_of(image_id))
+
+    def user_label_page(
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        label_key: str | None = None,
+        source: str | None = None,
+    ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """Up to `limit` user labels after (image id, label key); where to go on."""
+        return self.store.user_label_page(after, limit, label_key, source)
+
+    def set_user_labels(self, rows: Sequence[tuple[int, str, bool]], source: str) -> int:
+        """Store (image id, label, present) rows as the user's labels; the rows that changed."""
+        return self.store.set_user_labels(rows, source)
+
+    def forget_user_labels(self, image_ids: Sequence[int], label: str | None = None) -> int:
+        """Forget the user's labels of these images (of one label, or all); how many."""
+        return self.store.forget_user_labels(image_ids, label)
+
+    def labels_changed(self) -> bool:
+        """True when the user's labels changed since the last fit (`fit` learns from them)."""
+        return self.tagger.labels_changed()
+
+    def teach(
+        self, name: str, examples: Sequence[int], counter_examples: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        """Store the concept `name` learnt from example images (ids) and the examples as the
+        user's labels; a `fit` then tags with it (piaa_index/library/teaching.py)."""
+        from piaa_index.library.teaching import teach
+
+        return teach(self.store, self.vectors, name, examples, counter_examples)
+
+    def sidecars(self) -> Sidecars:
+        """The XMP sidecars of this library's images: export our keywords, undo them."""
+        from piaa_index.xmp.sidecars import Sidecars
+
+        return Sidecars(self.store)
+
+    # -- API keys of `piaa serve` --
+
+    def add_api_key(self, key_hash: str, prefix: str, scope: str, name: str | None) -> int:
+        return self.store.add_api_key(key_hash, prefix, scope, name)
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        return self.store.api_keys()
+
+    def revoke_api_key(self, key_id: int) -> bool:
+        return self.store.revoke_api_key(key_id)
+
+    def api_key_scope(self, key_hash: str) -> str | None:
+        """The scope of a live key, by its hash; None for an unknown or revoked key."""
+        return self.store.api_key_scope(key_hash)
+
+    def live_api_keys(self) -> int:
+        return self.store.live_api_keys()
 
     # -- maintenance (Maintenance) -------------------------------------------------------------
 

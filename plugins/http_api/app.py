@@ -131,7 +131,7 @@ def create_app(
     config = config or ServerConfig()
     # A read never fits (minutes on a large library, holding every other read): it answers
     # 409 needs_fit, and a fit job does the work.
-    library.tagger.auto_fit = False
+    library.auto_fit = False
     jobs = JobRunner(open_job_library or library.reopen)
     state = ApiState(library, config, jobs)
 

@@ -35,12 +35,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def create_key(store: object, scope: str, name: str | None = None) -> tuple[int, str]:
-    """Store a new key; (its id, the token to hand out, shown only now)."""
+def create_key(library: object, scope: str, name: str | None = None) -> tuple[int, str]:
+    """Store a new key in the library; (its id, the token to hand out, shown only now)."""
     if scope not in SCOPES:
         raise UserInputError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     token = new_token()
-    key_id = store.add_api_key(  # type: ignore[attr-defined]
+    key_id = library.add_api_key(  # type: ignore[attr-defined]
         hash_token(token), token[: len(TOKEN_PREFIX) + 6], scope, name
     )
     return key_id, token
@@ -55,7 +55,7 @@ def scope_of(state: ApiState, token: str | None) -> str | None:
         return "write"
     if len(token) > 200:  # never a key of ours; not worth a database round trip
         return None
-    return state.library.store.api_key_scope(hash_token(token))
+    return state.library.api_key_scope(hash_token(token))
 
 
 def _token(

@@ -114,7 +114,7 @@ def serve(
     library = app_ctx.library()
     demo = library.settings.home / "demo" / "index"
     if (
-        library.store.indexed_count() == 0
+        library.indexed_count() == 0
         and (demo / "piaa.sqlite3").is_file()
         and app_ctx.db is None
         and not os.environ.get("PIAA_DB")
@@ -127,7 +127,7 @@ def serve(
         click.echo(
             f"this library is empty: serving the demo's (piaa --home {demo} serve)", err=True
         )
-    if not is_loopback(host) and library.store.live_api_keys() == 0:
+    if not is_loopback(host) and library.live_api_keys() == 0:
         library.close()
         raise UserInputError(
             f"refusing to listen on {host} (not loopback) without an API key: create one with "
@@ -229,8 +229,7 @@ def keys_create(ctx: click.Context, scope: str, name: str | None) -> None:
 
     from piaa_index.cli.common import app_context
 
-    store = app_context(ctx).library().store
-    key_id, token = create_key(store, scope, name)
+    key_id, token = create_key(app_context(ctx).library(), scope, name)
     click.echo(f"key {key_id} ({scope}) created; it is shown only now:", err=True)
     click.echo(token)
 
@@ -242,7 +241,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
     """Every key: id, name, scope, the key's first characters, created, revoked."""
     from piaa_index.cli.common import app_context, echo_json, format_table
 
-    rows = app_context(ctx).library().store.api_keys()
+    rows = app_context(ctx).library().api_keys()
     if as_json:
         echo_json(rows)
     elif rows:
@@ -260,6 +259,6 @@ def keys_revoke(ctx: click.Context, key_id: int) -> None:
 
     # An id past the database's integer range names no key (and would overflow the driver).
     in_range = -(2**63) <= key_id <= 2**63 - 1
-    if not in_range or not app_context(ctx).library().store.revoke_api_key(key_id):
+    if not in_range or not app_context(ctx).library().revoke_api_key(key_id):
         raise UserInputError(f"no live key with id {key_id} (see `piaa keys list`)")
     click.echo(f"key {key_id} revoked", err=True)

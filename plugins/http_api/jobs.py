@@ -203,7 +203,7 @@ class JobRunner:
             result = out.as_dict()
             # Tag what was added with the current classifier now, in the job, rather than in
             # the next read (a stale vocabulary waits for a fit job).
-            if library.store.latest_classifier() is not None and not library.is_stale():
+            if library.is_fitted() and not library.is_stale():
                 library.ensure_tags(progress=report)
             return jsonable(result)
         report("fitting", 0, 0)

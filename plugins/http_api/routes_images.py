@@ -82,16 +82,14 @@ def list_images(
     ] = "id",
 ) -> dict[str, Any]:
     if order == "newest":
-        from piaa_index_plugins.http_api.user_labels import newest_images
-
         before = decode_cursor(cursor, "newest")["b"] if cursor else None
-        rows, last = state.run(newest_images, state.library.store, before, limit)
+        rows, last = state.run(state.library.newest_images, before, limit)
         return {
             "images": jsonable(rows),
             "next_cursor": None if last is None else encode_cursor({"k": "newest", "b": last}),
         }
     after = decode_cursor(cursor, "images")["a"] if cursor else 0
-    images, _, last = state.run(state.library.store.image_page, after, limit)
+    images, _, last = state.run(state.library.image_page, after, limit)
     return {
         "images": jsonable(images),
         "next_cursor": None if last is None else encode_cursor({"k": "images", "a": last}),
@@ -112,7 +110,7 @@ def get_image(
     from piaa_index.errors import LibraryError
 
     def call() -> dict[str, Any]:
-        info = state.library.store.image_info(image_id)
+        info = state.library.image_info(image_id)
         if info is None:
             raise ApiError(404, "not_found", f"no indexed image with id {image_id}")
         try:
@@ -141,16 +139,16 @@ def list_tags(
     cursor: Cursor = None,
     limit: Limit = 1000,
 ) -> dict[str, Any]:
-    store = state.library.store
+    library = state.library
     if cursor:
         fields = decode_cursor(cursor, "tags")
         after, since, upto = fields["a"], fields.get("s"), fields["u"]
     else:
-        after, upto = 0, state.run(store.feed_version)
+        after, upto = 0, state.run(library.feed_version)
 
     def call() -> tuple[list[dict[str, Any]], list[int], int | None]:
-        images, removed, last = store.image_page(after, limit, since, upto)
-        tags = store.present_tags_of([im["id"] for im in images])
+        images, removed, last = library.image_page(after, limit, since, upto)
+        tags = library.present_tags_of([im["id"] for im in images])
         for im in images:
             im["tags"] = [{"label": n, "score": round(s, 6)} for n, s in tags[im["id"]]]
         return images, removed, last

@@ -98,13 +98,13 @@ class LabelsBody(BaseModel):
 def _image_labels(state: ApiState, image_id: int) -> dict[str, Any]:
     return {
         "image": image_id,
-        "labels": jsonable(user_labels.labels_of(state.library.store, image_id)),
-        "labels_changed": state.library.tagger.labels_changed(),
+        "labels": jsonable(state.library.user_labels_of(image_id)),
+        "labels_changed": state.library.labels_changed(),
     }
 
 
 def _require_image(state: ApiState, image_id: int) -> None:
-    if state.library.store.image_info(image_id) is None:
+    if state.library.image_info(image_id) is None:
         raise ApiError(404, "not_found", f"no indexed image with id {image_id}")
 
 
@@ -152,14 +152,14 @@ def set_image_label(
     def call() -> dict[str, Any]:
         _require_image(state, image_id)
         key = normalize_label(label)
-        store = state.library.store
+        library = state.library
         same = [
             r
-            for r in user_labels.labels_of(store, image_id)
+            for r in library.user_labels_of(image_id)
             if normalize_label(r["label"]) == key and r["present"] == body.present
         ]
         if not same:  # the same answer again is no change (and no refit to ask for)
-            store.set_user_labels([(image_id, label, body.present)], body.source)
+            library.set_user_labels([(image_id, label, body.present)], body.source)
         return _image_labels(state, image_id)
 
     return state.run(call)
@@ -181,7 +181,7 @@ def forget_image_label(
     def call() -> dict[str, Any]:
         _require_image(state, image_id)
         # Forgetting what was never said removes nothing and moves no version (the Store).
-        state.library.store.forget_user_labels([image_id], label)
+        state.library.forget_user_labels([image_id], label)
         return _image_labels(state, image_id)
 
     return state.run(call)
@@ -205,15 +205,15 @@ def set_labels(body: LabelsBody, state: Annotated[ApiState, Depends(get_state)])
         )
 
     def call() -> dict[str, Any]:
-        store = state.library.store
+        library = state.library
         refs = [row.image for row in body.labels]
-        ids = user_labels.resolve_images(store, refs, "nothing was written")
+        ids = user_labels.resolve_images(library, refs, "nothing was written")
         rows = [(i, row.label, row.present) for i, row in zip(ids, body.labels, strict=True)]
-        written = store.set_user_labels(rows, body.source) if rows else 0
+        written = library.set_user_labels(rows, body.source) if rows else 0
         return {
             "written": written,
             "images": len({r[0] for r in rows}),
-            "labels_changed": state.library.tagger.labels_changed(),
+            "labels_changed": state.library.labels_changed(),
         }
 
     return state.run(call)
@@ -244,7 +244,7 @@ def list_labels(
         fields = decode_cursor(cursor, "labels")
         after = (fields["a"], fields["l"])
     key = normalize_label(label) if label is not None and label.strip() else None
-    rows, last = state.run(user_labels.label_page, state.library.store, after, limit, key, source)
+    rows, last = state.run(state.library.user_label_page, after, limit, key, source)
     return {
         "labels": jsonable(rows),
         "next_cursor": None

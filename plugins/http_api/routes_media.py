@@ -215,7 +215,7 @@ def read_exif(path: str) -> dict[str, Any]:
     responses=errors(*KEYED, 404, 422),
 )
 def exif(image_id: ImageId, state: Annotated[ApiState, Depends(get_state)]) -> dict[str, Any]:
-    info = state.run(state.library.store.image_info, image_id)
+    info = state.run(state.library.image_info, image_id)
     if info is None:
         raise ApiError(404, "not_found", f"no indexed image with id {image_id}")
     out = {k: info.get(k) for k in ("width", "height", "size")}

@@ -113,7 +113,7 @@ def with_image_refs(state: ApiState, rows: list[dict[str, Any]]) -> list[dict[st
     paths = [r["path"] for r in rows if isinstance(r, dict) and isinstance(r.get("path"), str)]
     if not paths:
         return rows
-    refs = state.library.store.image_refs(paths)
+    refs = state.library.image_refs(paths)
     out = []
     for row in rows:
         ref = refs.get(row.get("path")) if isinstance(row, dict) else None
@@ -146,7 +146,7 @@ def _digest(name: str, params: dict[str, Any]) -> str:
 
 def run_query_page(state: ApiState, name: str, raw: list[tuple[str, str]]) -> dict[str, Any]:
     """One answer of query `name` to the query string `raw`: a page of rows, `next_cursor`."""
-    store = state.library.store
+    library = state.library
 
     def call() -> dict[str, Any]:
         query = state.library.plugins.queries.get(name)
@@ -165,7 +165,7 @@ def run_query_page(state: ApiState, name: str, raw: list[tuple[str, str]]) -> di
             rows = query.run(state.served, progress=False, **params)
             return {"results": with_image_refs(state, rows), "next_cursor": None}
         digest = _digest(name, params)
-        version = int(store.feed_version())
+        version = int(library.feed_version())
         offset = 0
         if cursors and cursors[0]:
             if len(cursors[0]) > 400:

@@ -93,12 +93,9 @@ def teach_concept(
         )
 
     def call() -> dict[str, Any]:
-        from piaa_index.library.teaching import teach
-
         library = state.library
-        store = library.store
         refs = [*body.examples, *body.not_]
-        ids = user_labels.resolve_images(store, refs, "nothing was stored")
+        ids = user_labels.resolve_images(library, refs, "nothing was stored")
         examples = list(dict.fromkeys(ids[: len(body.examples)]))
         counter = list(dict.fromkeys(ids[len(body.examples) :]))
         both = [i for i in examples if i in set(counter)]
@@ -109,7 +106,7 @@ def teach_concept(
                 f"{len(both)} images are both examples and in 'not' (image ids "
                 f"{', '.join(str(i) for i in both[:20])})",
             )
-        done = teach(store, library.vectors, label, examples, counter)
+        done = library.teach(label, examples, counter)
         added = normalize_label(label) not in {normalize_label(n) for n in library.labels()}
         if added:
             library.add_labels([label])

@@ -104,7 +104,7 @@ def labels(
 
     def call() -> dict[str, Any]:
         names = state.library.labels()
-        counts = state.library.store.tag_counts()
+        counts = state.library.tag_counts()
         key = prefix.strip().lower()
         first = [n for n in names if n.lower().startswith(key)]
         inner = [n for n in names if key and key in n.lower() and n not in first]

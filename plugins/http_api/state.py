@@ -81,16 +81,16 @@ class ServedLibrary:
         return getattr(self._library, name)
 
     def indexed_path(self, ref: str | int | Path) -> str:
-        store = self._library.store
+        library = self._library
         text = str(ref)
         # ASCII digits only: str.isdigit() also accepts "²" and other Unicode digits, which
         # int() refuses; an id past the database's integer range names no image.
         if text.isascii() and text.isdigit():
             number = int(text) if len(text.lstrip("0")) <= 19 else MAX_IMAGE_ID + 1
-            info = store.image_info(number) if number <= MAX_IMAGE_ID else None
+            info = library.image_info(number) if number <= MAX_IMAGE_ID else None
         else:
-            found = store.image_refs([text]).get(text)
-            info = store.image_info(found[0]) if found else None
+            found = library.image_refs([text]).get(text)
+            info = library.image_info(found[0]) if found else None
         if info is not None:
             return str(info["path"])
         raise UserInputError(

@@ -1,7 +1,6 @@
-"""The label routes' reads of the user's labels and of indexed images, through the Store (the
-one home of SQL): one image's labels with their times, a keyset page of all of them with the
-images' paths, which ids or paths name indexed images (chunked, for bulks of thousands), and
-the newest images first (the gallery's landing page)."""
+"""Image references in the label and teach routes' bodies (an id, or a path exactly as stored)
+resolved to indexed image ids through the Library's plugin API (docs/plugins.md), with one
+404 that names every unknown reference."""
 
 from __future__ import annotations
 
@@ -11,40 +10,7 @@ from typing import Any
 from piaa_index_plugins.http_api.errors import ApiError
 
 
-def labels_of(store: Any, image_id: int) -> list[dict[str, Any]]:
-    """The user's labels of one image, by label key."""
-    return list(store.user_labels_of(image_id))
-
-
-def label_page(
-    store: Any,
-    after: tuple[int, str] | None,
-    limit: int,
-    label_key: str | None = None,
-    source: str | None = None,
-) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
-    """Up to `limit` labels after (image id, label key), and where to continue."""
-    return store.user_label_page(after, limit, label_key, source)  # type: ignore[no-any-return]
-
-
-def indexed_ids(store: Any, ids: Sequence[int]) -> set[int]:
-    """Which of `ids` are indexed images."""
-    return set(store.indexed_ids(ids))
-
-
-def indexed_paths(store: Any, paths: Sequence[str]) -> dict[str, int]:
-    """path -> id of those `paths` that are indexed images (paths exactly as stored)."""
-    return dict(store.indexed_ids_by_path(paths))
-
-
-def newest_images(
-    store: Any, before: int | None, limit: int
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Up to `limit` indexed images, newest first, below `before`; and where to continue."""
-    return store.newest_images(before, limit)  # type: ignore[no-any-return]
-
-
-def resolve_images(store: Any, refs: Sequence[int | str], nothing_done: str) -> list[int]:
+def resolve_images(library: Any, refs: Sequence[int | str], nothing_done: str) -> list[int]:
     """The indexed image id of each of `refs` (an id, or a path exactly as stored), in order.
     A 404 names the refs that are no indexed image (`nothing_done` says what was not done)."""
     from piaa_index_plugins.http_api.routes_images import MAX_ID
@@ -53,8 +19,8 @@ def resolve_images(store: Any, refs: Sequence[int | str], nothing_done: str) -> 
         return isinstance(ref, int) or (ref.isascii() and ref.isdigit())
 
     numbers = {int(r) for r in refs if is_number(r)}
-    known = indexed_ids(store, [i for i in numbers if i <= MAX_ID])
-    by_path = indexed_paths(store, [str(r) for r in refs if not is_number(r)])
+    known = library.indexed_ids([i for i in numbers if i <= MAX_ID])
+    by_path = library.indexed_ids_by_path([str(r) for r in refs if not is_number(r)])
     found = [
         (int(r) if int(r) in known else None) if is_number(r) else by_path.get(str(r)) for r in refs
     ]
