@@ -188,6 +188,55 @@ class ReadOnlyStore:
         report = json.loads(row[0]) if row is not None and row[0] is not None else None
         return report.get("decisions") if isinstance(report, dict) else None
 
+    def image_counts(self) -> dict[str, int]:
+        """Images per status, as `Store.image_counts`."""
+        rows = self._all("SELECT status, count(*) FROM images GROUP BY status")
+        return {str(status): int(n) for status, n in rows}
+
+    def referenced_shards(self) -> set[int]:
+        """The shards SQL points at, as `Store.referenced_shards`: one seek of the shard index
+        per shard (a million images lie in ~1,000 shards) instead of a DISTINCT over every row."""
+        found: set[int] = set()
+        row = self._one("SELECT min(shard) FROM images WHERE shard IS NOT NULL")
+        while row is not None and row[0] is not None:
+            found.add(int(row[0]))
+            row = self._one("SELECT min(shard) FROM images WHERE shard > ?", (row[0],))
+        return found
+
+    def ids_indexed_after(self, shard: int) -> np.ndarray:
+        """Ids of the indexed images in shards newer than `shard` (`Store.locations_after`)."""
+        rows = self._all("SELECT id, status FROM images WHERE shard > ?", (shard,))
+        return np.array([int(i) for i, st in rows if st == INDEXED], dtype=np.int64)
+
+    def vocabulary_names(self, vocabulary_id: int) -> list[str]:
+        rows = self._all(
+            "SELECT name FROM labels WHERE vocabulary_id = ? ORDER BY position", (vocabulary_id,)
+        )
+        return [str(n) for (n,) in rows]
+
+    def classifier_facts(self, classifier_id: int) -> tuple[str, int, dict] | None:
+        """(created_at as stored, n_images, report) of a classifier."""
+        row = self._one(
+            "SELECT created_at, n_images, report FROM classifiers WHERE id = ?", (classifier_id,)
+        )
+        if row is None:
+            return None
+        report = json.loads(row[2]) if row[2] is not None else {}
+        return str(row[0]), int(row[1]), report if isinstance(report, dict) else {}
+
+    def tag_counts(self) -> dict[str, int]:
+        """Images tagged present per label name, as `Store.tag_counts` (the same statement)."""
+        rows = self._all(
+            "SELECT labels.name, count(*) AS count_1 FROM labels "
+            "JOIN tags ON tags.label_id = labels.id GROUP BY labels.name"
+        )
+        return {str(n): int(c) for n, c in rows}
+
+    def score_folders(self) -> dict[str, list[str]]:
+        """Score folder key -> committed segment names, as `Store.score_folders`."""
+        rows = self._all("SELECT scores_key, score_segments FROM classifiers")
+        return {k: list(json.loads(segs) or []) if segs else [] for k, segs in rows if k}
+
     def paths(self, ids: Sequence[int]) -> dict[int, str]:
         out: dict[int, str] = {}
         for start in range(0, len(ids), 500):
@@ -317,3 +366,203 @@ def _same_model(store: ReadOnlyStore, settings: Settings) -> bool:
         asked is None or asked == record.get(key)
         for key, asked in (("model", settings.model), ("front_end", settings.front_end))
     )
+
+
+# As `piaa_index.library.core.DATABASE_MARKER` (that module imports SQLAlchemy).
+_DATABASE_MARKER = "sqlite-database.json"
+
+
+def status(settings: Settings) -> dict[str, Any] | None:
+    """`Library.status()`'s dict, field for field, read-only; None whenever opening the Library
+    would write or answer otherwise: Postgres, a schema to upgrade, no database yet, another
+    model asked for, a model record or vector manifest to update, vectors or score files to
+    reconcile with SQL, a classifier from before the tag rule was stored, images removed since
+    the scores were written (their tombstones are due), SQLite trouble. The caller then opens
+    the Library, which writes what is due and answers."""
+
+    def read(store: ReadOnlyStore) -> dict[str, Any] | None:
+        return _status(settings, store)
+
+    return _in_snapshot(settings, read)
+
+
+def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
+    from datetime import datetime
+
+    store_id = store.get_setting("store_id")
+    if store_id is None:
+        return None
+    vectors_dir = settings.home / "vectors" / str(store_id["uuid"])
+    if vectors_dir.is_dir() and not _remembers_database(settings.db_url, vectors_dir):
+        return None  # `Library.open` writes the marker
+    model = store.get_setting("model")
+    vectors_bytes = 0
+    if not model and store.latest_classifier() is not None:
+        return None  # `Tagger.state` would open the vectors without a model record
+    if model:
+        if "weights_sha256" not in model:
+            from piaa_index.model.model_record import checkpoint_path
+
+            if checkpoint_path(model.get("pretrained")) is not None:
+                return None  # `Library.open` may add the weights' hash to the record
+        found = _vectors_bytes(store, vectors_dir, model)
+        if found is None:
+            return None
+        vectors_bytes = found
+
+    vocab = store.vocabulary()
+    templates = store.templates(vocab[0]) if vocab is not None else []
+    if templates is None:
+        return None
+    latest = store.latest_classifier()
+    counts = store.image_counts()
+    indexed = counts.get(INDEXED, 0)
+    user_labels = store.get_setting("user_labels")
+    labels_version = int(user_labels["version"]) if user_labels else 0
+    out: dict[str, Any] = {
+        "home": str(settings.home),
+        "database": _shown_url(settings.db_url),
+        "schema_revision": head_revision(),  # `ReadOnlyStore.open` checked it
+        "model": model,
+        "images": {
+            "indexed": indexed,
+            "failed": counts.get("failed", 0),
+            "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
+        },
+        "vectors_bytes": vectors_bytes,
+        "vocabulary": {
+            "version": vocab[0] if vocab else None,
+            "labels": vocab[1] if vocab else [],
+            "templates": templates,
+        },
+        "classifier": None,
+        "stale": vocab is not None and (latest is None or latest[1] != vocab[0]),
+        "labels_changed": labels_version != 0,
+    }
+    if latest is None:
+        return out
+    from piaa_index.method.decisions import Decisions
+
+    classifier_id, vocabulary_id, key, segments = latest
+    facts = store.classifier_facts(classifier_id)
+    if facts is None:
+        return None
+    created_at, n_images, report = facts
+    params = report.get("params") or {}
+    out["labels_changed"] = labels_version != int(params.get("user_labels_version", 0))
+    if not report.get("decisions"):
+        return None  # a classifier from before the tag rule: `stored_decisions` rebuilds it
+    try:
+        decisions = Decisions.from_json(report["decisions"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # the Library names the damage
+    fitted_on = store.vocabulary_names(vocabulary_id)
+    label_status = [r.get("status", "present") for r in decisions.status] or ["present"] * len(
+        fitted_on
+    )
+    if len(label_status) != len(fitted_on):
+        return None  # the Library names the mismatch
+    # `Tagger.state(score_new=False)`: the matrix's present bits when it is the vocabulary's,
+    # else (stale, or its files lost) the sparse SQL tags.
+    matrix: tuple[dict[str, int]] | tuple[()] = ()
+    if vocab is not None and vocabulary_id == vocab[0] and vocab[1] and key and segments:
+        found_counts = _present_counts(store, vectors_dir, vocab[1], key, segments)
+        if found_counts is None:
+            return None
+        matrix = found_counts
+    tagged = matrix[0] if matrix else store.tag_counts()
+    try:
+        fitted_at = datetime.fromisoformat(created_at).isoformat(timespec="seconds")
+    except ValueError:
+        return None
+    out["classifier"] = {
+        "version": classifier_id,
+        "vocabulary_version": vocabulary_id,
+        "fitted_at": fitted_at,
+        "n_images": n_images,
+        "images_added_since": max(0, indexed - n_images),
+        "absent_labels": [
+            n for n, st in zip(fitted_on, label_status, strict=True) if st == "absent"
+        ],
+        "weak_labels": [n for n, st in zip(fitted_on, label_status, strict=True) if st == "weak"],
+        "warnings": list(decisions.info.get("warnings", [])),
+        "tagged": tagged,
+    }
+    return out
+
+
+def _present_counts(
+    store: ReadOnlyStore,
+    vectors_dir: Path,
+    names: list[str],
+    key: str,
+    segments: list[str],
+) -> tuple[dict[str, int]] | tuple[()] | None:
+    """(images decided present per label,) from the score matrix as `Tagger.state` syncs it
+    with SQL; () when its files cannot be read (the Library then counts the sparse tags too);
+    None when images left the index since it was written (the Library compares every row)."""
+    from piaa_index.vectors.scores import ScoreView, scores_root
+
+    try:
+        view = ScoreView.open(scores_root(vectors_dir) / key, key, segments)
+    except (OSError, ValueError):
+        return ()
+    # `Store.changes_since`'s cheap path: newer shards supersede their images' rows.
+    new_ids = store.ids_indexed_after(view.max_shard)
+    stale = view.valid & np.isin(view.ids, new_ids)
+    if int((view.valid & ~stale).sum()) + len(new_ids) != store.indexed_count():
+        return None
+    view.invalidate(stale)
+    counts = view.present_counts(len(names))
+    return ({name: int(n) for name, n in zip(names, counts, strict=True) if n},)
+
+
+def _vectors_bytes(store: ReadOnlyStore, vectors_dir: Path, model: dict) -> int | None:
+    """`VectorStore.disk_bytes()` as `Library.vectors` opens the folder, or None when opening
+    it would write (a manifest to create, upgrade or record, files to reconcile with SQL) or
+    refuse (a damaged or mismatched manifest)."""
+    from piaa_index.vectors.scores import leftovers, scores_root
+    from piaa_index.vectors.shards import (
+        MANIFEST_SETTING,
+        VectorStore,
+        VectorStoreError,
+        manifest_problem,
+    )
+
+    try:
+        manifest = VectorStore.read_manifest(vectors_dir)
+    except VectorStoreError:
+        return None
+    if manifest is None or "checksums_from" not in manifest:
+        return None
+    recorded = store.get_setting(MANIFEST_SETTING)
+    if manifest_problem(manifest, recorded, model) is not None:
+        return None
+    vectors = VectorStore(
+        vectors_dir, manifest["identity"], manifest["codec"], int(manifest["checksums_from"])
+    )
+    if recorded != vectors.manifest:
+        return None
+    if any(vectors.to_reconcile(store.referenced_shards())):
+        return None
+    if leftovers(scores_root(vectors_dir), store.score_folders()):
+        return None
+    return vectors.disk_bytes()
+
+
+def _remembers_database(db_url: str, vectors_dir: Path) -> bool:
+    """Whether the vector folder's marker names this database (`Library.open` writes it)."""
+    path = Path(db_url.removeprefix(SQLITE_PREFIX)).expanduser().absolute()
+    try:
+        marker = json.loads((vectors_dir / _DATABASE_MARKER).read_text())
+        return bool(marker["path"] == str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _shown_url(db_url: str) -> str:
+    """A SQLite URL as SQLAlchemy renders it (`URL.render_as_string`): the path unquoted when
+    parsed, quoted again when rendered."""
+    from urllib.parse import quote, unquote
+
+    return SQLITE_PREFIX + quote(unquote(db_url.removeprefix(SQLITE_PREFIX)), safe=" +/")

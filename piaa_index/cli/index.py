@@ -236,7 +236,13 @@ def read_path_stream(stream: BinaryIO, limit: int = MAX_PATH_ENTRY_BYTES) -> lis
 @pass_app
 def status_command(app: AppContext, as_json: bool) -> None:
     """Counts, model, vocabulary, classifier version and whether tags are stale."""
-    status = app.library().status()
+    status = None
+    if not app.library_is_open:  # a fresh `piaa status`: read-only, without SQLAlchemy
+        from piaa_index.catalog import readonly as store_readonly
+
+        status = store_readonly.status(app.settings())
+    if status is None:
+        status = app.library().status()
     if as_json:
         echo_json(status)
         return

@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from piaa_index.errors import LibraryError
-from piaa_index.model.weights import sha256_file
 
 _LEGACY_LABEL = re.compile(r"\(size (\d+), blake2b ([0-9a-f]{12})\)")
 _KEYWORDS = ("default", "none")
+
+
+def sha256_file(path: Path, home: Path | None = None) -> str:
+    """`weights.sha256_file`, imported when a hash is needed: `checkpoint_path` serves the
+    read-only `piaa status` too, which should not import urllib for it (~25 ms)."""
+    from piaa_index.model.weights import sha256_file as digest
+
+    return digest(path, home)
 
 
 def checkpoint_path(pretrained: str | None) -> Path | None:

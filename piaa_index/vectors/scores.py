@@ -104,22 +104,30 @@ def cleanup(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
     `committed` maps each classifier's key to its committed segment names. The caller holds the
     writer lock, so no writer's uncommitted files are mistaken for leftovers.
     """
-    removed: list[Path] = []
+    removed = leftovers(root, committed)
+    for path in removed:
+        if path.parent == root:
+            shutil.rmtree(path, ignore_errors=True)  # a whole folder SQL does not know
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def leftovers(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
+    """What `cleanup` would delete, touching nothing: score folders SQL does not know, and the
+    files of segments it does not know in the others. [] when the folder agrees with SQL."""
+    found: list[Path] = []
     if not root.is_dir():
-        return removed
+        return found
     for folder in root.iterdir():
         if not folder.is_dir():
             continue
         if folder.name not in committed:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+            found.append(folder)
             continue
         keep = set(committed[folder.name]) | {MARKER.split(".", 1)[0]}
-        for path in folder.iterdir():
-            if path.name.split(".", 1)[0] not in keep:
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
+        found.extend(p for p in folder.iterdir() if p.name.split(".", 1)[0] not in keep)
+    return found
 
 
 def _file(folder: Path, segment: str, kind: str) -> Path:

@@ -549,21 +549,29 @@ class VectorStore:
 
         Returns (orphans deleted, shards referenced by SQL but absent on disk).
         """
-        for tmp in self.root.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        leftovers, orphans, missing = self.to_reconcile(referenced)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        for shard in orphans:
+            self.delete_shard(shard)
+        return orphans, missing
+
+    def to_reconcile(self, referenced: set[int]) -> tuple[list[Path], list[int], list[int]]:
+        """What `reconcile` would do, touching nothing: (temp files and parts of shards cut
+        short, to delete; orphan shards, to delete; referenced shards absent or incomplete).
+        All empty: the folder agrees with SQL (a read-only `piaa status` relies on it)."""
+        leftovers = list(self.root.glob("*.tmp"))
         present = self.shard_ids()
         # A patch or checksum file without its cls file is a shard whose write was cut short.
         for path in [*self.root.glob("*.patch.faiss"), *self.root.glob("*.sum.json")]:
             shard = int(path.name.split(".", 1)[0])
             if shard not in present and shard not in referenced:
-                path.unlink(missing_ok=True)
+                leftovers.append(path)
         orphans = sorted(present - referenced)
-        for shard in orphans:
-            self.delete_shard(shard)
         # A referenced shard is usable only with both files (a lost patch file counts as lost).
         complete = {s for s in present if self._path(s, "patch").exists()}
         missing = sorted(referenced - complete)
-        return orphans, missing
+        return leftovers, orphans, missing
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.faiss"))
@@ -766,7 +774,7 @@ def manifest_problem(manifest: dict, recorded: dict | None, model: dict | None) 
     from before the copy is compared with the model record's identity (dim, grid, model)."""
     if recorded is not None:
         for key in ("identity", "codec", "checksums_from"):
-            got, want = manifest.get(key), recorded[key]
+            got, want = manifest.get(key), recorded.get(key)
             if key not in recorded or got == want:
                 continue
             if key == "identity" and isinstance(want, dict) and isinstance(got, dict):
