@@ -170,6 +170,17 @@ def test_falls_back_whenever_the_library_would_write(lib: Library) -> None:
     assert not stray.exists()
     assert store_readonly.status(settings) == want
 
+    row = lib.store.latest_classifier()
+    assert row is not None
+    shutil.rmtree(lib.tagger.scores_dir / str(row.scores_key))  # lost: the sparse tags count
+    got = store_readonly.status(settings)
+    with Library.open(home=lib.settings.home, db=lib.settings.db_url) as fresh:
+        assert got == fresh.status()
+    assert got is not None and got["classifier"]["tagged"] == lib.store.tag_counts()
+    with Library.open(home=lib.settings.home, db=lib.settings.db_url) as fresh:
+        fresh.search("l000")  # scores every image again, in a new score folder
+        assert store_readonly.status(settings) == fresh.status() == got
+
     gone = [loc[0] for loc in lib.store.live_locations()[:10]]
     lib.store.remove_images(gone)  # as `index --prune` does: tombstones are due
     assert store_readonly.status(settings) is None
@@ -246,3 +257,11 @@ def test_the_cli_status_reads_without_sqlalchemy_and_prints_alike(
     monkeypatch.setattr(store_readonly, "status", lambda settings: None)
     assert run(["--home", home, "status"]) == text.stdout
     assert json.loads(run(["--home", home, "status", "--json"])) == want
+
+
+def test_the_database_is_shown_as_sqlalchemy_renders_it() -> None:
+    from sqlalchemy.engine import make_url
+
+    for path in ["/tmp/home/piaa.sqlite3", "relative/piaa.sqlite3", "/tmp/a b/Straße/ü@:#+.db"]:
+        url = f"sqlite:///{path}"
+        assert store_readonly._shown_url(url) == make_url(url).render_as_string(hide_password=True)

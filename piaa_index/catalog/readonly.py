@@ -92,6 +92,8 @@ class ReadOnlyStore:
         """None unless `db_url` names an existing SQLite file at this code's schema head."""
         if not db_url.startswith(SQLITE_PREFIX) or "?" in db_url:
             return None
+        if "%" in db_url:
+            return None  # SQLAlchemy unquotes %XX in the path: it may open another file
         path = Path(db_url.removeprefix(SQLITE_PREFIX)).expanduser()
         if sqlite_file_kind(path) != "sqlite":
             return None  # missing, empty or not SQLite: `Store.open` says what to do
@@ -562,7 +564,7 @@ def _remembers_database(db_url: str, vectors_dir: Path) -> bool:
 
 def _shown_url(db_url: str) -> str:
     """A SQLite URL as SQLAlchemy renders it (`URL.render_as_string`): the path unquoted when
-    parsed, quoted again when rendered."""
+    parsed (`ReadOnlyStore.open` leaves a path with "%" to the Library), quoted when rendered."""
     from urllib.parse import quote, unquote
 
     return SQLITE_PREFIX + quote(unquote(db_url.removeprefix(SQLITE_PREFIX)), safe=" +/")
