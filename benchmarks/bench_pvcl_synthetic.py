@@ -22,15 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
-from piaa_index.method.fusion import (
-    PaaParams,
-    decide,
-    decision_thresholds,
-    fuse,
-    patch_text_evidence,
-    score_images,
-)
+from piaa_index.method.fusion import PaaParams, fuse, patch_text_evidence, score_images
 from piaa_index.method.pvcl import BankBuilder, PvclParams, fit_from_banks, fit_pvcl
+from piaa_index.method.thresholds import decide, decision_thresholds
 
 # tools/ (development only, not shipped) sits beside benchmarks/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -80,7 +80,7 @@ def test_labels_in_no_image_are_absent_and_rare_ones_stay_present(world):
         if status[c] == "absent":
             assert not tags[:, c].any()  # absent labels decide False for every image
     # Before the rule, the same world tagged its absent labels (the symptom).
-    from piaa_index.method.fusion import decide, decision_thresholds
+    from piaa_index.method.thresholds import decide, decision_thresholds
 
     old = decide(sc.patch, np.asarray(decision_thresholds(sc.patch)))
     assert old[:, C_HELD:].any(axis=0).sum() >= 1

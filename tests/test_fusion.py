@@ -9,15 +9,13 @@ from piaa_index.eval.metrics import f1_scores, mean_average_precision
 from piaa_index.method.fusion import (
     PaaParams,
     cls_scores,
-    decide,
-    decision_thresholds,
     fuse,
     patch_evidence,
     patch_text_evidence,
     score_images,
-    split_scores,
 )
 from piaa_index.method.pvcl import fit_pvcl, softmax
+from piaa_index.method.thresholds import decide, decision_thresholds, split_scores
 from tools.synthetic import image_world
 
 

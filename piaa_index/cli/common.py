@@ -282,3 +282,20 @@ def raw_file_names_on_output() -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="surrogateescape")
+
+
+# A generated query command's CLI-only options (cli/queries.py builds the commands,
+# cli/evidence.py defines `tags --evidence`); here so that neither imports the other.
+@dataclass(frozen=True)
+class CommandExtension:
+    """Extra click options of a generated query command, and what they do.
+
+    `run(app, query params, extension params, output format)` returns True when it answered
+    the command itself (its options were given), False to run the query as usual; the format
+    is "json", "csv", "paths" or "table". `table(rows)`, when given, is the human table of the
+    query's rows (the other formats keep every field).
+    """
+
+    params: tuple[click.Parameter, ...]
+    run: Callable[[AppContext, dict[str, Any], dict[str, Any], str], bool]
+    table: Callable[[list[dict[str, Any]]], str] | None = None

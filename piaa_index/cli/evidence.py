@@ -13,8 +13,7 @@ from typing import Any
 
 import click
 
-from piaa_index.cli.common import AppContext, echo_json, format_table
-from piaa_index.cli.queries import CommandExtension
+from piaa_index.cli.common import AppContext, CommandExtension, echo_json, format_table
 from piaa_index.cli.tags_table import tags_table
 
 

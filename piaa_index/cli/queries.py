@@ -7,32 +7,21 @@ serves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from piaa_index.cli.common import app_context, emit_rows, first_sentence, output_options
+from piaa_index.cli.common import (
+    CommandExtension,
+    app_context,
+    emit_rows,
+    first_sentence,
+    output_options,
+)
 from piaa_index.plugins import Param, Plugins, Query
 
 if TYPE_CHECKING:
-    from piaa_index.cli.common import AppContext
-
-
-@dataclass(frozen=True)
-class CommandExtension:
-    """Extra click options of a generated query command, and what they do.
-
-    `run(app, query params, extension params, output format)` returns True when it answered
-    the command itself (its options were given), False to run the query as usual; the format
-    is "json", "csv", "paths" or "table". `table(rows)`, when given, is the human table of the
-    query's rows (the other formats keep every field).
-    """
-
-    params: tuple[click.Parameter, ...]
-    run: Callable[[AppContext, dict[str, Any], dict[str, Any], str], bool]
-    table: Callable[[list[dict[str, Any]]], str] | None = None
+    pass
 
 
 # The one-line help of the built-in queries in `piaa --help` (their full help is the query's).

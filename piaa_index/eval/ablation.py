@@ -151,7 +151,7 @@ def run_ablation(
     With `vocab_size`, also the open-world protocol (`open_world`): vocabularies of that many
     random labels against the same labels under the full vocabulary, and tag stability when
     one label is removed."""
-    from piaa_index.method import fusion
+    from piaa_index.method import thresholds as rule
 
     started = time.perf_counter()
     fit_set = fit or test
@@ -210,8 +210,8 @@ def run_ablation(
             pred = paper_tags
         else:
             # Without return_info, decision_thresholds returns the [C] array alone.
-            thresholds = cast(np.ndarray, fusion.decision_thresholds(full))
-            pred = fusion.decide(full, thresholds)
+            cuts = cast(np.ndarray, rule.decision_thresholds(full))
+            pred = rule.decide(full, cuts)
         results[method] = {"mAP": round(float(mAP), 2), **_tag_metrics(pred, targets, held)}
         per_class[method] = {
             name: (None if np.isnan(a) else round(float(a), 2))

@@ -22,7 +22,7 @@ Status (issue 8, "Tags you can trust"):
    mostly ghosts, but the images that reach the level are real candidates). This pooled level
    is the one quantity that reads other labels' banks.
 2. **Which images?** (the closed-world rule; the open-world one is above) Present labels keep the paper's ranking core and the per-label split of the
-   patch evidence m (``fusion.decision_thresholds``), computed on the present labels only (ghost
+   patch evidence m (``thresholds.decision_thresholds``), computed on the present labels only (ghost
    labels' m no longer pollutes the collection-wide reference). Weak labels and every label of a
    small library (fewer than ``small_library`` images, where per-label splits are not possible)
    are tagged only in images whose best patch reaches the matching level ("fewer, surer");
@@ -76,7 +76,7 @@ class DecisionParams:
     # support and flag the library as small.
     small_library: int = 200
     # The pooled cosine split must beat one Gaussian and separate its modes (Ashman's D), as the
-    # per-label splits of fusion.decision_thresholds must.
+    # per-label splits of thresholds.decision_thresholds must.
     min_separation: float = 2.0
     min_gain: float = 0.0
     min_excess: float = 3.0
@@ -242,7 +242,7 @@ def bank_support(
     ``matching_fraction`` is the share of its bank at or above it; otherwise every bank counts as
     matching (``level`` None), which is what a vocabulary fully held by the collection gives.
     """
-    from piaa_index.method.fusion import _excess, split_scores
+    from piaa_index.method.thresholds import _excess, split_scores
 
     prm = params or DecisionParams()
     cos = [np.asarray(v, dtype=np.float64).ravel() for v in bank_cosines]
@@ -388,7 +388,7 @@ def label_decisions(
     evidence: [N, C] patch evidence m (``PaaScores.patch``); support: [N, C] max patch–text cosine
     (``PaaScores.support``); fit_support: ``Classifier.params["support"]`` (``bank_support``).
     """
-    from piaa_index.method.fusion import PaaParams, decision_thresholds
+    from piaa_index.method.thresholds import PaaParams, decision_thresholds
 
     prm = params or DecisionParams()
     m = np.asarray(evidence, dtype=np.float64)
@@ -456,7 +456,7 @@ def _robust_scale(x: np.ndarray) -> tuple[float, float]:
 def _upper_mode(x: np.ndarray, iters: int = 100) -> tuple[float, float]:
     """(slope, intercept) of the posterior of the upper of two equal-variance Gaussians fitted
     to 1-D values by EM (started from the minimum-error split), as a logistic in x."""
-    from piaa_index.method.fusion import split_scores
+    from piaa_index.method.thresholds import split_scores
 
     x = np.asarray(x, dtype=np.float64)
     sp = split_scores(x, "met", 3) if x.size >= 6 else None
