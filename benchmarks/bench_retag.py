@@ -46,7 +46,7 @@ TIMED = [
     ("piaa_index.vectors.scores", "SegmentWriter.write"),
     ("piaa_index.vectors.scores", "SegmentWriter.finish"),
     ("piaa_index.method.decisions", "label_decisions"),
-    ("piaa_index.catalog.store", "Store.install_classifier"),
+    ("piaa_index.catalog.vocabularies", "VocabulariesMixin.install_classifier"),
     ("piaa_index.vectors.scores", "cleanup"),
 ]
 
