@@ -498,8 +498,9 @@ def test_a_damaged_classifier_blob_is_found_and_fitted_again(tmp_path: Path) -> 
     result = _piaa(lib, "tags", str(picked[0]), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == before[str(picked[0])]
-    # What needs the classifier itself says the data is damaged, in one line.
-    result = _piaa(lib, "status")
+    # What needs the classifier itself (an evidence map: its patch probabilities) says the
+    # data is damaged, in one line. (`status` answers read-only without the weights.)
+    result = _piaa(lib, "tags", str(picked[0]), "--evidence", LABELS[0])
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("Error: stored data is damaged") and "piaa db check" in line

@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,8 @@ def test_falls_back_whenever_the_library_would_write(lib: Library) -> None:
     assert store_readonly.status(asked) is None  # the Library refuses it, and says why
 
 
-def test_falls_back_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+def test_falls_back_on_postgres(tmp_path: Path, postgres_database: Callable[[], str]) -> None:
+    postgres_url = postgres_database()  # its own: the shared one holds other models' libraries
     world = scale.World.make(4, seed=5)
     library = scale.open_library(tmp_path / "home", world, db=postgres_url)
     try:
