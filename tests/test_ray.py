@@ -273,11 +273,14 @@ def test_same_photos_give_the_same_search_results_on_either_engine(
 # -- crashes ------------------------------------------------------------------------------------
 
 
-def _driver(home: Path, images: Path, cluster: dict, commit_every: int = 8) -> subprocess.Popen:
+def _driver(
+    home: Path, images: Path, cluster: dict, commit_every: int = 8, batch_size: int = 32
+) -> subprocess.Popen:
     env = {k: v for k, v in cluster["env"].items() if not k.startswith("PIAA_")}
     env.update(PIAA_HOME=str(home), PIAA_MODEL="shapesworld", PIAA_DEVICE="cpu")
     cmd = [sys.executable, "-m", "piaa_index", "index", str(images), "--engine", "ray"]
     cmd += ["--address", cluster["address"], "--commit-every", str(commit_every), "--json"]
+    cmd += ["--batch-size", str(batch_size)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -371,10 +374,19 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
     ray_cluster: dict, scenes: list[Path], tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    driver = _driver(home, scenes[0].parent, ray_cluster)
-    done_before = _wait_for_commits(home, driver, 8)
-    killed = _cluster_workers(ray_cluster, "MapWorker")  # the encoder actors
-    assert killed, "no encoder actor found"
+    # Small encoder batches keep the encoder actors busy while the first shards commit (on an
+    # idle machine, batches of 32 encoded all 240 scenes before the first commit was seen).
+    driver = _driver(home, scenes[0].parent, ray_cluster, batch_size=2)
+    killed: list[int] = []
+    done_before = 0
+    deadline = time.monotonic() + 300
+    while not killed and time.monotonic() < deadline and driver.poll() is None:
+        actors = _cluster_workers(ray_cluster, "MapWorker")  # the encoder actors
+        done_before = _indexed(home)
+        if actors and done_before >= 8:  # encoding still going, and shards committed
+            killed = actors
+        time.sleep(0.1)
+    assert killed, f"no encoder actor found while the run went on ({done_before} committed)"
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     assert done_before < len(scenes)  # the kill came mid-run
