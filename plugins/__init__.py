@@ -1,2 +1,2 @@
-"""First-party plugins (import name `piaa_index_plugins`), registered through the same
-`piaa_index` entry-point group a third-party plugin uses."""
+"""First-party plugins (import name `piaa_index_plugins`), written like a third-party plugin
+and registered in code by the plugin manager (`piaa_index.plugins.DEFAULT_PLUGINS`)."""

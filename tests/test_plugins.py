@@ -249,6 +249,79 @@ def test_register_commands_and_entry_points_of_installed_plugins(
     assert command.stdout.strip() == "hello from a plugin command"
 
 
+# -- first-party plugins in code, third-party ones from entry points ---------------------------
+
+
+def _entry_points(monkeypatch: pytest.MonkeyPatch, *specs: tuple[str, str]) -> None:
+    """The installed packages' `piaa_index` entry points are exactly `specs` (name, value)."""
+    import importlib.metadata
+
+    listed = [importlib.metadata.EntryPoint(n, v, "piaa_index") for n, v in specs]
+
+    def entry_points(**select: object) -> list[importlib.metadata.EntryPoint]:
+        assert select == {"group": "piaa_index"}
+        return listed
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+def test_builtins_need_no_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in queries, exporters and `piaa serve` are registered in code: with no entry
+    point installed at all (metadata hidden), they are all there."""
+    _entry_points(monkeypatch)
+    plugins = Plugins()
+    assert not plugins.load_errors
+    assert {"search", "tags", "similar"} <= set(plugins.queries)
+    assert {"xmp", "csv", "json"} <= set(plugins.exporters)
+    group = click.Group("piaa")
+    plugins.pm.hook.register_commands(cli=group)
+    assert {"serve", "keys"} <= set(group.commands)
+    names = {p["name"] for p in plugins.describe()}
+    assert names == {"builtin_queries", "builtin_exporters", "http_api"}
+
+
+def test_third_party_entry_point_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party plugin still comes from its entry point, beside the built-ins."""
+    monkeypatch.setitem(sys.modules, "piaa_largest", docs_example_module())
+    _entry_points(monkeypatch, ("largest", "piaa_largest"))
+    plugins = Plugins()
+    assert not plugins.load_errors
+    assert {"largest", "search", "tags", "similar"} <= set(plugins.queries)
+    assert "count" in plugins.exporters
+    assert plugins.pm.get_plugin("largest") is sys.modules["piaa_largest"]
+    assert Plugins(load_entry_points=False).queries.keys() == {"search", "tags", "similar"}
+
+
+def test_an_entry_point_of_a_builtin_is_not_registered_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An older install's metadata still lists the built-ins as entry points (under their own
+    names or others): each module is registered once, so no query is registered twice."""
+    _entry_points(
+        monkeypatch,
+        ("builtin_queries", "piaa_index_plugins.queries"),
+        ("builtin_exporters", "piaa_index_plugins.exporters"),
+        ("http_api", "piaa_index_plugins.http_api"),
+        ("queries_again", "piaa_index_plugins.queries"),
+    )
+    plugins = Plugins()
+    assert not plugins.load_errors
+    assert len(plugins.pm.get_plugins()) == 3
+    assert {"search", "tags", "similar"} <= set(plugins.queries)  # no "two plugins register"
+    assert {"xmp", "csv", "json"} <= set(plugins.exporters)
+
+
+def test_a_third_party_entry_point_with_a_builtin_name_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A third-party entry point named like a built-in is not loaded, and says why."""
+    monkeypatch.setitem(sys.modules, "piaa_largest", docs_example_module())
+    _entry_points(monkeypatch, ("builtin_queries", "piaa_largest"))
+    plugins = Plugins()
+    assert "largest" not in plugins.queries and "search" in plugins.queries
+    assert "taken" in plugins.load_errors["builtin_queries"]
+
+
 # -- hooks documented and exercised ------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The plugin manager: loads first- and third-party plugins through the same entry points.
+"""The plugin manager: registers the first-party plugins in code (`DEFAULT_PLUGINS`), then
+loads third-party ones from the `piaa_index` entry-point group.
 
 Queries and exporters are described by small dataclasses so that one registration gives a
 Python call (`Library.query`), a CLI command and, later, an HTTP route, with no extra code.
@@ -6,6 +7,8 @@ Python call (`Library.query`), a CLI command and, later, an HTTP route, with no 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +23,17 @@ if TYPE_CHECKING:
     from piaa_index.library.core import Library
 
 ENTRY_POINT_GROUP = "piaa_index"
+
+# The first-party plugins (`plugins/`, import name `piaa_index_plugins`), registered by import
+# whether or not the package's metadata is installed: (the name `piaa plugins` shows, module).
+# By name, not imported here: `piaa_index` sits below `piaa_index_plugins` in the layers
+# (pyproject.toml, [tool.importlinter]), and they load when a `Plugins` is made, as the entry
+# points did.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("builtin_queries", "piaa_index_plugins.queries"),
+    ("builtin_exporters", "piaa_index_plugins.exporters"),
+    ("http_api", "piaa_index_plugins.http_api"),
+)
 
 
 @dataclass(frozen=True)
@@ -72,24 +86,45 @@ class PluginError(PiaaError):
 class Plugins:
     """Loaded plugins and what they registered."""
 
-    def __init__(self, load_entry_points: bool = True):
+    def __init__(self, load_entry_points: bool = True, defaults: bool = True):
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.load_errors: dict[str, str] = {}
+        if defaults:
+            self._load_defaults()
         if load_entry_points:
             self._load_entry_points()
         self._queries: dict[str, Query] | None = None
         self._exporters: dict[str, Exporter] | None = None
 
+    def _load_defaults(self) -> None:
+        for name, module in DEFAULT_PLUGINS:
+            self._load(name, functools.partial(importlib.import_module, module))
+
     def _load_entry_points(self) -> None:
-        # Load one by one so a broken third-party plugin is reported, not fatal.
+        # An entry point naming a module already registered (an older install of ours, whose
+        # metadata still lists the first-party plugins) is skipped, never registered twice.
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if self.pm.get_plugin(ep.name) is not None:
+            if ep.attr is None and self._has_module(ep.module):
                 continue
-            try:
-                self.pm.register(ep.load(), name=ep.name)
-            except Exception as exc:  # noqa: BLE001 - any plugin failure is reported
-                self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+            taken = self.pm.get_plugin(ep.name)
+            if taken is not None:
+                owner = getattr(taken, "__name__", repr(taken))
+                self.load_errors[ep.name] = f"the name {ep.name!r} is taken (by {owner})"
+                continue
+            self._load(ep.name, ep.load)
+
+    def _has_module(self, name: str) -> bool:
+        return any(getattr(p, "__name__", None) == name for p in self.pm.get_plugins())
+
+    def _load(self, name: str, load: Callable[[], object]) -> None:
+        # One by one, so a broken plugin is reported, not fatal.
+        try:
+            plugin = load()
+            if not self.pm.is_registered(plugin):
+                self.pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - any plugin failure is reported
+            self.load_errors[name] = f"{type(exc).__name__}: {exc}"
 
     def register(self, module: object, name: str | None = None) -> None:
         """Register a plugin object directly (tests, embedding applications)."""
