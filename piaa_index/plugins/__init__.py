@@ -36,6 +36,29 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The plugin API (docs/plugins.md, "What a plugin may rely on"): the `Library` calls a plugin
+# may use, and all a server's queries get (`ServedLibrary` in plugins/http_api/state.py).
+# tests/test_plugin_api.py checks it against the docs' table and `Library`.
+PLUGIN_API: tuple[str, ...] = (
+    # indexing and fitting
+    "index", "set_vocabulary", "add_labels", "remove_labels", "labels", "vocabulary", "fit",
+    "ensure_tags", "is_stale", "is_fitted", "auto_fit", "update_indexes",
+    # queries
+    "query", "tags", "search", "text_search", "similar", "evidence", "image_id", "present_tags",
+    "tag_matrix",
+    # the catalog
+    "indexed_count", "indexed_paths", "image_info", "image_refs", "indexed_ids",
+    "indexed_ids_by_path", "image_page", "newest_images", "feed_version", "present_tags_of",
+    "tag_counts",
+    # the user's own labels
+    "user_labels_of", "user_label_page", "set_user_labels", "forget_user_labels",
+    "labels_changed", "teach",
+    # sharing and upkeep
+    "sidecars", "status", "check", "vacuum", "add_api_key", "api_keys", "revoke_api_key",
+    "api_key_scope", "live_api_keys",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a query or exporter (mapped to a click argument or option)."""

@@ -13,6 +13,7 @@ from fastapi import Request
 from piaa_index_plugins.http_api.errors import mapped
 
 from piaa_index.errors import UserInputError
+from piaa_index.plugins import PLUGIN_API
 
 if TYPE_CHECKING:
     from piaa_index_plugins.http_api.jobs import JobRunner
@@ -70,15 +71,21 @@ def get_state(request: Request) -> ApiState:
 
 
 class ServedLibrary:
-    """The Library as queries see it over HTTP: an image argument names an indexed image (its
-    id, or its path exactly as stored), never a file the server would open or stat; so
-    `similar?image=/etc/hostname` is "not an indexed image", whether that file exists or not."""
+    """The Library as queries see it over HTTP: the plugin API (`PLUGIN_API`, docs/plugins.md)
+    and nothing else, so no query reaches the store, the vectors or anything private.
+
+    An image argument names an indexed image (its id, or its path exactly as stored), never a
+    file the server would open or stat; so `similar?image=/etc/hostname` is "not an indexed
+    image", whether that file exists or not. `auto_fit` is read-only here (the server's)."""
+
+    __slots__ = ("_library",)
 
     def __init__(self, library: Library):
         self._library = library
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._library, name)
+    @property
+    def auto_fit(self) -> bool:
+        return self._library.auto_fit
 
     def indexed_path(self, ref: str | int | Path) -> str:
         library = self._library
@@ -107,3 +114,19 @@ class ServedLibrary:
         self, path: str | Path, limit: int | None = 20, progress: bool = False
     ) -> list[dict[str, Any]]:
         return self._library.similar(self.indexed_path(path), limit=limit, progress=progress)
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    def call(self: ServedLibrary, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._library, name)(*args, **kwargs)
+
+    call.__name__ = name
+    call.__qualname__ = f"ServedLibrary.{name}"
+    call.__doc__ = f"`Library.{name}` (the plugin API, docs/plugins.md)."
+    return call
+
+
+# The rest of the plugin API, each call passed to the Library as it is.
+for _name in PLUGIN_API:
+    if _name not in vars(ServedLibrary):
+        setattr(ServedLibrary, _name, _forward(_name))
