@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from piaa_index.cli.common import AppContext
 from piaa_index.cli.queries import add_query_commands
 from piaa_index.library.core import Library, UserInputError
-from piaa_index.plugins import Plugins, Query, hookspecs
+from piaa_index.plugins import Param, Plugins, Query, hookspecs
 from tests.image_files import PhotoFolder, make_photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,6 +320,75 @@ def test_a_third_party_entry_point_with_a_builtin_name_is_reported(
     plugins = Plugins()
     assert "largest" not in plugins.queries and "search" in plugins.queries
     assert "taken" in plugins.load_errors["builtin_queries"]
+
+
+# -- one Param, the same call from every front end ---------------------------------------------
+
+EVERY_KIND = (
+    Param("things", "Many things.", positional=True, multiple=True),
+    Param("ratio", "A ratio.", type=float, default=0.5),
+    Param("tag", "Tags.", multiple=True, default=("a", "b")),
+    Param("ids", "Ids.", type=int, multiple=True),
+    Param("loud", "Loud.", is_flag=True, default=True),
+    Param("quiet", is_flag=True),
+    Param("limit", "Limit.", type=int),
+)
+
+
+def test_a_param_reads_alike_in_the_cli_and_over_http(tmp_path: Path) -> None:
+    """`piaa NAME` and `GET /api/queries/NAME` with nothing given call `run` with the same
+    values (`Param.absent_value`), and given the same words, the same converted values."""
+    from piaa_index_plugins.http_api.routes_queries import query_params
+
+    seen: list[dict[str, object]] = []
+
+    def quick(settings: object, progress: bool = False, **params: object) -> list[dict]:
+        seen.append(params)
+        return [{"path": "/p", "score": 1.0}]
+
+    query = Query("kinds", "Every kind of Param.", quick, EVERY_KIND, quick=quick)
+
+    @click.group()
+    @click.pass_context
+    def group(ctx: click.Context) -> None:
+        ctx.obj = AppContext(home=str(tmp_path))
+
+    plugins = Plugins(load_entry_points=False, defaults=False)
+    plugins.register(types.SimpleNamespace(register_queries=_registers(query)), name="kinds")
+    add_query_commands(group, plugins)
+    runner = CliRunner()
+    for argv, raw in [
+        ([], []),
+        (
+            ["p", "q", "--ratio", "2", "--tag", "x", "--ids", "3", "--ids", "4", "--quiet"],
+            [("things", "p"), ("things", "q"), ("ratio", "2"), ("tag", "x"), ("ids", "3"),
+             ("ids", "4"), ("quiet", "1")],
+        ),
+    ]:  # fmt: skip
+        result = runner.invoke(group, ["kinds", *argv, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == query_params(query, raw)
+    assert query_params(query, [])["tag"] == ["a", "b"] and query_params(query, [])["ids"] == []
+    assert [p.option for p in EVERY_KIND if not p.positional][:1] == ["--ratio"]
+    assert [p.type_name for p in EVERY_KIND] == [
+        "str",
+        "float",
+        "str",
+        "int",
+        "bool",
+        "bool",
+        "int",
+    ]
+
+
+def _registers(query: Query) -> object:
+    from piaa_index import hookimpl
+
+    @hookimpl
+    def register_queries(register):  # type: ignore[no-untyped-def]
+        register(query)
+
+    return register_queries
 
 
 # -- hooks documented and exercised ------------------------------------------------------------

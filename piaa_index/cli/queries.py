@@ -7,7 +7,7 @@ serves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -19,10 +19,6 @@ from piaa_index.cli.common import (
     output_options,
 )
 from piaa_index.plugins import Param, Plugins, Query
-
-if TYPE_CHECKING:
-    pass
-
 
 # The one-line help of the built-in queries in `piaa --help` (their full help is the query's).
 SHORT_HELP = {
@@ -40,20 +36,21 @@ def _extensions() -> dict[str, CommandExtension]:
 
 
 def _click_param(p: Param) -> click.Parameter:
+    """A positional `Param` as a click argument, the others as `--name` options (the names,
+    defaults and types as `Param` gives them to every front end)."""
     if p.positional:
         return click.Argument(
             [p.name], required=p.required, nargs=-1 if p.multiple else 1, type=p.type
         )
-    flag = "--" + p.name.replace("_", "-")
     if p.is_flag:
-        return click.Option([flag, p.name], is_flag=True, default=bool(p.default), help=p.help)
+        return click.Option([p.option, p.name], is_flag=True, default=p.default_value, help=p.help)
     return click.Option(
-        [flag, p.name],
+        [p.option, p.name],
         type=p.type,
-        default=p.default,
+        default=p.default_value,
         required=p.required,
         multiple=p.multiple,
-        show_default=p.default is not None,
+        show_default=p.has_default,
         help=p.help,
     )
 

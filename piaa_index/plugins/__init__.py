@@ -59,9 +59,19 @@ PLUGIN_API: tuple[str, ...] = (
 )  # fmt: skip
 
 
+# A flag's words in text (a query string): `?present_only` alone means true.
+TRUE_WORDS = frozenset({"", "1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a query or exporter (mapped to a click argument or option)."""
+    """One parameter of a query or exporter: a click argument or option in the CLI
+    (piaa_index/cli/queries.py), a query-string parameter over HTTP (its OpenAPI schema and
+    `GET /api/queries`: plugins/http_api/routes_queries.py). What they share is here, once:
+    the option's name, the type's names, the default, the value when absent, the text's
+    conversion."""
 
     name: str
     help: str = ""
@@ -71,6 +81,67 @@ class Param:
     positional: bool = False
     multiple: bool = False
     is_flag: bool = False
+
+    @property
+    def option(self) -> str:
+        """The CLI option (`--present-only` for `present_only`)."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def type_name(self) -> str:
+        """`bool` for a flag, else the type's name (`str`, `int`, `float`)."""
+        return "bool" if self.is_flag else getattr(self.type, "__name__", str(self.type))
+
+    @property
+    def json_type(self) -> str:
+        """The JSON Schema type of one value (`string` for a type JSON has no name for)."""
+        return "boolean" if self.is_flag else JSON_TYPES.get(self.type, "string")
+
+    @property
+    def default_value(self) -> Any:
+        """The default as declared to a user (help, schema): a flag's is a bool."""
+        return bool(self.default) if self.is_flag else self.default
+
+    @property
+    def has_default(self) -> bool:
+        """Whether there is a default worth showing (a flag's is always False or True)."""
+        return self.is_flag or self.default is not None
+
+    def absent_value(self) -> Any:
+        """What `run` gets when the parameter is not given: the default, a list when it may
+        be given many times (the CLI passes click's tuple as a list)."""
+        if self.multiple and not self.is_flag:
+            return list(self.default or [])
+        return self.default_value
+
+    def parse(self, text: str) -> Any:
+        """One value from text: a flag's word (1/true/yes/on, 0/false/no/off, empty: true),
+        else the type called on it. ValueError, with a message naming the parameter, when the
+        text is not one."""
+        if self.is_flag:
+            word = text.strip().lower()
+            if word in TRUE_WORDS:
+                return True
+            if word in FALSE_WORDS:
+                return False
+            raise ValueError(f"parameter {self.name!r}: expected 1/true or 0/false")
+        try:
+            return self.type(text)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(
+                f"parameter {self.name!r}: expected {self.type_name}, got {text[:100]!r}"
+            ) from None
+
+    def describe(self) -> dict[str, Any]:
+        """The parameter as data (`GET /api/queries`)."""
+        return {
+            "name": self.name,
+            "type": self.type_name,
+            "required": bool(self.required),
+            "default": self.default_value,
+            "multiple": bool(self.multiple),
+            "help": self.help,
+        }
 
 
 @dataclass(frozen=True)

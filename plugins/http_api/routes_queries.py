@@ -32,47 +32,30 @@ from piaa_index_plugins.http_api.state import ApiState, get_state
 
 if TYPE_CHECKING:
     from piaa_index.library.core import Library
+    from piaa_index.plugins import Param, Query
 
 router = APIRouter(prefix="/api", tags=["queries"], dependencies=[require_read])
 
-TRUE_WORDS = {"", "1", "true", "yes", "on"}  # `?present_only` alone means true
-FALSE_WORDS = {"0", "false", "no", "off"}
 MAX_VALUE_CHARS = 4096
 
 
-def describe_param(p: Any) -> dict[str, Any]:
-    return {
-        "name": p.name,
-        "type": "bool" if p.is_flag else getattr(p.type, "__name__", str(p.type)),
-        "required": bool(p.required),
-        "default": bool(p.default) if p.is_flag else jsonable(p.default),
-        "multiple": bool(p.multiple),
-        "help": p.help,
-    }
+def describe_param(p: Param) -> dict[str, Any]:
+    described: dict[str, Any] = jsonable(p.describe())
+    return described
 
 
-def _convert(p: Any, raw: str) -> Any:
+def _convert(p: Param, raw: str) -> Any:
     if len(raw) > MAX_VALUE_CHARS:
         raise ApiError(
             400, "bad_request", f"parameter {p.name!r}: over {MAX_VALUE_CHARS} characters"
         )
-    if p.is_flag:
-        word = raw.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-        raise ApiError(400, "bad_request", f"parameter {p.name!r}: expected 1/true or 0/false")
     try:
-        return p.type(raw)
-    except (TypeError, ValueError, OverflowError):
-        kind = getattr(p.type, "__name__", str(p.type))
-        raise ApiError(
-            400, "bad_request", f"parameter {p.name!r}: expected {kind}, got {raw[:100]!r}"
-        ) from None
+        return p.parse(raw)
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
 
 
-def query_params(query: Any, raw: list[tuple[str, str]]) -> dict[str, Any]:
+def query_params(query: Query, raw: list[tuple[str, str]]) -> dict[str, Any]:
     """Query-string values converted per each `Param`; absent ones get the defaults the CLI
     would pass (so `GET /api/queries/NAME` and `piaa NAME` run the same call)."""
     by_name = {p.name: p for p in query.params}
@@ -93,12 +76,7 @@ def query_params(query: Any, raw: list[tuple[str, str]]) -> dict[str, Any]:
         if values is None:
             if p.required:
                 raise ApiError(400, "bad_request", f"missing parameter {p.name!r}")
-            if p.is_flag:
-                params[p.name] = bool(p.default)
-            elif p.multiple:
-                params[p.name] = list(p.default or [])
-            else:
-                params[p.name] = p.default
+            params[p.name] = p.absent_value()
         elif p.multiple:
             params[p.name] = [_convert(p, v) for v in values]
         elif len(values) > 1:
@@ -248,7 +226,6 @@ FIXED_OPERATION_IDS = frozenset(
         "get_image_labels", "set_image_label", "forget_image_label", "set_labels", "list_labels",
     }
 )  # fmt: skip
-OPENAPI_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
 PATH_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -271,18 +248,15 @@ def operation_id(name: str, taken: set[str]) -> str:
     return ident
 
 
-def param_spec(p: Any) -> dict[str, Any]:
+def param_spec(p: Param) -> dict[str, Any]:
     """The OpenAPI query parameter of a `Param`."""
-    if p.is_flag:
-        schema: dict[str, Any] = {"type": "boolean", "default": bool(p.default)}
-    else:
-        schema = {"type": OPENAPI_TYPES.get(p.type, "string")}
-        if p.multiple:
-            schema = {"type": "array", "items": schema}
-            if p.default:
-                schema["default"] = jsonable(list(p.default))
-        elif p.default is not None:
-            schema["default"] = jsonable(p.default)
+    schema: dict[str, Any] = {"type": p.json_type}
+    if p.multiple and not p.is_flag:
+        schema = {"type": "array", "items": schema}
+        if p.default:
+            schema["default"] = jsonable(p.absent_value())
+    elif p.has_default:
+        schema["default"] = jsonable(p.default_value)
     help_text = p.help or ""
     if p.name == "image":
         help_text = (help_text + " " if help_text else "") + (
