@@ -32,6 +32,7 @@ from piaa_index.catalog.readonly import head_revision, migrations_dir, sqlite_fi
 from piaa_index.catalog.schema import Setting
 from piaa_index.catalog.sidecars import SidecarRecord, SidecarsMixin
 from piaa_index.catalog.vocabularies import LabelInfo, VocabulariesMixin, VocabularyInfo
+from piaa_index.durable import file_lock
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
 
 # What callers import from here, wherever it is defined.
@@ -206,17 +207,9 @@ class Store(
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             yield
             return
-        try:
-            import fcntl
-        except ImportError:  # Windows: first opens are the user's to serialise
+        # Windows has no flocks: first opens are then the user's to serialise.
+        with file_lock(f"{database}.open.lock"):
             yield
-            return
-        with open(f"{database}.open.lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def integrity_problems(self) -> list[str]:
         """What the database's own check reports (SQLite: PRAGMA integrity_check); [] when

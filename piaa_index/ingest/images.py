@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib.util
 import io
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
+
+from piaa_index.durable import stream_digest
 
 # Photo formats Pillow (with pillow-heif) decodes. Video is not among them: the scan counts
 # what it skips as unsupported, by extension, so nothing is skipped silently.
@@ -48,7 +49,6 @@ RAW_PREVIEW_MIN = 224
 # Pillow raises DecompressionBombError above 2 x MAX_IMAGE_PIXELS (~179 Mpx); same default here.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
-_HASH_CHUNK = 1 << 20
 # No photo is this big (a 100 Mpx 16-bit TIFF is ~600 MB); a file over it is refused before any
 # byte is read, so a runaway file (a growing log named .jpg, a sparse disk image) costs nothing.
 MAX_FILE_BYTES = 4 << 30
@@ -859,8 +859,5 @@ def _sort_messages(text: bytes, into: list[str], path: str) -> None:
 
 def file_hash(path: str | os.PathLike[str]) -> str:
     """Content hash of a file: BLAKE2b-128, hex, streamed in 1 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=16)
     with open_regular(path) as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_digest(fh)

@@ -22,13 +22,13 @@ the indexed picture.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from piaa_index.durable import atomic_write, stream_digest
 from piaa_index.errors import LibraryError, NotFoundError, UserInputError
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ SIZES = (128, 256, 512, 2048)  # longer side, pixels; 2048: the gallery's zoom (
 DEFAULT_SIZE = 256
 JPEG_QUALITY = 85
 DECODE_BUDGET = 512 << 20  # decoded bytes in flight across a server's threads
-_HASH_CHUNK = 1 << 20
 
 
 class SourceChanged(LibraryError):
@@ -118,16 +117,14 @@ class Thumbnails:
         """Hash `source` through one descriptor; its fstat if the hash is the indexed one."""
         from piaa_index.ingest.images import open_regular
 
-        digest = hashlib.blake2b(digest_size=16)  # as images.file_hash, which made the index
         try:
             with open_regular(source) as fh:
                 st = os.fstat(fh.fileno())
-                while chunk := fh.read(_HASH_CHUNK):
-                    digest.update(chunk)
+                digest = stream_digest(fh)  # as images.file_hash, which made the index
         except OSError as exc:  # moved or deleted since it was indexed
             reason = exc.strerror or str(exc)
             raise NotFoundError(f"image {thumb.image_id} cannot be read now: {reason}") from None
-        if digest.hexdigest() != thumb.content_hash:
+        if digest != thumb.content_hash:
             raise SourceChanged(
                 f"image {thumb.image_id} changed since it was indexed ({source} is not the "
                 "indexed content any more): re-index it"
@@ -155,14 +152,11 @@ class Thumbnails:
             raise SourceChanged(f"image {image_id} changed while it was read: try again")
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                img.save(fh, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # A hidden, unique temporary name (as tempfile.mkstemp: owner-only, 0600), removed on
+        # failure. No fsync: a cache, made again from the image when it is missing.
+        tmp = target.parent / f".tmp-{secrets.token_hex(4)}.jpg"
+        with atomic_write(target, tmp=tmp, exclusive=True, create_mode=0o600, fsync=False) as fh:
+            img.save(fh, format="JPEG", quality=JPEG_QUALITY, optimize=True)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from piaa_index.config import default_home
+from piaa_index.durable import write_bytes_atomic
 from piaa_index.errors import PiaaError
 
 PROBE_TIMEOUT_S = 3.0
@@ -305,9 +306,9 @@ def sha256_file(path: str | os.PathLike[str], home: Path | None = None) -> str:
     cache[key] = [*stamp, value]
     try:  # a cache we cannot write only costs time
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, cache_path)
+        data = json.dumps(cache, indent=1, sort_keys=True).encode("utf-8")
+        # No fsync: a cache; a crash may lose it, and the checkpoint is hashed again.
+        write_bytes_atomic(data, cache_path, unique=True, fsync=False)
     except OSError:
         pass
     return value

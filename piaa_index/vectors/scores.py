@@ -49,7 +49,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from piaa_index.durable import file_digest, fsync_dir, write_bytes_atomic
+from piaa_index.durable import (
+    atomic_write,
+    file_digest,
+    file_lock,
+    fsync_dir,
+    replace_all,
+    write_bytes_atomic,
+)
 
 if TYPE_CHECKING:
     from piaa_index.method.decisions import Decisions
@@ -80,22 +87,8 @@ def new_key() -> str:
 def writer_lock(root: Path, blocking: bool = True) -> Iterator[bool]:
     """Exclusive right to write score files; yields False if not blocking and it is taken."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK, "a+") as fh:
-        try:
-            import fcntl
-        except ImportError:  # Windows: single writer is on the user
-            yield True
-            return
-        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fh.fileno(), flags)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with file_lock(root / LOCK, blocking=blocking) as held:  # Windows: single writer on the user
+        yield held
 
 
 def cleanup(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
@@ -132,11 +125,6 @@ def leftovers(root: Path, committed: Mapping[str, Sequence[str]]) -> list[Path]:
 
 def _file(folder: Path, segment: str, kind: str) -> Path:
     return folder / f"{segment}.{kind}.npy"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 class SegmentWriter:
@@ -210,9 +198,11 @@ class SegmentWriter:
         del arrays, present, S, E, Cs, U
         self.ids = self.shards = np.empty(0)
         self.mats = {}
-        for kind, tmp in self._tmp.items():
-            _fsync_file(tmp)
-            os.replace(tmp, _file(self.folder, self.segment, kind))
+        # _seal fsyncs the folder once the checksums are written beside the files.
+        replace_all(
+            [(tmp, _file(self.folder, self.segment, kind)) for kind, tmp in self._tmp.items()],
+            sync_folder=False,
+        )
         _seal(self.folder, self.segment, list(self._tmp))
         fsync_dir(self.folder.parent)
 
@@ -228,13 +218,9 @@ REMOVED = -1
 
 def write_removed(folder: Path, segment: str, ids: Sequence[int]) -> None:
     """A durable removal segment: these images' latest rows become tombstones."""
-    final = _file(folder, segment, "removed")
-    tmp = final.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the name
+    # <seg>.removed.npy.tmp, then renamed; a file object: np.save would append ".npy" to a name
+    with atomic_write(_file(folder, segment, "removed")) as fh:
         np.save(fh, np.asarray(ids, dtype=np.int64))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
     _seal(folder, segment, ["removed"])
 
 

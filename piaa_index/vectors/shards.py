@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import file_digest, fsync_dir, write_bytes_atomic
+from piaa_index.durable import file_digest, file_lock, fsync_dir, write_bytes_atomic
 from piaa_index.errors import PiaaError
+from piaa_index.vectors.faiss_lib import faiss as _faiss
 
 MANIFEST = "manifest.json"
 RESERVED = "shards.next"  # the next shard id not yet handed out (reserve_shard_ids)
@@ -84,12 +85,6 @@ class ShardVectors:
     image_ids: np.ndarray  # [n] int64
     cls: np.ndarray  # [n, d] float32
     patches: np.ndarray  # [n, M, d] float32
-
-
-def _faiss():  # type: ignore[no-untyped-def]
-    import faiss
-
-    return faiss
 
 
 def _mapped() -> int:
@@ -370,38 +365,19 @@ class VectorStore:
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """Exclusive right to add shards: a second index run on the same library fails fast."""
-        path = self.root / "writer.lock"
-        with open(path, "a+") as fh:
-            try:
-                import fcntl
-            except ImportError:  # Windows: no advisory locks; single-writer is on the user
-                yield
-                return
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+        # Windows: no advisory locks; single-writer is on the user.
+        with file_lock(self.root / "writer.lock", blocking=False) as held:
+            if not held:
                 raise LockedError(
                     f"another piaa process is indexing this library ({self.root}); "
                     "wait for it to finish"
-                ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                )
+            yield
 
     @contextmanager
     def _flock(self, name: str, mode: str) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks
+        with file_lock(self.root / name, shared=mode == "shared"):  # Windows: no locks
             yield
-            return
-        with open(self.root / name, "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def reading(self) -> AbstractContextManager[None]:
         """Held by a pass over the shards (fit, re-tag, text search): the shards it was given

@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_digest, fsync_dir
+from piaa_index.durable import damaged_files, file_digest, replace_all
+from piaa_index.vectors.faiss_lib import faiss as _faiss
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
 MAX_FLAT_CELLS = 25_600_000
 NPROBE = 32
-
-
-def _faiss() -> Any:
-    import faiss
-
-    return faiss
 
 
 def saved_version(folder: Path) -> int | None:
@@ -143,18 +137,15 @@ class ClsIndex:
             },
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
-        for name in ("cls.faiss", "held.npz", "meta.json"):
-            tmp = folder / f"{name}.tmp"
-            if name == "held.npz":
-                tmp = folder / "held.npz.tmp.npz"  # np.savez appends .npz
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
         # meta.json last: it is what says the other two belong together.
-        (folder / "meta.json").unlink(missing_ok=True)
-        os.replace(folder / "cls.faiss.tmp", folder / "cls.faiss")
-        os.replace(folder / "held.npz.tmp.npz", folder / "held.npz")
-        os.replace(folder / "meta.json.tmp", folder / "meta.json")
-        fsync_dir(folder)
+        replace_all(
+            [
+                (folder / "cls.faiss.tmp", folder / "cls.faiss"),
+                (folder / "held.npz.tmp.npz", folder / "held.npz"),  # np.savez appends .npz
+                (folder / "meta.json.tmp", folder / "meta.json"),
+            ],
+            last_vouches=True,
+        )
 
     @classmethod
     def load(cls, folder: Path) -> ClsIndex | None:

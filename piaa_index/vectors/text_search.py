@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_digest, fsync_dir
+from piaa_index.durable import damaged_files, file_digest, replace_all
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
+from piaa_index.vectors.faiss_lib import faiss as _faiss
 from piaa_index.vectors.shards import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
@@ -75,12 +75,6 @@ class Budget:
         scale = max(1.0, limit / 20)
         from_cls = min(MAX_CLS_POOL, max(2_000, images // 10))
         return cls(int(32_768 * scale), int(2_000 * scale), int(from_cls * scale))
-
-
-def _faiss() -> Any:
-    import faiss
-
-    return faiss
 
 
 def _nprobe(nlist: int) -> int:
@@ -221,13 +215,14 @@ class PatchIndex:
             },
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
-        for name in ("patches.faiss", "held.npz", "meta.json"):
-            with open(folder / f"{name}.tmp", "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(folder / "patches.faiss.tmp", folder / "patches.faiss")
-        os.replace(folder / "held.npz.tmp", folder / "held.npz")
-        os.replace(folder / "meta.json.tmp", folder / "meta.json")
-        fsync_dir(folder)
+        replace_all(
+            [
+                (folder / "patches.faiss.tmp", folder / "patches.faiss"),
+                (folder / "held.npz.tmp", folder / "held.npz"),
+                (folder / "meta.json.tmp", folder / "meta.json"),  # last: it vouches for both
+            ],
+            last_vouches=True,  # (already removed above, before the temporary files)
+        )
 
     @classmethod
     def load(cls, folder: Path) -> PatchIndex | None:

@@ -26,13 +26,12 @@ import hashlib
 import json
 import os
 import secrets
-import stat
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from piaa_index.durable import fsync_dir
+from piaa_index.durable import atomic_write, fsync_dir
 from piaa_index.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -357,27 +356,10 @@ def write_atomic(path: str, data: bytes) -> None:
     """Replace `path` by `data`: a temporary file beside it, fsynced, renamed over it. A crash
     leaves the old file or the new one, never half of one (the temporary name is hidden)."""
     folder, name = os.path.split(path)
-    try:
-        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = None  # a new file: the umask decides, as for any file the user makes
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.piaa-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if mode is not None:
-                os.chmod(tmp, mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
+    # The file's permissions are kept; a new file's are the umask's, as for any the user makes.
+    with atomic_write(path, tmp=tmp, exclusive=True, keep_mode=True, sync_folder=True) as fh:
+        fh.write(data)
 
 
 def remove_file(path: str) -> None:
