@@ -27,7 +27,7 @@ class ExportGroup(click.Group):
         return sorted(self._exporters())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        from piaa_index.cli.queries import _click_param
+        from piaa_index.cli.queries import click_param
 
         exporter = self._exporters().get(name)
         if exporter is None:
@@ -53,7 +53,7 @@ class ExportGroup(click.Group):
             name,
             callback=callback,
             params=[
-                *(_click_param(p) for p in exporter.params),
+                *(click_param(p) for p in exporter.params),
                 click.Option(["--json", "as_json"], is_flag=True, help="The summary as JSON."),
             ],
             help=exporter.help,

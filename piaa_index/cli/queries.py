@@ -35,7 +35,7 @@ def _extensions() -> dict[str, CommandExtension]:
     return {"tags": TAGS_EVIDENCE}
 
 
-def _click_param(p: Param) -> click.Parameter:
+def click_param(p: Param) -> click.Parameter:
     """A positional `Param` as a click argument, the others as `--name` options (the names,
     defaults and types as `Param` gives them to every front end)."""
     if p.positional:
@@ -96,7 +96,7 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
     command = click.Command(
         query.name,
         callback=output_options(callback),
-        params=[_click_param(p) for p in query.params]
+        params=[click_param(p) for p in query.params]
         + list(extension.params if extension else ()),
         help=query.help,
         short_help=SHORT_HELP.get(query.name) or first_sentence(query.help, SHORT_HELP_WIDTH),
