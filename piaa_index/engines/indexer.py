@@ -24,6 +24,7 @@ import numpy as np
 
 from piaa_index.catalog.schema import FAILED, INDEXED
 from piaa_index.catalog.store import KnownImage, Store, utcnow
+from piaa_index.engines.base import IndexJob, IndexReport
 from piaa_index.ingest.bounded import READ_TIMEOUT, TimedOut, map_bounded
 from piaa_index.ingest.images import (
     ImageDecodeError,
@@ -39,43 +40,12 @@ if TYPE_CHECKING:
     from piaa_index.model.encoder import Encoder
     from piaa_index.progress import Progress
 
+__all__ = ["IndexReport", "Indexer", "LocalEngine"]  # IndexReport: engines/base.py's
+
 
 # Decoded pixels in flight across the decode threads: a 13,000 x 13,000 16-bit scan is 338 MB
 # before it is reduced, so a few of them together must wait for each other.
 DECODE_MEMORY = 512 << 20
-
-
-@dataclass
-class IndexReport:
-    """What one index run did (the CLI prints it; `--json` prints `as_dict()`)."""
-
-    indexed: int = 0
-    unchanged: int = 0
-    reused: int = 0
-    removed: int = 0
-    failed: list[dict] = field(default_factory=list)
-    still_failing: int = 0
-    skipped: dict[str, Any] = field(default_factory=dict)  # what the scan did not read, why
-    kept: dict[str, int] = field(default_factory=dict)  # --prune: missing but not provably gone
-    # Files that decoded, with what their decoders said (corrupt EXIF, extraneous JPEG bytes):
-    # {"path", "messages"}, here rather than on the terminal.
-    warnings: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "indexed": self.indexed,
-            "unchanged": self.unchanged,
-            "reused": self.reused,
-            "removed": self.removed,
-            "failed": self.failed,
-            "still_failing": self.still_failing,
-            "skipped": self.skipped,
-            "kept": self.kept,
-            "warnings": self.warnings,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.indexed / self.seconds, 2) if self.seconds else 0.0,
-        }
 
 
 class RetryNextRun(str):
@@ -124,6 +94,34 @@ class _Chunk:
     files: list[FileInfo] = field(default_factory=list)
     decoding: _Job | None = None  # decode_files of the files to encode, in the background
     error: Exception | None = None  # planning it failed: raised when its turn comes
+
+
+class LocalEngine:
+    """The `Engine` of one process: an `Indexer` over the job's store and vectors."""
+
+    def run(self, job: IndexJob, progress: Progress = False) -> IndexReport:
+        from piaa_index.progress import note
+
+        vectors = job.vectors()
+        n = len(job.paths)
+        note(f"scanning {n} path{'s' if n != 1 else ''}…", progress)
+        indexer = Indexer(
+            job.store,
+            vectors,
+            job.encoder,
+            batch_size=job.batch_size,
+            commit_every=job.commit_every,
+            workers=job.workers,
+            read_timeout=job.read_timeout,
+        )
+        return indexer.run(
+            job.paths,
+            prune=job.prune,
+            progress=progress,
+            exclude=job.exclude,
+            default_excludes=job.default_excludes,
+            follow_symlinks=job.follow_symlinks,
+        )
 
 
 class Indexer:
@@ -311,9 +309,8 @@ class Indexer:
             return
         shard = None
         if group:
-            shard = self.vectors.next_shard_id()
-            # Ids must exist before the shard is written: reserve them for new paths.
-            ids = reserve_ids(self.store, [item.info for item in group], known)
+            # Ids must exist before the shard is written: reserved for new paths.
+            ((shard, ids),) = allocate(self.store, self.vectors, [[i.info for i in group]], known)
             self.vectors.write_shard(
                 shard,
                 ids,
@@ -625,6 +622,29 @@ def commit_rows(
         else:
             new_broken.append(row)
     store.commit_images(updates, new_broken)
+
+
+def allocate(
+    store: Store,
+    vectors: VectorStore,
+    groups: Sequence[Sequence[FileInfo]],
+    known: dict[str, KnownImage],
+    record: bool = False,
+) -> list[tuple[int, list[int]]]:
+    """(shard id, image ids) of each commit group: the one allocation of both engines, made
+    under the vector writer lock before the groups' shards are written.
+
+    Image ids: `reserve_ids` (placeholder rows for new paths). Shard ids: consecutive from
+    `VectorStore.next_shard_id`; with `record` they are also recorded durably
+    (`reserve_shard_ids`), which the Ray engine needs, allocating every group before workers
+    that may outlive a killed driver write them. The local engine allocates each group just
+    before writing it itself, so nothing needs recording.
+    """
+    flat = [info for files in groups for info in files]
+    for start in range(0, len(flat), 5000):  # bounded statements on a big first run
+        reserve_ids(store, flat[start : start + 5000], known)
+    first = vectors.reserve_shard_ids(len(groups)) if record else vectors.next_shard_id()
+    return [(first + k, [known[i.path].id for i in files]) for k, files in enumerate(groups)]
 
 
 def reserve_ids(store: Store, infos: Sequence[FileInfo], known: dict[str, KnownImage]) -> list[int]:

@@ -25,20 +25,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from piaa_index.engines.base import IndexJob, IndexReport
 from piaa_index.errors import PiaaError, UserInputError
-from piaa_index.ingest.bounded import READ_TIMEOUT
 from piaa_index.progress import Progress
 
 if TYPE_CHECKING:
+    from piaa_index.catalog.store import Store
     from piaa_index.config import ModelSpec
-    from piaa_index.engines.indexer import IndexReport, Row
+    from piaa_index.engines.indexer import Row
     from piaa_index.ingest.scan import FileInfo
-    from piaa_index.library.core import Library
     from piaa_index.method.pvcl import Classifier
+    from piaa_index.vectors.shards import VectorStore
 
 # File systems a node never shares with another: a home there works on one node only.
 NODE_LOCAL_FS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
@@ -199,10 +200,9 @@ def check_shared(ray: Any, folders: Sequence[Path]) -> None:
                 )
 
 
-def shared_folders(library: Library) -> list[Path]:
+def shared_folders(vectors_root: Path, url: str) -> list[Path]:
     """What workers open by path: the vector folder, and the SQLite file's folder if any."""
-    folders = [library.vectors_dir.resolve()]
-    url = library.settings.db_url
+    folders = [Path(vectors_root).resolve()]
     if url.startswith("sqlite:///"):
         folders.append(Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent)
     return folders
@@ -220,7 +220,8 @@ def worker_db_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """What every worker needs to know, sent with each task."""
+    """What every worker needs to know, sent with each task (the `IndexJob`'s part a worker
+    can use: no store, no open vector store, no encoder)."""
 
     db_url: str
     vectors_root: str
@@ -329,78 +330,80 @@ def _write(row: dict[str, Any], job: Job) -> dict[str, Any]:
     return {"payload": pickle.dumps(group, protocol=5)}
 
 
-def index(
-    library: Library,
-    paths: Sequence[str | Path],
-    *,
-    address: str | None = None,
-    prune: bool = False,
-    progress: Progress = False,
-    batch_size: int = 32,
-    commit_every: int = 256,
-    exclude: Sequence[str] = (),
-    default_excludes: bool = True,
-    follow_symlinks: bool = False,
-    encoders: int | None = None,
-    read_timeout: float = READ_TIMEOUT,
-) -> IndexReport:
-    """`Library.index(..., engine="ray")`: the same report as the local engine."""
-    from piaa_index.engines.indexer import DECODE_MEMORY, IndexReport, plan
+class RayEngine:
+    """The `Engine` of a Ray cluster (`--engine ray`): the same report as the local engine."""
+
+    def run(self, job: IndexJob, progress: Progress = False) -> IndexReport:
+        return index(job, progress)
+
+
+def index(job: IndexJob, progress: Progress = False) -> IndexReport:
+    """Run `job` on the Ray cluster at `job.address`: the same report as the local engine."""
+    from piaa_index.engines.indexer import DECODE_MEMORY, plan
 
     require_ray()  # before any work: a missing extra is one line, not a half-done run
     started = time.perf_counter()
     report = IndexReport()
-    store, vectors = library.store, library.vectors
-    todo, known = plan(store, report, paths, prune, exclude, default_excludes, follow_symlinks)
+    store, vectors = job.store, job.vectors()
+    todo, known = plan(
+        store,
+        report,
+        job.paths,
+        job.prune,
+        job.exclude,
+        job.default_excludes,
+        job.follow_symlinks,
+    )
     if todo:
-        with connected(address) as ray, vectors.writer_lock():
-            check_shared(ray, shared_folders(library))
-            job = Job(
-                db_url=worker_db_url(library.settings.db_url),
+        with connected(job.address) as ray, vectors.writer_lock():
+            check_shared(ray, shared_folders(vectors.root, job.db_url))
+            work = Job(
+                db_url=worker_db_url(job.db_url),
                 vectors_root=str(vectors.root.resolve()),
                 identity=vectors.identity,
                 codec=vectors.codec,
-                spec=library.spec,
-                draft=max(library.encoder.image_size),
-                batch_size=batch_size,
-                gpu_batch_size=max(batch_size, GPU_BATCH_SIZE),
+                spec=job.spec,
+                draft=max(job.encoder().image_size),
+                batch_size=job.batch_size,
+                gpu_batch_size=max(job.batch_size, GPU_BATCH_SIZE),
                 decode_memory=DECODE_MEMORY,
-                read_timeout=read_timeout,
+                read_timeout=job.read_timeout,
             )
-            _run(ray, library, job, todo, known, report, progress, commit_every, encoders)
+            groups = _groups(store, vectors, todo, known, job.commit_every)
+            _run(ray, store, vectors, work, groups, known, report, progress, job.encoders)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _groups(library: Library, todo: list[FileInfo], known: dict, commit_every: int) -> list[_Group]:
-    """Commit groups with their shard ids and image ids, fixed before any worker runs."""
-    from piaa_index.engines.indexer import reserve_ids
+def _groups(
+    store: Store, vectors: VectorStore, todo: list[FileInfo], known: dict, commit_every: int
+) -> list[_Group]:
+    """Commit groups with their shard ids and image ids, fixed (and the shard ids recorded)
+    before any worker runs: the local engine's allocation, all groups at once."""
+    from piaa_index.engines.indexer import allocate
 
-    for start in range(0, len(todo), 5000):
-        reserve_ids(library.store, todo[start : start + 5000], known)
-    first = library.vectors.reserve_shard_ids(-(-len(todo) // commit_every))
-    groups = []
-    for k, start in enumerate(range(0, len(todo), commit_every)):
-        files = todo[start : start + commit_every]
-        groups.append(_Group(first + k, files, {f.path: known[f.path].id for f in files}))
-    return groups
+    cut = [todo[start : start + commit_every] for start in range(0, len(todo), commit_every)]
+    given = allocate(store, vectors, cut, known, record=True)
+    return [
+        _Group(shard, files, dict(zip((f.path for f in files), ids, strict=True)))
+        for files, (shard, ids) in zip(cut, given, strict=True)
+    ]
 
 
 def _run(
     ray: Any,
-    library: Library,
+    store: Store,
+    vectors: VectorStore,
     job: Job,
-    todo: list[FileInfo],
+    groups: list[_Group],
     known: dict,
     report: IndexReport,
     progress: Progress,
-    commit_every: int,
     encoders: int | None,
 ) -> None:
     from piaa_index.engines.indexer import commit_rows
     from piaa_index.progress import progress_bar
 
-    groups = _groups(library, todo, known, commit_every)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
@@ -411,9 +414,10 @@ def _run(
     # The library's patch quantiser is trained on the first shard written. The local engine's
     # first shard is the first commit group; so is this one: while the library has none, the
     # first group runs alone, and the same photos give the same stored patches either way.
-    batches = [groups[:1], groups[1:]] if library.vectors.needs_quantizer() else [groups]
+    batches = [groups[:1], groups[1:]] if vectors.needs_quantizer() else [groups]
+    total = sum(len(g.files) for g in groups)
     with (
-        progress_bar(len(todo), "indexing (ray)", progress) as advance,
+        progress_bar(total, "indexing (ray)", progress) as advance,
         one_line_failures("indexing", "; the committed groups are kept: run again to finish"),
     ):
         for batch in batches:
@@ -438,7 +442,7 @@ def _run(
                 rows = [r for r, _ in group.rows]
                 # The shard is on disk (the write task returned): now SQL may point at it.
                 commit_rows(
-                    library.store, group.shard if group.written else None, rows, group.failed, known
+                    store, group.shard if group.written else None, rows, group.failed, known
                 )
                 for _, reused in group.rows:
                     if reused:
@@ -468,9 +472,16 @@ def _score(
     return chunk.image_ids, scores.fused, scores.patch, scores.cls, scores.support
 
 
+class _HasVectors(Protocol):
+    """What `score_chunks` reads of its caller: the vector store (a `Library` has one)."""
+
+    @property
+    def vectors(self) -> VectorStore: ...
+
+
 def score_chunks(
     ray: Any,
-    library: Library,
+    source: _HasVectors,
     chunks: Sequence[tuple[int, list[int]]],
     classifier: Classifier,
     T: np.ndarray,
@@ -479,7 +490,7 @@ def score_chunks(
     by Ray tasks near the shards; a bounded number in flight."""
     from piaa_index.method.pvcl import pack
 
-    vectors = library.vectors
+    vectors = source.vectors
     job = (str(vectors.root.resolve()), vectors.identity, vectors.codec)
     packed = ray.put(pack(classifier, T))
     task = ray.remote(num_cpus=1)(_score)

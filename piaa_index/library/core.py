@@ -47,7 +47,7 @@ from piaa_index.vectors.shards import VectorStore
 __all__ = ["FitReport", "Library", "LibraryError", "UserInputError", "default_bank_size"]
 
 if TYPE_CHECKING:
-    from piaa_index.engines.indexer import IndexReport
+    from piaa_index.engines.base import IndexReport
     from piaa_index.library.evidence import Evidence
     from piaa_index.method.pvcl import Classifier
     from piaa_index.model.encoder import Encoder
@@ -324,56 +324,33 @@ class Library:
         images make one shard and one SQL commit. Reading and decoding one file is bounded by
         `read_timeout` seconds: a file on a hung network share is recorded as failed.
         """
-        from piaa_index.engines.indexer import Indexer
+        from piaa_index.engines import engine_for
+        from piaa_index.engines.base import IndexJob
         from piaa_index.ingest.scan import PathError
-        from piaa_index.progress import note
 
-        if batch_size < 1:
-            raise UserInputError(f"batch size must be at least 1, not {batch_size}")
-        if commit_every < 1:
-            raise UserInputError(f"commit group must be at least 1 image, not {commit_every}")
-        if not read_timeout > 0:
-            raise UserInputError(f"read timeout must be positive, not {read_timeout}")
-        if engine not in ("local", "ray"):
-            raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
-        try:
-            if engine == "ray":
-                from piaa_index.engines import ray_engine
-
-                report = ray_engine.index(
-                    self,
-                    paths,
-                    address=address,
-                    prune=prune,
-                    progress=progress,
-                    batch_size=batch_size,
-                    commit_every=commit_every,
-                    exclude=exclude,
-                    default_excludes=default_excludes,
-                    follow_symlinks=follow_symlinks,
-                    read_timeout=read_timeout,
-                )
-                self.update_indexes(progress)
-                return report
+        def vectors() -> VectorStore:
             if self._vectors is None and VectorStore.read_manifest(self.vectors_dir) is None:
                 self._load_encoder(progress)  # a new library records its model first
-            note(f"scanning {len(paths)} path{'s' if len(paths) != 1 else ''}…", progress)
-            indexer = Indexer(
-                self.store,
-                self.vectors,
-                lambda: self._load_encoder(progress),
-                batch_size=batch_size,
-                commit_every=commit_every,
-                read_timeout=read_timeout,
-            )
-            report = indexer.run(
-                paths,
-                prune=prune,
-                progress=progress,
-                exclude=exclude,
-                default_excludes=default_excludes,
-                follow_symlinks=follow_symlinks,
-            )
+            return self.vectors
+
+        job = IndexJob(
+            paths=tuple(paths),
+            store=self.store,
+            vectors=vectors,
+            encoder=lambda: self._load_encoder(progress),
+            spec=self.spec,
+            db_url=self.settings.db_url,
+            prune=prune,
+            exclude=tuple(exclude),
+            default_excludes=default_excludes,
+            follow_symlinks=follow_symlinks,
+            batch_size=batch_size,
+            commit_every=commit_every,
+            read_timeout=read_timeout,
+            address=address,
+        )
+        try:
+            report = engine_for(engine).run(job, progress)
         except PathError as exc:
             raise UserInputError(str(exc)) from None
         self.update_indexes(progress)
