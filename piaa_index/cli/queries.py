@@ -96,8 +96,7 @@ def make_query_command(query: Query, extension: CommandExtension | None = None) 
     command = click.Command(
         query.name,
         callback=output_options(callback),
-        params=[click_param(p) for p in query.params]
-        + list(extension.params if extension else ()),
+        params=[click_param(p) for p in query.params] + list(extension.params if extension else ()),
         help=query.help,
         short_help=SHORT_HELP.get(query.name) or first_sentence(query.help, SHORT_HELP_WIDTH),
     )
