@@ -15,14 +15,20 @@ if TYPE_CHECKING:
 ENGINES = ("local", "ray")
 
 
+def check_engine(name: str) -> str:
+    """`name` if it names an engine, else the user's mistake, said once for index and fit."""
+    if name not in ENGINES:
+        raise UserInputError(f"unknown engine {name!r}; choose {' or '.join(ENGINES)}")
+    return name
+
+
 def engine_for(name: str) -> Engine:
     """The engine called `name` (`local`, `ray`); another name is the user's mistake."""
+    check_engine(name)
     if name == "local":
         from piaa_index.engines.indexer import LocalEngine
 
         return LocalEngine()
-    if name == "ray":
-        from piaa_index.engines.ray_engine import RayEngine
+    from piaa_index.engines.ray_engine import RayEngine
 
-        return RayEngine()
-    raise UserInputError(f"unknown engine {name!r}; choose local or ray")
+    return RayEngine()

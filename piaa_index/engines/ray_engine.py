@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -472,16 +472,9 @@ def _score(
     return chunk.image_ids, scores.fused, scores.patch, scores.cls, scores.support
 
 
-class _HasVectors(Protocol):
-    """What `score_chunks` reads of its caller: the vector store (a `Library` has one)."""
-
-    @property
-    def vectors(self) -> VectorStore: ...
-
-
 def score_chunks(
     ray: Any,
-    source: _HasVectors,
+    vectors: VectorStore,
     chunks: Sequence[tuple[int, list[int]]],
     classifier: Classifier,
     T: np.ndarray,
@@ -490,7 +483,6 @@ def score_chunks(
     by Ray tasks near the shards; a bounded number in flight."""
     from piaa_index.method.pvcl import pack
 
-    vectors = source.vectors
     job = (str(vectors.root.resolve()), vectors.identity, vectors.codec)
     packed = ray.put(pack(classifier, T))
     task = ray.remote(num_cpus=1)(_score)

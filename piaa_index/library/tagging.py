@@ -573,7 +573,7 @@ class Tagger(Part):
 
         with progress_bar(len(locations), desc + " (ray)", progress) as advance:
             for ids, shard, scores in score_chunks(
-                ray, self.library, chunk_plan(locations), classifier, T
+                ray, self.vectors, chunk_plan(locations), classifier, T
             ):
                 yield ids, shard, scores
                 advance(len(ids))
@@ -836,11 +836,11 @@ class Tagger(Part):
 @contextmanager
 def _engine(engine: str, address: str | None) -> Iterator[Any]:
     """None for the local engine, a connected Ray module for `ray`."""
-    if engine == "local":
+    from piaa_index.engines import check_engine
+
+    if check_engine(engine) == "local":
         yield None
         return
-    if engine != "ray":
-        raise UserInputError(f"unknown engine {engine!r}; choose local or ray")
     from piaa_index.engines.ray_engine import connected
 
     with connected(address) as ray:
