@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from piaa_index.layout import Layout
+
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = (
     "default"  # resolved per model: `openai` for ViT-B-16, the shipped file for shapesworld
@@ -72,6 +74,11 @@ class Settings:
     front_end: str | None
     device: str
 
+    @property
+    def layout(self) -> Layout:
+        """The paths under `home` (`piaa_index.layout`)."""
+        return Layout(self.home)
+
     @classmethod
     def resolve(
         cls,
@@ -84,7 +91,7 @@ class Settings:
     ) -> Settings:
         """Arguments win over environment variables, which win over defaults."""
         home_path = Path(home).expanduser() if home else default_home()
-        db_url = db or os.environ.get("PIAA_DB") or f"sqlite:///{home_path / 'piaa.sqlite3'}"
+        db_url = db or os.environ.get("PIAA_DB") or f"sqlite:///{Layout(home_path).sqlite_file}"
         try:  # database drivers and URL rendering take text: bytes that are not UTF-8 crash them
             db_url.encode("utf-8")
         except UnicodeEncodeError:

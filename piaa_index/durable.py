@@ -178,6 +178,11 @@ def stream_digest(fh: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+def bytes_digest(data: bytes) -> str:
+    """`stream_digest` of bytes in memory (a file about to be written: its name or checksum)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_digest(path: str | Path) -> str:
     """A file's blake2b-128 digest (`stream_digest`)."""
     with open(path, "rb") as fh:

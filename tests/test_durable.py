@@ -189,7 +189,7 @@ def test_one_hash_and_it_is_the_one_libraries_stored(tmp_path: Path) -> None:
     path = tmp_path / "photo.jpg"
     path.write_bytes(data)
     expected = hashlib.blake2b(data, digest_size=16).hexdigest()
-    assert file_digest(path) == file_hash(path) == expected
+    assert file_digest(path) == file_hash(path) == durable.bytes_digest(data) == expected
     with open(path, "rb") as fh:
         assert stream_digest(fh) == expected
     (tmp_path / "empty").write_bytes(b"")

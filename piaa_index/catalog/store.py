@@ -34,6 +34,7 @@ from piaa_index.catalog.sidecars import SidecarRecord, SidecarsMixin
 from piaa_index.catalog.vocabularies import LabelInfo, VocabulariesMixin, VocabularyInfo
 from piaa_index.durable import file_lock
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
+from piaa_index.layout import open_lock
 
 # What callers import from here, wherever it is defined.
 __all__ = [
@@ -208,7 +209,7 @@ class Store(
             yield
             return
         # Windows has no flocks: first opens are then the user's to serialise.
-        with file_lock(f"{database}.open.lock"):
+        with file_lock(open_lock(database)):
             yield
 
     def integrity_problems(self) -> list[str]:

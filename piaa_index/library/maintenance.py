@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, UserInputError
+from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
 from piaa_index.library.tagging import NotReady, State
 
@@ -238,8 +239,8 @@ class Maintenance(Part):
         from piaa_index.durable import damaged_files
 
         found = []
-        for name in ("similar", "text"):
-            folder = self.library.vectors_dir / name
+        layout = VectorsLayout(self.library.vectors_dir)
+        for folder in (layout.similar, layout.text):
             if not (folder / "meta.json").exists():
                 continue
             try:
@@ -250,7 +251,7 @@ class Maintenance(Part):
             if bad:
                 shutil.rmtree(folder, ignore_errors=True)
                 found.append(
-                    {"index": name, "files": bad, "action": "removed; rebuilt when needed"}
+                    {"index": folder.name, "files": bad, "action": "removed; rebuilt when needed"}
                 )
         return found
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from piaa_index.errors import UserInputError
+from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
 from piaa_index.library.vocabulary import default_templates
 from piaa_index.progress import Progress, note
@@ -234,13 +235,13 @@ class Searcher(Part):
         from piaa_index.vectors.similar import saved_version
 
         # Current on disk: nothing to load (at 1M the two indexes are ~2 GB in memory).
-        version, root = self.store.data_version(), self.library.vectors_dir
+        version, layout = self.store.data_version(), VectorsLayout(self.library.vectors_dir)
         n = self.store.indexed_count()
-        if saved_version(root / "similar") != version and (n or self._similar is not None):
+        if saved_version(layout.similar) != version and (n or self._similar is not None):
             self._similar = self._sync_similar(progress)
-        if n >= text_search.EXACT_BELOW and saved_version(root / "text") != version:
+        if n >= text_search.EXACT_BELOW and saved_version(layout.text) != version:
             self._text_index = text_search.sync(
-                self._text_index, self.store, self.vectors, root / "text", progress
+                self._text_index, self.store, self.vectors, layout.text, progress
             )
 
     def _similar_index(self) -> Any:
@@ -248,7 +249,7 @@ class Searcher(Part):
         builds or writes (`_sync_similar` does, for `update_indexes`)."""
         from piaa_index.vectors.similar import ClsIndex, saved_version
 
-        folder = self.library.vectors_dir / "similar"
+        folder = VectorsLayout(self.library.vectors_dir).similar
         saved = saved_version(folder)
         if saved is not None and (self._similar is None or self._similar.version != saved):
             self._similar = ClsIndex.load(folder) or self._similar
@@ -267,7 +268,7 @@ class Searcher(Part):
         and saved."""
         from piaa_index.vectors.similar import ClsIndex
 
-        folder = self.library.vectors_dir / "similar"
+        folder = VectorsLayout(self.library.vectors_dir).similar
         version = self.store.data_version()
         index = self._similar_index()
         if index is not None and index.version == version:

@@ -68,7 +68,7 @@ class Thumbnails:
         from piaa_index.ingest.images import MemoryBudget
 
         self.library = library
-        self.root = library.settings.home / "thumbnails"
+        self.root = library.settings.layout.thumbnails
         self.budget = budget or MemoryBudget(DECODE_BUDGET)
 
     def get(self, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:

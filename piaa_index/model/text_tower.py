@@ -41,6 +41,7 @@ import numpy as np
 
 from piaa_index.config import DEFAULT_TEMPLATES
 from piaa_index.durable import file_digest, write_bytes_atomic
+from piaa_index.layout import Layout
 
 if TYPE_CHECKING:
     from piaa_index.config import ModelSpec
@@ -69,7 +70,6 @@ SHIPPED_WEIGHTS = {
 SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "shapesworld"
 
 FORMAT = 1  # bump when the file layout or the forward pass changes: new key, old files unused
-CACHE_DIR = ("cache", "text-tower")
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 SOT, EOT = "<start_of_text>", "<end_of_text>"
@@ -633,7 +633,7 @@ def cache_path(home: Path, spec: ModelSpec, record: dict[str, Any] | None) -> Pa
     if record and record.get("weights_sha256") not in (None, identity.get("weights_sha256")):
         return None  # the file changed since indexing: loading the model says so
     key = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=16)
-    return home.joinpath(*CACHE_DIR) / f"{key.hexdigest()}.safetensors"
+    return Layout(home).text_tower_cache / f"{key.hexdigest()}.safetensors"
 
 
 def phrase_prototype(library: Library, text: str, templates: Callable[[], list[str]]) -> np.ndarray:

@@ -30,9 +30,10 @@ from typing import Any
 from piaa_index.config import default_home
 from piaa_index.durable import write_bytes_atomic
 from piaa_index.errors import PiaaError
+from piaa_index.layout import WEIGHT_HASHES, Layout
 
 PROBE_TIMEOUT_S = 3.0
-HASH_CACHE = "weights-sha256.json"
+HASH_CACHE = WEIGHT_HASHES  # <home>/weights-sha256.json
 _TRUE = {"1", "on", "yes", "true"}
 _CHUNK = 1 << 20
 
@@ -293,7 +294,7 @@ def sha256_file(path: str | os.PathLike[str], home: Path | None = None) -> str:
     st = p.stat()
     key = str(p)
     stamp = [st.st_size, st.st_mtime_ns]
-    cache_path = (home or default_home()) / HASH_CACHE
+    cache_path = Layout(home or default_home()).weight_hashes
     cache = _read_cache(cache_path)
     hit = cache.get(key)
     if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:

@@ -57,6 +57,7 @@ from piaa_index.durable import (
     replace_all,
     write_bytes_atomic,
 )
+from piaa_index.layout import WRITER_LOCK, VectorsLayout
 
 if TYPE_CHECKING:
     from piaa_index.method.decisions import Decisions
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 # piaa_index/method/decisions.py, kept so that `tags` can say why a label is or is not present).
 KINDS = ("S", "E", "C", "U")
 DTYPE = np.float32
-LOCK = "writer.lock"
+LOCK = WRITER_LOCK  # <scores>/writer.lock
 FINISH_ROWS = 65_536  # images per block when the tag rule is applied (bounds memory)
 SUMS = "sum"  # <seg>.sum.json: the checksums of a segment's files
 MARKER = "checksums.json"  # {"from": N}: segments numbered N and up carry checksums
@@ -76,7 +77,7 @@ class SegmentDamaged(ValueError):
 
 
 def scores_root(vectors_dir: Path) -> Path:
-    return Path(vectors_dir) / "scores"
+    return VectorsLayout(Path(vectors_dir)).scores
 
 
 def new_key() -> str:

@@ -25,7 +25,6 @@ before the quantiser exists (a first run of a few photos) are stored in fp16, lo
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -35,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import file_digest, file_lock, fsync_dir, write_bytes_atomic
+from piaa_index.durable import bytes_digest, file_digest, file_lock, fsync_dir, write_bytes_atomic
 from piaa_index.errors import PiaaError
+from piaa_index.layout import MANIFEST, VectorsLayout
 from piaa_index.vectors.faiss_lib import faiss as _faiss
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST"]  # re-exported: the manifest's name is the layout's
 RESERVED = "shards.next"  # the next shard id not yet handed out (reserve_shard_ids)
 
 # Patch codecs. fp32 is stored flat; fp16 / sq8 / sq4 are FAISS scalar quantisers (sq8 and sq4
@@ -95,10 +95,6 @@ def _mapped() -> int:
 
 def _serialized(index) -> bytes:  # type: ignore[no-untyped-def]
     return _faiss().serialize_index(index).tobytes()
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class VectorStore:
@@ -290,7 +286,7 @@ class VectorStore:
         patch_bytes, cls_bytes = _serialized(patch_index), _serialized(cls_index)
         # Patches and checksums first: a cls file is what marks a shard as present.
         write_bytes_atomic(patch_bytes, self._path(shard, "patch"))
-        sums = {"patch": _digest(patch_bytes), "cls": _digest(cls_bytes)}
+        sums = {"patch": bytes_digest(patch_bytes), "cls": bytes_digest(cls_bytes)}
         write_bytes_atomic(json.dumps(sums).encode(), self._sum_path(shard))
         write_bytes_atomic(cls_bytes, self._path(shard, "cls"))
         fsync_dir(self.root)
@@ -322,7 +318,7 @@ class VectorStore:
         # Two writers training at once (distributed workers) leave two files; all agree on one.
         for path in sorted(self.root.glob(QUANTIZER_GLOB)):
             data = path.read_bytes()
-            if _digest(data) != path.name.split(".")[1]:
+            if bytes_digest(data) != path.name.split(".")[1]:
                 path.rename(path.with_name(path.name + ".damaged"))
                 continue
             return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
@@ -357,7 +353,7 @@ class VectorStore:
             sample = flat[np.sort(rng.choice(len(flat), MAX_TRAIN, replace=False))]
         index.train(sample)
         data = _serialized(index)
-        path = self.root / f"patch-quantizer.{_digest(data)}.faiss"
+        path = self.root / f"patch-quantizer.{bytes_digest(data)}.faiss"
         write_bytes_atomic(data, path)
         fsync_dir(self.root)
         return self.patch_quantizer()
@@ -366,7 +362,7 @@ class VectorStore:
     def writer_lock(self) -> Iterator[None]:
         """Exclusive right to add shards: a second index run on the same library fails fast."""
         # Windows: no advisory locks; single-writer is on the user.
-        with file_lock(self.root / "writer.lock", blocking=False) as held:
+        with file_lock(VectorsLayout(self.root).writer_lock, blocking=False) as held:
             if not held:
                 raise LockedError(
                     f"another piaa process is indexing this library ({self.root}); "
@@ -375,19 +371,19 @@ class VectorStore:
             yield
 
     @contextmanager
-    def _flock(self, name: str, mode: str) -> Iterator[None]:
-        with file_lock(self.root / name, shared=mode == "shared"):  # Windows: no locks
+    def _readers_lock(self, shared: bool) -> Iterator[None]:
+        with file_lock(VectorsLayout(self.root).readers_lock, shared=shared):  # Windows: none
             yield
 
     def reading(self) -> AbstractContextManager[None]:
         """Held by a pass over the shards (fit, re-tag, text search): the shards it was given
         stay on disk until it ends. Many readers at once; vacuum's deletion waits for them."""
-        return self._flock("readers.lock", "shared")
+        return self._readers_lock(shared=True)
 
     def deleting(self) -> AbstractContextManager[None]:
         """Held while shards that SQL no longer points at are deleted (vacuum): waits for every
         reader that may still hold their old locations."""
-        return self._flock("readers.lock", "exclusive")
+        return self._readers_lock(shared=False)
 
     def delete_shard(self, shard: int) -> None:
         self._mapped.pop(shard, None)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from piaa_index.durable import damaged_files, file_digest, replace_all
+from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
 from piaa_index.vectors.faiss_lib import faiss as _faiss
@@ -349,7 +350,7 @@ def search(
     hold yet is said through `progress`'s note."""
     store, vectors = library.store, library.vectors
     version = store.data_version()
-    index = current(library._text_index, library.vectors_dir / "text")
+    index = current(library._text_index, VectorsLayout(library.vectors_dir).text)
     library._text_index = index
     if index is not None and index.version == version:
         n = len(index.ids)
