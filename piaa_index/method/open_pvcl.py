@@ -152,7 +152,7 @@ class Background:
 
 def fit_background(sample: np.ndarray, params: OpenParams | None = None) -> Background:
     """k-means on the pool sample, then the within-cluster covariance, shrunk (paper Eq. 10)."""
-    import faiss
+    import faiss  # itself, not vectors/faiss_lib.py: method/ sits below vectors/ in the layers
 
     prm = params or OpenParams()
     X = np.ascontiguousarray(sample, dtype=np.float32)
