@@ -83,7 +83,12 @@ def _search_quick(
     all_images: bool = False,
     progress: bool = False,
 ) -> list[dict[str, Any]] | None:
-    """A boolean search answered read-only, without SQLAlchemy, when the scores are current."""
+    """A boolean search answered read-only, without SQLAlchemy, when the scores are current; a
+    text search when the derived indexes are current and the text tower is cached."""
+    if text and not expression:
+        from piaa_index.catalog import readonly_vectors
+
+        return readonly_vectors.text_search(settings, text, _limit(limit))
     if text or not expression:
         return None
     from piaa_index.catalog import readonly as store_readonly
@@ -95,6 +100,15 @@ def _similar(
     library: Any, image: str, limit: int | None = 20, progress: bool = False
 ) -> list[dict[str, Any]]:
     return library.similar(image, limit=_limit(limit), progress=progress)
+
+
+def _similar_quick(
+    settings: Any, image: str, limit: int | None = 20, progress: bool = False
+) -> list[dict[str, Any]] | None:
+    """Neighbours of an indexed image, read-only, when the saved [CLS] index is current."""
+    from piaa_index.catalog import readonly_vectors
+
+    return readonly_vectors.similar(settings, image, _limit(limit))
 
 
 @hookimpl
@@ -133,5 +147,6 @@ def register_queries(register: Callable[[Query], None]) -> None:
             "Images most similar to IMAGE (indexed or not), by [CLS] embedding.",
             _similar,
             (Param("image", positional=True, required=True), LIMIT),
+            quick=_similar_quick,
         )
     )

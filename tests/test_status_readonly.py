@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,21 +208,6 @@ def test_falls_back_whenever_the_library_would_write(lib: Library) -> None:
 
     asked = Settings.resolve(home=lib.settings.home, db=lib.settings.db_url, model="ViT-B-16")
     assert store_readonly.status(asked) is None  # the Library refuses it, and says why
-
-
-def test_falls_back_on_postgres(tmp_path: Path, postgres_database: Callable[[], str]) -> None:
-    postgres_url = postgres_database()  # its own: the shared one holds other models' libraries
-    world = scale.World.make(4, seed=5)
-    library = scale.open_library(tmp_path / "home", world, db=postgres_url)
-    try:
-        scale.add_images(library, world, 50)
-        library.set_vocabulary(scale.label_names(4))
-        library.fit()
-        settings = Settings.resolve(home=library.settings.home, db=postgres_url)
-        assert store_readonly.status(settings) is None
-        assert library.status()["images"]["indexed"] == 50
-    finally:
-        library.close()
 
 
 def test_the_cli_status_reads_without_sqlalchemy_and_prints_alike(

@@ -196,6 +196,18 @@ def open_vocabulary_scores(
     return alpha * m + c * (1 - alpha)
 
 
+def phrase_scores(
+    cls: np.ndarray, patches: np.ndarray, phrase: np.ndarray, _others: np.ndarray | None
+) -> np.ndarray:
+    """Text search's exact scorer (`vectors.text_search.Scorer`): `open_vocabulary_scores` with
+    PAA's default weighting; the Library and the read-only path (catalog/readonly_vectors.py)
+    both rank with it."""
+    prm = PaaParams()
+    return open_vocabulary_scores(
+        cls, patches, np.asarray(phrase).reshape(-1), prm.alpha, prm.batch_images
+    )
+
+
 def fuse(
     cls_s: np.ndarray, m: np.ndarray, alpha: float = 0.9, tau_patch: float = 2.0
 ) -> np.ndarray:
