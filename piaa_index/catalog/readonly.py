@@ -28,6 +28,7 @@ import numpy as np
 
 from piaa_index.catalog.status import INDEXED
 from piaa_index.config import Settings
+from piaa_index.layout import DATABASE_MARKER
 from piaa_index.textio import from_db_text, to_db_text
 
 SQLITE_PREFIX = "sqlite:///"
@@ -389,7 +390,7 @@ def _read_only(settings: Settings, answer: Any) -> Any:
     """`answer(store, current)` in one read snapshot, or None whenever the scores are not
     current (a refit, new images, removals) or `_in_snapshot` says no: the full path then
     deals with it."""
-    from piaa_index.vectors.scores import ScoreView, scores_root
+    from piaa_index.vectors.scores import ScoreView
 
     def read(store: ReadOnlyStore) -> Any:
         vocab = store.vocabulary()
@@ -400,7 +401,7 @@ def _read_only(settings: Settings, answer: Any) -> Any:
         classifier_id, vocabulary_id, key, segments = classifier
         if vocabulary_id != vocab[0] or not key or not segments:
             return None  # a refit or a first scoring is due
-        folder = scores_root(settings.home / "vectors" / str(store_id["uuid"])) / key
+        folder = settings.layout.vectors(str(store_id["uuid"])).scores / key
         try:
             view = ScoreView.open(folder, key, segments)
         except (OSError, ValueError):
@@ -444,10 +445,6 @@ def _same_model(store: ReadOnlyStore, settings: Settings) -> bool:
     )
 
 
-# As `piaa_index.library.core.DATABASE_MARKER` (that module imports SQLAlchemy).
-_DATABASE_MARKER = "sqlite-database.json"
-
-
 def status(settings: Settings) -> dict[str, Any] | None:
     """`Library.status()`'s dict, field for field, read-only; None whenever opening the Library
     would write or answer otherwise: Postgres, a schema to upgrade, no database yet, another
@@ -468,7 +465,7 @@ def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
     store_id = store.get_setting("store_id")
     if store_id is None:
         return None
-    vectors_dir = settings.home / "vectors" / str(store_id["uuid"])
+    vectors_dir = settings.layout.vectors(str(store_id["uuid"])).root
     if not _marker_current(store, settings.db_url, vectors_dir):
         return None  # `Library.open` writes the marker
     model = store.get_setting("model")
@@ -638,7 +635,7 @@ def _remembers_database(db_url: str, vectors_dir: Path) -> bool:
     """Whether the vector folder's marker names this database (`Library.open` writes it)."""
     path = Path(db_url.removeprefix(SQLITE_PREFIX)).expanduser().absolute()
     try:
-        marker = json.loads((vectors_dir / _DATABASE_MARKER).read_text())
+        marker = json.loads((vectors_dir / DATABASE_MARKER).read_text())
         return bool(marker["path"] == str(path))
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -23,6 +23,7 @@ import numpy as np
 from piaa_index.catalog.readonly import ReadOnlyStore, _in_snapshot, _marker_current
 from piaa_index.catalog.status import INDEXED
 from piaa_index.config import DEFAULT_TEMPLATES, ModelSpec, Settings
+from piaa_index.layout import VectorsLayout
 
 
 def similar(settings: Settings, path: str, limit: int | None) -> list[dict[str, Any]] | None:
@@ -38,7 +39,7 @@ def similar(settings: Settings, path: str, limit: int | None) -> list[dict[str, 
         if opened is None:
             return None
         vectors, _model = opened
-        folder = vectors.root / "similar"
+        folder = VectorsLayout(vectors.root).similar
         version = store.data_version()
         if saved_version(folder) != version:
             return None
@@ -74,11 +75,12 @@ def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[s
         if opened is None:
             return None
         vectors, model = opened
+        layout = VectorsLayout(vectors.root)
         n = store.indexed_count()
         version = store.data_version()
         exact = limit is None or n < ann.EXACT_BELOW
         if not exact and any(
-            saved_version(vectors.root / name) != version for name in ("similar", "text")
+            saved_version(folder) != version for folder in (layout.similar, layout.text)
         ):
             return None  # the Library scores what the indexes do not hold yet, and says so
         spec = ModelSpec(model["model"], model["pretrained"], model["front_end"])
@@ -91,8 +93,8 @@ def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[s
         phrase = tower.text_prototypes([text], list(DEFAULT_TEMPLATES))[0]
         searcher = _Searcher(store, vectors, vectors.root, None)
         if not exact:
-            searcher._text_index = ann.PatchIndex.load(vectors.root / "text")
-            searcher.cls_index = ClsIndex.load(vectors.root / "similar")
+            searcher._text_index = ann.PatchIndex.load(layout.text)
+            searcher.cls_index = ClsIndex.load(layout.similar)
             if searcher._text_index is None or searcher.cls_index is None:
                 return None
             if {searcher._text_index.version, searcher.cls_index.version} != {version}:
@@ -135,7 +137,7 @@ def _vectors(settings: Settings, store: ReadOnlyStore) -> tuple[Any, dict[str, A
         return None
     if not {"model", "pretrained", "front_end"} <= set(model):
         return None
-    vectors_dir = settings.home / "vectors" / str(store_id["uuid"])
+    vectors_dir = settings.layout.vectors(str(store_id["uuid"])).root
     if not _marker_current(store, settings.db_url, vectors_dir):
         return None
     try:
