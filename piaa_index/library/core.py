@@ -35,6 +35,7 @@ from piaa_index.config import (
 )
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.ingest.bounded import READ_TIMEOUT
+from piaa_index.layout import DATABASE_MARKER
 from piaa_index.library.maintenance import Maintenance
 from piaa_index.library.searching import Searcher, TagMatrix
 from piaa_index.library.tagging import FitReport, Tagger
@@ -74,7 +75,7 @@ class Library:
         self._encoder: Encoder | None = None
         self._vectors: VectorStore | None = None
         self._plugins = plugins
-        self.vectors_dir = settings.home / "vectors" / store.store_id
+        self.vectors_dir = settings.layout.vectors(store.store_id).root
         self.vocab = VocabularyEditor(self)
         self.tagger = Tagger(self)
         self.searcher = Searcher(self)
@@ -96,10 +97,11 @@ class Library:
         settings = Settings.resolve(home, db, model, pretrained, front_end, device)
         sqlite_file = _sqlite_file(settings.db_url)
         if sqlite_file is not None and not sqlite_file.exists():
-            _refuse_lost_database(sqlite_file, settings.home / "vectors")
+            _refuse_lost_database(sqlite_file, settings.layout.vectors_root)
         store = Store.open(settings.db_url)
-        if sqlite_file is not None and (settings.home / "vectors" / store.store_id).is_dir():
-            _remember_database(sqlite_file, settings.home / "vectors" / store.store_id)
+        vectors_dir = settings.layout.vectors(store.store_id).root
+        if sqlite_file is not None and vectors_dir.is_dir():
+            _remember_database(sqlite_file, vectors_dir)
         stored = store.get_setting("model")
         # A checkpoint path is kept absolute: the library is opened from other folders too.
         asked_weights = settings.pretrained
@@ -629,11 +631,6 @@ class Library:
         report = self.maintenance.check(progress)
         self.update_indexes(progress)  # rebuilds what the check found damaged and removed
         return report
-
-
-# Each vector folder names the SQLite file it belongs to: a deleted or moved database next to
-# its vectors is then refused, not silently replaced by a new empty library.
-DATABASE_MARKER = "sqlite-database.json"
 
 
 def _sqlite_file(db_url: str) -> Path | None:
