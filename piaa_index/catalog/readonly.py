@@ -430,6 +430,8 @@ def _in_snapshot(settings: Settings, read: Any) -> Any:
             return read(store)
     except store.errors:  # SQLite may quote garbled text (UnicodeDecodeError)
         return None
+    except (TypeError, ValueError, KeyError):
+        return None  # a value no release writes (a damaged page): the Library names it
     finally:
         store.close()
 
