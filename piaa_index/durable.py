@@ -189,6 +189,19 @@ def file_digest(path: str | Path) -> str:
         return stream_digest(fh)
 
 
+def file_checksum(path: str | Path) -> str:
+    """ "crc32:xxxxxxxx" of a file: the quick check of a large cache read on every query (the
+    numpy text tower: 254 MB at ViT-B/16, 0.07 s against blake2b's 0.34 s). It finds damage
+    (flipped bits, a torn or truncated write); it is not a content identity."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK * 16):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
 def damaged_files(folder: Path, sums: dict[str, str]) -> list[str]:
     """The files of `sums` (name -> digest) in `folder` that are missing or differ."""
     bad = []

@@ -233,6 +233,45 @@ def test_cache_round_trip_and_damage(tmp_path: Path) -> None:
     assert tt.load_text_tower(tmp_path / "missing.safetensors") is None
 
 
+def test_a_cache_written_with_a_blake2b_digest_still_loads(tmp_path: Path) -> None:
+    """Caches from before the crc32 keep working (and are still checked)."""
+    from piaa_index.durable import file_digest
+
+    path = write_model_config(tmp_path, "piaa-tt-old", TINY_MODEL_CONFIG)
+    file = tmp_path / "k.safetensors"
+    assert tt.save_text_tower(_encoder(str(path)), file) is not None
+    summed = file.with_name(file.name + ".sum")
+    assert summed.read_text().startswith("crc32:")
+    summed.write_text(file_digest(file))
+    os.utime(file, ns=(3, 3))
+    assert tt.load_text_tower(file) is not None
+    summed.write_text("0" * 32)
+    os.utime(file, ns=(4, 4))
+    assert tt.load_text_tower(file) is None
+
+
+def test_the_tokenizer_tables_are_cached_and_checked(tmp_path: Path) -> None:
+    """The parsed BPE merges are kept beside the tower: the same ids from the cache, and a
+    damaged cache is parsed again and rewritten, never used."""
+    vocab = tt.vocab_path()
+    assert vocab is not None
+    cache = tmp_path / "cache"
+    parsed = tt.Tokenizer(vocab)
+    first = tt.Tokenizer(vocab, cache_dir=cache)  # parses and writes
+    (table,) = cache.glob("bpe-*.marshal")
+    cached = tt.Tokenizer(vocab, cache_dir=cache)  # loads
+    strings = _strings()
+    np.testing.assert_array_equal(cached(strings), parsed(strings))
+    np.testing.assert_array_equal(first(strings), parsed(strings))
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    table.write_bytes(bytes(data))
+    assert tt._load_tables(vocab, cache) is None
+    again = tt.Tokenizer(vocab, cache_dir=cache)
+    np.testing.assert_array_equal(again(strings), parsed(strings))
+    assert tt._load_tables(vocab, cache) is not None  # rewritten
+
+
 def test_cache_key_names_the_model_and_its_weights(tmp_path: Path) -> None:
     home = tmp_path / "home"
     a = tt.cache_path(home, ModelSpec("shapesworld", "default"), None)
