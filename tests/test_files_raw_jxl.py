@@ -191,7 +191,6 @@ def test_a_thumbnail_of_an_undecodable_raw_says_why(
     import piaa_index.ingest.images as images
     from piaa_index.errors import NotFoundError
     from piaa_index.library.core import Library
-    from piaa_index.library.thumbnails import Thumbnails
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -206,7 +205,7 @@ def test_a_thumbnail_of_an_undecodable_raw_says_why(
             lib.index([photos])
         image_id = lib.image_id(zeroed)
         with pytest.raises(NotFoundError) as caught:
-            Thumbnails(lib).get(image_id, 128)
+            lib.thumbnail(image_id, 128)
     finally:
         lib.close()
     said = str(caught.value)

@@ -66,10 +66,10 @@ def test_a_photo_reached_through_a_link_is_answered_as_itself(tmp_path: Path) ->
 def test_two_first_thumbnail_requests_share_one_thumbnail_maker(
     tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    """One Thumbnails per server (one decode budget), even when the first requests race."""
-    from piaa_index_plugins.http_api.routes_media import _thumbnails
-
+    """One Thumbnails per server (one decode budget), even when the first requests race: the
+    served Library makes its one maker, under a lock, on the first request."""
     from piaa_index.library import thumbnails
+    from piaa_index.library.core import Library
 
     made = []
     real_init = thumbnails.Thumbnails.__init__
@@ -81,21 +81,21 @@ def test_two_first_thumbnail_requests_share_one_thumbnail_maker(
 
     monkeypatch.setattr(thumbnails.Thumbnails, "__init__", slow_init)
 
-    class State:
-        library = type("L", (), {"settings": type("S", (), {"home": tmp_path})()})()
-
-    state = State()
+    library = Library.open(home=tmp_path / "home", model="shapesworld", pretrained="default")
     start = threading.Barrier(16)
     got: list[object] = []
 
     def first_request() -> None:
         start.wait()
-        got.append(_thumbnails(state))  # type: ignore[arg-type]
+        got.append(library.thumbnails)
 
-    threads = [threading.Thread(target=first_request) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        threads = [threading.Thread(target=first_request) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        library.close()
     assert len(made) == 1
-    assert all(g is got[0] for g in got)
+    assert len(got) == 16 and all(g is got[0] for g in got)

@@ -47,7 +47,7 @@ def library(tiny_model_config: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_exif_orientation_is_honoured(library):
     lib, photos = library
     source = photos / "rotated.jpg"
-    thumb = Thumbnails(lib).get(lib.image_id(source), 128)
+    thumb = Thumbnails(lib.store, lib.settings.layout.thumbnails).get(lib.image_id(source), 128)
     got = Image.open(thumb.path)
     assert got.format == "JPEG"
     assert got.size == (64, 128)  # stored landscape 160x80, shown portrait
@@ -61,7 +61,7 @@ def test_exif_orientation_is_honoured(library):
 def test_sizes_and_cache(library):
     lib, photos = library
     image_id = lib.image_id(photos / "plain_0.png")
-    thumbs = Thumbnails(lib)
+    thumbs = Thumbnails(lib.store, lib.settings.layout.thumbnails)
     for size in SIZES:
         t = thumbs.get(image_id, size)
         w, h = Image.open(t.path).size
@@ -71,10 +71,15 @@ def test_sizes_and_cache(library):
     first = thumbs.get(image_id, 256)
     # A cache hit does not touch the file: replace its bytes and get them back unchanged.
     first.path.write_bytes(b"cached")
-    again = Thumbnails(lib).get(image_id, 256)
+    again = Thumbnails(lib.store, lib.settings.layout.thumbnails).get(image_id, 256)
     assert again.path == first.path and again.path.read_bytes() == b"cached"
     first.path.unlink()
-    assert Thumbnails(lib).get(image_id, 256).path.read_bytes()[:2] == b"\xff\xd8"
+    assert (
+        Thumbnails(lib.store, lib.settings.layout.thumbnails)
+        .get(image_id, 256)
+        .path.read_bytes()[:2]
+        == b"\xff\xd8"
+    )
     # Atomic writes leave no temp files behind.
     leftovers = [
         p for p in (lib.settings.home / "thumbnails").rglob("*") if p.name.startswith(".tmp")
@@ -84,7 +89,7 @@ def test_sizes_and_cache(library):
 
 def test_unknown_id_bad_size_and_vanished_file(library, tmp_path):
     lib, photos = library
-    thumbs = Thumbnails(lib)
+    thumbs = Thumbnails(lib.store, lib.settings.layout.thumbnails)
     with pytest.raises(NotFoundError, match="no indexed image with id 4242"):
         thumbs.get(4242)
     with pytest.raises(UserInputError, match="128, 256, 512"):
@@ -107,7 +112,7 @@ def test_concurrent_first_requests_agree(library):
 
     lib, photos = library
     image_id = lib.image_id(photos / "plain_1.png")
-    thumbs = Thumbnails(lib)
+    thumbs = Thumbnails(lib.store, lib.settings.layout.thumbnails)
     target = thumbs.locate(image_id, 512)[0].path
     target.unlink(missing_ok=True)
     got: list[bytes] = []

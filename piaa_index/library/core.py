@@ -9,17 +9,19 @@ A vocabulary change makes the tags stale; the next query (or `fit()`) refits PVC
 collection and re-tags every image. Images indexed after a fit are tagged with the current
 classifier at the next query, without refitting (`status()` says how many were added since).
 
-`Library` is a façade over parts with one job each, all sharing its store, vector store and
-(lazily loaded) encoder: `vocab` (piaa_index/library/vocabulary.py), `tagger` (fit and tag,
-piaa_index/library/tagging.py), `searcher` (queries, piaa_index/library/searching.py) and `maintenance`
-(vacuum and status, piaa_index/library/maintenance.py).
+`Library` is a façade over parts with one job each: `vocab` (piaa_index/library/vocabulary.py),
+`tagger` (fit and tag, piaa_index/library/tagging.py), `searcher` (queries,
+piaa_index/library/searching.py) and `maintenance` (vacuum and status,
+piaa_index/library/maintenance.py). They share one `Resources` (piaa_index/library/resources.py:
+the store, the model spec, the vector folder, and the vector store and encoder, loaded lazily
+and once), and each is given the other parts it uses; none holds the Library.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +39,10 @@ from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.ingest.bounded import READ_TIMEOUT
 from piaa_index.layout import DATABASE_MARKER
 from piaa_index.library.maintenance import Maintenance
+from piaa_index.library.resources import Resources, remember_database, sqlite_file_of
 from piaa_index.library.searching import Searcher, TagMatrix
 from piaa_index.library.tagging import FitReport, Tagger
+from piaa_index.library.thumbnails import DEFAULT_SIZE as THUMBNAIL_SIZE
 from piaa_index.library.vocabulary import VocabularyEditor
 from piaa_index.method.open_pvcl import default_bank_size
 from piaa_index.model import model_record
@@ -50,6 +54,7 @@ __all__ = ["FitReport", "Library", "LibraryError", "UserInputError", "default_ba
 if TYPE_CHECKING:
     from piaa_index.engines.base import IndexReport
     from piaa_index.library.evidence import Evidence
+    from piaa_index.library.thumbnails import Thumbnail, Thumbnails
     from piaa_index.method.pvcl import Classifier
     from piaa_index.model.encoder import Encoder
     from piaa_index.plugins import Plugins
@@ -68,18 +73,45 @@ class Library:
         encoder_factory: Callable[[ModelSpec], Encoder] | None = None,
         plugins: Plugins | None = None,
     ):
-        self.settings = settings
-        self.store = store
-        self.spec = spec
-        self._encoder_factory = encoder_factory
-        self._encoder: Encoder | None = None
-        self._vectors: VectorStore | None = None
+        # What the parts share; each part is given the other parts it uses, never the Library.
+        self.resources = Resources(settings, store, spec, encoder_factory)
         self._plugins = plugins
-        self.vectors_dir = settings.layout.vectors(store.store_id).root
-        self.vocab = VocabularyEditor(self)
-        self.tagger = Tagger(self)
-        self.searcher = Searcher(self)
-        self.maintenance = Maintenance(self)
+        self.vocab = VocabularyEditor(self.resources)
+        self.tagger = Tagger(self.resources, self.vocab)
+        self.searcher = Searcher(self.resources, self.vocab, self.tagger)
+        self.maintenance = Maintenance(self.resources, self.tagger)
+        self._thumbnails: Thumbnails | None = None
+        self._thumbnails_lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self.resources.settings
+
+    @property
+    def store(self) -> Store:
+        return self.resources.store
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.resources.spec
+
+    @property
+    def vectors_dir(self) -> Path:
+        return self.resources.vectors_dir
+
+    @property
+    def _encoder_factory(self) -> Callable[[ModelSpec], Encoder] | None:
+        return self.resources.encoder_factory
+
+    @property
+    def _encoder(self) -> Encoder | None:
+        """The encoder if it is loaded already (None: not loaded; loads nothing)."""
+        return self.resources.loaded_encoder
+
+    @property
+    def _vectors(self) -> VectorStore | None:
+        """The vector store if it is open already (None: not opened; opens nothing)."""
+        return self.resources.loaded_vectors
 
     @classmethod
     def open(
@@ -95,13 +127,13 @@ class Library:
     ) -> Library:
         """Open (creating if needed) the library; refuse a model other than the index's."""
         settings = Settings.resolve(home, db, model, pretrained, front_end, device)
-        sqlite_file = _sqlite_file(settings.db_url)
+        sqlite_file = sqlite_file_of(settings.db_url)
         if sqlite_file is not None and not sqlite_file.exists():
             _refuse_lost_database(sqlite_file, settings.layout.vectors_root)
         store = Store.open(settings.db_url)
         vectors_dir = settings.layout.vectors(store.store_id).root
         if sqlite_file is not None and vectors_dir.is_dir():
-            _remember_database(sqlite_file, vectors_dir)
+            remember_database(sqlite_file, vectors_dir)
         stored = store.get_setting("model")
         # A checkpoint path is kept absolute: the library is opened from other folders too.
         asked_weights = settings.pretrained
@@ -142,7 +174,7 @@ class Library:
             self.settings,
             Store.open(self.settings.db_url),
             self.spec,
-            encoder_factory=self._encoder_factory,
+            encoder_factory=self.resources.encoder_factory,
             plugins=self._plugins,
         )
 
@@ -177,35 +209,10 @@ class Library:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load_encoder(self, progress: Progress) -> Encoder:
-        """`encoder`, saying so while a model loads (seconds: torch, then the weights)."""
-        if self._encoder is not None:
-            return self._encoder
-        from piaa_index.progress import note
-
-        started = time.perf_counter()
-        note(f"loading the model {self.spec.model} ({self.spec.pretrained})…", progress)
-        encoder = self.encoder
-        note(f"model loaded in {time.perf_counter() - started:.1f}s", progress)
-        return encoder
-
     @property
     def encoder(self) -> Encoder:
         """The model, loaded on first use (indexing, fitting, text queries)."""
-        if self._encoder is None:
-            record = self.store.get_setting("model")
-            if record is not None:
-                model_record.check_file(record, self.settings.home)
-            if self._encoder_factory is not None:
-                self._encoder = self._encoder_factory(self.spec)
-            else:
-                from piaa_index.model import weights
-
-                weights.check_before_loading(self.spec.model, self.spec.pretrained)
-                from piaa_index.model.encoder import Encoder
-
-                self._encoder = Encoder(self.spec, device=self.settings.device)
-        return self._encoder
+        return self.resources.encoder
 
     @property
     def plugins(self) -> Plugins:
@@ -218,89 +225,23 @@ class Library:
     @property
     def vectors(self) -> VectorStore:
         """The vector folder; the first index run records the model's identity in it."""
-        if self._vectors is None:
-            from piaa_index.vectors.shards import (
-                MANIFEST,
-                MANIFEST_SETTING,
-                VectorStoreError,
-                manifest_problem,
-            )
+        return self.resources.vectors
 
-            manifest = VectorStore.read_manifest(self.vectors_dir)
-            recorded = self.store.get_setting(MANIFEST_SETTING)
-            path = self.vectors_dir / MANIFEST
-            if manifest is None and VectorStore.has_shards(self.vectors_dir):
-                if self.store.referenced_shards():
-                    raise VectorStoreError(
-                        f"the vector manifest {path} is missing while its shards are there "
-                        "(damage): `piaa db check` rebuilds it from the database"
-                    )
-            if manifest is not None:
-                problem = manifest_problem(manifest, recorded, self.store.get_setting("model"))
-                if problem is not None:
-                    raise VectorStoreError(
-                        f"the vector manifest {path} does not match the database's record of "
-                        f"it ({problem}): it is damaged; `piaa db check` rebuilds it"
-                    )
-            if manifest is None and self.store.referenced_shards():
-                # The database has images but this home has none of their vectors: a wrong
-                # --home (or another machine). Refuse rather than re-encode the collection.
-                raise LibraryError(
-                    f"this database's vectors are not in {self.vectors_dir}; use the --home "
-                    "(PIAA_HOME) the index was made with, or copy its vectors/ folder there"
-                )
-            if manifest is None:
-                identity = self.encoder.identity()
-                self.store.set_setting(
-                    "model",
-                    {
-                        "model": self.spec.model,
-                        **model_record.weights_fields(self.spec.pretrained, self.settings.home),
-                        "front_end": self.spec.front_end,
-                        "identity": identity,
-                    },
-                )
-            else:
-                identity = manifest["identity"]
-            # The patch codec applies to a new index only; an existing one keeps its own.
-            codec = os.environ.get("PIAA_VECTOR_CODEC") or None
-            try:
-                self._vectors = VectorStore.open(self.vectors_dir, identity, codec)
-            except ValueError as exc:
-                raise UserInputError(str(exc)) from None
-            if recorded != self._vectors.manifest:
-                self.store.set_setting(MANIFEST_SETTING, self._vectors.manifest)
-            if (sqlite_file := _sqlite_file(self.settings.db_url)) is not None:
-                _remember_database(sqlite_file, self.vectors_dir)
-            self._reconcile()
-            self._reconcile_scores()
-        return self._vectors
+    @property
+    def thumbnails(self) -> Thumbnails:
+        """This library's thumbnail maker (piaa_index/library/thumbnails.py), made on first
+        use and once (under a lock: two first requests at once must not make two), so that
+        concurrent decodes share one memory budget."""
+        thumbs = self._thumbnails
+        if thumbs is None:
+            with self._thumbnails_lock:
+                thumbs = self._thumbnails
+                if thumbs is None:
+                    from piaa_index.library.thumbnails import Thumbnails
 
-    def _reconcile(self) -> None:
-        """Make SQL and the vector files agree after a crash (SQL is the source of truth)."""
-        from piaa_index.vectors.shards import LockedError
-
-        assert self._vectors is not None
-        try:
-            # Under the writer lock: an index run in progress owns shards it has written but
-            # not yet committed, and they must not be mistaken for a crash's orphans.
-            with self._vectors.writer_lock():
-                _orphans, missing = self._vectors.reconcile(self.store.referenced_shards())
-        except LockedError:
-            return
-        if missing:
-            self.store.mark_shards_missing(missing)
-
-    def _reconcile_scores(self) -> None:
-        """Delete score folders and segments SQL does not point at (a fit or a scoring pass cut
-        short before its commit, or a replaced classifier's files)."""
-        from piaa_index.vectors.scores import cleanup, writer_lock
-
-        if not self.tagger.scores_dir.is_dir():
-            return
-        with writer_lock(self.tagger.scores_dir, blocking=False) as locked:
-            if locked:  # a writer at work owns its uncommitted files
-                cleanup(self.tagger.scores_dir, self.store.score_folders())
+                    thumbs = Thumbnails(self.store, self.settings.layout.thumbnails)
+                    self._thumbnails = thumbs
+        return thumbs
 
     def index(
         self,
@@ -331,15 +272,18 @@ class Library:
         from piaa_index.ingest.scan import PathError
 
         def vectors() -> VectorStore:
-            if self._vectors is None and VectorStore.read_manifest(self.vectors_dir) is None:
-                self._load_encoder(progress)  # a new library records its model first
+            if (
+                self.resources.loaded_vectors is None
+                and VectorStore.read_manifest(self.vectors_dir) is None
+            ):
+                self.resources.load_encoder(progress)  # a new library records its model first
             return self.vectors
 
         job = IndexJob(
             paths=tuple(paths),
             store=self.store,
             vectors=vectors,
-            encoder=lambda: self._load_encoder(progress),
+            encoder=lambda: self.resources.load_encoder(progress),
             spec=self.spec,
             db_url=self.settings.db_url,
             prune=prune,
@@ -481,7 +425,24 @@ class Library:
         Render it with `piaa_index.library.evidence.evidence_png`."""
         from piaa_index.library.evidence import evidence
 
-        return evidence(self, image, label)
+        return evidence(self.resources, self.tagger, self.searcher, image, label)
+
+    def thumbnail(
+        self,
+        image_id: int,
+        size: int = THUMBNAIL_SIZE,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> Thumbnail:
+        """An indexed image's EXIF-upright JPEG thumbnail (its longer side `size`: 128, 256,
+        512 or 2048), cached on disk by content hash and made on first request; by id only
+        (piaa_index/library/thumbnails.py). `lock`, when given, is held for the database lookup
+        only (a server's lock around this Library): decoding a new thumbnail happens outside
+        it, so it does not hold up other reads. Raises `SourceChanged` when the file is not the
+        indexed content any more."""
+        thumbs = self.thumbnails
+        with lock if lock is not None else nullcontext():
+            thumb, source = thumbs.locate(image_id, size)
+        return thumbs.make(thumb, source)
 
     # -- the catalog, for plugins (docs/plugins.md: the plugin API) ----------------------------
     # What first-party and third-party plugins read and write, so that none reaches into the
@@ -631,28 +592,6 @@ class Library:
         report = self.maintenance.check(progress)
         self.update_indexes(progress)  # rebuilds what the check found damaged and removed
         return report
-
-
-def _sqlite_file(db_url: str) -> Path | None:
-    if not db_url.startswith("sqlite:///") or "?" in db_url:
-        return None
-    path = db_url.removeprefix("sqlite:///")
-    return None if path in ("", ":memory:") else Path(path).expanduser().absolute()
-
-
-def _remember_database(sqlite_file: Path, vectors_dir: Path) -> None:
-    import json
-
-    from piaa_index.durable import write_bytes_atomic
-    from piaa_index.textio import json_text
-
-    marker = vectors_dir / DATABASE_MARKER
-    try:
-        if marker.is_file() and json.loads(marker.read_text())["path"] == str(sqlite_file):
-            return
-        write_bytes_atomic(json_text({"path": str(sqlite_file)}).encode(), marker)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # a read-only home still opens; the guard is best effort
 
 
 def _refuse_lost_database(sqlite_file: Path, vectors_root: Path) -> None:

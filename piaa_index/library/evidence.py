@@ -27,8 +27,11 @@ import numpy as np
 from piaa_index.errors import NotFoundError, UserInputError
 
 if TYPE_CHECKING:
+    from piaa_index.catalog.store import Store
     from piaa_index.config import ModelSpec
-    from piaa_index.library.core import Library
+    from piaa_index.library.resources import Resources
+    from piaa_index.library.searching import Searcher
+    from piaa_index.library.tagging import Tagger
 
 DEFAULT_PNG_SIZE = 512  # longer side of the rendered overlay, pixels
 MAX_PNG_SIZE = 2048
@@ -97,17 +100,18 @@ class Evidence:
         }
 
 
-def resolve_image_id(library: Library, image: int | str | Path) -> int:
-    """An indexed image's id from an id or a path; NotFoundError for anything else."""
+def resolve_image_id(store: Store, searcher: Searcher, image: int | str | Path) -> int:
+    """An indexed image's id from an id (looked up in `store`) or a path (`searcher`'s
+    `image_id`); NotFoundError for anything else."""
     from piaa_index.catalog.schema import INDEXED
 
     if not isinstance(image, (str, Path)):
-        row = library.store.image_by_id(int(image))
+        row = store.image_by_id(int(image))
         if row is None or row.status != INDEXED:
             raise NotFoundError(f"no indexed image with id {int(image)}")
         return int(image)
     try:
-        return library.image_id(image)
+        return searcher.image_id(image)
     except UserInputError as exc:
         raise NotFoundError(str(exc)) from None
 
@@ -124,17 +128,21 @@ def label_column(names: list[str], label: str) -> int:
     raise UserInputError(f"label {label!r} is not in the vocabulary ({shown})")
 
 
-def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
-    """The per-patch evidence grid of `label` on an indexed image (by id or path)."""
+def evidence(
+    resources: Resources, tagger: Tagger, searcher: Searcher, image: int | str | Path, label: str
+) -> Evidence:
+    """The per-patch evidence grid of `label` on an indexed image (by id or path): the
+    library's store, vectors and model spec (`resources`), its fitted state (`tagger`) and the
+    image's tag row (`searcher`)."""
     from piaa_index.method.fusion import PaaParams, patch_probabilities
 
-    image_id = resolve_image_id(library, image)
-    state = library.tagger.state()
+    image_id = resolve_image_id(resources.store, searcher, image)
+    state = tagger.state()
     c = label_column(state.vocab.names, label)
-    loc = library.store.location(image_id)
+    loc = resources.store.location(image_id)
     if loc is None:
         raise NotFoundError(f"no indexed image with id {image_id}")
-    vectors = library.vectors
+    vectors = resources.vectors
     with vectors.reading():  # a vacuum meanwhile must not delete the shard
         got = vectors.read_shard(loc[0], [loc[1]])
     if int(got.image_ids[0]) != image_id:  # SQL and the shard disagree: damage, not the user
@@ -151,7 +159,7 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
     else:
         probs = patch_probabilities(got.patches, classifier, PaaParams().tau_evidence)
         grid = probs[0, :, c].reshape(gh, gw)  # [1, M, C] -> the label's map
-    rows = library.searcher.tags_of(image_id)
+    rows = searcher.tags_of(image_id)
     tag = next(r for r in rows if r["label"] == state.vocab.names[c])
     # Open world: each patch's own probability against the background, no 1/C floor.
     tag["n_labels"] = 0 if classifier.open_world else len(rows)
@@ -161,7 +169,7 @@ def evidence(library: Library, image: int | str | Path, label: str) -> Evidence:
         label=state.vocab.names[c],
         grid=grid,
         tag=tag,
-        resize_mode=resize_mode(library.spec),
+        resize_mode=resize_mode(resources.spec),
     )
 
 

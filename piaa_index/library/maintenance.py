@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -11,9 +11,17 @@ from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
 from piaa_index.library.tagging import NotReady, State
 
+if TYPE_CHECKING:
+    from piaa_index.library.resources import Resources
+    from piaa_index.library.tagging import Tagger
+
 
 class Maintenance(Part):
     """Vacuum and status."""
+
+    def __init__(self, resources: Resources, tagger: Tagger):
+        super().__init__(resources)
+        self.tagger = tagger
 
     def vacuum(self, min_live: float = 0.5, small: int = 64, group: int = 256) -> dict[str, int]:
         """Rewrite shards that are mostly dead rows (pruned or re-encoded images) or small.
@@ -145,8 +153,8 @@ class Maintenance(Part):
         except Exception as exc:  # noqa: BLE001 - any damage (BadZipFile, a short blob, …)
             problem = f"its stored weights cannot be read: {exc}"
         self.store.drop_classifier(int(latest.id))
-        with writer_lock(self.library.tagger.scores_dir):
-            cleanup(self.library.tagger.scores_dir, self.store.score_folders())
+        with writer_lock(self.tagger.scores_dir):
+            cleanup(self.tagger.scores_dir, self.store.score_folders())
         return {
             "version": int(latest.id),
             "problem": problem,
@@ -166,7 +174,7 @@ class Maintenance(Part):
             manifest_problem,
         )
 
-        root = self.library.vectors_dir
+        root = self.vectors_dir
         recorded = self.store.get_setting(MANIFEST_SETTING)
         model = self.store.get_setting("model")
         try:
@@ -209,7 +217,7 @@ class Maintenance(Part):
             writer_lock,
         )
 
-        root = self.library.tagger.scores_dir
+        root = self.tagger.scores_dir
         damaged: list[dict[str, Any]] = []
         total = unchecked = 0
         with writer_lock(root):
@@ -239,7 +247,7 @@ class Maintenance(Part):
         from piaa_index.durable import damaged_files
 
         found = []
-        layout = VectorsLayout(self.library.vectors_dir)
+        layout = VectorsLayout(self.vectors_dir)
         for folder in (layout.similar, layout.text):
             if not (folder / "meta.json").exists():
                 continue
@@ -262,7 +270,7 @@ class Maintenance(Part):
         state: State | None = None
         if self.store.latest_classifier() is not None:
             try:  # the cached matrix when current; never fits or scores from here
-                state = self.library.tagger.state(score_new=False)
+                state = self.tagger.state(score_new=False)
             except (NotReady, UserInputError):
                 state = None
         counts = state.image_counts if state is not None else self.store.image_counts()
@@ -271,7 +279,7 @@ class Maintenance(Part):
         model = self.store.get_setting("model")
         indexed = counts.get("indexed", 0)
         out: dict[str, Any] = {
-            "home": str(self.library.settings.home),
+            "home": str(self.resources.settings.home),
             "database": self.store.engine.url.render_as_string(hide_password=True),
             "schema_revision": self.store.schema_revision(),
             "model": model,
@@ -287,9 +295,9 @@ class Maintenance(Part):
                 "templates": vocab.templates if vocab else [],
             },
             "classifier": None,
-            "stale": self.library.tagger.is_stale(),
+            "stale": self.tagger.is_stale(),
             # Your labels changed since the last fit: `piaa fit` learns from them.
-            "labels_changed": self.library.tagger.labels_changed(),
+            "labels_changed": self.tagger.labels_changed(),
         }
         if latest is not None:
             from piaa_index.library.tagging import stored_decisions

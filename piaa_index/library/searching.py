@@ -18,7 +18,9 @@ from piaa_index.progress import Progress, note
 from piaa_index.query.engine import path_candidates, tag_rows
 
 if TYPE_CHECKING:
-    from piaa_index.library.core import Library
+    from piaa_index.library.resources import Resources
+    from piaa_index.library.tagging import Tagger
+    from piaa_index.library.vocabulary import VocabularyEditor
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,10 @@ class TagMatrix:
 class Searcher(Part):
     """Answers queries; keeps the [CLS] similarity index once loaded."""
 
-    def __init__(self, library: Library):
-        super().__init__(library)
+    def __init__(self, resources: Resources, vocab: VocabularyEditor, tagger: Tagger):
+        super().__init__(resources)
+        self.vocab = vocab
+        self.tagger = tagger
         self._similar: Any = None
         self._text_index: Any = (
             None  # text search's patch index (piaa_index/vectors/text_search.py)
@@ -73,7 +77,7 @@ class Searcher(Part):
         self, image_id: int, progress: bool = False, shown: str | None = None
     ) -> list[dict[str, Any]]:
         """`tags` of an image by its id (HTTP clients and evidence maps know ids, not paths)."""
-        state = self.library.tagger.state(progress)
+        state = self.tagger.state(progress)
         found = state.view.row_of(image_id)
         if found is None:
             raise UserInputError(
@@ -95,9 +99,9 @@ class Searcher(Part):
         """
         from piaa_index.query.engine import parse_query, search_rows
 
-        vocab = self.library.vocab.require_vocabulary()
+        vocab = self.vocab.require_vocabulary()
         node = parse_query(expression, vocab.names)  # a bad query is named before any fit
-        state = self.library.tagger.state()
+        state = self.tagger.state()
         labels = [lb.name for lb in state.vocab.labels]
         return search_rows(node, labels, state.view, self.store.paths, limit, include_absent)
 
@@ -106,7 +110,7 @@ class Searcher(Part):
         indexed image, straight from the score matrix: one column read per label."""
         from piaa_index.query.language import normalize_label
 
-        state = self.library.tagger.state()
+        state = self.tagger.state()
         column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}
         if labels is None:
             cols = list(range(len(state.vocab.labels)))
@@ -129,7 +133,7 @@ class Searcher(Part):
     def present_tags(self) -> dict[str, list[tuple[str, float]]]:
         """path -> [(label, fused score)] of the labels decided present, best first, for every
         indexed image (from SQL's sparse tags: one join, no score matrix needed)."""
-        self.library.tagger.ensure_tags()
+        self.tagger.ensure_tags()
         out: dict[str, list[tuple[str, float]]] = {p: [] for p in self.store.indexed_paths()}
         for path, name, score in self.store.present_tags():
             if path in out:
@@ -156,7 +160,17 @@ class Searcher(Part):
             return []
         # The numpy text tower cached in the home (no torch import), else the Encoder, whose
         # text tower is then cached (piaa_index/model/text_tower.py); default templates either way.
-        phrase = text_tower.phrase_prototype(self.library, text, default_templates)
+        # A library given its own encoder factory uses that encoder, never a cached tower.
+        custom = self.resources.encoder_factory is not None
+        phrase = text_tower.phrase_prototype(
+            text,
+            default_templates,
+            home=self.resources.settings.home,
+            spec=self.resources.spec,
+            record=None if custom else self.store.get_setting("model"),
+            custom_encoder=custom,
+            encoder=lambda: self.encoder,
+        )
         with self.vectors.reading():  # the shards of the candidates stay while they are read
             ids, scores = text_search.search(
                 self, phrase, None, phrase_scores, limit, progress=progress
@@ -235,7 +249,7 @@ class Searcher(Part):
         from piaa_index.vectors.similar import saved_version
 
         # Current on disk: nothing to load (at 1M the two indexes are ~2 GB in memory).
-        version, layout = self.store.data_version(), VectorsLayout(self.library.vectors_dir)
+        version, layout = self.store.data_version(), VectorsLayout(self.vectors_dir)
         n = self.store.indexed_count()
         if saved_version(layout.similar) != version and (n or self._similar is not None):
             self._similar = self._sync_similar(progress)
@@ -249,7 +263,7 @@ class Searcher(Part):
         builds or writes (`_sync_similar` does, for `update_indexes`)."""
         from piaa_index.vectors.similar import ClsIndex, saved_version
 
-        folder = VectorsLayout(self.library.vectors_dir).similar
+        folder = VectorsLayout(self.vectors_dir).similar
         saved = saved_version(folder)
         if saved is not None and (self._similar is None or self._similar.version != saved):
             self._similar = ClsIndex.load(folder) or self._similar
@@ -268,7 +282,7 @@ class Searcher(Part):
         and saved."""
         from piaa_index.vectors.similar import ClsIndex
 
-        folder = VectorsLayout(self.library.vectors_dir).similar
+        folder = VectorsLayout(self.vectors_dir).similar
         version = self.store.data_version()
         index = self._similar_index()
         if index is not None and index.version == version:

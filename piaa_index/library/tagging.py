@@ -22,7 +22,8 @@ from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.library.part import Part
 
 if TYPE_CHECKING:
-    from piaa_index.library.core import Library
+    from piaa_index.library.resources import Resources
+    from piaa_index.library.vocabulary import VocabularyEditor
     from piaa_index.method.decisions import Decisions
     from piaa_index.method.learning import Learnt
     from piaa_index.method.pvcl import Classifier
@@ -93,8 +94,9 @@ class NeedsFit(LibraryError):
 class Tagger(Part):
     """Owns the classifier and the score matrix, cached against SQL's catalog version."""
 
-    def __init__(self, library: Library):
-        super().__init__(library)
+    def __init__(self, resources: Resources, vocab: VocabularyEditor):
+        super().__init__(resources)
+        self.vocab = vocab
         # Query caches, checked against SQL's catalog version (see `state`).
         self._cache: State | None = None
         self._fitted_cache: Fitted | None = None
@@ -145,7 +147,7 @@ class Tagger(Part):
 
         if not locations:
             raise UserInputError("no indexed images: run `piaa index PATH` first")
-        T = self.library.vocab.text_prototypes(vocab)
+        T = self.vocab.text_prototypes(vocab)
         if bank_size is not None and bank_size < 1:
             raise UserInputError(f"bank size must be at least 1, not {bank_size}")
         M = self.vectors.n_patches
@@ -216,7 +218,7 @@ class Tagger(Part):
         vocabulary gained are fitted and scored, and the kept labels' classifiers and scores
         are carried over (`_fit_changed_labels`); `full` refits every label from the current
         pool."""
-        vocab = self.library.vocab.require_vocabulary()
+        vocab = self.vocab.require_vocabulary()
         started = time.perf_counter()
         # The Ray engine and an explicit bank size always refit every label.
         # Learning from the user's labels needs every label refitted (a label added keeps no
@@ -384,7 +386,7 @@ class Tagger(Part):
         fresh_support: list[tuple[np.ndarray, np.ndarray]] = []
         if fresh:
             sub = VocabularyInfo(vocab.id, vocab.templates, [vocab.labels[c] for c in fresh])
-            T[fresh] = self.library.vocab.text_prototypes(sub)
+            T[fresh] = self.vocab.text_prototypes(sub)
             passed = self._bank_pass(
                 locations, T[fresh], fresh_banks, fresh_support, progress, "fitting new labels"
             )
@@ -580,9 +582,7 @@ class Tagger(Part):
 
     @property
     def scores_dir(self) -> Path:
-        from piaa_index.vectors.scores import scores_root
-
-        return scores_root(self.library.vectors_dir)
+        return self.resources.scores_dir
 
     def _write_segment(
         self,
@@ -756,7 +756,7 @@ class Tagger(Part):
             if cached is not None and cached.version == version:
                 if cached.pending == 0 or not score_new:
                     return cached
-            vocab = self.library.vocab.require_vocabulary()
+            vocab = self.vocab.require_vocabulary()
             if self.is_stale():
                 if not score_new:
                     raise NotReady

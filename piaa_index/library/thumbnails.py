@@ -32,8 +32,8 @@ from piaa_index.durable import atomic_write, stream_digest
 from piaa_index.errors import LibraryError, NotFoundError, UserInputError
 
 if TYPE_CHECKING:
+    from piaa_index.catalog.store import Store
     from piaa_index.ingest.images import MemoryBudget
-    from piaa_index.library.core import Library
 
 SIZES = (128, 256, 512, 2048)  # longer side, pixels; 2048: the gallery's zoom (never upscaled)
 DEFAULT_SIZE = 256
@@ -62,13 +62,14 @@ class Thumbnail:
 
 
 class Thumbnails:
-    """Thumbnails of one library's images; one per server, so decodes share one budget."""
+    """Thumbnails of one library's images (`store`), cached under `root` (the home's
+    `Layout.thumbnails`); one per server (`Library.thumbnails`), so decodes share one budget."""
 
-    def __init__(self, library: Library, budget: MemoryBudget | None = None):
+    def __init__(self, store: Store, root: Path, budget: MemoryBudget | None = None):
         from piaa_index.ingest.images import MemoryBudget
 
-        self.library = library
-        self.root = library.settings.layout.thumbnails
+        self.store = store
+        self.root = root
         self.budget = budget or MemoryBudget(DECODE_BUDGET)
 
     def get(self, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:
@@ -83,7 +84,7 @@ class Thumbnails:
         if size not in SIZES:
             allowed = ", ".join(map(str, SIZES))
             raise UserInputError(f"thumbnail size must be one of {allowed}, not {size}")
-        row = self.library.store.image_by_id(int(image_id))
+        row = self.store.image_by_id(int(image_id))
         if row is None or row.status != INDEXED or not row.content_hash:
             raise NotFoundError(f"no indexed image with id {image_id}")
         key = row.content_hash
@@ -163,6 +164,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def thumbnail(library: Library, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:
-    """The cached JPEG thumbnail of an indexed image (see `Thumbnails`)."""
-    return Thumbnails(library).get(image_id, size)
+def thumbnail(store: Store, root: Path, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:
+    """The cached JPEG thumbnail of an indexed image of `store`, cached under `root` (see
+    `Thumbnails`; `Library.thumbnail` uses the library's one maker)."""
+    return Thumbnails(store, root).get(image_id, size)

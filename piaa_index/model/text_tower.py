@@ -13,7 +13,7 @@ phrase (5-9 s, 1.2-1.5 GB). This module holds:
 - A cache of the tower's weights per model in the library home, `<home>/cache/text-tower/
   <key>.safetensors` beside `<key>.sum` (its crc32, checked on load: a damaged file is never
   used), and the tokenizer's parsed merges (`bpe-<key>.marshal`, 0.02 s to load, not 0.1 s). `save_text_tower(encoder, path)` extracts them from a loaded `Encoder`;
-  `phrase_prototype(library, text)` is what text search calls: the cached tower when there is
+  `phrase_prototype(text, ...)` is what text search calls: the cached tower when there is
   one, else the Encoder (as before), writing the cache for the next query.
 
 Only the default CLIP text configuration is supported; an HF text tower, another pool type,
@@ -45,7 +45,6 @@ from piaa_index.layout import Layout
 
 if TYPE_CHECKING:
     from piaa_index.config import ModelSpec
-    from piaa_index.library.core import Library
     from piaa_index.model.encoder import Encoder
 
 __all__ = [
@@ -699,23 +698,29 @@ def cache_path(home: Path, spec: ModelSpec, record: dict[str, Any] | None) -> Pa
     return Layout(home).text_tower_cache / f"{key.hexdigest()}.safetensors"
 
 
-def phrase_prototype(library: Library, text: str, templates: Callable[[], list[str]]) -> np.ndarray:
-    """A phrase's prototype for text search ([d] float32): from the cached numpy tower when the
-    library's model has one; else from the Encoder (loaded as before), whose text tower is then
-    cached for the next query and used for this one, so that every query of a library is
-    answered by the same code. A library given its own encoder factory uses that encoder.
+def phrase_prototype(
+    text: str,
+    templates: Callable[[], list[str]],
+    *,
+    home: Path,
+    spec: ModelSpec,
+    record: dict[str, Any] | None,
+    custom_encoder: bool,
+    encoder: Callable[[], Encoder],
+) -> np.ndarray:
+    """A phrase's prototype for text search ([d] float32): from the cached numpy tower in
+    `home` when the model (`spec`, its library's model `record`) has one; else from the Encoder
+    (`encoder()` loads it, as before), whose text tower is then cached for the next query and
+    used for this one, so that every query of a library is answered by the same code. A library
+    given its own encoder factory (`custom_encoder`) uses that encoder, never a cached tower.
 
     `templates` gives the prompt templates (`vocabulary.default_templates`: config's list)."""
-    custom = getattr(library, "_encoder_factory", None) is not None
-    path = None
-    if not custom:
-        record = library.store.get_setting("model")
-        path = cache_path(library.settings.home, library.spec, record)
+    path = None if custom_encoder else cache_path(home, spec, record)
     tower = load_text_tower(path) if path is not None else None
     if tower is None:
-        encoder = library.encoder
+        model = encoder()
         if path is not None:
-            tower = save_text_tower(encoder, path)
+            tower = save_text_tower(model, path)
         if tower is None:
-            return encoder.text_prototypes([text], templates())[0]
+            return model.text_prototypes([text], templates())[0]
     return tower.text_prototypes([text], templates())[0]

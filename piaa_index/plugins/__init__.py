@@ -44,8 +44,8 @@ PLUGIN_API: tuple[str, ...] = (
     "index", "set_vocabulary", "add_labels", "remove_labels", "labels", "vocabulary", "fit",
     "ensure_tags", "is_stale", "is_fitted", "auto_fit", "update_indexes",
     # queries
-    "query", "tags", "search", "text_search", "similar", "evidence", "image_id", "present_tags",
-    "tag_matrix",
+    "query", "tags", "search", "text_search", "similar", "evidence", "thumbnail", "image_id",
+    "present_tags", "tag_matrix",
     # the catalog
     "indexed_count", "indexed_paths", "image_info", "image_refs", "indexed_ids",
     "indexed_ids_by_path", "image_page", "newest_images", "feed_version", "present_tags_of",

@@ -13,7 +13,6 @@ any more (edited, replaced, swapped for a link to another picture), the answer i
 
 from __future__ import annotations
 
-import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -31,23 +30,6 @@ ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="An image id from a r
 # clients revalidate after an hour. `private`: reads may need a key.
 CACHE_CONTROL = "private, max-age=3600"
 BINARY = {"type": "string", "format": "binary"}
-
-
-_THUMBNAILS_LOCK = threading.Lock()
-
-
-def _thumbnails(state: ApiState) -> Any:
-    """One Thumbnails per server, so concurrent decodes share one memory budget (made under a
-    lock: two first requests at once must not make two)."""
-    thumbs = getattr(state, "thumbnails", None)
-    if thumbs is None:
-        with _THUMBNAILS_LOCK:
-            thumbs = getattr(state, "thumbnails", None)
-            if thumbs is None:
-                from piaa_index.library.thumbnails import Thumbnails
-
-                thumbs = state.thumbnails = Thumbnails(state.library)  # type: ignore[attr-defined]
-    return thumbs
 
 
 @router.get(
@@ -72,22 +54,21 @@ def thumbnail(
         ),
     ] = 256,
 ) -> Response:
-    thumbs = _thumbnails(state)
-    # Only the SQL lookup holds the Library's lock; decoding a first-time thumbnail (tens of
-    # ms for a camera JPEG) must not hold up every other read.
-    thumb, source = state.run(thumbs.locate, image_id, size)
-    mapped(lambda: _make(thumbs, thumb, source))  # decoding outside the lock
+    # Only the SQL lookup holds the Library's lock (`lock=`); decoding a first-time thumbnail
+    # (tens of ms for a camera JPEG) must not hold up every other read. The Library makes its
+    # one thumbnail maker on the first request, so concurrent decodes share one memory budget.
+    thumb = mapped(lambda: _thumbnail(state, image_id, size))
     headers = {"ETag": thumb.etag, "Cache-Control": CACHE_CONTROL}
     if thumb.etag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
     return FileResponse(thumb.path, media_type="image/jpeg", headers=headers)
 
 
-def _make(thumbs: Any, thumb: Any, source: str) -> Any:
+def _thumbnail(state: ApiState, image_id: int, size: int) -> Any:
     from piaa_index.library.thumbnails import SourceChanged
 
     try:
-        return thumbs.make(thumb, source)
+        return state.library.thumbnail(image_id, size, lock=state.lock)
     except SourceChanged as exc:
         raise ApiError(409, "changed_since_indexing", str(exc)) from None
 
