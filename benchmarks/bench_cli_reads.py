@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--text", default="a red car next to a house")
     ap.add_argument("--no-full", action="store_true", help="time the read-only path only")
+    ap.add_argument("--only", help="comma-separated command names (default: all)")
     args = ap.parse_args()
 
     home = args.home
@@ -108,6 +109,8 @@ def main() -> None:
     report: dict[str, Any] = {"home": str(home), "runs": args.runs}
     report["piaa --version"] = summary([measure(QUICK, ["--version"]) for _ in range(args.runs)])
     for name, argv in commands.items():
+        if args.only and name not in args.only.split(","):
+            continue
         row = {"read_only": summary([measure(QUICK, base + argv) for _ in range(args.runs)])}
         if not args.no_full:
             row["library"] = summary([measure(FULL, base + argv) for _ in range(args.runs)])

@@ -43,7 +43,7 @@ def similar(settings: Settings, path: str, limit: int | None) -> list[dict[str, 
         version = store.data_version()
         if saved_version(folder) != version:
             return None
-        index = ClsIndex.load(folder)
+        index = ClsIndex.load(folder, mapped=True)
         located = store.location(found[0])
         if index is None or index.version != version or located is None:
             return None
@@ -93,8 +93,8 @@ def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[s
         phrase = tower.text_prototypes([text], list(DEFAULT_TEMPLATES))[0]
         searcher = _Searcher(store, vectors, vectors.root, None)
         if not exact:
-            searcher._text_index = ann.PatchIndex.load(layout.text)
-            searcher.cls_index = ClsIndex.load(layout.similar)
+            searcher._text_index = ann.PatchIndex.load(layout.text, mapped=True)
+            searcher.cls_index = ClsIndex.load(layout.similar, mapped=True)
             if searcher._text_index is None or searcher.cls_index is None:
                 return None
             if {searcher._text_index.version, searcher.cls_index.version} != {version}:

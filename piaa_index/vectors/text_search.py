@@ -226,13 +226,18 @@ class PatchIndex:
         )
 
     @classmethod
-    def load(cls, folder: Path) -> PatchIndex | None:
+    def load(cls, folder: Path, mapped: bool = False) -> PatchIndex | None:
+        """The saved index, or None (none, or damaged: rebuilt from the shards). `mapped`: its
+        file memory-mapped, read-only (a fresh query process: 1.5 GB at 1M not read, a probe
+        touches its lists only); writers load it to change it."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
             sums = meta.get("sums") or {}
             if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
                 return None  # damaged: rebuilt from the shards
-            index = _faiss().read_index(str(folder / "patches.faiss"))
+            faiss = _faiss()
+            flags = faiss.IO_FLAG_MMAP if mapped else 0
+            index = faiss.read_index(str(folder / "patches.faiss"), flags)
             with np.load(folder / "held.npz") as held:
                 ids, shards, rows = held["ids"], held["shards"], held["rows"]
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
