@@ -20,7 +20,7 @@ from PIL import Image
 
 from piaa_index.library.core import Library
 from piaa_index.library.evidence import evidence_png
-from piaa_index.library.thumbnails import SIZES, Thumbnails
+from piaa_index.library.thumbnails import SIZES
 from piaa_index.shapes.dataset import generate_dataset
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         index_s = time.perf_counter() - t
         lib.set_vocabulary(json.loads((data / "classes.json").read_text()))
         lib.fit()
-        thumbs = Thumbnails(lib)
+        thumbs = lib.thumbnails
         ids = [lib.image_id(p) for p in sorted(photos.glob("*.jpg"))]
         label = lib.labels()[0]
         cold = {s: [_ms(lambda i=i, s=s: thumbs.get(i, s)) for i in ids] for s in SIZES}
