@@ -88,7 +88,7 @@ def _search_quick(
     if text and not expression:
         from piaa_index.catalog import readonly_vectors
 
-        return readonly_vectors.text_search(settings, text, _limit(limit))
+        return readonly_vectors.text_search(settings, text, _limit(limit), progress)
     if text or not expression:
         return None
     from piaa_index.catalog import readonly as store_readonly
@@ -108,7 +108,7 @@ def _similar_quick(
     """Neighbours of an indexed image, read-only, when the saved [CLS] index is current."""
     from piaa_index.catalog import readonly_vectors
 
-    return readonly_vectors.similar(settings, image, _limit(limit))
+    return readonly_vectors.similar(settings, image, _limit(limit), progress)
 
 
 @hookimpl

@@ -78,27 +78,33 @@ def test_similar_answers_as_the_library_does(big: Path) -> None:
         assert readonly_vectors.similar(_settings(big), str(big / "no-such.jpg"), 5) is None
 
 
-def test_a_stale_index_or_a_missing_tower_hands_over_to_the_library(
-    tmp_path: Path,
+def test_images_added_since_the_indexes_were_saved_are_scored_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home = _library(tmp_path / "home", 2100, seed=5)
     world = scale.World.make(N_LABELS, seed=5)
     settings = _settings(home)
-    some = readonly_vectors.similar(settings, SOME, 5)
-    assert some is not None and len(some) == 5
-    # Images added since the indexes were saved: only the Library knows to score them exactly.
+    assert readonly_vectors.similar(settings, SOME, 5) is not None
+    # Images added since the indexes were saved (an index run still going, or a catalog
+    # change such as a re-scoring that moved the version): scored exactly beside the
+    # indexes' candidates, as the Library does, and said.
     library = scale.open_library(home, world)
     scale.add_images(library, world, 50, start=2100, group=50)
     library.close()
-    assert readonly_vectors.text_search(settings, "l001", 10) is None
-    assert readonly_vectors.similar(settings, SOME, 5) is None
-    # ... and once `index` has synced them, the read-only path answers again.
     with Library.open(home=home) as lib:
-        lib.update_indexes()
-        expected = lib.text_search("l001", limit=10)
-    assert readonly_vectors.text_search(settings, "l001", 10) == expected
+        for phrase in ("l001", "l007"):
+            expected = lib.text_search(phrase, limit=10)
+            assert readonly_vectors.text_search(settings, phrase, 10, progress=True) == expected
+        added = "/synthetic/0000/00002120.jpg"
+        for path in (SOME, added):
+            assert readonly_vectors.similar(settings, path, 5, progress=True) == lib.similar(
+                path, limit=5
+            )
+    err = capsys.readouterr().err
+    assert "50 images it does not hold yet are scored exactly" in err
+    assert "50 images it does not hold yet are compared exactly" in err
     # No cached tower: the Library loads the model (and caches its tower).
-    for f in (home / "cache" / "text-tower").glob("*"):
+    for f in (home / "cache" / "text-tower").glob("*.safetensors"):
         f.unlink()
     assert readonly_vectors.text_search(settings, "l001", 10) is None
 

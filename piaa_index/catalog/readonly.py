@@ -245,6 +245,37 @@ class ReadOnlyStore:
             raise sqlite3.DatabaseError("the images table and its status index disagree")
         return [(int(i), int(s), int(r)) for i, s, r in rows]
 
+    def locations_after(self, shard: int) -> list[tuple[int, int, int]]:
+        """(image id, shard, row) of indexed images in shards newer than `shard`, as
+        `Store.locations_after` (status checked here: see `has_indexed_after`)."""
+        rows = self._all(
+            "SELECT id, shard, shard_row, status FROM images WHERE shard > ? "
+            "ORDER BY shard, shard_row",
+            (shard,),
+        )
+        return [(int(i), int(sh or 0), int(r or 0)) for i, sh, r, st in rows if st == INDEXED]
+
+    def changes_since(
+        self, ids: np.ndarray, shards: np.ndarray, max_shard: int
+    ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """`Store.changes_since` (what changed for a derived index holding `ids` from `shards`):
+        the same cheap path, then the same full comparison of (id, shard) pairs."""
+        stale = np.zeros(len(ids), bool)
+        new = self.locations_after(max_shard)
+        if new:
+            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+            stale |= np.isin(ids, new_ids)
+        if int((~stale).sum()) + len(new) == self.indexed_count():
+            return stale, new
+        live = self.live_locations()
+        arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+        base = int(max(max_shard, int(arr[:, 1].max(initial=0)))) + 1
+        live_keys = arr[:, 0] * base + arr[:, 1]
+        keys = np.asarray(ids, np.int64) * base + np.asarray(shards, np.int64)
+        stale |= ~np.isin(keys, live_keys)
+        held = np.isin(live_keys, keys[~stale])
+        return stale, [live[i] for i in np.nonzero(~held)[0]]
+
     def image_by_path(self, path: str) -> tuple[int, str] | None:
         """(id, status) of the image stored under `path`, as `Store.image_by_path`."""
         row = self._one("SELECT id, status FROM images WHERE path = ?", (to_db_text(path),))

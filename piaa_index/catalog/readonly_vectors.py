@@ -3,13 +3,14 @@ search, for a fresh CLI process (issue 23). They use what `readonly.py` uses (SQ
 `sqlite3`, no SQLAlchemy) plus the saved [CLS] and patch indexes, the memory-mapped shards and
 the cached numpy text tower (no torch).
 
-Each returns None whenever the `Library` must answer instead: anything
-`Library.open` would write, a derived index not current with the catalog (images indexed or
-removed since it was saved: the Library scores those exactly and says so), no cached text
+Each returns None whenever the `Library` must answer instead: anything `Library.open` would
+write, a derived index not built yet (the Library scans exactly and says so), no cached text
 tower yet (the Library loads the model once and caches it), a path that is not an indexed
-image (the Library encodes a new file or names the problem). The rows are the ones
-`Searcher.similar` and `Searcher.text_search` return; tests/test_readonly_vectors.py checks
-both paths against each other.
+image (the Library encodes a new file or names the problem). Images indexed or removed since
+an index was saved are handled as the Library handles them (`Store.changes_since` through
+the read-only twin): the new ones compared exactly, the changed rows left out, and said
+through `progress`. The rows are the ones `Searcher.similar` and `Searcher.text_search`
+return; tests/test_readonly_vectors.py checks both paths against each other.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from piaa_index.catalog.readonly import ReadOnlyStore, _in_snapshot, _marker_cur
 from piaa_index.catalog.status import INDEXED
 from piaa_index.config import DEFAULT_TEMPLATES, ModelSpec, Settings
 from piaa_index.layout import VectorsLayout
+from piaa_index.progress import Progress
 
 
-def similar(settings: Settings, path: str, limit: int | None) -> list[dict[str, Any]] | None:
-    """`Searcher.similar`'s rows for an indexed image when the saved [CLS] index is current."""
+def similar(
+    settings: Settings, path: str, limit: int | None, progress: Progress = False
+) -> list[dict[str, Any]] | None:
+    """`Searcher.similar`'s rows for an indexed image, from the saved [CLS] index (images it
+    does not hold yet compared exactly, as the Library does, and said through `progress`)."""
     from piaa_index.query.engine import path_candidates
-    from piaa_index.vectors.similar import ClsIndex, saved_version
+    from piaa_index.vectors.similar import ClsIndex, neighbours
 
     def read(store: ReadOnlyStore) -> list[dict[str, Any]] | None:
         found = next(filter(None, map(store.image_by_path, path_candidates(path))), None)
@@ -39,32 +44,28 @@ def similar(settings: Settings, path: str, limit: int | None) -> list[dict[str, 
         if opened is None:
             return None
         vectors, _model = opened
-        folder = VectorsLayout(vectors.root).similar
-        version = store.data_version()
-        if saved_version(folder) != version:
-            return None
-        index = ClsIndex.load(folder, mapped=True)
+        index = ClsIndex.load(VectorsLayout(vectors.root).similar, mapped=True)
         located = store.location(found[0])
-        if index is None or index.version != version or located is None:
-            return None
+        if index is None or located is None:
+            return None  # not built yet: the Library scans exactly and says so
         q = vectors.read_shard(located[0], [located[1]], with_patches=False).cls[0]
-        # One more than asked for (the image itself) and a few for ties at the cut.
-        want = len(index.ids) if limit is None else limit + 1 + 8
-        ids, sims = index.search(q, want)
-        ids, sims = np.asarray(ids, np.int64), np.asarray(sims, np.float32)
+        ids, sims = neighbours(index, q, store, vectors, limit, progress)
         keep = ids != found[0]
         return _top(store, ids[keep], sims[keep], limit)
 
     return _in_snapshot(settings, read)
 
 
-def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[str, Any]] | None:
-    """`Searcher.text_search`'s rows when the derived indexes are current and the library's
-    text tower is cached (else None). An empty phrase is left to the Library to refuse."""
+def text_search(
+    settings: Settings, text: str, limit: int | None, progress: Progress = False
+) -> list[dict[str, Any]] | None:
+    """`Searcher.text_search`'s rows when the library's text tower is cached (else None): the
+    saved indexes' candidates, plus the images they do not hold yet scored exactly, as the
+    Library does (and says through `progress`). An empty phrase is left to the Library."""
     from piaa_index.method.fusion import phrase_scores
     from piaa_index.model import text_tower
     from piaa_index.vectors import text_search as ann
-    from piaa_index.vectors.similar import ClsIndex, saved_version
+    from piaa_index.vectors.similar import ClsIndex
 
     text = " ".join(text.split())
     if not text:
@@ -77,12 +78,6 @@ def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[s
         vectors, model = opened
         layout = VectorsLayout(vectors.root)
         n = store.indexed_count()
-        version = store.data_version()
-        exact = limit is None or n < ann.EXACT_BELOW
-        if not exact and any(
-            saved_version(folder) != version for folder in (layout.similar, layout.text)
-        ):
-            return None  # the Library scores what the indexes do not hold yet, and says so
         spec = ModelSpec(model["model"], model["pretrained"], model["front_end"])
         cached = text_tower.cache_path(settings.home, spec, model)
         tower = text_tower.load_text_tower(cached) if cached is not None else None
@@ -90,17 +85,17 @@ def text_search(settings: Settings, text: str, limit: int | None) -> list[dict[s
             return None
         if n == 0:
             return []
-        phrase = tower.text_prototypes([text], list(DEFAULT_TEMPLATES))[0]
         searcher = _Searcher(store, vectors, vectors.root, None)
-        if not exact:
+        if limit is not None and n >= ann.EXACT_BELOW:
             searcher._text_index = ann.PatchIndex.load(layout.text, mapped=True)
             searcher.cls_index = ClsIndex.load(layout.similar, mapped=True)
-            if searcher._text_index is None or searcher.cls_index is None:
-                return None
-            if {searcher._text_index.version, searcher.cls_index.version} != {version}:
-                return None  # another process saved between the checks: the Library answers
+            if searcher._text_index is None:
+                return None  # not built yet: the Library scans exactly and says so
+        phrase = tower.text_prototypes([text], list(DEFAULT_TEMPLATES))[0]
         with vectors.reading():  # the shards of the candidates stay while they are read
-            ids, scores = ann.search(searcher, phrase, None, phrase_scores, limit)
+            ids, scores = ann.search(
+                searcher, phrase, None, phrase_scores, limit, progress=progress
+            )
         return _top(store, np.asarray(ids, np.int64), np.asarray(scores), limit)
 
     return _in_snapshot(settings, read)

@@ -191,7 +191,7 @@ class Searcher(Part):
         except UserInputError:
             if not p.is_file():
                 raise
-        from piaa_index.vectors.similar import exact_search
+        from piaa_index.vectors.similar import neighbours
 
         if query_id is not None:
             loc = self.store.location(query_id)
@@ -206,35 +206,7 @@ class Searcher(Part):
             except ImageDecodeError as exc:
                 raise UserInputError(f"{path}: {exc}") from None
             q = self.encoder.encode_images(self.encoder.preprocess(img)[None])[0][0]
-        index = self._similar_index()
-        if index is None:
-            live = self.store.live_locations()
-            note(
-                f"the similar-images index is not built yet: comparing all {len(live):,} "
-                "images exactly (`piaa index` builds it)",
-                progress,
-            )
-            every, _, vecs = self._cls_of(live)
-            ids, sims = exact_search(every, vecs, q, len(every))
-        else:
-            gone, fresh = self._not_in(index)
-            # A few extra so that the query image, rows changed since the index was saved
-            # and ties at the cut do not shorten the list.
-            want = len(index.ids) if limit is None else limit + 1 + 8 + len(gone)
-            ids, sims = index.search(q, want)
-            if len(gone):
-                keep = ~np.isin(ids, gone)
-                ids, sims = ids[keep], sims[keep]
-            if fresh:
-                note(
-                    f"the similar-images index is being updated: {len(fresh):,} images it "
-                    "does not hold yet are compared exactly",
-                    progress,
-                )
-                new_ids, _, vecs = self._cls_of(fresh)
-                new_ids, new_sims = exact_search(new_ids, vecs, q, want)
-                ids = np.concatenate([np.asarray(ids, np.int64), new_ids])
-                sims = np.concatenate([np.asarray(sims, np.float32), new_sims])
+        ids, sims = neighbours(self._similar_index(), q, self.store, self.vectors, limit, progress)
         if query_id is not None:
             keep = ids != query_id
             ids, sims = ids[keep], sims[keep]
@@ -269,14 +241,6 @@ class Searcher(Part):
             self._similar = ClsIndex.load(folder) or self._similar
         return self._similar
 
-    def _not_in(self, index: Any) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """(ids the index holds that changed since it was saved, locations of indexed images
-        it does not hold yet); nothing when it is current."""
-        if index.version == self.store.data_version():
-            return np.zeros(0, np.int64), []
-        stale, fresh = self.store.changes_since(index.ids, index.shards, index.max_shard)
-        return index.ids[stale], fresh
-
     def _sync_similar(self, progress: Progress = False) -> Any:
         """The [CLS] index brought up to date with the catalog (built if there is none yet)
         and saved."""
@@ -304,14 +268,9 @@ class Searcher(Part):
         self, locations: list[tuple[int, int, int]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, shards, [CLS] vectors) of these images, read without their patches."""
-        ids, shards, vecs = [], [], []
-        for chunk in self.vectors.iter_live(locations, with_patches=False):
-            ids.append(chunk.image_ids)
-            shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
-            vecs.append(chunk.cls)
-        if not ids:
-            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.vectors.dim))
-        return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+        from piaa_index.vectors.similar import cls_of
+
+        return cls_of(self.vectors, locations)
 
     def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""

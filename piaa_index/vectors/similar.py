@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from piaa_index.durable import damaged_files, file_digest, replace_all
+from piaa_index.progress import Progress, note
 from piaa_index.vectors.faiss_lib import faiss as _faiss
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
@@ -172,3 +173,63 @@ class ClsIndex:
         out.version = int(meta["version"])
         out.trained_on = int(meta.get("trained_on", len(ids)))
         return out
+
+
+def cls_of(
+    vectors: Any, locations: list[tuple[int, int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, shards, [CLS] vectors) of the images at `locations`, read without their patches."""
+    ids, shards, vecs = [], [], []
+    for chunk in vectors.iter_live(locations, with_patches=False):
+        ids.append(chunk.image_ids)
+        shards.append(np.full(len(chunk.image_ids), chunk.shard, np.int32))
+        vecs.append(chunk.cls)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, vectors.dim))
+    return np.concatenate(ids), np.concatenate(shards), np.concatenate(vecs)
+
+
+def neighbours(
+    index: ClsIndex | None,
+    q: np.ndarray,
+    store: Any,
+    vectors: Any,
+    limit: int | None,
+    progress: Progress = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, inner products) of the images nearest `q`: the saved index's answer, less the rows
+    it holds that changed since it was saved, plus the images it does not hold yet compared
+    exactly; with no index, every image compared exactly (and `progress` says so). `store` is
+    the catalog (`Store`, or the read-only twin of a fresh query process); nothing is written."""
+    if index is None:
+        live = store.live_locations()
+        note(
+            f"the similar-images index is not built yet: comparing all {len(live):,} "
+            "images exactly (`piaa index` builds it)",
+            progress,
+        )
+        every, _, vecs = cls_of(vectors, live)
+        return exact_search(every, vecs, q, len(every))
+    if index.version == store.data_version():
+        gone, fresh = np.zeros(0, np.int64), []
+    else:
+        stale, fresh = store.changes_since(index.ids, index.shards, index.max_shard)
+        gone = index.ids[stale]
+    # A few extra so that the query image, rows changed since the index was saved and ties at
+    # the cut do not shorten the list.
+    want = len(index.ids) if limit is None else limit + 1 + 8 + len(gone)
+    ids, sims = index.search(q, want)
+    if len(gone):
+        keep = ~np.isin(ids, gone)
+        ids, sims = ids[keep], sims[keep]
+    if fresh:
+        note(
+            f"the similar-images index is being updated: {len(fresh):,} images it "
+            "does not hold yet are compared exactly",
+            progress,
+        )
+        new_ids, _, vecs = cls_of(vectors, fresh)
+        new_ids, new_sims = exact_search(new_ids, vecs, q, want)
+        ids = np.concatenate([np.asarray(ids, np.int64), new_ids])
+        sims = np.concatenate([np.asarray(sims, np.float32), new_sims])
+    return ids, sims
