@@ -210,31 +210,12 @@ class ImagesMixin:
         max_shard: int,
         valid: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """What changed for something built from the vectors (the score matrix, the [CLS] and
-        patch indexes) whose rows hold images `ids` from `shards`, up to shard `max_shard`:
-        (rows SQL no longer vouches for, as a mask; indexed images it lacks, as locations).
+        """What changed for something built from the vectors since it was built:
+        `catalog.readonly.changes_since`, the one rule (the read-only twin answers with it
+        too)."""
+        from piaa_index.catalog.readonly import changes_since
 
-        Cheap path: images in shards newer than `max_shard` (each index commit writes a new
-        shard) supersede their old rows, and if the counts then agree with SQL nothing was
-        removed. Otherwise (prune, lost shard, failed re-encode) compare (id, shard) pairs with
-        every indexed image once. `valid` marks the rows still counted (default: all).
-        """
-        valid = np.ones(len(ids), bool) if valid is None else np.asarray(valid, bool)
-        stale = np.zeros(len(ids), bool)
-        new = self.locations_after(max_shard)
-        if new:
-            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
-            stale |= valid & np.isin(ids, new_ids)
-        if int((valid & ~stale).sum()) + len(new) == self.indexed_count():
-            return stale, new
-        live = self.live_locations()
-        arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
-        base = int(max(max_shard, int(arr[:, 1].max(initial=0)))) + 1
-        live_keys = arr[:, 0] * base + arr[:, 1]
-        keys = np.asarray(ids, np.int64) * base + np.asarray(shards, np.int64)
-        stale |= valid & ~np.isin(keys, live_keys)
-        held = np.isin(live_keys, keys[valid & ~stale])
-        return stale, [live[i] for i in np.nonzero(~held)[0]]
+        return changes_since(self, ids, shards, max_shard, valid)
 
     def move_images(self, ids: Sequence[int], shard: int) -> None:
         """Point images at rows 0..n-1 of a rewritten shard (vacuum), in one bulk statement."""

@@ -258,23 +258,8 @@ class ReadOnlyStore:
     def changes_since(
         self, ids: np.ndarray, shards: np.ndarray, max_shard: int
     ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """`Store.changes_since` (what changed for a derived index holding `ids` from `shards`):
-        the same cheap path, then the same full comparison of (id, shard) pairs."""
-        stale = np.zeros(len(ids), bool)
-        new = self.locations_after(max_shard)
-        if new:
-            new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
-            stale |= np.isin(ids, new_ids)
-        if int((~stale).sum()) + len(new) == self.indexed_count():
-            return stale, new
-        live = self.live_locations()
-        arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
-        base = int(max(max_shard, int(arr[:, 1].max(initial=0)))) + 1
-        live_keys = arr[:, 0] * base + arr[:, 1]
-        keys = np.asarray(ids, np.int64) * base + np.asarray(shards, np.int64)
-        stale |= ~np.isin(keys, live_keys)
-        held = np.isin(live_keys, keys[~stale])
-        return stale, [live[i] for i in np.nonzero(~held)[0]]
+        """`Store.changes_since`, read-only: the same rule (`changes_since`)."""
+        return changes_since(self, ids, shards, max_shard)
 
     def image_by_path(self, path: str) -> tuple[int, str] | None:
         """(id, status) of the image stored under `path`, as `Store.image_by_path`."""
@@ -355,6 +340,42 @@ class ReadOnlyStore:
             ):
                 out[int(image_id)] = from_db_text(path)
         return out
+
+
+def changes_since(
+    store: Any,
+    ids: np.ndarray,
+    shards: np.ndarray,
+    max_shard: int,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """What changed for something built from the vectors (the score matrix, the [CLS] and
+    patch indexes) whose rows hold images `ids` from `shards`, up to shard `max_shard`:
+    (rows SQL no longer vouches for, as a mask; indexed images it lacks, as locations). The
+    one rule, for `Store` and its read-only twin (`store` gives `locations_after`,
+    `indexed_count` and `live_locations`).
+
+    Cheap path: images in shards newer than `max_shard` (each index commit writes a new
+    shard) supersede their old rows, and if the counts then agree with SQL nothing was
+    removed. Otherwise (prune, lost shard, failed re-encode) compare (id, shard) pairs with
+    every indexed image once. `valid` marks the rows still counted (default: all).
+    """
+    valid = np.ones(len(ids), bool) if valid is None else np.asarray(valid, bool)
+    stale = np.zeros(len(ids), bool)
+    new = store.locations_after(max_shard)
+    if new:
+        new_ids = np.fromiter((loc[0] for loc in new), np.int64, len(new))
+        stale |= valid & np.isin(ids, new_ids)
+    if int((valid & ~stale).sum()) + len(new) == store.indexed_count():
+        return stale, new
+    live = store.live_locations()
+    arr = np.asarray(live, dtype=np.int64).reshape(-1, 3)
+    base = int(max(max_shard, int(arr[:, 1].max(initial=0)))) + 1
+    live_keys = arr[:, 0] * base + arr[:, 1]
+    keys = np.asarray(ids, np.int64) * base + np.asarray(shards, np.int64)
+    stale |= valid & ~np.isin(keys, live_keys)
+    held = np.isin(live_keys, keys[valid & ~stale])
+    return stale, [live[i] for i in np.nonzero(~held)[0]]
 
 
 def search(
@@ -628,6 +649,21 @@ def _vectors_bytes(store: ReadOnlyStore, vectors_dir: Path, model: dict) -> int 
     it would write (a manifest to create, upgrade or record, files to reconcile with SQL) or
     refuse (a damaged or mismatched manifest)."""
     from piaa_index.vectors.scores import leftovers, scores_root
+
+    vectors = open_vectors(store, vectors_dir, model)
+    if vectors is None:
+        return None
+    if any(vectors.to_reconcile(store.referenced_shards())):
+        return None
+    if leftovers(scores_root(vectors_dir), store.score_folders()):
+        return None
+    return vectors.disk_bytes()
+
+
+def open_vectors(store: ReadOnlyStore, vectors_dir: Path, model: dict) -> Any:
+    """The library's `VectorStore`, opened without writing, or None where `Library.vectors`
+    would write first (a manifest to create, upgrade or record) or refuse (a damaged or
+    mismatched manifest)."""
     from piaa_index.vectors.shards import (
         MANIFEST_SETTING,
         VectorStore,
@@ -647,13 +683,7 @@ def _vectors_bytes(store: ReadOnlyStore, vectors_dir: Path, model: dict) -> int 
     vectors = VectorStore(
         vectors_dir, manifest["identity"], manifest["codec"], int(manifest["checksums_from"])
     )
-    if recorded != vectors.manifest:
-        return None
-    if any(vectors.to_reconcile(store.referenced_shards())):
-        return None
-    if leftovers(scores_root(vectors_dir), store.score_folders()):
-        return None
-    return vectors.disk_bytes()
+    return vectors if recorded == vectors.manifest else None
 
 
 def _marker_current(store: ReadOnlyStore, db_url: str, vectors_dir: Path) -> bool:

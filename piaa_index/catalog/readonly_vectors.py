@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.catalog.readonly import ReadOnlyStore, _in_snapshot, _marker_current
+from piaa_index.catalog.readonly import ReadOnlyStore, _in_snapshot, _marker_current, open_vectors
 from piaa_index.catalog.status import INDEXED
 from piaa_index.config import DEFAULT_TEMPLATES, ModelSpec, Settings
 from piaa_index.layout import VectorsLayout
@@ -120,13 +120,6 @@ def _vectors(settings: Settings, store: ReadOnlyStore) -> tuple[Any, dict[str, A
     opening the Library would write first (the database marker, a manifest to create or
     upgrade) or refuse (a damaged or mismatched manifest). Leftover shards or score files are
     no matter here: a query reads only what the catalog and its current indexes point at."""
-    from piaa_index.vectors.shards import (
-        MANIFEST_SETTING,
-        VectorStore,
-        VectorStoreError,
-        manifest_problem,
-    )
-
     store_id, model = store.get_setting("store_id"), store.get_setting("model")
     if store_id is None or not model:
         return None
@@ -135,19 +128,8 @@ def _vectors(settings: Settings, store: ReadOnlyStore) -> tuple[Any, dict[str, A
     vectors_dir = settings.layout.vectors(str(store_id["uuid"])).root
     if not _marker_current(store, settings.db_url, vectors_dir):
         return None
-    try:
-        manifest = VectorStore.read_manifest(vectors_dir)
-    except VectorStoreError:
-        return None
-    if manifest is None or "checksums_from" not in manifest:
-        return None
-    recorded = store.get_setting(MANIFEST_SETTING)
-    if manifest_problem(manifest, recorded, model) is not None:
-        return None
-    vectors = VectorStore(
-        vectors_dir, manifest["identity"], manifest["codec"], int(manifest["checksums_from"])
-    )
-    if recorded != vectors.manifest:
+    vectors = open_vectors(store, vectors_dir, model)
+    if vectors is None:
         return None
     return vectors, model
 
