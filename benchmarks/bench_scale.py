@@ -159,7 +159,7 @@ def _recall(lib: Library, k: int, probes: int = 20) -> float:
     got = []
     for p in picks:
         a = {r["path"] for r in lib.similar(p, limit=k)}
-        b = {r["path"] for r in lib.searcher._similar_exact(p, limit=k)}
+        b = {r["path"] for r in scale.similar_exact(lib, p, limit=k)}
         got.append(len(a & b) / k)
     return round(float(np.mean(got)), 4)
 

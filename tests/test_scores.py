@@ -122,7 +122,7 @@ def test_reencoded_image_shows_its_new_scores_only(lib: Library, world: scale.Wo
     cls, patches, _ = world.images(1, np.random.default_rng(99))
     shard = lib.vectors.next_shard_id()
     lib.vectors.write_shard(shard, [image_id], cls, patches)
-    lib.store.commit_indexed([image_id], shard, [1])
+    scale.commit_indexed(lib.store, [image_id], shard, [1])
 
     rows = lib.tags(path)
 
@@ -252,7 +252,7 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     removed images without a rebuild: queries before the writers' sync answer alike."""
     probe = "/synthetic/0000/00000011.jpg"
     lib.update_indexes()  # as `index` does at its end
-    _same_neighbours(lib.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20))
+    _same_neighbours(lib.similar(probe, limit=20), scale.similar_exact(lib, probe, limit=20))
     assert lib.searcher._similar is not None and lib.searcher._similar.kind == "flat"
     built = lib.searcher._similar.index
 
@@ -260,19 +260,17 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     gone = lib.image_id("/synthetic/0000/00000012.jpg")
     lib.store.remove_images([gone])
     got = lib.similar(probe, limit=None)  # the index as saved, the 700 compared exactly
-    _same_neighbours(got, lib.searcher._similar_exact(probe, limit=None))
+    _same_neighbours(got, scale.similar_exact(lib, probe, limit=None))
     assert len(got) == N_IMAGES + 700 - 2 and len(lib.searcher._similar.ids) == N_IMAGES
     lib.update_indexes()
     got = lib.similar(probe, limit=None)
-    _same_neighbours(got, lib.searcher._similar_exact(probe, limit=None))
+    _same_neighbours(got, scale.similar_exact(lib, probe, limit=None))
     assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.index is built
 
     # A fresh Library loads the persisted index instead of reading every [CLS] vector again.
     again = scale.open_library(lib.settings.home, world)
     try:
-        _same_neighbours(
-            again.similar(probe, limit=20), lib.searcher._similar_exact(probe, limit=20)
-        )
+        _same_neighbours(again.similar(probe, limit=20), scale.similar_exact(lib, probe, limit=20))
         assert (
             again.searcher._similar is not None
             and len(again.searcher._similar.ids) == N_IMAGES + 700 - 1
@@ -294,13 +292,11 @@ def test_similar_ivf_index_recall(lib: Library, monkeypatch: pytest.MonkeyPatch)
     recall = []
     for probe in probes:
         got = {r["path"] for r in lib.similar(probe, limit=20)}
-        want = {r["path"] for r in lib.searcher._similar_exact(probe, limit=20)}
+        want = {r["path"] for r in scale.similar_exact(lib, probe, limit=20)}
         recall.append(len(got & want) / 20)
     assert lib.searcher._similar is not None and lib.searcher._similar.kind == "ivf"
     assert np.mean(recall) >= 0.9
-    _same_neighbours(
-        lib.similar(probes[0], limit=None), lib.searcher._similar_exact(probes[0], None)
-    )
+    _same_neighbours(lib.similar(probes[0], limit=None), scale.similar_exact(lib, probes[0], None))
 
 
 def test_latest_rows_keeps_the_last_row_of_each_image() -> None:

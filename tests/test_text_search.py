@@ -112,7 +112,7 @@ def _commit(lib: Library, ids: list[int], cls: np.ndarray, patches: np.ndarray) 
     with vectors.writer_lock():
         shard = vectors.next_shard_id()
         vectors.write_shard(shard, ids, cls, patches)
-        lib.store.commit_indexed(ids, shard, [1] * len(ids))
+        scale.commit_indexed(lib.store, ids, shard, [1] * len(ids))
     return shard
 
 

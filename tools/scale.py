@@ -151,6 +151,49 @@ def add_images(
             cls, patches, Y = world.images(b - a, rng)
             shard = vectors.next_shard_id()
             vectors.write_shard(shard, ids, cls, patches)
-            library.store.commit_indexed(ids, shard, [100_000] * len(ids))
+            commit_indexed(library.store, ids, shard, [100_000] * len(ids))
             truth.append(Y)
     return np.concatenate(truth) if truth else np.zeros((0, len(world.means)), bool)
+
+
+def commit_indexed(store: Any, ids: Sequence[int], shard: int, sizes: Sequence[int]) -> None:
+    """Mark images indexed at rows 0..n-1 of a durable shard, through the store's commit of an
+    index run's rows (synthetic images have no file: the commit time stands in for mtime)."""
+    from piaa_index.catalog.common import utcnow
+    from piaa_index.catalog.status import INDEXED
+
+    now = utcnow()
+    store.commit_images(
+        [
+            {
+                "id": int(i),
+                "size": int(size),
+                "mtime": float(now.timestamp()),
+                "status": INDEXED,
+                "error": None,
+                "shard": shard,
+                "shard_row": row_no,
+                "indexed_at": now,
+            }
+            for row_no, (i, size) in enumerate(zip(ids, sizes, strict=True))
+        ]
+    )
+
+
+def similar_exact(library: Any, path: str, limit: int | None = 20) -> list[dict[str, Any]]:
+    """`similar` by an exact scan over every [CLS] vector: the reference the index's answers
+    are checked against (tests, benchmarks)."""
+    from piaa_index.vectors.similar import cls_of
+
+    query_id = library.image_id(path)
+    loc = library.store.location(query_id)
+    assert loc is not None
+    q = library.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
+    ids, _, vecs = cls_of(library.vectors, library.store.live_locations())
+    keep = ids != query_id
+    ids, scores = ids[keep], (vecs @ q)[keep]
+    order = np.lexsort((ids, -scores))
+    if limit is not None:
+        order = order[:limit]
+    paths = library.store.paths([int(ids[i]) for i in order])
+    return [{"path": paths[int(ids[i])], "score": round(float(scores[i]), 6)} for i in order]

@@ -183,26 +183,6 @@ class ImagesMixin:
                 s.execute(delete(Tag).where(Tag.image_id.in_(chunk)))
             self._mark_changed(s, stale)
 
-    def commit_indexed(self, ids: Sequence[int], shard: int, sizes: Sequence[int]) -> None:
-        """Mark images indexed at rows 0..n-1 of a durable shard (synthetic libraries: no file
-        behind them, so the commit time stands in for the mtime)."""
-        now = utcnow()
-        self.commit_images(
-            [
-                {
-                    "id": int(i),
-                    "size": int(size),
-                    "mtime": float(now.timestamp()),
-                    "status": INDEXED,
-                    "error": None,
-                    "shard": shard,
-                    "shard_row": row_no,
-                    "indexed_at": now,
-                }
-                for row_no, (i, size) in enumerate(zip(ids, sizes, strict=True))
-            ]
-        )
-
     def changes_since(
         self,
         ids: np.ndarray,

@@ -272,17 +272,6 @@ class Searcher(Part):
 
         return cls_of(self.vectors, locations)
 
-    def _similar_exact(self, path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
-        """The exact scan over every [CLS] vector (the reference `similar` is checked against)."""
-        query_id = self.image_id(path)
-        live = self.store.live_locations()
-        loc = self.store.location(query_id)
-        assert loc is not None
-        q = self.vectors.read_shard(loc[0], [loc[1]], with_patches=False).cls[0]
-        ids, _, vecs = self._cls_of(live)
-        keep = ids != query_id
-        return self._top(ids[keep], (vecs @ q)[keep], limit)
-
     def _top(self, ids: np.ndarray, scores: np.ndarray, limit: int | None) -> list[dict]:
         order = np.lexsort((ids, -scores))
         if limit is not None:
