@@ -21,6 +21,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -514,8 +515,6 @@ def status(settings: Settings) -> dict[str, Any] | None:
 
 
 def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
-    from datetime import datetime
-
     store_id = store.get_setting("store_id")
     if store_id is None:
         return None
@@ -546,26 +545,17 @@ def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
     indexed = counts.get(INDEXED, 0)
     user_labels = store.get_setting("user_labels")
     labels_version = int(user_labels["version"]) if user_labels else 0
-    out: dict[str, Any] = {
-        "home": str(settings.home),
-        "database": _shown_url(settings.db_url),
-        "schema_revision": head_revision(),  # `ReadOnlyStore.open` checked it
-        "model": model,
-        "images": {
-            "indexed": indexed,
-            "failed": counts.get("failed", 0),
-            "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
-        },
-        "vectors_bytes": vectors_bytes,
-        "vocabulary": {
-            "version": vocab[0] if vocab else None,
-            "labels": vocab[1] if vocab else [],
-            "templates": templates,
-        },
-        "classifier": None,
-        "stale": vocab is not None and (latest is None or latest[1] != vocab[0]),
-        "labels_changed": labels_version != 0,
-    }
+    out = status_report(
+        home=settings.home,
+        database=_shown_url(settings.db_url),
+        schema_revision=head_revision(),  # `ReadOnlyStore.open` checked it
+        model=model,
+        counts=counts,
+        vectors_bytes=vectors_bytes,
+        vocabulary=(vocab[0], vocab[1], templates) if vocab else None,
+        stale=vocab is not None and (latest is None or latest[1] != vocab[0]),
+        labels_changed=labels_version != 0,
+    )
     if latest is None:
         return out
     from piaa_index.method.decisions import Decisions
@@ -584,10 +574,7 @@ def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # the Library names the damage
     fitted_on = store.vocabulary_names(vocabulary_id)
-    label_status = [r.get("status", "present") for r in decisions.status] or ["present"] * len(
-        fitted_on
-    )
-    if len(label_status) != len(fitted_on):
+    if len(label_statuses(decisions, len(fitted_on))) != len(fitted_on):
         return None  # the Library names the mismatch
     # `Tagger.state(score_new=False)`: the matrix's present bits when it is the vocabulary's,
     # else (stale, or its files lost) the sparse SQL tags.
@@ -599,23 +586,86 @@ def _status(settings: Settings, store: ReadOnlyStore) -> dict[str, Any] | None:
         matrix = found_counts
     tagged = matrix[0] if matrix else store.tag_counts()
     try:
-        fitted_at = datetime.fromisoformat(created_at).isoformat(timespec="seconds")
+        fitted_at = datetime.fromisoformat(created_at)
     except ValueError:
         return None
-    out["classifier"] = {
-        "version": classifier_id,
-        "vocabulary_version": vocabulary_id,
-        "fitted_at": fitted_at,
+    out["classifier"] = classifier_report(
+        version=classifier_id,
+        vocabulary_version=vocabulary_id,
+        fitted_at=fitted_at,
+        n_images=n_images,
+        indexed=indexed,
+        fitted_on=fitted_on,
+        decisions=decisions,
+        tagged=tagged,
+    )
+    return out
+
+
+def status_report(
+    *,
+    home: Path,
+    database: str,
+    schema_revision: str | None,
+    model: dict | None,
+    counts: dict[str, int],
+    vectors_bytes: int,
+    vocabulary: tuple[int, list[str], list[str]] | None,
+    stale: bool,
+    labels_changed: bool,
+) -> dict[str, Any]:
+    """`piaa status`'s dict without its classifier (None until `classifier_report` fills it):
+    one shape for `Library.status` and the read-only status of a fresh process."""
+    version, labels, templates = vocabulary if vocabulary is not None else (None, [], [])
+    return {
+        "home": str(home),
+        "database": database,
+        "schema_revision": schema_revision,
+        "model": model,
+        "images": {
+            "indexed": counts.get(INDEXED, 0),
+            "failed": counts.get("failed", 0),
+            "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
+        },
+        "vectors_bytes": vectors_bytes,
+        "vocabulary": {"version": version, "labels": labels, "templates": templates},
+        "classifier": None,
+        "stale": stale,
+        # Your labels changed since the last fit: `piaa fit` learns from them.
+        "labels_changed": labels_changed,
+    }
+
+
+def label_statuses(decisions: Any, n_labels: int) -> list[str]:
+    """Each fitted label's status ("present", "weak", "absent") as the tag rule recorded it;
+    all present for a rule that recorded none."""
+    return [r.get("status", "present") for r in decisions.status] or ["present"] * n_labels
+
+
+def classifier_report(
+    *,
+    version: int,
+    vocabulary_version: int,
+    fitted_at: datetime,
+    n_images: int,
+    indexed: int,
+    fitted_on: list[str],
+    decisions: Any,
+    tagged: dict[str, int],
+) -> dict[str, Any]:
+    """`piaa status`'s classifier entry (the labels by name, as `piaa fit --json` gives them)."""
+    status = label_statuses(decisions, len(fitted_on))
+    return {
+        "version": version,
+        "vocabulary_version": vocabulary_version,
+        "fitted_at": fitted_at.isoformat(timespec="seconds"),
         "n_images": n_images,
         "images_added_since": max(0, indexed - n_images),
-        "absent_labels": [
-            n for n, st in zip(fitted_on, label_status, strict=True) if st == "absent"
-        ],
-        "weak_labels": [n for n, st in zip(fitted_on, label_status, strict=True) if st == "weak"],
+        "absent_labels": [n for n, st in zip(fitted_on, status, strict=True) if st == "absent"],
+        "weak_labels": [n for n, st in zip(fitted_on, status, strict=True) if st == "weak"],
         "warnings": list(decisions.info.get("warnings", [])),
         "tagged": tagged,
     }
-    return out
 
 
 def _present_counts(

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.catalog.readonly import classifier_report, status_report
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, UserInputError
 from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
@@ -276,51 +277,30 @@ class Maintenance(Part):
         counts = state.image_counts if state is not None else self.store.image_counts()
         vocab = self.store.vocabulary()
         latest = self.store.latest_classifier()
-        model = self.store.get_setting("model")
-        indexed = counts.get("indexed", 0)
-        out: dict[str, Any] = {
-            "home": str(self.resources.settings.home),
-            "database": self.store.engine.url.render_as_string(hide_password=True),
-            "schema_revision": self.store.schema_revision(),
-            "model": model,
-            "images": {
-                "indexed": indexed,
-                "failed": counts.get("failed", 0),
-                "pending": counts.get("pending", 0) + counts.get("missing_vectors", 0),
-            },
-            "vectors_bytes": vectors_bytes,
-            "vocabulary": {
-                "version": vocab.id if vocab else None,
-                "labels": vocab.names if vocab else [],
-                "templates": vocab.templates if vocab else [],
-            },
-            "classifier": None,
-            "stale": self.tagger.is_stale(),
-            # Your labels changed since the last fit: `piaa fit` learns from them.
-            "labels_changed": self.tagger.labels_changed(),
-        }
+        out = status_report(
+            home=self.resources.settings.home,
+            database=self.store.engine.url.render_as_string(hide_password=True),
+            schema_revision=self.store.schema_revision(),
+            model=self.store.get_setting("model"),
+            counts=counts,
+            vectors_bytes=vectors_bytes,
+            vocabulary=(vocab.id, vocab.names, vocab.templates) if vocab else None,
+            stale=self.tagger.is_stale(),
+            labels_changed=self.tagger.labels_changed(),
+        )
         if latest is not None:
             from piaa_index.library.tagging import stored_decisions
 
-            decisions = stored_decisions(latest)
-            fitted_on = self.store.vocabulary_names(latest.vocabulary_id)
-            status = [r.get("status", "present") for r in decisions.status] or ["present"] * len(
-                fitted_on
+            out["classifier"] = classifier_report(
+                version=latest.id,
+                vocabulary_version=latest.vocabulary_id,
+                fitted_at=latest.created_at,
+                n_images=latest.n_images,
+                indexed=counts.get("indexed", 0),
+                fitted_on=self.store.vocabulary_names(latest.vocabulary_id),
+                decisions=stored_decisions(latest),
+                tagged=self._tagged_counts(state),
             )
-            out["classifier"] = {
-                "version": latest.id,
-                "vocabulary_version": latest.vocabulary_id,
-                "fitted_at": latest.created_at.isoformat(timespec="seconds"),
-                "n_images": latest.n_images,
-                "images_added_since": max(0, indexed - latest.n_images),
-                # By name (the fit's vocabulary), as `piaa fit --json` gives them.
-                "absent_labels": [
-                    n for n, st in zip(fitted_on, status, strict=True) if st == "absent"
-                ],
-                "weak_labels": [n for n, st in zip(fitted_on, status, strict=True) if st == "weak"],
-                "warnings": list(decisions.info.get("warnings", [])),
-                "tagged": self._tagged_counts(state),
-            }
         return out
 
     def _tagged_counts(self, state: State | None) -> dict[str, int]:
