@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from piaa_index.errors import UsageError
 from piaa_index.layout import Layout
 
 DEFAULT_MODEL = "ViT-B-16"
@@ -95,8 +96,6 @@ class Settings:
         try:  # database drivers and URL rendering take text: bytes that are not UTF-8 crash them
             db_url.encode("utf-8")
         except UnicodeEncodeError:
-            from piaa_index.errors import UsageError
-
             shown = db_url.encode("utf-8", "backslashreplace").decode("utf-8")
             raise UsageError(
                 f"the database location {shown} is not valid UTF-8: "

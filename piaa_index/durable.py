@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,7 +194,6 @@ def file_checksum(path: str | Path) -> str:
     """ "crc32:xxxxxxxx" of a file: the quick check of a large cache read on every query (the
     numpy text tower: 254 MB at ViT-B/16, 0.07 s against blake2b's 0.34 s). It finds damage
     (flipped bits, a torn or truncated write); it is not a content identity."""
-    import zlib
 
     crc = 0
     with open(path, "rb") as fh:

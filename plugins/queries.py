@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from piaa_index.errors import UserInputError
 from piaa_index.plugins import Param, Query
 from piaa_index.plugins.hookspecs import hookimpl
 
@@ -13,7 +14,6 @@ LIMIT = Param("limit", "Maximum number of results (0: all of them).", type=int, 
 
 def _limit(limit: int | None) -> int | None:
     """None or 0: no limit (every match, for piping); a negative number is a usage error."""
-    from piaa_index.errors import UserInputError
 
     if limit is not None and limit < 0:
         raise UserInputError(f"--limit must be 0 (all) or a positive number, not {limit}")

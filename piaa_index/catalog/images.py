@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from piaa_index.catalog import schema
 from piaa_index.catalog.batching import chunks
 from piaa_index.catalog.common import StoreError, utcnow
+from piaa_index.catalog.readonly import changes_since
 from piaa_index.catalog.schema import FAILED, INDEXED, FsText, Image, Tag, UserLabel
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT
 
@@ -193,7 +194,6 @@ class ImagesMixin:
         """What changed for something built from the vectors since it was built:
         `catalog.readonly.changes_since`, the one rule (the read-only twin answers with it
         too)."""
-        from piaa_index.catalog.readonly import changes_since
 
         return changes_since(self, ids, shards, max_shard, valid)
 

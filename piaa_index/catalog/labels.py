@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from piaa_index.catalog.batching import chunks
 from piaa_index.catalog.common import utcnow
 from piaa_index.catalog.schema import Image, Setting, UserLabel
+from piaa_index.query.language import normalize_label
 
 
 class UserLabelsMixin:
@@ -30,7 +31,6 @@ class UserLabelsMixin:
         what was recorded for the same image and label; returns the rows that changed. Rows
         that say what is already recorded write nothing (and do not count as a change the
         next fit must learn from)."""
-        from piaa_index.query.language import normalize_label
 
         latest: dict[tuple[int, str], tuple[str, bool]] = {}
         for image_id, name, present in rows:
@@ -75,7 +75,6 @@ class UserLabelsMixin:
 
     def forget_user_labels(self, image_ids: Sequence[int], label: str | None = None) -> int:
         """Delete the user's labels of these images (of one label only when given)."""
-        from piaa_index.query.language import normalize_label
 
         n = 0
         with self.session() as s:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -760,6 +761,5 @@ def _shown_url(db_url: str) -> str:
     a Postgres URL as written (`POSTGRES_URL` admits only those SQLAlchemy renders unchanged)."""
     if POSTGRES_URL.fullmatch(db_url):
         return db_url
-    from urllib.parse import quote, unquote
 
     return SQLITE_PREFIX + quote(unquote(db_url.removeprefix(SQLITE_PREFIX)), safe=" +/")

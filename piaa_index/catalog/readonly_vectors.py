@@ -26,6 +26,7 @@ from piaa_index.catalog.status import INDEXED
 from piaa_index.config import DEFAULT_TEMPLATES, ModelSpec, Settings
 from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress
+from piaa_index.vectors.similar import ClsIndex, neighbours
 
 
 def similar(
@@ -34,7 +35,6 @@ def similar(
     """`Searcher.similar`'s rows for an indexed image, from the saved [CLS] index (images it
     does not hold yet compared exactly, as the Library does, and said through `progress`)."""
     from piaa_index.query.engine import path_candidates
-    from piaa_index.vectors.similar import ClsIndex, neighbours
 
     def read(store: ReadOnlyStore) -> list[dict[str, Any]] | None:
         found = next(filter(None, map(store.image_by_path, path_candidates(path))), None)
@@ -65,7 +65,6 @@ def text_search(
     from piaa_index.method.fusion import phrase_scores
     from piaa_index.model import text_tower
     from piaa_index.vectors import text_search as ann
-    from piaa_index.vectors.similar import ClsIndex
 
     text = " ".join(text.split())
     if not text:

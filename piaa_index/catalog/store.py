@@ -12,13 +12,14 @@ feed.py (the change feed and paging), keys.py (API keys).
 
 from __future__ import annotations
 
+import importlib.util
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import Table, create_engine, event, select
+from sqlalchemy import Table, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,7 +34,7 @@ from piaa_index.catalog.schema import Setting
 from piaa_index.catalog.sidecars import SidecarRecord, SidecarsMixin
 from piaa_index.catalog.vocabularies import LabelInfo, VocabulariesMixin, VocabularyInfo
 from piaa_index.durable import file_lock
-from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
+from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, UsageError, is_damaged_database
 from piaa_index.layout import open_lock
 
 # What callers import from here, wherever it is defined.
@@ -84,7 +85,6 @@ class Store(
             # An empty file is judged under the first-open lock: another process may be
             # creating this very library right now.
             _check_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser(), allow_empty=True)
-        from piaa_index.errors import UsageError
 
         def malformed(message: str) -> StoreError:
             # Still a StoreError (what Store.open raises), but the user's input: exit code 2,
@@ -141,7 +141,6 @@ class Store(
     def _is_current(self) -> bool:
         """The common case, checked without alembic or the first-open lock: the schema is at
         this code's head and the library has its id. Anything else takes the full path."""
-        from sqlalchemy import text
 
         database = self.engine.url.database
         if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
@@ -174,7 +173,6 @@ class Store(
     def _check_and_upgrade_locked(self, upgrade: bool) -> None:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
-        from sqlalchemy import text
 
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -215,7 +213,6 @@ class Store(
     def integrity_problems(self) -> list[str]:
         """What the database's own check reports (SQLite: PRAGMA integrity_check); [] when
         sound. Postgres keeps its own consistency; there only reachability is checked."""
-        from sqlalchemy import text
 
         with self.engine.connect() as conn:
             if self.engine.dialect.name != "sqlite":
@@ -285,7 +282,6 @@ def _with_available_driver(url: str) -> str:
     """`postgresql://` means psycopg2 to SQLAlchemy 2.0; use psycopg 3 when only it is there."""
     if not url.startswith(("postgresql://", "postgres://")):
         return url
-    import importlib.util
 
     if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]

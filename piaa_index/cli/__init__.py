@@ -13,6 +13,18 @@ from typing import Any
 import click
 
 from piaa_index import __version__
+from piaa_index.cli import (
+    db,
+    demo,
+    evaluate,
+    export,
+    index,
+    labels,
+    models,
+    plugins_cmd,
+    shapes,
+    vocab,
+)
 from piaa_index.cli.common import AppContext, first_sentence, run_guarded
 
 # Global options: (declarations, settings). The group takes them with their environment
@@ -240,19 +252,6 @@ def cli(ctx: click.Context, **options: object) -> None:
 
 
 def _register_builtin_commands() -> None:
-    from piaa_index.cli import (
-        db,
-        demo,
-        evaluate,
-        export,
-        index,
-        labels,
-        models,
-        plugins_cmd,
-        shapes,
-        vocab,
-    )
-
     for module in (index, vocab, labels, db, models, plugins_cmd, evaluate, demo, shapes, export):
         for command in module.COMMANDS:
             cli.add_command(command)

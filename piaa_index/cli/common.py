@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, PiaaError, is_damaged_database
 from piaa_index.textio import json_text
 
 if TYPE_CHECKING:
@@ -109,8 +111,6 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
                 err=True,
             )
         elif _is_database_error(exc):
-            from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
-
             reason = getattr(exc, "orig", None) or exc
             if is_damaged_database(reason):
                 click.echo(
@@ -128,7 +128,6 @@ def run_guarded(command: click.Command, args: list[str]) -> None:
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The exit code of an expected error, None for a bug (which keeps its traceback)."""
-    from piaa_index.errors import PiaaError
 
     if isinstance(exc, PiaaError):
         return exc.exit_code
@@ -185,7 +184,6 @@ def emit_rows(
     if print0:
         # The names' own bytes, each NUL-terminated as `find -print0` writes them: nothing
         # (newlines, escape sequences, bytes that are not UTF-8) is altered.
-        import os
 
         sys.stdout.flush()
         out = sys.stdout.buffer

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from piaa_index.cli.common import AppContext, echo_json, pass_app
+from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
 
 
 @click.group("db", short_help="Check, upgrade and compact the database and vectors.")
@@ -127,7 +128,6 @@ def _damaged_database_report(app: AppContext, exc: Exception) -> dict[str, Any] 
     import sqlite3
 
     from piaa_index.config import Settings
-    from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, is_damaged_database
 
     reason = getattr(exc, "orig", None) or exc
     if not is_damaged_database(reason):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -107,7 +108,6 @@ def demo_command(
 
 def _frequent_pair(dataset) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """The two classes that co-occur most often (so the AND search has answers)."""
-    from collections import Counter
 
     pairs: Counter[tuple[int, int]] = Counter()
     for item in dataset.items:

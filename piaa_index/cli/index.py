@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 import click
 
 from piaa_index.cli.common import AppContext, echo_json, pass_app
+from piaa_index.errors import UserInputError
 from piaa_index.ingest.bounded import READ_TIMEOUT
 
 
@@ -167,7 +169,6 @@ def read_path_list(data: bytes) -> list[str]:
     Names are decoded as the file system does (os.fsdecode), so bytes that are not UTF-8
     survive; blank lines are skipped.
     """
-    import os
 
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
     return [os.fsdecode(entry) for entry in entries if entry.strip()]
@@ -185,9 +186,6 @@ def read_path_stream(stream: BinaryIO, limit: int = MAX_PATH_ENTRY_BYTES) -> lis
     themselves: NUL-separated when a NUL comes within the first entry, else one per line; a
     stretch of more than `limit` bytes holding no path (one over-long entry, or endless blank
     entries) is a usage error."""
-    import os
-
-    from piaa_index.errors import UserInputError
 
     def too_long() -> UserInputError:
         return UserInputError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -107,7 +109,6 @@ def import_xmp(
     import stored that the files no longer hold is forgotten. A file that cannot be read is
     listed as unreadable and the run goes on.
     """
-    import os
 
     from piaa_index.catalog.schema import INDEXED
     from piaa_index.xmp.keywords import SOURCE, label_rows, read_keywords
@@ -210,8 +211,6 @@ def labels_export(app: AppContext, output: str) -> None:
         if is_present:
             labels.append(name)
     if output == "-":
-        import sys
-
         from piaa_index.library.keywords import label_csv
 
         sys.stdout.write(label_csv(present)[0])

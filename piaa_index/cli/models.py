@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from piaa_index.cli.common import echo_json, emit_rows
+from piaa_index.errors import UserInputError
 
 
 @click.group(
@@ -48,7 +49,6 @@ def models_fetch(name: str, tag: str | None) -> None:
     picks) into the Hugging Face cache, once; later runs load them from there, offline."""
     import open_clip
 
-    from piaa_index.errors import UserInputError
     from piaa_index.model.encoder import _close_names
     from piaa_index.model.weights import fetch
 

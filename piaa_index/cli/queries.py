@@ -18,6 +18,7 @@ from piaa_index.cli.common import (
     first_sentence,
     output_options,
 )
+from piaa_index.cli.evidence import TAGS_EVIDENCE
 from piaa_index.plugins import Param, Plugins, Query
 
 # The one-line help of the built-in queries in `piaa --help` (their full help is the query's).
@@ -30,8 +31,6 @@ SHORT_HELP_WIDTH = 60
 
 
 def _extensions() -> dict[str, CommandExtension]:
-    from piaa_index.cli.evidence import TAGS_EVIDENCE
-
     return {"tags": TAGS_EVIDENCE}
 
 

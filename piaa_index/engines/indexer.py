@@ -34,6 +34,7 @@ from piaa_index.ingest.images import (
     return_freed_pixels_to_os,
 )
 from piaa_index.ingest.scan import FileInfo, scan
+from piaa_index.progress import note, progress_bar
 from piaa_index.vectors.shards import VectorStore
 
 if TYPE_CHECKING:
@@ -100,8 +101,6 @@ class LocalEngine:
     """The `Engine` of one process: an `Indexer` over the job's store and vectors."""
 
     def run(self, job: IndexJob, progress: Progress = False) -> IndexReport:
-        from piaa_index.progress import note
-
         vectors = job.vectors()
         n = len(job.paths)
         note(f"scanning {n} path{'s' if n != 1 else ''}…", progress)
@@ -188,7 +187,6 @@ class Indexer:
         commits are those of a serial run; only the next chunk's hashing and decoding overlap
         this chunk's encoding and writing. Decoded pixels alive: this chunk's (and their stacked
         batch while it encodes) and the next chunk's, never more."""
-        from piaa_index.progress import progress_bar
 
         chunks = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         group: list[_Encoded] = []

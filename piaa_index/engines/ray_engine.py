@@ -18,6 +18,7 @@ home must be on storage every node mounts at the same path (checked before a run
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 import uuid
@@ -31,7 +32,10 @@ import numpy as np
 
 from piaa_index.engines.base import IndexJob, IndexReport
 from piaa_index.errors import PiaaError, UserInputError
-from piaa_index.progress import Progress
+from piaa_index.method import fusion
+from piaa_index.method.pvcl import pack, unpack
+from piaa_index.progress import Progress, progress_bar
+from piaa_index.vectors.shards import VectorStore, VectorStoreError, describe_identity
 
 if TYPE_CHECKING:
     from piaa_index.catalog.store import Store
@@ -107,8 +111,6 @@ def connected(address: str | None) -> Iterator[Any]:
             ) from None
         made = True
     try:
-        import logging
-
         from ray.data import DataContext
 
         for name in ("ray", "ray.data"):  # stderr stays for our progress bar
@@ -250,8 +252,6 @@ class _Group:
 
 
 def _vectors(job: Job) -> Any:
-    from piaa_index.vectors.shards import VectorStore
-
     return VectorStore(Path(job.vectors_root), job.identity, job.codec)
 
 
@@ -285,7 +285,6 @@ class _Encode:
         import torch
 
         from piaa_index.model.encoder import Encoder
-        from piaa_index.vectors.shards import VectorStoreError, describe_identity
 
         gpu = torch.cuda.is_available()
         self.encoder = Encoder(job.spec, device="cuda" if gpu else "cpu")
@@ -402,7 +401,6 @@ def _run(
     encoders: int | None,
 ) -> None:
     from piaa_index.engines.indexer import commit_rows
-    from piaa_index.progress import progress_bar
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -460,9 +458,6 @@ def _score(
     job: tuple[str, dict, str], shard: int, rows: list[int], packed: bytes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Task: read one chunk of a shard and score it (the local scoring code)."""
-    from piaa_index.method import fusion
-    from piaa_index.method.pvcl import unpack
-    from piaa_index.vectors.shards import VectorStore
 
     root, identity, codec = job
     classifier, T = unpack(packed)
@@ -481,7 +476,6 @@ def score_chunks(
 ) -> Iterator[tuple[np.ndarray, int, tuple[np.ndarray, ...]]]:
     """(image ids, shard, (fused, patch, cls, support)) per chunk, in the order given, scored
     by Ray tasks near the shards; a bounded number in flight."""
-    from piaa_index.method.pvcl import pack
 
     job = (str(vectors.root.resolve()), vectors.identity, vectors.codec)
     packed = ray.put(pack(classifier, T))

@@ -8,13 +8,24 @@ collection's score distribution, as they would in a user's library.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from piaa_index.eval.datasets import Dataset, missing_files
 from piaa_index.eval.metrics import f1_scores, mean_average_precision
+from piaa_index.library.keywords import (
+    complete_rows,
+    learn_labels,
+    learnt_decisions,
+    summary,
+    with_learnt,
+)
+from piaa_index.method import fusion
+from piaa_index.method import thresholds as rule
 from piaa_index.method.decisions import Decisions, apply_decisions, label_decisions, open_decisions
+from piaa_index.method.pvcl import BankBuilder, PvclParams, fit_from_banks, paper_bank_size
 
 if TYPE_CHECKING:
     from piaa_index.library.core import Library
@@ -46,7 +57,6 @@ def fit_paper_classifier(
 ) -> Any:
     """The paper's closed-world PVCL (pvcl.py: banks by argmax and entropy across the
     vocabulary, GDA classes that explain every patch), for the comparison rows."""
-    from piaa_index.method.pvcl import BankBuilder, PvclParams, fit_from_banks, paper_bank_size
 
     if bank_size is None:
         bank_size = paper_bank_size(len(locations) * library.vectors.n_patches, len(T))
@@ -68,7 +78,6 @@ def score_methods(
     """Image ids and [N, C] scores of each method, streamed shard by shard. The product's
     confidence is not known until the whole collection is scored (`product_tags`): "piaa"
     holds the [CLS] cosine here."""
-    from piaa_index.method import fusion
 
     params = fusion.PaaParams()
     ids: list[np.ndarray] = []
@@ -151,7 +160,6 @@ def run_ablation(
     With `vocab_size`, also the open-world protocol (`open_world`): vocabularies of that many
     random labels against the same labels under the full vocabulary, and tag stability when
     one label is removed."""
-    from piaa_index.method import thresholds as rule
 
     started = time.perf_counter()
     fit_set = fit or test
@@ -276,15 +284,6 @@ def learned_scores(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The product after learning from `keywords` (labels by path, each image listed
     completely): (confidence S, tags) on the test set in dataset order, and what was learnt."""
-    from pathlib import Path
-
-    from piaa_index.library.keywords import (
-        complete_rows,
-        learn_labels,
-        learnt_decisions,
-        summary,
-        with_learnt,
-    )
 
     paths = {str(Path(p).resolve()): p for p in keywords}
     fit_ids = set(loc[0] for loc in fit_locations)

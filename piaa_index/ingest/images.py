@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib.util
 import io
@@ -217,8 +218,6 @@ def return_freed_pixels_to_os() -> None:
         return
     _heap_limited = True
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):
         pass

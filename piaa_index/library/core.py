@@ -19,6 +19,7 @@ and once), and each is given the other parts it uses; none holds the Library.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -43,6 +44,7 @@ from piaa_index.library.resources import Resources, remember_database, sqlite_fi
 from piaa_index.library.searching import Searcher, TagMatrix
 from piaa_index.library.tagging import FitReport, Tagger
 from piaa_index.library.thumbnails import DEFAULT_SIZE as THUMBNAIL_SIZE
+from piaa_index.library.thumbnails import Thumbnails
 from piaa_index.library.vocabulary import VocabularyEditor
 from piaa_index.method.open_pvcl import default_bank_size
 from piaa_index.model import model_record
@@ -237,8 +239,6 @@ class Library:
             with self._thumbnails_lock:
                 thumbs = self._thumbnails
                 if thumbs is None:
-                    from piaa_index.library.thumbnails import Thumbnails
-
                     thumbs = Thumbnails(self.store, self.settings.layout.thumbnails)
                     self._thumbnails = thumbs
         return thumbs
@@ -595,8 +595,6 @@ class Library:
 
 
 def _refuse_lost_database(sqlite_file: Path, vectors_root: Path) -> None:
-    import json
-
     if not vectors_root.is_dir():
         return
     for marker in sorted(vectors_root.glob(f"*/{DATABASE_MARKER}")):

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from piaa_index.errors import NotFoundError, UserInputError
+from piaa_index.method.fusion import PaaParams, patch_probabilities
+from piaa_index.query.language import normalize_label
 
 if TYPE_CHECKING:
     from piaa_index.catalog.store import Store
@@ -118,7 +120,6 @@ def resolve_image_id(store: Store, searcher: Searcher, image: int | str | Path) 
 
 def label_column(names: list[str], label: str) -> int:
     """The vocabulary column of `label` (matched as the query language matches names)."""
-    from piaa_index.query.language import normalize_label
 
     wanted = normalize_label(label)
     for c, name in enumerate(names):
@@ -134,7 +135,6 @@ def evidence(
     """The per-patch evidence grid of `label` on an indexed image (by id or path): the
     library's store, vectors and model spec (`resources`), its fitted state (`tagger`) and the
     image's tag row (`searcher`)."""
-    from piaa_index.method.fusion import PaaParams, patch_probabilities
 
     image_id = resolve_image_id(resources.store, searcher, image)
     state = tagger.state()

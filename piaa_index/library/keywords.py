@@ -8,6 +8,8 @@ vector store, and what is learnt is the same per-label parameters a training-fre
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.durable import write_bytes_atomic
+from piaa_index.errors import UserInputError
 from piaa_index.method.learning import Examples, LearnParams, Learnt, learn
+from piaa_index.query.language import normalize_label
 
 if TYPE_CHECKING:
     from piaa_index.method.decisions import Decisions
@@ -141,7 +146,6 @@ def learnt_decisions(decisions: Decisions, learnt: Learnt) -> Decisions:
 
 def complete_rows(image_labels: dict[int, set[str]], names: Sequence[str]) -> dict[int, np.ndarray]:
     """Rows for completely labelled images: each label present where listed, else absent."""
-    from piaa_index.query.language import normalize_label
 
     column = {normalize_label(n): c for c, n in enumerate(names)}
     out: dict[int, np.ndarray] = {}
@@ -169,9 +173,6 @@ def read_label_csv(path: str | Path) -> dict[str, set[str]]:
     label lists an image that has none of the vocabulary's labels): labels by absolute path.
     Relative paths are relative to the CSV's folder. Malformed files raise UserInputError
     naming the line."""
-    import csv
-
-    from piaa_index.errors import UserInputError
 
     path = Path(path)
     try:
@@ -208,8 +209,6 @@ def read_label_csv(path: str | Path) -> dict[str, set[str]]:
 def label_csv(rows: Mapping[str, Sequence[str]]) -> tuple[str, int]:
     """Labels by path as `path,label` CSV text (an image with none: one empty-label row), and
     the number of rows under the header."""
-    import csv
-    import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -224,7 +223,6 @@ def label_csv(rows: Mapping[str, Sequence[str]]) -> tuple[str, int]:
 
 def write_label_csv(path: str | Path, rows: Mapping[str, Sequence[str]]) -> int:
     """Write `label_csv(rows)` to `path` atomically; returns the rows written."""
-    from piaa_index.durable import write_bytes_atomic
 
     text, n = label_csv(rows)
     write_bytes_atomic(text.encode(), Path(path))

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from piaa_index.catalog.readonly import classifier_report, status_report
+from piaa_index.durable import damaged_files
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT, UserInputError
 from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
-from piaa_index.library.tagging import NotReady, State
+from piaa_index.library.tagging import NotReady, State, stored_decisions
+from piaa_index.method.pvcl import unpack
+from piaa_index.vectors.shards import (
+    MANIFEST,
+    MANIFEST_SETTING,
+    VectorStore,
+    VectorStoreError,
+    infer_codec,
+    manifest_problem,
+)
 
 if TYPE_CHECKING:
     from piaa_index.library.resources import Resources
@@ -83,7 +96,6 @@ class Maintenance(Part):
         """Verify the database (SQLite's integrity check) and every vector shard against its
         checksum. A damaged shard's images go back to the next index run's to-do list (SQL
         first, then the files are removed), so `piaa index` re-encodes them from the photos."""
-        import sys
 
         from tqdm import tqdm
 
@@ -142,7 +154,6 @@ class Maintenance(Part):
     def _check_classifier(self) -> dict[str, Any] | None:
         """Unpack the latest classifier's stored weights; remove it when they are damaged (a
         flipped byte in the database's blob), so that the next query fits it again."""
-        from piaa_index.method.pvcl import unpack
         from piaa_index.vectors.scores import cleanup, writer_lock
 
         latest = self.store.latest_classifier()
@@ -166,14 +177,6 @@ class Maintenance(Part):
         """Compare the vector manifest with the database's copy of it; rewrite a damaged or
         lost one from that copy (from the model record and the shards for a library older
         than the copy). None when it is sound."""
-        from piaa_index.vectors.shards import (
-            MANIFEST,
-            MANIFEST_SETTING,
-            VectorStore,
-            VectorStoreError,
-            infer_codec,
-            manifest_problem,
-        )
 
         root = self.vectors_dir
         recorded = self.store.get_setting(MANIFEST_SETTING)
@@ -242,10 +245,6 @@ class Maintenance(Part):
     def _check_derived(self) -> list[dict[str, Any]]:
         """Verify the derived indexes against the checksums in their meta.json; remove any
         that is damaged (or unreadable) so that it is rebuilt."""
-        import json
-        import shutil
-
-        from piaa_index.durable import damaged_files
 
         found = []
         layout = VectorsLayout(self.vectors_dir)
@@ -289,8 +288,6 @@ class Maintenance(Part):
             labels_changed=self.tagger.labels_changed(),
         )
         if latest is not None:
-            from piaa_index.library.tagging import stored_decisions
-
             out["classifier"] = classifier_report(
                 version=latest.id,
                 vocabulary_version=latest.vocabulary_id,

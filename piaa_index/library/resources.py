@@ -7,16 +7,27 @@ encoder and vector store, each loaded on first use and once, whichever part asks
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from piaa_index.durable import write_bytes_atomic
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.layout import DATABASE_MARKER
 from piaa_index.model import model_record
-from piaa_index.vectors.shards import VectorStore
+from piaa_index.progress import note
+from piaa_index.textio import json_text
+from piaa_index.vectors.shards import (
+    MANIFEST,
+    MANIFEST_SETTING,
+    LockedError,
+    VectorStore,
+    VectorStoreError,
+    manifest_problem,
+)
 
 if TYPE_CHECKING:
     from piaa_index.catalog.store import Store
@@ -65,7 +76,6 @@ class Resources:
         """`encoder`, saying so while a model loads (seconds: torch, then the weights)."""
         if self._encoder is not None:
             return self._encoder
-        from piaa_index.progress import note
 
         started = time.perf_counter()
         note(f"loading the model {self.spec.model} ({self.spec.pretrained})…", progress)
@@ -95,13 +105,6 @@ class Resources:
     def vectors(self) -> VectorStore:
         """The vector folder; the first index run records the model's identity in it."""
         if self._vectors is None:
-            from piaa_index.vectors.shards import (
-                MANIFEST,
-                MANIFEST_SETTING,
-                VectorStoreError,
-                manifest_problem,
-            )
-
             manifest = VectorStore.read_manifest(self.vectors_dir)
             recorded = self.store.get_setting(MANIFEST_SETTING)
             path = self.vectors_dir / MANIFEST
@@ -154,7 +157,6 @@ class Resources:
 
     def _reconcile(self) -> None:
         """Make SQL and the vector files agree after a crash (SQL is the source of truth)."""
-        from piaa_index.vectors.shards import LockedError
 
         assert self._vectors is not None
         try:
@@ -190,10 +192,6 @@ def sqlite_file_of(db_url: str) -> Path | None:
 def remember_database(sqlite_file: Path, vectors_dir: Path) -> None:
     """Name the database file in its vector folder (`Library.open` refuses to start a new,
     empty database where these vectors' one went missing)."""
-    import json
-
-    from piaa_index.durable import write_bytes_atomic
-    from piaa_index.textio import json_text
 
     marker = vectors_dir / DATABASE_MARKER
     try:

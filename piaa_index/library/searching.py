@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.catalog.schema import INDEXED
 from piaa_index.errors import UserInputError
 from piaa_index.layout import VectorsLayout
 from piaa_index.library.part import Part
 from piaa_index.library.vocabulary import default_templates
 from piaa_index.progress import Progress, note
-from piaa_index.query.engine import path_candidates, tag_rows
+from piaa_index.query.engine import parse_query, path_candidates, search_rows, tag_rows
+from piaa_index.query.language import normalize_label
 
 if TYPE_CHECKING:
     from piaa_index.library.resources import Resources
@@ -48,7 +50,6 @@ class Searcher(Part):
 
     def image_id(self, path: str | Path) -> int:
         """The id of an indexed image, by path (as given, or resolved)."""
-        from piaa_index.catalog.schema import INDEXED
 
         given = Path(path).expanduser()
         row = None
@@ -97,7 +98,6 @@ class Searcher(Part):
         The expression is compiled once to numpy over the score matrix; paths are fetched for
         the returned rows only.
         """
-        from piaa_index.query.engine import parse_query, search_rows
 
         vocab = self.vocab.require_vocabulary()
         node = parse_query(expression, vocab.names)  # a bad query is named before any fit
@@ -108,7 +108,6 @@ class Searcher(Part):
     def tag_matrix(self, labels: list[str] | None = None) -> TagMatrix:
         """The fused scores and decisions of `labels` (default: the whole vocabulary) for every
         indexed image, straight from the score matrix: one column read per label."""
-        from piaa_index.query.language import normalize_label
 
         state = self.tagger.state()
         column = {normalize_label(lb.name): c for c, lb in enumerate(state.vocab.labels)}

@@ -17,9 +17,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.catalog.schema import Classifier as ClassifierRow
 from piaa_index.catalog.store import VocabularyInfo, utcnow
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.library.part import Part
+from piaa_index.method.open_pvcl import (
+    LabelBanks,
+    OpenParams,
+    cluster_agreement,
+    default_bank_size,
+    fit_background,
+    fit_open,
+    label_discriminants,
+    padded_cosines,
+    sample_keys,
+    sample_mask,
+    unpadded_cosines,
+)
+from piaa_index.method.pvcl import Classifier, pack, unpack
+from piaa_index.progress import note, progress_bar
+from piaa_index.query.language import normalize_label
+from piaa_index.vectors.shards import chunk_plan
 
 if TYPE_CHECKING:
     from piaa_index.library.resources import Resources
@@ -135,15 +153,6 @@ class Tagger(Part):
         """`fit_classifier`, also returning each chunk's (image ids, text support [n, C]): the
         pass computes every patch's text cosines for its banks, and the re-tag would otherwise
         compute them again (half of its GEMM work)."""
-        from piaa_index.method.open_pvcl import (
-            LabelBanks,
-            OpenParams,
-            default_bank_size,
-            fit_background,
-            fit_open,
-            sample_keys,
-            sample_mask,
-        )
 
         if not locations:
             raise UserInputError("no indexed images: run `piaa index PATH` first")
@@ -258,8 +267,6 @@ class Tagger(Part):
         """The classifier after learning from the user's labels of the vocabulary's labels
         (piaa_index/library/keywords.py), and what was learnt; unchanged when there are none."""
         from piaa_index.library.keywords import learn_labels, summary, with_learnt
-        from piaa_index.progress import note
-        from piaa_index.query.language import normalize_label
 
         version = self.store.user_labels_version()
         classifier.params["user_labels_version"] = version
@@ -360,14 +367,6 @@ class Tagger(Part):
         their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
         from piaa_index.method.decisions import bank_support, open_decisions
         from piaa_index.method.fusion import score_images
-        from piaa_index.method.open_pvcl import (
-            LabelBanks,
-            cluster_agreement,
-            label_discriminants,
-            padded_cosines,
-            unpadded_cosines,
-        )
-        from piaa_index.method.pvcl import Classifier
         from piaa_index.vectors.scores import KINDS, SegmentWriter, new_key, writer_lock
 
         old = base.fitted.classifier
@@ -530,8 +529,6 @@ class Tagger(Part):
     def stream(
         self, locations: list[tuple[int, int, int]], progress: Progress, desc: str
     ) -> Iterator:
-        from piaa_index.progress import progress_bar
-
         with progress_bar(len(locations), desc, progress) as advance:
             for chunk in self.vectors.iter_live(locations):
                 yield chunk
@@ -570,8 +567,6 @@ class Tagger(Part):
                 yield chunk.image_ids, chunk.shard, self._scores(chunk, classifier, T, U)
             return
         from piaa_index.engines.ray_engine import score_chunks
-        from piaa_index.progress import progress_bar
-        from piaa_index.vectors.shards import chunk_plan
 
         with progress_bar(len(locations), desc + " (ray)", progress) as advance:
             for ids, shard, scores in score_chunks(
@@ -675,8 +670,6 @@ class Tagger(Part):
     ) -> tuple[Fitted, dict[str, int]]:
         """Commit a classifier whose (durable) first segment holds every indexed image, with its
         sparse tags (under the scores' writer lock)."""
-        from piaa_index.catalog.schema import Classifier as ClassifierRow
-        from piaa_index.method.pvcl import pack
         from piaa_index.vectors.scores import Segment, cleanup
 
         names = vocab.names
@@ -711,7 +704,6 @@ class Tagger(Part):
 
     def fitted_for(self, row: Any) -> Fitted:
         """The classifier of an SQL row, unpacked once per classifier version."""
-        from piaa_index.method.pvcl import unpack
 
         cached = self._fitted_cache
         if cached is not None and cached.id == row.id:
@@ -865,7 +857,6 @@ def _label_keys(vocab: VocabularyInfo) -> list[list[Any]]:
 
 def _subset(classifier: Classifier, labels: Sequence[int]) -> Classifier:
     """The classifier of some labels only (open world: each label's log-odds is its own)."""
-    from piaa_index.method.pvcl import Classifier
 
     idx = list(labels)
     return Classifier(

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piaa_index.errors import UserInputError
+from piaa_index.query.language import normalize_label
+
 if TYPE_CHECKING:
     from piaa_index.catalog.store import Store
     from piaa_index.vectors.shards import VectorStore
@@ -72,8 +75,6 @@ def teach(
 ) -> dict[str, Any]:
     """Learn the concept `name` from indexed images (ids): its prototype is stored, the
     examples are stored as the user's labels (source "teach"). Returns what was done."""
-    from piaa_index.errors import UserInputError
-    from piaa_index.query.language import normalize_label
 
     if not examples:
         raise UserInputError("teach needs at least one example image")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from piaa_index.catalog.store import VocabularyInfo
+from piaa_index.config import DEFAULT_TEMPLATES
 from piaa_index.errors import UserInputError
 from piaa_index.library.part import Part
 from piaa_index.query.language import normalize_label
@@ -105,8 +106,6 @@ def check_template(template: str) -> None:
 
 
 def default_templates() -> list[str]:
-    from piaa_index.config import DEFAULT_TEMPLATES
-
     return list(DEFAULT_TEMPLATES)
 
 

@@ -12,6 +12,7 @@ Unlike the authors' scripts, logits are divided by a scale calibrated on the ban
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -267,7 +268,6 @@ class Classifier:
 
     def to_bytes(self) -> bytes:
         """Serialise with np.savez (arrays + JSON params) for storage in SQL."""
-        import json
 
         buf = io.BytesIO()
         meta = {
@@ -295,7 +295,6 @@ class Classifier:
     @classmethod
     def from_bytes(cls, data: bytes) -> Classifier:
         """Inverse of `to_bytes`."""
-        import json
 
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())

@@ -24,6 +24,7 @@ from PIL import Image
 from piaa_index.config import DEFAULT_TEMPLATES, FRONT_ENDS, ModelSpec
 from piaa_index.errors import PiaaError
 from piaa_index.model import weights
+from piaa_index.model.text_tower import ensemble_prototypes
 
 __all__ = ["FRONT_ENDS", "DEFAULT_TEMPLATES", "Encoder", "ModelLoadError", "ModelSpec"]
 
@@ -469,6 +470,5 @@ class Encoder:
         self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
     ) -> np.ndarray:
         """Per label, the normalised mean of the normalised template embeddings: [C, d]."""
-        from piaa_index.model.text_tower import ensemble_prototypes
 
         return ensemble_prototypes(self.encode_texts, self.dim, labels, templates)

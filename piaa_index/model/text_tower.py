@@ -31,17 +31,23 @@ import html
 import importlib.metadata
 import importlib.util
 import json
+import marshal
+import sys
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import regex
 
 from piaa_index.config import DEFAULT_TEMPLATES
 from piaa_index.durable import file_checksum, file_digest, write_bytes_atomic
 from piaa_index.layout import Layout
+from piaa_index.model import model_record
+from piaa_index.model.weights import sha256_file
 
 if TYPE_CHECKING:
     from piaa_index.config import ModelSpec
@@ -121,8 +127,6 @@ class Tokenizer:
     zeros; a text too long is cut, its last id kept as the end-of-text token)."""
 
     def __init__(self, path: Path, context_length: int = 77, cache_dir: Path | None = None):
-        import regex
-
         tables = _load_tables(path, cache_dir) if cache_dir is not None else None
         if tables is None:
             tables = _parse_tables(path)
@@ -212,8 +216,6 @@ def _parse_tables(path: Path) -> Tables:
 
 def _tables_path(vocab: Path, cache_dir: Path) -> Path:
     """The parsed tables of this merges file for this Python (marshal's format is Python's)."""
-    import marshal
-    import sys
 
     st = vocab.stat()
     identity = [BPE_FORMAT, str(vocab), st.st_size, st.st_mtime_ns]
@@ -225,8 +227,6 @@ def _tables_path(vocab: Path, cache_dir: Path) -> Path:
 def _load_tables(vocab: Path, cache_dir: Path) -> Tables | None:
     """The cached tables (0.02 s to load against 0.1 s to parse), or None when there are none
     or the file's checksum (its first line) does not match what follows."""
-    import marshal
-    import zlib
 
     try:
         data = _tables_path(vocab, cache_dir).read_bytes()
@@ -243,8 +243,6 @@ def _load_tables(vocab: Path, cache_dir: Path) -> Tables | None:
 
 def _save_tables(tables: Tables, vocab: Path, cache_dir: Path) -> None:
     """Cache the parsed tables beside the tower (best effort: a read-only home parses again)."""
-    import marshal
-    import zlib
 
     payload = marshal.dumps(tables)
     try:
@@ -665,8 +663,6 @@ def cache_path(home: Path, spec: ModelSpec, record: dict[str, Any] | None) -> Pa
     the weights (tag, or the sha256 of the checkpoint file), the bytes of a model-config file
     and the open_clip and torch versions (random weights depend on torch). None when the
     model cannot be keyed without loading it (hf-hub:, local-dir:) or a file is gone."""
-    from piaa_index.model import model_record
-    from piaa_index.model.weights import sha256_file
 
     model, pretrained = spec.model.strip(), spec.pretrained.strip()
     if model.startswith(("hf-hub:", "local-dir:")):

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from piaa_index.query.language import And, Label, Node, Not, Or
+from piaa_index.errors import LibraryError, UserInputError
+from piaa_index.query.language import And, Label, Node, Not, Or, QueryError, normalize_label, parse
 
 # (present columns, score columns) by normalised label -> (match [N] bool, score [N] float64)
 _Eval = Callable[
@@ -94,8 +95,6 @@ class ScoreColumns(Protocol):
 
 def parse_query(expression: str, labels: Sequence[str]) -> Node:
     """The expression's syntax tree; a syntax error or unknown label is the user's mistake."""
-    from piaa_index.errors import UserInputError
-    from piaa_index.query.language import QueryError, parse
 
     try:
         return parse(expression, known_labels=labels)
@@ -119,7 +118,6 @@ def search_rows(
     (`paths_of(ids)`) for the returned rows only. Shared by `Searcher` and the read-only path
     of a fresh process (piaa_index/catalog/readonly.py), so both answer alike.
     """
-    from piaa_index.query.language import normalize_label
 
     plan = compile_query(node)
     # The parser normalises names; rows show them as the vocabulary spells them.
@@ -138,8 +136,6 @@ def search_rows(
     paths = paths_of(ids)
     lost = [i for i in ids if i not in paths]
     if lost:
-        from piaa_index.errors import LibraryError
-
         raise LibraryError(
             f"the database has no image {lost[0]} that the score matrix holds: the database "
             "file is damaged, or the image was removed meanwhile (`piaa db check` tells)"

@@ -52,6 +52,7 @@ MAX_NLIST = 256  # lists of the patch index: adding a patch costs nlist dot prod
 MAX_CLS_POOL = 20_000
 TRAIN_IMAGES = 2_000  # images sampled to train the coarse quantiser and the PQ codebooks
 TRAIN_PATCHES = 65_536
+SCORE_IMAGES = 256  # small chunks scored together up to this many images (exact_scores)
 
 
 # (cls [n, d], patches [n, M, d], phrase [d], other labels or None) -> [n] scores; it must not
@@ -297,12 +298,33 @@ def exact_scores(
     phrase: np.ndarray,
     others: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, exact scores) of the images at `locations`, reading only their vectors."""
-    ids, scores = [], []
+    """(ids, exact scores) of the images at `locations`, reading only their vectors. Small
+    chunks (a re-rank's candidates lie one or two per shard) are scored together, up to
+    SCORE_IMAGES: each scorer call costs a padded GEMM block (`gemm_rows`, whose rows score
+    the same in any batch), 3-8 ms that ~180 calls paid one by one. A scan's chunks (whole
+    shards) are scored one by one as they come."""
+    ids: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    batch: list[ShardVectors] = []
+
+    def score() -> None:
+        cls, patches = batch[0].cls, batch[0].patches
+        if len(batch) > 1:
+            cls = np.concatenate([c.cls for c in batch])
+            patches = np.concatenate([c.patches for c in batch])
+        scores.append(np.asarray(scorer(cls, patches, phrase, others)))
+        ids.extend(c.image_ids for c in batch)
+        batch.clear()
+
     chunks: Iterator[ShardVectors] = vectors.iter_live(locations)
-    for chunk in chunks:
-        scores.append(np.asarray(scorer(chunk.cls, chunk.patches, phrase, others)))
-        ids.append(chunk.image_ids)
+    for chunk in chunks:  # streamed: a scan's chunk is scored before the next is read
+        if batch and sum(len(c.image_ids) for c in batch) + len(chunk.image_ids) > SCORE_IMAGES:
+            score()
+        batch.append(chunk)
+        if sum(len(c.image_ids) for c in batch) >= SCORE_IMAGES:
+            score()
+    if batch:
+        score()
     if not ids:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     return np.concatenate(ids).astype(np.int64), np.concatenate(scores)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from piaa_index.durable import atomic_write, fsync_dir
-from piaa_index.errors import UserInputError
+from piaa_index.errors import PiaaError, UserInputError
 
 if TYPE_CHECKING:
     from piaa_index.catalog.store import SidecarRecord, Store
@@ -117,8 +117,6 @@ def _exiv2() -> Any:
         try:
             import pyexiv2
         except ImportError as exc:  # a platform with no wheel
-            from piaa_index.errors import PiaaError
-
             raise PiaaError(f"XMP needs pyexiv2 (pip install pyexiv2): {exc}") from None
         pyexiv2.set_log_level(3)
         pyexiv2.registerNs(NAMESPACE, NS_PREFIX)

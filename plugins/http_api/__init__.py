@@ -11,13 +11,12 @@ uvicorn load when `piaa serve` runs.
 from __future__ import annotations
 
 import click
+from piaa_index_plugins.http_api.cli import keys, serve
 
 from piaa_index.plugins.hookspecs import hookimpl
 
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from piaa_index_plugins.http_api.cli import keys, serve
-
     cli.add_command(serve)
     cli.add_command(keys)

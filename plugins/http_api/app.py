@@ -37,6 +37,8 @@ from piaa_index_plugins.http_api.security import SecurityMiddleware
 from piaa_index_plugins.http_api.state import ApiState, ServerConfig
 from starlette.routing import Match, Mount
 
+from piaa_index import __version__
+
 if TYPE_CHECKING:
     from piaa_index.library.core import Library
 
@@ -126,8 +128,6 @@ def create_app(
     """The API over `library` (used for reads, one request at a time). Jobs run on a Library
     from `open_job_library` (default: `library.reopen()`). With `close_library`, the app's
     shutdown closes `library` (the `piaa serve` case)."""
-    from piaa_index import __version__
-
     config = config or ServerConfig()
     # A read never fits (minutes on a large library, holding every other read): it answers
     # 409 needs_fit, and a fit job does the work.

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import click
 
+from piaa_index.cli.common import app_context, echo_json, format_table
 from piaa_index.errors import UserInputError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -96,7 +97,6 @@ def serve(
     no complete request head within 10 s (env PIAA_HEADER_TIMEOUT, seconds) is closed, and a
     client address keeps at most 64 connections waiting for one (the oldest are closed).
     """
-    from piaa_index.cli.common import app_context
 
     try:
         import uvicorn
@@ -227,8 +227,6 @@ def keys_create(ctx: click.Context, scope: str, name: str | None) -> None:
     """Create a key and print it (it cannot be shown again)."""
     from piaa_index_plugins.http_api.auth import create_key
 
-    from piaa_index.cli.common import app_context
-
     key_id, token = create_key(app_context(ctx).library(), scope, name)
     click.echo(f"key {key_id} ({scope}) created; it is shown only now:", err=True)
     click.echo(token)
@@ -239,7 +237,6 @@ def keys_create(ctx: click.Context, scope: str, name: str | None) -> None:
 @click.pass_context
 def keys_list(ctx: click.Context, as_json: bool) -> None:
     """Every key: id, name, scope, the key's first characters, created, revoked."""
-    from piaa_index.cli.common import app_context, echo_json, format_table
 
     rows = app_context(ctx).library().api_keys()
     if as_json:
@@ -255,7 +252,6 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: int) -> None:
     """Revoke a key by id (it stops working at once, also on a running server)."""
-    from piaa_index.cli.common import app_context
 
     # An id past the database's integer range names no key (and would overflow the driver).
     in_range = -(2**63) <= key_id <= 2**63 - 1

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from piaa_index.cli.common import EXIT_USAGE, exit_code_for
+from piaa_index.errors import NotFoundError
 from piaa_index.textio import json_text
 
 log = logging.getLogger("piaa.http")
@@ -86,8 +88,6 @@ def from_exception(exc: BaseException) -> ApiError:
     gone) 404, usage errors 400, another process indexing 409, a vocabulary not fitted yet 409,
     other expected failures 500 with their message; a bug 500 with its type only (the
     traceback goes to the server log)."""
-    from piaa_index.cli.common import EXIT_USAGE, exit_code_for
-    from piaa_index.errors import NotFoundError
     from piaa_index.library.tagging import NeedsFit
     from piaa_index.vectors.shards import LockedError
 

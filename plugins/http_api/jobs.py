@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -130,7 +131,6 @@ class JobRunner:
 
     def wait(self, job_id: str, timeout: float = 60) -> dict[str, Any] | None:
         """Block until the job ends (tests and scripts); its final state."""
-        import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,6 +19,8 @@ from piaa_index_plugins.http_api.errors import ApiError, jsonable
 from piaa_index_plugins.http_api.models import KEYED, ImagePage, ImageWithTags, TagFeed, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
+from piaa_index.errors import LibraryError
+
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
 
 MAX_ID = 2**63 - 1
@@ -107,8 +109,6 @@ def list_images(
 def get_image(
     image_id: Annotated[int, Path(ge=1, le=MAX_ID)], state: Annotated[ApiState, Depends(get_state)]
 ) -> dict[str, Any]:
-    from piaa_index.errors import LibraryError
-
     def call() -> dict[str, Any]:
         info = state.library.image_info(image_id)
         if info is None:

@@ -22,6 +22,8 @@ from piaa_index_plugins.http_api.errors import ApiError, mapped
 from piaa_index_plugins.http_api.models import KEYED, Exif, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
+from piaa_index.library.thumbnails import SourceChanged
+
 router = APIRouter(prefix="/api", tags=["images"], dependencies=[require_read])
 
 MAX_ID = 2**63 - 1
@@ -65,8 +67,6 @@ def thumbnail(
 
 
 def _thumbnail(state: ApiState, image_id: int, size: int) -> Any:
-    from piaa_index.library.thumbnails import SourceChanged
-
     try:
         return state.library.thumbnail(image_id, size, lock=state.lock)
     except SourceChanged as exc:

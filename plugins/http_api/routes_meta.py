@@ -10,6 +10,8 @@ from piaa_index_plugins.http_api.errors import jsonable
 from piaa_index_plugins.http_api.models import ANY, KEYED, Health, Status, errors
 from piaa_index_plugins.http_api.state import ApiState, get_state
 
+from piaa_index import __version__
+
 router = APIRouter(prefix="/api", tags=["meta"])
 
 
@@ -21,8 +23,6 @@ router = APIRouter(prefix="/api", tags=["meta"])
     responses=errors(*ANY),
 )
 def health() -> dict[str, Any]:
-    from piaa_index import __version__
-
     return {"status": "ok", "version": __version__}
 
 

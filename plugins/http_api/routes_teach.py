@@ -24,6 +24,7 @@ from piaa_index_plugins.http_api.state import ApiState, get_state
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from piaa_index.errors import UserInputError
+from piaa_index.library.vocabulary import clean_labels
 from piaa_index.query.language import normalize_label
 
 router = APIRouter(prefix="/api", tags=["labels"])
@@ -56,7 +57,6 @@ class TeachBody(BaseModel):
 
 def _name(raw: str) -> str:
     """The label NAME makes, or 422 saying what is wrong with it."""
-    from piaa_index.library.vocabulary import clean_labels
 
     problem = label_problem(raw)
     if problem:
