@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,9 @@ import numpy as np
 from piaa_index.durable import bytes_digest, file_digest, file_lock, fsync_dir, write_bytes_atomic
 from piaa_index.errors import PiaaError
 from piaa_index.layout import MANIFEST, VectorsLayout
+from piaa_index.vectors import shard_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
+from piaa_index.vectors.shard_files import FLAT_QTYPE
 
 __all__ = ["MANIFEST"]  # re-exported: the manifest's name is the layout's
 RESERVED = "shards.next"  # the next shard id not yet handed out (reserve_shard_ids)
@@ -111,8 +113,12 @@ class VectorStore:
         grid = identity["grid"]
         self.n_patches = int(grid[0]) * int(grid[1])
         # Shards mapped by earlier queries, kept so that the next one finds their pages mapped
-        # (re-mapping 100 shards per query cost ~0.3 s of page faults at 100k ViT-B/16).
+        # (re-mapping 100 shards per query cost ~0.3 s of page faults at 100k ViT-B/16): the
+        # FAISS path, for the shards `_direct` does not read (PQ codecs' patches).
         self._mapped: dict[int, _MappedShard] = {}
+        # Shards' layouts parsed by earlier reads (`_direct`): a few ints and the quantiser's
+        # ranges each, so a later query reads rows with pread and parses no header again.
+        self._layouts: dict[int, _Layout] = {}
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -387,6 +393,7 @@ class VectorStore:
 
     def delete_shard(self, shard: int) -> None:
         self._mapped.pop(shard, None)
+        self._layouts.pop(shard, None)
         # The cls file first: without it the shard no longer counts as present.
         for kind in ("cls", "patch"):
             self._path(shard, kind).unlink(missing_ok=True)
@@ -405,7 +412,7 @@ class VectorStore:
         except RuntimeError as exc:  # faiss on a truncated or garbled file
             raise self._damaged(shard, exc) from None
 
-    def _damaged(self, shard: int, exc: RuntimeError) -> VectorStoreError:
+    def _damaged(self, shard: int, exc: Exception) -> VectorStoreError:
         return VectorStoreError(
             f"vector shard {shard} in {self.root} is damaged ({str(exc).splitlines()[0]}); "
             "run `piaa db check` to send its images back to be re-encoded"
@@ -414,18 +421,98 @@ class VectorStore:
     def _read_shard(
         self, shard: int, rows: Sequence[int] | None, with_patches: bool
     ) -> ShardVectors:
+        rows_arr = None if rows is None else np.asarray(rows, dtype=np.int64)
+        direct = self._direct(shard, rows_arr, with_codes=with_patches)
+        if direct is not None:
+            ids, cls, codes, form = direct
+            if codes is None:
+                empty = np.empty((len(cls), 0, self.dim), dtype=np.float32)
+                return ShardVectors(shard, ids, cls, empty)
+            assert form is not None
+            return ShardVectors(shard, ids, cls, form.decode(len(cls), _slices(codes)))
         got = self._shard_map(shard)  # VectorStoreError when a file is missing
-        if rows is None:
+        if rows_arr is None:
             rows_arr = np.arange(len(got.ids))
             cls = got.cls_index.reconstruct_n(0, len(got.ids))
         else:
-            rows_arr = np.asarray(rows, dtype=np.int64)
             cls = got.cls_index.reconstruct_batch(rows_arr)
         if not with_patches:
             empty = np.empty((len(rows_arr), 0, self.dim), dtype=np.float32)
             return ShardVectors(shard, got.ids[rows_arr], cls, empty)
         patches = self.patch_codes(shard).decode(rows_arr)
         return ShardVectors(shard, got.ids[rows_arr], cls, patches)
+
+    def _direct(
+        self, shard: int, rows: np.ndarray | None, with_codes: bool, with_ids: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, CodeForm | None] | None:
+        """(image ids, [CLS] rows, patch codes [n, M · code size], how they decode) of a shard's
+        `rows` (None: all), read with pread at offsets its headers give (`shard_files`):
+        nothing mapped, no FAISS index opened. Ids and codes are empty / None when not asked
+        for. None when the cls file is not a layout shard_files reads (a damaged file), the
+        codes are asked for and numpy does not decode them (PQ codecs), or a row is out of
+        range: the FAISS path reads it, or says what is wrong."""
+        if not shard_files.AVAILABLE:
+            return None
+        cls_path, patch_path = str(self._path(shard, "cls")), str(self._path(shard, "patch"))
+        try:
+            with (
+                shard_files.opened(cls_path) as (cls_fd, cls_st),
+                shard_files.opened(patch_path) as (patch_fd, patch_st),
+            ):
+                stamp = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (cls_st, patch_st))
+                layout = self._layouts.get(shard)
+                if layout is None or layout.stamp != stamp:
+                    layout = self._layout(stamp, cls_fd, patch_fd)
+                    self._layouts[shard] = layout
+                if layout.cls is None or (with_codes and layout.form is None):
+                    return None
+                n = layout.cls.ntotal
+                if rows is None:
+                    rows = np.arange(n, dtype=np.int64)
+                elif len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+                    return None
+                order = None
+                if len(rows) > 1 and bool((np.diff(rows) < 0).any()):
+                    order = np.argsort(rows, kind="stable")
+                    rows = rows[order]
+                cls = shard_files.read_rows(cls_fd, layout.cls.rows_at, 4 * self.dim, rows)
+                cls = cls.view("<f4").astype(np.float32, copy=False)
+                ids = np.zeros(0, np.int64)
+                if with_ids:
+                    ids = shard_files.read_rows(cls_fd, layout.cls.ids_at, 8, rows)
+                    ids = ids.view("<i8").reshape(-1).astype(np.int64, copy=False)
+                codes = None
+                if layout.patch is not None and layout.form is not None and with_codes:
+                    code_bytes = self.n_patches * layout.form.code_size
+                    codes = shard_files.read_rows(patch_fd, layout.patch.codes_at, code_bytes, rows)
+        except FileNotFoundError:
+            self._layouts.pop(shard, None)
+            raise VectorStoreError(f"vector shard {shard} is missing from {self.root}") from None
+        except OSError as exc:  # cut short or unreadable since it was opened
+            raise self._damaged(shard, exc) from None
+        if order is not None:  # back to the order asked for
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            cls = cls[back]
+            ids = ids[back] if with_ids else ids
+            codes = None if codes is None else codes[back]
+        return ids, cls, codes, layout.form
+
+    def _layout(
+        self, stamp: tuple[tuple[int, int, int], ...], cls_fd: int, patch_fd: int
+    ) -> _Layout:
+        """A shard's parsed headers; parts left None when they are not this library's (another
+        dimension or patch grid, a codec numpy does not decode): the FAISS path reads it."""
+        cls = shard_files.parse_cls(cls_fd, stamp[0][1])
+        patch = shard_files.parse_patch(patch_fd, stamp[1][1])
+        if cls is None or cls.dim != self.dim:
+            return _Layout(stamp, None, None, None)
+        if patch is None or (patch.dim, patch.ntotal) != (self.dim, cls.ntotal * self.n_patches):
+            return _Layout(stamp, cls, None, None)
+        form = CodeForm.of(patch.qtype, patch.trained, self.n_patches, self.dim)
+        if form is None or form.code_size != patch.code_size:
+            return _Layout(stamp, cls, patch, None)
+        return _Layout(stamp, cls, patch, form)
 
     def patch_codes(self, shard: int) -> PatchCodes:
         """The patch file of a shard, memory-mapped (see `PatchCodes`)."""
@@ -482,9 +569,22 @@ class VectorStore:
         q = np.asarray(query, np.float32).reshape(-1)
         self._forget_deleted()
         ids, best, cls_dots = [], [], []
-        for shard, rows in chunk_plan(locations, max_images=1 << 30):
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for image_id, shard, row in locations:
+            by_shard.setdefault(shard, []).append((row, image_id))
+        for shard in sorted(by_shard):  # chunk_plan's order: by shard, then row
+            located = np.array(sorted(by_shard[shard]), np.int64).reshape(-1, 2)
+            rows_arr = located[:, 0]
+            # the ids come with the locations: the shard's id map is not read
+            direct = self._direct(shard, rows_arr, with_codes=True, with_ids=False)
+            if direct is not None:
+                _, cls, codes, form = direct
+                assert codes is not None and form is not None
+                ids.append(located[:, 1])
+                best.append(form.dots(len(rows_arr), q, _slices(codes)).max(axis=1))
+                cls_dots.append(cls @ q)
+                continue
             got = self._shard_map(shard)
-            rows_arr = np.asarray(rows, np.int64)
             best.append(self.patch_codes(shard).dots(rows_arr, q).max(axis=1))
             ids.append(got.ids[rows_arr])
             cls_dots.append(got.cls_index.reconstruct_batch(rows_arr) @ q)
@@ -577,6 +677,21 @@ def mapped_shard_cap() -> int:
     return max(64, min(4096, (soft - 1024) // 2))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A shard's files as `shard_files` parsed them; None parts are read through FAISS."""
+
+    stamp: tuple[tuple[int, int, int], ...]  # (inode, size, mtime) of the cls and patch files
+    cls: shard_files.ClsFile | None
+    patch: shard_files.PatchFile | None
+    form: CodeForm | None  # how the patch codes decode
+
+
+def _slices(codes: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    """`CodeForm`'s codes_of over codes already read: rows a to b."""
+    return lambda a, b: codes[a:b]
+
+
 @dataclass
 class _MappedShard:
     stamp: tuple[tuple[int, int, int], ...]  # (inode, size, mtime) of the cls and patch files
@@ -586,15 +701,109 @@ class _MappedShard:
     owner: Any  # the IndexIDMap2 that owns cls_index
 
 
+class CodeForm:
+    """How a shard's patch codes decode, when they decode elementwise with numpy: the one home
+    of that rule, for the memory-mapped codes (`PatchCodes`) and the ones read with pread
+    (`VectorStore.patch_maxima`, `read_shard`).
+
+    fp32, fp16 and the scalar quantisers qualify. Scalar quantisation is affine per dimension
+    (x = vmin + (code + ½) / (2^bits − 1) · vdiff), so a patch's dot product with a query is a
+    dot product of its raw codes with per-dimension weights: no decoded float is written.
+    """
+
+    def __init__(
+        self, kind: str, vmin: np.ndarray, vdiff: np.ndarray, levels: int, m: int, dim: int
+    ):
+        self.kind, self.vmin, self.vdiff, self.levels = kind, vmin, vdiff, levels
+        self.m, self.dim = m, dim
+        self.code_size = {"fp32": 4 * dim, "fp16": 2 * dim, "8bit": dim, "4bit": dim // 2}[kind]
+
+    @classmethod
+    def of(cls, qtype: int, trained: np.ndarray, m: int, dim: int) -> CodeForm | None:
+        """The form of codes made by a ScalarQuantizer of this qtype and trained ranges (or of
+        an IndexFlat: qtype shard_files.FLAT_QTYPE); None when FAISS must decode them."""
+        faiss = _faiss()
+        if qtype == FLAT_QTYPE:
+            return cls("fp32", np.zeros(0), np.zeros(0), 1, m, dim)
+        if qtype == faiss.ScalarQuantizer.QT_fp16:
+            return cls("fp16", np.zeros(0), np.zeros(0), 1, m, dim)
+        levels = {
+            faiss.ScalarQuantizer.QT_4bit: ("4bit", 15),
+            faiss.ScalarQuantizer.QT_4bit_uniform: ("4bit", 15),
+            faiss.ScalarQuantizer.QT_8bit: ("8bit", 255),
+            faiss.ScalarQuantizer.QT_8bit_uniform: ("8bit", 255),
+        }
+        if qtype not in levels or (levels[qtype][0] == "4bit" and dim % 2):
+            return None
+        kind, top = levels[qtype]
+        trained = np.asarray(trained, np.float32)
+        half = len(trained) // 2
+        if half not in (1, dim) or len(trained) != 2 * half:
+            return None
+        vmin = np.broadcast_to(trained[:half], (dim,)).astype(np.float32)
+        vdiff = np.broadcast_to(trained[half:], (dim,)).astype(np.float32)
+        return cls(kind, vmin, vdiff, top, m, dim)
+
+    def decode(self, n: int, codes_of: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        """[n, M, d] float32 patches of n images, whose codes `codes_of(a, b)` gives for images
+        a to b ([b − a, M · code size] uint8), as FAISS decodes them (to a rounding error)."""
+        m, d = self.m, self.dim
+        out = np.empty((n, m, d), dtype=np.float32)
+        # numpy, in small blocks: FAISS's threaded decoder was 3-30x slower on the 2 busy cores
+        # this was measured on, and one decoder everywhere keeps exact and ANN scores equal.
+        for a in range(0, n, _BLOCK):
+            codes = codes_of(a, min(n, a + _BLOCK)).reshape(-1, self.code_size)
+            out[a : a + _BLOCK] = self._decode_codes(codes).reshape(-1, m, d)
+        return out
+
+    def _decode_codes(self, c: np.ndarray) -> np.ndarray:
+        kind, vmin, vdiff, levels = self.kind, self.vmin, self.vdiff, self.levels
+        if kind == "fp32":
+            return c.view(np.float32)
+        if kind == "fp16":
+            return c.view(np.float16).astype(np.float32)
+        if kind == "4bit":  # dimension 2j in the low nibble of byte j, 2j+1 in the high one
+            x = np.empty((len(c), self.dim), dtype=np.float32)
+            x[:, 0::2] = c & 15
+            x[:, 1::2] = c >> 4
+        else:
+            x = c.astype(np.float32)
+        x += np.float32(0.5)  # FAISS: vmin + (code + 0.5) / levels * vdiff
+        x /= np.float32(levels)
+        x *= vdiff
+        x += vmin
+        return x
+
+    def dots(
+        self, n: int, query: np.ndarray, codes_of: Callable[[int, int], np.ndarray]
+    ) -> np.ndarray:
+        """[n, M] float32: each patch of n images (codes as for `decode`) · query."""
+        q = np.asarray(query, np.float32).reshape(-1)
+        out = np.empty((n, self.m), dtype=np.float32)
+        kind, vmin, vdiff, levels = self.kind, self.vmin, self.vdiff, self.levels
+        if kind in ("4bit", "8bit"):
+            w = q * vdiff / np.float32(levels)  # x·q = vmin·q + Σ_d w_d (code_d + ½)
+            base = np.float32(vmin @ q + 0.5 * w.sum())
+        for a in range(0, n, _BLOCK):
+            c = codes_of(a, min(n, a + _BLOCK)).reshape(-1, self.code_size)
+            if kind == "4bit":
+                got = (c & 15).astype(np.float32) @ w[0::2] + (c >> 4).astype(np.float32) @ w[1::2]
+                got += base
+            elif kind == "8bit":
+                got = c.astype(np.float32) @ w + base
+            else:
+                got = self._decode_codes(c) @ q
+            out[a : a + _BLOCK] = got.reshape(-1, self.m)
+        return out
+
+
 class PatchCodes:
     """One shard's patch file, memory-mapped: rows decoded or dotted with a query without
     reading the rest of the file.
 
     fp32, fp16 and the scalar quantisers store their codes as the file's last array ([images ×
-    M × code size] bytes), so they are viewed in place and decoded with numpy. Scalar
-    quantisation is affine per dimension (x = vmin + (code + ½) / (2^bits − 1) · vdiff), so a
-    patch's dot product with a query is a dot product of its raw codes with per-dimension
-    weights: no decoded float is written. PQ codecs are decoded by FAISS.
+    M × code size] bytes), so they are viewed in place and decoded with numpy (`CodeForm`).
+    PQ codecs are decoded by FAISS.
     """
 
     def __init__(self, path: Path, n_patches: int, dim: int):
@@ -612,93 +821,42 @@ class PatchCodes:
             if int(raw[offset - 8 : offset].view("<u8")[0]) in (n_codes, n_codes // 4):
                 # a plain array over the map: memmap slicing costs ~70 µs a call
                 self.codes = np.asarray(raw[offset:]).reshape(-1, self.m * self.code_size)
-        self._affine = self._affine_form(faiss.downcast_index(self.index))
+        self._form = self._code_form(faiss.downcast_index(self.index))
 
-    def _affine_form(self, index: Any) -> tuple[str, np.ndarray, np.ndarray, int] | None:
-        """(kind, vmin, vdiff, levels) when the codes decode elementwise, else None (PQ)."""
+    def _code_form(self, index: Any) -> CodeForm | None:
         faiss = _faiss()
         if self.codes is None:
             return None
         if isinstance(index, faiss.IndexFlat):
-            return ("fp32", np.zeros(0), np.zeros(0), 1)
-        if not isinstance(index, faiss.IndexScalarQuantizer):
+            form = CodeForm.of(FLAT_QTYPE, np.zeros(0), self.m, self.dim)
+        elif isinstance(index, faiss.IndexScalarQuantizer):
+            trained = faiss.vector_to_array(index.sq.trained)
+            form = CodeForm.of(int(index.sq.qtype), trained, self.m, self.dim)
+        else:
             return None
-        sq = index.sq
-        levels = {
-            faiss.ScalarQuantizer.QT_4bit: ("4bit", 15),
-            faiss.ScalarQuantizer.QT_4bit_uniform: ("4bit", 15),
-            faiss.ScalarQuantizer.QT_8bit: ("8bit", 255),
-            faiss.ScalarQuantizer.QT_8bit_uniform: ("8bit", 255),
-        }
-        if sq.qtype == faiss.ScalarQuantizer.QT_fp16:
-            return ("fp16", np.zeros(0), np.zeros(0), 1)
-        if sq.qtype not in levels or (levels[sq.qtype][0] == "4bit" and self.dim % 2):
-            return None
-        kind, top = levels[sq.qtype]
-        trained = faiss.vector_to_array(sq.trained).astype(np.float32)
-        half = len(trained) // 2
-        vmin = np.broadcast_to(trained[:half], (self.dim,)).astype(np.float32)
-        vdiff = np.broadcast_to(trained[half:], (self.dim,)).astype(np.float32)
-        return (kind, vmin, vdiff, top)
+        return form if form is not None and form.code_size == self.code_size else None
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
         """[len(rows), M, d] float32 patches (as FAISS decodes them, to a rounding error)."""
+        if self._form is not None:
+            return self._form.decode(len(rows), lambda a, b: self._gather(rows[a:b]))
         m, d = self.m, self.dim
         out = np.empty((len(rows), m, d), dtype=np.float32)
-        if self._affine is None:  # PQ codes: FAISS decodes them, one run of rows at a time
-            for out_start, (start, stop) in _runs(rows):
-                # straight into `out`: a decode into a new array and a copy cost twice the decode
-                block = out[out_start : out_start + stop - start].reshape(-1, d)
-                self.index.reconstruct_n(int(start) * m, int(stop - start) * m, block)
-            return out
-        # numpy, in small blocks: FAISS's threaded decoder was 3-30x slower on the 2 busy cores
-        # this was measured on, and one decoder everywhere keeps exact and ANN scores equal.
-        for a in range(0, len(rows), _BLOCK):
-            codes = self._gather(rows[a : a + _BLOCK]).reshape(-1, self.code_size)
-            out[a : a + _BLOCK] = self._decode_codes(codes).reshape(-1, m, d)
+        # PQ codes: FAISS decodes them, one run of rows at a time
+        for out_start, (start, stop) in _runs(rows):
+            # straight into `out`: a decode into a new array and a copy cost twice the decode
+            block = out[out_start : out_start + stop - start].reshape(-1, d)
+            self.index.reconstruct_n(int(start) * m, int(stop - start) * m, block)
         return out
-
-    def _decode_codes(self, c: np.ndarray) -> np.ndarray:
-        assert self._affine is not None
-        kind, vmin, vdiff, levels = self._affine
-        if kind == "fp32":
-            return c.view(np.float32)
-        if kind == "fp16":
-            return c.view(np.float16).astype(np.float32)
-        if kind == "4bit":  # dimension 2j in the low nibble of byte j, 2j+1 in the high one
-            x = np.empty((len(c), self.dim), dtype=np.float32)
-            x[:, 0::2] = c & 15
-            x[:, 1::2] = c >> 4
-        else:
-            x = c.astype(np.float32)
-        x += np.float32(0.5)  # FAISS: vmin + (code + 0.5) / levels * vdiff
-        x /= np.float32(levels)
-        x *= vdiff
-        x += vmin
-        return x
 
     def dots(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
         """[len(rows), M] float32: each patch of these rows · query."""
+        if self._form is not None:
+            return self._form.dots(len(rows), query, lambda a, b: self._gather(rows[a:b]))
         q = np.asarray(query, np.float32).reshape(-1)
         out = np.empty((len(rows), self.m), dtype=np.float32)
-        if self._affine is None:
-            for a in range(0, len(rows), _BLOCK):
-                out[a : a + _BLOCK] = self.decode(rows[a : a + _BLOCK]) @ q
-            return out
-        kind, vmin, vdiff, levels = self._affine
-        if kind in ("4bit", "8bit"):
-            w = q * vdiff / np.float32(levels)  # x·q = vmin·q + Σ_d w_d (code_d + ½)
-            base = np.float32(vmin @ q + 0.5 * w.sum())
         for a in range(0, len(rows), _BLOCK):
-            c = self._gather(rows[a : a + _BLOCK]).reshape(-1, self.code_size)
-            if kind == "4bit":
-                got = (c & 15).astype(np.float32) @ w[0::2] + (c >> 4).astype(np.float32) @ w[1::2]
-                got += base
-            elif kind == "8bit":
-                got = c.astype(np.float32) @ w + base
-            else:
-                got = self._decode_codes(c) @ q
-            out[a : a + _BLOCK] = got.reshape(-1, self.m)
+            out[a : a + _BLOCK] = self.decode(rows[a : a + _BLOCK]) @ q
         return out
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
