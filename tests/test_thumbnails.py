@@ -70,9 +70,19 @@ def test_sizes_and_cache(library):
         assert t.path.parent.parent == lib.settings.home / "thumbnails"
     first = thumbs.get(image_id, 256)
     # A cache hit does not touch the file: replace its bytes and get them back unchanged.
-    first.path.write_bytes(b"cached")
+    cached = b"\xff\xd8cached\xff\xd9"
+    first.path.write_bytes(cached)
     again = Thumbnails(lib.store, lib.settings.layout.thumbnails).get(image_id, 256)
-    assert again.path == first.path and again.path.read_bytes() == b"cached"
+    assert again.path == first.path and again.path.read_bytes() == cached
+    # Written without fsync: after a power cut one can be empty or cut short; made again.
+    whole = thumbs.get(image_id, 512).path.read_bytes()
+    for damaged in (b"", whole[: len(whole) // 2]):
+        first.path.write_bytes(damaged)
+        made = Thumbnails(lib.store, lib.settings.layout.thumbnails).get(image_id, 256)
+        assert made.path == first.path
+        with Image.open(made.path) as img:
+            img.load()  # decodes to the end
+            assert max(img.size) == 120
     first.path.unlink()
     assert (
         Thumbnails(lib.store, lib.settings.layout.thumbnails)

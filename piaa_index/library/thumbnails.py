@@ -5,7 +5,8 @@ open a path of its choosing. Thumbnails are EXIF-upright (decoded by `images.loa
 draft-decoded near the wanted size under a memory budget) and cached under
 HOME/thumbnails/<hash[:2]>/<content hash>-<size>.jpg: keyed by content, so a re-encoded or
 moved file reuses or replaces its entry by itself, and written atomically (temp file +
-rename), so a reader never sees half a JPEG.
+rename), so a reader never sees half a JPEG; one cut short by a power cut (no fsync: it is a
+cache) is made again.
 
 The key must be the content actually shown. Files change under an index (edited, replaced,
 swapped for a symlink to another picture), so a thumbnail is only ever made from bytes whose
@@ -95,7 +96,7 @@ class Thumbnails:
     def make(self, thumb: Thumbnail, source: str) -> Thumbnail:
         """Render `thumb` from `source` unless it is cached; raise `SourceChanged` when the
         file is not the indexed content any more (see the module's docstring)."""
-        if thumb.path.is_file():
+        if _complete(thumb.path):
             if self._as_indexed(thumb, source):
                 return thumb
             self._verify(thumb, source)  # changed size or mtime: the same content still?
@@ -154,10 +155,23 @@ class Thumbnails:
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         target.parent.mkdir(parents=True, exist_ok=True)
         # A hidden, unique temporary name (as tempfile.mkstemp: owner-only, 0600), removed on
-        # failure. No fsync: a cache, made again from the image when it is missing.
+        # failure. No fsync: a cache, made again from the image when it is missing or cut short.
         tmp = target.parent / f".tmp-{secrets.token_hex(4)}.jpg"
         with atomic_write(target, tmp=tmp, exclusive=True, create_mode=0o600, fsync=False) as fh:
             img.save(fh, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+
+
+def _complete(path: Path) -> bool:
+    """A cached JPEG that ends as a JPEG ends (EOI, FF D9). Thumbnails are written without
+    fsync, so after a power cut one can be there but empty or cut short: it is made again."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.seek(0, os.SEEK_END) < 4:
+                return False
+            fh.seek(-2, os.SEEK_END)
+            return fh.read(2) == b"\xff\xd9"
+    except OSError:  # missing (or unreadable: rendered again, which says why if it fails)
+        return False
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
