@@ -8,8 +8,9 @@ of --runs each, `piaa --version` as the interpreter-start baseline. Prints JSON.
     python benchmarks/bench_cli_reads.py --home /tmp/l20k --runs 5
 
 A synthetic library (tools/scale.py) has no text tower of its own: the shipped shapesworld
-model's (the same 128 dimensions) is cached under its key first, so text search times the real
-numpy forward and the real index; its rankings mean nothing, its times do.
+model's (the same 128 dimensions; at ViT-B/16 geometry, ViT-B-16's with random weights) is
+cached under its key first, so text search times the real numpy forward and the real index; its
+rankings mean nothing, its times do.
 """
 
 from __future__ import annotations
@@ -76,9 +77,17 @@ def cache_shipped_tower(home: Path) -> None:
     path = text_tower.cache_path(home, spec, record)
     if path is None or text_tower.load_text_tower(path) is not None:
         return
-    encoder = Encoder(ModelSpec("shapesworld", "default", "clip"), device="cpu")
+    # The tower of the library's width: the shipped model's (128) or ViT-B/16's (512, random
+    # weights: the same forward, 12 layers of width 512, whatever the weights)
+    tower = ModelSpec("shapesworld", "default", "clip")
+    lib_dim = int((record.get("identity") or {}).get("dim") or 128)
+    if lib_dim == 512:
+        tower = ModelSpec("ViT-B-16", "none", "clip")
+    encoder = Encoder(tower, device="cpu")
+    if encoder.dim != lib_dim:
+        raise SystemExit(f"no text tower of width {lib_dim} to cache")
     if text_tower.save_text_tower(encoder, path) is None:
-        raise SystemExit("the shapesworld text tower could not be cached")
+        raise SystemExit(f"the {tower.model} text tower could not be cached")
 
 
 def main() -> None:

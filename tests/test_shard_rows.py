@@ -191,3 +191,29 @@ def test_a_replaced_shard_is_read_again(tmp_path: Path) -> None:
     with pytest.raises(VectorStoreError, match="missing"):
         vs.delete_shard(1)
         vs.read_shard(1, [0])
+
+
+@pytest.mark.parametrize("codec", ["sq4", "sq8"])
+def test_wide_quantisers_are_parsed(tmp_path: Path, codec: str) -> None:
+    """At ViT-B/16's width (512) a scalar quantiser's trained ranges (4 KB) run past the first
+    read of the header: still parsed, still FAISS's bits (a 100k ViT-B/16 library fell back
+    to mapping every shard, 4.4 GB resident per text query)."""
+    dim, n = 512, 520  # 520 × 16 patches: enough to train the library's quantiser
+    identity = {**IDENTITY, "dim": dim}
+    vs = VectorStore.open(tmp_path / codec, identity, codec=codec)
+    rng = np.random.default_rng(2)
+    vs.write_shard(1, list(range(n)), _unit(rng, n, dim), _unit(rng, n, M, dim))
+    path = vs.root / "000001.patch.faiss"
+    layout = _parsed(path, shard_files.parse_patch)
+    assert layout is not None and layout.trained.size == 2 * dim
+    index = faiss.downcast_index(owner := faiss.read_index(str(path)))
+    assert owner is not None and layout.qtype == index.sq.qtype
+    np.testing.assert_array_equal(layout.trained, faiss.vector_to_array(index.sq.trained))
+    with shard_files.opened(str(path)) as (fd, _):
+        codes = shard_files.read_rows(fd, layout.codes_at, M * layout.code_size, np.arange(n))
+    np.testing.assert_array_equal(codes.reshape(-1), faiss.vector_to_array(index.codes))
+    q = _unit(rng, dim)
+    locations = [(i, 1, i) for i in range(0, n, 7)]
+    got, want = vs.patch_maxima(locations, q), _faiss_store(vs).patch_maxima(locations, q)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -129,6 +129,8 @@ def parse_patch(fd: int, size: int) -> PatchFile | None:
         if sq_dim != dim or code_size <= 0 or n_trained is None or n_trained > 2 * dim:
             return None
         at += 8
+        if len(head) < at + 4 * n_trained + 8 <= size:  # wide: the ranges run past HEAD_BYTES
+            head = read_at(fd, 0, at + 4 * n_trained + 8, exact=False)
         if len(head) < at + 4 * n_trained + 8:
             return None
         trained = np.frombuffer(head, "<f4", n_trained, at).astype(np.float32)
