@@ -24,6 +24,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +206,23 @@ def loaded_by_quick_commands(tmp_path_factory: pytest.TempPathFactory) -> dict[s
     out = base / "serve.json"
     env["PIAA_TEST_MODULES_OUT"] = str(out)
     served = start_server([*piaa, "serve", "--port", "0"], env)
-    served.proc.send_signal(signal.SIGINT)  # Ctrl-C: the process exits through atexit
-    served.proc.wait(60)
+    try:
+        # up to its first answer (a 401 without a key is one): what serving loads
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(served.base + "/api/status", timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(0.1)
+        served.proc.send_signal(signal.SIGINT)  # Ctrl-C: the process exits through atexit
+        served.proc.wait(120)
+    finally:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait(10)
+    assert served.proc.returncode == 0, served.stderr()[-2000:]
     loaded["serve"] = set(json.loads(out.read_text()))
     out = base / "library.json"
     env["PIAA_TEST_MODULES_OUT"] = str(out)
