@@ -19,6 +19,7 @@ fresh process on a small fitted library, and report the modules they loaded at e
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import signal
@@ -74,8 +75,6 @@ def _is_module(name: str, known: set[str]) -> bool:
 
 
 def _third_party_module(name: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):

@@ -13,23 +13,10 @@ import pytest
 
 from piaa_index.vectors import shard_files
 from piaa_index.vectors.shards import CODECS, VectorStore, VectorStoreError
+from tests.test_vectors import DIM, IDENTITY, M, _unit  # the same small store's shape
 
-DIM, GRID = 32, (4, 4)
-M = GRID[0] * GRID[1]
-IDENTITY = {
-    "model": "piaa-tiny-vit",
-    "pretrained": "none",
-    "front_end": "sclip",
-    "dim": DIM,
-    "grid": list(GRID),
-}
 N = 700  # images per shard: enough patches to train every codec's quantiser on shard 1
 NUMPY_CODECS = {"fp32", "fp16", "sq8", "sq4"}  # the ones read without FAISS
-
-
-def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 @pytest.fixture(scope="module", params=sorted(CODECS))

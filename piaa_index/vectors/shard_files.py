@@ -32,7 +32,9 @@ import numpy as np
 # pread is POSIX: elsewhere (Windows) every read goes through FAISS.
 AVAILABLE = hasattr(os, "pread")
 _PREADV = hasattr(os, "preadv")
-HEAD_BYTES = 4096  # read at once: both headers, and a scalar quantiser's trained ranges
+# Read at once: the headers and, below width ~500, a scalar quantiser's trained ranges (a
+# wider one's are read again to their length: parse_patch).
+HEAD_BYTES = 4096
 # Rows closer than this many bytes are read with one pread (the gap is read and dropped):
 # a syscall costs about what copying a few KB from the page cache does.
 COALESCE_GAP = 8192
