@@ -20,6 +20,7 @@ TABLES = {
     "classifiers",
     "tags",
     "data_versions",
+    "image_counts",
     "xmp_sidecars",
     "api_keys",
     "image_changes",

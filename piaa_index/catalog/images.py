@@ -17,7 +17,15 @@ from piaa_index.catalog import schema
 from piaa_index.catalog.batching import chunks
 from piaa_index.catalog.common import StoreError, utcnow
 from piaa_index.catalog.readonly import changes_since
-from piaa_index.catalog.schema import FAILED, INDEXED, FsText, Image, Tag, UserLabel
+from piaa_index.catalog.schema import (
+    FAILED,
+    INDEXED,
+    FsText,
+    Image,
+    ImageCount,
+    Tag,
+    UserLabel,
+)
 from piaa_index.errors import DAMAGED_DATABASE_WAY_OUT
 
 
@@ -284,9 +292,38 @@ class ImagesMixin:
             self._mark_changed(s, ids)
 
     def image_counts(self) -> dict[str, int]:
+        """Images per status, from the trigger-kept `image_counts` (no walk of the images)."""
+        with self.session() as s:
+            rows = s.execute(select(ImageCount.status, ImageCount.n).where(ImageCount.n > 0)).all()
+        return {status: int(n) for status, n in rows}
+
+    def counted_image_counts(self) -> dict[str, int]:
+        """Images per status counted row by row: what `image_counts` must agree with."""
         with self.session() as s:
             rows = s.execute(select(Image.status, func.count()).group_by(Image.status)).all()
         return {status: int(n) for status, n in rows}
+
+    def repair_image_counts(self) -> dict[str, int] | None:
+        """Rewrite `image_counts` from a real count where they differ (a database edited with
+        its triggers off, or restored from parts); the wrong counts it held, else None."""
+        with self.session() as s:
+            held = {
+                st: int(n)
+                for st, n in s.execute(select(ImageCount.status, ImageCount.n)).all()
+                if n
+            }
+            real = {
+                st: int(n)
+                for st, n in s.execute(
+                    select(Image.status, func.count()).group_by(Image.status)
+                ).all()
+            }
+            if held == real:
+                return None
+            s.execute(delete(ImageCount))
+            if real:
+                s.execute(insert(ImageCount), [{"status": k, "n": v} for k, v in real.items()])
+        return held
 
     def failed_images(self) -> list[tuple[str, str]]:
         with self.session() as s:
@@ -297,7 +334,7 @@ class ImagesMixin:
 
     def indexed_count(self) -> int:
         with self.session() as s:
-            return int(s.scalar(select(func.count()).where(Image.status == INDEXED)) or 0)
+            return int(s.scalar(select(ImageCount.n).where(ImageCount.status == INDEXED)) or 0)
 
     def locations_after(self, shard: int) -> list[tuple[int, int, int]]:
         """(image id, shard, row) of indexed images in shards newer than `shard` (index range)."""

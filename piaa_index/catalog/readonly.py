@@ -210,7 +210,8 @@ class ReadOnlyStore:
         return int(row[0]), int(row[1]), row[2], [str(s) for s in segments or []]
 
     def indexed_count(self) -> int:
-        row = self._one("SELECT count(*) FROM images WHERE status = ?", (INDEXED,))
+        """As `Store.indexed_count`: the trigger-kept count (migration 0007)."""
+        row = self._one("SELECT n FROM image_counts WHERE status = ?", (INDEXED,))
         return int(row[0]) if row else 0
 
     def has_indexed_after(self, shard: int) -> bool:
@@ -243,7 +244,8 @@ class ReadOnlyStore:
             "SELECT id, shard, shard_row FROM images WHERE status = ? ORDER BY shard, shard_row",
             (INDEXED,),
         )
-        if len(rows) != self.indexed_count():
+        counted = self._one("SELECT count(*) FROM images WHERE status = ?", (INDEXED,))
+        if counted is None or len(rows) != int(counted[0]):
             raise sqlite3.DatabaseError("the images table and its status index disagree")
         return [(int(i), int(s), int(r)) for i, s, r in rows]
 
@@ -285,7 +287,7 @@ class ReadOnlyStore:
 
     def image_counts(self) -> dict[str, int]:
         """Images per status, as `Store.image_counts`."""
-        rows = self._all("SELECT status, count(*) FROM images GROUP BY status")
+        rows = self._all("SELECT status, n FROM image_counts WHERE n > 0")
         return {str(status): int(n) for status, n in rows}
 
     def referenced_shards(self) -> set[int]:

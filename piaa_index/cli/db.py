@@ -77,6 +77,11 @@ def db_check(app: AppContext, as_json: bool) -> None:
             click.echo(f"  {problem}")
         if db.get("way_out"):
             click.echo(f"  way out: {db['way_out']}")
+        if db.get("image_counts_rewritten") is not None:
+            click.echo(
+                f"  images per status were stored as {db['image_counts_rewritten']}; "
+                "rewritten from a real count"
+            )
         if vec is None:  # the database could not be read: nothing else was checked
             raise SystemExit(1)
         if report.get("manifest"):

@@ -100,6 +100,8 @@ class Maintenance(Part):
         from tqdm import tqdm
 
         problems = self.store.integrity_problems()
+        # The trigger-kept counts every query reads, against a real count (a sound file only).
+        wrong_counts = None if problems else self.store.repair_image_counts()
         manifest = self._check_manifest()
         vectors = self.vectors
         damaged: list[dict[str, Any]] = []
@@ -124,6 +126,7 @@ class Maintenance(Part):
         classifier = self._check_classifier()
         return {
             "ok": not problems
+            and wrong_counts is None
             and not damaged
             and not derived
             and not scores["damaged"]
@@ -135,6 +138,9 @@ class Maintenance(Part):
                 "ok": not problems,
                 "problems": problems[:20],
                 **({"way_out": DAMAGED_DATABASE_WAY_OUT} if problems else {}),
+                # Images per status as the database held them, when they disagreed with a real
+                # count (and were rewritten from it).
+                "image_counts_rewritten": wrong_counts,
             },
             "vectors": {
                 "shards": len(shards),
