@@ -251,3 +251,15 @@ def test_function_level_imports_keep_start_up_fast(
             continue  # it would bring a slow package to whoever imports the module
         hoist.append(f"{imp.module}:{imp.line}: {imp.text}")
     assert not hoist, "imports to move to the top of their module:\n" + "\n".join(hoist)
+
+
+def test_quick_reads_skip_package_metadata_and_the_orm(
+    loaded_by_quick_commands: dict[str, set[str]],
+) -> None:
+    """A fresh read loads neither the scan of every installed package's metadata (the entry
+    points: read only for a command the first-party plugins lack, or `--help`) nor SQLAlchemy
+    (the read-only twin answers)."""
+    for command in ("status", "search", "tags", "vocab list", "similar", "text search"):
+        loaded = loaded_by_quick_commands[command]
+        assert "importlib.metadata" not in loaded, command
+        assert "sqlalchemy" not in loaded, command

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,9 @@ from piaa_index.cli import (
     vocab,
 )
 from piaa_index.cli.common import AppContext, first_sentence, run_guarded
+
+if TYPE_CHECKING:
+    from piaa_index.plugins import Plugins
 
 # Global options: (declarations, settings). The group takes them with their environment
 # variables and defaults; every sub-command also accepts them (`piaa index DIR --model X`),
@@ -175,7 +178,8 @@ class PiaaGroup(click.Group):
     and lets every sub-command take the global options. Its help reads as one page: what
     piaa is, the commands by section, the global options, the first steps."""
 
-    _plugins_loaded = False
+    _plugins: Plugins | None = None
+    _all_plugins_loaded = False
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         self.format_usage(ctx, formatter)
@@ -218,23 +222,34 @@ class PiaaGroup(click.Group):
             with formatter.section(title):
                 formatter.write_dl(rows)
 
-    def _load_plugin_commands(self) -> None:
-        if self._plugins_loaded:
-            return
-        self._plugins_loaded = True
+    def _load_plugin_commands(self, wanted: str | None = None) -> None:
+        """Add the plugins' commands, on first use. A built-in command needs none. The
+        first-party plugins are imported by name; installed plugins' entry points cost a read
+        of every installed package's metadata (importlib.metadata, ~30 ms of every command),
+        so they are loaded only for a command ours lack, or to list all (`--help`)."""
         from piaa_index.cli.queries import add_query_commands
         from piaa_index.plugins import Plugins
 
-        plugins = Plugins()
-        add_query_commands(self, plugins)
-        plugins.pm.hook.register_commands(cli=self)
+        if self._plugins is None:
+            self._plugins = Plugins(load_entry_points=False)
+            add_query_commands(self, self._plugins)
+            self._plugins.pm.hook.register_commands(cli=self)
+        if self._all_plugins_loaded or wanted in self.commands:
+            return
+        self._all_plugins_loaded = True
+        first_party = self._plugins.pm.get_plugins()
+        self._plugins.load_entry_points()
+        add_query_commands(self, self._plugins)
+        installed = self._plugins.pm.subset_hook_caller("register_commands", first_party)
+        installed(cli=self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        self._load_plugin_commands()
+        if cmd_name not in self.commands:  # a built-in command needs no plugin loaded
+            self._load_plugin_commands(cmd_name)
         return with_global_options(super().get_command(ctx, cmd_name), cmd_name)
 
 

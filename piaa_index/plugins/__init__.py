@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -186,16 +185,19 @@ class Plugins:
         self.load_errors: dict[str, str] = {}
         if defaults:
             self._load_defaults()
-        if load_entry_points:
-            self._load_entry_points()
         self._queries: dict[str, Query] | None = None
         self._exporters: dict[str, Exporter] | None = None
+        if load_entry_points:
+            self.load_entry_points()
 
     def _load_defaults(self) -> None:
         for name, module in DEFAULT_PLUGINS:
             self._load(name, functools.partial(importlib.import_module, module))
 
-    def _load_entry_points(self) -> None:
+    def load_entry_points(self) -> None:
+        """Register the installed packages' plugins (their `piaa_index` entry points)."""
+        import importlib.metadata  # a scan of every installed package: only when asked
+
         # An entry point naming a module already registered (an older install of ours, whose
         # metadata still lists the first-party plugins) is skipped, never registered twice.
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -207,6 +209,7 @@ class Plugins:
                 self.load_errors[ep.name] = f"the name {ep.name!r} is taken (by {owner})"
                 continue
             self._load(ep.name, ep.load)
+        self._queries = self._exporters = None
 
     def _has_module(self, name: str) -> bool:
         return any(getattr(p, "__name__", None) == name for p in self.pm.get_plugins())
@@ -269,6 +272,8 @@ class Plugins:
 
 
 def _dist_version(module_name: str) -> str | None:
+    import importlib.metadata  # `piaa plugins` only
+
     top = module_name.split(".", 1)[0]
     for dist_name in importlib.metadata.packages_distributions().get(top, []):
         try:
