@@ -1,6 +1,7 @@
-"""A fresh `piaa` process on a Postgres library reads through psycopg, as one on SQLite reads
-through sqlite3 (catalog/readonly.py): the same rows and status as the Library, without
-importing SQLAlchemy; and the Library answers whenever the read-only path cannot."""
+"""A fresh `piaa` process on a Postgres library reads through libpq (catalog/libpq.py), as one
+on SQLite reads through sqlite3 (catalog/readonly.py): the same rows and status as the Library,
+without importing SQLAlchemy or psycopg; and the Library answers whenever the read-only path
+cannot."""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def test_the_cli_reads_postgres_without_sqlalchemy(pg_library: Library) -> None:
     code = (
         "import sys\nfrom piaa_index.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('LOADED', 'sqlalchemy' in sys.modules, file=sys.stderr)\n"
+        "print('LOADED', 'sqlalchemy' in sys.modules or 'psycopg' in sys.modules,"
+        " file=sys.stderr)\n"
     )
     path = lib.store.indexed_paths()[7]
     base = [sys.executable, "-c", code, "--home", str(lib.settings.home)]
