@@ -263,3 +263,5 @@ def test_quick_reads_skip_package_metadata_and_the_orm(
         loaded = loaded_by_quick_commands[command]
         assert "importlib.metadata" not in loaded, command
         assert "sqlalchemy" not in loaded, command
+    # the saved [CLS] index is read and searched without FAISS (vectors/similar_files.py)
+    assert "faiss" not in loaded_by_quick_commands["similar"]

@@ -42,6 +42,9 @@ _HEADER = struct.Struct("<iqqqBi")  # d, ntotal, dummy, dummy, is_trained, metri
 _U64 = struct.Struct("<Q")
 _SQ = struct.Struct("<iifQQ")  # qtype, rangestat, rangestat_arg, d, code_size
 FLAT_QTYPE = -1  # PatchFile.qtype of an IndexFlat (fp32) patch file
+# FAISS's ScalarQuantizer qtypes (the numbers its files store; tests/test_similar_files.py
+# checks them against faiss)
+QT_8BIT, QT_4BIT, QT_8BIT_UNIFORM, QT_4BIT_UNIFORM, QT_FP16 = 0, 1, 2, 3, 4
 
 
 class ShortRead(OSError):

@@ -721,17 +721,18 @@ class CodeForm:
     @classmethod
     def of(cls, qtype: int, trained: np.ndarray, m: int, dim: int) -> CodeForm | None:
         """The form of codes made by a ScalarQuantizer of this qtype and trained ranges (or of
-        an IndexFlat: qtype shard_files.FLAT_QTYPE); None when FAISS must decode them."""
-        faiss = _faiss()
+        an IndexFlat: qtype shard_files.FLAT_QTYPE); None when FAISS must decode them. The
+        qtypes are FAISS's numbers (`shard_files.QT_*`: stored in its files, so fixed): a
+        [CLS]-only read parses the shard headers without importing FAISS."""
         if qtype == FLAT_QTYPE:
             return cls("fp32", np.zeros(0), np.zeros(0), 1, m, dim)
-        if qtype == faiss.ScalarQuantizer.QT_fp16:
+        if qtype == shard_files.QT_FP16:
             return cls("fp16", np.zeros(0), np.zeros(0), 1, m, dim)
         levels = {
-            faiss.ScalarQuantizer.QT_4bit: ("4bit", 15),
-            faiss.ScalarQuantizer.QT_4bit_uniform: ("4bit", 15),
-            faiss.ScalarQuantizer.QT_8bit: ("8bit", 255),
-            faiss.ScalarQuantizer.QT_8bit_uniform: ("8bit", 255),
+            shard_files.QT_4BIT: ("4bit", 15),
+            shard_files.QT_4BIT_UNIFORM: ("4bit", 15),
+            shard_files.QT_8BIT: ("8bit", 255),
+            shard_files.QT_8BIT_UNIFORM: ("8bit", 255),
         }
         if qtype not in levels or (levels[qtype][0] == "4bit" and dim % 2):
             return None

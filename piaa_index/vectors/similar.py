@@ -19,6 +19,7 @@ import numpy as np
 
 from piaa_index.durable import damaged_files, file_digest, replace_all
 from piaa_index.progress import Progress, note
+from piaa_index.vectors import similar_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
@@ -39,9 +40,15 @@ def exact_search(
     ids: np.ndarray, vectors: np.ndarray, q: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, inner products) of the `k` vectors nearest `q`, compared one by one: FAISS's flat
-    inner product, so the scores are those a flat `ClsIndex` gives, to the last digit."""
+    inner product, so the scores are those a flat `ClsIndex` gives, to the last digit (computed
+    without FAISS where `similar_files` reproduces its kernel: `similar_files.top_k`)."""
     if not len(ids):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if similar_files.supported(vectors.shape[1]):
+        rows, sims = similar_files.top_k(
+            np.ascontiguousarray(vectors, dtype=np.float32), q, min(k, len(ids))
+        )
+        return np.asarray(ids, np.int64)[rows], sims
     flat = _faiss().IndexFlatIP(vectors.shape[1])
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
     sims, rows = flat.search(np.asarray(q, np.float32).reshape(1, -1), min(k, len(ids)))
@@ -150,17 +157,22 @@ class ClsIndex:
 
     @classmethod
     def load(cls, folder: Path, mapped: bool = False) -> ClsIndex | None:
-        """The saved index, or None (none, or damaged: rebuilt from the shards). `mapped`: its
-        file memory-mapped, read-only (a fresh query process: 0.5 GB at 1M not read, a
-        probe touches its lists only); writers load it to change it."""
+        """The saved index, or None (none, or damaged: rebuilt from the shards). `mapped`: for
+        searching only, in a fresh query process: its file read with `similar_files` (no FAISS;
+        a probe reads its lists only), else memory-mapped through FAISS; writers load it whole
+        to change it."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
             sums = meta.get("sums") or {}
             if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
                 return None  # damaged: rebuilt from the shards
-            faiss = _faiss()
-            flags = faiss.IO_FLAG_MMAP if mapped else 0
-            index = faiss.read_index(str(folder / "cls.faiss"), flags)
+            index: Any = None
+            if mapped:
+                index = similar_files.open_saved(str(folder / "cls.faiss"), meta["kind"])
+            if index is None:
+                faiss = _faiss()
+                flags = faiss.IO_FLAG_MMAP if mapped else 0
+                index = faiss.read_index(str(folder / "cls.faiss"), flags)
             with np.load(folder / "held.npz") as held:
                 ids, shards = held["ids"], held["shards"]
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
