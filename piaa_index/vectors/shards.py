@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -244,14 +245,14 @@ class VectorStore:
         """A shard written before checksum files existed (it may lack one)."""
         return shard < self.checksums_from
 
+    def _names(self) -> list[str]:
+        """The folder's file names, one listing (a million images lie in ~1,000 shards: a
+        `piaa status` listed them with several globs and a stat per shard, ~45 ms)."""
+        with os.scandir(self.root) as entries:
+            return [e.name for e in entries if e.is_file()]
+
     def shard_ids(self) -> set[int]:
-        ids = set()
-        for path in self.root.glob("*.cls.faiss"):
-            try:
-                ids.add(int(path.name.split(".", 1)[0]))
-            except ValueError:
-                continue
-        return ids
+        return _shards_named(self._names(), ".cls.faiss")
 
     def next_shard_id(self) -> int:
         """Above every shard on disk and every id handed out by `reserve_shard_ids`."""
@@ -632,26 +633,43 @@ class VectorStore:
         """What `reconcile` would do, touching nothing: (temp files and parts of shards cut
         short, to delete; orphan shards, to delete; referenced shards absent or incomplete).
         All empty: the folder agrees with SQL (a read-only `piaa status` relies on it)."""
-        leftovers = list(self.root.glob("*.tmp"))
-        present = self.shard_ids()
+        names = self._names()
+        leftovers = [self.root / n for n in names if n.endswith(".tmp")]
+        present = _shards_named(names, ".cls.faiss")
         # A patch or checksum file without its cls file is a shard whose write was cut short.
-        for path in [*self.root.glob("*.patch.faiss"), *self.root.glob("*.sum.json")]:
-            shard = int(path.name.split(".", 1)[0])
-            if shard not in present and shard not in referenced:
-                leftovers.append(path)
+        for name in names:
+            if name.endswith((".patch.faiss", ".sum.json")):
+                shard = _shard_number(name)
+                if shard is not None and shard not in present and shard not in referenced:
+                    leftovers.append(self.root / name)
         orphans = sorted(present - referenced)
         # A referenced shard is usable only with both files (a lost patch file counts as lost).
-        complete = {s for s in present if self._path(s, "patch").exists()}
+        complete = present & _shards_named(names, ".patch.faiss")
         missing = sorted(referenced - complete)
         return leftovers, orphans, missing
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*.faiss"))
+        with os.scandir(self.root) as entries:
+            return sum(e.stat().st_size for e in entries if e.name.endswith(".faiss"))
 
     def shard_rows(self, shard: int) -> int:
         """How many images a shard holds, live or not."""
         faiss = _faiss()
         return int(faiss.read_index(str(self._path(shard, "cls"))).ntotal)
+
+
+def _shard_number(name: str) -> int | None:
+    """The shard a file named as `_path` names it belongs to (None: not a shard's file)."""
+    try:
+        return int(name.split(".", 1)[0])
+    except ValueError:
+        return None
+
+
+def _shards_named(names: list[str], suffix: str) -> set[int]:
+    """The shard numbers of the files named `<number><suffix>`."""
+    found = {_shard_number(n) for n in names if n.endswith(suffix)}
+    return {s for s in found if s is not None}
 
 
 @functools.cache
