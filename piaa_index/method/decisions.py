@@ -111,10 +111,13 @@ class Calibration:
     intercept: np.ndarray
     alpha: float = 0.9
 
-    def fused(self, E: np.ndarray, C: np.ndarray) -> np.ndarray:
-        """[N, C] fused per-label score F (unbounded)."""
-        zE = (np.asarray(E, np.float64) - self.e_center) / self.e_scale
-        zC = (np.asarray(C, np.float64) - self.c_center) / self.c_scale
+    def fused(
+        self, E: np.ndarray, C: np.ndarray, columns: slice | list[int] | int = slice(None)
+    ) -> np.ndarray:
+        """[N, C] fused per-label score F (unbounded); of one label's [N] column when `columns`
+        is its index."""
+        zE = (np.asarray(E, np.float64) - self.e_center[columns]) / self.e_scale[columns]
+        zC = (np.asarray(C, np.float64) - self.c_center[columns]) / self.c_scale[columns]
         return self.alpha * zE + (1 - self.alpha) * zC
 
     def relative_evidence(
@@ -321,7 +324,7 @@ def label_status(
     """Each label's status and gate; support: [N, C] max patch–text cosine (``PaaScores.support``),
     fit_support: ``Classifier.params["support"]`` (``bank_support``)."""
     prm = params or DecisionParams()
-    e = np.asarray(support, dtype=np.float64)
+    e = np.asarray(support)  # float64 a column at a time: [N, C] of it is 640 MB at 1M images
     N, C = e.shape
     frac = list(fit_support.get("matching_fraction", [1.0] * C))
     sizes = list(fit_support.get("bank_sizes", [1] * C))
@@ -333,7 +336,10 @@ def label_status(
     sure = fit_support.get("sure_level", level)
     # A label with a mostly-ghost bank is weak (not absent) only if some images reach the sure
     # level, where weak labels are tagged: below it, it could never tag anything anyway.
-    n_support = (e >= sure).sum(axis=0) if sure is not None and N else np.full(C, N, dtype=np.int64)
+    n_support = np.full(C, N, dtype=np.int64)
+    if sure is not None and N:
+        for c in range(C):
+            n_support[c] = np.count_nonzero(e[:, c].astype(np.float64) >= sure)
 
     agreement = list(fit_support.get("cluster_agreement") or [None] * C)
     status: list[str] = []
@@ -487,24 +493,25 @@ def _upper_mode(x: np.ndarray, iters: int = 100) -> tuple[float, float]:
 
 
 def calibrate(E: np.ndarray, C: np.ndarray, alpha: float = 0.9) -> Calibration:
-    """Each label's calibration from its own column of the collection's scores (`Calibration`)."""
-    E = np.asarray(E, dtype=np.float64)
-    Cs = np.asarray(C, dtype=np.float64)
+    """Each label's calibration from its own column of the collection's scores (`Calibration`).
+
+    A column at a time, in float64: whole [N, C] float64 copies were ~4 GB at 1M images."""
+    E, Cs = np.asarray(E), np.asarray(C)
     n_labels = E.shape[1]
-    e = [_robust_scale(E[:, c]) for c in range(n_labels)]
-    k = [_robust_scale(Cs[:, c]) for c in range(n_labels)]
     cal = Calibration(
-        e_center=np.array([v[0] for v in e]),
-        e_scale=np.array([v[1] for v in e]),
-        c_center=np.array([v[0] for v in k]),
-        c_scale=np.array([v[1] for v in k]),
+        e_center=np.zeros(n_labels),
+        e_scale=np.ones(n_labels),
+        c_center=np.zeros(n_labels),
+        c_scale=np.ones(n_labels),
         slope=np.ones(n_labels),
         intercept=np.zeros(n_labels),
         alpha=alpha,
     )
-    F = cal.fused(E, Cs)
     for c in range(n_labels):
-        cal.slope[c], cal.intercept[c] = _upper_mode(F[:, c])
+        e, k = E[:, c].astype(np.float64), Cs[:, c].astype(np.float64)
+        cal.e_center[c], cal.e_scale[c] = _robust_scale(e)
+        cal.c_center[c], cal.c_scale[c] = _robust_scale(k)
+        cal.slope[c], cal.intercept[c] = _upper_mode(cal.fused(e, k, c))
     return cal
 
 
