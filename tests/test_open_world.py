@@ -110,6 +110,11 @@ def test_background_sample_is_chosen_by_content_hash() -> None:
     np.testing.assert_array_equal(
         sample_mask(sample_keys(shuffled, hashes), 0.1), mask[shuffled - 1]
     )
+    # A hashed image's number is its hash's first 13 hex digits; one without a hash, its id's.
+    keys = sample_keys(np.array([3, 2, 1]), {1: hashes[1], 3: hashes[3]})
+    assert keys[0] == int(hashes[3][:13], 16) / 2**52
+    assert keys[2] == int(hashes[1][:13], 16) / 2**52
+    assert keys[1] == sample_keys(np.array([2]), {})[0] != sample_keys(np.array([2]), hashes)[0]
     bg = fit_background(np.random.default_rng(1).normal(size=(2000, 16)), OpenParams())
     assert len(bg.priors) == 2000 // OpenParams().patches_per_cluster  # 50: a small sample
     assert bg.priors.sum() == pytest.approx(1.0)

@@ -111,6 +111,11 @@ def test_new_images_are_appended_as_a_segment(lib: Library, world: scale.World) 
     assert _sparse_count(lib) == sum(lib.status()["classifier"]["tagged"].values())
     newest = f"/synthetic/0000/{N_IMAGES + 1499:08d}.jpg"
     assert {r["label"] for r in lib.tags(newest)} == set(scale.label_names(N_LABELS))
+    # Rows read across both segments (a fit carrying kept labels over) are the columns' rows.
+    view = lib.tagger.state().view
+    picked = np.random.default_rng(0).choice(len(view.ids), 700)
+    for kind in ("S", "E", "C", "U", "present"):
+        np.testing.assert_array_equal(view.take(kind, 3, picked), view.column(kind, 3)[picked])
 
 
 def test_reencoded_image_shows_its_new_scores_only(lib: Library, world: scale.World) -> None:
@@ -159,6 +164,22 @@ def test_lost_score_files_are_rebuilt_without_refit(lib: Library) -> None:
     lib.tagger._cache = None
     assert lib.search("l002 AND NOT l003", limit=30) == before
     assert lib.status()["classifier"]["version"] == version
+
+
+def test_the_fits_scores_are_those_of_each_image_scored_again(lib: Library) -> None:
+    """The fit's re-tag takes the text support its pass kept (chunk by chunk, from a file) and
+    calibrates label by label; scoring every image again from its vectors with the stored
+    classifier and rule gives the same matrix, bit for bit."""
+    folder, segments = _segments(lib)
+    kinds = ("ids", "shard", "S", "E", "C", "U", "present")
+    fitted = {k: np.load(folder / f"{segments[0]}.{k}.npy") for k in kinds}
+    shutil.rmtree(folder)
+    lib.tagger._cache = None
+    lib.search("l002")  # rescored with the stored classifier and rule
+    again, names = _segments(lib)
+    assert again != folder and names == segments
+    for kind in kinds:
+        np.testing.assert_array_equal(np.load(again / f"{names[0]}.{kind}.npy"), fitted[kind])
 
 
 # -- compiled search --------------------------------------------------------------------------

@@ -8,8 +8,9 @@ next query, as a new segment, without refitting.
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from piaa_index.catalog.store import VocabularyInfo, utcnow
 from piaa_index.errors import LibraryError, UserInputError
 from piaa_index.library.part import Part
 from piaa_index.method.open_pvcl import (
+    HashKeys,
     LabelBanks,
     OpenParams,
     cluster_agreement,
@@ -100,6 +102,37 @@ class State:
     pending: int  # indexed images not scored yet (only when loaded without scoring)
 
 
+class SupportRows:
+    """The fit pass's text support, chunk by chunk ((image ids, [n, C] float32)), read back in
+    the same chunks by the re-tag. The rows go to an unnamed file in `folder`: held in memory,
+    [N, C] of them was 320 MB at 1M images and 80 labels; in a file they are page cache, which
+    the kernel writes out and drops as it needs."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder)  # on the library's disk: /tmp may be RAM
+        self._chunks: list[tuple[np.ndarray, int, tuple[int, ...]]] = []  # ids, offset, shape
+        self._end = 0
+
+    def append(self, ids: np.ndarray, support: np.ndarray) -> None:
+        rows = np.ascontiguousarray(support, dtype=np.float32)
+        self._file.seek(self._end)
+        self._file.write(rows.tobytes())
+        self._chunks.append((ids, self._end, rows.shape))
+        self._end += rows.nbytes
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, offset, shape in self._chunks:
+            rows = np.empty(shape, np.float32)
+            self._file.seek(offset)
+            if rows.nbytes and self._file.readinto(rows.data.cast("B")) != rows.nbytes:
+                raise OSError("the fit's text support file was cut short")
+            yield ids, rows
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class NotReady(Exception):
     """The scores need a fit or new rows scored, which the caller does not want to do."""
 
@@ -140,7 +173,8 @@ class Tagger(Part):
         bank_size: int | None = None,
     ) -> tuple[Classifier, np.ndarray, int]:
         """PVCL on the patches of `locations` (one streaming pass): (classifier, T, n patches)."""
-        classifier, T, n_patches, _support = self._fit_pass(vocab, locations, progress, bank_size)
+        classifier, T, n_patches, support = self._fit_pass(vocab, locations, progress, bank_size)
+        support.close()
         return classifier, T, n_patches
 
     def _fit_pass(
@@ -149,7 +183,7 @@ class Tagger(Part):
         locations: list[tuple[int, int, int]],
         progress: Progress,
         bank_size: int | None,
-    ) -> tuple[Classifier, np.ndarray, int, list[tuple[np.ndarray, np.ndarray]]]:
+    ) -> tuple[Classifier, np.ndarray, int, SupportRows]:
         """`fit_classifier`, also returning each chunk's (image ids, text support [n, C]): the
         pass computes every patch's text cosines for its banks, and the re-tag would otherwise
         compute them again (half of its GEMM work)."""
@@ -169,10 +203,10 @@ class Tagger(Part):
         # The background's sample: whole images chosen by content hash, the same whatever the
         # vocabulary, the engine, the ids or the order of the shards.
         rate = min(1.0, params.sample / max(1, pool))
-        hashes = self.store.content_hashes() if rate < 1.0 else {}
+        hashes = HashKeys(self.store.content_hashes() if rate < 1.0 else {})
         sample: list[np.ndarray] = []
         n_patches = 0
-        support: list[tuple[np.ndarray, np.ndarray]] = []
+        support = SupportRows(self.scores_dir)
         for chunk, flat in self._bank_pass(locations, T, banks, support, progress, "fitting"):
             n, M, d = chunk.patches.shape
             if rate < 1.0:
@@ -193,7 +227,7 @@ class Tagger(Part):
         locations: list[tuple[int, int, int]],
         T: np.ndarray,
         banks: Any,
-        support: list[tuple[np.ndarray, np.ndarray]],
+        support: SupportRows,
         progress: Progress,
         desc: str,
     ) -> Iterator[tuple[Any, np.ndarray]]:
@@ -209,7 +243,7 @@ class Tagger(Part):
             patch_ids = (chunk.image_ids.astype(np.int64)[:, None] * M + np.arange(M)).ravel()
             banks.update(flat, patch_ids, sims)
             # float32 cosines, exact: [N, C] of them is ~1/(4M) of the patch data.
-            support.append((chunk.image_ids, sims.reshape(n, M, -1).max(axis=1)))
+            support.append(chunk.image_ids, sims.reshape(n, M, -1).max(axis=1))
             yield chunk, flat
 
     def fit(
@@ -253,7 +287,7 @@ class Tagger(Part):
             fitted, present = self._tag_all(
                 vocab, classifier, T, locations, progress, fit_seconds, ray, support, learnt
             )
-            del support
+            support.close()
         return self._report(vocab, fitted, present, len(locations), n_patches, started, fit_seconds)
 
     def _learn(
@@ -367,7 +401,7 @@ class Tagger(Part):
         their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
         from piaa_index.method.decisions import bank_support, open_decisions
         from piaa_index.method.fusion import score_images
-        from piaa_index.vectors.scores import KINDS, SegmentWriter, new_key, writer_lock
+        from piaa_index.vectors.scores import SegmentWriter, new_key, writer_lock
 
         old = base.fitted.classifier
         assert old.bank_cosines is not None and old.precision is not None  # (_refit_base)
@@ -382,7 +416,7 @@ class Tagger(Part):
         T[kept >= 0] = base.fitted.text_protos[kept[kept >= 0]]
         bank_size = int(old.params.get("bank_size", 0)) or int(old.bank_cosines.shape[1])
         fresh_banks = LabelBanks(len(fresh), d, bank_size)
-        fresh_support: list[tuple[np.ndarray, np.ndarray]] = []
+        fresh_support = SupportRows(self.scores_dir)
         if fresh:
             sub = VocabularyInfo(vocab.id, vocab.templates, [vocab.labels[c] for c in fresh])
             T[fresh] = self.vocab.text_prototypes(sub)
@@ -453,9 +487,6 @@ class Tagger(Part):
         by_id = np.argsort(view.ids[valid_rows], kind="stable")
         sorted_ids, sorted_rows = view.ids[valid_rows][by_id], valid_rows[by_id]
         kept_pairs = [(c, int(k)) for c, k in enumerate(base.kept) if k >= 0]
-        old_columns = {
-            kind: {k: np.asarray(view.column(kind, k)) for _, k in kept_pairs} for kind in KINDS[1:]
-        }
         unscored = {loc[0] for loc in base.todo}
         all_labels = list(range(C))
 
@@ -467,9 +498,9 @@ class Tagger(Part):
             pos = np.searchsorted(sorted_ids, ids)
             rows = sorted_rows[np.minimum(pos, max(0, len(sorted_rows) - 1))]
             for c, k in kept_pairs:
-                E[scored, c] = old_columns["E"][k][rows[scored]]
-                Cs[scored, c] = old_columns["C"][k][rows[scored]]
-                Us[scored, c] = old_columns["U"][k][rows[scored]]
+                E[scored, c] = view.take("E", k, rows[scored])
+                Cs[scored, c] = view.take("C", k, rows[scored])
+                Us[scored, c] = view.take("U", k, rows[scored])
             for labels, mask in ((fresh, scored), (all_labels, ~scored)):
                 if not labels or not mask.any():
                     continue
@@ -512,6 +543,8 @@ class Tagger(Part):
             except BaseException:
                 writer.abort()
                 raise
+            finally:
+                fresh_support.close()
             fitted, present = self._install(
                 vocab, classifier, T, key, segment, decisions, fit_seconds
             )
@@ -553,7 +586,7 @@ class Tagger(Part):
         progress: Progress,
         desc: str,
         ray: Any = None,
-        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        support: Iterable[tuple[np.ndarray, np.ndarray]] = (),
     ) -> Iterator[tuple[np.ndarray, int, tuple[np.ndarray, ...]]]:
         """(image ids, shard, scores) per chunk in shard order: here, or as Ray tasks when
         `ray` is a connected Ray module (piaa_index/engines/ray_engine.py); the same chunks either way.
@@ -590,7 +623,7 @@ class Tagger(Part):
         progress: Progress,
         desc: str,
         ray: Any = None,
-        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        support: Iterable[tuple[np.ndarray, np.ndarray]] = (),
         learnt: Learnt | None = None,
     ) -> Decisions:
         """Score `locations` in one streaming pass into a durable segment; returns the tag rule
@@ -634,7 +667,7 @@ class Tagger(Part):
         progress: Progress,
         fit_seconds: float,
         ray: Any = None,
-        support: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        support: Iterable[tuple[np.ndarray, np.ndarray]] = (),
         learnt: Learnt | None = None,
     ) -> tuple[Fitted, dict[str, int]]:
         from piaa_index.vectors.scores import new_key, writer_lock

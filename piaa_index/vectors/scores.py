@@ -408,6 +408,22 @@ class ScoreView:
             self._columns[(kind, label)] = got
         return got
 
+    def take(self, kind: str, label: int, rows: np.ndarray) -> np.ndarray:
+        """One label's values at `rows`, read from each segment: `column` of a multi-segment
+        view keeps a concatenated copy, [rows] floats per label and kind (a fit that reads every
+        label would hold 12 bytes per image and label)."""
+        if len(self.segments) == 1:
+            return np.asarray(self.segments[0].column(kind, label)[rows])
+        out = np.empty(len(rows), bool if kind == "present" else DTYPE)
+        start = 0
+        for seg in self.segments:
+            stop = start + len(seg.ids)
+            inside = (rows >= start) & (rows < stop)
+            if inside.any():
+                out[inside] = seg.column(kind, label)[rows[inside] - start]
+            start = stop
+        return out
+
     def row_of(self, image_id: int) -> tuple[Segment, int] | None:
         """(segment, position) of an image's valid row."""
         if self._lookup is None:
