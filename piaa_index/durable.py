@@ -203,11 +203,13 @@ def file_checksum(path: str | Path) -> str:
 
 
 def damaged_files(folder: Path, sums: dict[str, str]) -> list[str]:
-    """The files of `sums` (name -> digest) in `folder` that are missing or differ."""
+    """The files of `sums` (name -> digest: `file_digest`'s, or `file_checksum`'s "crc32:…")
+    in `folder` that are missing or differ."""
     bad = []
     for name, expected in sums.items():
+        check = file_checksum if expected.startswith("crc32:") else file_digest
         try:
-            if file_digest(folder / name) != expected:
+            if check(folder / name) != expected:
                 bad.append(name)
         except OSError:
             bad.append(name)

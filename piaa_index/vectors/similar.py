@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_digest, replace_all
+from piaa_index.durable import damaged_files, file_checksum, file_digest, replace_all
 from piaa_index.progress import Progress, note
 from piaa_index.vectors import similar_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
@@ -141,7 +141,8 @@ class ClsIndex:
             # Checksums: the held ids are verified on every load, both files by `db check`.
             "sums": {
                 "cls.faiss": file_digest(folder / "cls.faiss.tmp"),
-                "held.npz": file_digest(folder / "held.npz.tmp.npz"),
+                # crc32: verified on every load, a quick check
+                "held.npz": file_checksum(folder / "held.npz.tmp.npz"),
             },
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))

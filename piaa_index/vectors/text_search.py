@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_digest, replace_all
+from piaa_index.durable import damaged_files, file_checksum, file_digest, replace_all
 from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
@@ -213,7 +213,8 @@ class PatchIndex:
             # Checksums: the held ids are verified on every load, both files by `db check`.
             "sums": {
                 "patches.faiss": file_digest(folder / "patches.faiss.tmp"),
-                "held.npz": file_digest(folder / "held.npz.tmp"),
+                # crc32: verified on every load, a quick check
+                "held.npz": file_checksum(folder / "held.npz.tmp"),
             },
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
