@@ -427,9 +427,14 @@ class ScoreView:
     def row_of(self, image_id: int) -> tuple[Segment, int] | None:
         """(segment, position) of an image's valid row."""
         if self._lookup is None:
-            rows = np.nonzero(self.valid)[0]
-            order = np.argsort(self.ids[rows], kind="stable")
-            self._lookup = (self.ids[rows][order], rows[order])
+            if _increasing(self.ids) and bool(self.valid.all()):
+                # Ids in order, every row valid (a fit's re-tag): the ids are the keys, no sort
+                # of a million ids (25 ms) for a fresh `piaa tags`.
+                self._lookup = (self.ids, np.arange(len(self.ids)))
+            else:
+                rows = np.nonzero(self.valid)[0]
+                order = np.argsort(self.ids[rows], kind="stable")
+                self._lookup = (self.ids[rows][order], rows[order])
         keys, rows = self._lookup
         i = int(np.searchsorted(keys, image_id))
         if i >= len(keys) or keys[i] != image_id:
@@ -452,6 +457,9 @@ class ScoreView:
                 if not seg.mats:
                     continue  # tombstones
                 pres = seg.mats["present"]
+                if v.all():  # one pass over the segment, no [rows] mask per label
+                    counts += np.count_nonzero(pres[:n_labels], axis=1)
+                    continue
                 for c in range(n_labels):
                     counts[c] += int(np.count_nonzero(pres[c] & v))
             self._counts = counts
@@ -460,7 +468,7 @@ class ScoreView:
 
 def latest_rows(ids: np.ndarray) -> np.ndarray:
     """Mask of the last row of each id (later segments supersede earlier ones)."""
-    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+    if _increasing(ids):
         # Ids in increasing order (a fit's re-tag of a never-vacuumed library) are distinct:
         # 1 ms at 1M rows against 35-220 ms for np.unique, on every fresh process's first query.
         return np.ones(len(ids), dtype=bool)
@@ -469,6 +477,11 @@ def latest_rows(ids: np.ndarray) -> np.ndarray:
         _, first_in_reversed = np.unique(ids[::-1], return_index=True)
         valid[len(ids) - 1 - first_in_reversed] = True
     return valid
+
+
+def _increasing(ids: np.ndarray) -> bool:
+    """Strictly increasing (so also distinct)."""
+    return len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
 
 
 def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
