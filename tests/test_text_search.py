@@ -5,6 +5,7 @@ writers, and queries that answer alike while the index does not hold everything 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +224,33 @@ def test_small_library_uses_the_exact_scan(tmp_path: Path, world: scale.World) -
         assert not (library.vectors_dir / "text").exists()
     finally:
         library.close()
+
+
+def test_a_fit_restamps_the_indexes_without_rewriting_them(
+    lib: Library, world: scale.World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit moves the catalog's version but no vector: `update_indexes` (run at its end)
+    records the new version in both indexes' meta.json and rewrites neither FAISS file (at a
+    million images loading them held ~2 GB after every fit); they answer as before, and images
+    added afterwards are synced as usual."""
+    text, cls = lib.vectors_dir / "text", lib.vectors_dir / "similar"
+    files = [text / "patches.faiss", text / "held.npz", cls / "cls.faiss", cls / "held.npz"]
+    stamps = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+    before = paths(ann(lib, "l005", monkeypatch))
+    lib.fit()  # the fixture set a vocabulary: a classifier row, tags, a new catalog version
+    version = lib.store.data_version()
+    for folder in (text, cls):
+        assert json.loads((folder / "meta.json").read_text())["version"] == version
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == stamps
+    assert paths(ann(lib, "l005", monkeypatch)) == before == paths(exact(lib, "l005"))
+    fresh = scale.open_library(lib.settings.home, world)
+    try:
+        assert fresh.searcher._similar_index().version == version
+        assert paths(ann(fresh, "l005", monkeypatch)) == before
+    finally:
+        fresh.close()
+    new_ids = lib.store.reserve_images([f"/late/{i}.jpg" for i in range(20)])
+    _commit(lib, new_ids, *_strong(world, 5, 20, seed=9))
+    lib.update_indexes()
+    assert len(lib.searcher._text_index.ids) == N_IMAGES + 20
+    assert (text / "patches.faiss").stat().st_mtime_ns != stamps[0][1]

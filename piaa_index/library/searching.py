@@ -217,17 +217,28 @@ class Searcher(Part):
         text search's patch index. Part of `index`, `fit` and `vacuum`, never of a query, so a
         first query at a million images does not build for minutes (issue 23)."""
         from piaa_index.vectors import text_search
-        from piaa_index.vectors.similar import saved_version
+        from piaa_index.vectors.similar import restamp, saved_version
 
-        # Current on disk: nothing to load (at 1M the two indexes are ~2 GB in memory).
+        # Current on disk, or untouched by what moved the catalog's version (a fit): nothing
+        # to load (at 1M the two indexes are ~2 GB in memory).
         version, layout = self.store.data_version(), VectorsLayout(self.vectors_dir)
         n = self.store.indexed_count()
-        if saved_version(layout.similar) != version and (n or self._similar is not None):
-            self._similar = self._sync_similar(progress)
-        if n >= text_search.EXACT_BELOW and saved_version(layout.text) != version:
-            self._text_index = text_search.sync(
-                self._text_index, self.store, self.vectors, layout.text, progress
-            )
+        saved = saved_version(layout.similar)
+        if saved != version and (n or self._similar is not None):
+            if saved is not None and restamp(layout.similar, self.store, version):
+                if self._similar is not None and self._similar.version == saved:
+                    self._similar.version = version  # the one on disk, still current
+            else:
+                self._similar = self._sync_similar(progress)
+        saved = saved_version(layout.text)
+        if n >= text_search.EXACT_BELOW and saved != version:
+            if saved is not None and restamp(layout.text, self.store, version):
+                if self._text_index is not None and self._text_index.version == saved:
+                    self._text_index.version = version
+            else:
+                self._text_index = text_search.sync(
+                    self._text_index, self.store, self.vectors, layout.text, progress
+                )
 
     def _similar_index(self) -> Any:
         """The newest saved [CLS] index (None: not built yet); a query's step, it never
