@@ -203,3 +203,28 @@ def test_one_hash_and_it_is_the_one_libraries_stored(tmp_path: Path) -> None:
         assert file_digest(folder / f"000001.{kind}.faiss") == sums[kind]
     meta = json.loads((folder / "similar" / "meta.json").read_text())
     assert durable.damaged_files(folder / "similar", meta["sums"]) == []
+
+
+def test_damaged_files_trusts_a_recorded_stamp_and_rereads_a_moved_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file still carrying the stamp recorded when it was hashed is not read again (the
+    derived indexes' held ids, checked on every query); any rewrite moves the stamp, and the
+    file is then hashed and its damage reported."""
+    from piaa_index import durable
+
+    data = bytes(range(256)) * 4096
+    (tmp_path / "held.npz").write_bytes(data)
+    sums = {"held.npz": durable.file_checksum(tmp_path / "held.npz")}
+    stamps = {"held.npz": durable.content_stamp(tmp_path / "held.npz")}
+    with monkeypatch.context() as patched:
+        patched.setattr(durable, "file_checksum", lambda path: pytest.fail("read again"))
+        assert durable.damaged_files(tmp_path, sums, stamps) == []
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    os.utime(tmp_path / "held.npz", ns=(0, 1))  # a different mtime than the one recorded
+    (tmp_path / "held.npz").write_bytes(bytes(flipped))
+    assert durable.damaged_files(tmp_path, sums, stamps) == ["held.npz"]
+    assert durable.damaged_files(tmp_path, sums) == ["held.npz"]
+    (tmp_path / "held.npz").unlink()
+    assert durable.damaged_files(tmp_path, sums, stamps) == ["held.npz"]

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_checksum, file_digest, replace_all
+from piaa_index.durable import (
+    content_stamp,
+    damaged_files,
+    file_checksum,
+    file_digest,
+    replace_all,
+)
 from piaa_index.progress import Progress, note
 from piaa_index.vectors import similar_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
@@ -46,7 +52,9 @@ def restamp(folder: Path, store: Any, version: int) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         sums = meta.get("sums") or {}
-        if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
+        if "held.npz" in sums and damaged_files(
+            folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
+        ):
             return False
         with np.load(folder / "held.npz") as held:
             ids, shards = held["ids"], held["shards"]
@@ -170,6 +178,8 @@ class ClsIndex:
                 # crc32: verified on every load, a quick check
                 "held.npz": file_checksum(folder / "held.npz.tmp.npz"),
             },
+            # ... unless it is still the file hashed here (the rename keeps the stamp)
+            "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp.npz")},
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
         # meta.json last: it is what says the other two belong together.
@@ -191,7 +201,9 @@ class ClsIndex:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             sums = meta.get("sums") or {}
-            if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
+            if "held.npz" in sums and damaged_files(
+                folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
+            ):
                 return None  # damaged: rebuilt from the shards
             index: Any = None
             if mapped:

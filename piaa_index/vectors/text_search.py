@@ -38,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import damaged_files, file_checksum, file_digest, replace_all
+from piaa_index.durable import (
+    content_stamp,
+    damaged_files,
+    file_checksum,
+    file_digest,
+    replace_all,
+)
 from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
@@ -216,6 +222,8 @@ class PatchIndex:
                 # crc32: verified on every load, a quick check
                 "held.npz": file_checksum(folder / "held.npz.tmp"),
             },
+            # ... unless it is still the file hashed here (the rename keeps the stamp)
+            "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp")},
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
         replace_all(
@@ -235,7 +243,9 @@ class PatchIndex:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             sums = meta.get("sums") or {}
-            if "held.npz" in sums and damaged_files(folder, {"held.npz": sums["held.npz"]}):
+            if "held.npz" in sums and damaged_files(
+                folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
+            ):
                 return None  # damaged: rebuilt from the shards
             faiss = _faiss()
             flags = faiss.IO_FLAG_MMAP if mapped else 0
