@@ -223,19 +223,20 @@ class Searcher(Part):
         # to load (at 1M the two indexes are ~2 GB in memory).
         version, layout = self.store.data_version(), VectorsLayout(self.vectors_dir)
         n = self.store.indexed_count()
-        saved = saved_version(layout.similar)
-        if saved != version and (n or self._similar is not None):
-            if saved is not None and restamp(layout.similar, self.store, version):
-                if self._similar is not None and self._similar.version == saved:
-                    self._similar.version = version  # the one on disk, still current
-            else:
+
+        def restamped(folder: Path, held: Any) -> bool:
+            saved = saved_version(folder)
+            if saved is None or not restamp(folder, self.store, version):
+                return False
+            if held is not None and held.version == saved:
+                held.version = version  # the one on disk, still current
+            return True
+
+        if saved_version(layout.similar) != version and (n or self._similar is not None):
+            if not restamped(layout.similar, self._similar):
                 self._similar = self._sync_similar(progress)
-        saved = saved_version(layout.text)
-        if n >= text_search.EXACT_BELOW and saved != version:
-            if saved is not None and restamp(layout.text, self.store, version):
-                if self._text_index is not None and self._text_index.version == saved:
-                    self._text_index.version = version
-            else:
+        if n >= text_search.EXACT_BELOW and saved_version(layout.text) != version:
+            if not restamped(layout.text, self._text_index):
                 self._text_index = text_search.sync(
                     self._text_index, self.store, self.vectors, layout.text, progress
                 )
