@@ -76,9 +76,17 @@ def test_an_earlier_release_library_keeps_its_files_where_the_layout_says(
         assert path.is_file(), path
     assert list(layout.text_tower_cache.glob("*.safetensors"))
     assert layout.weight_hashes.is_file()
-    # Nothing else in the home (SQLite's own -wal and -shm files aside).
+    # Nothing else in the home (SQLite's own -wal and -shm files aside); the schema upgrade
+    # on open (0006 -> head) took the first-open lock beside the database.
+    assert Path(open_lock(layout.sqlite_file)).is_file()
     names = {p.name for p in home.iterdir()} - {"piaa.sqlite3-wal", "piaa.sqlite3-shm"}
-    assert names == {"cache", "piaa.sqlite3", "vectors", "weights-sha256.json"}
+    assert names == {
+        "cache",
+        "piaa.sqlite3",
+        Path(open_lock(layout.sqlite_file)).name,
+        "vectors",
+        "weights-sha256.json",
+    }
 
 
 def test_layout_imports_nothing_heavy() -> None:
