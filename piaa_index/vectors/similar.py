@@ -42,6 +42,20 @@ def saved_version(folder: Path) -> int | None:
         return None
 
 
+def read_held(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(meta.json, the held arrays: ids, shards, …) of the index saved in `folder` (this one
+    or text search's); None when its held ids are damaged (crc32, unless their stamp is the
+    one recorded when they were hashed). Raises on a missing or unreadable file."""
+    meta = json.loads((folder / "meta.json").read_text())
+    sums = meta.get("sums") or {}
+    if "held.npz" in sums and damaged_files(
+        folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
+    ):
+        return None
+    with np.load(folder / "held.npz") as held:
+        return meta, {name: held[name] for name in held.files}
+
+
 def restamp(folder: Path, store: Any, version: int) -> bool:
     """Record catalog `version` in the index saved in `folder` (this one or text search's)
     when nothing since it was saved concerns it: no image it holds changed or left, none was
@@ -50,16 +64,13 @@ def restamp(folder: Path, store: Any, version: int) -> bool:
     False (nothing written) when there is something to sync or no sound index: the caller
     syncs. `version` is read before this call, so a change made meanwhile is synced next."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        sums = meta.get("sums") or {}
-        if "held.npz" in sums and damaged_files(
-            folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
-        ):
-            return False
-        with np.load(folder / "held.npz") as held:
-            ids, shards = held["ids"], held["shards"]
+        found = read_held(folder)
     except Exception:  # noqa: BLE001 - any damage: the sync rebuilds
         return False
+    if found is None:
+        return False
+    meta, held = found
+    ids, shards = held["ids"], held["shards"]
     max_shard = int(shards.max()) if len(shards) else 0
     stale, new = store.changes_since(ids, shards, max_shard)
     if stale.any() or new:
@@ -199,12 +210,11 @@ class ClsIndex:
         a probe reads its lists only), else memory-mapped through FAISS; writers load it whole
         to change it."""
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            sums = meta.get("sums") or {}
-            if "held.npz" in sums and damaged_files(
-                folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
-            ):
+            found = read_held(folder)
+            if found is None:
                 return None  # damaged: rebuilt from the shards
+            meta, held = found
+            ids, shards = held["ids"], held["shards"]
             index: Any = None
             if mapped:
                 index = similar_files.open_saved(str(folder / "cls.faiss"), meta["kind"])
@@ -212,8 +222,6 @@ class ClsIndex:
                 faiss = _faiss()
                 flags = faiss.IO_FLAG_MMAP if mapped else 0
                 index = faiss.read_index(str(folder / "cls.faiss"), flags)
-            with np.load(folder / "held.npz") as held:
-                ids, shards = held["ids"], held["shards"]
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         if int(index.ntotal) != len(ids):

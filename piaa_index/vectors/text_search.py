@@ -40,7 +40,6 @@ import numpy as np
 
 from piaa_index.durable import (
     content_stamp,
-    damaged_files,
     file_checksum,
     file_digest,
     replace_all,
@@ -241,17 +240,14 @@ class PatchIndex:
         file memory-mapped, read-only (a fresh query process: 1.5 GB at 1M not read, a probe
         touches its lists only); writers load it to change it."""
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            sums = meta.get("sums") or {}
-            if "held.npz" in sums and damaged_files(
-                folder, {"held.npz": sums["held.npz"]}, meta.get("stamps")
-            ):
+            found = similar.read_held(folder)
+            if found is None:
                 return None  # damaged: rebuilt from the shards
+            meta, held = found
+            ids, shards, rows = held["ids"], held["shards"], held["rows"]
             faiss = _faiss()
             flags = faiss.IO_FLAG_MMAP if mapped else 0
             index = faiss.read_index(str(folder / "patches.faiss"), flags)
-            with np.load(folder / "held.npz") as held:
-                ids, shards, rows = held["ids"], held["shards"], held["rows"]
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         out = cls(index, ids, shards, rows)
