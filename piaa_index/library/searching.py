@@ -224,22 +224,23 @@ class Searcher(Part):
         version, layout = self.store.data_version(), VectorsLayout(self.vectors_dir)
         n = self.store.indexed_count()
 
-        def restamped(folder: Path, held: Any) -> bool:
+        def current(folder: Path, held: Any) -> bool:
+            """Saved at this version, or re-stamped to it (`held`: the one in memory)."""
             saved = saved_version(folder)
+            if saved == version:
+                return True
             if saved is None or not restamp(folder, self.store, version):
                 return False
             if held is not None and held.version == saved:
                 held.version = version  # the one on disk, still current
             return True
 
-        if saved_version(layout.similar) != version and (n or self._similar is not None):
-            if not restamped(layout.similar, self._similar):
-                self._similar = self._sync_similar(progress)
-        if n >= text_search.EXACT_BELOW and saved_version(layout.text) != version:
-            if not restamped(layout.text, self._text_index):
-                self._text_index = text_search.sync(
-                    self._text_index, self.store, self.vectors, layout.text, progress
-                )
+        if (n or self._similar is not None) and not current(layout.similar, self._similar):
+            self._similar = self._sync_similar(progress)
+        if n >= text_search.EXACT_BELOW and not current(layout.text, self._text_index):
+            self._text_index = text_search.sync(
+                self._text_index, self.store, self.vectors, layout.text, progress
+            )
 
     def _similar_index(self) -> Any:
         """The newest saved [CLS] index (None: not built yet); a query's step, it never
