@@ -294,30 +294,18 @@ class ImagesMixin:
     def image_counts(self) -> dict[str, int]:
         """Images per status, from the trigger-kept `image_counts` (no walk of the images)."""
         with self.session() as s:
-            rows = s.execute(select(ImageCount.status, ImageCount.n).where(ImageCount.n > 0)).all()
-        return {status: int(n) for status, n in rows}
+            return {status: n for status, n in _held_counts(s).items() if n > 0}
 
     def counted_image_counts(self) -> dict[str, int]:
         """Images per status counted row by row: what `image_counts` must agree with."""
         with self.session() as s:
-            rows = s.execute(select(Image.status, func.count()).group_by(Image.status)).all()
-        return {status: int(n) for status, n in rows}
+            return _counted(s)
 
     def repair_image_counts(self) -> dict[str, int] | None:
         """Rewrite `image_counts` from a real count where they differ (a database edited with
         its triggers off, or restored from parts); the wrong counts it held, else None."""
         with self.session() as s:
-            held = {
-                st: int(n)
-                for st, n in s.execute(select(ImageCount.status, ImageCount.n)).all()
-                if n
-            }
-            real = {
-                st: int(n)
-                for st, n in s.execute(
-                    select(Image.status, func.count()).group_by(Image.status)
-                ).all()
-            }
+            held, real = _held_counts(s), _counted(s)  # one transaction: one state
             if held == real:
                 return None
             s.execute(delete(ImageCount))
@@ -380,3 +368,15 @@ def _outermost(roots: Iterable[str], sep: str) -> list[str]:
             for k in range(2, len(parts))
         )
     )
+
+
+def _held_counts(s: Session) -> dict[str, int]:
+    """The trigger-kept images per status, rows of 0 left out (a negative one is drift)."""
+    rows = s.execute(select(ImageCount.status, ImageCount.n).where(ImageCount.n != 0)).all()
+    return {status: int(n) for status, n in rows}
+
+
+def _counted(s: Session) -> dict[str, int]:
+    """Images per status, counted row by row."""
+    rows = s.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+    return {status: int(n) for status, n in rows}
