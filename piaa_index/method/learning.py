@@ -17,7 +17,8 @@ How it learns (DCLIP's and CAPNET's ideas, small enough for seconds on a CPU):
   labels teach transfers to labels with few examples;
 - CAPNET's distribution-balanced weighting: each label's positives weigh as much as its
   negatives, so rare labels are not drowned;
-- anchored to the training-free parameters (L2 to them), so a few labels move them a little.
+- anchored to the training-free patch rows (L2 to them), so a few labels move them a little;
+- shrinkage chosen per label: the learnt offsets whole or half-way back, by held-out AP.
 
 A learnt label is used only where it beats the training-free score on the user's own labels,
 held out (k-fold, out-of-fold average precision): `learn` reports which labels it chose and why.
@@ -43,7 +44,8 @@ class LearnParams:
     min_positives: int = 4
     min_negatives: int = 4
     folds: int = 3  # held-out validation: k-fold over the labelled images
-    # Out-of-fold AP points the learnt head must gain over the training-free score.
+    # Out-of-fold AP points the learnt head must gain over the training-free score: a label
+    # the keywords say nothing about must not switch on held-out noise.
     min_gain: float = 0.5
     steps: int = 120  # Adam steps
     batch_images: int = 1024  # labelled images per step (all of them when fewer)
@@ -52,7 +54,9 @@ class LearnParams:
     max_train_images: int = 3000
     lr: float = 0.002  # Adam's step: a few thousandths of a row's norm (~0.6)
     anchor: float = 1.0  # L2 weight pulling the patch rows to their start (relative)
-    cls_anchor: float = 1.0  # the same for the [CLS] prototypes, on the z-scored cosine's scale
+    # The same for the [CLS] prototypes, on the z-scored cosine's scale. Off: on that scale
+    # any weight that mattered (≥ 0.01) froze them, and freed they learn (docs/results.md).
+    cls_anchor: float = 0.0
     gamma_neg: float = 2.0  # asymmetric loss focusing on negatives (DCLIP: 4 on full labels)
     gamma_pos: float = 0.0
     clip: float = 0.05  # probability margin below which negatives cost nothing
@@ -60,6 +64,9 @@ class LearnParams:
     # images ranked worse (mAP 81.8 vs 82.4 without; docs/results.md).
     projector_rank: int = 0
     mfi: float = 0.1  # weight of the loss pushing projected label features apart
+    # Candidate shares of the learnt offsets, chosen per label on held-out AP: part-way back
+    # to the training-free parameters is shrinkage, often better with few labels.
+    shrinks: tuple[float, ...] = (0.5, 1.0)
     alpha: float = 0.9  # the patch branch's weight (PAA), as in decisions.calibrate
     device: str = "auto"  # torch device: a GPU when there is one, else the CPU
     seed: int = 0
@@ -150,12 +157,13 @@ class _Model:
             self.B = torch.zeros(d, self.rank, device=dev, requires_grad=True)
             self.tensors += [self.A, self.B]
 
-    def rows(self) -> tuple[Any, Any, Any]:
-        """(W [C, d], b [C], [CLS] prototypes [C, d])."""
-        W = self.W0 + self.dW
+    def rows(self, shrink: float = 1.0) -> tuple[Any, Any, Any]:
+        """(W [C, d], b [C], [CLS] prototypes [C, d]), the learnt offsets scaled by `shrink`
+        (1: as learnt; 0.5: half-way back to the training-free parameters)."""
+        dW = self.dW
         if self.rank:
-            W = W + (self.T @ self.B) @ self.A.T
-        return W, self.b0 + self.db, self.T + self.du
+            dW = dW + (self.T @ self.B) @ self.A.T
+        return self.W0 + shrink * dW, self.b0 + shrink * self.db, self.T + shrink * self.du
 
     def logits(self, X: Any, bg: Any, Z: Any) -> Any:
         """[n, C] confidence logits of images: patches X [n, M, d], background bg [n, M],
@@ -163,10 +171,10 @@ class _Model:
         torch = self.torch
         return torch.nn.functional.softplus(self.raw_slope) * self.fused(X, bg, Z) + self.intercept
 
-    def fused(self, X: Any, bg: Any, Z: Any) -> Any:
+    def fused(self, X: Any, bg: Any, Z: Any, shrink: float = 1.0) -> Any:
         """[n, C] the fused z-score F of the calibration (decisions.Calibration.fused)."""
         torch = self.torch
-        W, b, U = self.rows()
+        W, b, U = self.rows(shrink)
         n, M, d = X.shape
         # float16-stored patches (keywords.read_examples) become float32 a batch at a time.
         patch = (X.reshape(n * M, d).float() @ W.T + b).reshape(n, M, -1) - bg[:, :, None]
@@ -231,12 +239,14 @@ class _Model:
             loss.backward()
             opt.step()
 
-    def predict(self, X: Any, bg: Any, Z: Any) -> np.ndarray:
+    def predict(self, X: Any, bg: Any, Z: Any, shrink: float = 1.0) -> np.ndarray:
         """[n, C] fused z-scores F (float64), a batch of images at a time."""
         step = self.p.batch_images
         with self.torch.no_grad():
             parts = [
-                self.fused(X[i : i + step], bg[i : i + step], Z[i : i + step]).double().cpu()
+                self.fused(X[i : i + step], bg[i : i + step], Z[i : i + step], shrink)
+                .double()
+                .cpu()
                 for i in range(0, len(X), step)
             ]
         return self.torch.cat(parts).numpy() if parts else np.zeros((0, len(self.W0)))
@@ -306,8 +316,9 @@ def learn(
     def model() -> _Model:
         return _Model(W0, b0, T, scale, (ec, es, cc, cs), slope0, intercept0, p)
 
-    # Held-out validation: out-of-fold logits of every labelled image.
-    oof = np.full((n, C), np.nan)
+    # Held-out validation: out-of-fold fused scores of every labelled image, at each shrink.
+    shrinks = tuple(p.shrinks)
+    oof = np.full((len(shrinks), n, C), np.nan)
     if eligible.any():
         rng = np.random.default_rng(p.seed)
         fold = rng.permutation(n) % max(2, p.folds)
@@ -316,13 +327,17 @@ def learn(
             held = fold == k
             m = model()
             m.fit(X[train], bg[train], Z[train], Yt[train])
-            oof[held] = m.predict(X[held], bg[held], Z[held])
+            for j, s in enumerate(shrinks):
+                oof[j, held] = m.predict(X[held], bg[held], Z[held], s)
     final = model()
     if eligible.any():
         train = _at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed))
         final.fit(X[train], bg[train], Z[train], Yt[train])
     with torch.no_grad():
-        W, b, U = (t.cpu().numpy().astype(np.float32) for t in final.rows())
+        learnt_rows = [
+            tuple(t.cpu().numpy().astype(np.float32) for t in final.rows(s)) for s in shrinks
+        ]
+    W, b, U = (a.copy() for a in learnt_rows[-1])
     # The confidence of a learnt label is calibrated on held-out scores (the out-of-fold F):
     # the training loss alone makes it overconfident (confidences tie at 1.0 and rank nothing).
     slope, intercept = slope0.copy(), intercept0.copy()
@@ -340,11 +355,15 @@ def learn(
         else:
             truth = Y[known, c] == 1
             ap_free = average_precision(F0[known, c], truth)
-            ap_learnt = average_precision(oof[known, c], truth)
+            aps = [average_precision(oof[j, known, c], truth) for j in range(len(shrinks))]
+            best = int(np.argmax(aps))  # the first of equals: the least learnt
+            ap_learnt = aps[best]
             rec["held_out_AP"] = {"training_free": round(ap_free, 2), "learnt": round(ap_learnt, 2)}
             chosen[c] = ap_learnt >= ap_free + p.min_gain
             if chosen[c]:
-                slope[c], intercept[c] = _logistic_1d(oof[known, c], truth, ridge=1.0)
+                rec["shrink"] = shrinks[best]
+                W[c], b[c], U[c] = (a[c] for a in learnt_rows[best])
+                slope[c], intercept[c] = _logistic_1d(oof[best, known, c], truth, ridge=1.0)
             rec["used"] = "learnt" if chosen[c] else "training-free"
             rec["why"] = f"held-out AP {ap_learnt:.1f} vs {ap_free:.1f} training-free" + (
                 "" if chosen[c] else f" (needs +{p.min_gain:g})"
