@@ -5,7 +5,7 @@
 ShapesWorld geometry: 64 patches x 128 dims; ViT-B/16: 196 x 512. 24 labels, 10 % of images
 holding each, every image labelled (the worst case: every label learns and is validated).
 Prints the seconds of `learning.learn` (3-fold held-out validation and the final training)
-and the peak of the process's memory. No image is read: learning works on stored vectors.
+and the peak of the process's memory (the labelled patches wait in a file, as in the library). No image is read: learning works on stored vectors.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,25 +25,31 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shapesworld")
     ap.add_argument("--labels", type=int, default=24)
+    ap.add_argument(
+        "--folder", type=Path, default=None, help="where the patches' file goes (default: TMPDIR)"
+    )
     args = ap.parse_args()
 
     import torch
 
     from piaa_index.method.learning import Examples, learn
+    from piaa_index.spill import SpilledArray
 
     M, d = GEOMETRIES[args.geometry]
     n, C = args.images, args.labels
     rng = np.random.default_rng(0)
     Y = (rng.random((n, C)) < 0.1).astype(np.int8)
-    # Stored as the library gives them (keywords.read_examples): float16, made a block at a
-    # time so that the benchmark's own data does not set the peak.
-    X = np.empty((n, M, d), np.float16)
+    # As the library gives them (keywords.read_examples): float16 in an unnamed file in
+    # --folder, made a block at a time so that the benchmark's own data does not set the peak.
+    X = SpilledArray((M, d), np.float16, args.folder)
+    cls = np.empty((n, d), np.float32)
     for i in range(0, n, 500):
         blk = rng.standard_normal(size=(min(500, n - i), M, d), dtype=np.float32)
         for c in range(C):  # each label's images hold one patch along its own direction
             blk[Y[i : i + 500, c] == 1, c % M, c] += 3.0
-        X[i : i + 500] = blk / np.linalg.norm(blk, axis=2, keepdims=True)
-    cls = np.stack([X[i].astype(np.float32).mean(axis=0) for i in range(n)])
+        blk = (blk / np.linalg.norm(blk, axis=2, keepdims=True)).astype(np.float16)
+        X.append(blk)
+        cls[i : i + 500] = blk.astype(np.float32).mean(axis=1)
     ex = Examples(X, np.zeros((n, M), np.float32), cls, Y)
     W0 = (0.1 * rng.normal(size=(C, d))).astype(np.float32)
     T = np.eye(C, d, dtype=np.float32)

@@ -295,7 +295,10 @@ def learned_scores(
     }
     rows = complete_rows(labelled, names)
     locations = [loc for loc in fit_locations if loc[0] in rows]
-    learnt = learn_labels(library.vectors, classifier, T, locations, rows, fit_locations)
+    learnt = learn_labels(
+        library.vectors, classifier, T, locations, rows, fit_locations,
+        folder=library.tagger.scores_dir,
+    )  # fmt: skip
     learnt_classifier = with_learnt(classifier, learnt, T)
     ids, raw = score_methods(library, test_locations, learnt_classifier, T)
     scores = _in_order(raw, ids, order, len(names))

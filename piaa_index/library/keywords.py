@@ -21,6 +21,7 @@ from piaa_index.durable import write_bytes_atomic
 from piaa_index.errors import UserInputError
 from piaa_index.method.learning import Examples, LearnParams, Learnt, learn
 from piaa_index.query.language import normalize_label
+from piaa_index.spill import SpilledArray
 
 if TYPE_CHECKING:
     from piaa_index.method.decisions import Decisions
@@ -36,36 +37,25 @@ def read_examples(
     classifier: Classifier,
     locations: Sequence[tuple[int, int, int]],
     labels: dict[int, np.ndarray],
+    folder: Path | None = None,
 ) -> Examples:
     """The labelled images' vectors, in `locations` order; `labels` maps image id to its
-    [C] int8 row (1 present, 0 absent, -1 not labelled)."""
-    patches: list[np.ndarray] = []
-    background: list[np.ndarray] = []
-    cls: list[np.ndarray] = []
-    rows: list[np.ndarray] = []
+    [C] int8 row (1 present, 0 absent, -1 not labelled). The patches go to an unnamed file in
+    `folder` (float16: 10,000 labelled ViT-B/16 images are 2 GB, 50,000 would be 10), of which
+    learning reads the rows it works on; the rest is small and held."""
+    M, d = vectors.n_patches, vectors.dim
+    patches = SpilledArray((M, d), np.float16, folder)
+    background: list[np.ndarray] = [np.zeros((0, M), np.float32)]
+    cls: list[np.ndarray] = [np.zeros((0, d), np.float32)]
+    rows: list[np.ndarray] = [np.zeros((0, classifier.n_classes), np.int8)]
     for chunk in vectors.iter_live(list(locations)):
-        n, M, d = chunk.patches.shape
+        n = len(chunk.image_ids)
         flat = np.asarray(chunk.patches, np.float32).reshape(n * M, d)
-        # float16: half the memory (10,000 labelled ViT-B/16 images hold 2 GB, not 4).
-        patches.append(flat.reshape(n, M, d).astype(np.float16))
+        patches.append(flat.reshape(n, M, d))
         background.append(classifier.background_logdensity(flat).reshape(n, M))
         cls.append(np.asarray(chunk.cls, np.float32))
-        rows.extend(labels[int(i)] for i in chunk.image_ids)
-    if not rows:
-        C = classifier.n_classes
-        d = vectors.dim
-        return Examples(
-            np.zeros((0, vectors.n_patches, d), np.float16),
-            np.zeros((0, vectors.n_patches), np.float32),
-            np.zeros((0, d), np.float32),
-            np.zeros((0, C), np.int8),
-        )
-    return Examples(
-        np.concatenate(patches),
-        np.concatenate(background),
-        np.concatenate(cls),
-        np.stack(rows).astype(np.int8),
-    )
+        rows.append(np.stack([labels[int(i)] for i in chunk.image_ids]).astype(np.int8))
+    return Examples(patches, np.concatenate(background), np.concatenate(cls), np.concatenate(rows))
 
 
 def reference_scores(
@@ -99,11 +89,17 @@ def learn_labels(
     labels: dict[int, np.ndarray],
     collection: Sequence[tuple[int, int, int]],
     params: LearnParams | None = None,
+    folder: Path | None = None,
 ) -> Learnt:
-    """Learn from the labelled images (`labelled` locations, `labels` rows by image id)."""
-    ex = read_examples(vectors, classifier, labelled, labels)
-    reference = reference_scores(vectors, classifier, T, collection)
-    return learn(ex, classifier.W, classifier.b, T, classifier.scale, reference, params)
+    """Learn from the labelled images (`labelled` locations, `labels` rows by image id); their
+    patches wait in an unnamed file in `folder` meanwhile (read_examples)."""
+    ex = read_examples(vectors, classifier, labelled, labels, folder)
+    try:
+        reference = reference_scores(vectors, classifier, T, collection)
+        return learn(ex, classifier.W, classifier.b, T, classifier.scale, reference, params)
+    finally:
+        if isinstance(ex.patches, SpilledArray):
+            ex.patches.close()
 
 
 def with_learnt(classifier: Classifier, learnt: Learnt, T: np.ndarray) -> Classifier:

@@ -316,7 +316,9 @@ class Tagger(Part):
             return classifier, None
         note(f"learning from the labels of {len(rows)} images", progress)
         labelled = [live[i] for i in sorted(rows, key=lambda i: live[i][1:])]
-        learnt = learn_labels(self.vectors, classifier, T, labelled, rows, locations)
+        learnt = learn_labels(
+            self.vectors, classifier, T, labelled, rows, locations, folder=self.scores_dir
+        )
         learnt_classifier = with_learnt(classifier, learnt, T)
         learnt_classifier.params = {
             **classifier.params,

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from piaa_index.spill import SpilledArray
+
 __all__ = ["Examples", "LearnParams", "Learnt", "learn", "average_precision"]
 
 
@@ -76,7 +78,9 @@ class LearnParams:
 class Examples:
     """The labelled images' stored vectors and what the label rows read of them."""
 
-    patches: np.ndarray  # [n, M, d] float32, or float16 (half the memory; used as float32)
+    # [n, M, d] float32, or float16 (half the memory; used as float32), in memory or spilled
+    # to a file (keywords.read_examples): learning reads the rows it works on.
+    patches: np.ndarray | SpilledArray
     background: np.ndarray  # [n, M] float32: the background mixture's log-density per patch
     cls: np.ndarray  # [n, d] float32
     Y: np.ndarray  # [n, C] int8: 1 present, 0 absent, -1 not labelled
@@ -308,31 +312,45 @@ def learn(
         slope0[k], intercept0[k] = _logistic_1d(F0[known, k], Y[known, k] == 1)
 
     dev = _device(p.device)
-    X = torch.as_tensor(np.ascontiguousarray(ex.patches), device=dev)  # float32 or float16
-    bg = torch.as_tensor(np.ascontiguousarray(ex.background, np.float32), device=dev)
-    Z = torch.as_tensor(np.ascontiguousarray(ex.cls, np.float32), device=dev)
+    background = np.asarray(ex.background, np.float32)
+    cls = np.asarray(ex.cls, np.float32)
     Yt = torch.as_tensor(np.where(eligible[None, :], Y, -1).astype(np.int64), device=dev)
+
+    def images(rows: np.ndarray) -> tuple[Any, Any, Any]:
+        """The images `rows` (sorted) on the device: only these patches are read (from memory
+        or the spilled file; float16 stays so, `fused` widens a batch at a time)."""
+
+        def t(a: np.ndarray) -> Any:
+            return torch.as_tensor(np.ascontiguousarray(a), device=dev)
+
+        return t(ex.patches[rows]), t(background[rows]), t(cls[rows])
 
     def model() -> _Model:
         return _Model(W0, b0, T, scale, (ec, es, cc, cs), slope0, intercept0, p)
 
-    # Held-out validation: out-of-fold fused scores of every labelled image, at each shrink.
+    def trained(rows: np.ndarray) -> _Model:
+        m = model()
+        m.fit(*images(rows), Yt[torch.as_tensor(rows, device=dev)])
+        return m
+
+    # Held-out validation: out-of-fold fused scores of every labelled image, at each shrink,
+    # a batch of held-out images at a time (memory: the training rows and one batch).
     shrinks = tuple(p.shrinks)
     oof = np.full((len(shrinks), n, C), np.nan)
     if eligible.any():
         rng = np.random.default_rng(p.seed)
         fold = rng.permutation(n) % max(2, p.folds)
         for k in range(max(2, p.folds)):
-            train = _at_most(np.flatnonzero(fold != k), p.max_train_images, rng)
-            held = fold == k
-            m = model()
-            m.fit(X[train], bg[train], Z[train], Yt[train])
-            for j, s in enumerate(shrinks):
-                oof[j, held] = m.predict(X[held], bg[held], Z[held], s)
+            m = trained(_at_most(np.flatnonzero(fold != k), p.max_train_images, rng))
+            held = np.flatnonzero(fold == k)
+            for i in range(0, len(held), p.batch_images):
+                rows = held[i : i + p.batch_images]
+                x, bg, z = images(rows)
+                for j, s in enumerate(shrinks):
+                    oof[j, rows] = m.predict(x, bg, z, s)
     final = model()
     if eligible.any():
-        train = _at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed))
-        final.fit(X[train], bg[train], Z[train], Yt[train])
+        final = trained(_at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed)))
     with torch.no_grad():
         learnt_rows = [
             tuple(t.cpu().numpy().astype(np.float32) for t in final.rows(s)) for s in shrinks
@@ -394,13 +412,11 @@ def _device(name: str) -> Any:
     return torch.device(name)
 
 
-def _at_most(rows: np.ndarray, limit: int, rng: np.random.Generator) -> Any:
-    """`rows` (sorted), or a random `limit` of them, as a torch index."""
-    import torch
-
+def _at_most(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """`rows` (sorted), or a random `limit` of them (sorted)."""
     if len(rows) > limit:
         rows = np.sort(rng.choice(rows, limit, replace=False))
-    return torch.as_tensor(rows)
+    return rows
 
 
 def _logistic_1d(
