@@ -18,7 +18,7 @@ How it learns (DCLIP's and CAPNET's ideas, small enough for seconds on a CPU):
 - CAPNET's distribution-balanced weighting: each label's positives weigh as much as its
   negatives, so rare labels are not drowned;
 - anchored to the training-free patch rows (L2 to them), so a few labels move them a little;
-- shrinkage chosen per label: the learnt offsets whole or half-way back, by held-out AP;
+- shrinkage chosen per label by held-out AP: the learnt offsets whole, ¾ or ½ of them;
 - bagging: the rows installed are the mean of the final model's and the held-out folds'.
 
 A learnt label is used only where it beats the training-free score on the user's own labels,
@@ -371,7 +371,8 @@ def learn(
     if eligible.any():
         final = trained(_at_most(np.arange(n), p.max_train_images, np.random.default_rng(p.seed)))
     # Bagged: each label's rows are the mean of the final model's and the fold models' (each
-    # trained on another part of the labels), steadier than one model on a few labels.
+    # trained on another part of the labels), steadier than one model on a few labels. The
+    # choice and the calibration below stay on the fold models' held-out scores.
     learnt_rows = []
     with torch.no_grad():
         for s in shrinks:
