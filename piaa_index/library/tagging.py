@@ -8,7 +8,6 @@ next query, as a new segment, without refitting.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from piaa_index.method.open_pvcl import (
 from piaa_index.method.pvcl import Classifier, pack, unpack
 from piaa_index.progress import note, progress_bar
 from piaa_index.query.language import normalize_label
+from piaa_index.spill import SpilledArray
 from piaa_index.vectors.shards import chunk_plan
 
 if TYPE_CHECKING:
@@ -104,33 +104,30 @@ class State:
 
 class SupportRows:
     """The fit pass's text support, chunk by chunk ((image ids, [n, C] float32)), read back in
-    the same chunks by the re-tag. The rows go to an unnamed file in `folder`: held in memory,
-    [N, C] of them was 320 MB at 1M images and 80 labels; in a file they are page cache, which
-    the kernel writes out and drops as it needs."""
+    the same chunks by the re-tag. The rows go to an unnamed file in `folder` (SpilledArray):
+    held in memory, [N, C] of them was 320 MB at 1M images and 80 labels; in a file they are
+    page cache, which the kernel writes out and drops as it needs."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=folder)  # on the library's disk: /tmp may be RAM
-        self._chunks: list[tuple[np.ndarray, int, tuple[int, ...]]] = []  # ids, offset, shape
-        self._end = 0
+        self._folder = folder
+        self._rows: SpilledArray | None = None  # made at the first chunk, which gives C
+        self._chunks: list[tuple[np.ndarray, int, int]] = []  # ids, first row, end row
 
     def append(self, ids: np.ndarray, support: np.ndarray) -> None:
-        rows = np.ascontiguousarray(support, dtype=np.float32)
-        self._file.seek(self._end)
-        self._file.write(rows.tobytes())
-        self._chunks.append((ids, self._end, rows.shape))
-        self._end += rows.nbytes
+        if self._rows is None:
+            self._rows = SpilledArray(support.shape[1:], np.float32, self._folder)
+        start = len(self._rows)
+        self._rows.append(support)
+        self._chunks.append((ids, start, len(self._rows)))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for ids, offset, shape in self._chunks:
-            rows = np.empty(shape, np.float32)
-            self._file.seek(offset)
-            if rows.nbytes and self._file.readinto(rows.data.cast("B")) != rows.nbytes:
-                raise OSError("the fit's text support file was cut short")
-            yield ids, rows
+        for ids, start, end in self._chunks:
+            assert self._rows is not None  # (a chunk was appended)
+            yield ids, self._rows[start:end]
 
     def close(self) -> None:
-        self._file.close()
+        if self._rows is not None:
+            self._rows.close()
 
 
 class NotReady(Exception):

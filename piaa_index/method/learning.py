@@ -264,16 +264,10 @@ class _Model:
             opt.step()
 
     def predict(self, X: Any, bg: Any, Z: Any, shrink: float = 1.0) -> np.ndarray:
-        """[n, C] fused z-scores F (float64), a batch of images at a time."""
-        step = self.p.batch_images
+        """[n, C] fused z-scores F (float64) of one batch of images (`learn` reads the held-out
+        images a batch at a time)."""
         with self.torch.no_grad():
-            parts = [
-                self.fused(X[i : i + step], bg[i : i + step], Z[i : i + step], shrink)
-                .double()
-                .cpu()
-                for i in range(0, len(X), step)
-            ]
-        return self.torch.cat(parts).numpy() if parts else np.zeros((0, len(self.W0)))
+            return self.fused(X, bg, Z, shrink).double().cpu().numpy()
 
 
 def _training_free(
@@ -388,7 +382,7 @@ def learn(
     learnt_rows = []
     with torch.no_grad():
         for s in shrinks:
-            parts = [[t.cpu().numpy() for t in m.rows(s)] for m in (final, *fold_models)]
+            parts = [[r.cpu().numpy() for r in m.rows(s)] for m in (final, *fold_models)]
             W_s, b_s, U_s = (
                 np.mean(a, axis=0).astype(np.float32) for a in zip(*parts, strict=True)
             )
