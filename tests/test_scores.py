@@ -275,7 +275,7 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     lib.update_indexes()  # as `index` does at its end
     _same_neighbours(lib.similar(probe, limit=20), scale.similar_exact(lib, probe, limit=20))
     assert lib.searcher._similar is not None and lib.searcher._similar.kind == "flat"
-    built = lib.searcher._similar.index
+    built = lib.searcher._similar.parts
 
     scale.add_images(lib, world, 700, start=N_IMAGES)
     gone = lib.image_id("/synthetic/0000/00000012.jpg")
@@ -286,7 +286,7 @@ def test_similar_flat_index_equals_the_exact_scan(lib: Library, world: scale.Wor
     lib.update_indexes()
     got = lib.similar(probe, limit=None)
     _same_neighbours(got, scale.similar_exact(lib, probe, limit=None))
-    assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.index is built
+    assert len(got) == N_IMAGES + 700 - 2 and lib.searcher._similar.parts is built
 
     # A fresh Library loads the persisted index instead of reading every [CLS] vector again.
     again = scale.open_library(lib.settings.home, world)

@@ -58,7 +58,7 @@ def _pair(folder: Path, kind: str) -> tuple[ClsIndex, ClsIndex]:
     assert through is not None and free is not None
     assert through.kind == free.kind == kind
     expected = similar_files.SavedFlat if kind == "flat" else similar_files.SavedIVF
-    assert isinstance(free.index, expected)
+    assert isinstance(free.parts.parts[0].index, expected)
     return through, free
 
 
@@ -104,8 +104,8 @@ def test_ivf_answers_are_faiss_bits(
     n = 5_000 if dim == 128 else 3_000
     vecs = _saved(tmp_path, n, dim, seed=dim + 1, drop=0.05)
     through, free = _pair(tmp_path, "ivf")
-    biggest = int(np.max(free.index._sizes))
-    assert free.index.nlist == through.index.nlist and biggest < 100
+    biggest = int(np.max(free.parts.parts[0].index._sizes))
+    assert free.parts.parts[0].index.nlist == through.parts.nlist and biggest < 100
     # k beyond a probed list, beyond the probed lists together, and everything
     _compare(tmp_path, "ivf", vecs, [1, 5, 20, 29, biggest + 1, 100, 101, 400, 2_000])
 
@@ -210,7 +210,7 @@ def test_damage_falls_back_to_faiss(
         # FAISS read it (it reads what the parser does not: a size changed, an L2 metric) or
         # refused it: never an answer from a misread file
         assert loaded is None or not isinstance(
-            loaded.index, (similar_files.SavedFlat, similar_files.SavedIVF)
+            loaded.parts.parts[0].index, (similar_files.SavedFlat, similar_files.SavedIVF)
         )
 
 

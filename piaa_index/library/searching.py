@@ -267,7 +267,11 @@ class Searcher(Part):
             # None yet, or an IVF trained on far fewer images than it holds: build afresh.
             note("building the similar-images index…", progress)
             live = self.store.live_locations()
-            index = ClsIndex.build(self.vectors.dim, *self._cls_of(live))
+
+            def rows(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                return self._cls_of([live[i] for i in pos.tolist()])
+
+            index = ClsIndex.build_from(self.vectors.dim, len(live), rows, folder)
         else:
             stale, new = self.store.changes_since(index.ids, index.shards, index.max_shard)
             index.remove(stale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,18 @@ from piaa_index.durable import (
     content_stamp,
     damaged_files,
     file_checksum,
-    file_digest,
     replace_all,
 )
 from piaa_index.progress import Progress, note
 from piaa_index.vectors import similar_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
+from piaa_index.vectors.parts import Parts, cap_for, part_name
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
 MAX_FLAT_CELLS = 25_600_000
 NPROBE = 32
+BUILD_CHUNK = 65_536  # images read and added at a time by a build
+FLAT_CAP = 1 << 62  # a flat index is one part (it is rebuilt as an IVF past MAX_FLAT_CELLS)
 
 
 def saved_version(folder: Path) -> int | None:
@@ -102,49 +105,89 @@ def exact_search(
 
 
 class ClsIndex:
-    def __init__(self, index: Any, ids: np.ndarray, shards: np.ndarray, kind: str):
-        self.index = index
+    """The [CLS] vectors of the images `ids`, kept as `parts.Parts` (an IVF's parts share its
+    quantiser; a flat index, ≤ `MAX_FLAT_CELLS`, is one part)."""
+
+    def __init__(
+        self, parts: Parts, ids: np.ndarray, shards: np.ndarray, part_of: np.ndarray, kind: str
+    ):
+        self.parts = parts
         self.ids = ids  # int64 [n] images held
         self.shards = shards  # int32 [n] the shard each was read from
+        self.part_of = part_of  # int32 [n] the part holding each
         self.kind = kind
         self.version = -1  # catalog version it was last synced with
         self.trained_on = len(ids)
 
     @classmethod
-    def build(cls, dim: int, ids: np.ndarray, shards: np.ndarray, vectors: np.ndarray) -> ClsIndex:
+    def build(
+        cls,
+        dim: int,
+        ids: np.ndarray,
+        shards: np.ndarray,
+        vectors: np.ndarray,
+        folder: Path | None = None,
+    ) -> ClsIndex:
+        """An index of these images (in memory: tests and small libraries)."""
+
+        def rows(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return ids[pos], shards[pos], vectors[pos]
+
+        return cls.build_from(dim, len(ids), rows, folder)
+
+    @classmethod
+    def build_from(
+        cls,
+        dim: int,
+        n: int,
+        rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+        folder: Path | None,
+    ) -> ClsIndex:
+        """An index of `n` images, `rows(positions)` giving (ids, shards, vectors) of some of
+        them: read a chunk at a time, full parts written to `folder` as they fill, so a build
+        holds about one part, whatever `n`."""
         faiss = _faiss()
-        n = len(ids)
         if n * dim <= MAX_FLAT_CELLS:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-            kind = "flat"
+            trained = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+            kind, cap = "flat", FLAT_CAP
         else:
             nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
             quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            trained = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
-            index.train(np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32))
-            index.nprobe = NPROBE
-            kind = "ivf"
-        out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), kind)
-        out.add(ids, shards, vectors)
+            trained.train(np.ascontiguousarray(rows(np.sort(sample))[2], dtype=np.float32))
+            trained.nprobe = NPROBE
+            kind, cap = "ivf", cap_for(trained.code_size)
+        out = cls(
+            Parts.fresh(folder, "cls", trained, cap),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+            kind,
+        )
+        for start in range(0, n, BUILD_CHUNK):
+            out.add(*rows(np.arange(start, min(n, start + BUILD_CHUNK))))
         out.trained_on = n
         return out
 
     def add(self, ids: np.ndarray, shards: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
-            self.index.add_with_ids(
-                np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
-            )
+            part_of = self.parts.add(vectors, np.asarray(ids, np.int64))
             self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
             self.shards = np.concatenate([self.shards, np.asarray(shards, np.int32)])
+            self.part_of = np.concatenate([self.part_of, part_of])
 
     def remove(self, mask: np.ndarray) -> None:
         """Drop the held images selected by `mask`."""
         if mask.any():
-            faiss = _faiss()
-            gone = np.ascontiguousarray(self.ids[mask], dtype=np.int64)
-            self.index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
-            self.ids, self.shards = self.ids[~mask], self.shards[~mask]
+            for part in np.unique(self.part_of[mask]).tolist():
+                self.parts.remove(part, self.ids[mask & (self.part_of == part)])
+            keep = ~mask
+            self.ids, self.shards, self.part_of = (
+                self.ids[keep],
+                self.shards[keep],
+                self.part_of[keep],
+            )
 
     @property
     def max_shard(self) -> int:
@@ -155,37 +198,35 @@ class ClsIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of up to k nearest by inner product, best first (ties by id); an IVF
         probes `nprobe` lists (default `NPROBE`)."""
-        k = min(k, int(self.index.ntotal))
+        k = min(k, self.parts.ntotal)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if self.kind == "ivf" and k >= self.index.ntotal:
-            self.index.nprobe = self.index.nlist  # everything asked for: probe every list
+        if self.kind == "ivf" and k >= self.parts.ntotal:
+            self.parts.set_nprobe(1 << 30)  # everything asked for: probe every list
         elif self.kind == "ivf" and nprobe is not None:
-            self.index.nprobe = int(min(max(1, nprobe), self.index.nlist))
+            self.parts.set_nprobe(max(1, nprobe))
         try:
-            scores, ids = self.index.search(np.asarray(q, np.float32)[None], k)
+            scores, ids = self.parts.search(q, k)
         finally:
             if self.kind == "ivf":
-                self.index.nprobe = NPROBE
-        keep = ids[0] >= 0
-        ids_out, scores_out = ids[0][keep], scores[0][keep]
-        order = np.lexsort((ids_out, -scores_out))
-        return ids_out[order], scores_out[order]
+                self.parts.set_nprobe(NPROBE)
+        order = np.lexsort((ids, -scores))[:k]
+        return ids[order], scores[order]
 
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        faiss = _faiss()
         folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "cls.faiss.tmp"))
-        np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards)
+        pairs, digests = self.parts.write(folder)
+        np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards, parts=self.part_of)
         meta = {
             "kind": self.kind,
             "version": self.version,
             "trained_on": self.trained_on,
-            # Checksums: the held ids are verified on every load, both files by `db check`.
+            "parts": self.parts.names,
+            # Checksums: the held ids are verified on every load, every file by `db check`.
             "sums": {
-                "cls.faiss": file_digest(folder / "cls.faiss.tmp"),
+                **digests,
                 # crc32: verified on every load, a quick check
                 "held.npz": file_checksum(folder / "held.npz.tmp.npz"),
             },
@@ -193,42 +234,52 @@ class ClsIndex:
             "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp.npz")},
         }
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
-        # meta.json last: it is what says the other two belong together.
+        # meta.json last: it is what says the others belong together.
         replace_all(
             [
-                (folder / "cls.faiss.tmp", folder / "cls.faiss"),
+                *pairs,
                 (folder / "held.npz.tmp.npz", folder / "held.npz"),  # np.savez appends .npz
                 (folder / "meta.json.tmp", folder / "meta.json"),
             ],
             last_vouches=True,
         )
+        self.parts.written()
 
     @classmethod
     def load(cls, folder: Path, mapped: bool = False) -> ClsIndex | None:
-        """The saved index, or None (none, or damaged: rebuilt from the shards). `mapped`: for
-        searching only, in a fresh query process: its file read with `similar_files` (no FAISS;
-        a probe reads its lists only), else memory-mapped through FAISS; writers load it whole
-        to change it."""
+        """The saved index, or None (none, or damaged: rebuilt from the shards). Its IVF parts
+        are memory-mapped (a probe reads its lists only; a writer reads a part whole to change
+        it). `mapped`: for searching only, in a fresh query process: each part read with
+        `similar_files` (no FAISS) where it can."""
         try:
             found = read_held(folder)
             if found is None:
                 return None  # damaged: rebuilt from the shards
             meta, held = found
             ids, shards = held["ids"], held["shards"]
-            index: Any = None
-            if mapped:
-                index = similar_files.open_saved(str(folder / "cls.faiss"), meta["kind"])
-            if index is None:
-                faiss = _faiss()
-                flags = faiss.IO_FLAG_MMAP if mapped else 0
-                index = faiss.read_index(str(folder / "cls.faiss"), flags)
+            part_of = held["parts"] if "parts" in held else np.zeros(len(ids), np.int32)
+            kind = meta["kind"]
+
+            def reader(path: Path) -> Any:
+                return similar_files.open_saved(str(path), kind)
+
+            parts = Parts.open(
+                folder,
+                "cls",
+                meta.get("parts") or [part_name("cls", 0)],
+                meta.get("sums") or {},
+                FLAT_CAP,
+                reader if mapped else None,
+            )
+            if kind == "ivf" and parts.parts:
+                parts.cap = cap_for(4 * int(parts.parts[0].index.d))
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
-        if int(index.ntotal) != len(ids):
+        if parts.ntotal != len(ids):
             return None
-        out = cls(index, ids, shards, meta["kind"])
+        out = cls(parts, ids, shards, part_of, kind)
         if out.kind == "ivf":
-            index.nprobe = NPROBE
+            parts.set_nprobe(NPROBE)
         out.version = int(meta["version"])
         out.trained_on = int(meta.get("trained_on", len(ids)))
         return out

@@ -41,13 +41,13 @@ import numpy as np
 from piaa_index.durable import (
     content_stamp,
     file_checksum,
-    file_digest,
     replace_all,
 )
 from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
 from piaa_index.vectors.faiss_lib import faiss as _faiss
+from piaa_index.vectors.parts import Parts, cap_for, part_name
 from piaa_index.vectors.shards import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
@@ -98,13 +98,22 @@ def _pq_m(dim: int) -> int:
 
 
 class PatchIndex:
-    """IVF-PQ over every live patch; ids are image ids (an image's patches share its id)."""
+    """IVF-PQ over every live patch, kept as `parts.Parts` sharing one quantiser and codebook;
+    ids are image ids (an image's patches share its id, and one part)."""
 
-    def __init__(self, index: Any, ids: np.ndarray, shards: np.ndarray, rows: np.ndarray):
-        self.index = index
+    def __init__(
+        self,
+        parts: Parts,
+        ids: np.ndarray,
+        shards: np.ndarray,
+        rows: np.ndarray,
+        part_of: np.ndarray,
+    ):
+        self.parts = parts
         self.ids = ids  # int64 [n] images held, sorted
         self.shards = shards  # int32 [n] the shard each was read from
         self.rows = rows  # int32 [n] its row in that shard
+        self.part_of = part_of  # int32 [n] the part holding its patches
         self.version = -1
         self.trained_on = len(ids)
 
@@ -115,7 +124,10 @@ class PatchIndex:
         live: list[tuple[int, int, int]],
         nlist: int | None = None,
         advance: Callable[[int], None] | None = None,
+        folder: Path | None = None,
     ) -> PatchIndex:
+        """Trained on a sample, then every image added a chunk at a time; full parts are
+        written to `folder` (where it will be saved) as they fill."""
         faiss = _faiss()
         d, m_patches = vectors.dim, vectors.n_patches
         total = len(live) * m_patches
@@ -136,7 +148,9 @@ class PatchIndex:
             sample = sample[np.sort(rng.choice(len(sample), TRAIN_PATCHES, replace=False))]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = _nprobe(nlist)
-        out = cls(index, np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+        parts = Parts.fresh(folder, "patches", index, cap_for(index.code_size))
+        empty = np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+        out = cls(parts, empty[0], empty[1], empty[2], empty[2])
         out.add(vectors, live, advance)
         out.trained_on = len(out.ids)
         return out
@@ -150,11 +164,12 @@ class PatchIndex:
         if not locations:
             return
         where = {i: (s, r) for i, s, r in locations}
-        got = []
+        got, part_of = [], []
         for chunk in vectors.iter_live(locations, max_images=1024):
             n, m = chunk.patches.shape[:2]
-            flat = np.ascontiguousarray(chunk.patches.reshape(n * m, -1), dtype=np.float32)
-            self.index.add_with_ids(flat, np.repeat(chunk.image_ids.astype(np.int64), m))
+            flat = chunk.patches.reshape(n * m, -1)
+            ids = np.repeat(chunk.image_ids.astype(np.int64), m)
+            part_of.append(self.parts.add(flat, ids, rows_per_image=m))
             got.append(chunk.image_ids.astype(np.int64))
             if advance is not None:
                 advance(n)
@@ -166,15 +181,16 @@ class PatchIndex:
         self.ids = ids_all[order]
         self.shards = np.concatenate([self.shards, shards])[order]
         self.rows = np.concatenate([self.rows, rows])[order]
+        self.part_of = np.concatenate([self.part_of, *part_of])[order]
 
     def remove(self, mask: np.ndarray) -> None:
         """Drop the held images selected by `mask` (all their patches)."""
         if mask.any():
-            faiss = _faiss()
-            gone = np.ascontiguousarray(self.ids[mask], dtype=np.int64)
-            self.index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+            for part in np.unique(self.part_of[mask]).tolist():
+                self.parts.remove(part, self.ids[mask & (self.part_of == part)])
             keep = ~mask
             self.ids, self.shards, self.rows = self.ids[keep], self.shards[keep], self.rows[keep]
+            self.part_of = self.part_of[keep]
 
     @property
     def max_shard(self) -> int:
@@ -191,14 +207,10 @@ class PatchIndex:
 
     def best_images(self, q: np.ndarray, patch_hits: int, images: int) -> np.ndarray:
         """Ids of up to `images` images with the highest approximate max patch similarity."""
-        k = min(patch_hits, int(self.index.ntotal))
-        if k <= 0:
+        sims, ids = self.parts.search(q, patch_hits)
+        if not len(ids):
             return np.zeros(0, np.int64)
-        sims, ids = self.index.search(np.asarray(q, np.float32).reshape(1, -1), k)
-        sims, ids = sims[0], ids[0]
-        keep = ids >= 0
-        sims, ids = sims[keep], ids[keep]
-        order = np.lexsort((ids, -sims))  # best first; an image's first hit is its max
+        order = np.lexsort((ids, -sims))[:patch_hits]  # best first; an image's first is its max
         uniq, first = np.unique(ids[order], return_index=True)
         best = uniq[np.argsort(first, kind="stable")]
         return best[:images]
@@ -206,18 +218,18 @@ class PatchIndex:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        faiss = _faiss()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)  # what says the others belong together
-        faiss.write_index(self.index, str(folder / "patches.faiss.tmp"))
+        pairs, digests = self.parts.write(folder)
         with open(folder / "held.npz.tmp", "wb") as fh:
-            np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows)
+            np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows, parts=self.part_of)
         meta = {
             "version": self.version,
             "trained_on": self.trained_on,
-            # Checksums: the held ids are verified on every load, both files by `db check`.
+            "parts": self.parts.names,
+            # Checksums: the held ids are verified on every load, every file by `db check`.
             "sums": {
-                "patches.faiss": file_digest(folder / "patches.faiss.tmp"),
+                **digests,
                 # crc32: verified on every load, a quick check
                 "held.npz": file_checksum(folder / "held.npz.tmp"),
             },
@@ -227,31 +239,41 @@ class PatchIndex:
         (folder / "meta.json.tmp").write_text(json.dumps(meta))
         replace_all(
             [
-                (folder / "patches.faiss.tmp", folder / "patches.faiss"),
+                *pairs,
                 (folder / "held.npz.tmp", folder / "held.npz"),
-                (folder / "meta.json.tmp", folder / "meta.json"),  # last: it vouches for both
+                (folder / "meta.json.tmp", folder / "meta.json"),  # last: it vouches for all
             ],
             last_vouches=True,  # (already removed above, before the temporary files)
         )
+        self.parts.written()
 
     @classmethod
     def load(cls, folder: Path, mapped: bool = False) -> PatchIndex | None:
-        """The saved index, or None (none, or damaged: rebuilt from the shards). `mapped`: its
-        file memory-mapped, read-only (a fresh query process: 1.5 GB at 1M not read, a probe
-        touches its lists only); writers load it to change it."""
+        """The saved index, or None (none, or damaged: rebuilt from the shards). Its parts are
+        memory-mapped, read-only (1.5 GB at 1M not read; a probe touches its lists only); a
+        writer reads a part whole to change it. (`mapped`: kept for the callers' symmetry with
+        `ClsIndex.load`; the patch index is always mapped.)"""
+        del mapped
         try:
             found = similar.read_held(folder)
             if found is None:
                 return None  # damaged: rebuilt from the shards
             meta, held = found
             ids, shards, rows = held["ids"], held["shards"], held["rows"]
-            faiss = _faiss()
-            flags = faiss.IO_FLAG_MMAP if mapped else 0
-            index = faiss.read_index(str(folder / "patches.faiss"), flags)
+            part_of = held["parts"] if "parts" in held else np.zeros(len(ids), np.int32)
+            parts = Parts.open(
+                folder,
+                "patches",
+                meta.get("parts") or [part_name("patches", 0)],
+                meta.get("sums") or {},
+                1,
+            )
+            if parts.parts:
+                parts.cap = cap_for(parts.parts[0].index.code_size)
+                parts.set_nprobe(_nprobe(int(parts.parts[0].index.nlist)))
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
-        out = cls(index, ids, shards, rows)
-        index.nprobe = _nprobe(int(index.nlist))
+        out = cls(parts, ids, shards, rows, part_of)
         out.version = int(meta["version"])
         out.trained_on = int(meta.get("trained_on", len(ids)))
         return out
@@ -275,7 +297,7 @@ def sync(
         # None yet, or trained on far fewer images than it holds: build afresh.
         live = store.live_locations()
         with progress_bar(len(live), "text index", progress) as advance:
-            index = PatchIndex.build(vectors, live, advance=advance)
+            index = PatchIndex.build(vectors, live, advance=advance, folder=folder)
     else:
         stale, new = store.changes_since(index.ids, index.shards, index.max_shard)
         index.remove(stale)
@@ -422,7 +444,7 @@ def search(
             return np.zeros(0, np.int64)
         # An IVF probes lists holding ~4k images (the default probes too few for k in the
         # thousands); a full probe of 100k [CLS] vectors costs tens of ms.
-        nlist = int(getattr(cls_index.index, "nlist", 1))
+        nlist = cls_index.parts.nlist
         nprobe = max(similar.NPROBE, math.ceil(4 * k * nlist / max(1, len(cls_index.ids))))
         return np.asarray(cls_index.search(q, k, nprobe=nprobe)[0], np.int64)
 

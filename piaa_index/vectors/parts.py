@@ -1,0 +1,244 @@
+"""A derived index kept as parts: FAISS indexes of at most `cap` vectors each that share one
+trained coarse quantiser (and, for IVF-PQ, one codebook), each its own file in the index's
+folder.
+
+Why: a writer changes only the parts it must. New vectors go to the last part until it is
+full, then a new part starts; a part with images to drop is read whole, changed and written
+again; every other part stays memory-mapped. An index run therefore holds about one part
+(`PART_BYTES` of codes and ids) in memory whatever the library's size, where both derived
+indexes used to be loaded whole to be changed, ~2 GB per million images (issue 23,
+docs/scale.md). A search asks every part for its k best and keeps the best of all: the parts
+share the quantiser, so the lists scanned are those of one index holding everything.
+
+Part 0 keeps the name the whole index had before parts (`cls.faiss`, `patches.faiss`): a
+library saved then loads as one part. The caller keeps which part holds each image (in its
+held arrays) and saves the parts' files with its own, through `replace_all`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piaa_index.durable import file_digest
+from piaa_index.vectors.faiss_lib import faiss as _faiss
+
+# Codes and ids of one part: what a writer holds in memory at once.
+PART_BYTES = 256 << 20
+
+
+def part_name(stem: str, n: int) -> str:
+    return f"{stem}.faiss" if n == 0 else f"{stem}-{n}.faiss"
+
+
+def cap_for(code_size: int) -> int:
+    """Vectors per part for codes of this many bytes (and an 8-byte id each)."""
+    return max(1, PART_BYTES // (int(code_size) + 8))
+
+
+@dataclass
+class Part:
+    name: str  # its file in the folder
+    index: Any  # a FAISS index (whole or memory-mapped), or a read-only reader's
+    whole: bool  # held in memory: may be changed
+    dirty: bool = False  # changed since it was last written
+    pending: Path | None = None  # written here, renamed into place by the caller's save
+    digest: str | None = None  # of its file (saved or pending); None: not known yet
+
+
+def _is_ivf(index: Any) -> bool:
+    return hasattr(index, "nlist")
+
+
+def _mapped(path: Path) -> Any:
+    """A saved part memory-mapped (an IVF's lists are not read until probed; a flat index is
+    read whole, as FAISS maps only inverted lists)."""
+    faiss = _faiss()
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+
+
+def empty_like(index: Any) -> Any:
+    """An empty copy of a part with its training (quantiser, codebook); `index` itself is
+    emptied when it is an IVF read from a file (its mapped lists are replaced, not copied)."""
+    faiss = _faiss()
+    if not _is_ivf(index):
+        out = faiss.clone_index(index)
+        out.reset()
+        return out
+    # (read_index gives the IVF class itself: no wrapper whose deletion would free it)
+    lists = faiss.ArrayInvertedLists(index.nlist, index.code_size)
+    index.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    index.ntotal = 0
+    return index
+
+
+class Parts:
+    """The parts of one derived index, in `folder`, files named after `stem`."""
+
+    def __init__(
+        self, folder: Path | None, stem: str, parts: list[Part], cap: int, empty: Callable[[], Any]
+    ):
+        self.folder = folder  # None: built in memory only (never flushed before its save)
+        self.stem = stem
+        self.parts = parts
+        self.cap = cap
+        self._empty = empty
+
+    @classmethod
+    def fresh(cls, folder: Path | None, stem: str, trained: Any, cap: int) -> Parts:
+        """No parts yet; each new one a copy of `trained` (trained, empty)."""
+        buf = _faiss().serialize_index(trained)
+        return cls(folder, stem, [], cap, lambda: _faiss().deserialize_index(buf))
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path,
+        stem: str,
+        names: list[str],
+        digests: dict[str, str],
+        cap: int,
+        reader: Callable[[Path], Any] | None = None,
+    ) -> Parts:
+        """The saved parts `names`, memory-mapped through FAISS, or opened with `reader` (a
+        read-only process's: None from it means FAISS reads that part)."""
+        parts = []
+        for name in names:
+            index = reader(folder / name) if reader is not None else None
+            if index is None:
+                index = _mapped(folder / name)
+            parts.append(Part(name, index, whole=False, digest=digests.get(name)))
+
+        def empty() -> Any:
+            return empty_like(_mapped(folder / (parts[0].pending or parts[0].name)))
+
+        return cls(folder, stem, parts, cap, empty)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(p.index.ntotal) for p in self.parts)
+
+    @property
+    def nlist(self) -> int:
+        """Lists of each part's IVF (they share the quantiser); 1 for a flat index."""
+        return int(getattr(self.parts[0].index, "nlist", 1)) if self.parts else 1
+
+    def set_nprobe(self, nprobe: int) -> None:
+        for p in self.parts:
+            p.index.nprobe = min(int(nprobe), int(p.index.nlist))
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids): up to `k` best of each part, all parts' together; the caller orders
+        and cuts them (one part: FAISS's answer as it was)."""
+        x = np.ascontiguousarray(np.asarray(q, np.float32).reshape(1, -1))
+        scores, ids = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+        for p in self.parts:
+            kk = min(int(k), int(p.index.ntotal))
+            if kk <= 0:
+                continue
+            s, i = p.index.search(x, kk)
+            keep = i[0] >= 0
+            scores.append(np.asarray(s[0][keep], np.float32))
+            ids.append(np.asarray(i[0][keep], np.int64))
+        return np.concatenate(scores), np.concatenate(ids)
+
+    # -- changes -----------------------------------------------------------------------------
+
+    def add(self, x: np.ndarray, ids: np.ndarray, rows_per_image: int = 1) -> np.ndarray:
+        """Add rows, `rows_per_image` consecutive ones an image's (kept in one part): the last
+        part is filled up to `cap`, then new parts. The part of each image."""
+        images = len(ids) // rows_per_image
+        out = np.zeros(images, np.int32)
+        done = 0
+        while done < images:
+            if not self.parts or int(self.parts[-1].index.ntotal) >= self.cap:
+                self._release_all()
+                self.parts.append(Part(part_name(self.stem, len(self.parts)), self._empty(), True))
+            n = len(self.parts) - 1
+            room = max(1, (self.cap - int(self.parts[n].index.ntotal)) // rows_per_image)
+            take = min(images - done, room)
+            a, b = done * rows_per_image, (done + take) * rows_per_image
+            self._writable(n).add_with_ids(
+                np.ascontiguousarray(x[a:b], dtype=np.float32),
+                np.ascontiguousarray(ids[a:b], dtype=np.int64),
+            )
+            self.parts[n].dirty = True
+            out[done : done + take] = n
+            done += take
+        return out
+
+    def remove(self, n: int, ids: np.ndarray) -> None:
+        """Remove these ids' rows from part `n`."""
+        faiss = _faiss()
+        gone = np.ascontiguousarray(np.unique(ids), dtype=np.int64)
+        if len(gone):
+            self._writable(n).remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+            self.parts[n].dirty = True
+
+    def _writable(self, n: int) -> Any:
+        part = self.parts[n]
+        if not part.whole:
+            self._release_all(keep=n)  # one part in memory at a time
+            assert self.folder is not None
+            part.index = _faiss().read_index(str(part.pending or self.folder / part.name))
+            part.whole = True
+        return part.index
+
+    def _release_all(self, keep: int | None = None) -> None:
+        """Write every changed part held in memory (but `keep`) to its temporary file, and map
+        the written IVF parts instead of holding them."""
+        if self.folder is None:
+            return  # an index built in memory (tests): kept whole until its save
+        for i, part in enumerate(self.parts):
+            if i != keep and part.whole and _is_ivf(part.index):
+                self._write(part)
+                part.index, part.whole = _mapped(part.pending or self.folder / part.name), False
+
+    def _write(self, part: Part) -> None:
+        if not part.dirty:
+            return
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{part.name}.tmp"
+        _faiss().write_index(part.index, str(tmp))
+        part.pending, part.digest, part.dirty = tmp, file_digest(tmp), False
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def write(self, folder: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
+        """Write the changed parts to temporary files in `folder`: (their (temporary, final)
+        pairs for `replace_all`, the digest of every part's file for the meta.json)."""
+        self.folder = folder
+        for part in self.parts:
+            if part.pending is not None and not part.pending.exists():
+                part.dirty = True  # a save cut short moved it: written again (from memory)
+            self._write(part)
+        pairs = [(p.pending, folder / p.name) for p in self.parts if p.pending is not None]
+        digests = {}
+        for p in self.parts:
+            if p.digest is None:  # a part saved before its digest was kept here
+                p.digest = file_digest(folder / p.name)
+            digests[p.name] = p.digest
+        return pairs, digests
+
+    def written(self) -> None:
+        """The caller moved the pending files into place; remove the parts' files that are no
+        longer parts (a rebuild into fewer) and their leftovers."""
+        assert self.folder is not None
+        for p in self.parts:
+            p.pending = None
+        keep = set(self.names)
+        for path in self.folder.glob(f"{self.stem}*.faiss*"):
+            if path.name not in keep and (
+                path.name == f"{self.stem}.faiss" or path.name.startswith(f"{self.stem}-")
+            ):
+                path.unlink(missing_ok=True)
