@@ -231,11 +231,14 @@ class Parts:
         return pairs, digests
 
     def written(self) -> None:
-        """The caller moved the pending files into place; remove the parts' files that are no
-        longer parts (a rebuild into fewer) and their leftovers."""
+        """The caller moved the pending files into place: map the IVF parts held in memory
+        from them (a Library keeps its indexes between runs), and remove the files that are
+        no longer parts (a rebuild into fewer) and their leftovers."""
         assert self.folder is not None
         for p in self.parts:
             p.pending = None
+            if p.whole and _is_ivf(p.index):
+                p.index, p.whole = _mapped(self.folder / p.name), False
         keep = set(self.names)
         for path in self.folder.glob(f"{self.stem}*.faiss*"):
             if path.name not in keep and (

@@ -2,7 +2,8 @@
 
 Importing FAISS is most of a fresh `piaa similar` (the faiss-gpu wheel loads the CUDA
 libraries: 0.1-0.2 s and ~300 MB even where there is no GPU). The two kinds `ClsIndex.save`
-writes are simple, so a read-only process parses them here and reads with `os.pread`:
+writes are simple, so a read-only process parses them here and reads with `os.pread` (each of
+an index's parts, vectors/parts.py, is one such file):
 
     flat  "IxM2" header  "IxFI" header  u64 n·d  float32[n, d]  u64 n  int64[n] (ids)
     ivf   "IwFl" header  u64 nlist  u64 nprobe
