@@ -93,8 +93,8 @@ def test_cls_sync_rewrites_only_the_parts_it_changes(
     index = ClsIndex.load(folder)
     assert index is not None
     before = {p.name: content_stamp(folder / p.name) for p in index.parts.parts}
-    # Drop images of part 3 only, and add a few (the parts are full: to a new part)
-    index.remove(index.part_of == 3)
+    # Drop half of part 3's images, and add a few (the parts are full: to a new part)
+    index.remove((index.part_of == 3) & (np.arange(len(index.ids)) % 2 == 0))
     index.add(np.arange(10**6, 10**6 + 50), np.full(50, 99, np.int32), _unit(np.ones((50, 128))))
     index.save(folder)
     after = {name: content_stamp(folder / name) for name in before}
@@ -103,7 +103,7 @@ def test_cls_sync_rewrites_only_the_parts_it_changes(
     assert index.parts.names == [*before, parts_mod.part_name("cls", 12)]
     again = ClsIndex.load(folder)
     assert again is not None and again.parts.ntotal == len(again.ids) == len(index.ids)
-    assert not (again.part_of == 3).any()
+    assert (again.part_of == 3).sum() == 500 and again.parts.parts[3].index.ntotal == 500
 
 
 @pytest.fixture
@@ -198,3 +198,33 @@ def test_library_sync_in_parts_and_db_check(lib: Library, monkeypatch: pytest.Mo
     assert (text / "meta.json").exists() and lib.searcher._text_index.parts.names == now
     assert lib.text_search("l003", limit=20) == got
     assert lib.text_search("l003", limit=20) == got
+
+
+def test_emptied_parts_are_dropped_and_a_thinned_index_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-encoding a whole library must not leave a trail of empty parts: parts emptied by
+    removals are dropped when saved (the others keep their files and answers); an index
+    thinned out into many more parts than its vectors need reports itself for a rebuild."""
+    one, _, vecs = _cls_pair(tmp_path, monkeypatch, 12_000, 128)
+    folder = tmp_path / "many"
+    index = ClsIndex.load(folder)
+    assert index is not None and not index.parts.fragmented
+    gone = index.ids[np.isin(index.part_of, [0, 1, 2, 5])]
+    for each in (index, one):
+        each.remove(np.isin(each.ids, gone))
+    kept = [n for i, n in enumerate(index.parts.names) if i not in (0, 1, 2, 5)]
+    index.save(folder)
+    assert index.parts.names == kept and not (folder / "cls.faiss").exists()
+    counts = np.bincount(index.part_of, minlength=len(kept))
+    assert counts.tolist() == [int(p.index.ntotal) for p in index.parts.parts]
+    again = ClsIndex.load(folder)
+    assert again is not None
+    _same_answers(one, again, vecs[::2000], [1, 20, 8_000])
+    # New parts (the last one is full) take the first free names.
+    again.add(np.arange(10**6, 10**6 + 1500), np.full(1500, 9, np.int32), vecs[:1500])
+    assert again.parts.names == [*kept, "cls.faiss", "cls-1.faiss"]
+
+    rng = np.random.default_rng(1)
+    again.remove(rng.random(len(again.ids)) < 0.85)
+    assert again.parts.fragmented  # 9 parts for ~1,400 vectors of 1,000 a part

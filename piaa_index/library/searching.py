@@ -263,8 +263,14 @@ class Searcher(Part):
         index = self._similar_index()
         if index is not None and index.version == version:
             return index
-        if index is None or len(index.ids) > 2 * max(1, index.trained_on) + 10_000:
-            # None yet, or an IVF trained on far fewer images than it holds: build afresh.
+        if (
+            index is None
+            or len(index.ids) > 2 * max(1, index.trained_on) + 10_000
+            or index.parts.fragmented
+            or not index.parts.parts  # (built over no image)
+        ):
+            # None yet, an IVF trained on far fewer images than it holds, or one thinned out
+            # into many parts: build afresh.
             note("building the similar-images index…", progress)
             live = self.store.live_locations()
 

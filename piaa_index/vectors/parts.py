@@ -17,6 +17,7 @@ held arrays) and saves the parts' files with its own, through `replace_all`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,7 @@ class Parts:
         while done < images:
             if not self.parts or int(self.parts[-1].index.ntotal) >= self.cap:
                 self._release_all()
-                self.parts.append(Part(part_name(self.stem, len(self.parts)), self._empty(), True))
+                self.parts.append(Part(self._new_name(), self._empty(), True))
             n = len(self.parts) - 1
             room = max(1, (self.cap - int(self.parts[n].index.ntotal)) // rows_per_image)
             take = min(images - done, room)
@@ -215,6 +216,20 @@ class Parts:
         if len(gone):
             self._writable(n).remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
             self.parts[n].dirty = True
+
+    def _new_name(self) -> str:
+        taken = set(self.names)
+        return next(
+            part_name(self.stem, n)
+            for n in range(len(taken) + 1)
+            if part_name(self.stem, n) not in taken
+        )
+
+    @property
+    def fragmented(self) -> bool:
+        """Many more parts than the vectors need (removals thinned them): time to rebuild,
+        which holds one part at a time too."""
+        return len(self.parts) > 2 * math.ceil(self.ntotal / self.cap) + 2
 
     def _writable(self, n: int) -> Any:
         self._stack = None  # it borrows the parts' lists: made again after any change
@@ -245,6 +260,19 @@ class Parts:
         tmp = self.folder / f"{part.name}.tmp"
         _faiss().write_index(part.index, str(tmp))
         part.pending, part.digest, part.dirty = tmp, file_digest(tmp), False
+
+    def drop_emptied(self) -> np.ndarray | None:
+        """Drop the parts that removals emptied (not the last one left: new parts copy its
+        training), so re-encoding a whole library does not leave a trail of empty files. The
+        new number of each part (-1: dropped), or None when none was."""
+        keep = [i for i, p in enumerate(self.parts) if int(p.index.ntotal) > 0]
+        if not keep or len(keep) == len(self.parts):
+            return None
+        renumber = np.full(len(self.parts), -1, np.int32)
+        renumber[keep] = np.arange(len(keep), dtype=np.int32)
+        self._stack = None
+        self.parts[:] = [self.parts[i] for i in keep]  # in place: `open`'s `empty` reads it
+        return renumber
 
     # -- persistence -------------------------------------------------------------------------
 

@@ -217,6 +217,9 @@ class ClsIndex:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        renumber = self.parts.drop_emptied()
+        if renumber is not None:
+            self.part_of = renumber[self.part_of]
         pairs, digests = self.parts.write(folder)
         np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards, parts=self.part_of)
         meta = {
@@ -266,7 +269,7 @@ class ClsIndex:
             parts = Parts.open(
                 folder,
                 "cls",
-                meta.get("parts") or [part_name("cls", 0)],
+                meta["parts"] if "parts" in meta else [part_name("cls", 0)],
                 meta.get("sums") or {},
                 FLAT_CAP,
                 reader if mapped else None,

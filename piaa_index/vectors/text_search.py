@@ -220,6 +220,9 @@ class PatchIndex:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)  # what says the others belong together
+        renumber = self.parts.drop_emptied()
+        if renumber is not None:
+            self.part_of = renumber[self.part_of]
         pairs, digests = self.parts.write(folder)
         with open(folder / "held.npz.tmp", "wb") as fh:
             np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows, parts=self.part_of)
@@ -264,7 +267,7 @@ class PatchIndex:
             parts = Parts.open(
                 folder,
                 "patches",
-                meta.get("parts") or [part_name("patches", 0)],
+                meta["parts"] if "parts" in meta else [part_name("patches", 0)],
                 meta.get("sums") or {},
                 1,
             )
@@ -293,8 +296,13 @@ def sync(
         index = PatchIndex.load(folder)
     if index is not None and index.version == version:
         return index
-    if index is None or len(index.ids) > 4 * max(1, index.trained_on) + 10_000:
-        # None yet, or trained on far fewer images than it holds: build afresh.
+    if (
+        index is None
+        or len(index.ids) > 4 * max(1, index.trained_on) + 10_000
+        or index.parts.fragmented
+        or not index.parts.parts
+    ):
+        # None yet, trained on far fewer images than it holds, or thinned out: build afresh.
         live = store.live_locations()
         with progress_bar(len(live), "text index", progress) as advance:
             index = PatchIndex.build(vectors, live, advance=advance, folder=folder)
