@@ -209,7 +209,7 @@ def test_emptied_parts_are_dropped_and_a_thinned_index_is_rebuilt(
     one, _, vecs = _cls_pair(tmp_path, monkeypatch, 12_000, 128)
     folder = tmp_path / "many"
     index = ClsIndex.load(folder)
-    assert index is not None and not index.parts.fragmented
+    assert index is not None and not index.parts.needs_rebuild
     gone = index.ids[np.isin(index.part_of, [0, 1, 2, 5])]
     for each in (index, one):
         each.remove(np.isin(each.ids, gone))
@@ -227,4 +227,4 @@ def test_emptied_parts_are_dropped_and_a_thinned_index_is_rebuilt(
 
     rng = np.random.default_rng(1)
     again.remove(rng.random(len(again.ids)) < 0.85)
-    assert again.parts.fragmented  # 9 parts for ~1,400 vectors of 1,000 a part
+    assert again.parts.needs_rebuild  # 9 parts for ~1,400 vectors of 1,000 a part

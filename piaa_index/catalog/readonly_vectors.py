@@ -86,7 +86,7 @@ def text_search(
             return []
         searcher = _Searcher(store, vectors, vectors.root, None)
         if limit is not None and n >= ann.EXACT_BELOW:
-            searcher._text_index = ann.PatchIndex.load(layout.text, mapped=True)
+            searcher._text_index = ann.PatchIndex.load(layout.text)
             searcher.cls_index = ClsIndex.load(layout.similar, mapped=True)
             if searcher._text_index is None:
                 return None  # not built yet: the Library scans exactly and says so

@@ -266,8 +266,7 @@ class Searcher(Part):
         if (
             index is None
             or len(index.ids) > 2 * max(1, index.trained_on) + 10_000
-            or index.parts.fragmented
-            or not index.parts.parts  # (built over no image)
+            or index.parts.needs_rebuild
         ):
             # None yet, an IVF trained on far fewer images than it holds, or one thinned out
             # into many parts: build afresh.

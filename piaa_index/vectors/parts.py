@@ -12,11 +12,12 @@ share the quantiser, so the lists scanned are those of one index holding everyth
 
 Part 0 keeps the name the whole index had before parts (`cls.faiss`, `patches.faiss`): a
 library saved then loads as one part. The caller keeps which part holds each image (in its
-held arrays) and saves the parts' files with its own, through `replace_all`.
+held arrays, saved with the parts by `Parts.save`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,19 +26,27 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import file_digest
+from piaa_index.durable import content_stamp, file_checksum, file_digest, replace_all
 from piaa_index.vectors.faiss_lib import faiss as _faiss
 
 # Codes and ids of one part: what a writer holds in memory at once.
 PART_BYTES = 256 << 20
 
 
+def _is_ivf(index: Any) -> bool:
+    return hasattr(index, "nlist")
+
+
 def part_name(stem: str, n: int) -> str:
     return f"{stem}.faiss" if n == 0 else f"{stem}-{n}.faiss"
 
 
-def cap_for(code_size: int) -> int:
-    """Vectors per part for codes of this many bytes (and an 8-byte id each)."""
+def _cap_of(index: Any) -> int:
+    """Vectors per part of an index like this one: `PART_BYTES` of codes and 8-byte ids for an
+    IVF; a flat index is never split (its owner bounds it: `similar.MAX_FLAT_CELLS`)."""
+    if not _is_ivf(index):
+        return 1 << 62
+    code_size = getattr(index, "code_size", None) or 4 * int(index.d)  # (a reader's: float32)
     return max(1, PART_BYTES // (int(code_size) + 8))
 
 
@@ -49,10 +58,6 @@ class Part:
     dirty: bool = False  # changed since it was last written
     pending: Path | None = None  # written here, renamed into place by the caller's save
     digest: str | None = None  # of its file (saved or pending); None: not known yet
-
-
-def _is_ivf(index: Any) -> bool:
-    return hasattr(index, "nlist")
 
 
 def _mapped(path: Path) -> Any:
@@ -87,28 +92,29 @@ class Parts:
         self.folder = folder  # None: built in memory only (never flushed before its save)
         self.stem = stem
         self.parts = parts
-        self.cap = cap
+        self.cap = cap  # vectors a part takes (`_cap_of`)
         self._empty = empty
         self._stack: tuple[Any, ...] | None = None  # `_stacked`'s index and what it borrows
 
     @classmethod
-    def fresh(cls, folder: Path | None, stem: str, trained: Any, cap: int) -> Parts:
+    def fresh(cls, folder: Path | None, stem: str, trained: Any) -> Parts:
         """No parts yet; each new one a copy of `trained` (trained, empty)."""
         buf = _faiss().serialize_index(trained)
-        return cls(folder, stem, [], cap, lambda: _faiss().deserialize_index(buf))
+        return cls(folder, stem, [], _cap_of(trained), lambda: _faiss().deserialize_index(buf))
 
     @classmethod
     def open(
         cls,
         folder: Path,
         stem: str,
-        names: list[str],
-        digests: dict[str, str],
-        cap: int,
+        meta: dict[str, Any],
         reader: Callable[[Path], Any] | None = None,
     ) -> Parts:
-        """The saved parts `names`, memory-mapped through FAISS, or opened with `reader` (a
-        read-only process's: None from it means FAISS reads that part)."""
+        """The parts saved in `folder` with `meta` (its meta.json), memory-mapped through
+        FAISS, or opened with `reader` (a read-only process's: None from it means FAISS reads
+        that part). A meta.json from before parts names none: the index is one part."""
+        names = meta["parts"] if "parts" in meta else [part_name(stem, 0)]
+        digests = meta.get("sums") or {}
         parts = []
         for name in names:
             index = reader(folder / name) if reader is not None else None
@@ -119,6 +125,7 @@ class Parts:
         def empty() -> Any:
             return empty_like(_mapped(folder / (parts[0].pending or parts[0].name)))
 
+        cap = _cap_of(parts[0].index) if parts else 1
         return cls(folder, stem, parts, cap, empty)
 
     @property
@@ -226,10 +233,10 @@ class Parts:
         )
 
     @property
-    def fragmented(self) -> bool:
-        """Many more parts than the vectors need (removals thinned them): time to rebuild,
-        which holds one part at a time too."""
-        return len(self.parts) > 2 * math.ceil(self.ntotal / self.cap) + 2
+    def needs_rebuild(self) -> bool:
+        """No part (built over no image), or many more parts than the vectors need (removals
+        thinned them): time to rebuild, which holds one part at a time too."""
+        return not self.parts or len(self.parts) > 2 * math.ceil(self.ntotal / self.cap) + 2
 
     def _writable(self, n: int) -> Any:
         self._stack = None  # it borrows the parts' lists: made again after any change
@@ -261,22 +268,50 @@ class Parts:
         _faiss().write_index(part.index, str(tmp))
         part.pending, part.digest, part.dirty = tmp, file_digest(tmp), False
 
-    def drop_emptied(self) -> np.ndarray | None:
+    def drop_emptied(self, part_of: np.ndarray) -> np.ndarray:
         """Drop the parts that removals emptied (not the last one left: new parts copy its
-        training), so re-encoding a whole library does not leave a trail of empty files. The
-        new number of each part (-1: dropped), or None when none was."""
+        training), so re-encoding a whole library does not leave a trail of empty files;
+        `part_of` (the part of each held image) renumbered to match."""
         keep = [i for i, p in enumerate(self.parts) if int(p.index.ntotal) > 0]
         if not keep or len(keep) == len(self.parts):
-            return None
+            return part_of
         renumber = np.full(len(self.parts), -1, np.int32)
         renumber[keep] = np.arange(len(keep), dtype=np.int32)
         self._stack = None
         self.parts[:] = [self.parts[i] for i in keep]  # in place: `open`'s `empty` reads it
-        return renumber
+        return renumber[part_of]
 
     # -- persistence -------------------------------------------------------------------------
 
-    def write(self, folder: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
+    def save(self, folder: Path, held: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Save the parts with their owner's held arrays (`held.npz`, crc32-checked on every
+        load) and `meta` in `meta.json`, which lists the parts and the checksums of every
+        file, and is renamed last: it vouches for the others (`replace_all`), so a save cut
+        short leaves none and the index is rebuilt."""
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs, digests = self._write_all(folder)
+        with open(folder / "held.npz.tmp", "wb") as fh:
+            np.savez(fh, allow_pickle=False, **held)
+        meta = {
+            **meta,
+            "parts": self.names,
+            # Checksums: every file's, checked by `db check`; the held ids' (a quick crc32)
+            # on every load, unless it is still the file hashed here (a rename keeps the stamp)
+            "sums": {**digests, "held.npz": file_checksum(folder / "held.npz.tmp")},
+            "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp")},
+        }
+        (folder / "meta.json.tmp").write_text(json.dumps(meta))
+        replace_all(
+            [
+                *pairs,
+                (folder / "held.npz.tmp", folder / "held.npz"),
+                (folder / "meta.json.tmp", folder / "meta.json"),
+            ],
+            last_vouches=True,
+        )
+        self._written()
+
+    def _write_all(self, folder: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
         """Write the changed parts to temporary files in `folder`: (their (temporary, final)
         pairs for `replace_all`, the digest of every part's file for the meta.json)."""
         self.folder = folder
@@ -292,7 +327,7 @@ class Parts:
             digests[p.name] = p.digest
         return pairs, digests
 
-    def written(self) -> None:
+    def _written(self) -> None:
         """The caller moved the pending files into place: map the IVF parts held in memory
         from them (a Library keeps its indexes between runs), and remove the files that are
         no longer parts (a rebuild into fewer) and their leftovers."""

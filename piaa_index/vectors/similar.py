@@ -19,21 +19,18 @@ from typing import Any
 import numpy as np
 
 from piaa_index.durable import (
-    content_stamp,
     damaged_files,
-    file_checksum,
     replace_all,
 )
 from piaa_index.progress import Progress, note
 from piaa_index.vectors import similar_files
 from piaa_index.vectors.faiss_lib import faiss as _faiss
-from piaa_index.vectors.parts import Parts, cap_for, part_name
+from piaa_index.vectors.parts import Parts
 
 # 200k images at 128 dims (50k at 512): a flat scan stays within a few ms per query there.
 MAX_FLAT_CELLS = 25_600_000
 NPROBE = 32
 BUILD_CHUNK = 65_536  # images read and added at a time by a build
-FLAT_CAP = 1 << 62  # a flat index is one part (it is rebuilt as an IVF past MAX_FLAT_CELLS)
 
 
 def saved_version(folder: Path) -> int | None:
@@ -149,7 +146,7 @@ class ClsIndex:
         faiss = _faiss()
         if n * dim <= MAX_FLAT_CELLS:
             trained = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-            kind, cap = "flat", FLAT_CAP
+            kind = "flat"
         else:
             nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
             quantizer = faiss.IndexFlatIP(dim)
@@ -157,9 +154,9 @@ class ClsIndex:
             sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
             trained.train(np.ascontiguousarray(rows(np.sort(sample))[2], dtype=np.float32))
             trained.nprobe = NPROBE
-            kind, cap = "ivf", cap_for(trained.code_size)
+            kind = "ivf"
         out = cls(
-            Parts.fresh(folder, "cls", trained, cap),
+            Parts.fresh(folder, "cls", trained),
             np.zeros(0, np.int64),
             np.zeros(0, np.int32),
             np.zeros(0, np.int32),
@@ -216,37 +213,10 @@ class ClsIndex:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        renumber = self.parts.drop_emptied()
-        if renumber is not None:
-            self.part_of = renumber[self.part_of]
-        pairs, digests = self.parts.write(folder)
-        np.savez(folder / "held.npz.tmp", ids=self.ids, shards=self.shards, parts=self.part_of)
-        meta = {
-            "kind": self.kind,
-            "version": self.version,
-            "trained_on": self.trained_on,
-            "parts": self.parts.names,
-            # Checksums: the held ids are verified on every load, every file by `db check`.
-            "sums": {
-                **digests,
-                # crc32: verified on every load, a quick check
-                "held.npz": file_checksum(folder / "held.npz.tmp.npz"),
-            },
-            # ... unless it is still the file hashed here (the rename keeps the stamp)
-            "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp.npz")},
-        }
-        (folder / "meta.json.tmp").write_text(json.dumps(meta))
-        # meta.json last: it is what says the others belong together.
-        replace_all(
-            [
-                *pairs,
-                (folder / "held.npz.tmp.npz", folder / "held.npz"),  # np.savez appends .npz
-                (folder / "meta.json.tmp", folder / "meta.json"),
-            ],
-            last_vouches=True,
-        )
-        self.parts.written()
+        self.part_of = self.parts.drop_emptied(self.part_of)
+        held = {"ids": self.ids, "shards": self.shards, "parts": self.part_of}
+        meta = {"kind": self.kind, "version": self.version, "trained_on": self.trained_on}
+        self.parts.save(folder, held, meta)
 
     @classmethod
     def load(cls, folder: Path, mapped: bool = False) -> ClsIndex | None:
@@ -260,22 +230,13 @@ class ClsIndex:
                 return None  # damaged: rebuilt from the shards
             meta, held = found
             ids, shards = held["ids"], held["shards"]
-            part_of = held["parts"] if "parts" in held else np.zeros(len(ids), np.int32)
+            part_of = held.get("parts", np.zeros(len(ids), np.int32))  # (saved before parts)
             kind = meta["kind"]
 
             def reader(path: Path) -> Any:
                 return similar_files.open_saved(str(path), kind)
 
-            parts = Parts.open(
-                folder,
-                "cls",
-                meta["parts"] if "parts" in meta else [part_name("cls", 0)],
-                meta.get("sums") or {},
-                FLAT_CAP,
-                reader if mapped else None,
-            )
-            if kind == "ivf" and parts.parts:
-                parts.cap = cap_for(4 * int(parts.parts[0].index.d))
+            parts = Parts.open(folder, "cls", meta, reader if mapped else None)
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         if parts.ntotal != len(ids):

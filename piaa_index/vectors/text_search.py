@@ -29,7 +29,6 @@ so. Libraries below `EXACT_BELOW` images keep the exact scan.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,16 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from piaa_index.durable import (
-    content_stamp,
-    file_checksum,
-    replace_all,
-)
 from piaa_index.layout import VectorsLayout
 from piaa_index.progress import Progress, note, progress_bar
 from piaa_index.vectors import similar
 from piaa_index.vectors.faiss_lib import faiss as _faiss
-from piaa_index.vectors.parts import Parts, cap_for, part_name
+from piaa_index.vectors.parts import Parts
 from piaa_index.vectors.shards import ShardVectors, VectorStore
 
 # Below this many images the exact scan is used (it reads every vector; see docs/scale.md for
@@ -148,7 +142,7 @@ class PatchIndex:
             sample = sample[np.sort(rng.choice(len(sample), TRAIN_PATCHES, replace=False))]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = _nprobe(nlist)
-        parts = Parts.fresh(folder, "patches", index, cap_for(index.code_size))
+        parts = Parts.fresh(folder, "patches", index)
         empty = np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
         out = cls(parts, empty[0], empty[1], empty[2], empty[2])
         out.add(vectors, live, advance)
@@ -218,62 +212,25 @@ class PatchIndex:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "meta.json").unlink(missing_ok=True)  # what says the others belong together
-        renumber = self.parts.drop_emptied()
-        if renumber is not None:
-            self.part_of = renumber[self.part_of]
-        pairs, digests = self.parts.write(folder)
-        with open(folder / "held.npz.tmp", "wb") as fh:
-            np.savez(fh, ids=self.ids, shards=self.shards, rows=self.rows, parts=self.part_of)
-        meta = {
-            "version": self.version,
-            "trained_on": self.trained_on,
-            "parts": self.parts.names,
-            # Checksums: the held ids are verified on every load, every file by `db check`.
-            "sums": {
-                **digests,
-                # crc32: verified on every load, a quick check
-                "held.npz": file_checksum(folder / "held.npz.tmp"),
-            },
-            # ... unless it is still the file hashed here (the rename keeps the stamp)
-            "stamps": {"held.npz": content_stamp(folder / "held.npz.tmp")},
-        }
-        (folder / "meta.json.tmp").write_text(json.dumps(meta))
-        replace_all(
-            [
-                *pairs,
-                (folder / "held.npz.tmp", folder / "held.npz"),
-                (folder / "meta.json.tmp", folder / "meta.json"),  # last: it vouches for all
-            ],
-            last_vouches=True,  # (already removed above, before the temporary files)
-        )
-        self.parts.written()
+        self.part_of = self.parts.drop_emptied(self.part_of)
+        held = {"ids": self.ids, "shards": self.shards, "rows": self.rows, "parts": self.part_of}
+        meta = {"version": self.version, "trained_on": self.trained_on}
+        self.parts.save(folder, held, meta)
 
     @classmethod
-    def load(cls, folder: Path, mapped: bool = False) -> PatchIndex | None:
+    def load(cls, folder: Path) -> PatchIndex | None:
         """The saved index, or None (none, or damaged: rebuilt from the shards). Its parts are
         memory-mapped, read-only (1.5 GB at 1M not read; a probe touches its lists only); a
-        writer reads a part whole to change it. (`mapped`: kept for the callers' symmetry with
-        `ClsIndex.load`; the patch index is always mapped.)"""
-        del mapped
+        writer reads a part whole to change it."""
         try:
             found = similar.read_held(folder)
             if found is None:
                 return None  # damaged: rebuilt from the shards
             meta, held = found
             ids, shards, rows = held["ids"], held["shards"], held["rows"]
-            part_of = held["parts"] if "parts" in held else np.zeros(len(ids), np.int32)
-            parts = Parts.open(
-                folder,
-                "patches",
-                meta["parts"] if "parts" in meta else [part_name("patches", 0)],
-                meta.get("sums") or {},
-                1,
-            )
-            if parts.parts:
-                parts.cap = cap_for(parts.parts[0].index.code_size)
-                parts.set_nprobe(_nprobe(int(parts.parts[0].index.nlist)))
+            part_of = held.get("parts", np.zeros(len(ids), np.int32))  # (saved before parts)
+            parts = Parts.open(folder, "patches", meta)
+            parts.set_nprobe(_nprobe(parts.nlist))
         except Exception:  # noqa: BLE001 - any damage (BadZipFile, FAISS, JSON): rebuild
             return None
         out = cls(parts, ids, shards, rows, part_of)
@@ -299,8 +256,7 @@ def sync(
     if (
         index is None
         or len(index.ids) > 4 * max(1, index.trained_on) + 10_000
-        or index.parts.fragmented
-        or not index.parts.parts
+        or index.parts.needs_rebuild
     ):
         # None yet, trained on far fewer images than it holds, or thinned out: build afresh.
         live = store.live_locations()
