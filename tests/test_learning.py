@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,3 +208,71 @@ def test_a_label_learns_the_same_whatever_other_labels_are_learnt_beside_it() ->
     np.testing.assert_allclose(both.cls_protos[0], alone.cls_protos[0], atol=1e-6)
     assert abs(both.slope[0] - alone.slope[0]) < 1e-6
     assert abs(both.intercept[0] - alone.intercept[0]) < 1e-6
+
+
+def _truth_rows(home: Path, library: Any) -> list[tuple[int, str, bool]]:
+    """Every (image id, label, present) of the shared library's ground truth: a complete
+    labelling, as `labels import csv` stores one."""
+    data = home.parent / "library"
+    classes = json.loads((data / "classes.json").read_text())
+    held: dict[str, set[str]] = {}
+    for line in (data / "labels.txt").read_text().splitlines():
+        rel, *ids = line.split()
+        held[str((data / rel).resolve())] = {classes[int(i)] for i in ids}
+    ids = library.store.image_ids_by_path(list(held))
+    return [(ids[p], name, name in labels) for p, labels in held.items() for name in classes]
+
+
+def _state(library: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(classifier rows W [C, d], the fused score matrix, the tag matrix) of the last fit."""
+    fitted = library.tagger.fitted_for(library.store.latest_classifier())
+    return fitted.classifier.W.copy(), fitted.classifier.b.copy(), library.tag_matrix()
+
+
+def test_a_correction_relearns_its_own_label_only_as_a_full_fit_would(
+    shapes_home: Path, tmp_path: Path
+) -> None:
+    from tests.shapes_library import open_shapes_library
+
+    homes = {}
+    for name in ("incremental", "full"):
+        homes[name] = tmp_path / name / "index"
+        shutil.copytree(shapes_home, homes[name])
+    with open_shapes_library(homes["incremental"]) as library:
+        truth = _truth_rows(shapes_home, library)
+        library.set_user_labels(truth, "import")
+        first = library.fit()
+        names = library.vocab.require_vocabulary().names
+        # Every label has labels now: each learns (and says whether it used what it learnt).
+        assert first.learning["relearnt"] == names and first.fitted_labels == names
+        assert first.learning["learnt"], first.learning
+        W1, b1, M1 = _state(library)
+        # One correction: only its label learns again and is scored again.
+        image, label, present = next(r for r in truth if r[1] == "mug" and r[2])
+        library.set_user_labels([(image, label, not present)], "gallery")
+        assert library.labels_changed()
+        second = library.fit()
+        assert second.fitted_labels == ["mug"] and second.learning["relearnt"] == ["mug"]
+        assert not library.labels_changed()
+        W2, b2, M2 = _state(library)
+        mug = names.index("mug")
+        others = [c for c in range(len(names)) if c != mug]
+        assert np.array_equal(W2[others], W1[others]) and np.array_equal(b2[others], b1[others])
+        assert np.array_equal(M2.scores[:, others], M1.scores[:, others])
+        assert np.array_equal(M2.present[:, others], M1.present[:, others])
+        assert set(second.learning["labels"]) == set(names)  # the kept labels' records too
+        # Nothing changed: nothing learns again, and the tags stay.
+        third = library.fit()
+        assert third.fitted_labels == [] and third.learning["relearnt"] == []
+        W3, _, M3 = _state(library)
+        assert np.array_equal(W3, W2) and np.array_equal(M3.present, M2.present)
+    # A full fit from the same labels learns every label from scratch: the same rows and tags.
+    with open_shapes_library(homes["full"]) as library:
+        library.set_user_labels(truth, "import")
+        library.set_user_labels([(image, label, not present)], "gallery")
+        full = library.fit(full=True)
+        Wf, bf, Mf = _state(library)
+    assert full.learning["learnt"] == second.learning["learnt"]
+    np.testing.assert_allclose(Wf, W2, atol=1e-4)
+    np.testing.assert_allclose(Mf.scores, M2.scores, atol=1e-4)
+    assert np.array_equal(Mf.present, M2.present)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from piaa_index.eval.metrics import average_precision
-from piaa_index.library.teaching import concept_prototype
+from piaa_index.library.teaching import concept_prototype, taught_prototypes
+from piaa_index.query.language import normalize_label
 from tests.cli_main import run_main
 
 
@@ -67,6 +68,18 @@ def test_a_taught_concept_is_a_label_found_by_what_its_examples_share(
         assert ap > 2 * y[rest].mean(), (ap, y[rest].mean())
         labels = {(r[2], r[3], r[4]) for r in library.store.user_labels()}
         assert ("our thing", True, "teach") in labels and ("our thing", False, "teach") in labels
+        before = taught_prototypes(library.store)[normalize_label("our thing")]
+    # Taught again from other examples: the next fit fits the concept's new prototype (the
+    # other labels keep theirs).
+    code, out, err = run_main([*base, "teach", "our thing", *holders[5:8], "--json"],
+                              monkeypatch, capsys)  # fmt: skip
+    assert code == 0, err
+    with open_shapes_library(home) as library:
+        after = taught_prototypes(library.store)[normalize_label("our thing")]
+        assert not np.allclose(after, before)
+        fitted = library.tagger.fitted_for(library.store.latest_classifier())
+        c = library.vocab.require_vocabulary().names.index("our thing")
+        np.testing.assert_allclose(fitted.text_protos[c], after, atol=1e-6)
 
 
 def test_teach_refuses_what_it_cannot_use(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import replace
+from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,55 @@ def complete_rows(image_labels: dict[int, set[str]], names: Sequence[str]) -> di
                 row[c] = 1
         out[image_id] = row
     return out
+
+
+def user_label_rows(
+    entries: Iterable[tuple[int, str, str, bool, str]],
+    names: Sequence[str],
+    live: Container[int],
+) -> dict[int, np.ndarray]:
+    """The user's labels (`Store.user_labels` rows) of live images as [C] int8 rows by image
+    id: 1 present, 0 absent, -1 not labelled (labels outside the vocabulary are left out)."""
+    column = {normalize_label(n): c for c, n in enumerate(names)}
+    rows: dict[int, np.ndarray] = {}
+    for image_id, key, _name, present, _source in entries:
+        c = column.get(key)
+        if c is None or image_id not in live:
+            continue
+        rows.setdefault(image_id, np.full(len(column), -1, np.int8))[c] = int(present)
+    return rows
+
+
+def label_digests(rows: Mapping[int, np.ndarray], names: Sequence[str]) -> dict[str, str]:
+    """Per label (by name), a digest of its own labels (image id, present): what its learning
+    read. A label re-learns when its digest moves, and only then (`Tagger.fit`)."""
+    ids = np.array(sorted(rows), np.int64)
+    if not len(ids):
+        return {n: "" for n in names}
+    Y = np.stack([rows[int(i)] for i in ids])
+    out = {}
+    for c, name in enumerate(names):
+        known = Y[:, c] >= 0
+        pairs = np.stack([ids[known], Y[known, c].astype(np.int64)], axis=1)
+        out[name] = blake2b(pairs.tobytes(), digest_size=12).hexdigest() if known.any() else ""
+    return out
+
+
+def widened(learnt: Learnt, columns: Sequence[int], n_labels: int) -> Learnt:
+    """A `Learnt` of some labels (learnt alone: label j is column columns[j]) as one of all
+    `n_labels`, the others not chosen (their parameters zero: never installed)."""
+    cols = np.asarray(columns, np.int64)
+
+    def placed(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((n_labels, *a.shape[1:]), a.dtype)
+        out[cols] = a
+        return out
+
+    names = ("W", "b", "cls_protos", "e_center", "e_scale", "c_center", "c_scale", "slope",
+             "intercept", "chosen")  # fmt: skip
+    arrays: dict[str, Any] = {name: placed(getattr(learnt, name)) for name in names}
+    report = {str(int(cols[int(j)])): rec for j, rec in learnt.report.items()}
+    return replace(learnt, **arrays, report=report)
 
 
 def summary(learnt: Learnt, names: Sequence[str]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from piaa_index.method.open_pvcl import (
     default_bank_size,
     fit_background,
     fit_open,
+    gaussian_rows,
     label_discriminants,
     padded_cosines,
     sample_keys,
@@ -255,20 +256,14 @@ class Tagger(Part):
         (a second pass writing the score matrix; with `engine="ray"`, as Ray tasks).
 
         When the last fit's classifier can be kept (`_refit_base`), only the labels the
-        vocabulary gained are fitted and scored, and the kept labels' classifiers and scores
-        are carried over (`_fit_changed_labels`); `full` refits every label from the current
-        pool."""
+        vocabulary gained are fitted and scored, the labels whose user labels changed learn
+        again and are scored, and the other labels' classifiers and scores are carried over
+        (`_fit_changed_labels`); `full` refits every label from the current pool."""
         vocab = self.vocab.require_vocabulary()
         started = time.perf_counter()
-        # The Ray engine and an explicit bank size always refit every label.
-        # Learning from the user's labels needs every label refitted (a label added keeps no
-        # learnt row to carry over): a vocabulary change of a library with labels, or labels
-        # changed since the last fit, refit every label.
-        version, latest = self.store.user_labels_version(), self.store.latest_classifier()
-        labels_moved = version != _learnt_version(latest) or (
-            version > 0 and latest is not None and latest.vocabulary_id != vocab.id
-        )
-        if not full and bank_size is None and engine == "local" and not labels_moved:
+        # The Ray engine and an explicit bank size always refit every label. Labels whose user
+        # labels changed learn again there (`_fit_changed_labels`).
+        if not full and bank_size is None and engine == "local":
             with self.vectors.reading():
                 base = self._refit_base(vocab)
                 if base is not None:
@@ -294,34 +289,76 @@ class Tagger(Part):
         T: np.ndarray,
         locations: list[tuple[int, int, int]],
         progress: Progress,
+        relearn: Sequence[int] | None = None,
+        kept: dict[str, Any] | None = None,
+        user: tuple[int, dict[int, np.ndarray]] | None = None,
     ) -> tuple[Classifier, Learnt | None]:
         """The classifier after learning from the user's labels of the vocabulary's labels
-        (piaa_index/library/keywords.py), and what was learnt; unchanged when there are none."""
-        from piaa_index.library.keywords import learn_labels, summary, with_learnt
+        (piaa_index/library/keywords.py), and what was learnt (None when nothing was).
+
+        `relearn`: learn these labels only (their rows in `classifier` training-free); the
+        others keep their rows, and their part of `kept` (the last fit's `learning` record).
+        `user`: the user's labels as `_user_labels` read them (default: read now)."""
+        from piaa_index.library.keywords import (
+            label_digests,
+            learn_labels,
+            summary,
+            widened,
+            with_learnt,
+        )
+
+        names = vocab.names
+        version, rows = user if user is not None else self._user_labels(vocab, locations)
+        live = {loc[0]: loc for loc in locations}
+        columns = list(range(len(names))) if relearn is None else list(relearn)
+        learnt = None
+        if rows and columns:
+            note(f"learning from the labels of {len(rows)} images", progress)
+            labelled = [live[i] for i in sorted(rows, key=lambda i: live[i][1:])]
+            part = _subset(classifier, columns)
+            learnt = widened(
+                learn_labels(
+                    self.vectors, part, T[columns], labelled,
+                    {i: r[columns] for i, r in rows.items()}, locations,
+                    folder=self.scores_dir,
+                ),
+                columns,
+                len(names),
+            )  # fmt: skip
+            classifier = with_learnt(classifier, learnt, T)
+        record: dict[str, Any] = {"learnt": [], "seconds": 0.0, "labels": {}}
+        if learnt is not None:
+            record = summary(learnt, names)
+        if kept:  # the labels not learnt again keep their record
+            again = {names[c] for c in columns}
+            for name, rec in (kept.get("labels") or {}).items():
+                if name in names and name not in again:
+                    record["labels"][name] = rec
+            record["learnt"] = [
+                n for n in names
+                if n in record["learnt"] or (n not in again and n in kept.get("learnt", []))
+            ]  # fmt: skip
+        record["images"] = len(rows)
+        record["digests"] = label_digests(rows, names)
+        record["relearnt"] = [names[c] for c in columns] if rows else []
+        classifier.params = {
+            **classifier.params,
+            "user_labels_version": version,
+            "learning": record if (rows or kept) else {},
+        }
+        return classifier, learnt
+
+    def _user_labels(
+        self, vocab: VocabularyInfo, locations: list[tuple[int, int, int]]
+    ) -> tuple[int, dict[int, np.ndarray]]:
+        """(version, rows): the user's labels of the live images as [C] int8 rows by image id
+        (keywords.user_label_rows), and the version read before them (a change after it is
+        learnt by the next fit)."""
+        from piaa_index.library.keywords import user_label_rows
 
         version = self.store.user_labels_version()
-        classifier.params["user_labels_version"] = version
-        column = {normalize_label(n): c for c, n in enumerate(vocab.names)}
-        live = {loc[0]: loc for loc in locations}
-        rows: dict[int, np.ndarray] = {}
-        for image_id, key, _name, present, _source in self.store.user_labels():
-            c = column.get(key)
-            if c is None or image_id not in live:
-                continue
-            rows.setdefault(image_id, np.full(len(column), -1, np.int8))[c] = int(present)
-        if not rows:
-            return classifier, None
-        note(f"learning from the labels of {len(rows)} images", progress)
-        labelled = [live[i] for i in sorted(rows, key=lambda i: live[i][1:])]
-        learnt = learn_labels(
-            self.vectors, classifier, T, labelled, rows, locations, folder=self.scores_dir
-        )
-        learnt_classifier = with_learnt(classifier, learnt, T)
-        learnt_classifier.params = {
-            **classifier.params,
-            "learning": {**summary(learnt, vocab.names), "images": len(rows)},
-        }
-        return learnt_classifier, learnt
+        live = {loc[0] for loc in locations}
+        return version, user_label_rows(self.store.user_labels(), vocab.names, live)
 
     def _report(
         self,
@@ -356,7 +393,9 @@ class Tagger(Part):
             labels=status,
             warnings=list(fitted.decisions.info.get("warnings", [])),
             fitted_labels=list(names) if fitted_labels is None else fitted_labels,
-            learning=dict(classifier.params.get("learning") or {}),
+            learning={
+                k: v for k, v in (classifier.params.get("learning") or {}).items() if k != "digests"
+            },
         )
 
     def _refit_base(self, vocab: VocabularyInfo) -> _RefitBase | None:
@@ -382,6 +421,15 @@ class Tagger(Part):
             return None  # fitted before labels could be added alone
         position = {(str(n), tuple(t)): c for c, (n, t) in enumerate(labels)}
         kept = [position.get((name, tuple(t)), -1) for name, t in _label_keys(vocab)]
+        # A concept taught again (or a label taught since) has a new prototype: fitted anew.
+        from piaa_index.library.teaching import taught_prototypes
+
+        taught = taught_prototypes(self.store)
+        for c, lb in enumerate(vocab.labels):
+            proto = taught.get(normalize_label(lb.name))
+            if kept[c] >= 0 and proto is not None:
+                if not np.allclose(proto, fitted.text_protos[kept[c]], atol=1e-6):
+                    kept[c] = -1
         if all(c == -1 for c in kept):
             return None
         view = self._open_view(row)
@@ -398,6 +446,7 @@ class Tagger(Part):
         collection's background alone (open_pvcl.py), so a kept label's scores are what a full
         fit on the same pool gives them, and adding or removing a label leaves them alone; so do
         their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
+        from piaa_index.library.keywords import label_digests, learnt_decisions
         from piaa_index.method.decisions import bank_support, open_decisions
         from piaa_index.method.fusion import score_images
         from piaa_index.vectors.scores import SegmentWriter, new_key, writer_lock
@@ -424,6 +473,18 @@ class Tagger(Part):
             )
             for _ in passed:
                 pass
+        # Labels whose user labels changed since the last fit learnt (their digests moved),
+        # and new labels with some, learn; their rows start training-free.
+        user = self._user_labels(vocab, locations)
+        before = old.params.get("learning") or {}
+        old_digests = before.get("digests")
+        if old_digests is None:  # learnt before digests were kept: what it learnt, again
+            old_digests = {n: "?" for n in before.get("labels") or {}}
+        digests = label_digests(user[1], vocab.names)
+        relearn = [
+            c for c, lb in enumerate(vocab.labels)
+            if digests[lb.name] != (old_digests.get(lb.name, "") if base.kept[c] >= 0 else "")
+        ]  # fmt: skip
         fit_seconds = time.perf_counter() - started
 
         # The new vocabulary's classifier: kept rows as they were, new rows from their banks.
@@ -453,6 +514,13 @@ class Tagger(Part):
                 agreement[c] = cluster_agreement(
                     new_banks[j], cosines[c], T[c], old.background_means
                 )
+        learnt_before = set(before.get("learnt") or [])
+        for c in relearn:  # training-free again: re-derived from the label's Gaussian
+            k = int(base.kept[c])
+            if k >= 0 and vocab.labels[c].name in learnt_before and old.means is not None:
+                assert old.background_b is not None  # (_refit_base: open world)
+                Wk, bk = gaussian_rows(old.means[k : k + 1], old.precision, len(old.background_b))
+                W[c], b[c] = Wk[0], bk[0]
         sizes = [int(len(v)) for v in cosines]
         params = {
             **old.params,
@@ -476,16 +544,22 @@ class Tagger(Part):
             precision=old.precision,
             bank_cosines=padded_cosines(cosines),
             background_means=old.background_means,
-            cls_protos=_kept_cls_protos(old, base.kept, T),
+            cls_protos=_kept_cls_protos(old, base.kept, T, relearn),
         )
+        classifier, learnt = self._learn(
+            vocab, classifier, T, locations, progress, relearn, before, user
+        )
+        fit_seconds = time.perf_counter() - started
 
-        # Kept columns come from the old matrix; new labels (and images the old classifier had
-        # not scored) are scored from the stored patches.
+        # Kept columns come from the old matrix; new labels, labels learnt again (and images the
+        # old classifier had not scored) are scored from the stored patches.
         view = base.view
         valid_rows = np.flatnonzero(view.valid)
         by_id = np.argsort(view.ids[valid_rows], kind="stable")
         sorted_ids, sorted_rows = view.ids[valid_rows][by_id], valid_rows[by_id]
-        kept_pairs = [(c, int(k)) for c, k in enumerate(base.kept) if k >= 0]
+        again = set(relearn)
+        kept_pairs = [(c, int(k)) for c, k in enumerate(base.kept) if k >= 0 and c not in again]
+        relearnt = [c for c in relearn if base.kept[c] >= 0]  # (new labels are in `fresh`)
         unscored = {loc[0] for loc in base.todo}
         all_labels = list(range(C))
 
@@ -500,12 +574,12 @@ class Tagger(Part):
                 E[scored, c] = view.take("E", k, rows[scored])
                 Cs[scored, c] = view.take("C", k, rows[scored])
                 Us[scored, c] = view.take("U", k, rows[scored])
-            for labels, mask in ((fresh, scored), (all_labels, ~scored)):
+            for labels, mask in ((fresh, scored), (relearnt, scored), (all_labels, ~scored)):
                 if not labels or not mask.any():
                     continue
                 part = _subset(classifier, labels)
                 sup = None
-                if U is not None and labels is fresh:
+                if U is not None and labels is fresh:  # (the bank pass's text support)
                     sup = U[mask]
                 got = score_images(
                     chunk.cls[mask], chunk.patches[mask], T[labels], part, support=sup
@@ -519,7 +593,7 @@ class Tagger(Part):
         with writer_lock(self.scores_dir):
             writer = SegmentWriter(self.scores_dir / key, segment, len(locations), C)
             try:
-                if fresh or base.todo:
+                if fresh or relearnt or base.todo:
                     known = iter(fresh_support)
                     for chunk in self.stream(locations, progress, "tagging"):
                         ids_u, U = next(known, (None, None))
@@ -535,9 +609,12 @@ class Tagger(Part):
                         part = ids[a : a + 65_536]
                         E, Cs, Us = columns(part, None, None)
                         writer.write(part, shards[a : a + 65_536], np.zeros_like(E), E, Cs, Us)
+                carried = [-1 if c in again else k for c, k in enumerate(base.kept)]
                 decisions = open_decisions(
                     writer.evidence, writer.cls, writer.support, params["support"]
-                ).carry_over(base.fitted.decisions, base.kept)
+                ).carry_over(base.fitted.decisions, carried)
+                if learnt is not None:  # the labels learnt again: their own calibration
+                    decisions = learnt_decisions(decisions, learnt)
                 writer.finish(decisions)
             except BaseException:
                 writer.abort()
@@ -555,7 +632,7 @@ class Tagger(Part):
             len(locations) * self.vectors.n_patches,
             started,
             fit_seconds,
-            fitted_labels=[vocab.labels[c].name for c in fresh],
+            fitted_labels=[vocab.labels[c].name for c in sorted({*fresh, *relearn})],
         )
 
     def stream(
@@ -905,14 +982,17 @@ def _subset(classifier: Classifier, labels: Sequence[int]) -> Classifier:
     )
 
 
-def _kept_cls_protos(old: Classifier, kept: Sequence[int], T: np.ndarray) -> np.ndarray | None:
+def _kept_cls_protos(
+    old: Classifier, kept: Sequence[int], T: np.ndarray, relearn: Sequence[int] = ()
+) -> np.ndarray | None:
     """[CLS] prototypes of a vocabulary change: kept labels keep what they learnt, new labels
-    start from their text (None when no label ever learnt one)."""
+    and those to learn again start from their text (None when no label ever learnt one)."""
     if old.cls_protos is None:
         return None
     protos = np.array(T, np.float32)
+    again = set(relearn)
     for c, k in enumerate(kept):
-        if k >= 0:
+        if k >= 0 and c not in again:
             protos[c] = old.cls_protos[k]
     return protos
 

@@ -39,6 +39,7 @@ __all__ = [
     "fit_background",
     "fit_open",
     "cluster_agreement",
+    "gaussian_rows",
     "label_discriminants",
     "padded_cosines",
     "unpadded_cosines",
@@ -215,11 +216,23 @@ def label_discriminants(
     mu = np.stack(
         [b.astype(np.float64).mean(axis=0) if len(b) else T[c] for c, b in enumerate(banks)]
     ).reshape(len(T), T.shape[1])
-    W = np.stack([row @ precision for row in mu]).reshape(mu.shape)
+    W, b = gaussian_rows(mu, precision, n_clusters)
+    return W, b, mu
+
+
+def gaussian_rows(
+    means: np.ndarray, precision: np.ndarray, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(W [C, d], b [C]) float64 of labels' Gaussians (their means, the background's
+    precision): the training-free rows, also re-derived from a stored classifier's means where
+    learning replaced its rows (`Tagger._fit_changed_labels`)."""
+    mu = np.asarray(means, dtype=np.float64)
+    P = np.asarray(precision, dtype=np.float64)
+    W = np.stack([row @ P for row in mu]).reshape(mu.shape)
     # A label's prior is that of one more cluster: its log-odds are then comparable across
     # labels and libraries, and never depend on how many labels there are.
     b = -0.5 * np.einsum("cd,cd->c", W, mu) + np.log(1.0 / (n_clusters + 1))
-    return W, b, mu
+    return W, b
 
 
 def fit_open(
