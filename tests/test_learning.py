@@ -276,3 +276,29 @@ def test_a_correction_relearns_its_own_label_only_as_a_full_fit_would(
     np.testing.assert_allclose(Wf, W2, atol=1e-4)
     np.testing.assert_allclose(Mf.scores, M2.scores, atol=1e-4)
     assert np.array_equal(Mf.present, M2.present)
+
+
+def test_a_label_with_positives_only_learns_against_presumed_negatives() -> None:
+    """Tags only ever confirmed, or a concept taught from examples alone: a fixed sample of
+    the library stands in for the images without the label (5,000 live images)."""
+    from piaa_index.library.keywords import PRESUMED_NEGATIVES, presume_negatives
+
+    live = list(range(100, 5100))
+    rows = {}
+    for i in live[:10]:  # label 0: positives only; label 1: both; label 2: too few positives
+        rows[i] = np.array([1, 1, -1], np.int8)
+    for i in live[10:20]:
+        rows[i] = np.array([-1, 0, 1 if i < live[12] else -1], np.int8)
+    out, presumed = presume_negatives(rows, live)
+    assert presumed == {0: PRESUMED_NEGATIVES}
+    added = {i: r for i, r in out.items() if i not in rows}
+    assert len(added) == PRESUMED_NEGATIVES
+    assert all(r.tolist() == [0, -1, -1] for r in added.values())
+    # The user's own rows are kept as they were (those labelled for the label never presumed).
+    assert all(np.array_equal(out[i], r) or (r[0] == -1 and out[i][0] == 0)
+               for i, r in rows.items())  # fmt: skip
+    assert all(out[i][0] == 1 for i in live[:10])
+    # The same sample whatever order the live ids come in: a refit presumes the same images.
+    again, _ = presume_negatives(rows, live[::-1])
+    assert set(again) == set(out)
+    assert all(np.array_equal(again[i], out[i]) for i in out)

@@ -114,6 +114,33 @@ def test_concept_prototype_picks_the_shared_patch_not_the_background() -> None:
     assert float(proto @ hidden) > 0.9
 
 
+def test_concept_prototype_finds_the_concept_where_the_library_holds_it_too() -> None:
+    """As in a real library: every image is mostly background (8 shared kinds of patch), and
+    the concept is in 10 % of the library's images as well as in the examples. The concept's
+    patches then have near-duplicates among the other images, as background patches do; what
+    sets them apart is that they score the examples above most other images (600 images of
+    30 patches)."""
+    rng = np.random.default_rng(1)
+    d, M = 32, 30
+    directions = np.linalg.qr(rng.normal(size=(d, d)))[0][:9].astype(np.float32)
+    hidden, backgrounds = directions[0], directions[1:]
+
+    def images(n: int, with_concept: np.ndarray) -> np.ndarray:
+        X = backgrounds[rng.integers(0, 8, size=(n, M))]
+        X[with_concept, rng.integers(0, M, size=int(with_concept.sum()))] = hidden
+        return (X + 0.15 * rng.normal(size=X.shape)).astype(np.float32)
+
+    pos = images(10, np.ones(10, bool))
+    library = images(590, rng.random(590) < 0.1)
+    proto = concept_prototype(pos, library)
+    assert float(proto @ hidden) > 0.9, float(proto @ hidden)
+    # A single example: its patch least like the other images (noisy alone: a patch is
+    # only so close to the concept's direction).
+    one = concept_prototype(pos[:1], library)
+    units = pos[0] / np.linalg.norm(pos[0], axis=1, keepdims=True)
+    assert float(one @ hidden) >= 0.95 * float((units @ hidden).max()), float(one @ hidden)
+
+
 def test_vocab_check_names_the_closest_pairs_with_how_often_they_fire_together(
     home_and_truth: tuple[Path, dict[str, set[str]]],
     monkeypatch: pytest.MonkeyPatch,

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 # Images of the collection whose training-free scores set the learnt labels' z-scores.
 REFERENCE_IMAGES = 2000
+# Library images presumed absent for a label that has positives but too few negatives.
+PRESUMED_NEGATIVES = 512
 
 
 def read_examples(
@@ -171,6 +173,44 @@ def user_label_rows(
             continue
         rows.setdefault(image_id, np.full(len(column), -1, np.int8))[c] = int(present)
     return rows
+
+
+def presume_negatives(
+    rows: Mapping[int, np.ndarray], live_ids: Sequence[int], params: LearnParams | None = None
+) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """The user's label rows, plus presumed negatives: for each label with enough positives
+    but too few negatives to learn (a concept taught from examples alone, tags only ever
+    confirmed), up to PRESUMED_NEGATIVES live images not labelled for it, as absent. Most of
+    a library lacks any one label, so a sample of it stands for "elsewhere"; held-out
+    validation still decides whether what is learnt is used. The sample is fixed by the live
+    ids. Returns (rows, presumed negatives per label column)."""
+    p = params or LearnParams()
+    out = dict(rows)
+    if not rows:
+        return out, {}
+    Y = np.stack(list(rows.values()))
+    wanting = np.flatnonzero(((Y == 1).sum(axis=0) >= p.min_positives)
+                             & ((Y == 0).sum(axis=0) < p.min_negatives))  # fmt: skip
+    if not len(wanting):
+        return out, {}
+    ids = np.asarray(sorted(live_ids), np.int64)
+    order = ids[np.random.default_rng(0).permutation(len(ids))]
+    C = Y.shape[1]
+    presumed = {}
+    for c in (int(k) for k in wanting):
+        taken = 0
+        for i in (int(k) for k in order):
+            if taken == PRESUMED_NEGATIVES:
+                break
+            row = out.get(i)
+            if row is not None and row[c] >= 0:
+                continue
+            row = np.full(C, -1, np.int8) if row is None else row.copy()
+            row[c] = 0
+            out[i] = row
+            taken += 1
+        presumed[c] = taken
+    return out, presumed
 
 
 def label_digests(rows: Mapping[int, np.ndarray], names: Sequence[str]) -> dict[str, str]:

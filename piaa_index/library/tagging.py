@@ -302,6 +302,7 @@ class Tagger(Part):
         from piaa_index.library.keywords import (
             label_digests,
             learn_labels,
+            presume_negatives,
             summary,
             widened,
             with_learnt,
@@ -314,17 +315,21 @@ class Tagger(Part):
         learnt = None
         if rows and columns:
             note(f"learning from the labels of {len(rows)} images", progress)
-            labelled = [live[i] for i in sorted(rows, key=lambda i: live[i][1:])]
+            train, presumed = presume_negatives(rows, list(live))
+            labelled = [live[i] for i in sorted(train, key=lambda i: live[i][1:])]
             part = _subset(classifier, columns)
             learnt = widened(
                 learn_labels(
                     self.vectors, part, T[columns], labelled,
-                    {i: r[columns] for i, r in rows.items()}, locations,
+                    {i: r[columns] for i, r in train.items()}, locations,
                     folder=self.scores_dir,
                 ),
                 columns,
                 len(names),
             )  # fmt: skip
+            for c, k in presumed.items():
+                if str(c) in learnt.report:
+                    learnt.report[str(c)]["presumed_negatives"] = k
             classifier = with_learnt(classifier, learnt, T)
         record: dict[str, Any] = {"learnt": [], "seconds": 0.0, "labels": {}}
         if learnt is not None:

@@ -27,38 +27,70 @@ SETTING = "taught"
 # Patches per example that make the prototype, and library images that stand for "elsewhere".
 PATCHES_PER_EXAMPLE = 3
 BACKGROUND_IMAGES = 512
+# Example patches tried as detectors at once: a block's cosines to 512 images of 196 patches
+# are 100k floats per candidate.
+CANDIDATES_PER_BLOCK = 64
+# An example's patches are the concept's where they score within this of its best patch: as
+# detectors (the share of image pairs ranked right), then by cosine to the first estimate.
+PICK_MARGIN = 0.05
+REFINE_MARGIN = 0.1
 
 
 def concept_prototype(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
-    """[d] unit prototype from the patches of the examples [P, M, d] and of images without
-    the concept [N, M, d]: per example, the patches most alike across the other examples and
-    least alike anything in the negatives; their mean, refined once by taking each example's
-    patches nearest that mean."""
+    """[d] unit prototype from the patches of the examples [P, M, d] and of other images
+    [N, M, d] (library images, most of which lack the concept, and any counter-examples).
+
+    Each example patch is tried as a detector (an image's score: its best patch's cosine to
+    it): the concept's patches are those that score the other examples above the other
+    images, by the share of (example, other image) pairs ranked right (the detector's AUC).
+    A library holds the concept too, so "unlike every other image" would reject the concept
+    itself; "above most other images" does not. The prototype is the mean of each example's
+    best patches, refined once by taking each example's patches nearest that mean."""
     P, M, d = positives.shape
-    X = _unit(positives.reshape(P * M, d))
-    neg = _unit(negatives.reshape(-1, d)) if negatives.size else np.zeros((0, d), np.float32)
-    sims = (X @ X.T).reshape(P, M, P, M).max(axis=3)  # [P, M, P]: best match in each example
-    if P > 1:
-        own = np.arange(P)
-        sims[own, :, own] = np.nan
-        shared = np.nanmean(sims, axis=2)  # [P, M]
-    else:
-        shared = np.zeros((P, M), np.float32)
-    if len(neg):
-        k = min(5, len(neg))
-        top = np.partition(X @ neg.T, len(neg) - k, axis=1)[:, -k:]
-        contrast = top.mean(axis=1).reshape(P, M)
-    else:
-        contrast = np.zeros((P, M), np.float32)
-    score = shared - contrast
-    k = min(PATCHES_PER_EXAMPLE, M)
-    Xp = X.reshape(P, M, d)
-    picked = np.take_along_axis(Xp, np.argsort(-score, axis=1)[:, :k, None], axis=1)
-    proto = _unit(picked.reshape(-1, d).mean(axis=0, keepdims=True))[0]
+    U = _unit(positives)
+    X = U.reshape(P * M, d)
+    negs = _unit(negatives) if negatives.size else np.zeros((0, M, d), np.float32)
+    score = np.zeros(P * M, np.float64)
+    for a in range(0, P * M, CANDIDATES_PER_BLOCK):  # bounded memory: a block of candidates
+        x = X[a : a + CANDIDATES_PER_BLOCK]
+        on_neg = _best_match(x, negs)  # [k, N]
+        if P > 1:
+            on_pos = _best_match(x, U)  # [k, P]
+            own = np.arange(a, a + len(x)) // M
+            on_pos[np.arange(len(x)), own] = np.nan  # not the example it comes from
+            if on_neg.shape[1]:
+                ranked = np.sort(on_neg, axis=1)
+                rows = zip(ranked, on_pos, strict=True)
+                below = np.stack([np.searchsorted(r, v) for r, v in rows]).astype(np.float64)
+                below[np.isnan(on_pos)] = np.nan
+                score[a : a + len(x)] = np.nanmean(below / on_neg.shape[1], axis=1)
+            else:
+                score[a : a + len(x)] = np.nanmean(on_pos, axis=1)
+        elif on_neg.shape[1]:  # one example: its patches least like the other images
+            score[a : a + len(x)] = -np.quantile(on_neg, 0.9, axis=1)
+    proto = _mean_of_best(U, score.reshape(P, M), PICK_MARGIN)
     # Refine: each example's patches nearest the first estimate.
-    nearest = np.argsort(-(Xp @ proto), axis=1)[:, :k]
-    picked = np.take_along_axis(Xp, nearest[:, :, None], axis=1)
-    return _unit(picked.reshape(-1, d).mean(axis=0, keepdims=True))[0]
+    return _mean_of_best(U, U @ proto, REFINE_MARGIN)
+
+
+def _mean_of_best(U: np.ndarray, score: np.ndarray, margin: float) -> np.ndarray:
+    """[d] unit mean, over the examples U [P, M, d], of each one's best-scoring patches: up to
+    PATCHES_PER_EXAMPLE of them, those within `margin` of its best (an object covers a few
+    patches; a small one a single patch, and its neighbours are background)."""
+    k = min(PATCHES_PER_EXAMPLE, U.shape[1])
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(score, order, axis=1)
+    keep = top >= top[:, :1] - margin
+    picked = np.take_along_axis(U, order[:, :, None], axis=1)[keep]
+    return _unit(picked.mean(axis=0, keepdims=True))[0]
+
+
+def _best_match(x: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """[k, N]: for each of the k unit vectors, its best cosine over each image's patches."""
+    N, M, d = images.shape
+    if not N:
+        return np.zeros((len(x), 0), np.float32)
+    return (x @ images.reshape(N * M, d).T).reshape(len(x), N, M).max(axis=2)
 
 
 def _unit(X: np.ndarray) -> np.ndarray:
