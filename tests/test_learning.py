@@ -239,6 +239,7 @@ def test_a_correction_relearns_its_own_label_only_as_a_full_fit_would(
         homes[name] = tmp_path / name / "index"
         shutil.copytree(shapes_home, homes[name])
     with open_shapes_library(homes["incremental"]) as library:
+        W0, _, M0 = _state(library)  # training-free
         truth = _truth_rows(shapes_home, library)
         library.set_user_labels(truth, "import")
         first = library.fit()
@@ -266,6 +267,14 @@ def test_a_correction_relearns_its_own_label_only_as_a_full_fit_would(
         assert third.fitted_labels == [] and third.learning["relearnt"] == []
         W3, _, M3 = _state(library)
         assert np.array_equal(W3, W2) and np.array_equal(M3.present, M2.present)
+        # Every label forgotten: the labels that had learnt are training-free again.
+        library.forget_user_labels(sorted({r[0] for r in truth}))
+        fourth = library.fit()
+        assert fourth.learning["relearnt"] == names and not fourth.learning.get("learnt")
+        W4, _, M4 = _state(library)
+        np.testing.assert_allclose(W4, W0, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(M4.scores, M0.scores, atol=1e-5)
+        assert np.array_equal(M4.present, M0.present)
     # A full fit from the same labels learns every label from scratch: the same rows and tags.
     with open_shapes_library(homes["full"]) as library:
         library.set_user_labels(truth, "import")

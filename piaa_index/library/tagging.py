@@ -345,7 +345,7 @@ class Tagger(Part):
             ]  # fmt: skip
         record["images"] = len(rows)
         record["digests"] = label_digests(rows, names)
-        record["relearnt"] = [names[c] for c in columns] if rows else []
+        record["relearnt"] = [names[c] for c in columns]  # (to training-free, without labels)
         classifier.params = {
             **classifier.params,
             "user_labels_version": version,
