@@ -262,6 +262,8 @@ def test_a_correction_relearns_its_own_label_only_as_a_full_fit_would(
         assert np.array_equal(M2.scores[:, others], M1.scores[:, others])
         assert np.array_equal(M2.present[:, others], M1.present[:, others])
         assert set(second.learning["labels"]) == set(names)  # the kept labels' records too
+        for name in names:  # each label's status holds its record, learnt again or kept
+            assert second.labels[name]["learning"] == second.learning["labels"][name], name
         # Nothing changed: nothing learns again, and the tags stay.
         third = library.fit()
         assert third.fitted_labels == [] and third.learning["relearnt"] == []

@@ -122,11 +122,12 @@ def with_learnt(classifier: Classifier, learnt: Learnt, T: np.ndarray) -> Classi
 def learnt_decisions(decisions: Decisions, learnt: Learnt) -> Decisions:
     """The tag rule with the chosen labels' confidence being the learnt one: their calibration
     is what the learning fitted, and their status says so (no text gate: the user's own
-    labels say the collection holds them)."""
+    labels say the collection holds them). Every label that tried to learn has its record in
+    its status, used or not."""
     from piaa_index.method.decisions import Calibration, Decisions
 
     cal = decisions.calibration
-    if cal is None or not learnt.chosen.any():
+    if cal is None:
         return decisions
     arrays = {k: np.array(v, np.float64) for k, v in vars(cal).items() if k != "alpha"}
     thresholds, gate = decisions.thresholds.copy(), decisions.support_gate.copy()
@@ -138,9 +139,11 @@ def learnt_decisions(decisions: Decisions, learnt: Learnt) -> Decisions:
         status[c] = {**status[c], "status": "present", "source": "learnt"}
     for key, rec in learnt.report.items():
         status[int(key)] = {**status[int(key)], "learning": rec}
-    info = dict(decisions.info)
-    info["learnt_labels"] = int(learnt.chosen.sum())
-    return Decisions(thresholds, gate, status, info, Calibration(**arrays, alpha=cal.alpha))
+    # (How many labels use what they learnt: the statuses whose source is "learnt", kept
+    # labels' included; no count is kept beside them.)
+    return Decisions(
+        thresholds, gate, status, dict(decisions.info), Calibration(**arrays, alpha=cal.alpha)
+    )
 
 
 def complete_rows(image_labels: dict[int, set[str]], names: Sequence[str]) -> dict[int, np.ndarray]:
