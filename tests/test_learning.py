@@ -313,3 +313,33 @@ def test_a_label_with_positives_only_learns_against_presumed_negatives() -> None
     again, _ = presume_negatives(rows, live[::-1])
     assert set(again) == set(out)
     assert all(np.array_equal(again[i], out[i]) for i in out)
+
+
+def test_a_label_added_to_a_library_that_learnt_fits_and_learns_alone(
+    shapes_home: Path, tmp_path: Path
+) -> None:
+    """`vocab add` in a library whose labels learnt: the kept labels keep what they learnt
+    (rows, scores, tags), and the new label is fitted and learns from its own labels."""
+    from tests.shapes_library import open_shapes_library
+
+    home = tmp_path / "index"
+    shutil.copytree(shapes_home, home)
+    with open_shapes_library(home) as library:
+        names = library.vocab.require_vocabulary().names
+        truth = _truth_rows(shapes_home, library)
+        newcomer = names[-1]
+        library.set_vocabulary(names[:-1])
+        library.set_user_labels(truth, "import")  # labels of the newcomer too, unused yet
+        first = library.fit()
+        assert newcomer not in first.learning["labels"]
+        W1, _, M1 = _state(library)
+        library.set_vocabulary(names)
+        added = library.fit()
+        assert added.fitted_labels == [newcomer] and added.learning["relearnt"] == [newcomer]
+        assert newcomer in added.learning["labels"]
+        W2, _, M2 = _state(library)
+        assert np.array_equal(W2[:-1], W1)
+        assert np.array_equal(M2.scores[:, :-1], M1.scores)
+        assert np.array_equal(M2.present[:, :-1], M1.present)
+        kept, now = set(first.learning["learnt"]), set(added.learning["learnt"])
+        assert kept <= now and now - kept <= {newcomer}
