@@ -244,8 +244,9 @@ def teach_command(
 ) -> None:
     """Teach NAME from EXAMPLES (indexed images that show it): "Rex", "grandma's house", a
     product. No text prompt is needed: NAME becomes a label like any other (search, tags,
-    evidence maps, XMP, the API), found by what its examples share and other photos lack.
-    Ten or so varied examples work better than two; teach again to add more."""
+    evidence maps, XMP, the API), found by what its examples share and most other photos
+    lack (other photos may hold it too). Ten or so varied examples work better than two;
+    teach again to add more."""
     from piaa_index.library.vocabulary import clean_labels
 
     label = clean_labels([name])[0]
