@@ -2,10 +2,10 @@
 anything with no text name the model knows (issue 21).
 
 The concept's prototype stands in for a text prototype: the direction, in the model's joint
-space, of the patches its examples share and other images lack. From there it is a label like
-any other: PVCL mines its bank from the library's patches nearest the prototype, the tag rule
-calibrates it, and the examples are user labels the fit learns from (keywords.py). Nothing but
-stored vectors is read.
+space, of the patches its examples share and most other images lack. From there it is a label
+like any other: PVCL mines its bank from the library's patches nearest the prototype, the tag
+rule calibrates it, and the examples are user labels the fit learns from (keywords.py; without
+`--not` images, against library images presumed absent). Nothing but stored vectors is read.
 """
 
 from __future__ import annotations
