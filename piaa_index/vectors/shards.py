@@ -61,8 +61,6 @@ CODECS = {
 }
 # sq4: 52 KB per image at ViT-B/16 (fp16: 203 KB) at no measured ranking loss (docs/scale.md).
 DEFAULT_CODEC = "sq4"
-# Threads reading a query's candidate rows from many shards at once (`patch_maxima`).
-READ_THREADS = 8
 # Patches needed to train the library's quantiser: per-dimension ranges want a few thousand,
 # a PQ codebook 256 centroids x 39 points (FAISS's advice).
 SQ_MIN_TRAIN = 8_192
@@ -575,37 +573,17 @@ class VectorStore:
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for image_id, shard, row in locations:
             by_shard.setdefault(shard, []).append((row, image_id))
-        shards = sorted(by_shard)  # chunk_plan's order: by shard, then row
-        located_in = {s: np.array(sorted(by_shard[s]), np.int64).reshape(-1, 2) for s in shards}
-
-        def direct(shard: int) -> tuple[np.ndarray, np.ndarray] | None:
-            """(best patch dot, [CLS] dot) of the shard's rows, read by pread; None: the FAISS
-            path below reads it. The ids come with the locations: no id map is read."""
-            rows_arr = located_in[shard][:, 0]
-            got = self._direct(shard, rows_arr, with_codes=True, with_ids=False)
-            if got is None:
-                return None
-            _, cls, codes, form = got
-            assert codes is not None and form is not None
-            return form.dots(len(rows_arr), q, _slices(codes)).max(axis=1), cls @ q
-
-        # A query's candidates lie a few rows in each of many shards: from a cold page cache
-        # each read waits on the disk, so the shards are read by several threads at once (the
-        # reads and most of numpy release the GIL); 36,000 rows at 1M took 3.5 s one by one.
-        if len(shards) > 1:
-            from concurrent.futures import ThreadPoolExecutor  # (15 ms: text search only)
-
-            with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
-                answers = list(pool.map(direct, shards))
-        else:
-            answers = [direct(s) for s in shards]
-        for shard, answer in zip(shards, answers, strict=True):
-            located = located_in[shard]
+        for shard in sorted(by_shard):  # chunk_plan's order: by shard, then row
+            located = np.array(sorted(by_shard[shard]), np.int64).reshape(-1, 2)
             rows_arr = located[:, 0]
-            if answer is not None:
+            # the ids come with the locations: the shard's id map is not read
+            direct = self._direct(shard, rows_arr, with_codes=True, with_ids=False)
+            if direct is not None:
+                _, cls, codes, form = direct
+                assert codes is not None and form is not None
                 ids.append(located[:, 1])
-                best.append(answer[0])
-                cls_dots.append(answer[1])
+                best.append(form.dots(len(rows_arr), q, _slices(codes)).max(axis=1))
+                cls_dots.append(cls @ q)
                 continue
             got = self._shard_map(shard)
             best.append(self.patch_codes(shard).dots(rows_arr, q).max(axis=1))
