@@ -439,7 +439,8 @@ def test_vocabulary_edit_and_fit_job(shapes_home: Path, driver, tmp_path: Path) 
         assert "fit" in needs.text.lower() and "piaa" not in needs.text and "`" not in needs.text
         assert driver.find_element(By.ID, "needs-fit-button").is_displayed()
         assert "Searching" not in driver.find_element(By.ID, "result-count").text
-        assert not driver.find_element(By.ID, "error").is_displayed()
+        error = driver.find_element(By.ID, "error")
+        assert not error.is_displayed(), error.text
         assert driver.find_element(By.ID, "fit-button").is_displayed()  # the banner's too
 
         driver.get(base + "/#/jobs")

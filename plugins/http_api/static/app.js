@@ -496,7 +496,9 @@ async function showByTag(seq) {
     try {
       ({ results } = await api(searchUrl(asTerm(l.label), false, ROW_IMAGES)));
     } catch (err) {
-      if (err.code === "needs_fit") return;  // the tags are being refitted: chips only
+      // Left (another page or search): a vocabulary edited meanwhile may have dropped the
+      // label, and the answer is nobody's. Being refitted: chips only.
+      if (seq !== gridSeq || err.code === "needs_fit") return;
       throw err;
     }
     if (seq !== gridSeq) return;
@@ -841,8 +843,14 @@ function show(view) {
   document.querySelectorAll(".view").forEach((s) => { s.hidden = s.id !== `view-${view}`; });
 }
 
+// Each page shown has a number: a page left while it was still loading fails silently (its
+// requests may fail because of what was done since, e.g. a label removed from the vocabulary).
+let routeSeq = 0;
+
 async function route() {
   showError(null);
+  const turn = ++routeSeq;
+  gridSeq += 1;  // what the grid was still loading for the last page is nobody's now
   const { path, params } = parseRoute();
   try {
     const image = path.match(/^\/image\/(\d+)$/);
@@ -859,6 +867,7 @@ async function route() {
       await runSearch(params.get("q") || "", params.get("text") === "1", Number(params.get("limit")) || 48);
     }
   } catch (err) {
+    if (turn !== routeSeq) return;  // another page is showing now
     if (err.code === "needs_fit" && !path.startsWith("/image/")) showNeedsFit();
     else showError(err);
   }
