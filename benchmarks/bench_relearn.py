@@ -18,7 +18,6 @@ import json
 import resource
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import scale  # noqa: E402
 
 
-def _timed(fn: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, round(time.perf_counter() - t, 3)
-
-
 def _state(lib: Any) -> tuple[np.ndarray, Any]:
     fitted = lib.tagger.fitted_for(lib.store.latest_classifier())
     return fitted.classifier.W.copy(), lib.tag_matrix()
@@ -42,25 +35,17 @@ def _state(lib: Any) -> tuple[np.ndarray, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=20_000)
+    scale.library_arguments(ap, images=20_000)
     ap.add_argument("--labelled", type=float, default=0.1, help="share of images labelled")
-    ap.add_argument("--geometry", choices=sorted(scale.GEOMETRIES), default="shapesworld")
-    ap.add_argument("--labels", type=int, default=80)
-    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--keep", action="store_true", help="leave the library in --home")
     args = ap.parse_args()
 
     home = Path(args.home)
-    if home.exists() and any(home.iterdir()):
-        sys.exit(f"{home} is not empty")
-    world = scale.World.make(args.labels, args.geometry)
-    lib = scale.open_library(home, world, args.db)
+    lib, world = scale.new_library(args)
     names = scale.label_names(args.labels)
     out: dict[str, Any] = {"images": args.images, "geometry": args.geometry, "labels": args.labels}
-    truth, out["build_s"] = _timed(lambda: scale.add_images(lib, world, args.images))
+    truth, out["build_s"] = scale.timed(lambda: scale.add_images(lib, world, args.images))
     lib.set_vocabulary(names)
-    _, out["training_free_fit_s"] = _timed(lib.fit)
+    _, out["training_free_fit_s"] = scale.timed(lib.fit)
 
     rng = np.random.default_rng(0)
     ids = np.array(sorted(lib.store.image_ids_by_path(
@@ -70,16 +55,16 @@ def main() -> None:
     rows = [(int(ids[i]), names[c], bool(truth[i, c])) for i in chosen for c in range(len(names))]
     lib.set_user_labels(rows, "import")
     out["labelled_images"] = len(chosen)
-    first, out["first_learning_fit_s"] = _timed(lib.fit)
+    first, out["first_learning_fit_s"] = scale.timed(lib.fit)
     out["learnt_labels"] = len(first.learning["learnt"])
 
     image, c = int(ids[chosen[0]]), int(np.flatnonzero(truth[chosen[0]])[0])
     lib.set_user_labels([(image, names[c], False)], "gallery")  # one correction
-    again, out["correction_fit_s"] = _timed(lib.fit)
+    again, out["correction_fit_s"] = scale.timed(lib.fit)
     out["correction_relearnt"] = again.learning["relearnt"]
     W_inc, M_inc = _state(lib)
 
-    full, out["full_fit_s"] = _timed(lambda: lib.fit(full=True))
+    full, out["full_fit_s"] = scale.timed(lambda: lib.fit(full=True))
     W_full, M_full = _state(lib)
     out["correction_vs_full"] = round(out["correction_fit_s"] / out["full_fit_s"], 3)
     out["max_row_difference"] = float(np.abs(W_inc - W_full).max())

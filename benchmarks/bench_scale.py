@@ -56,12 +56,7 @@ def _disk(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=10_000)
-    ap.add_argument("--geometry", choices=sorted(scale.GEOMETRIES), default="shapesworld")
-    ap.add_argument("--labels", type=int, default=80)
-    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--keep", action="store_true", help="leave the library in --home")
+    scale.library_arguments(ap, images=10_000)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument(
         "--codec", default=None, help="patch codec of the new library (default: the default)"
@@ -71,10 +66,7 @@ def main() -> None:
     if args.codec:
         os.environ["PIAA_VECTOR_CODEC"] = args.codec
     home = Path(args.home)
-    if home.exists() and any(home.iterdir()):
-        sys.exit(f"{home} is not empty")
-    world = scale.World.make(args.labels, args.geometry)
-    lib = scale.open_library(home, world, args.db)
+    lib, world = scale.new_library(args)
     out: dict[str, Any] = {
         "images": args.images,
         "geometry": args.geometry,

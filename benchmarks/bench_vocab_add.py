@@ -16,7 +16,6 @@ import json
 import resource
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +24,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import scale  # noqa: E402
 
 
-def _timed(fn: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, round(time.perf_counter() - t, 3)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=20_000)
-    ap.add_argument("--geometry", choices=sorted(scale.GEOMETRIES), default="shapesworld")
-    ap.add_argument("--labels", type=int, default=80)
-    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--keep", action="store_true", help="leave the library in --home")
+    scale.library_arguments(ap, images=20_000)
     args = ap.parse_args()
 
     home = Path(args.home)
-    if home.exists() and any(home.iterdir()):
-        sys.exit(f"{home} is not empty")
-    world = scale.World.make(args.labels, args.geometry)
-    lib = scale.open_library(home, world, args.db)
+    lib, world = scale.new_library(args)
     names = scale.label_names(args.labels)
     out: dict[str, Any] = {"images": args.images, "geometry": args.geometry, "labels": args.labels}
-    _, out["build_s"] = _timed(lambda: scale.add_images(lib, world, args.images))
+    _, out["build_s"] = scale.timed(lambda: scale.add_images(lib, world, args.images))
 
     lib.set_vocabulary(names[:-1])
-    _, out["first_fit_s"] = _timed(lib.fit)
+    _, out["first_fit_s"] = scale.timed(lib.fit)
     query = f"{names[0]} AND {names[1]}"
     before = lib.search(query, limit=50)
 
     lib.set_vocabulary(names)  # `piaa vocab add`: the next query fits the new label alone
-    _, out["add_one_label_then_query_s"] = _timed(lambda: lib.search(names[-1], limit=50))
+    _, out["add_one_label_then_query_s"] = scale.timed(lambda: lib.search(names[-1], limit=50))
     out["kept_label_results_unchanged"] = lib.search(query, limit=50) == before
 
     lib.set_vocabulary(names[1:])  # `piaa vocab remove`
-    _, out["remove_one_label_then_query_s"] = _timed(lambda: lib.search(names[-1], limit=50))
+    _, out["remove_one_label_then_query_s"] = scale.timed(lambda: lib.search(names[-1], limit=50))
 
-    full, out["full_fit_s"] = _timed(lambda: lib.fit(full=True))
+    full, out["full_fit_s"] = scale.timed(lambda: lib.fit(full=True))
     out["full_fit_labels"] = len(full.fitted_labels)
     out["add_vs_full"] = round(out["add_one_label_then_query_s"] / out["full_fit_s"], 3)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -9,6 +9,9 @@ prototypes, returning prototypes that sit near the clusters (with a small modali
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +130,33 @@ def open_library(home: Path, world: World, db: str | None = None) -> Library:
         front_end="clip",
         encoder_factory=encoder_factory(world),
     )
+
+
+def library_arguments(ap: argparse.ArgumentParser, images: int) -> None:
+    """The arguments of a benchmark that builds a synthetic library of its own (`new_library`)."""
+    ap.add_argument("--images", type=int, default=images)
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shapesworld")
+    ap.add_argument("--labels", type=int, default=80)
+    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--keep", action="store_true", help="leave the library in --home")
+
+
+def new_library(args: argparse.Namespace) -> tuple[Library, World]:
+    """An empty library of `library_arguments`' world in --home; exits when --home holds
+    anything (a benchmark never writes into a library it did not make)."""
+    home = Path(args.home)
+    if home.exists() and any(home.iterdir()):
+        sys.exit(f"{home} is not empty")
+    world = World.make(args.labels, args.geometry)
+    return open_library(home, world, args.db), world
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), its wall seconds to the millisecond)."""
+    t = time.perf_counter()
+    out = fn()
+    return out, round(time.perf_counter() - t, 3)
 
 
 def add_images(
