@@ -139,8 +139,6 @@ def learnt_decisions(decisions: Decisions, learnt: Learnt) -> Decisions:
         status[c] = {**status[c], "status": "present", "source": "learnt"}
     for key, rec in learnt.report.items():
         status[int(key)] = {**status[int(key)], "learning": rec}
-    # (How many labels use what they learnt: the statuses whose source is "learnt", kept
-    # labels' included; no count is kept beside them.)
     return Decisions(
         thresholds, gate, status, dict(decisions.info), Calibration(**arrays, alpha=cal.alpha)
     )

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -75,6 +75,14 @@ class FitReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class UserLabels(NamedTuple):
+    """The user's labels as one fit reads them."""
+
+    version: int  # read before the labels: a change after it is learnt by the next fit
+    rows: dict[int, np.ndarray]  # [C] int8 by image id: 1 present, 0 absent, -1 not labelled
+    digests: dict[str, str]  # by label name: what its learning read (keywords.label_digests)
 
 
 @dataclass
@@ -291,7 +299,7 @@ class Tagger(Part):
         progress: Progress,
         relearn: Sequence[int] | None = None,
         kept: dict[str, Any] | None = None,
-        user: tuple[int, dict[int, np.ndarray]] | None = None,
+        user: UserLabels | None = None,
     ) -> tuple[Classifier, Learnt | None]:
         """The classifier after learning from the user's labels of the vocabulary's labels
         (piaa_index/library/keywords.py), and what was learnt (None when nothing was).
@@ -300,7 +308,6 @@ class Tagger(Part):
         others keep their rows, and their part of `kept` (the last fit's `learning` record).
         `user`: the user's labels as `_user_labels` read them (default: read now)."""
         from piaa_index.library.keywords import (
-            label_digests,
             learn_labels,
             presume_negatives,
             summary,
@@ -309,7 +316,8 @@ class Tagger(Part):
         )
 
         names = vocab.names
-        version, rows = user if user is not None else self._user_labels(vocab, locations)
+        user = user if user is not None else self._user_labels(vocab, locations)
+        rows = user.rows
         live = {loc[0]: loc for loc in locations}
         columns = list(range(len(names))) if relearn is None else list(relearn)
         learnt = None
@@ -344,26 +352,25 @@ class Tagger(Part):
                 if n in record["learnt"] or (n not in again and n in kept.get("learnt", []))
             ]  # fmt: skip
         record["images"] = len(rows)
-        record["digests"] = label_digests(rows, names)
+        record["digests"] = user.digests
         record["relearnt"] = [names[c] for c in columns]  # (to training-free, without labels)
         classifier.params = {
             **classifier.params,
-            "user_labels_version": version,
+            "user_labels_version": user.version,
             "learning": record if (rows or kept) else {},
         }
         return classifier, learnt
 
     def _user_labels(
         self, vocab: VocabularyInfo, locations: list[tuple[int, int, int]]
-    ) -> tuple[int, dict[int, np.ndarray]]:
-        """(version, rows): the user's labels of the live images as [C] int8 rows by image id
-        (keywords.user_label_rows), and the version read before them (a change after it is
-        learnt by the next fit)."""
-        from piaa_index.library.keywords import user_label_rows
+    ) -> UserLabels:
+        """The user's labels of the live images, read once per fit (`UserLabels`)."""
+        from piaa_index.library.keywords import label_digests, user_label_rows
 
-        version = self.store.user_labels_version()
+        version = self.store.user_labels_version()  # before the labels: a change after, learns
         live = {loc[0] for loc in locations}
-        return version, user_label_rows(self.store.user_labels(), vocab.names, live)
+        rows = user_label_rows(self.store.user_labels(), vocab.names, live)
+        return UserLabels(version, rows, label_digests(rows, vocab.names))
 
     def _report(
         self,
@@ -451,7 +458,7 @@ class Tagger(Part):
         collection's background alone (open_pvcl.py), so a kept label's scores are what a full
         fit on the same pool gives them, and adding or removing a label leaves them alone; so do
         their calibration and status (`Decisions.carry_over`): only new labels are calibrated."""
-        from piaa_index.library.keywords import label_digests, learnt_decisions
+        from piaa_index.library.keywords import learnt_decisions
         from piaa_index.method.decisions import bank_support, open_decisions
         from piaa_index.method.fusion import score_images
         from piaa_index.vectors.scores import SegmentWriter, new_key, writer_lock
@@ -485,10 +492,9 @@ class Tagger(Part):
         old_digests = before.get("digests")
         if old_digests is None:  # learnt before digests were kept: what it learnt, again
             old_digests = {n: "?" for n in before.get("labels") or {}}
-        digests = label_digests(user[1], vocab.names)
         relearn = [
             c for c, lb in enumerate(vocab.labels)
-            if digests[lb.name] != (old_digests.get(lb.name, "") if base.kept[c] >= 0 else "")
+            if user.digests[lb.name] != (old_digests.get(lb.name, "") if base.kept[c] >= 0 else "")
         ]  # fmt: skip
         fit_seconds = time.perf_counter() - started
 
